@@ -1,0 +1,54 @@
+# cr-proxy: `make serve` and `make test` work on a fresh Debian machine:
+# each installs what is missing first (apt packages, a .venv, Python packages).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_RUN := nginx libnginx-mod-http-js
+APT_TEST := docker-registry skopeo curl wrk
+PYTEST_ARGS ?=
+
+.PHONY: serve test test-unit test-e2e lint deps deps-run deps-test bench clean
+
+serve: deps-run
+	$(BIN)/cr-proxy serve $(if $(CONFIG),--config $(CONFIG))
+
+test: deps-test
+	$(BIN)/ruff check cr_proxy tests
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-unit: deps-test
+	$(BIN)/pytest -q -m "not e2e" $(PYTEST_ARGS)
+
+test-e2e: deps-test
+	$(BIN)/pytest -q -m e2e $(PYTEST_ARGS)
+
+lint: deps-test
+	$(BIN)/ruff check cr_proxy tests
+
+deps-run: .stamp-apt-run $(VENV)/.stamp-run
+deps-test: .stamp-apt-run .stamp-apt-test $(VENV)/.stamp-test
+
+# apt: install only what is missing (dpkg -s), so repeat runs cost nothing.
+.stamp-apt-run:
+	@scripts/apt-ensure $(APT_RUN) python3-venv
+	@touch $@
+
+.stamp-apt-test:
+	@scripts/apt-ensure $(APT_TEST)
+	@touch $@
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.stamp-run: pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	@touch $@
+
+$(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-run
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+clean:
+	rm -rf run .stamp-apt-run .stamp-apt-test $(VENV)

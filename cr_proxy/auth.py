@@ -1,0 +1,146 @@
+"""Registry authentication: challenges, the token exchange, the token cache,
+and the dummy token handed out when an auth server cannot be reached.
+
+The token flow is Docker's (distribution `docs/spec/auth/token.md`): a 401
+carries `WWW-Authenticate: Bearer realm="…",service="…",scope="…"`; we GET
+`realm?service=…&scope=…` (with Basic credentials when configured) and get
+JSON with `token` or `access_token` and `expires_in`.
+
+Parsing is pure; only TokenCache.fetch does I/O, through a callable the
+upstream module provides.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from urllib.parse import urlencode
+
+from .config import Credentials
+
+# RFC 7230 3.2.6 / RFC 7235 2.1:
+#   token         = 1*tchar
+#   quoted-string = DQUOTE *( qdtext / quoted-pair ) DQUOTE
+#   auth-param    = token BWS "=" BWS ( token / quoted-string )
+#   challenge     = auth-scheme [ 1*SP ( token68 / #auth-param ) ]
+TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+QUOTED = r'"(?:[^"\\]|\\.)*"'
+PARAM_RE = re.compile(rf"\s*({TOKEN})\s*=\s*({TOKEN}|{QUOTED})\s*(?:,|$)")
+SCHEME_RE = re.compile(rf"\s*({TOKEN})(?:\s+|$)")
+
+DEFAULT_TOKEN_LIFETIME = 60  # seconds, the spec's default for expires_in
+EXPIRY_MARGIN = 10  # seconds before expiry a cached token is dropped
+DUMMY_LIFETIME = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    scheme: str  # lower-cased: "bearer" or "basic"
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def realm(self) -> str:
+        return self.params.get("realm", "")
+
+
+def parse_challenge(header: str) -> Challenge | None:
+    """Parse one WWW-Authenticate challenge; None if it is not one."""
+    match = SCHEME_RE.match(header)
+    if not match:
+        return None
+    params: dict[str, str] = {}
+    pos = match.end()
+    while pos < len(header):
+        param = PARAM_RE.match(header, pos)
+        if not param:
+            return None
+        value = param.group(2)
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        params[param.group(1).lower()] = value
+        pos = param.end()
+    return Challenge(match.group(1).lower(), params)
+
+
+def pull_scope(name: str) -> str:
+    return f"repository:{name}:pull"
+
+
+def token_url(challenge: Challenge, scope: str) -> str:
+    query = {"service": challenge.params.get("service", "")}
+    if scope:
+        query["scope"] = scope
+    return f"{challenge.realm}?{urlencode(query)}"
+
+
+def basic_header(credentials: Credentials) -> str:
+    raw = f"{credentials.username}:{credentials.password}".encode()
+    return "Basic " + base64.b64encode(raw).decode()
+
+
+def dummy_token() -> dict[str, object]:
+    """What a token request gets when its auth server is unreachable: enough
+    for a client to go on and pull what is cached."""
+    issued = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    token = "cr-proxy-offline-" + base64.urlsafe_b64encode(issued.encode()).decode().rstrip("=")
+    return {
+        "token": token,
+        "access_token": token,
+        "expires_in": DUMMY_LIFETIME,
+        "issued_at": issued,
+    }
+
+
+@dataclass(slots=True)
+class _Cached:
+    token: str
+    expires: float
+
+
+TokenFetch = Callable[[str, dict[str, str]], Awaitable[dict]]
+
+
+class TokenCache:
+    """Bearer tokens per (realm, service, scope, who), until they expire."""
+
+    __slots__ = ("_clock", "_tokens")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._tokens: dict[tuple[str, str, str, str], _Cached] = {}
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"<TokenCache {len(self._tokens)} tokens>"
+
+    def get(self, key: tuple[str, str, str, str]) -> str | None:
+        cached = self._tokens.get(key)
+        if cached and cached.expires > self._clock():
+            return cached.token
+        self._tokens.pop(key, None)
+        return None
+
+    async def fetch(
+        self,
+        challenge: Challenge,
+        scope: str,
+        credentials: Credentials | None,
+        http_get: TokenFetch,
+    ) -> str:
+        """A token for this challenge and scope, from the cache or the realm."""
+        who = credentials.username if credentials else ""
+        key = (challenge.realm, challenge.params.get("service", ""), scope, who)
+        token = self.get(key)
+        if token:
+            return token
+        headers = {}
+        if credentials and credentials.password:
+            headers["Authorization"] = basic_header(credentials)
+        answer = await http_get(token_url(challenge, scope), headers)
+        token = str(answer.get("token") or answer.get("access_token") or "")
+        lifetime = answer.get("expires_in") or DEFAULT_TOKEN_LIFETIME
+        self._tokens[key] = _Cached(token, self._clock() + float(lifetime) - EXPIRY_MARGIN)
+        return token

@@ -1,0 +1,101 @@
+"""The `cr-proxy` command: subcommands as data, one function each, one
+error handler (tracebacks only with --debug)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from enum import IntEnum
+from pathlib import Path
+
+import yaml
+
+from . import certs, nginx
+from . import config as config_mod
+from .errors import CrProxyError
+
+
+class ExitStatus(IntEnum):
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+
+
+def cmd_serve(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
+    from .serve import serve
+
+    return ExitStatus(asyncio.run(serve(conf, say=lambda s: print(s, flush=True))))
+
+
+def cmd_config(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
+    """Print the effective configuration, secrets masked; --check also
+    renders the nginx configuration and runs nginx -t on it."""
+    print(yaml.safe_dump(conf.masked(), sort_keys=False), end="")
+    if args.check:
+        ca = certs.ensure_ca(conf.certs_dir)
+        leaf = certs.issue_leaf(
+            ca, certs.mirror_names(conf.mirror_names),
+            certs.CertPair(conf.certs_dir / "mirror.crt", conf.certs_dir / "mirror.key"),
+        )
+        conf.run_dir.mkdir(parents=True, exist_ok=True)
+        nginx.check(conf, nginx.render(conf, leaf.cert, leaf.key))
+        print("# nginx configuration OK", file=sys.stderr)
+    return ExitStatus.OK
+
+
+def cmd_ca(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
+    """Print the CA certificate (PEM) and its SHA-256 fingerprint."""
+    pair = certs.ensure_ca(conf.certs_dir)
+    print(pair.cert.read_text(), end="")
+    print(f"# SHA-256 fingerprint: {certs.fingerprint(pair)}", file=sys.stderr)
+    return ExitStatus.OK
+
+
+Command = Callable[[config_mod.Config, argparse.Namespace], ExitStatus]
+COMMANDS: dict[str, tuple[Command, str]] = {
+    "serve": (cmd_serve, "run the mirror: nginx + fetcher, until SIGTERM/SIGINT"),
+    "config": (cmd_config, "print the effective configuration (secrets masked)"),
+    "ca": (cmd_ca, "print the CA certificate that clients must trust"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="cr-proxy", description=__doc__)
+    top.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", type=Path, help="YAML file merged over the defaults")
+        if name == "config":
+            p.add_argument("--check", action="store_true", help="also render and nginx -t")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not args.command:
+        parser().print_help(sys.stderr)
+        print(f"\ncr-proxy: choose a command: {', '.join(COMMANDS)}", file=sys.stderr)
+        return ExitStatus.USAGE
+    try:
+        conf = config_mod.load(args.config)
+        logging.basicConfig(
+            level=conf.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        return COMMANDS[args.command][0](conf, args)
+    except CrProxyError as err:
+        if args.debug:
+            raise
+        print(f"cr-proxy: {type(err).__name__}: {err.message}", file=sys.stderr)
+        return ExitStatus.ERROR
+    except KeyboardInterrupt:
+        return ExitStatus.ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

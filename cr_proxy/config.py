@@ -1,0 +1,352 @@
+"""Settings: typed, frozen dataclasses built from YAML and the environment.
+
+Precedence, lowest first: the embedded `default.yml`, the file given with
+`--config`, then `CR_PROXY_*` variables (`__` separates nesting levels:
+`CR_PROXY_LISTEN__MIRROR_HTTP=127.0.0.1:5000`; values are read as YAML, so
+`CR_PROXY_ENDPOINTS='{a.test: http://127.0.0.1:1}'` works). An unknown key or
+a bad value raises ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from .errors import ConfigError
+from .reference import is_host
+
+ENV_PREFIX = "CR_PROXY_"
+MASK = "********"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A listen address; port 0 or an empty setting means disabled."""
+
+    host: str
+    port: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.port != 0
+
+    def nginx(self) -> str:
+        """As nginx's `listen` wants it."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.nginx() if self.enabled else "off"
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    proxy: Address
+    mirror_https: Address
+    mirror_http: Address
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float
+    read: float
+    down_host: float
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Credentials for one registry's token exchange. repr() masks secrets."""
+
+    username: str = ""
+    password: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
+
+    def masked(self) -> dict[str, str]:
+        out = {"username": self.username} if self.username else {}
+        if self.password:
+            out["password"] = MASK
+        if self.token:
+            out["token"] = MASK
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class NginxSettings:
+    binary: str
+    user: str
+    worker_processes: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    cache_dir: Path
+    certs_dir: Path
+    run_dir: Path
+    listen: Listen
+    mirror_names: tuple[str, ...]
+    timeouts: Timeouts
+    tag_ttl: float
+    default_registry: str
+    registry_hosts: Mapping[str, str]
+    endpoints: Mapping[str, str]
+    insecure: frozenset[str]
+    registries: Mapping[str, Credentials]
+    nginx: NginxSettings
+    log_level: str
+
+    @property
+    def socket_path(self) -> Path:
+        return self.run_dir / "fetcher.sock"
+
+    def credentials(self, registry: str) -> Credentials | None:
+        return self.registries.get(registry)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets masked."""
+        data = _plain(self)
+        data["registries"] = {k: v.masked() for k, v in self.registries.items()}
+        return data
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Address):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | frozenset | list):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# --- loading -----------------------------------------------------------------
+
+
+def default_data() -> dict[str, Any]:
+    text = resources.files("cr_proxy").joinpath("default.yml").read_text()
+    return yaml.safe_load(text)
+
+
+def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the effective Config: defaults, then the file, then the environment."""
+    data = default_data()
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as err:
+            raise ConfigError(message=f"cannot read config file {path}: {err.strerror}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(message=f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(message=f"config file {path}: top level must be a mapping")
+        _merge(data, loaded, "")
+    _apply_env(data, os.environ if environ is None else environ)
+    return build(data, environ)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any], where: str) -> None:
+    """Merge `over` into `base`; keys must exist in base unless base's value is a
+    free-form mapping (endpoints, registries, registry_hosts)."""
+    for key, value in over.items():
+        name = f"{where}{key}"
+        if key not in base:
+            raise ConfigError(message=f"unknown setting {name!r}")
+        if isinstance(base[key], dict) and isinstance(value, dict) and key not in FREE_FORM:
+            _merge(base[key], value, f"{name}.")
+        else:
+            base[key] = value
+
+
+FREE_FORM = frozenset({"endpoints", "registries", "registry_hosts"})
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        keys = var[len(ENV_PREFIX) :].lower().split("__")
+        node = data
+        for i, key in enumerate(keys):
+            if not isinstance(node, dict) or key not in node:
+                where = ".".join(keys[: i + 1])
+                raise ConfigError(message=f"unknown setting {where!r} (from {var})")
+            if i == len(keys) - 1:
+                try:
+                    node[key] = yaml.safe_load(raw) if raw != "" else ""
+                except yaml.YAMLError as err:
+                    raise ConfigError(message=f"{var}: not a valid value: {err}") from err
+            else:
+                node = node[key]
+
+
+def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    listen = _mapping(data, "listen")
+    timeouts = _mapping(data, "timeouts")
+    nginx = _mapping(data, "nginx")
+    return Config(
+        cache_dir=_path(data, "cache_dir"),
+        certs_dir=_path(data, "certs_dir"),
+        run_dir=_path(data, "run_dir"),
+        listen=Listen(
+            proxy=_address(listen, "listen.proxy"),
+            mirror_https=_address(listen, "listen.mirror_https"),
+            mirror_http=_address(listen, "listen.mirror_http"),
+        ),
+        mirror_names=tuple(_str_list(data, "mirror_names")),
+        timeouts=Timeouts(
+            connect=_seconds(timeouts, "timeouts.connect"),
+            read=_seconds(timeouts, "timeouts.read"),
+            down_host=_seconds(timeouts, "timeouts.down_host", allow_zero=True),
+        ),
+        tag_ttl=_seconds(data, "tag_ttl", allow_zero=True),
+        default_registry=_host(data.get("default_registry"), "default_registry"),
+        registry_hosts={
+            _host(k, "registry_hosts"): _host(v, f"registry_hosts.{k}")
+            for k, v in _mapping(data, "registry_hosts").items()
+        },
+        endpoints={
+            _host(k, "endpoints"): _url(v, f"endpoints.{k}")
+            for k, v in _mapping(data, "endpoints").items()
+        },
+        insecure=frozenset(_host(h, "insecure") for h in _str_list(data, "insecure")),
+        registries={
+            _host(k, "registries"): _credentials(v, f"registries.{k}", environ)
+            for k, v in _mapping(data, "registries").items()
+        },
+        nginx=NginxSettings(
+            binary=_str(nginx, "nginx.binary"),
+            user=_str(nginx, "nginx.user", allow_empty=True),
+            worker_processes=str(nginx.get("worker_processes", "auto")),
+        ),
+        log_level=_choice(data, "log_level", ("debug", "info", "warning", "error")),
+    )
+
+
+def _leaf(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _mapping(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(_leaf(key))
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(message=f"{key}: expected a mapping, got {value!r}")
+    return value
+
+
+def _str(data: Mapping[str, Any], key: str, allow_empty: bool = False) -> str:
+    value = data.get(_leaf(key))
+    if value is None and allow_empty:
+        return ""
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise ConfigError(message=f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _str_list(data: Mapping[str, Any], key: str) -> list[str]:
+    value = data.get(_leaf(key)) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(message=f"{key}: expected a list of strings, got {value!r}")
+    return value
+
+
+def _path(data: Mapping[str, Any], key: str) -> Path:
+    return Path(_str(data, key)).absolute()
+
+
+def _seconds(data: Mapping[str, Any], key: str, allow_zero: bool = False) -> float:
+    value = data.get(_leaf(key))
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(message=f"{key}: expected a number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(message=f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return float(value)
+
+
+def _choice(data: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = data.get(_leaf(key))
+    if value not in choices:
+        raise ConfigError(message=f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _host(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not is_host(value.lower()):
+        raise ConfigError(message=f"{key}: {value!r} is not a host name")
+    return value.lower()
+
+
+def _url(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(message=f"{key}: expected a URL, got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(message=f"{key}: {value!r} is not an http(s) URL")
+    return value.rstrip("/")
+
+
+def _address(data: Mapping[str, Any], key: str) -> Address:
+    value = data.get(_leaf(key))
+    if value in (None, "", 0, "off"):
+        return Address("", 0)
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "0.0.0.0", text
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(message=f"{key}: {value!r} is not host:port")
+    return Address(host, int(port))
+
+
+def _credentials(value: Any, key: str, environ: Mapping[str, str]) -> Credentials:
+    if not isinstance(value, Mapping):
+        raise ConfigError(message=f"{key}: expected a mapping")
+    allowed = {"username", "password", "password_file", "password_env"} | {
+        "token",
+        "token_file",
+        "token_env",
+    }
+    for k in value:
+        if k not in allowed:
+            raise ConfigError(message=f"unknown setting '{key}.{k}'")
+    password = _secret(value, "password", key, environ)
+    token = _secret(value, "token", key, environ)
+    username = value.get("username") or ""
+    if password and not username:
+        raise ConfigError(message=f"{key}: a password needs a username")
+    if not (password or token):
+        raise ConfigError(message=f"{key}: give a password or a token")
+    return Credentials(str(username), password, token)
+
+
+def _secret(value: Mapping[str, Any], name: str, key: str, environ: Mapping[str, str]) -> str:
+    """A secret given inline, in a file, or in an environment variable."""
+    if value.get(name):
+        return str(value[name])
+    if value.get(f"{name}_file"):
+        path = Path(str(value[f"{name}_file"]))
+        try:
+            return path.read_text().strip()
+        except OSError as err:
+            raise ConfigError(
+                message=f"{key}.{name}_file: cannot read {path}: {err.strerror}"
+            ) from err
+    if value.get(f"{name}_env"):
+        var = str(value[f"{name}_env"])
+        if var not in environ:
+            raise ConfigError(message=f"{key}.{name}_env: variable {var} is not set")
+        return environ[var]
+    return ""

@@ -1,0 +1,64 @@
+"""One exception tree for cr-proxy; each leaf carries the HTTP status a client
+should see and the OCI error code (distribution spec, "Error Codes")."""
+
+from __future__ import annotations
+
+import json
+
+
+class CrProxyError(Exception):
+    status = 500
+    code = "UNKNOWN"
+
+    def __init__(self, code: str | None = None, message: str = "") -> None:
+        super().__init__(message or code or self.code)
+        if code:
+            self.code = code
+        self.message = message or self.code
+
+    def body(self) -> bytes:
+        """The registry-style JSON error body."""
+        return json.dumps({"errors": [{"code": self.code, "message": self.message}]}).encode()
+
+
+class ConfigError(CrProxyError, ValueError):
+    """A bad setting; the message names the key."""
+
+    code = "CONFIG"
+
+
+class BadRequest(CrProxyError, ValueError):
+    status = 400
+    code = "NAME_INVALID"
+
+
+class NotFound(CrProxyError, LookupError):
+    status = 404
+    code = "MANIFEST_UNKNOWN"
+
+
+class Unsupported(CrProxyError):
+    status = 405
+    code = "UNSUPPORTED"
+
+
+class UpstreamError(CrProxyError):
+    """The upstream answered, but not with what we need."""
+
+    status = 502
+    code = "UPSTREAM_ERROR"
+
+
+class UpstreamUnreachable(UpstreamError, ConnectionError):
+    """Connect failed, timed out, or the host is remembered as down."""
+
+    status = 503
+    code = "UPSTREAM_UNREACHABLE"
+
+
+class DigestMismatch(UpstreamError):
+    code = "DIGEST_INVALID"
+
+
+class Truncated(UpstreamError):
+    code = "BLOB_UPLOAD_INVALID"

@@ -1,0 +1,484 @@
+"""The fetcher: the aiohttp app nginx hands every miss to.
+
+nginx serves fresh hits itself; what reaches us is a miss, a stale tag, a
+token request or something we do not cache. The policy, as in
+distribution's registry/proxy:
+
+- blobs and manifests by digest are local-first and immutable: if the
+  digest store has them (pulled through another repository or registry)
+  we link and serve them; otherwise one download per digest (flight.py)
+  streams to every waiting client while it fills the cache;
+- tags are upstream-first once stale: a HEAD compares digests; when the
+  upstream cannot be reached, answers 5xx or 429, the stale copy is served;
+- everything else is passed through uncached (GET, HEAD) or refused with a
+  registry-style error (writes, in mirror mode): this mirror is read-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .auth import dummy_token, parse_challenge
+from .config import Config
+from .errors import (
+    CrProxyError,
+    DigestMismatch,
+    NotFound,
+    Truncated,
+    Unsupported,
+    UpstreamError,
+    UpstreamUnreachable,
+)
+from .flight import Flight, Flights
+from .layout import Kind, RegistryPath, Target, mirror_target, proxy_target
+from .reference import MANIFEST_ACCEPT, digest_of, is_digest
+from .store import Store, StoredManifest
+from .upstream import Hop, Upstream
+
+log = logging.getLogger("cr_proxy.fetcher")
+
+T = TypeVar("T")
+MAX_MANIFEST = 4 << 20  # distribution's manifest size limit
+WRITE_BATCH = 1 << 20  # bytes gathered before one executor hop to the disk
+STALE_OK_STATUSES = frozenset({429, 500, 502, 503, 504})
+BLOB_TYPE = "application/octet-stream"
+API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+
+
+def error_response(err: CrProxyError) -> web.Response:
+    return web.Response(
+        status=err.status, body=err.body(), content_type="application/json", headers=API_HEADERS
+    )
+
+
+class Shared:
+    """Coalesce concurrent calls for one key into one awaited coroutine; the
+    work is shielded so a caller that goes away does not cancel the others."""
+
+    __slots__ = ("_running",)
+
+    def __init__(self) -> None:
+        self._running: dict[object, asyncio.Future[Any]] = {}
+
+    async def run(self, key: object, work: Callable[[], Awaitable[T]]) -> T:
+        future = self._running.get(key)
+        if future is None:
+            future = asyncio.ensure_future(work())
+            self._running[key] = future
+            future.add_done_callback(lambda _: self._running.pop(key, None))
+        return await asyncio.shield(future)
+
+
+class Fetcher:
+    __slots__ = ("config", "counters", "flights", "shared", "store", "upstream")
+
+    def __init__(self, config: Config, store: Store, upstream: Upstream) -> None:
+        self.config = config
+        self.store = store
+        self.upstream = upstream
+        self.flights = Flights()
+        self.shared = Shared()
+        self.counters: dict[str, int] = {}
+        upstream.on_challenge = self._store_challenge
+
+    def __repr__(self) -> str:
+        return f"<Fetcher {self.store!r} {self.flights!r}>"
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    # --- the one route --------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._dispatch(request)
+        except CrProxyError as err:
+            if err.status >= 500:
+                log.warning("%s %s: %s", request.method, request.path_qs[:200], err.message)
+            return error_response(err)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        mode = request.headers.get("X-CR-Mode", "mirror")
+        if mode == "mirror":
+            target = mirror_target(
+                request.path,
+                request.query.get("ns") or None,
+                self.config.default_registry,
+                dict(self.config.registry_hosts),
+            )
+            return await self._registry_request(request, target, mirror=True)
+        domain, rpath = proxy_target(request.headers.get("Host", ""), request.path)
+        if rpath is None:
+            return await self._passthrough(request, domain, request.path_qs, token_ok=True)
+        return await self._registry_request(request, Target(domain, domain, rpath), mirror=False)
+
+    async def _registry_request(
+        self, request: web.Request, target: Target, mirror: bool
+    ) -> web.StreamResponse:
+        kind = target.rpath.kind
+        if request.method not in ("GET", "HEAD"):
+            if mirror:
+                raise Unsupported(message="this mirror is read-only: push to the registry itself")
+            return await self._passthrough(request, target.domain, request.path_qs)
+        if kind is Kind.BLOB:
+            return await self._blob(request, target)
+        if kind is Kind.MANIFEST:
+            return await self._manifest(request, target)
+        if kind is Kind.PING and mirror:
+            return web.json_response({}, headers=API_HEADERS)
+        return await self._passthrough(request, target.domain, "/" + target.rpath.path
+                                       if kind is Kind.PING else request.path_qs)
+
+    # --- blobs ----------------------------------------------------------------
+
+    async def _blob(self, request: web.Request, target: Target) -> web.StreamResponse:
+        digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
+        if await in_thread(self.store.has_blob, digest):
+            # Pulled before through another repository or registry: one copy.
+            await in_thread(self.store.link, digest, domain, path)
+            self.count("hits_fetcher")
+            return self._file_response(self.store.tree.blob(digest), digest)
+        if request.method == "HEAD":
+            return await self._blob_head(request, target)
+        self.count("misses")
+        flight = self.flights.join(
+            digest, digest, functools.partial(self._download_blob, target, _client_auth(request))
+        )
+        await flight.wait_started()
+        response = web.StreamResponse(
+            headers={"Content-Type": BLOB_TYPE, "Docker-Content-Digest": digest,
+                     "X-Cache": "MISS", **API_HEADERS}
+        )
+        if flight.size is not None:
+            response.content_length = flight.size
+        await response.prepare(request)
+        try:
+            async for chunk in flight.read():
+                await response.write(chunk)
+        except (TimeoutError, CrProxyError, OSError, aiohttp.ClientError) as err:
+            # Headers are gone already: cutting the connection short is the
+            # only way left to tell the client the body is not whole.
+            log.warning("blob %s from %s cut short: %s", digest, domain, err)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        if flight.committed_path is not None:
+            await in_thread(self.store.link, digest, domain, path)
+        return response
+
+    async def _blob_head(self, request: web.Request, target: Target) -> web.StreamResponse:
+        opened = await self.upstream.open(
+            "HEAD", target.domain, "/" + target.rpath.path, name=target.rpath.name,
+            client_auth=_client_auth(request), registry=target.registry,
+        )
+        response = opened.response
+        response.release()
+        if response.status == 404:
+            raise NotFound("BLOB_UNKNOWN", f"blob {target.rpath.ref} not found upstream")
+        if response.status != 200:
+            raise UpstreamError(message=f"{target.domain} answered {response.status}")
+        headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": target.rpath.ref,
+                   **API_HEADERS}
+        if response.content_length is not None:
+            headers["Content-Length"] = str(response.content_length)
+        return web.Response(status=200, headers=headers)
+
+    async def _download_blob(self, target: Target, client_auth: str | None, flight: Flight) -> None:
+        """The flight's task: upstream -> temp file -> verify -> commit."""
+        digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
+        opened = await self.upstream.open(
+            "GET", domain, "/" + path, name=target.rpath.name,
+            client_auth=client_auth, registry=target.registry,
+        )
+        upstream = opened.response
+        try:
+            if upstream.status == 404:
+                raise NotFound("BLOB_UNKNOWN", f"blob {digest} not found on {domain}")
+            if upstream.status != 200:
+                raise UpstreamError(message=f"{domain} answered {upstream.status} for {digest}")
+            writer = await in_thread(self.store.blob_writer, digest)
+            try:
+                flight.started(writer.path, upstream.content_length, None)
+                batch = bytearray()
+                try:
+                    async for chunk in upstream.content.iter_chunked(256 << 10):
+                        batch += chunk
+                        if len(batch) >= WRITE_BATCH:
+                            await in_thread(writer.write, bytes(batch))
+                            batch.clear()
+                            await flight.progress(writer.size)
+                except aiohttp.ClientPayloadError as err:
+                    raise Truncated(message=f"{domain}: body of {digest} cut short") from err
+                await in_thread(writer.write, bytes(batch))
+                await flight.progress(writer.size)
+                committed = await in_thread(
+                    self._commit_blob, writer, upstream.content_length, target, opened.hops
+                )
+            except BaseException:
+                await in_thread(writer.abort)
+                raise
+        except DigestMismatch as err:
+            log.error("registry %s sent wrong bytes for %s: %s", domain, digest, err.message)
+            raise
+        finally:
+            upstream.release()
+        self.count("bytes_fetched", writer.size)
+        await flight.finish(committed, None)
+
+    def _commit_blob(self, writer, size: int | None, target: Target, hops: list[Hop]) -> Path:
+        """Verify and store, then make every name that leads to it; the
+        redirect record is written only once its target is cached."""
+        committed = self.store.commit(writer, size)
+        digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
+        source = (domain, path)
+        for hop in hops:
+            self.store.link(digest, hop.target_host, hop.target_path)
+            self.store.record_redirect(*source, hop.status, hop.location)
+            source = (hop.target_host, hop.target_path)
+        self.store.link(digest, domain, path)
+        return committed
+
+    def _file_response(self, path: Path, digest: str) -> web.FileResponse:
+        return web.FileResponse(
+            path, headers={"Content-Type": BLOB_TYPE, "Docker-Content-Digest": digest,
+                           "X-Cache": "HIT", **API_HEADERS}
+        )
+
+    # --- manifests ------------------------------------------------------------
+
+    async def _manifest(self, request: web.Request, target: Target) -> web.StreamResponse:
+        domain, path = target.domain, target.rpath.path
+        stored = await in_thread(self.store.read_manifest, domain, path)
+        auth = _client_auth(request)
+        if stored is None:
+            stored = await self.shared.run(
+                ("manifest", domain, path), lambda: self._fetch_manifest(target, auth)
+            )
+            self.count("misses")
+            return self._manifest_response(stored, "MISS")
+        if target.rpath.by_digest or time.time() - stored.validated_at < self.config.tag_ttl:
+            self.count("hits_fetcher")
+            return self._manifest_response(stored, "HIT")
+        try:
+            fresh = await self.shared.run(
+                ("revalidate", domain, path), lambda: self._revalidate(target, stored, auth)
+            )
+        except (UpstreamUnreachable, UpstreamError) as err:
+            log.warning("serving stale %s%s: %s", domain, path, err.message)
+            self.count("stale_served")
+            return self._manifest_response(stored, "STALE")
+        self.count("revalidations")
+        return self._manifest_response(fresh, "REVALIDATED")
+
+    async def _revalidate(
+        self, target: Target, stored: StoredManifest, auth: str | None
+    ) -> StoredManifest:
+        """Ask upstream whether the tag still points where we have it."""
+        response = await self.upstream.registry(
+            "HEAD", target.domain, "/" + target.rpath.path, name=target.rpath.name,
+            headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth, registry=target.registry,
+        )
+        response.release()
+        if response.status in STALE_OK_STATUSES or response.status == 401:
+            raise UpstreamError(message=f"{target.domain} answered {response.status}")
+        if response.status == 404:
+            raise NotFound("MANIFEST_UNKNOWN", f"{target.rpath.name}:{target.rpath.ref} "
+                           "no longer exists upstream")
+        upstream_digest = response.headers.get("Docker-Content-Digest")
+        if response.status == 200 and upstream_digest == stored.digest:
+            await in_thread(self.store.touch_validated, target.domain, target.rpath.path)
+            return StoredManifest(stored.body, stored.content_type, stored.digest, time.time())
+        return await self._fetch_manifest(target, auth)
+
+    async def _fetch_manifest(self, target: Target, auth: str | None) -> StoredManifest:
+        domain, rpath = target.domain, target.rpath
+        response = await self.upstream.registry(
+            "GET", domain, "/" + rpath.path, name=rpath.name,
+            headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth, registry=target.registry,
+        )
+        async with response:
+            if response.status == 404:
+                raise NotFound("MANIFEST_UNKNOWN", f"manifest {rpath.name}:{rpath.ref} "
+                               f"not found on {domain}")
+            if response.status == 401:
+                raise UpstreamError("UNAUTHORIZED", f"{domain} refused access to {rpath.name}")
+            if response.status != 200:
+                raise UpstreamError(message=f"{domain} answered {response.status}")
+            if (response.content_length or 0) > MAX_MANIFEST:
+                raise UpstreamError("MANIFEST_INVALID", "manifest too large")
+            try:
+                body = await response.content.read(MAX_MANIFEST + 1)
+            except aiohttp.ClientPayloadError as err:
+                raise Truncated(message=f"{domain}: manifest body cut short") from err
+            if len(body) > MAX_MANIFEST:
+                raise UpstreamError("MANIFEST_INVALID", "manifest too large")
+            if response.content_length is not None and len(body) != response.content_length:
+                raise Truncated(message=f"{domain}: manifest body cut short")
+            content_type = response.content_type
+            claimed = response.headers.get("Docker-Content-Digest")
+        content_type = _manifest_type(body, content_type)
+        algorithm = rpath.ref.split(":", 1)[0] if rpath.by_digest else "sha256"
+        digest = digest_of(body, algorithm)
+        if rpath.by_digest and digest != rpath.ref:
+            raise DigestMismatch(message=f"{domain} sent {digest} for {rpath.ref}")
+        if claimed and is_digest(claimed) and claimed.startswith(algorithm) and claimed != digest:
+            raise DigestMismatch(message=f"{domain} claimed {claimed}, body is {digest}")
+        now = time.time()
+        await in_thread(self._commit_manifest, target, body, digest, content_type, now)
+        return StoredManifest(body, content_type, digest, now)
+
+    def _commit_manifest(
+        self, target: Target, body: bytes, digest: str, content_type: str, now: float
+    ) -> None:
+        domain, rpath = target.domain, target.rpath
+        self.store.put_bytes(body, digest)
+        by_digest = RegistryPath(Kind.MANIFEST, rpath.name, digest).path
+        self.store.record_manifest(domain, by_digest, digest, content_type, None)
+        if not rpath.by_digest:
+            self.store.record_manifest(domain, rpath.path, digest, content_type, now)
+
+    @staticmethod
+    def _manifest_response(stored: StoredManifest, cache: str) -> web.Response:
+        return web.Response(
+            body=stored.body,
+            headers={"Content-Type": stored.content_type, "Docker-Content-Digest": stored.digest,
+                     "X-Cache": cache, **API_HEADERS},
+        )
+
+    # --- everything else --------------------------------------------------------
+
+    async def _passthrough(
+        self, request: web.Request, host: str, path_qs: str, token_ok: bool = False
+    ) -> web.StreamResponse:
+        """Relay a request we do not cache. A token request whose auth server
+        cannot be reached gets a dummy token, so cached pulls go on offline."""
+        # A multidict: Go clients send Accept once per media type.
+        headers = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() in RELAYED_REQUEST
+        )
+        body = request.content if request.can_read_body else None
+        try:
+            upstream = await self.upstream.send(request.method, host, path_qs, headers, data=body)
+        except UpstreamUnreachable:
+            if token_ok and request.method in ("GET", "POST") and _looks_like_token(request):
+                self.count("dummy_tokens")
+                return web.json_response(dummy_token())
+            if path_qs.startswith("/v2/") and path_qs.rstrip("/") == "/v2":
+                return await self._replay_challenge(host)
+            raise
+        if upstream.status == 401 and path_qs.startswith("/v2/"):
+            header = upstream.headers.get("WWW-Authenticate")
+            if header:
+                self._store_challenge(host, path_qs.split("?")[0], header)
+        response = web.StreamResponse(status=upstream.status, headers={
+            k: v for k, v in upstream.headers.items() if k.lower() in RELAYED_RESPONSE
+        })
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(64 << 10):
+                await response.write(chunk)
+            await response.write_eof()
+        finally:
+            upstream.release()
+        return response
+
+    async def _replay_challenge(self, host: str) -> web.Response:
+        header = await in_thread(self.store.read_sidecar, "www-authenticate", host, "/v2/")
+        if not header:
+            raise UpstreamUnreachable(message=f"{host} is unreachable")
+        err = CrProxyError("UNAUTHORIZED", "authentication required")
+        return web.Response(status=401, body=err.body(), content_type="application/json",
+                            headers={"WWW-Authenticate": header, **API_HEADERS})
+
+    def _store_challenge(self, host: str, path: str, header: str) -> None:
+        """Keep the upstream's challenge to replay when it is unreachable; the
+        one for /v2/ is the same without the scope. Written inline: two small
+        files, on the rare 401 path."""
+        path = path.split("?")[0]
+        try:
+            self.store.write_sidecar("www-authenticate", host, path, header)
+            if path != "/v2/":
+                self.store.write_sidecar("www-authenticate", host, "/v2/", _without_scope(header))
+        except (CrProxyError, OSError) as err:
+            log.debug("not storing challenge for %s%s: %s", host, path, err)
+
+
+RELAYED_REQUEST = frozenset({"accept", "authorization", "content-type", "content-length", "range",
+                             "user-agent"})
+RELAYED_RESPONSE = frozenset({"content-type", "content-length", "docker-content-digest",
+                              "www-authenticate", "location", "docker-distribution-api-version",
+                              "link", "range", "docker-upload-uuid", "content-range"})
+
+
+def _client_auth(request: web.Request) -> str | None:
+    """A client's own bearer token is forwarded (https_proxy mode); our dummy
+    tokens are not, they mean nothing upstream."""
+    value = request.headers.get("Authorization")
+    if not value or "cr-proxy-offline-" in value:
+        return None
+    return value
+
+
+def _without_scope(header: str) -> str:
+    challenge = parse_challenge(header)
+    if challenge is None:
+        return header
+    params = ",".join(f'{k}="{v}"' for k, v in challenge.params.items() if k != "scope")
+    return f"{challenge.scheme.capitalize()} {params}"
+
+
+def _looks_like_token(request: web.Request) -> bool:
+    return "scope" in request.query or "service" in request.query or request.path.endswith("/token")
+
+
+def _manifest_type(body: bytes, header: str) -> str:
+    """The Content-Type to store: the upstream's, or the body's mediaType."""
+    if header and header not in ("application/octet-stream", "text/plain", "application/json"):
+        return header
+    try:
+        media_type = json.loads(body).get("mediaType")
+    except (ValueError, AttributeError):
+        media_type = None
+    if isinstance(media_type, str) and media_type:
+        return media_type
+    return header or "application/vnd.oci.image.manifest.v1+json"
+
+
+def make_app(config: Config) -> web.Application:
+    """The fetcher's aiohttp application: one catch-all route."""
+    store = Store(config.cache_dir)
+    # Request bodies (relayed pushes) are streamed from request.content, so
+    # aiohttp's client_max_size, which bounds only read(), does not apply.
+    app = web.Application()
+
+    async def lifecycle(app: web.Application):
+        await in_thread(store.prepare)
+        session = Upstream.make_session(config)
+        fetcher = Fetcher(config, store, Upstream(config, session))
+        app["fetcher"] = fetcher
+        yield
+        await fetcher.flights.close()
+        await session.close()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await request.app["fetcher"].handle(request)
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app

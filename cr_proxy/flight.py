@@ -1,0 +1,172 @@
+"""One upstream download per digest, however many clients ask at once.
+
+The first miss for a digest starts a Flight: a task, detached from any
+client, that writes the upstream body into a temp file (store.BlobWriter)
+and commits it. Every client, the first included, is a reader that tails
+that temp file through its own file descriptor at its own pace, so a slow
+client never slows the download or the others, and a client that hangs up
+does not cancel the download (the cache write outlives it).
+
+A reader is never given the last byte before the download is verified: a
+digest mismatch or a truncated upstream body therefore always reaches the
+client as an incomplete response, never as a complete wrong one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+log = logging.getLogger("cr_proxy.flight")
+
+READ_CHUNK = 1 << 20
+
+
+class Flight:
+    """The state of one download, shared by its readers."""
+
+    __slots__ = (
+        "_changed", "_read_fd", "committed_path", "content_type", "digest", "error",
+        "finished", "headers_ready", "key", "size", "task", "written",
+    )
+
+    def __init__(self, key: str, digest: str) -> None:
+        self.key = key
+        self.digest = digest
+        # Open on the temp file while the download runs; readers dup it, which
+        # stays valid when the commit renames or an abort unlinks the file.
+        self._read_fd = -1
+        self.size: int | None = None  # Content-Length from upstream, if any
+        self.content_type = "application/octet-stream"
+        self.written = 0
+        self.finished = False
+        self.error: BaseException | None = None
+        self.committed_path: Path | None = None
+        self.headers_ready = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self.task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        state = "failed" if self.error else "done" if self.finished else "running"
+        return f"<Flight {self.key} {state} {self.written}/{self.size}>"
+
+    # --- the writer's side ----------------------------------------------------
+
+    def started(self, temp_path: Path, size: int | None, content_type: str | None) -> None:
+        self._read_fd = os.open(temp_path, os.O_RDONLY)
+        self.size = size
+        if content_type:
+            self.content_type = content_type
+        self.headers_ready.set()
+
+    async def progress(self, written: int) -> None:
+        self.written = written
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def finish(self, committed: Path | None, error: BaseException | None) -> None:
+        self.committed_path = committed
+        self.error = error
+        self.finished = True
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
+        self.headers_ready.set()
+        async with self._changed:
+            self._changed.notify_all()
+
+    # --- a reader's side ------------------------------------------------------
+
+    async def wait_started(self) -> None:
+        """Until the upstream answered (or the download failed before)."""
+        await self.headers_ready.wait()
+        if self.error:
+            raise self.error
+
+    async def read(self) -> AsyncIterator[bytes]:
+        """The content from the first byte, as it is written; raises the
+        download's error if it fails, so the caller can cut the response."""
+        await self.wait_started()
+        if self.finished:
+            assert self.committed_path is not None
+            fd = os.open(self.committed_path, os.O_RDONLY)
+        else:
+            fd = os.dup(self._read_fd)
+        loop = asyncio.get_running_loop()
+        offset = 0
+        try:
+            while True:
+                # Hold back the last byte until the content is verified.
+                limit = self.written if self.finished and not self.error else self.written - 1
+                if self.error:
+                    raise self.error
+                if offset < limit:
+                    want = min(READ_CHUNK, limit - offset)
+                    chunk = await loop.run_in_executor(None, os.pread, fd, want, offset)
+                    if not chunk:
+                        raise OSError(f"{self.key}: temp file shorter than recorded")
+                    offset += len(chunk)
+                    yield chunk
+                    continue
+                if self.finished:
+                    return
+                async with self._changed:
+                    await self._changed.wait_for(
+                        lambda sent=offset: self.finished or self.written - 1 > sent
+                    )
+        finally:
+            os.close(fd)
+
+
+Download = Callable[[Flight], Awaitable[None]]
+
+
+class Flights:
+    """Flights in progress, by key. Filled before the first await, so two
+    misses for one key can never both start a download."""
+
+    __slots__ = ("_flights", "coalesced")
+
+    def __init__(self) -> None:
+        self._flights: dict[str, Flight] = {}
+        self.coalesced = 0  # readers that joined a running flight
+
+    def __repr__(self) -> str:
+        return f"<Flights {list(self._flights.values())!r}>"
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def join(self, key: str, digest: str, download: Download) -> Flight:
+        flight = self._flights.get(key)
+        if flight is not None:
+            self.coalesced += 1
+            return flight
+        flight = Flight(key, digest)
+        self._flights[key] = flight
+        flight.task = asyncio.create_task(self._run(flight, download), name=f"flight {key}")
+        return flight
+
+    async def _run(self, flight: Flight, download: Download) -> None:
+        try:
+            await download(flight)
+        except Exception as err:  # reported to every reader, logged once here
+            log.error("download of %s failed: %s", flight.key, err)
+            if not flight.finished:
+                await flight.finish(None, err)
+        finally:
+            self._flights.pop(flight.key, None)
+            if not flight.finished:
+                await flight.finish(None, ConnectionAbortedError("download cancelled"))
+
+    async def close(self) -> None:
+        tasks = [f.task for f in self._flights.values() if f.task]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task

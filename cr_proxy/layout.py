@@ -1,0 +1,223 @@
+"""Requests to paths in the cache tree, and back. Pure: no I/O.
+
+This is the only module that turns a name from the wire (a Host header, a
+`ns` parameter, a URL path) into a filesystem path. Every name is checked
+against a grammar first (reference.py); what fails gets BadRequest, and
+what passes is a plain relative path with no `.`, `..` or empty segment, so
+joining it under the cache root can never leave the root.
+
+The tree (seed 001, plus a digest store for one copy per digest):
+
+    cache/
+      content/<domain>/<path>                payload; a hard link into blobs/
+      content-type/<domain>/<path>           Content-Type of that payload
+      docker-content-digest/<domain>/<path>  Docker-Content-Digest; for a tag, its
+                                             mtime is when it was last validated
+      www-authenticate/<domain>/<path>       the upstream's 401 challenge
+      redirect/<domain>/<path>               "<status> <Location>" of an upstream
+                                             30x, written once its target is cached
+      blobs/<algorithm>/<hex>                the digest store: one file per digest
+      temp/                                  downloads in progress
+
+`<domain>` is the host that really serves the path (registry-1.docker.io,
+not docker.io; a CDN host for redirect targets), `<path>` the URL path
+without its leading slash and without the query string.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path, PurePosixPath
+
+from .errors import BadRequest
+from .reference import check_digest, is_digest, is_host, is_name, is_tag, names_registry
+
+SIDECARS = ("content-type", "docker-content-digest", "www-authenticate", "redirect")
+# A generic URL path segment we are willing to store (CDN paths, auth paths):
+# RFC 3986 unreserved characters plus ':' '@' '+' '=' ',' — nothing that a
+# shell, nginx or a filesystem treats specially.
+SEGMENT_RE = re.compile(r"[A-Za-z0-9._~:@+=,-]{1,255}")
+MAX_PATH_LEN = 2048
+INDEX_FILE = "_index"
+
+
+class Kind(Enum):
+    PING = "ping"  # /v2/
+    MANIFEST = "manifests"
+    BLOB = "blobs"
+    OTHER = "other"  # tags/list, _catalog, uploads, anything else under /v2/
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryPath:
+    """A parsed /v2/ path: repository name, kind and reference."""
+
+    kind: Kind
+    name: str = ""
+    ref: str = ""
+
+    @property
+    def by_digest(self) -> bool:
+        return is_digest(self.ref)
+
+    @property
+    def path(self) -> str:
+        """The URL path without its leading slash (the key under <domain>/)."""
+        if self.kind is Kind.PING:
+            return "v2/"
+        return f"v2/{self.name}/{self.kind.value}/{self.ref}"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request goes: the registry it names, the host that serves it
+    (the cache's <domain>), and the parsed path."""
+
+    registry: str
+    domain: str
+    rpath: RegistryPath
+
+
+def check_domain(host: str) -> str:
+    """A Host header or registry name, lower-cased; a default port dropped."""
+    host = host.strip().lower()
+    if host.endswith(":443") or host.endswith(":80"):
+        host = host.rsplit(":", 1)[0]
+    if not is_host(host):
+        raise BadRequest("NAME_INVALID", f"invalid host {host[:100]!r}")
+    return host
+
+
+def check_path(path: str) -> str:
+    """A generic URL path (no query) made safe to store: segments from
+    SEGMENT_RE only, no '.', '..' or empty segments. Returns it without the
+    leading slash; a directory path (trailing slash, like /v2/) is stored as
+    its `_index` file, a name no repository component can have."""
+    if len(path) > MAX_PATH_LEN:
+        raise BadRequest("NAME_INVALID", "path too long")
+    stripped = path[1:] if path.startswith("/") else path
+    if stripped.endswith("/"):
+        stripped += INDEX_FILE
+    segments = stripped.split("/")
+    for segment in segments:
+        if segment in ("", ".", "..") or not SEGMENT_RE.fullmatch(segment):
+            raise BadRequest("NAME_INVALID", f"path segment {segment[:64]!r} not allowed")
+    return stripped
+
+
+def parse_v2_path(path: str) -> RegistryPath:
+    """Parse `/v2/<name>/(manifests|blobs)/<ref>` (the name may still carry a
+    registry prefix; see split_prefix)."""
+    if path in ("/v2", "/v2/"):
+        return RegistryPath(Kind.PING)
+    if not path.startswith("/v2/"):
+        raise BadRequest("NAME_INVALID", "not a /v2/ path")
+    if len(path) > MAX_PATH_LEN:
+        raise BadRequest("NAME_INVALID", "path too long")
+    head, _, ref = path[4:].rpartition("/")
+    name, _, kind = head.rpartition("/")
+    if kind == "manifests":
+        if not (is_tag(ref) or is_digest(ref)):
+            raise BadRequest("TAG_INVALID", f"invalid reference {ref[:140]!r}")
+        return RegistryPath(Kind.MANIFEST, name, ref)
+    if kind == "blobs":
+        return RegistryPath(Kind.BLOB, name, check_digest(ref))
+    return RegistryPath(Kind.OTHER, path[4:])
+
+
+def check_name(name: str) -> str:
+    if not is_name(name):
+        raise BadRequest("NAME_INVALID", f"invalid repository name {name[:100]!r}")
+    return name
+
+
+def split_prefix(name: str) -> tuple[str | None, str]:
+    """`registry.host/repo/...` -> ("registry.host", "repo/..."); Docker's rule
+    for a first component naming a registry."""
+    first, sep, rest = name.partition("/")
+    if sep and names_registry(first):
+        return first, rest
+    return None, name
+
+
+def resolve_domain(registry: str, registry_hosts: dict[str, str]) -> str:
+    """The host that serves a registry name (docker.io -> registry-1.docker.io)."""
+    registry = check_domain(registry)
+    return registry_hosts.get(registry, registry)
+
+
+def mirror_target(
+    path: str, ns: str | None, default_registry: str, registry_hosts: dict[str, str]
+) -> Target:
+    """Map a mirror-mode request to its target.
+
+    Three ways to name the registry, in order: a path prefix
+    (`/v2/ghcr.io/org/app/...`), containerd's `?ns=ghcr.io`, or none, which
+    means the default registry (Docker's `registry-mirrors`)."""
+    rpath = parse_v2_path(path)
+    registry = ns or default_registry
+    if rpath.kind in (Kind.MANIFEST, Kind.BLOB):
+        prefix, name = split_prefix(rpath.name)
+        if prefix is not None:
+            registry = prefix
+        if registry == "docker.io" and "/" not in name:
+            name = f"library/{name}"  # Docker's rule for official images
+        rpath = RegistryPath(rpath.kind, check_name(name), rpath.ref)
+    return Target(registry, resolve_domain(registry, registry_hosts), rpath)
+
+
+def proxy_target(host: str, path: str) -> tuple[str, RegistryPath | None]:
+    """Map an https_proxy-mode request (Host + path) to (domain, rpath);
+    rpath is None for paths outside /v2/ (token endpoints, CDN paths)."""
+    domain = check_domain(host)
+    if path.startswith("/v2/") or path == "/v2":
+        rpath = parse_v2_path(path)
+        if rpath.kind in (Kind.MANIFEST, Kind.BLOB):
+            check_name(rpath.name)
+        return domain, rpath
+    check_path(path)
+    return domain, None
+
+
+class Tree:
+    """Paths under one cache root. Every method takes checked names only
+    (from this module's parsers) and asserts the result stays in the root."""
+
+    __slots__ = ("root",)
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __repr__(self) -> str:
+        return f"Tree({str(self.root)!r})"
+
+    def _under(self, *parts: str) -> Path:
+        rel = PurePosixPath(*parts)
+        # Defence in depth: the parsers already refuse these.
+        if rel.is_absolute() or any(p in ("", ".", "..") for p in rel.parts):
+            raise BadRequest("NAME_INVALID", f"unsafe path {str(rel)[:100]!r}")
+        return self.root.joinpath(rel)
+
+    def content(self, domain: str, path: str) -> Path:
+        return self._under("content", check_domain(domain), check_path(path))
+
+    def sidecar(self, kind: str, domain: str, path: str) -> Path:
+        if kind not in SIDECARS:
+            raise ValueError(kind)
+        return self._under(kind, check_domain(domain), check_path(path))
+
+    def blob(self, digest: str) -> Path:
+        algorithm, hexpart = check_digest(digest).split(":", 1)
+        return self._under("blobs", algorithm, hexpart)
+
+    @property
+    def temp(self) -> Path:
+        return self.root / "temp"
+
+    def parse_content(self, path: Path) -> tuple[str, str]:
+        """Inverse of content(): a file under content/ -> (domain, path)."""
+        rel = path.relative_to(self.root / "content")
+        domain, *rest = rel.parts
+        return domain, "/".join(rest)

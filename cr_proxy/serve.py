@@ -1,0 +1,143 @@
+"""`cr-proxy serve`: start the fetcher and nginx together, stop them together.
+
+Order: the CA and the mirror certificate, the rendered nginx configuration
+(checked with nginx -t), the fetcher on its unix socket, then nginx as a
+supervised child in the foreground. SIGTERM or SIGINT stops both cleanly
+(nginx gets SIGQUIT: finish the requests in flight). If nginx dies, serve
+stops the fetcher and exits non-zero saying so. nginx is also told to die
+with us (PR_SET_PDEATHSIG), so even a SIGKILLed serve leaves no orphan.
+Start-up never contacts an upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+
+from aiohttp import web
+
+from . import certs, nginx
+from .config import Config
+from .fetcher import make_app
+from .store import Store
+
+log = logging.getLogger("cr_proxy.serve")
+
+STOP_GRACE = 10.0  # seconds nginx gets to finish in-flight requests
+READY_TIMEOUT = 20.0  # seconds nginx gets to open its listen sockets
+READY_POLL = 0.05
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Run in the nginx child before exec: SIGTERM it when serve dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def client_hints(config: Config) -> list[str]:
+    host = socket.gethostname()
+    lines = []
+    http, https = config.listen.mirror_http, config.listen.mirror_https
+    if http.enabled:
+        lines.append(f"mirror (HTTP)  http://{host}:{http.port}")
+    if https.enabled:
+        lines.append(f"mirror (HTTPS) https://{host}:{https.port}  "
+                     f"(trust {config.certs_dir / 'ca.crt'})")
+    port = http.port if http.enabled else https.port
+    lines.append(
+        f'use it: dockerd "registry-mirrors": ["http://{host}:{port}"]; or '
+        f"skopeo copy --src-tls-verify=false docker://{host}:{port}/docker.io/library/alpine "
+        "oci:alpine"
+    )
+    return lines
+
+
+async def _listening(config: Config, proc: asyncio.subprocess.Process) -> bool:
+    """Wait until nginx accepts on every listen address (it binds them before
+    forking workers), so "ready" means ready. False if nginx died first."""
+    addresses = [a for a in (config.listen.mirror_http, config.listen.mirror_https) if a.enabled]
+    deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
+    pending = list(addresses)
+    while pending and proc.returncode is None:
+        address = pending[0]
+        host = "127.0.0.1" if address.host in ("0.0.0.0", "") else address.host
+        host = "::1" if host == "::" else host
+        try:
+            _, writer = await asyncio.open_connection(host, address.port)
+            writer.close()
+            pending.pop(0)
+            continue
+        except OSError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise nginx.NginxError(message=f"nginx did not listen on {address}") from None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(proc.wait()), READY_POLL)
+    return proc.returncode is None
+
+
+async def serve(config: Config, say: Callable[[str], None] = print) -> int:
+    """Run until signalled (exit 0) or until nginx dies (exit 1)."""
+    store = Store(config.cache_dir)
+    store.prepare()
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    ca = certs.ensure_ca(config.certs_dir)
+    leaf = certs.issue_leaf(
+        ca, certs.mirror_names(config.mirror_names),
+        certs.CertPair(config.certs_dir / "mirror.crt", config.certs_dir / "mirror.key"),
+    )
+    conf = nginx.render(config, leaf.cert, leaf.key)
+    nginx.check(config, conf)
+
+    runner = web.AppRunner(make_app(config), access_log=None, handle_signals=False)
+    await runner.setup()
+    with contextlib.suppress(FileNotFoundError):
+        config.socket_path.unlink()
+    await web.UnixSite(runner, str(config.socket_path)).start()
+    # nginx workers may run as another user (nginx.user).
+    os.chmod(config.socket_path, 0o666)
+
+    proc = await asyncio.create_subprocess_exec(
+        *nginx.command(config, conf), preexec_fn=_die_with_parent
+    )
+    if not await _listening(config, proc):
+        say(f"cr-proxy: nginx exited with status {proc.returncode} before listening")
+        await runner.cleanup()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    for line in client_hints(config):
+        say(line)
+    say(f"cr-proxy ready (pid {os.getpid()}, nginx pid {proc.pid})")
+
+    nginx_exit = asyncio.ensure_future(proc.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({nginx_exit, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if nginx_exit.done():
+            say(f"cr-proxy: nginx exited with status {proc.returncode}; stopping")
+            return 1
+        proc.send_signal(signal.SIGQUIT)
+        try:
+            await asyncio.wait_for(asyncio.shield(nginx_exit), STOP_GRACE)
+        except TimeoutError:
+            proc.kill()
+            await nginx_exit
+        say("cr-proxy stopped")
+        return 0
+    finally:
+        stopped.cancel()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,204 @@
+"""The only code that writes the cache tree (drawn in layout.py).
+
+Policy: content addressed by a digest is immutable and local-first; it
+enters the tree only verified. A download goes to `temp/`, is hashed as it
+is written, and on success is fsynced and renamed into the digest store
+`blobs/<alg>/<hex>`; the paths clients ask for are hard links to it, so a
+layer shared by many repositories or registries is on disk once. Headers
+(sidecars) are written before the payload link, so whenever nginx finds a
+payload its headers are already there. Every write is a rename of a
+finished file: a crash leaves at most garbage in `temp/`, which start-up
+clears.
+
+All methods block; async callers run them in an executor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DigestMismatch, Truncated
+from .layout import SIDECARS, Tree
+from .reference import check_digest, hasher
+
+TOP_DIRS = ("content", "blobs", "temp", *SIDECARS)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredManifest:
+    body: bytes
+    content_type: str
+    digest: str
+    validated_at: float  # when the upstream last confirmed it (tags)
+
+
+class BlobWriter:
+    """A temp file that hashes what is written to it."""
+
+    __slots__ = ("_fd", "_hash", "digest", "path", "size")
+
+    def __init__(self, temp_dir: Path, digest: str) -> None:
+        self.digest = check_digest(digest)
+        self._hash = hasher(digest)
+        self.path = temp_dir / f"{digest.replace(':', '-')}.{uuid.uuid4().hex}"
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.size = 0
+
+    def __repr__(self) -> str:
+        return f"<BlobWriter {self.digest[:19]} {self.size} bytes open={self._fd >= 0}>"
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._hash.update(data)
+        self.size += len(data)
+
+    def verify(self, expected_size: int | None) -> None:
+        """Raise unless the bytes written are the whole, right content."""
+        if expected_size is not None and self.size != expected_size:
+            raise Truncated(message=f"{self.digest}: got {self.size} of {expected_size} bytes")
+        actual = f"{self.digest.split(':', 1)[0]}:{self._hash.hexdigest()}"
+        if actual != self.digest:
+            raise DigestMismatch(message=f"expected {self.digest}, upstream sent {actual}")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def sync_and_close(self) -> None:
+        os.fsync(self._fd)
+        self.close()
+
+    def abort(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class Store:
+    __slots__ = ("tree",)
+
+    def __init__(self, root: Path) -> None:
+        self.tree = Tree(root)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.tree.root)!r})"
+
+    @property
+    def root(self) -> Path:
+        return self.tree.root
+
+    def prepare(self, clean_temp: bool = True) -> None:
+        """Create the top directories; drop leftovers of interrupted downloads."""
+        for name in TOP_DIRS:
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+        if clean_temp:
+            shutil.rmtree(self.tree.temp, ignore_errors=True)
+            self.tree.temp.mkdir(exist_ok=True)
+
+    # --- reading -------------------------------------------------------------
+
+    def has_blob(self, digest: str) -> bool:
+        return self.tree.blob(digest).is_file()
+
+    def has_content(self, domain: str, path: str) -> bool:
+        return self.tree.content(domain, path).is_file()
+
+    def read_sidecar(self, kind: str, domain: str, path: str) -> str | None:
+        try:
+            return self.tree.sidecar(kind, domain, path).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def read_manifest(self, domain: str, path: str) -> StoredManifest | None:
+        """A cached manifest with its headers, or None."""
+        digest_file = self.tree.sidecar("docker-content-digest", domain, path)
+        try:
+            body = self.tree.content(domain, path).read_bytes()
+            validated_at = digest_file.stat().st_mtime
+            digest = digest_file.read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        content_type = self.read_sidecar("content-type", domain, path) or ""
+        return StoredManifest(body, content_type, digest, validated_at)
+
+    # --- writing -------------------------------------------------------------
+
+    def blob_writer(self, digest: str) -> BlobWriter:
+        return BlobWriter(self.tree.temp, digest)
+
+    def commit(self, writer: BlobWriter, expected_size: int | None) -> Path:
+        """Verify, then move into the digest store (a no-op if it is there)."""
+        try:
+            writer.verify(expected_size)
+            writer.sync_and_close()
+            target = self.tree.blob(writer.digest)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                writer.abort()
+            else:
+                os.replace(writer.path, target)
+            return target
+        except BaseException:
+            writer.abort()
+            raise
+
+    def put_bytes(self, data: bytes, digest: str) -> Path:
+        """Store small verified content (manifests) in the digest store."""
+        writer = self.blob_writer(digest)
+        writer.write(data)
+        return self.commit(writer, len(data))
+
+    def link(self, digest: str, domain: str, path: str) -> None:
+        """Point content/<domain>/<path> at the stored digest (atomically)."""
+        target = self.tree.content(domain, path)
+        source = self.tree.blob(digest)
+        if target.exists() and os.path.samefile(source, target):
+            return
+        self._replace_with(target, lambda tmp: os.link(source, tmp))
+
+    def write_sidecar(self, kind: str, domain: str, path: str, value: str) -> None:
+        target = self.tree.sidecar(kind, domain, path)
+        self._replace_with(target, lambda tmp: tmp.write_text(value + "\n"))
+
+    def touch_validated(self, domain: str, path: str) -> None:
+        """Record that the upstream confirmed this tag just now."""
+        os.utime(self.tree.sidecar("docker-content-digest", domain, path))
+
+    def record_manifest(
+        self, domain: str, path: str, digest: str, content_type: str, validated_at: float | None
+    ) -> None:
+        """Headers first, payload last: nginx serves content/ only when its
+        sidecars are already in place."""
+        self.write_sidecar("content-type", domain, path, content_type)
+        self.write_sidecar("docker-content-digest", domain, path, digest)
+        if validated_at is not None:
+            os.utime(self.tree.sidecar("docker-content-digest", domain, path), (validated_at,) * 2)
+        self.link(digest, domain, path)
+
+    def record_redirect(self, domain: str, path: str, status: int, location: str) -> None:
+        self.write_sidecar("redirect", domain, path, f"{status} {location}")
+
+    def _replace_with(self, target: Path, make) -> None:
+        tmp = self.tree.temp / f"link.{uuid.uuid4().hex}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        make(tmp)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+
+
+def now() -> float:
+    return time.time()

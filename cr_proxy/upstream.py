@@ -1,0 +1,266 @@
+"""The upstream side: where a host is really reached, how long we wait for
+it, what we remember when it is down, the token exchange on a 401, and
+redirects followed by hand.
+
+- Endpoint overrides map a host name to the URL where it is reached
+  (air-gapped sites, tests); otherwise a host is reached over HTTPS, plain
+  HTTP when listed as insecure, and HTTPS-then-HTTP on loopback, as Docker
+  does.
+- A connect failure marks the host down for `timeouts.down_host` seconds:
+  requests to it fail at once, so an offline pull of a ten-layer image does
+  not wait for ten connect timeouts.
+- Redirects are followed here, not by aiohttp, because the fetcher must know
+  each hop (the target is cached under its own host) and because the
+  registry's Authorization must not travel to a CDN host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from multidict import CIMultiDict
+
+from .auth import Challenge, TokenCache, parse_challenge, pull_scope
+from .config import Config
+from .errors import UpstreamError, UpstreamUnreachable
+from .layout import check_domain
+
+log = logging.getLogger("cr_proxy.upstream")
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+USER_AGENT = "cr-proxy/0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One redirect followed: from <host><path> to <location>."""
+
+    status: int
+    location: str  # absolute URL as the client would follow it
+    target_host: str
+    target_path: str  # without the query string: what we store it under
+
+
+@dataclass(slots=True)
+class Opened:
+    """An upstream response after redirects, with the hops that led to it."""
+
+    response: aiohttp.ClientResponse
+    hops: list[Hop] = field(default_factory=list)
+
+    @property
+    def final_host(self) -> str | None:
+        return self.hops[-1].target_host if self.hops else None
+
+
+def is_loopback(host: str) -> bool:
+    bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    bare = bare.strip("[]")
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False
+
+
+def split_url(url: str) -> tuple[str, str, str]:
+    """-> (scheme, host[:port] as stored, path?query)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port and parts.port not in (80, 443):
+        host = f"{host}:{parts.port}"
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return parts.scheme, host, path
+
+
+ChallengeHook = Callable[[str, str, str], None]
+
+
+class Upstream:
+    __slots__ = ("_down_until", "_scheme_ok", "config", "on_challenge", "session", "tokens")
+
+    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.session = session
+        self.tokens = TokenCache()
+        self._down_until: dict[str, float] = {}
+        self._scheme_ok: dict[str, str] = {}  # loopback host -> scheme that worked
+        # Called with (host, path, WWW-Authenticate) for every 401 seen.
+        self.on_challenge: ChallengeHook | None = None
+
+    def __repr__(self) -> str:
+        down = [h for h, t in self._down_until.items() if t > time.monotonic()]
+        return f"<Upstream down={down} {self.tokens!r}>"
+
+    @staticmethod
+    def make_session(config: Config) -> aiohttp.ClientSession:
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
+        )
+        connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=60)
+        return aiohttp.ClientSession(
+            timeout=timeout,
+            connector=connector,
+            auto_decompress=False,
+            headers={"User-Agent": USER_AGENT},
+        )
+
+    # --- where a host is reached -------------------------------------------
+
+    def base_urls(self, host: str, scheme: str = "https") -> list[str]:
+        host = check_domain(host)
+        if host in self.config.endpoints:
+            return [self.config.endpoints[host]]
+        if host in self.config.insecure or scheme == "http":
+            return [f"http://{host}"]
+        if is_loopback(host):
+            known = self._scheme_ok.get(host)
+            return [f"{known}://{host}"] if known else [f"https://{host}", f"http://{host}"]
+        return [f"https://{host}"]
+
+    def is_down(self, host: str) -> bool:
+        until = self._down_until.get(host)
+        return until is not None and until > time.monotonic()
+
+    def _mark_down(self, host: str, err: BaseException) -> None:
+        log.warning("upstream %s unreachable (%s); skipping it for %.0fs",
+                    host, err, self.config.timeouts.down_host)
+        self._down_until[host] = time.monotonic() + self.config.timeouts.down_host
+
+    # --- plain requests -------------------------------------------------------
+
+    async def send(
+        self,
+        method: str,
+        host: str,
+        path: str,
+        headers: Mapping[str, str],
+        scheme: str = "https",
+        data: object = None,
+    ) -> aiohttp.ClientResponse:
+        """One request to host+path (path may carry a query), no auth, no
+        redirects. Raises UpstreamUnreachable when the host cannot be reached."""
+        if self.is_down(host):
+            raise UpstreamUnreachable(message=f"{host} is unreachable (remembered)")
+        bases = self.base_urls(host, scheme)
+        last_error: BaseException | None = None
+        for base in bases:
+            try:
+                response = await self.session.request(
+                    method, base + path, headers=headers, allow_redirects=False, data=data
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as err:
+                last_error = err
+                continue
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as err:
+                # An HTTPS attempt at a plain-HTTP loopback registry ends here.
+                if len(bases) > 1:
+                    last_error = err
+                    continue
+                raise UpstreamError(message=f"{host}: {err}") from err
+            if len(bases) > 1:
+                self._scheme_ok[host] = base.split(":", 1)[0]
+            return response
+        assert last_error is not None
+        self._mark_down(host, last_error)
+        raise UpstreamUnreachable(message=f"{host} is unreachable: {last_error}") from last_error
+
+    async def get_json(self, url: str, headers: Mapping[str, str]) -> dict:
+        scheme, host, path = split_url(url)
+        async with await self.send("GET", host, path, headers, scheme=scheme) as response:
+            if response.status != 200:
+                raise UpstreamError(message=f"token server {host} answered {response.status}")
+            try:
+                return await response.json(content_type=None)
+            except (ValueError, aiohttp.ClientError) as err:
+                raise UpstreamError(message=f"token server {host} sent no JSON") from err
+
+    # --- registry requests ----------------------------------------------------
+
+    async def registry(
+        self,
+        method: str,
+        domain: str,
+        path: str,
+        *,
+        name: str = "",
+        headers: Mapping[str, str] | None = None,
+        client_auth: str | None = None,
+        registry: str | None = None,
+    ) -> aiohttp.ClientResponse:
+        """A request to a registry, with the token exchange on a 401: the
+        client's own Authorization first, else a token we get for `name`."""
+        sent = CIMultiDict(headers or {})
+        creds = self.config.credentials(registry or domain) or self.config.credentials(domain)
+        if client_auth:
+            sent["Authorization"] = client_auth
+        elif creds and creds.token:
+            sent["Authorization"] = f"Bearer {creds.token}"
+        response = await self.send(method, domain, path, sent)
+        if response.status != 401:
+            return response
+        header = response.headers.get("WWW-Authenticate", "")
+        if self.on_challenge and header:
+            self.on_challenge(domain, path, header)
+        challenge = parse_challenge(header)
+        if challenge is None or challenge.scheme != "bearer" or not challenge.realm:
+            return response
+        response.release()
+        scope = challenge.params.get("scope") or (pull_scope(name) if name else "")
+        token = await self.token(challenge, scope, creds)
+        sent["Authorization"] = f"Bearer {token}"
+        return await self.send(method, domain, path, sent)
+
+    async def token(self, challenge: Challenge, scope: str, creds: object) -> str:
+        return await self.tokens.fetch(challenge, scope, creds, self.get_json)  # type: ignore[arg-type]
+
+    async def open(
+        self,
+        method: str,
+        domain: str,
+        path: str,
+        *,
+        name: str = "",
+        headers: Mapping[str, str] | None = None,
+        client_auth: str | None = None,
+        registry: str | None = None,
+    ) -> Opened:
+        """registry() and then any redirects, followed without credentials."""
+        response = await self.registry(
+            method, domain, path, name=name, headers=headers,
+            client_auth=client_auth, registry=registry,
+        )
+        opened = Opened(response)
+        url = f"https://{domain}{path}"
+        plain = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
+        while response.status in REDIRECT_STATUSES:
+            if len(opened.hops) >= MAX_REDIRECTS:
+                response.release()
+                raise UpstreamError(message=f"{domain}{path}: too many redirects")
+            location = response.headers.get("Location", "")
+            response.release()
+            if not location:
+                raise UpstreamError(message=f"{domain}{path}: redirect without Location")
+            url = urljoin(url, location)
+            scheme, host, target = split_url(url)
+            opened.hops.append(Hop(response.status, url, check_domain(host), target.split("?")[0]))
+            response = await self.send(method, host, target, plain, scheme=scheme)
+            opened.response = response
+        return opened
+
+
+async def close_quietly(response: aiohttp.ClientResponse | None) -> None:
+    if response is not None:
+        response.release()
+        await asyncio.sleep(0)

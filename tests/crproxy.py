@@ -1,0 +1,164 @@
+"""`cr-proxy serve` as a test subprocess, and skopeo pulls through it.
+
+The process is the real command (`python -m cr_proxy serve --config ...`):
+real nginx, real fetcher. Readiness is the "cr-proxy ready" line serve
+prints after nginx is started; every process started here is stopped by
+stop() (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+
+from tests.upstream import free_ports
+
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+
+
+class CrProxy:
+    def __init__(self, workdir: Path, endpoints: dict[str, str], **settings: Any) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.http_port, self.https_port = free_ports(2)
+        self.config: dict[str, Any] = {
+            "cache_dir": str(self.dir / "cache"),
+            "certs_dir": str(self.dir / "certs"),
+            "run_dir": str(self.dir / "run"),
+            "listen": {
+                "proxy": 0,
+                "mirror_http": f"127.0.0.1:{self.http_port}",
+                "mirror_https": f"127.0.0.1:{self.https_port}",
+            },
+            "endpoints": dict(endpoints),
+            "timeouts": {"connect": 2, "read": 10, "down_host": 5},
+            "log_level": "debug",
+        }
+        self.config.update(settings)
+        self.config_path = self.dir / "cr-proxy.yml"
+        self.proc: subprocess.Popen[str] | None = None
+        self.output: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    # --- where things are ------------------------------------------------------
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.config["cache_dir"])
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config["run_dir"])
+
+    @property
+    def ca_cert(self) -> Path:
+        return Path(self.config["certs_dir"]) / "ca.crt"
+
+    @property
+    def http(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def https(self) -> str:
+        return f"127.0.0.1:{self.https_port}"
+
+    @property
+    def access_log(self) -> Path:
+        return self.run_dir / "access.log"
+
+    # --- life --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.output = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cr_proxy", "serve", "--config", str(self.config_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            cwd=self.dir,
+        )
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.output.append(line.rstrip())
+                if "cr-proxy ready" in line:
+                    ready.set()
+            ready.set()  # EOF: the process died; start() reports it
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+        if not ready.wait(READY_TIMEOUT) or self.proc.poll() is not None:
+            tail = "\n".join(self.output[-30:])
+            self.stop()
+            raise RuntimeError(f"cr-proxy serve did not start:\n{tail}")
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._reader:
+            self._reader.join(5)
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_text(self) -> str:
+        return "\n".join(self.output)
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without proxy variables: clients talk to the mirror."""
+    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+
+def skopeo_pull(
+    source: str, dest: Path, *, all_platforms: bool = False, cert_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """skopeo copy docker://SOURCE oci:DEST:pulled; returns the finished process."""
+    args = ["skopeo", "copy", "--preserve-digests", "--retry-times", "0"]
+    if all_platforms:
+        args.append("--all")
+    if cert_dir is not None:
+        args += ["--src-cert-dir", str(cert_dir)]
+    else:
+        args.append("--src-tls-verify=false")
+    args += [f"docker://{source}", f"oci:{dest}:pulled"]
+    return subprocess.run(args, capture_output=True, text=True, env=clean_env(), timeout=300)
+
+
+def layout_blobs(layout: Path) -> dict[str, int]:
+    """digest -> size of every blob in an OCI layout, each hashed and checked
+    against its name: a pulled layout whose bytes do not match fails here."""
+    out = {}
+    for path in sorted((layout / "blobs" / "sha256").iterdir()):
+        with path.open("rb") as f:
+            actual = hashlib.file_digest(f, "sha256").hexdigest()
+        assert actual == path.name, f"blob {path.name} is corrupt"
+        out[f"sha256:{path.name}"] = path.stat().st_size
+    return out

@@ -1,0 +1,383 @@
+"""Mirror mode end to end: skopeo -> nginx -> fetcher -> a Docker-Hub-like
+upstream (token auth, blob redirects to a CDN host), and back from the
+cache with the upstream gone."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Images, proxy_endpoints
+from tests.crproxy import CrProxy, layout_blobs, skopeo_pull
+from tests.oci_layout import build_image, tar_layer
+from tests.upstream import Upstream
+
+
+def request(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None, context=None
+) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60, context=context) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def expected_digests(image) -> set[str]:
+    return {image.manifest_digest, image.config_digest, *image.layer_digests}
+
+
+def assert_pulled(result, layout: Path, digests: set[str]) -> dict[str, int]:
+    assert result.returncode == 0, result.stderr
+    blobs = layout_blobs(layout)  # hashes every blob against its name
+    assert digests <= set(blobs), f"missing {digests - set(blobs)}"
+    return blobs
+
+
+# --- online pulls, each addressing form --------------------------------------------
+
+
+def test_pull_with_registry_path_prefix(proxy: CrProxy, images: Images, tmp_path: Path) -> None:
+    result = skopeo_pull(f"{proxy.http}/registry.test/small:v1", tmp_path / "out")
+    assert_pulled(result, tmp_path / "out", expected_digests(images.small))
+
+
+def test_pull_from_default_registry_applies_docker_rules(
+    proxy: CrProxy, images: Images, tmp_path: Path
+) -> None:
+    # No registry named: docker.io, whose host is registry-1.docker.io, and
+    # a one-component name is library/small.
+    result = skopeo_pull(f"{proxy.http}/small:v1", tmp_path / "out")
+    assert_pulled(result, tmp_path / "out", expected_digests(images.small))
+    stored = proxy.cache / "content/registry-1.docker.io/v2/library/small/manifests/v1"
+    assert stored.read_bytes() == images.small.blob_bytes(images.small.manifest_digest)
+
+
+def test_pull_with_containerd_ns_parameter(proxy: CrProxy, images: Images) -> None:
+    base = f"http://{proxy.http}/v2/other/app"
+    status, headers, body = request(f"{base}/manifests/v1?ns=registry.test")
+    assert status == 200
+    assert headers["Docker-Content-Digest"] == images.other.manifest_digest
+    assert hashlib.sha256(body).hexdigest() == images.other.manifest_digest.split(":")[1]
+    for digest in [images.other.config_digest, *images.other.layer_digests]:
+        status, headers, body = request(f"{base}/blobs/{digest}?ns=registry.test")
+        assert status == 200
+        assert f"sha256:{hashlib.sha256(body).hexdigest()}" == digest
+    assert (proxy.cache / "content/registry.test/v2/other/app/manifests/v1").is_file()
+
+
+def test_https_mirror_pulls_two_platform_index(
+    proxy: CrProxy, images: Images, tmp_path: Path
+) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "ca.crt").write_bytes(proxy.ca_cert.read_bytes())
+    result = skopeo_pull(
+        f"{proxy.https}/registry.test/multi:latest", tmp_path / "out",
+        all_platforms=True, cert_dir=certs,
+    )
+    wanted = {images.multi.index_digest}
+    for info in images.multi.platforms.values():
+        wanted |= expected_digests(info)
+    assert_pulled(result, tmp_path / "out", wanted)
+
+
+def test_pull_of_100_mib_layer(proxy: CrProxy, images: Images, tmp_path: Path) -> None:
+    result = skopeo_pull(f"{proxy.http}/registry.test/big:v1", tmp_path / "out")
+    blobs = assert_pulled(result, tmp_path / "out", expected_digests(images.big))
+    big_digest = images.big.layer_digests[0]
+    assert blobs[big_digest] == images.big.sizes[big_digest] >= 100 * 1024 * 1024
+    stored = proxy.cache / "blobs/sha256" / big_digest.split(":")[1]
+    with stored.open("rb") as f:
+        assert f"sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}" == big_digest
+
+
+# --- the hit path is nginx's --------------------------------------------------------
+
+
+def test_blob_hit_is_served_by_nginx_with_range(proxy: CrProxy, images: Images) -> None:
+    digest = images.small.layer_digests[1]
+    url = f"http://{proxy.http}/v2/registry.test/small/blobs/{digest}"
+    request(url)  # fill
+    data = images.small.blob_bytes(digest)
+    status, headers, body = request(url)
+    assert (status, body) == (200, data)
+    assert headers["X-CR-Request-Type"] == "blob"  # not "blob-fetch": the fetcher was not asked
+    assert headers["Content-Type"] == "application/octet-stream"
+    assert headers["Docker-Content-Digest"] == digest
+    assert headers["Content-Length"] == str(len(data))
+    status, headers, body = request(url, headers={"Range": "bytes=100-199"})
+    assert (status, body) == (206, data[100:200])
+    assert headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+    status, headers, body = request(url, method="HEAD")
+    assert (status, body, headers["Content-Length"]) == (200, b"", str(len(data)))
+
+
+def test_manifest_hit_carries_stored_headers(proxy: CrProxy, images: Images) -> None:
+    url = f"http://{proxy.http}/v2/registry.test/small/manifests/v1"
+    first = request(url)
+    assert first[0] == 200
+    for method in ("GET", "HEAD"):
+        status, headers, body = request(url, method=method)
+        assert status == 200
+        assert headers["X-CR-Request-Type"] == "manifest"
+        assert headers["Content-Type"] == "application/vnd.oci.image.manifest.v1+json"
+        assert headers["Docker-Content-Digest"] == images.small.manifest_digest
+        assert headers["Content-Length"] == str(len(first[2]))
+        assert body == (first[2] if method == "GET" else b"")
+
+
+# --- the tree -------------------------------------------------------------------------
+
+
+def test_tree_holds_sidecars_redirects_and_one_copy_per_blob(
+    proxy: CrProxy, images: Images, tmp_path: Path
+) -> None:
+    for ref in ("registry.test/small:v1", "registry.test/other/app:v1"):
+        assert skopeo_pull(f"{proxy.http}/{ref}", tmp_path / ref.replace("/", "_")).returncode == 0
+    cache = proxy.cache
+    shared = images.shared_layer
+    store_file = cache / "blobs/sha256" / shared.split(":")[1]
+    links = [
+        cache / f"content/registry.test/v2/{repo}/blobs/{shared}" for repo in ("small", "other/app")
+    ]
+    inodes = {os.stat(p).st_ino for p in [store_file, *links]}
+    assert len(inodes) == 1, "a shared layer must be on disk once"
+    assert len(list((cache / "blobs/sha256").glob(shared.split(":")[1] + "*"))) == 1
+
+    tag = "registry.test/v2/small/manifests/v1"
+    assert (cache / "content-type" / tag).read_text().strip() == (
+        "application/vnd.oci.image.manifest.v1+json"
+    )
+    assert (cache / "docker-content-digest" / tag).read_text().strip() == (
+        images.small.manifest_digest
+    )
+    challenge = (cache / "www-authenticate/registry.test/v2/_index").read_text()
+    assert 'realm="http://auth.test/token"' in challenge
+    redirect = (cache / f"redirect/registry.test/v2/small/blobs/{shared}").read_text().split()
+    hex_part = shared.split(":")[1]
+    cdn_path = f"docker/registry/v2/blobs/sha256/{hex_part[:2]}/{hex_part}/data"
+    assert redirect[0] == "307"
+    assert redirect[1].startswith(f"http://cdn.test/{cdn_path}")
+    assert os.stat(cache / "content/cdn.test" / cdn_path).st_ino == os.stat(store_file).st_ino
+    assert list((cache / "temp").iterdir()) == []
+
+
+# --- offline --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_proxy(upstream: Upstream, tmp_path: Path):
+    """A cr-proxy of this test's own: stopping the upstream then leaves no
+    down-host memory behind in the shared one."""
+    with CrProxy(tmp_path / "crproxy", proxy_endpoints(upstream)) as running:
+        yield running
+
+
+def test_offline_pull_by_tag_and_digest_gives_identical_bytes(
+    own_proxy: CrProxy, images: Images, upstream: Upstream, tmp_path: Path
+) -> None:
+    sources = {
+        "tag": f"{own_proxy.http}/registry.test/small:v1",
+        "digest": f"{own_proxy.http}/registry.test/small@{images.small.manifest_digest}",
+        "default": f"{own_proxy.http}/small:v1",
+    }
+    online = {}
+    for name, source in sources.items():
+        result = skopeo_pull(source, tmp_path / f"online-{name}")
+        online[name] = assert_pulled(result, tmp_path / f"online-{name}",
+                                     expected_digests(images.small))
+    multi = f"{own_proxy.http}/registry.test/multi:latest"
+    assert skopeo_pull(multi, tmp_path / "online-multi", all_platforms=True).returncode == 0
+
+    upstream.stop_registry()
+    upstream.stop_auth()
+    upstream.stop_cdn()
+    try:
+        # Make every cached tag stale, so the fetcher must try the upstream,
+        # fail, and serve the stale copy.
+        for digest_file in (own_proxy.cache / "docker-content-digest").rglob("*"):
+            if digest_file.is_file():
+                os.utime(digest_file, (1, 1))
+        for name, source in sources.items():
+            result = skopeo_pull(source, tmp_path / f"offline-{name}")
+            offline = assert_pulled(result, tmp_path / f"offline-{name}",
+                                    expected_digests(images.small))
+            assert offline == online[name]
+        result = skopeo_pull(multi, tmp_path / "offline-multi", all_platforms=True)
+        assert result.returncode == 0, result.stderr
+        assert layout_blobs(tmp_path / "offline-multi") == layout_blobs(tmp_path / "online-multi")
+
+        # Never cached: a clear registry-style error, not a hang.
+        status, _, body = request(f"http://{own_proxy.http}/v2/registry.test/never/manifests/v1")
+        assert status == 503
+        error = json.loads(body)["errors"][0]
+        assert error["code"] == "UPSTREAM_UNREACHABLE"
+        assert "unreachable" in error["message"]
+    finally:
+        upstream.start_registry()
+        upstream.start_auth()
+        upstream.start_cdn()
+
+
+def test_stale_tag_is_revalidated_and_follows_upstream(
+    own_proxy: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    first = build_image(tmp_path / "l1", layers=[tar_layer({"v": b"one"})], tag="t")
+    upstream.push(tmp_path / "l1", "t", "moving", "t")
+    url = f"http://{own_proxy.http}/v2/registry.test/moving/manifests/t"
+    assert request(url)[1]["Docker-Content-Digest"] == first.manifest_digest
+    second = build_image(tmp_path / "l2", layers=[tar_layer({"v": b"two"})], tag="t")
+    upstream.push(tmp_path / "l2", "t", "moving", "t")
+    # Still fresh: nginx answers from disk with the old digest.
+    status, headers, _ = request(url)
+    assert (headers["Docker-Content-Digest"], headers["X-CR-Request-Type"]) == (
+        first.manifest_digest, "manifest"
+    )
+    os.utime(own_proxy.cache / "docker-content-digest/registry.test/v2/moving/manifests/t", (1, 1))
+    status, headers, _ = request(url)
+    assert (status, headers["Docker-Content-Digest"]) == (200, second.manifest_digest)
+    assert headers["X-Cache"] == "REVALIDATED"
+
+
+# --- bad upstream bytes never enter the cache ------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncate"])
+def test_bad_upstream_blob_leaves_nothing_in_cache(
+    damage: str, proxy: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    payload = os.urandom(300_000)
+    image = build_image(tmp_path / "layout", layers=[tar_layer({"data.bin": payload})], tag="v1")
+    repo = f"damaged-{damage}"
+    upstream.push(tmp_path / "layout", "v1", repo, "v1")
+    layer = image.layer_digests[0]
+    data_file = upstream.blob_data_path(layer)
+    good = data_file.read_bytes()
+    if damage == "corrupt":
+        data_file.write_bytes(good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:])
+    else:
+        data_file.write_bytes(good[: len(good) // 2])
+    try:
+        result = skopeo_pull(f"{proxy.http}/registry.test/{repo}:v1", tmp_path / "out")
+        assert result.returncode != 0
+        hex_part = layer.split(":")[1]
+        assert not (proxy.cache / "blobs/sha256" / hex_part).exists()
+        assert not (proxy.cache / f"content/registry.test/v2/{repo}/blobs/{layer}").exists()
+        assert not list((proxy.cache / "content/cdn.test").rglob(f"{hex_part}/data"))
+        assert not (proxy.cache / f"redirect/registry.test/v2/{repo}/blobs/{layer}").exists()
+        assert [p for p in (proxy.cache / "temp").iterdir() if hex_part in p.name] == []
+    finally:
+        data_file.write_bytes(good)
+    # The upstream mended: the next pull fetches again and succeeds.
+    result = skopeo_pull(f"{proxy.http}/registry.test/{repo}:v1", tmp_path / "again")
+    assert_pulled(result, tmp_path / "again", {layer})
+
+
+# --- what the mirror refuses ------------------------------------------------------------
+
+
+def test_push_is_refused_with_registry_error(proxy: CrProxy) -> None:
+    for method, path in [("PUT", "/v2/registry.test/small/manifests/v2"),
+                         ("POST", "/v2/registry.test/small/blobs/uploads/")]:
+        status, _, body = request(f"http://{proxy.http}{path}", method=method)
+        assert status == 405
+        assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/v2/UPPER/case/manifests/v1", "NAME_INVALID"),
+        ("/v2/registry.test/a..b/manifests/v1", "NAME_INVALID"),
+        ("/v2/registry.test/small/blobs/sha256:xyz", "DIGEST_INVALID"),
+        ("/v2/registry.test/small/manifests/-bad-tag", "TAG_INVALID"),
+        ("/v2/small/manifests/v1?ns=..%2f..%2fetc", "NAME_INVALID"),
+    ],
+)
+def test_bad_names_get_400_and_touch_nothing(proxy: CrProxy, path: str, code: str) -> None:
+    before = sorted(p for p in proxy.cache.rglob("*") if "temp" not in p.parts)
+    status, _, body = request(f"http://{proxy.http}{path}")
+    assert status == 400
+    assert json.loads(body)["errors"][0]["code"] == code
+    after = sorted(p for p in proxy.cache.rglob("*") if "temp" not in p.parts)
+    assert after == before
+
+
+# --- tokens and challenges when the auth server is gone ----------------------------------
+
+
+def test_token_request_gets_dummy_token_when_auth_is_unreachable(
+    own_proxy: CrProxy, upstream: Upstream
+) -> None:
+    import asyncio
+
+    import aiohttp
+
+    async def ask() -> dict:
+        connector = aiohttp.UnixConnector(path=str(own_proxy.run_dir / "fetcher.sock"))
+        url = "http://fetcher/token?service=registry.test&scope=repository:small:pull"
+        headers = {"Host": "auth.test", "X-CR-Mode": "proxy"}
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get(url, headers=headers) as resp,
+        ):
+            assert resp.status == 200
+            return await resp.json()
+
+    upstream.stop_auth()
+    try:
+        answer = asyncio.run(ask())
+    finally:
+        upstream.start_auth()
+    assert answer["token"] == answer["access_token"]
+    assert answer["token"].startswith("cr-proxy-offline-")
+    assert answer["expires_in"] > 0 and answer["issued_at"]
+
+
+# --- serve itself -----------------------------------------------------------------------------
+
+
+def test_serve_starts_without_upstream_and_fails_fast(tmp_path: Path) -> None:
+    dead = {"registry.test": "http://127.0.0.1:9", "auth.test": "http://127.0.0.1:9"}
+    with CrProxy(tmp_path / "crproxy", dead) as running:
+        status, _, body = request(f"http://{running.http}/v2/registry.test/x/manifests/v1")
+        assert status == 503
+        assert json.loads(body)["errors"][0]["code"] == "UPSTREAM_UNREACHABLE"
+
+
+def test_serve_exits_non_zero_when_nginx_dies(tmp_path: Path) -> None:
+    running = CrProxy(tmp_path / "crproxy", {})
+    running.start()
+    try:
+        pid = int((running.run_dir / "nginx.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        assert running.proc is not None
+        code = running.proc.wait(30)
+    finally:
+        running.stop()
+    assert code == 1
+    assert "nginx exited" in running.log_text()
+
+
+def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    running = CrProxy(tmp_path / "crproxy", {})
+    running.start()
+    pid = int((running.run_dir / "nginx.pid").read_text())
+    assert running.stop() == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_https_mirror_rejects_clients_without_the_ca(proxy: CrProxy) -> None:
+    with pytest.raises(urllib.error.URLError):
+        request(f"https://{proxy.https}/v2/", context=ssl.create_default_context())

@@ -8,10 +8,12 @@ a new connection per request (docker, skopeo, podman).
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,16 +38,24 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write then rename: nginx reads leaves at each handshake and must never
+    see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.chmod(path, 0o600)
+    _write_atomic(path, data, 0o600)
 
 
 def ensure_ca(certs_dir: Path) -> CertPair:
@@ -77,7 +87,7 @@ def ensure_ca(certs_dir: Path) -> CertPair:
         .sign(key, hashes.SHA256())
     )
     _write_key(pair.key, key)
-    pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_atomic(pair.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return pair
 
 
@@ -138,9 +148,8 @@ def issue_leaf(ca: CertPair, names: list[str], out: CertPair) -> CertPair:
     out.cert.parent.mkdir(parents=True, exist_ok=True)
     _write_key(out.key, key)
     # The chain (leaf + CA) so clients that trust the CA can verify it.
-    out.cert.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM) + ca.cert.read_bytes()
-    )
+    chain = cert.public_bytes(serialization.Encoding.PEM) + ca.cert.read_bytes()
+    _write_atomic(out.cert, chain, 0o644)
     return out
 
 
@@ -148,3 +157,49 @@ def mirror_names(extra: tuple[str, ...]) -> list[str]:
     """What the mirror's certificate is valid for."""
     names = ["localhost", "127.0.0.1", "::1", socket.gethostname(), *extra]
     return list(dict.fromkeys(n.lower() for n in names if n))
+
+
+FALLBACK_NAME = "_fallback"  # served to an SNI that is not a plain host name
+
+
+class LeafCache:
+    """Leaf certificates for intercepted hosts under certs_dir/hosts/, made on
+    first sight of a host, reused, renewed before they expire. nginx picks
+    the file by SNI at each handshake, so a new registry needs no restart."""
+
+    __slots__ = ("_checked", "_pending", "ca", "dir")
+
+    RECHECK = 3600.0  # seconds between expiry checks of a leaf in use
+
+    def __init__(self, ca: CertPair, certs_dir: Path) -> None:
+        self.ca = ca
+        self.dir = certs_dir / "hosts"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._checked: dict[str, float] = {}
+        self._pending: dict[str, asyncio.Future[CertPair]] = {}
+
+    def __repr__(self) -> str:
+        return f"<LeafCache {self.dir} {len(self._checked)} hosts>"
+
+    def pair(self, host: str) -> CertPair:
+        return CertPair(self.dir / f"{host}.crt", self.dir / f"{host}.key")
+
+    def ensure_sync(self, host: str) -> CertPair:
+        return issue_leaf(self.ca, [host], self.pair(host))
+
+    async def ensure(self, host: str) -> CertPair:
+        """The host's leaf, issued if missing or near expiry (coalesced)."""
+        if time.monotonic() - self._checked.get(host, -self.RECHECK) < self.RECHECK:
+            return self.pair(host)
+        future = self._pending.get(host)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = asyncio.ensure_future(loop.run_in_executor(None, self.ensure_sync, host))
+            self._pending[host] = future
+            future.add_done_callback(lambda _: self._pending.pop(host, None))
+        pair = await asyncio.shield(future)
+        self._checked[host] = time.monotonic()
+        return pair
+
+    def ensure_fallback(self) -> CertPair:
+        return issue_leaf(self.ca, ["cr-proxy.invalid"], self.pair(FALLBACK_NAME))

@@ -10,6 +10,7 @@ a bad value raises ConfigError naming the key.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .errors import ConfigError
 from .reference import is_host
 
 ENV_PREFIX = "CR_PROXY_"
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MASK = "********"
 
 
@@ -78,6 +80,16 @@ class Credentials:
 
 
 @dataclass(frozen=True, slots=True)
+class ProxyPolicy:
+    allow_clients: tuple[IPNetwork, ...]
+    intercept: tuple[str, ...]
+    passthrough: tuple[str, ...]
+    ports: frozenset[int]
+    allow_private: tuple[str, ...]
+    max_tunnels: int
+
+
+@dataclass(frozen=True, slots=True)
 class NginxSettings:
     binary: str
     user: str
@@ -98,6 +110,7 @@ class Config:
     endpoints: Mapping[str, str]
     insecure: frozenset[str]
     registries: Mapping[str, Credentials]
+    proxy: ProxyPolicy
     nginx: NginxSettings
     log_level: str
 
@@ -116,15 +129,15 @@ class Config:
 
 
 def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Address):
         return str(value)
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, tuple | frozenset | list):
         return sorted(_plain(v) for v in value)
-    if isinstance(value, Path):
+    if isinstance(value, Path | ipaddress.IPv4Network | ipaddress.IPv6Network):
         return str(value)
     return value
 
@@ -170,6 +183,7 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any], where: str) -> None:
 FREE_FORM = frozenset({"endpoints", "registries", "registry_hosts"})
 
 
+
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for var, raw in environ.items():
         if not var.startswith(ENV_PREFIX):
@@ -192,6 +206,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
 def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
     environ = os.environ if environ is None else environ
     listen = _mapping(data, "listen")
+    proxy = _mapping(data, "proxy")
     timeouts = _mapping(data, "timeouts")
     nginx = _mapping(data, "nginx")
     return Config(
@@ -224,6 +239,17 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             _host(k, "registries"): _credentials(v, f"registries.{k}", environ)
             for k, v in _mapping(data, "registries").items()
         },
+        proxy=ProxyPolicy(
+            allow_clients=tuple(_network(n, "proxy.allow_clients")
+                                for n in _str_list(proxy, "proxy.allow_clients")),
+            intercept=tuple(_pattern(p, "proxy.intercept")
+                            for p in _str_list(proxy, "proxy.intercept")),
+            passthrough=tuple(_pattern(p, "proxy.passthrough")
+                              for p in _str_list(proxy, "proxy.passthrough")),
+            ports=frozenset(_port(p, "proxy.ports") for p in proxy.get("ports") or []),
+            allow_private=tuple(_str_list(proxy, "proxy.allow_private")),
+            max_tunnels=int(_seconds(proxy, "proxy.max_tunnels")),
+        ),
         nginx=NginxSettings(
             binary=_str(nginx, "nginx.binary"),
             user=_str(nginx, "nginx.user", allow_empty=True),
@@ -295,6 +321,26 @@ def _url(value: Any, key: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(message=f"{key}: {value!r} is not an http(s) URL")
     return value.rstrip("/")
+
+
+def _network(value: str, key: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError as err:
+        raise ConfigError(message=f"{key}: {value!r} is not an address or CIDR") from err
+
+
+def _pattern(value: str, key: str) -> str:
+    bare = value[2:] if value.startswith("*.") else value
+    if value != "*" and not is_host(bare.lower()):
+        raise ConfigError(message=f"{key}: {value!r} is not a host pattern (host, *.domain, *)")
+    return value.lower()
+
+
+def _port(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ConfigError(message=f"{key}: {value!r} is not a port number")
+    return value
 
 
 def _address(data: Mapping[str, Any], key: str) -> Address:

@@ -124,7 +124,8 @@ class Fetcher:
             return await self._registry_request(request, target, mirror=True)
         domain, rpath = proxy_target(request.headers.get("Host", ""), request.path)
         if rpath is None:
-            return await self._passthrough(request, domain, request.path_qs, token_ok=True)
+            return await self._passthrough(request, domain, request.path_qs, token_ok=True,
+                                           scheme=request.headers.get("X-CR-Scheme", "https"))
         return await self._registry_request(request, Target(domain, domain, rpath), mirror=False)
 
     async def _registry_request(
@@ -364,7 +365,8 @@ class Fetcher:
     # --- everything else --------------------------------------------------------
 
     async def _passthrough(
-        self, request: web.Request, host: str, path_qs: str, token_ok: bool = False
+        self, request: web.Request, host: str, path_qs: str, token_ok: bool = False,
+        scheme: str = "https",
     ) -> web.StreamResponse:
         """Relay a request we do not cache. A token request whose auth server
         cannot be reached gets a dummy token, so cached pulls go on offline."""
@@ -374,7 +376,9 @@ class Fetcher:
         )
         body = request.content if request.can_read_body else None
         try:
-            upstream = await self.upstream.send(request.method, host, path_qs, headers, data=body)
+            upstream = await self.upstream.send(
+                request.method, host, path_qs, headers, scheme=scheme, data=body
+            )
         except UpstreamUnreachable:
             if token_ok and request.method in ("GET", "POST") and _looks_like_token(request):
                 self.count("dummy_tokens")

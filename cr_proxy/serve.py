@@ -25,6 +25,7 @@ from aiohttp import web
 from . import certs, nginx
 from .config import Config
 from .fetcher import make_app
+from .front import Front
 from .store import Store
 
 log = logging.getLogger("cr_proxy.serve")
@@ -50,6 +51,9 @@ def client_hints(config: Config) -> list[str]:
     if https.enabled:
         lines.append(f"mirror (HTTPS) https://{host}:{https.port}  "
                      f"(trust {config.certs_dir / 'ca.crt'})")
+    if config.listen.proxy.enabled:
+        lines.append(f"https_proxy    http://{host}:{config.listen.proxy.port}  "
+                     f"(CA at http://{host}:{config.listen.proxy.port}/ca.crt)")
     port = http.port if http.enabled else https.port
     lines.append(
         f'use it: dockerd "registry-mirrors": ["http://{host}:{port}"]; or '
@@ -92,6 +96,8 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
         ca, certs.mirror_names(config.mirror_names),
         certs.CertPair(config.certs_dir / "mirror.crt", config.certs_dir / "mirror.key"),
     )
+    leaves = certs.LeafCache(ca, config.certs_dir)
+    leaves.ensure_fallback()
     conf = nginx.render(config, leaf.cert, leaf.key)
     nginx.check(config, conf)
 
@@ -110,6 +116,10 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
         say(f"cr-proxy: nginx exited with status {proc.returncode} before listening")
         await runner.cleanup()
         return 1
+    front = None
+    if config.listen.proxy.enabled:
+        front = Front(config, leaves)
+        await front.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -135,6 +145,8 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
         return 0
     finally:
         stopped.cancel()
+        if front is not None:
+            await front.close()
         if proc.returncode is None:
             proc.kill()
             await proc.wait()

@@ -4,7 +4,7 @@
 const fs = require('fs');
 
 function sidecarPath(r, kind) {
-    return `${r.variables.cr_cache}/${kind}/${r.variables.cr_domain}${r.variables.cr_path}`;
+    return `${r.variables.cr_cache}/${kind}/${r.variables.cr_cache_domain}${r.variables.cr_path}`;
 }
 
 function readSidecar(r, kind) {

@@ -43,6 +43,10 @@ class CrProxy:
             "timeouts": {"connect": 2, "read": 10, "down_host": 5},
             "log_level": "debug",
         }
+        self.proxy_port = 0
+        if "listen_proxy" in settings:
+            self.config["listen"]["proxy"] = settings.pop("listen_proxy")
+            self.proxy_port = int(self.config["listen"]["proxy"].rsplit(":", 1)[1])
         self.config.update(settings)
         self.config_path = self.dir / "cr-proxy.yml"
         self.proc: subprocess.Popen[str] | None = None

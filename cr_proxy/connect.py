@@ -1,0 +1,197 @@
+"""The CONNECT front's protocol core: parse a proxy request head and decide
+what to do with it. Pure (no I/O), so every edge case is a unit test; the
+asyncio side in front.py only moves bytes.
+
+Grammar (RFC 9110 9.3.6, RFC 9112 3):
+    request-line   = method SP request-target SP HTTP-version CRLF
+    CONNECT target = authority-form = uri-host ":" port
+    proxy GET      = absolute-form  = "http://" authority path-abempty [ "?" query ]
+    origin-form    = absolute-path [ "?" query ]     (a request to the proxy itself)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from enum import Enum
+from urllib.parse import urlsplit
+
+from .config import ProxyPolicy
+from .errors import CrProxyError
+from .reference import is_host
+
+MAX_HEAD = 16 * 1024  # bytes of request line + headers we accept
+REQUEST_LINE_RE = re.compile(r"([A-Z]{1,16}) (\S{1,8000}) HTTP/1\.[01]")
+
+
+class ProxyRefused(CrProxyError, PermissionError):
+    status = 403
+    code = "DENIED"
+
+
+class ProtocolError(CrProxyError, ValueError):
+    status = 400
+    code = "BAD_REQUEST"
+
+
+class Action(Enum):
+    INTERCEPT = "intercept"  # TLS to nginx with a leaf from our CA
+    TUNNEL = "tunnel"  # blind TCP relay to the real host
+    FORWARD = "forward"  # plain-HTTP proxy request: to nginx's HTTP side
+    SERVE_CA = "ca"  # GET /ca.crt to the proxy itself
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    method: str
+    target: str
+    host: str  # lower-cased, no port
+    port: int
+    raw: bytes  # the head as received, CRLFCRLF included
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    head: Head
+
+
+def find_head_end(buffer: bytes) -> int:
+    """Index just past the blank line ending the head, or -1: need more."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > MAX_HEAD:
+            raise ProtocolError(message="request head too large")
+        return -1
+    if end + 4 > MAX_HEAD:
+        raise ProtocolError(message="request head too large")
+    return end + 4
+
+
+def parse_head(raw: bytes) -> Head:
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError as err:
+        raise ProtocolError(message="request head is not ASCII") from err
+    line = text.split("\r\n", 1)[0]
+    match = REQUEST_LINE_RE.fullmatch(line)
+    if not match:
+        raise ProtocolError(message="malformed request line")
+    method, target = match.groups()
+    if method == "CONNECT":
+        host, port = split_authority(target)
+    elif target.startswith("/"):
+        host, port = "", 0
+    else:
+        parts = urlsplit(target)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ProtocolError(message="only http:// absolute URIs are proxied; use CONNECT")
+        host, port = split_authority(parts.netloc.rpartition("@")[2], default_port=80)
+    return Head(method, target, host, port, raw)
+
+
+def split_authority(authority: str, default_port: int | None = None) -> tuple[str, int]:
+    host, sep, port_text = authority.rpartition(":")
+    if not sep or "]" in port_text:
+        if default_port is None:
+            raise ProtocolError(message=f"CONNECT target {authority[:100]!r} has no port")
+        host, port_text = authority, str(default_port)
+    host = host.strip("[]").lower()
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ProtocolError(message=f"bad port in {authority[:100]!r}")
+    if not (is_host(host) or _ip(host) is not None):
+        raise ProtocolError(message=f"bad host in {authority[:100]!r}")
+    return host, int(port_text)
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def matches(host: str, patterns: tuple[str, ...]) -> bool:
+    for pattern in patterns:
+        if pattern == "*" or host == pattern:
+            return True
+        if pattern.startswith("*.") and (host == pattern[2:] or host.endswith(pattern[1:])):
+            return True
+    return False
+
+
+def is_private(host: str) -> bool:
+    """Loopback, link-local, private or otherwise non-global, by literal."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    ip = _ip(host)
+    return ip is not None and not ip.is_global
+
+
+def private_allowed(host: str, policy: ProxyPolicy, endpoints: frozenset[str]) -> bool:
+    if host in endpoints or matches(host, tuple(p for p in policy.allow_private if "/" not in p)):
+        return True
+    ip = _ip(host)
+    if ip is None:
+        return False
+    return any(
+        ip in ipaddress.ip_network(entry, strict=False)
+        for entry in policy.allow_private
+        if "/" in entry or _ip(entry) is not None
+    )
+
+
+def client_allowed(client_ip: str, policy: ProxyPolicy) -> bool:
+    ip = _ip(client_ip.split("%")[0])
+    if ip is None:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip.version == net.version and ip in net for net in policy.allow_clients)
+
+
+def decide(head: Head, client_ip: str, policy: ProxyPolicy, endpoints: frozenset[str]) -> Decision:
+    """What to do with a request; raises ProxyRefused with the reason."""
+    if not client_allowed(client_ip, policy):
+        raise ProxyRefused(message=f"client {client_ip} is not allowed to use this proxy")
+    if not head.host:
+        if head.method == "GET" and head.target.split("?")[0] == "/ca.crt":
+            return Decision(Action.SERVE_CA, head)
+        raise ProxyRefused(message="this is a proxy: use CONNECT, or GET /ca.crt for the CA")
+    if is_private(head.host) and not private_allowed(head.host, policy, endpoints):
+        raise ProxyRefused(message=f"{head.host} is a loopback, link-local or private address")
+    if head.method != "CONNECT":
+        if head.port != 80 and head.host not in endpoints:
+            raise ProxyRefused(message=f"plain HTTP to port {head.port} is not allowed")
+        return Decision(Action.FORWARD, head)
+    if head.port not in policy.ports:
+        raise ProxyRefused(message=f"CONNECT to port {head.port} is not allowed")
+    if matches(head.host, policy.passthrough):
+        return Decision(Action.TUNNEL, head)
+    if matches(head.host, policy.intercept):
+        return Decision(Action.INTERCEPT, head)
+    return Decision(Action.TUNNEL, head)
+
+
+def reply(status: int, reason: str, body: str = "") -> bytes:
+    payload = body.encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    ).encode() + payload
+
+
+CONNECTED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+
+
+def proxy_protocol_v1(client: tuple[str, int], server: tuple[str, int]) -> bytes:
+    """The PROXY protocol v1 line nginx reads on its unix listeners, so its
+    logs show the real client address."""
+    family = "TCP6" if ":" in client[0] else "TCP4"
+    server_host = server[0]
+    if (":" in server_host) != (family == "TCP6"):
+        server_host = "::1" if family == "TCP6" else "127.0.0.1"
+    return f"PROXY {family} {client[0]} {server_host} {client[1]} {server[1]}\r\n".encode()
+
+

@@ -1,0 +1,252 @@
+"""The CONNECT front: https_proxy clients talk to it; it hands their bytes to
+nginx, which ends TLS with a leaf from our CA (Debian's nginx has no CONNECT
+module, so this small piece sits in front of it).
+
+    client --CONNECT host:443--> front --PROXY line + splice--> nginx (unix socket, TLS)
+    client --GET http://host/--> front --PROXY line + splice--> nginx (unix socket, HTTP)
+
+The head is read and decided here (connect.py, sans-IO); after that the
+front only moves bytes, and it moves them with os.splice through a kernel
+pipe, one thread per direction, so a cache hit's bytes never enter Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import select
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import certs
+from .config import Config
+from .connect import (
+    CONNECTED,
+    Action,
+    ProtocolError,
+    ProxyRefused,
+    decide,
+    find_head_end,
+    parse_head,
+    proxy_protocol_v1,
+    reply,
+)
+
+log = logging.getLogger("cr_proxy.front")
+
+HEAD_TIMEOUT = 30.0  # seconds a client has to send its request head
+IDLE_TIMEOUT = 600.0  # seconds a tunnel may carry nothing before it is closed
+PIPE_SIZE = 1 << 20  # bytes per splice pipe: fewer, larger moves
+F_SETPIPE_SZ = 1031
+SPLICE_CHUNK = 1 << 20
+
+
+class Front:
+    __slots__ = (
+        "_active", "_clients", "_executor", "_listener", "_task", "config", "counters", "leaves",
+    )
+
+    def __init__(self, config: Config, leaves: certs.LeafCache) -> None:
+        self.config = config
+        self.leaves = leaves
+        self._executor = ThreadPoolExecutor(
+            max_workers=2 * config.proxy.max_tunnels, thread_name_prefix="splice"
+        )
+        self._active = 0
+        self._clients: set[asyncio.Task[None]] = set()
+        self._listener: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.counters: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"<Front {self.config.listen.proxy} active={self._active}>"
+
+    @property
+    def tls_socket(self) -> Path:
+        return self.config.run_dir / "mitm-tls.sock"
+
+    @property
+    def http_socket(self) -> Path:
+        return self.config.run_dir / "mitm-http.sock"
+
+    async def start(self) -> None:
+        address = self.config.listen.proxy
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((address.host, address.port))
+        listener.listen(1024)
+        listener.setblocking(False)
+        self._listener = listener
+        self._task = asyncio.create_task(self._accept_loop(), name="front accept")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._listener:
+            self._listener.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            conn, addr = await loop.sock_accept(self._listener)
+            conn.setblocking(False)
+            task = asyncio.create_task(self._client(conn, addr))
+            self._clients.add(task)
+            task.add_done_callback(self._clients.discard)
+
+    def count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    async def _client(self, conn: socket.socket, addr: tuple) -> None:
+        loop = asyncio.get_running_loop()
+        handed_over = False
+        try:
+            try:
+                raw, rest = await asyncio.wait_for(_read_head(loop, conn), HEAD_TIMEOUT)
+                head = parse_head(raw)
+                decision = decide(head, addr[0], self.config.proxy,
+                                  frozenset(self.config.endpoints))
+            except ProxyRefused as err:
+                log.warning("refused %s: %s", addr[0], err.message)
+                self.count("refused")
+                await loop.sock_sendall(conn, reply(403, "Forbidden", err.message + "\n"))
+                return
+            except ProtocolError as err:
+                await loop.sock_sendall(conn, reply(400, "Bad Request", err.message + "\n"))
+                return
+            except (TimeoutError, ConnectionError):
+                return
+            if self._active >= self.config.proxy.max_tunnels:
+                await loop.sock_sendall(conn, reply(503, "Busy", "too many tunnels\n"))
+                return
+            action = decision.action
+            self.count(action.value)
+            if action is Action.SERVE_CA:
+                pem = self.leaves.ca.cert.read_text()
+                await loop.sock_sendall(conn, reply(200, "OK", pem).replace(
+                    b"text/plain", b"application/x-pem-file"))
+                return
+            try:
+                upstream = await self._open(action, head.host, head.port, addr)
+            except OSError as err:
+                log.warning("CONNECT %s:%d failed: %s", head.host, head.port, err)
+                await loop.sock_sendall(conn, reply(502, "Bad Gateway", f"{err}\n"))
+                return
+            if action is Action.FORWARD:
+                await loop.sock_sendall(upstream, raw)
+            else:
+                await loop.sock_sendall(conn, CONNECTED)
+            if rest:
+                await loop.sock_sendall(upstream, rest)
+            handed_over = True
+            self._active += 1
+            try:
+                await self._relay(conn, upstream)
+            finally:
+                self._active -= 1
+        except OSError as err:
+            log.debug("client %s: %s", addr[0], err)
+        finally:
+            if not handed_over:
+                conn.close()
+
+    async def _open(self, action: Action, host: str, port: int, client: tuple) -> socket.socket:
+        """The socket the client's bytes go to."""
+        loop = asyncio.get_running_loop()
+        if action is Action.TUNNEL:
+            return await asyncio.wait_for(
+                _connect_tcp(loop, host, port), self.config.timeouts.connect
+            )
+        if action is Action.INTERCEPT:
+            # The leaf exists before the client's handshake begins.
+            await self.leaves.ensure(host)
+        path = self.tls_socket if action is Action.INTERCEPT else self.http_socket
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, str(path))
+            line = proxy_protocol_v1((client[0], client[1]), ("127.0.0.1", port))
+            await loop.sock_sendall(sock, line)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    async def _relay(self, a: socket.socket, b: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        a.setblocking(True)
+        b.setblocking(True)
+        try:
+            await asyncio.gather(
+                loop.run_in_executor(self._executor, splice_one_way, a, b),
+                loop.run_in_executor(self._executor, splice_one_way, b, a),
+            )
+        finally:
+            a.close()
+            b.close()
+
+
+async def _read_head(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tuple[bytes, bytes]:
+    buffer = b""
+    while True:
+        end = find_head_end(buffer)
+        if end >= 0:
+            return buffer[:end], buffer[end:]
+        chunk = await loop.sock_recv(conn, 65536)
+        if not chunk:
+            raise ConnectionResetError("client closed before sending a request")
+        buffer += chunk
+
+
+async def _connect_tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as err:
+            sock.close()
+            last = err
+    raise last or OSError(f"cannot resolve {host}")
+
+
+def splice_one_way(src: socket.socket, dst: socket.socket) -> None:
+    """Move bytes src -> dst through a kernel pipe until src ends, then pass
+    the end on (half-close). Blocking; runs in a relay thread."""
+    pipe_r, pipe_w = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
+    poller = select.poll()
+    poller.register(src, select.POLLIN | select.POLLHUP | select.POLLERR)
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    try:
+        while True:
+            if not poller.poll(IDLE_TIMEOUT * 1000):
+                raise TimeoutError("tunnel idle")
+            moved = os.splice(src_fd, pipe_w, SPLICE_CHUNK, flags=os.SPLICE_F_MOVE)
+            if moved == 0:
+                break
+            while moved:
+                moved -= os.splice(pipe_r, dst_fd, moved, flags=os.SPLICE_F_MOVE)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+    except (OSError, TimeoutError):
+        # One side broke: end both directions so the other thread wakes too.
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        os.close(pipe_r)
+        os.close(pipe_w)

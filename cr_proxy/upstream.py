@@ -62,8 +62,11 @@ class Opened:
 
 
 def is_loopback(host: str) -> bool:
-    bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    bare = bare.strip("[]")
+    """host[:port] names this machine (localhost, 127/8, ::1)."""
+    if host.startswith("["):
+        bare = host[1 : host.find("]")]
+    else:
+        bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     if bare == "localhost":
         return True
     try:

@@ -381,3 +381,26 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
 def test_https_mirror_rejects_clients_without_the_ca(proxy: CrProxy) -> None:
     with pytest.raises(urllib.error.URLError):
         request(f"https://{proxy.https}/v2/", context=ssl.create_default_context())
+
+
+# --- one upstream fetch however many clients miss at once ---------------------------------
+
+
+def test_concurrent_misses_make_one_upstream_fetch(
+    proxy: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    payload = os.urandom(8 * 1024 * 1024)
+    image = build_image(tmp_path / "layout", layers=[tar_layer({"big.bin": payload})], tag="v1")
+    upstream.push(tmp_path / "layout", "v1", "coalesce", "v1")
+    layer = image.layer_digests[0]
+    expected = image.blob_bytes(layer)
+    url = f"http://{proxy.http}/v2/registry.test/coalesce/blobs/{layer}"
+    before = upstream.cdn_blob_gets(layer)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: request(url), range(16)))
+    assert all(status == 200 and body == expected for status, _, body in answers)
+    # The CDN logs a GET once its last byte is sent; every client has its
+    # bytes, and the one download finished before the first client did.
+    assert upstream.cdn_blob_gets(layer) - before == 1

@@ -45,7 +45,7 @@ async def test_unreachable_host_is_remembered_and_skipped() -> None:
     attempts = 0
     original = session._request
 
-    async def counting(*args, **kwargs):  # noqa: ANN002, ANN003 - pass-through
+    async def counting(*args, **kwargs):
         nonlocal attempts
         attempts += 1
         return await original(*args, **kwargs)

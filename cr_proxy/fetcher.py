@@ -273,7 +273,10 @@ class Fetcher:
             )
             self.count("misses")
             return self._manifest_response(stored, "MISS")
-        if target.rpath.by_digest or time.time() - stored.validated_at < self.config.tag_ttl:
+        # `cr-proxy warm` asks for a revalidation whatever the tag's age.
+        forced = request.headers.get("X-CR-Revalidate") == "1"
+        fresh_enough = time.time() - stored.validated_at < self.config.tag_ttl and not forced
+        if target.rpath.by_digest or fresh_enough:
             self.count("hits_fetcher")
             return self._manifest_response(stored, "HIT")
         try:

@@ -53,6 +53,7 @@ class Listen:
     proxy: Address
     mirror_https: Address
     mirror_http: Address
+    metrics: Address
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +218,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             proxy=_address(listen, "listen.proxy"),
             mirror_https=_address(listen, "listen.mirror_https"),
             mirror_http=_address(listen, "listen.mirror_http"),
+            metrics=_address(listen, "listen.metrics"),
         ),
         mirror_names=tuple(_str_list(data, "mirror_names")),
         timeouts=Timeouts(

@@ -42,6 +42,7 @@ from .errors import (
 )
 from .flight import Flight, Flights
 from .layout import Kind, RegistryPath, Target, mirror_target, proxy_target
+from .metrics import Metrics
 from .reference import MANIFEST_ACCEPT, digest_of, is_digest
 from .store import Store, StoredManifest
 from .upstream import Hop, Upstream
@@ -85,22 +86,21 @@ class Shared:
 
 
 class Fetcher:
-    __slots__ = ("config", "counters", "flights", "shared", "store", "upstream")
+    __slots__ = ("config", "flights", "metrics", "shared", "store", "upstream")
 
-    def __init__(self, config: Config, store: Store, upstream: Upstream) -> None:
+    def __init__(
+        self, config: Config, store: Store, upstream: Upstream, metrics: Metrics | None = None
+    ) -> None:
         self.config = config
         self.store = store
         self.upstream = upstream
+        self.metrics = metrics or Metrics()
         self.flights = Flights()
         self.shared = Shared()
-        self.counters: dict[str, int] = {}
         upstream.on_challenge = self._store_challenge
 
     def __repr__(self) -> str:
         return f"<Fetcher {self.store!r} {self.flights!r}>"
-
-    def count(self, name: str, n: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + n
 
     # --- the one route --------------------------------------------------------
 
@@ -131,6 +131,15 @@ class Fetcher:
     async def _registry_request(
         self, request: web.Request, target: Target, mirror: bool
     ) -> web.StreamResponse:
+        try:
+            return await self._registry_kind(request, target, mirror)
+        except UpstreamError as err:
+            self.metrics.upstream_errors.labels(registry=target.domain, code=err.code).inc()
+            raise
+
+    async def _registry_kind(
+        self, request: web.Request, target: Target, mirror: bool
+    ) -> web.StreamResponse:
         kind = target.rpath.kind
         if request.method not in ("GET", "HEAD"):
             if mirror:
@@ -152,14 +161,17 @@ class Fetcher:
         if await in_thread(self.store.has_blob, digest):
             # Pulled before through another repository or registry: one copy.
             await in_thread(self.store.link, digest, domain, path)
-            self.count("hits_fetcher")
+            self.metrics.hits.labels(kind="blob-fetch").inc()
             return self._file_response(self.store.tree.blob(digest), digest)
         if request.method == "HEAD":
             return await self._blob_head(request, target)
-        self.count("misses")
+        self.metrics.misses.labels(kind="blob").inc()
+        joined_before = self.flights.coalesced
         flight = self.flights.join(
             digest, digest, functools.partial(self._download_blob, target, _client_auth(request))
         )
+        if self.flights.coalesced > joined_before:
+            self.metrics.coalesced.inc()
         await flight.wait_started()
         response = web.StreamResponse(
             headers={"Content-Type": BLOB_TYPE, "Docker-Content-Digest": digest,
@@ -239,7 +251,9 @@ class Fetcher:
             raise
         finally:
             upstream.release()
-        self.count("bytes_fetched", writer.size)
+        self.metrics.bytes_fetched.inc(writer.size)
+        # Between serve's periodic recounts, the gauge follows each commit.
+        self.metrics.cache_bytes.inc(writer.size)
         await flight.finish(committed, None)
 
     def _commit_blob(self, writer, size: int | None, target: Target, hops: list[Hop]) -> Path:
@@ -271,13 +285,13 @@ class Fetcher:
             stored = await self.shared.run(
                 ("manifest", domain, path), lambda: self._fetch_manifest(target, auth)
             )
-            self.count("misses")
+            self.metrics.misses.labels(kind="manifest").inc()
             return self._manifest_response(stored, "MISS")
         # `cr-proxy warm` asks for a revalidation whatever the tag's age.
         forced = request.headers.get("X-CR-Revalidate") == "1"
         fresh_enough = time.time() - stored.validated_at < self.config.tag_ttl and not forced
         if target.rpath.by_digest or fresh_enough:
-            self.count("hits_fetcher")
+            self.metrics.hits.labels(kind="manifest-fetch").inc()
             return self._manifest_response(stored, "HIT")
         try:
             fresh = await self.shared.run(
@@ -285,9 +299,11 @@ class Fetcher:
             )
         except (UpstreamUnreachable, UpstreamError) as err:
             log.warning("serving stale %s%s: %s", domain, path, err.message)
-            self.count("stale_served")
+            self.metrics.stale_served.inc()
+            self.metrics.revalidations.labels(result="failed").inc()
             return self._manifest_response(stored, "STALE")
-        self.count("revalidations")
+        changed = "same" if fresh.digest == stored.digest else "changed"
+        self.metrics.revalidations.labels(result=changed).inc()
         return self._manifest_response(fresh, "REVALIDATED")
 
     async def _revalidate(
@@ -345,6 +361,7 @@ class Fetcher:
             raise DigestMismatch(message=f"{domain} claimed {claimed}, body is {digest}")
         now = time.time()
         await in_thread(self._commit_manifest, target, body, digest, content_type, now)
+        self.metrics.cache_bytes.inc(len(body))
         return StoredManifest(body, content_type, digest, now)
 
     def _commit_manifest(
@@ -384,7 +401,7 @@ class Fetcher:
             )
         except UpstreamUnreachable:
             if token_ok and request.method in ("GET", "POST") and _looks_like_token(request):
-                self.count("dummy_tokens")
+                self.metrics.dummy_tokens.inc()
                 return web.json_response(dummy_token())
             if path_qs.startswith("/v2/") and path_qs.rstrip("/") == "/v2":
                 return await self._replay_challenge(host)
@@ -467,7 +484,7 @@ def _manifest_type(body: bytes, header: str) -> str:
     return header or "application/vnd.oci.image.manifest.v1+json"
 
 
-def make_app(config: Config) -> web.Application:
+def make_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     """The fetcher's aiohttp application: one catch-all route."""
     store = Store(config.cache_dir)
     # Request bodies (relayed pushes) are streamed from request.content, so
@@ -477,7 +494,7 @@ def make_app(config: Config) -> web.Application:
     async def lifecycle(app: web.Application):
         await in_thread(store.prepare)
         session = Upstream.make_session(config)
-        fetcher = Fetcher(config, store, Upstream(config, session))
+        fetcher = Fetcher(config, store, Upstream(config, session), metrics)
         app["fetcher"] = fetcher
         yield
         await fetcher.flights.close()

@@ -22,10 +22,12 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from . import certs, nginx
+from . import certs, nginx, usage
 from .config import Config
 from .fetcher import make_app
 from .front import Front
+from .metrics import Metrics
+from .metrics import make_app as metrics_app
 from .store import Store
 
 log = logging.getLogger("cr_proxy.serve")
@@ -33,6 +35,7 @@ log = logging.getLogger("cr_proxy.serve")
 STOP_GRACE = 10.0  # seconds nginx gets to finish in-flight requests
 READY_TIMEOUT = 20.0  # seconds nginx gets to open its listen sockets
 READY_POLL = 0.05
+CACHE_SIZE_INTERVAL = 60.0  # seconds between measurements of the cache size
 PR_SET_PDEATHSIG = 1
 
 
@@ -100,56 +103,94 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
     leaves.ensure_fallback()
     conf = nginx.render(config, leaf.cert, leaf.key)
     nginx.check(config, conf)
+    metrics = Metrics()
 
-    runner = web.AppRunner(make_app(config), access_log=None, handle_signals=False)
-    await runner.setup()
-    with contextlib.suppress(FileNotFoundError):
-        config.socket_path.unlink()
-    await web.UnixSite(runner, str(config.socket_path)).start()
-    # nginx workers may run as another user (nginx.user).
-    os.chmod(config.socket_path, 0o666)
+    async with contextlib.AsyncExitStack() as stack:
+        stop = _catch_signals(stack)
+        # Everything nginx talks to is up before nginx starts.
+        transport, _feed = await usage.start(config.run_dir / "usage.sock", metrics)
+        stack.callback(transport.close)
+        runner = web.AppRunner(make_app(config, metrics), access_log=None, handle_signals=False)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        with contextlib.suppress(FileNotFoundError):
+            config.socket_path.unlink()
+        await web.UnixSite(runner, str(config.socket_path)).start()
+        # nginx workers may run as another user (nginx.user).
+        os.chmod(config.socket_path, 0o666)
+        if config.listen.metrics.enabled:
+            await _start_metrics(stack, config, metrics)
 
-    proc = await asyncio.create_subprocess_exec(
-        *nginx.command(config, conf), preexec_fn=_die_with_parent
-    )
-    if not await _listening(config, proc):
-        say(f"cr-proxy: nginx exited with status {proc.returncode} before listening")
-        await runner.cleanup()
-        return 1
-    front = None
-    if config.listen.proxy.enabled:
-        front = Front(config, leaves)
-        await front.start()
+        proc = await asyncio.create_subprocess_exec(
+            *nginx.command(config, conf), preexec_fn=_die_with_parent
+        )
+        stack.push_async_callback(_reap, proc)
+        if not await _listening(config, proc):
+            say(f"cr-proxy: nginx exited with status {proc.returncode} before listening")
+            return 1
+        if config.listen.proxy.enabled:
+            front = Front(config, leaves)
+            await front.start()
+            stack.push_async_callback(front.close)
+        tasks = [asyncio.create_task(_watch_cache_size(store, metrics))]
+        stack.callback(lambda: [t.cancel() for t in tasks])
+
+        for line in client_hints(config):
+            say(line)
+        say(f"cr-proxy ready (pid {os.getpid()}, nginx pid {proc.pid})")
+        if not await _until_signal_or_exit(proc, stop):
+            say(f"cr-proxy: nginx exited with status {proc.returncode}; stopping")
+            return 1
+        proc.send_signal(signal.SIGQUIT)  # finish the requests in flight
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_GRACE)
+        except TimeoutError:
+            proc.kill()
+        say("cr-proxy stopped")
+        return 0
+
+
+def _catch_signals(stack: contextlib.ExitStack | contextlib.AsyncExitStack) -> asyncio.Event:
+    """SIGTERM/SIGINT set the returned event, from now until the stack closes."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    for line in client_hints(config):
-        say(line)
-    say(f"cr-proxy ready (pid {os.getpid()}, nginx pid {proc.pid})")
+        stack.callback(loop.remove_signal_handler, sig)
+    return stop
 
+
+async def _until_signal_or_exit(proc: asyncio.subprocess.Process, stop: asyncio.Event) -> bool:
+    """True when a stop signal came, False when nginx exited first."""
     nginx_exit = asyncio.ensure_future(proc.wait())
     stopped = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({nginx_exit, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if nginx_exit.done():
-            say(f"cr-proxy: nginx exited with status {proc.returncode}; stopping")
-            return 1
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            await asyncio.wait_for(asyncio.shield(nginx_exit), STOP_GRACE)
-        except TimeoutError:
-            proc.kill()
-            await nginx_exit
-        say("cr-proxy stopped")
-        return 0
+        return stopped.done()
     finally:
         stopped.cancel()
-        if front is not None:
-            await front.close()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        nginx_exit.cancel()
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+async def _start_metrics(
+    stack: contextlib.AsyncExitStack, config: Config, metrics: Metrics
+) -> None:
+    runner = web.AppRunner(metrics_app(metrics), access_log=None, handle_signals=False)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    address = config.listen.metrics
+    await web.TCPSite(runner, address.host, address.port).start()
+
+
+async def _watch_cache_size(store: Store, metrics: Metrics) -> None:
+    """Keep the cache-size gauge current (one stat per stored blob)."""
+    while True:
+        size = await asyncio.get_running_loop().run_in_executor(None, store.blob_bytes)
+        metrics.cache_bytes.set(size)
+        await asyncio.sleep(CACHE_SIZE_INTERVAL)

@@ -131,6 +131,14 @@ class Store:
         content_type = self.read_sidecar("content-type", domain, path) or ""
         return StoredManifest(body, content_type, digest, validated_at)
 
+    def blob_bytes(self) -> int:
+        """Bytes in the digest store (each blob once, whatever its names)."""
+        total = 0
+        for alg in os.scandir(self.root / "blobs"):
+            if alg.is_dir(follow_symlinks=False):
+                total += sum(e.stat().st_size for e in os.scandir(alg.path) if e.is_file())
+        return total
+
     # --- writing -------------------------------------------------------------
 
     def blob_writer(self, digest: str) -> BlobWriter:

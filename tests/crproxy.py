@@ -29,7 +29,7 @@ class CrProxy:
     def __init__(self, workdir: Path, endpoints: dict[str, str], **settings: Any) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.https_port = free_ports(2)
+        self.http_port, self.https_port, self.metrics_port = free_ports(3)
         self.config: dict[str, Any] = {
             "cache_dir": str(self.dir / "cache"),
             "certs_dir": str(self.dir / "certs"),
@@ -38,6 +38,7 @@ class CrProxy:
                 "proxy": 0,
                 "mirror_http": f"127.0.0.1:{self.http_port}",
                 "mirror_https": f"127.0.0.1:{self.https_port}",
+                "metrics": f"127.0.0.1:{self.metrics_port}",
             },
             "endpoints": dict(endpoints),
             "timeouts": {"connect": 2, "read": 10, "down_host": 5},

@@ -1,0 +1,117 @@
+"""Counters and gauges (prometheus_client), and the small HTTP app that
+shows them: `/metrics` for Prometheus and `/` a read-only status page, on
+`listen.metrics` (loopback by default: only local clients reach it).
+
+Who feeds what: the fetcher counts misses, revalidations, stale answers,
+bytes fetched, upstream errors and coalesced requests; hits are served by
+nginx, which the fetcher never sees, so they come from nginx's access log
+through the usage feed (usage.py); cache size and evictions from the
+evictor.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """One registry per instance, so tests can run several side by side."""
+
+    __slots__ = (
+        "bytes_fetched", "bytes_served", "cache_bytes", "coalesced", "dummy_tokens",
+        "evictions", "hits", "misses", "registry", "requests", "revalidations",
+        "stale_served", "upstream_errors",
+    )
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.hits = Counter(
+            "crproxy_hits", "Requests answered from the cache", ["kind"], registry=r
+        )
+        self.misses = Counter("crproxy_misses", "Requests fetched upstream", ["kind"], registry=r)
+        self.revalidations = Counter(
+            "crproxy_revalidations", "Stale tags checked upstream", ["result"], registry=r
+        )
+        self.stale_served = Counter(
+            "crproxy_stale_served", "Stale tags served because the upstream failed", registry=r
+        )
+        self.bytes_served = Counter(
+            "crproxy_bytes_served_from_cache", "Body bytes of cache hits", registry=r
+        )
+        self.bytes_fetched = Counter(
+            "crproxy_bytes_fetched_upstream", "Body bytes downloaded from upstreams", registry=r
+        )
+        self.upstream_errors = Counter(
+            "crproxy_upstream_errors", "Upstream failures", ["registry", "code"], registry=r
+        )
+        self.coalesced = Counter(
+            "crproxy_coalesced", "Misses that joined a download already running", registry=r
+        )
+        self.dummy_tokens = Counter(
+            "crproxy_dummy_tokens", "Token requests answered offline", registry=r
+        )
+        self.requests = Counter(
+            "crproxy_requests", "Requests seen by nginx", ["type", "status"], registry=r
+        )
+        self.evictions = Counter("crproxy_evictions", "Images evicted for space", registry=r)
+        self.cache_bytes = Gauge("crproxy_cache_bytes", "Bytes in the digest store", registry=r)
+
+    def __repr__(self) -> str:
+        return f"<Metrics hits={self.total(self.hits):.0f} misses={self.total(self.misses):.0f}>"
+
+    @staticmethod
+    def total(metric: Counter) -> float:
+        return sum(
+            sample.value
+            for family in metric.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+StatusExtra = Callable[[], list[tuple[str, str]]]
+
+
+def make_app(metrics: Metrics, extra: StatusExtra | None = None) -> web.Application:
+    async def prometheus(_: web.Request) -> web.Response:
+        response = web.Response(body=metrics.exposition())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def status(_: web.Request) -> web.Response:
+        hits, misses = metrics.total(metrics.hits), metrics.total(metrics.misses)
+        ratio = f"{hits / (hits + misses):.1%}" if hits + misses else "n/a"
+        rows = [
+            ("hit ratio", ratio),
+            ("hits", f"{hits:.0f}"),
+            ("misses", f"{misses:.0f}"),
+            ("bytes served from cache", f"{metrics.total(metrics.bytes_served):.0f}"),
+            ("bytes fetched upstream", f"{metrics.total(metrics.bytes_fetched):.0f}"),
+            ("coalesced requests", f"{metrics.total(metrics.coalesced):.0f}"),
+            ("cache size (bytes)", f"{metrics.cache_bytes._value.get():.0f}"),
+            ("evictions", f"{metrics.total(metrics.evictions):.0f}"),
+            *(extra() if extra else []),
+        ]
+        body = "".join(
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows
+        )
+        page = (
+            "<!doctype html><meta charset=utf-8><title>cr-proxy</title>"
+            "<style>body{font-family:sans-serif}th{text-align:left;padding-right:2em}</style>"
+            f"<h1>cr-proxy</h1><table>{body}</table><p><a href=/metrics>metrics</a></p>"
+        )
+        return web.Response(text=page, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/metrics", prometheus)
+    app.router.add_get("/", status)
+    return app

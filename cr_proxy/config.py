@@ -91,6 +91,12 @@ class ProxyPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Refresh:
+    interval: float
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class NginxSettings:
     binary: str
     user: str
@@ -106,6 +112,7 @@ class Config:
     mirror_names: tuple[str, ...]
     timeouts: Timeouts
     tag_ttl: float
+    refresh: Refresh
     default_registry: str
     registry_hosts: Mapping[str, str]
     endpoints: Mapping[str, str]
@@ -227,6 +234,10 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             down_host=_seconds(timeouts, "timeouts.down_host", allow_zero=True),
         ),
         tag_ttl=_seconds(data, "tag_ttl", allow_zero=True),
+        refresh=Refresh(
+            interval=_seconds(_mapping(data, "refresh"), "refresh.interval", allow_zero=True),
+            tags=tuple(_str_list(_mapping(data, "refresh"), "refresh.tags")),
+        ),
         default_registry=_host(data.get("default_registry"), "default_registry"),
         registry_hosts={
             _host(k, "registry_hosts"): _host(v, f"registry_hosts.{k}")

@@ -306,6 +306,28 @@ class Fetcher:
         self.metrics.revalidations.labels(result=changed).inc()
         return self._manifest_response(fresh, "REVALIDATED")
 
+    async def revalidate_tag(self, domain: str, name: str, tag: str) -> bool:
+        """Background refresh of one cached tag; True if it moved upstream."""
+        rpath = RegistryPath(Kind.MANIFEST, name, tag)
+        target = Target(self._registry_of(domain), domain, rpath)
+        stored = await in_thread(self.store.read_manifest, domain, rpath.path)
+        if stored is None:
+            return False
+        fresh = await self.shared.run(
+            ("revalidate", domain, rpath.path), lambda: self._revalidate(target, stored, None)
+        )
+        self.metrics.revalidations.labels(
+            result="same" if fresh.digest == stored.digest else "changed"
+        ).inc()
+        return fresh.digest != stored.digest
+
+    def _registry_of(self, domain: str) -> str:
+        """The registry name a cache domain serves (for its credentials)."""
+        for name, host in self.config.registry_hosts.items():
+            if host == domain:
+                return name
+        return domain
+
     async def _revalidate(
         self, target: Target, stored: StoredManifest, auth: str | None
     ) -> StoredManifest:

@@ -28,6 +28,7 @@ from .fetcher import make_app
 from .front import Front
 from .metrics import Metrics
 from .metrics import make_app as metrics_app
+from .refresh import refresh_loop
 from .store import Store
 
 log = logging.getLogger("cr_proxy.serve")
@@ -133,6 +134,9 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             await front.start()
             stack.push_async_callback(front.close)
         tasks = [asyncio.create_task(_watch_cache_size(store, metrics))]
+        if config.refresh.interval > 0:
+            fetcher = runner.app["fetcher"]
+            tasks.append(asyncio.create_task(refresh_loop(fetcher)))
         stack.callback(lambda: [t.cancel() for t in tasks])
 
         for line in client_hints(config):

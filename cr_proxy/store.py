@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .errors import DigestMismatch, Truncated
 from .layout import SIDECARS, Tree
-from .reference import check_digest, hasher
+from .reference import check_digest, hasher, is_digest
 
 TOP_DIRS = ("content", "blobs", "temp", *SIDECARS)
 
@@ -139,6 +139,19 @@ class Store:
                 total += sum(e.stat().st_size for e in os.scandir(alg.path) if e.is_file())
         return total
 
+    def cached_tags(self) -> list[tuple[str, str, str]]:
+        """(domain, repository, tag) of every tag manifest in content/."""
+        found = []
+        content = self.root / "content"
+        for domain in os.scandir(content):
+            v2 = Path(domain.path) / "v2"
+            for dirpath, _, filenames in os.walk(v2):
+                if os.path.basename(dirpath) != "manifests":
+                    continue
+                name = os.path.relpath(os.path.dirname(dirpath), v2)
+                found += [(domain.name, name, f) for f in filenames if not is_digest(f)]
+        return sorted(found)
+
     # --- writing -------------------------------------------------------------
 
     def blob_writer(self, digest: str) -> BlobWriter:
@@ -207,6 +220,65 @@ class Store:
                 tmp.unlink()
             raise
 
+    # --- removing (inventory.py: rm, verify) -----------------------------------
+    # Only unlinks and renames, so nginx and the fetcher see a name whole or
+    # not at all. Directories stay: the fetcher makes a parent and then
+    # renames into it, and an rmdir between the two would fail its commit.
+    # An `inode` argument is the one the caller saw: a name made again since
+    # (a new download of that path) is left alone.
+
+    def unlink_content(self, domain: str, path: str, inode: int | None = None) -> bool:
+        """Remove the payload content/<domain>/<path>; True if it was there."""
+        return unlink_if(self.tree.content(domain, path), inode)
+
+    def remove_sidecar(self, kind: str, domain: str, path: str) -> bool:
+        return unlink_if(self.tree.sidecar(kind, domain, path))
+
+    def remove_sidecars(self, domain: str, path: str) -> int:
+        """Remove the sidecars of a path whose payload is gone (call after
+        unlink_content: the reverse of the commit order). A payload back in
+        place means a concurrent commit has just rewritten them: they stay."""
+        if self.tree.content(domain, path).exists():
+            return 0
+        return sum(self.remove_sidecar(kind, domain, path) for kind in SIDECARS)
+
+    def remove_blob(self, digest: str, inode: int | None = None) -> bool:
+        """Remove blobs/<alg>/<hex>; call once no content/ name needs it."""
+        return unlink_if(self.tree.blob(digest), inode)
+
+    def quarantine(self, digest: str, inode: int | None = None) -> Path | None:
+        """Move blobs/<alg>/<hex> to quarantine/<alg>-<hex>: the fetcher no
+        longer finds (and links) it, and it is kept for a post-mortem. None
+        if it was gone, or is another file than `inode` by now."""
+        source = self.tree.blob(digest)
+        if inode is not None and not same_inode(source, inode):
+            return None
+        target = self.root / "quarantine" / digest.replace(":", "-")
+        target.parent.mkdir(exist_ok=True)
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:
+            return None
+        return target
+
 
 def now() -> float:
     return time.time()
+
+
+def same_inode(path: Path, inode: int) -> bool:
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino == inode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def unlink_if(path: Path, inode: int | None = None) -> bool:
+    """Unlink a file (only if it is still `inode`, when given)."""
+    if inode is not None and not same_inode(path, inode):
+        return False
+    try:
+        path.unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True

@@ -52,6 +52,7 @@ class CrProxy:
         self.config_path = self.dir / "cr-proxy.yml"
         self.proc: subprocess.Popen[str] | None = None
         self.output: list[str] = []
+        self._output_changed = threading.Condition()
         self._reader: threading.Thread | None = None
 
     # --- where things are ------------------------------------------------------
@@ -98,7 +99,9 @@ class CrProxy:
         def read() -> None:
             assert self.proc is not None and self.proc.stdout is not None
             for line in self.proc.stdout:
-                self.output.append(line.rstrip())
+                with self._output_changed:
+                    self.output.append(line.rstrip())
+                    self._output_changed.notify_all()
                 if "cr-proxy ready" in line:
                     ready.set()
             ready.set()  # EOF: the process died; start() reports it
@@ -135,6 +138,17 @@ class CrProxy:
 
     def log_text(self) -> str:
         return "\n".join(self.output)
+
+    def wait_for_output(self, needle: str, timeout: float) -> str:
+        """Block until serve prints a line containing `needle` (woken by the
+        reader thread, no polling); returns it, or raises after `timeout`."""
+        with self._output_changed:
+            found = self._output_changed.wait_for(
+                lambda: next((line for line in self.output if needle in line), None), timeout
+            )
+        if not found:
+            raise AssertionError(f"serve never printed {needle!r}:\n{self.log_text()[-2000:]}")
+        return found
 
 
 def clean_env() -> dict[str, str]:

@@ -129,3 +129,55 @@ def _empty_registries_conf(workdir: Path) -> Path:
 
 def available(tool: str) -> bool:
     return shutil.which(tool) is not None or os.path.exists(f"/usr/sbin/{tool}")
+
+
+class Containerd:
+    """A private containerd (CRI off) and `ctr` against it."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.short = Path(tempfile.mkdtemp(prefix="crct-"))  # socket paths stay short
+        self.address = self.short / "containerd.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "containerd.log"
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = self.dir / "config.toml"
+        config.write_text('version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n')
+        args = ["containerd", "--config", str(config), "--root", str(self.dir / "root"),
+                "--state", str(self.short / "state"), "--address", str(self.address)]
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(args, env=clean_env(), stdout=log,
+                                         stderr=subprocess.STDOUT)
+        wait = ["timeout", str(int(READY_TIMEOUT)), "sh", "-c",
+                f"until ctr --address {self.address} version >/dev/null 2>&1; do "
+                f"[ -e /proc/{self.proc.pid} ] || exit 1; sleep 0.1; done"]
+        if subprocess.run(wait, capture_output=True, env=clean_env()).returncode != 0:
+            self.stop()
+            raise RuntimeError(f"containerd did not start:\n{self.log.read_text()[-3000:]}")
+
+    def ctr(self, *args: str, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ctr", "--address", str(self.address), *args],
+                              capture_output=True, text=True, timeout=300,
+                              env=env or clean_env())
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        unmount_below(self.dir)
+        unmount_below(self.short)
+        shutil.rmtree(self.short, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -9,8 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
-from tests.clients import Dockerd, available, podman
-from tests.conftest import Images
+from tests.clients import Containerd, Dockerd, available, podman
+from tests.conftest import Images, proxy_endpoints
 from tests.crproxy import CrProxy
 from tests.test_e2e_proxy import ca_dir, https_proxy  # noqa: F401 - the fixture
 from tests.upstream import Upstream
@@ -86,3 +86,48 @@ def test_podman_pulls_through_proxy_then_offline(
         shutil.rmtree(os.readlink(work / "runroot"), ignore_errors=True)
 
 
+
+
+def test_containerd_mirror_via_hosts_toml_uses_ns_and_works_offline(
+    images: Images, upstream: Upstream, tmp_path: Path
+) -> None:
+    """containerd's hosts.toml mirror adds ?ns=docker.io to each request;
+    cr-proxy maps it to registry-1.docker.io (an endpoint override here)."""
+    assert available("containerd"), "containerd is missing: make test installs docker.io"
+    with CrProxy(tmp_path / "crproxy", proxy_endpoints(upstream)) as proxy:
+        containerd_round_trip(proxy, images, upstream, tmp_path)
+
+
+def containerd_round_trip(
+    proxy: CrProxy, images: Images, upstream: Upstream, tmp_path: Path
+) -> None:
+    hosts = tmp_path / "certs.d/docker.io"
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(
+        'server = "https://registry-1.docker.io"\n'
+        f'[host."http://{proxy.http}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    image = "docker.io/library/small:v1"
+    with Containerd(tmp_path / "containerd") as daemon:
+        pull = ["images", "pull", "--hosts-dir", str(tmp_path / "certs.d"), image]
+        result = daemon.ctr(*pull)
+        assert result.returncode == 0, result.stderr
+        listed = daemon.ctr("images", "ls", "-q").stdout.split()
+        assert image in listed
+        check = daemon.ctr("images", "check")
+        assert images.small.manifest_digest in check.stdout
+        assert "complete" in check.stdout
+        assert daemon.ctr("images", "rm", image).returncode == 0
+        assert daemon.ctr("content", "prune", "references").returncode == 0
+
+        stop_upstream(upstream)
+        try:
+            # Stale the tag so the fetcher, not nginx, answers it.
+            for digest_file in (proxy.cache / "docker-content-digest").rglob("*"):
+                if digest_file.is_file():
+                    os.utime(digest_file, (1, 1))
+            result = daemon.ctr(*pull)
+            assert result.returncode == 0, result.stderr
+        finally:
+            start_upstream(upstream)
+    assert (proxy.cache / "content/registry-1.docker.io/v2/library/small/manifests/v1").is_file()

@@ -54,11 +54,84 @@ def cmd_ca(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     return ExitStatus.OK
 
 
+def cmd_warm(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
+    """Preload images into the cache through a fetcher (serve's, or our own)."""
+    from .warm import run
+
+    return ExitStatus(run(conf, args.images, args.from_file, args.platform or (),
+                          args.jobs, args.json))
+
+
+def _warm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image references (Docker's rules)")
+    p.add_argument("--from-file", type=Path, metavar="FILE",
+                   help="more images, one a line ('#' comments; '-' for stdin)")
+    p.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
+                   help="only this platform of an index (repeatable; default: all)")
+    p.add_argument("--jobs", type=int, default=4, help="requests in flight (default 4)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def cmd_ls(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
+    """List cached images: digest, platforms, size, last use."""
+    from . import inventory
+
+    images = inventory.Inventory.from_config(conf).images()
+    doc, text = inventory.images_document(images), inventory.images_table(images)
+    print(inventory.output(doc, text, args.json))
+    return ExitStatus.OK
+
+
+def cmd_du(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
+    """Disk use per registry domain and in total, each blob counted once."""
+    from . import inventory
+
+    usage = inventory.Inventory.from_config(conf).usage()
+    doc, text = inventory.usage_document(usage), inventory.usage_table(usage)
+    print(inventory.output(doc, text, args.json))
+    return ExitStatus.OK
+
+
+def cmd_rm(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
+    """Remove images, then every blob that no remaining image uses."""
+    from . import inventory
+
+    inv = inventory.Inventory.from_config(conf)
+    # Every reference is resolved before anything is removed: a typo removes nothing.
+    found = [image for text in args.images for image in inv.find(text)]
+    removed = inv.remove(*found)
+    doc, text = inventory.removed_document(removed), inventory.removed_text(removed)
+    print(inventory.output(doc, text, args.json))
+    return ExitStatus.OK
+
+
+def cmd_verify(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
+    """Re-hash every blob; quarantine those that fail (exit status 1)."""
+    from . import inventory
+
+    result = inventory.Inventory.from_config(conf).verification()
+    doc, text = inventory.verification_document(result), inventory.verification_text(result)
+    print(inventory.output(doc, text, args.json))
+    return ExitStatus.ERROR if result.failures else ExitStatus.OK
+
+
+def _inventory_arguments(name: str, p: argparse.ArgumentParser) -> None:
+    if name == "rm":
+        p.add_argument("images", nargs="+", metavar="IMAGE",
+                       help="image references (Docker's rules): name:tag or name@digest")
+    p.add_argument("--json", action="store_true", help="print JSON (keys in inventory.py)")
+
+
 Command = Callable[[config_mod.Config, argparse.Namespace], ExitStatus]
 COMMANDS: dict[str, tuple[Command, str]] = {
     "serve": (cmd_serve, "run the mirror: nginx + fetcher, until SIGTERM/SIGINT"),
     "config": (cmd_config, "print the effective configuration (secrets masked)"),
     "ca": (cmd_ca, "print the CA certificate that clients must trust"),
+    "warm": (cmd_warm, "preload images into the cache (IMAGE... or --from-file)"),
+    "ls": (cmd_ls, "list cached images: digest, platforms, size, last use"),
+    "du": (cmd_du, "disk use per registry and in total, shared blobs once"),
+    "rm": (cmd_rm, "remove images and the blobs no other cached image uses"),
+    "verify": (cmd_verify, "re-hash every blob; quarantine corrupt ones"),
 }
 
 
@@ -71,6 +144,10 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, help="YAML file merged over the defaults")
         if name == "config":
             p.add_argument("--check", action="store_true", help="also render and nginx -t")
+        if name == "warm":
+            _warm_arguments(p)
+        if name in ("ls", "du", "rm", "verify"):
+            _inventory_arguments(name, p)
     return top
 
 

@@ -164,6 +164,9 @@ class Fetcher:
             self.metrics.hits.labels(kind="blob-fetch").inc()
             return self._file_response(self.store.tree.blob(digest), digest)
         if request.method == "HEAD":
+            if request.headers.get("X-CR-Cache-Only") == "1":
+                # warm asks "is it here?" without costing an upstream request.
+                raise NotFound("BLOB_UNKNOWN", f"blob {digest} is not cached")
             return await self._blob_head(request, target)
         self.metrics.misses.labels(kind="blob").inc()
         joined_before = self.flights.coalesced
@@ -506,15 +509,19 @@ def _manifest_type(body: bytes, header: str) -> str:
     return header or "application/vnd.oci.image.manifest.v1+json"
 
 
-def make_app(config: Config, metrics: Metrics | None = None) -> web.Application:
-    """The fetcher's aiohttp application: one catch-all route."""
+def make_app(
+    config: Config, metrics: Metrics | None = None, clean_temp: bool = True
+) -> web.Application:
+    """The fetcher's aiohttp application: one catch-all route. Only serve
+    cleans temp/ at start: a warm beside another warm must not delete the
+    other's downloads in progress."""
     store = Store(config.cache_dir)
     # Request bodies (relayed pushes) are streamed from request.content, so
     # aiohttp's client_max_size, which bounds only read(), does not apply.
     app = web.Application()
 
     async def lifecycle(app: web.Application):
-        await in_thread(store.prepare)
+        await in_thread(store.prepare, clean_temp)
         session = Upstream.make_session(config)
         fetcher = Fetcher(config, store, Upstream(config, session), metrics)
         app["fetcher"] = fetcher

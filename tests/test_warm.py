@@ -1,0 +1,338 @@
+"""cr-proxy warm: the pure parts (list file, platform choice, summary), and
+the client against a fake fetcher on a unix socket (cut connections, wrong
+bytes, registry errors, HITs, one fetch per shared digest)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from cr_proxy import config as config_mod
+from cr_proxy.errors import BadRequest, CrProxyError
+from cr_proxy.reference import Reference
+from cr_proxy.warm import (
+    ImageResult,
+    Platform,
+    Summary,
+    collect_images,
+    human_bytes,
+    image_blobs,
+    mirror_path,
+    read_image_list,
+    registry_error,
+    select_manifests,
+    warm,
+)
+
+# --- the list file -------------------------------------------------------------------
+
+
+def test_list_file_ignores_comments_and_blank_lines() -> None:
+    text = """# images for the lab
+alpine
+
+  registry.test/small:v1   # pinned for CI
+\t
+# ghcr.io/org/app:1.0
+ghcr.io/org/app@sha256:""" + "a" * 64 + "\n"
+    assert read_image_list(text) == [
+        "alpine", "registry.test/small:v1", "ghcr.io/org/app@sha256:" + "a" * 64,
+    ]
+
+
+def test_images_from_arguments_and_file_are_deduplicated_in_order(tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text("b\n# c\na\nd\n")
+    assert collect_images(["a", "b"], listing) == ["a", "b", "d"]
+    assert collect_images(["a"], None) == ["a"]
+
+
+def test_unreadable_list_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(CrProxyError, match=r"missing\.txt"):
+        collect_images([], tmp_path / "missing.txt")
+
+
+# --- platforms -------------------------------------------------------------------------
+
+DIGESTS = {name: "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+           for name in ("amd64", "arm64", "armv7", "armv6", "att1", "att2")}
+INDEX = {
+    "mediaType": "application/vnd.oci.image.index.v1+json",
+    "manifests": [
+        {"digest": DIGESTS["amd64"], "platform": {"os": "linux", "architecture": "amd64"}},
+        {"digest": DIGESTS["arm64"],
+         "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+        {"digest": DIGESTS["armv7"],
+         "platform": {"os": "linux", "architecture": "arm", "variant": "v7"}},
+        {"digest": DIGESTS["armv6"],
+         "platform": {"os": "linux", "architecture": "arm", "variant": "v6"}},
+        {"digest": DIGESTS["att1"], "platform": {"os": "unknown", "architecture": "unknown"}},
+        {"digest": DIGESTS["att2"],
+         "annotations": {"vnd.docker.reference.type": "attestation-manifest"}},
+        {"platform": {"os": "linux", "architecture": "amd64"}},  # no digest: unusable
+    ],
+}
+
+
+def chosen(*platforms: str) -> list[str]:
+    picked = select_manifests(INDEX, [Platform.parse(p) for p in platforms])
+    return [name for name, digest in DIGESTS.items() if digest in {e["digest"] for e in picked}]
+
+
+def test_every_platform_by_default_but_never_attestations() -> None:
+    assert chosen() == ["amd64", "arm64", "armv7", "armv6"]
+
+
+def test_platform_matches_os_and_architecture_and_variant_if_given() -> None:
+    assert chosen("linux/amd64") == ["amd64"]
+    assert chosen("linux/arm64") == ["arm64"]  # any variant when none is asked for
+    assert chosen("linux/arm") == ["armv7", "armv6"]
+    assert chosen("linux/arm/v7") == ["armv7"]
+    assert chosen("linux/arm/v7", "linux/amd64") == ["amd64", "armv7"]
+    assert chosen("windows/amd64") == []
+    assert chosen("unknown/unknown") == []  # attestations stay out even when asked for
+
+
+@pytest.mark.parametrize("text", ["linux", "linux/", "/amd64", "a/b/c/d", ""])
+def test_bad_platform_is_refused(text: str) -> None:
+    with pytest.raises(BadRequest, match="os/arch"):
+        Platform.parse(text)
+
+
+def test_image_blobs_are_config_and_layers_but_not_foreign_layers() -> None:
+    manifest = {
+        "config": {"digest": "sha256:c"},
+        "layers": [{"digest": "sha256:l1"},
+                   {"digest": "sha256:win", "urls": ["https://mcr.microsoft.com/x"]},
+                   {"digest": "sha256:l2"}],
+    }
+    assert [b["digest"] for b in image_blobs(manifest)] == ["sha256:c", "sha256:l1", "sha256:l2"]
+
+
+def test_mirror_path_puts_the_registry_where_layout_finds_it() -> None:
+    hub = Reference("docker.io", "library/alpine", "3")
+    assert mirror_path(hub, "manifests", "3") == "/v2/docker.io/library/alpine/manifests/3"
+    local = Reference("localhost:5000", "app", "v1")
+    assert mirror_path(local, "blobs", "sha256:x") == "/v2/localhost:5000/app/blobs/sha256:x"
+    # A registry named without a dot or colon would read as part of the name.
+    plain = Reference("internal", "team/app", "v1")
+    assert mirror_path(plain, "manifests", "v1") == "/v2/team/app/manifests/v1?ns=internal"
+
+
+def test_registry_error_shows_code_and_message() -> None:
+    body = json.dumps({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no such"}]}).encode()
+    err = registry_error(404, body)
+    assert (err.code, err.message) == ("MANIFEST_UNKNOWN", "no such")
+    err = registry_error(502, b"<html>bad gateway</html>")
+    assert (err.code, err.message) == ("HTTP_502", "the fetcher answered 502")
+
+
+# --- the summary ---------------------------------------------------------------------
+
+
+def test_summary_adds_up_images_blobs_bytes_and_failures() -> None:
+    results = [
+        ImageResult("a", blobs_fetched=3, blobs_cached=1, bytes_fetched=3000),
+        ImageResult("b", blobs_fetched=0, blobs_cached=4, stale=True),
+        ImageResult("c", blobs_fetched=1, bytes_fetched=500, error="MANIFEST_UNKNOWN: gone"),
+    ]
+    summary = Summary.of(results, seconds=2.0)
+    assert (summary.images, summary.images_ok, summary.images_failed) == (3, 2, 1)
+    assert (summary.blobs_fetched, summary.blobs_cached, summary.bytes_fetched) == (4, 5, 3500)
+    assert summary.stale == 1
+    assert summary.rate == 1750.0
+    data = summary.as_dict()
+    assert data["failures"] == [{"image": "c", "error": "MANIFEST_UNKNOWN: gone"}]
+    assert json.loads(json.dumps(data)) == data
+    text = summary.text()
+    assert "3 images (2 ok, 1 failed" in text
+    assert "4 fetched (3.4 KiB), 5 already cached" in text
+
+
+def test_empty_summary_has_no_rate() -> None:
+    summary = Summary.of([])
+    assert (summary.images, summary.rate, summary.failures) == (0, 0.0, [])
+
+
+@pytest.mark.parametrize(("n", "text"), [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"),
+                                         (5 * 1024 ** 3, "5.0 GiB")])
+def test_human_bytes(n: int, text: str) -> None:
+    assert human_bytes(n) == text
+
+
+# --- against a fake fetcher --------------------------------------------------------------
+
+
+def blob(data: bytes) -> tuple[str, bytes]:
+    return "sha256:" + hashlib.sha256(data).hexdigest(), data
+
+
+SHARED, LAYER_A, LAYER_B, CONFIG = (blob(b"shared" * 1000), blob(b"a" * 5000),
+                                    blob(b"b" * 7000), blob(b'{"os":"linux"}'))
+
+
+def manifest_for(*layers: tuple[str, bytes]) -> bytes:
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"digest": CONFIG[0], "size": len(CONFIG[1])},
+        "layers": [{"digest": d, "size": len(b)} for d, b in layers],
+    }).encode()
+
+
+class FakeFetcher:
+    """Answers like the fetcher: X-Cache on manifests and blobs, registry
+    JSON errors, and the misbehaviours we want warm to catch."""
+
+    def __init__(self) -> None:
+        self.manifests: dict[str, bytes] = {}  # path after /v2/ -> body
+        self.blobs = dict([SHARED, LAYER_A, LAYER_B, CONFIG])
+        self.cached: set[str] = set()
+        self.cut: set[str] = set()
+        self.wrong: set[str] = set()
+        self.gets: list[str] = []
+        self.headers: list[dict[str, str]] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/v2/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.headers.append(dict(request.headers))
+        tail = request.match_info["tail"]
+        if "/manifests/" in tail:
+            body = self.manifests.get(tail)
+            if body is None:
+                return web.json_response(
+                    {"errors": [{"code": "MANIFEST_UNKNOWN", "message": f"{tail} not found"}]},
+                    status=404)
+            return web.Response(body=body, headers={
+                "Content-Type": json.loads(body)["mediaType"], "X-Cache": "MISS",
+                "Docker-Content-Digest": "sha256:" + hashlib.sha256(body).hexdigest()})
+        digest = tail.rsplit("/", 1)[1]
+        data = self.blobs[digest]
+        if request.method == "HEAD":
+            cache = {"X-Cache": "HIT"} if digest in self.cached else {}
+            return web.Response(headers={"Content-Length": str(len(data)), **cache})
+        self.gets.append(digest)
+        if digest in self.wrong:
+            data = data[:-1] + b"!"
+        response = web.StreamResponse(headers={"X-Cache": "MISS"})
+        response.content_length = len(data)
+        await response.prepare(request)
+        if digest in self.cut:
+            await response.write(data[: len(data) // 2])
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        await response.write(data)
+        await response.write_eof()
+        self.cached.add(digest)
+        return response
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[tuple[FakeFetcher, config_mod.Config]]:
+    conf = config_mod.load(environ={"CR_PROXY_RUN_DIR": str(tmp_path / "run"),
+                                    "CR_PROXY_CACHE_DIR": str(tmp_path / "cache")})
+    conf.run_dir.mkdir()
+    fetcher = FakeFetcher()
+    fetcher.manifests["registry.test/one/manifests/v1"] = manifest_for(SHARED, LAYER_A)
+    fetcher.manifests["registry.test/two/manifests/v1"] = manifest_for(SHARED, LAYER_B)
+    runner = web.AppRunner(fetcher.app())
+    await runner.setup()
+    # On serve's socket: warm must find it and use it rather than start its own.
+    await web.UnixSite(runner, str(conf.socket_path)).start()
+    try:
+        yield fetcher, conf
+    finally:
+        await runner.cleanup()
+
+
+class Quiet:
+    def __init__(self) -> None:
+        self.fetched: list[str] = []
+
+    def note(self, image: str, text: str) -> None: ...
+    def expect(self, nbytes: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+    def blob_fetched(self, image: str, digest: str, nbytes: int) -> None:
+        self.fetched.append(digest)
+    def image_done(self, result: ImageResult) -> None: ...
+    def close(self) -> None: ...
+
+
+async def test_uses_a_running_fetcher_and_fetches_a_shared_layer_once(fake) -> None:
+    fetcher, conf = fake
+    summary = await warm(conf, ["registry.test/one:v1", "registry.test/two:v1"], jobs=4,
+                         progress=Quiet())
+    assert summary.failures == []
+    assert (summary.fetcher, summary.started_fetcher) == (str(conf.socket_path), False)
+    assert sorted(fetcher.gets) == sorted([SHARED[0], LAYER_A[0], LAYER_B[0], CONFIG[0]])
+    # 4 distinct blobs over 6 (image, blob) pairs: the second image finds 2 cached.
+    assert (summary.blobs_fetched, summary.blobs_cached) == (4, 2)
+    sizes = sum(len(b) for _, b in (SHARED, LAYER_A, LAYER_B, CONFIG))
+    assert summary.bytes_fetched == sizes
+    tag_requests = [h for h in fetcher.headers if h.get("Accept", "").count("+json") == 4]
+    assert len(tag_requests) == 2
+    assert all(h["X-CR-Revalidate"] == "1" and h["X-CR-Mode"] == "mirror" for h in tag_requests)
+
+
+async def test_cached_blobs_are_not_fetched(fake) -> None:
+    fetcher, conf = fake
+    fetcher.cached |= {SHARED[0], LAYER_A[0], CONFIG[0]}
+    summary = await warm(conf, ["registry.test/one:v1"], progress=Quiet())
+    assert (summary.blobs_fetched, summary.blobs_cached, summary.bytes_fetched) == (0, 3, 0)
+    assert fetcher.gets == []
+
+
+@pytest.mark.parametrize(("damage", "code"), [("cut", "TRUNCATED"), ("wrong", "DIGEST_INVALID")])
+async def test_a_bad_blob_fails_its_image_only(fake, damage: str, code: str) -> None:
+    fetcher, conf = fake
+    getattr(fetcher, damage).add(LAYER_A[0])
+    summary = await warm(conf, ["registry.test/one:v1", "registry.test/two:v1"],
+                         progress=Quiet())
+    assert [image for image, _ in summary.failures] == ["registry.test/one:v1"]
+    error = summary.failures[0][1]
+    assert error.startswith(f"{code}: blob {LAYER_A[0]}")
+    # Everything else still got fetched.
+    assert {SHARED[0], LAYER_B[0], CONFIG[0]} <= set(fetcher.gets)
+
+
+async def test_registry_error_names_the_image(fake) -> None:
+    _, conf = fake
+    summary = await warm(conf, ["registry.test/nope:v1", "registry.test/one:v1", "UPPER/case"],
+                         progress=Quiet())
+    failures = dict(summary.failures)
+    assert failures["registry.test/nope:v1"].startswith("MANIFEST_UNKNOWN: ")
+    assert failures["UPPER/case"].startswith("NAME_INVALID: ")
+    assert summary.images_ok == 1
+
+
+async def test_index_platform_choice_and_digest_check(fake) -> None:
+    fetcher, conf = fake
+    one = manifest_for(LAYER_A)
+    two = manifest_for(LAYER_B)
+    ids = {"sha256:" + hashlib.sha256(m).hexdigest(): m for m in (one, two)}
+    for digest, body in ids.items():
+        fetcher.manifests[f"registry.test/multi/manifests/{digest}"] = body
+    (d_one, _), (d_two, _) = ids.items()
+    fetcher.manifests["registry.test/multi/manifests/latest"] = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"digest": d_one, "platform": {"os": "linux", "architecture": "amd64"}},
+            {"digest": d_two, "platform": {"os": "linux", "architecture": "arm64"}},
+        ]}).encode()
+    summary = await warm(conf, ["registry.test/multi"], [Platform.parse("linux/arm64")],
+                         progress=Quiet())
+    assert summary.failures == []
+    assert sorted(fetcher.gets) == sorted([LAYER_B[0], CONFIG[0]])
+    # A manifest body that is not what its digest says fails the image.
+    fetcher.manifests[f"registry.test/multi/manifests/{d_one}"] = two
+    summary = await warm(conf, ["registry.test/multi"], progress=Quiet())
+    assert summary.failures[0][1].startswith("DIGEST_INVALID: manifest is ")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable
 from enum import IntEnum
@@ -172,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         return ExitStatus.ERROR
     except KeyboardInterrupt:
         return ExitStatus.ERROR
+    except BrokenPipeError:
+        # `cr-proxy ls | head`: the reader left. Point stdout at /dev/null so
+        # the flush at exit does not raise again (Python's documented recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitStatus.OK
 
 
 if __name__ == "__main__":

@@ -158,11 +158,10 @@ class Fetcher:
 
     async def _blob(self, request: web.Request, target: Target) -> web.StreamResponse:
         digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
-        if await in_thread(self.store.has_blob, digest):
+        if await in_thread(self.store.link_if_stored, digest, domain, path):
             # Pulled before through another repository or registry: one copy.
-            await in_thread(self.store.link, digest, domain, path)
             self.metrics.hits.labels(kind="blob-fetch").inc()
-            return self._file_response(self.store.tree.blob(digest), digest)
+            return self._file_response(self.store.tree.content(domain, path), digest)
         if request.method == "HEAD":
             if request.headers.get("X-CR-Cache-Only") == "1":
                 # warm asks "is it here?" without costing an upstream request.
@@ -347,7 +346,10 @@ class Fetcher:
                            "no longer exists upstream")
         upstream_digest = response.headers.get("Docker-Content-Digest")
         if response.status == 200 and upstream_digest == stored.digest:
-            await in_thread(self.store.touch_validated, target.domain, target.rpath.path)
+            try:
+                await in_thread(self.store.touch_validated, target.domain, target.rpath.path)
+            except FileNotFoundError:  # removed meanwhile (rm, eviction): store it again
+                return await self._fetch_manifest(target, auth)
             return StoredManifest(stored.body, stored.content_type, stored.digest, time.time())
         return await self._fetch_manifest(target, auth)
 

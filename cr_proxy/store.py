@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .errors import DigestMismatch, Truncated
 from .layout import SIDECARS, Tree
-from .reference import check_digest, hasher, is_digest
+from .reference import check_digest, digest_of, hasher, is_digest
 
 TOP_DIRS = ("content", "blobs", "temp", *SIDECARS)
 
@@ -125,9 +125,13 @@ class Store:
         try:
             body = self.tree.content(domain, path).read_bytes()
             validated_at = digest_file.stat().st_mtime
-            digest = digest_file.read_text().strip()
+            recorded = digest_file.read_text().strip()
         except (FileNotFoundError, NotADirectoryError):
             return None
+        # The digest of the body we read, not the sidecar's: a tag updated
+        # between the two reads must not pair one body with another digest.
+        algorithm = recorded.split(":", 1)[0] if is_digest(recorded) else "sha256"
+        digest = digest_of(body, algorithm)
         content_type = self.read_sidecar("content-type", domain, path) or ""
         return StoredManifest(body, content_type, digest, validated_at)
 
@@ -178,6 +182,15 @@ class Store:
         writer = self.blob_writer(digest)
         writer.write(data)
         return self.commit(writer, len(data))
+
+    def link_if_stored(self, digest: str, domain: str, path: str) -> bool:
+        """link() when the digest store has the blob; False when it has not
+        (or an eviction removed it a moment ago)."""
+        try:
+            self.link(digest, domain, path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def link(self, digest: str, domain: str, path: str) -> None:
         """Point content/<domain>/<path> at the stored digest (atomically)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -91,6 +92,14 @@ class ProxyPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheLimit:
+    max_size: int  # bytes; 0 = no limit
+    low_water: float
+    min_age: float
+    check_interval: float
+
+
+@dataclass(frozen=True, slots=True)
 class Refresh:
     interval: float
     tags: tuple[str, ...]
@@ -112,6 +121,7 @@ class Config:
     mirror_names: tuple[str, ...]
     timeouts: Timeouts
     tag_ttl: float
+    cache: CacheLimit
     refresh: Refresh
     default_registry: str
     registry_hosts: Mapping[str, str]
@@ -234,6 +244,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             down_host=_seconds(timeouts, "timeouts.down_host", allow_zero=True),
         ),
         tag_ttl=_seconds(data, "tag_ttl", allow_zero=True),
+        cache=_cache_limit(_mapping(data, "cache")),
         refresh=Refresh(
             interval=_seconds(_mapping(data, "refresh"), "refresh.interval", allow_zero=True),
             tags=tuple(_str_list(_mapping(data, "refresh"), "refresh.tags")),
@@ -334,6 +345,37 @@ def _url(value: Any, key: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(message=f"{key}: {value!r} is not an http(s) URL")
     return value.rstrip("/")
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+              "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+              "gib": 2**30, "tib": 2**40}
+SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(value: Any, key: str) -> int:
+    """Bytes from 123, "50GiB", "1.5 TB"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = SIZE_RE.fullmatch(str(value))
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise ConfigError(message=f"{key}: {value!r} is not a size (e.g. 50GiB)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def _cache_limit(data: Mapping[str, Any]) -> CacheLimit:
+    low_water = data.get("low_water")
+    if isinstance(low_water, bool) or not isinstance(low_water, int | float) or not (
+        0 < low_water <= 1
+    ):
+        raise ConfigError(message=f"cache.low_water: expected a fraction in (0, 1], "
+                                  f"got {low_water!r}")
+    return CacheLimit(
+        max_size=parse_size(data.get("max_size", 0), "cache.max_size"),
+        low_water=float(low_water),
+        min_age=_seconds(data, "cache.min_age", allow_zero=True),
+        check_interval=_seconds(data, "cache.check_interval"),
+    )
 
 
 def _network(value: str, key: str) -> IPNetwork:

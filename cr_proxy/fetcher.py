@@ -86,7 +86,7 @@ class Shared:
 
 
 class Fetcher:
-    __slots__ = ("config", "flights", "metrics", "shared", "store", "upstream")
+    __slots__ = ("config", "flights", "metrics", "on_full", "shared", "store", "upstream")
 
     def __init__(
         self, config: Config, store: Store, upstream: Upstream, metrics: Metrics | None = None
@@ -97,6 +97,9 @@ class Fetcher:
         self.metrics = metrics or Metrics()
         self.flights = Flights()
         self.shared = Shared()
+        # Called after a commit takes the cache past cache.max_size (serve
+        # wakes the evictor with it).
+        self.on_full: Callable[[], None] | None = None
         upstream.on_challenge = self._store_challenge
 
     def __repr__(self) -> str:
@@ -255,8 +258,14 @@ class Fetcher:
             upstream.release()
         self.metrics.bytes_fetched.inc(writer.size)
         # Between serve's periodic recounts, the gauge follows each commit.
-        self.metrics.cache_bytes.inc(writer.size)
+        self._grew(writer.size)
         await flight.finish(committed, None)
+
+    def _grew(self, size: int) -> None:
+        self.metrics.cache_bytes.inc(size)
+        limit = self.config.cache.max_size
+        if limit and self.on_full and self.metrics.cache_bytes._value.get() > limit:
+            self.on_full()
 
     def _commit_blob(self, writer, size: int | None, target: Target, hops: list[Hop]) -> Path:
         """Verify and store, then make every name that leads to it; the
@@ -388,7 +397,7 @@ class Fetcher:
             raise DigestMismatch(message=f"{domain} claimed {claimed}, body is {digest}")
         now = time.time()
         await in_thread(self._commit_manifest, target, body, digest, content_type, now)
-        self.metrics.cache_bytes.inc(len(body))
+        self._grew(len(body))
         return StoredManifest(body, content_type, digest, now)
 
     def _commit_manifest(

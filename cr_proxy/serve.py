@@ -24,6 +24,7 @@ from aiohttp import web
 
 from . import certs, nginx, usage
 from .config import Config
+from .evict import evict_loop
 from .fetcher import make_app
 from .front import Front
 from .metrics import Metrics
@@ -109,8 +110,10 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
     async with contextlib.AsyncExitStack() as stack:
         stop = _catch_signals(stack)
         # Everything nginx talks to is up before nginx starts.
-        transport, _feed = await usage.start(config.run_dir / "usage.sock", metrics)
+        transport, feed = await usage.start(config.run_dir / "usage.sock", metrics)
         stack.callback(transport.close)
+        feed.last_used.update(store.load_uses())
+        stack.callback(lambda: store.save_uses(feed.last_used))
         runner = web.AppRunner(make_app(config, metrics), access_log=None, handle_signals=False)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -133,10 +136,15 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             front = Front(config, leaves)
             await front.start()
             stack.push_async_callback(front.close)
-        tasks = [asyncio.create_task(_watch_cache_size(store, metrics))]
+        fetcher = runner.app["fetcher"]
+        tasks = [asyncio.create_task(_watch_cache_size(store, metrics, feed))]
         if config.refresh.interval > 0:
-            fetcher = runner.app["fetcher"]
             tasks.append(asyncio.create_task(refresh_loop(fetcher)))
+        if config.cache.max_size:
+            wake = asyncio.Event()
+            fetcher.on_full = wake.set
+            tasks.append(asyncio.create_task(
+                evict_loop(config, store, feed.last_used, metrics, wake)))
         stack.callback(lambda: [t.cancel() for t in tasks])
 
         for line in client_hints(config):
@@ -192,9 +200,11 @@ async def _start_metrics(
     await web.TCPSite(runner, address.host, address.port).start()
 
 
-async def _watch_cache_size(store: Store, metrics: Metrics) -> None:
-    """Keep the cache-size gauge current (one stat per stored blob)."""
+async def _watch_cache_size(store: Store, metrics: Metrics, feed: usage.UsageFeed) -> None:
+    """Keep the cache-size gauge current (one stat per stored blob), and save
+    the last-use times so a restart keeps the LRU order."""
+    loop = asyncio.get_running_loop()
     while True:
-        size = await asyncio.get_running_loop().run_in_executor(None, store.blob_bytes)
-        metrics.cache_bytes.set(size)
+        metrics.cache_bytes.set(await loop.run_in_executor(None, store.blob_bytes))
+        await loop.run_in_executor(None, store.save_uses, dict(feed.last_used))
         await asyncio.sleep(CACHE_SIZE_INTERVAL)

@@ -16,6 +16,7 @@ All methods block; async callers run them in an executor.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -28,6 +29,7 @@ from .layout import SIDECARS, Tree
 from .reference import check_digest, digest_of, hasher, is_digest
 
 TOP_DIRS = ("content", "blobs", "temp", *SIDECARS)
+USES_FILE = "usage.json"  # last use per (domain, path), from nginx's access log
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +158,19 @@ class Store:
                 found += [(domain.name, name, f) for f in filenames if not is_digest(f)]
         return sorted(found)
 
+    def load_uses(self) -> dict[tuple[str, str], float]:
+        """Last-use times saved by a previous serve (usage.json)."""
+        try:
+            saved = json.loads((self.root / USES_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {tuple(k.split(" ", 1)): float(v) for k, v in saved.items() if " " in k}
+
     # --- writing -------------------------------------------------------------
+
+    def save_uses(self, uses: dict[tuple[str, str], float]) -> None:
+        data = json.dumps({f"{d} {p}": t for (d, p), t in uses.items()})
+        self._replace_with(self.root / USES_FILE, lambda tmp: tmp.write_text(data))
 
     def blob_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self.tree.temp, digest)

@@ -1,0 +1,96 @@
+"""A disk limit, enforced while serving: least recently used images first.
+
+Policy:
+- Size is what the digest store holds (each blob once). Over `max_size`,
+  whole images are removed, least recently used first, until the store is
+  under `low_water * max_size`; a blob shared with an image that stays is
+  kept (Inventory.remove does the reference counting).
+- "Used" is what the usage feed saw: any request for the image's manifests
+  or blobs, hits served by nginx alone included. An image the feed never
+  saw (pulled before this serve started, warmed) falls back to the times
+  the tree records (inventory.file_times).
+- Nothing being served or downloaded is evicted: an image used within
+  `min_age` seconds may be in the middle of a pull, and a download in
+  progress is in temp/, not in the store. A client already reading a file
+  keeps its bytes (an open file outlives its unlink).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from .config import Config
+from .inventory import Image, Inventory, file_times
+from .metrics import Metrics
+from .store import Store
+
+log = logging.getLogger("cr_proxy.evict")
+
+Uses = Mapping[tuple[str, str], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Evicted:
+    images: tuple[str, ...]
+    bytes_freed: int
+    size_after: int
+
+
+def last_use(uses: Uses) -> Callable[[Image], float]:
+    """An Inventory `last_used` function: the feed's newest use of any of the
+    image's paths, else what the tree records."""
+
+    def newest(image: Image) -> float:
+        paths = [image.path, *(f"v2/{image.repository}/manifests/{d}" for d in image.manifests),
+                 *(f"v2/{image.repository}/blobs/{d}" for d in image.digests)]
+        seen = [uses[(image.domain, p)] for p in paths if (image.domain, p) in uses]
+        return max(seen) if seen else file_times(image)
+
+    return newest
+
+
+def evict_once(config: Config, store: Store, uses: Uses, now: float | None = None) -> Evicted:
+    """Bring the store under the limit, if it is over. Blocking."""
+    limit = config.cache
+    size = store.blob_bytes()
+    if not limit.max_size or size <= limit.max_size:
+        return Evicted((), 0, size)
+    goal = limit.max_size * limit.low_water
+    now = time.time() if now is None else now
+    inventory = Inventory.from_config(config, last_used=last_use(uses))
+    evicted: list[str] = []
+    freed = 0
+    for image in sorted(inventory.images(), key=lambda i: i.last_used):
+        if size <= goal:
+            break
+        if now - image.last_used < limit.min_age:
+            continue  # may be in the middle of a pull
+        removed = inventory.remove(image)
+        evicted.append(image.key)
+        freed += removed.bytes
+        size -= removed.bytes
+    if size > limit.max_size:
+        log.warning("cache is %d bytes, over its limit of %d, and every image left was "
+                    "used in the last %.0f s", size, limit.max_size, limit.min_age)
+    return Evicted(tuple(evicted), freed, size)
+
+
+async def evict_loop(config: Config, store: Store, uses: Uses, metrics: Metrics,
+                     wake: asyncio.Event) -> None:
+    """Check every check_interval, or at once when a commit passed the limit."""
+    loop = asyncio.get_running_loop()
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), config.cache.check_interval)
+        wake.clear()
+        result = await loop.run_in_executor(None, evict_once, config, store, dict(uses))
+        metrics.cache_bytes.set(result.size_after)
+        if result.images:
+            metrics.evictions.inc(len(result.images))
+            log.info("evicted %s (%d bytes freed; cache now %d bytes)",
+                     ", ".join(result.images), result.bytes_freed, result.size_after)

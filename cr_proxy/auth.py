@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from .config import Credentials
 
@@ -71,10 +71,15 @@ def pull_scope(name: str) -> str:
 
 
 def token_url(challenge: Challenge, scope: str) -> str:
-    query = {"service": challenge.params.get("service", "")}
+    """The realm with service and scope added to whatever query it has."""
+    query = {}
+    if challenge.params.get("service"):
+        query["service"] = challenge.params["service"]
     if scope:
         query["scope"] = scope
-    return f"{challenge.realm}?{urlencode(query)}"
+    parts = urlsplit(challenge.realm)
+    merged = "&".join(q for q in (parts.query, urlencode(query)) if q)
+    return urlunsplit(parts._replace(query=merged))
 
 
 def basic_header(credentials: Credentials) -> str:

@@ -194,6 +194,10 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any], where: str) -> None:
             raise ConfigError(message=f"unknown setting {name!r}")
         if isinstance(base[key], dict) and isinstance(value, dict) and key not in FREE_FORM:
             _merge(base[key], value, f"{name}.")
+        elif key in FREE_FORM and isinstance(base[key], dict) and isinstance(value, dict):
+            # Free-form maps add to the defaults (a new registry_hosts entry
+            # must not drop docker.io's).
+            base[key] = {**base[key], **value}
         else:
             base[key] = value
 
@@ -270,7 +274,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
                             for p in _str_list(proxy, "proxy.intercept")),
             passthrough=tuple(_pattern(p, "proxy.passthrough")
                               for p in _str_list(proxy, "proxy.passthrough")),
-            ports=frozenset(_port(p, "proxy.ports") for p in proxy.get("ports") or []),
+            ports=frozenset(_port(p, "proxy.ports") for p in _list(proxy, "proxy.ports")),
             allow_private=tuple(_str_list(proxy, "proxy.allow_private")),
             max_tunnels=int(_seconds(proxy, "proxy.max_tunnels")),
         ),
@@ -302,6 +306,13 @@ def _str(data: Mapping[str, Any], key: str, allow_empty: bool = False) -> str:
         return ""
     if not isinstance(value, str) or (not value and not allow_empty):
         raise ConfigError(message=f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _list(data: Mapping[str, Any], key: str) -> list[Any]:
+    value = data.get(_leaf(key)) or []
+    if not isinstance(value, list):
+        raise ConfigError(message=f"{key}: expected a list, got {value!r}")
     return value
 
 
@@ -436,7 +447,10 @@ def _credentials(value: Any, key: str, environ: Mapping[str, str]) -> Credential
 def _secret(value: Mapping[str, Any], name: str, key: str, environ: Mapping[str, str]) -> str:
     """A secret given inline, in a file, or in an environment variable."""
     if value.get(name):
-        return str(value[name])
+        if not isinstance(value[name], str):
+            raise ConfigError(message=f"{key}.{name}: quote it; YAML read {value[name]!r}, "
+                                      "not the string you wrote")
+        return value[name]
     if value.get(f"{name}_file"):
         path = Path(str(value[f"{name}_file"]))
         try:

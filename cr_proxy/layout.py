@@ -40,6 +40,8 @@ SIDECARS = ("content-type", "docker-content-digest", "www-authenticate", "redire
 # shell, nginx or a filesystem treats specially.
 SEGMENT_RE = re.compile(r"[A-Za-z0-9._~:@+=,-]{1,255}")
 MAX_PATH_LEN = 2048
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io"})
 INDEX_FILE = "_index"
 
 
@@ -67,6 +69,8 @@ class RegistryPath:
         """The URL path without its leading slash (the key under <domain>/)."""
         if self.kind is Kind.PING:
             return "v2/"
+        if self.kind is Kind.OTHER:
+            return f"v2/{self.name}"
         return f"v2/{self.name}/{self.kind.value}/{self.ref}"
 
 
@@ -95,10 +99,10 @@ def check_path(path: str) -> str:
     SEGMENT_RE only, no '.', '..' or empty segments. Returns it without the
     leading slash; a directory path (trailing slash, like /v2/) is stored as
     its `_index` file, a name no repository component can have."""
-    if len(path) > MAX_PATH_LEN:
-        raise BadRequest("NAME_INVALID", "path too long")
+    if len(path) > MAX_PATH_LEN or not path:
+        raise BadRequest("NAME_INVALID", "path empty or too long")
     stripped = path[1:] if path.startswith("/") else path
-    if stripped.endswith("/"):
+    if not stripped or stripped.endswith("/"):
         stripped += INDEX_FILE
     segments = stripped.split("/")
     for segment in segments:
@@ -162,10 +166,19 @@ def mirror_target(
         prefix, name = split_prefix(rpath.name)
         if prefix is not None:
             registry = prefix
-        if registry == "docker.io" and "/" not in name:
+        registry = normalise_registry(registry)
+        if registry == DOCKER_HUB and "/" not in name:
             name = f"library/{name}"  # Docker's rule for official images
         rpath = RegistryPath(rpath.kind, check_name(name), rpath.ref)
+    else:
+        registry = normalise_registry(registry)
     return Target(registry, resolve_domain(registry, registry_hosts), rpath)
+
+
+def normalise_registry(registry: str) -> str:
+    """Lower case, default port dropped, Docker Hub's legacy name folded."""
+    registry = check_domain(registry)
+    return DOCKER_HUB if registry in DOCKER_HUB_ALIASES else registry
 
 
 def proxy_target(host: str, path: str) -> tuple[str, RegistryPath | None]:

@@ -75,7 +75,7 @@ map $cr_prefix $cr_registry {{
 }}
 # docker.io names of one component are official images: library/<name>.
 map "$cr_registry|$cr_repo_bare" $cr_repo {{
-    "~^docker\\.io\\|(?<cr_o>[^/]+)$" library/$cr_o;
+    "~^(?:index\\.)?docker\\.io\\|(?<cr_o>[^/]+)$" library/$cr_o;
     default $cr_repo_bare;
 }}
 # The host that serves the registry: the cache's <domain>. "" = not a host.

@@ -129,6 +129,8 @@ def parse_reference(text: str, default_registry: str = DEFAULT_REGISTRY) -> Refe
         registry, name = default_registry, rest
     if not is_host(registry):
         raise BadRequest("NAME_INVALID", f"invalid registry {registry!r} in {text!r}")
+    if registry == "index.docker.io":  # Docker Hub's legacy name
+        registry = "docker.io"
     if registry == DEFAULT_REGISTRY and "/" not in name:
         name = f"library/{name}"
     if not is_name(name):

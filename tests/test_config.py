@@ -1,0 +1,415 @@
+"""cr_proxy.config: defaults, file, environment; errors name the key; secrets stay hidden."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cr_proxy.config import (
+    MASK,
+    Address,
+    Credentials,
+    NginxSettings,
+    Timeouts,
+    default_data,
+    load,
+)
+from cr_proxy.errors import ConfigError
+
+PASSWORD = "pw-Zq8!secret-do-not-print"
+TOKEN = "tok-Xy7-secret-do-not-print"
+FILE_PASSWORD = "pw-from-file-4711"
+ENV_PASSWORD = "pw-from-env-0815"
+ENV_TOKEN = "tok-from-env-1234"
+SECRETS = (PASSWORD, TOKEN, FILE_PASSWORD, ENV_PASSWORD, ENV_TOKEN)
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Relative paths in the defaults resolve against the working directory."""
+    monkeypatch.chdir(tmp_path)
+
+
+def write_config(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "config.yml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def load_data(tmp_path: Path, data: object, environ: dict[str, str] | None = None):
+    return load(write_config(tmp_path, data), environ=environ or {})
+
+
+# --- defaults ----------------------------------------------------------------------
+
+
+def test_defaults_without_a_file_are_the_documented_ones(tmp_path):
+    conf = load(None, environ={})
+    assert conf.cache_dir == tmp_path / "cache"
+    assert conf.certs_dir == tmp_path / "certs"
+    assert conf.run_dir == tmp_path / "run"
+    assert conf.socket_path == tmp_path / "run" / "fetcher.sock"
+    assert conf.listen.proxy == Address("0.0.0.0", 3128)
+    assert conf.listen.mirror_https == Address("0.0.0.0", 5443)
+    assert conf.listen.mirror_http == Address("0.0.0.0", 5000)
+    assert conf.mirror_names == ()
+    assert conf.timeouts == Timeouts(connect=3.0, read=30.0, down_host=30.0)
+    assert conf.tag_ttl == 300.0
+    assert conf.default_registry == "docker.io"
+    assert dict(conf.registry_hosts) == {
+        "docker.io": "registry-1.docker.io",
+        "index.docker.io": "registry-1.docker.io",
+    }
+    assert dict(conf.endpoints) == {}
+    assert conf.insecure == frozenset()
+    assert dict(conf.registries) == {}
+    assert conf.nginx == NginxSettings(binary="nginx", user="", worker_processes="auto")
+    assert conf.log_level == "info"
+
+
+def test_defaults_ignore_the_process_environment_when_environ_is_given(monkeypatch):
+    monkeypatch.setenv("CR_PROXY_TAG_TTL", "1")
+    assert load(None, environ={}).tag_ttl == 300.0
+
+
+def test_every_key_of_default_yml_is_in_the_effective_config():
+    assert set(load(None, environ={}).masked()) == set(default_data())
+
+
+def test_paths_are_absolute(tmp_path):
+    conf = load_data(tmp_path, {"cache_dir": "rel/cache", "run_dir": "/abs/run"})
+    assert conf.cache_dir == tmp_path / "rel" / "cache"
+    assert conf.run_dir == Path("/abs/run")
+
+
+# --- the file ------------------------------------------------------------------------
+
+
+def test_a_file_merges_over_the_defaults(tmp_path):
+    conf = load_data(
+        tmp_path,
+        {
+            "timeouts": {"connect": 1},
+            "tag_ttl": 0,
+            "listen": {"mirror_http": "127.0.0.1:5001"},
+            "endpoints": {"a.test": "http://127.0.0.1:1/"},
+            "insecure": ["A.Test"],
+            "mirror_names": ["mirror.test", "10.0.0.1"],
+            "log_level": "debug",
+        },
+    )
+    assert conf.timeouts == Timeouts(connect=1.0, read=30.0, down_host=30.0)
+    assert conf.tag_ttl == 0.0
+    assert conf.listen.mirror_http == Address("127.0.0.1", 5001)
+    assert conf.listen.proxy == Address("0.0.0.0", 3128)  # untouched sibling
+    assert dict(conf.endpoints) == {"a.test": "http://127.0.0.1:1"}
+    assert conf.insecure == frozenset({"a.test"})
+    assert conf.mirror_names == ("mirror.test", "10.0.0.1")
+    assert conf.log_level == "debug"
+    assert conf.default_registry == "docker.io"  # untouched
+
+
+def test_an_empty_file_gives_the_defaults(tmp_path):
+    assert load_data(tmp_path, "") == load(None, environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("a: [\n", "not valid YAML"),
+    ],
+)
+def test_a_malformed_file_raises_config_error(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_data(tmp_path, text)
+
+
+def test_a_missing_file_raises_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(tmp_path / "nope.yml", environ={})
+
+
+# --- the environment -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("environ", "attribute", "expected"),
+    [
+        ({"CR_PROXY_TIMEOUTS__CONNECT": "2"}, "timeouts", Timeouts(2.0, 30.0, 30.0)),
+        ({"CR_PROXY_TIMEOUTS__READ": "2.5"}, "timeouts", Timeouts(3.0, 2.5, 30.0)),
+        ({"CR_PROXY_TAG_TTL": "0"}, "tag_ttl", 0.0),
+        ({"cr_proxy_tag_ttl": "1"}, "tag_ttl", 300.0),  # prefix is case-sensitive
+        ({"CR_PROXY_tag_ttl": "7"}, "tag_ttl", 7.0),
+        (
+            {"CR_PROXY_ENDPOINTS": "{a.test: http://127.0.0.1:1}"},
+            "endpoints",
+            {"a.test": "http://127.0.0.1:1"},
+        ),
+        ({"CR_PROXY_DEFAULT_REGISTRY": "Registry.Test"}, "default_registry", "registry.test"),
+        ({"CR_PROXY_INSECURE": "[a.test, b.test:5000]"}, "insecure",
+         frozenset({"a.test", "b.test:5000"})),
+        ({"CR_PROXY_LOG_LEVEL": "warning"}, "log_level", "warning"),
+        ({"CR_PROXY_NGINX__USER": "www-data"}, "nginx",
+         NginxSettings("nginx", "www-data", "auto")),
+        ({"CR_PROXY_NGINX__WORKER_PROCESSES": "4"}, "nginx", NginxSettings("nginx", "", "4")),
+        ({"PATH": "/bin", "CR_PROXYTAG_TTL": "1"}, "tag_ttl", 300.0),
+    ],
+)
+def test_environment_overrides(environ, attribute, expected):
+    value = getattr(load(None, environ=environ), attribute)
+    assert (dict(value) if attribute == "endpoints" else value) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("127.0.0.1:5001", Address("127.0.0.1", 5001)),
+        ("5001", Address("0.0.0.0", 5001)),
+        (":5001", Address("0.0.0.0", 5001)),
+        ("localhost:5001", Address("localhost", 5001)),
+        ("'[::1]:5001'", Address("::1", 5001)),
+        ("off", Address("", 0)),
+        ("0", Address("", 0)),
+        ("", Address("", 0)),
+    ],
+)
+def test_listen_addresses_from_the_environment(raw, expected):
+    conf = load(None, environ={"CR_PROXY_LISTEN__MIRROR_HTTP": raw})
+    assert conf.listen.mirror_http == expected
+    assert conf.listen.mirror_http.enabled is (expected.port != 0)
+
+
+@pytest.mark.parametrize(
+    ("address", "nginx", "text"),
+    [
+        (Address("0.0.0.0", 5000), "0.0.0.0:5000", "0.0.0.0:5000"),
+        (Address("::1", 5000), "[::1]:5000", "[::1]:5000"),
+        (Address("", 0), ":0", "off"),
+    ],
+)
+def test_address_renders_for_nginx(address, nginx, text):
+    assert address.nginx() == nginx
+    assert str(address) == text
+
+
+def test_environment_beats_the_file(tmp_path):
+    conf = load_data(tmp_path, {"tag_ttl": 10}, {"CR_PROXY_TAG_TTL": "20"})
+    assert conf.tag_ttl == 20.0
+
+
+# --- errors name the key ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"bogus": 1}, "'bogus'"),
+        ({"timeouts": {"conect": 2}}, "'timeouts.conect'"),
+        ({"listen": {"mirror": "1"}}, "'listen.mirror'"),
+        ({"timeouts": {"connect": "fast"}}, "timeouts.connect"),
+        ({"timeouts": {"connect": 0}}, "timeouts.connect"),
+        ({"timeouts": {"read": -1}}, "timeouts.read"),
+        ({"timeouts": {"down_host": True}}, "timeouts.down_host"),
+        ({"timeouts": None}, "timeouts.connect"),
+        ({"tag_ttl": -5}, "tag_ttl"),
+        ({"tag_ttl": "5m"}, "tag_ttl"),
+        ({"listen": {"mirror_http": "host:99999"}}, "listen.mirror_http"),
+        ({"listen": {"proxy": "host:port"}}, "listen.proxy"),
+        ({"listen": {"mirror_https": True}}, "listen.mirror_https"),
+        ({"listen": "0.0.0.0:5000"}, "listen"),
+        ({"default_registry": "Not A Host"}, "default_registry"),
+        ({"default_registry": 5}, "default_registry"),
+        ({"registry_hosts": {"docker.io": "bad host"}}, "registry_hosts.docker.io"),
+        ({"registry_hosts": {"bad/host": "x.test"}}, "registry_hosts"),
+        ({"endpoints": {"a.test": "ftp://a.test"}}, "endpoints.a.test"),
+        ({"endpoints": {"a.test": "a.test:5000"}}, "endpoints.a.test"),
+        ({"endpoints": {"a.test": 5000}}, "endpoints.a.test"),
+        ({"endpoints": ["a.test"]}, "endpoints"),
+        ({"insecure": "a.test"}, "insecure"),
+        ({"insecure": ["../x"]}, "insecure"),
+        ({"mirror_names": [1]}, "mirror_names"),
+        ({"log_level": "loud"}, "log_level"),
+        ({"nginx": {"binary": ""}}, "nginx.binary"),
+        ({"cache_dir": 3}, "cache_dir"),
+        ({"registries": {"ghcr.io": "token"}}, "registries.ghcr.io"),
+        ({"registries": {"ghcr.io": {"username": "u"}}}, "registries.ghcr.io"),
+        ({"registries": {"ghcr.io": {"password": "p"}}}, "registries.ghcr.io"),
+        ({"registries": {"ghcr.io": {"token": "t", "pasword": "p"}}},
+         "'registries.ghcr.io.pasword'"),
+        ({"registries": {"bad host": {"token": "t"}}}, "registries"),
+    ],
+)
+def test_bad_file_settings_raise_config_error_naming_the_key(tmp_path, data, key):
+    with pytest.raises(ConfigError) as info:
+        load_data(tmp_path, data)
+    assert key in info.value.message
+    assert info.value.code == "CONFIG"
+
+
+@pytest.mark.parametrize(
+    ("environ", "key"),
+    [
+        ({"CR_PROXY_BOGUS": "1"}, "'bogus'"),
+        ({"CR_PROXY_TIMEOUTS__CONECT": "2"}, "'timeouts.conect'"),
+        ({"CR_PROXY_TAG_TTL__X": "2"}, "'tag_ttl.x'"),
+        ({"CR_PROXY_ENDPOINTS__A.TEST": "http://a.test"}, "'endpoints.a.test'"),
+        ({"CR_PROXY_TIMEOUTS__CONNECT": "soon"}, "timeouts.connect"),
+        ({"CR_PROXY_TIMEOUTS__CONNECT": "[1"}, "CR_PROXY_TIMEOUTS__CONNECT"),
+        ({"CR_PROXY_LISTEN__MIRROR_HTTP": "[::1]:5000"}, "CR_PROXY_LISTEN__MIRROR_HTTP"),
+        ({"CR_PROXY_LISTEN__MIRROR_HTTP": "x:0"}, "listen.mirror_http"),
+        ({"CR_PROXY_ENDPOINTS": "{a.test: nope}"}, "endpoints.a.test"),
+        ({"CR_PROXY_TIMEOUTS": "{connect: 1}"}, "timeouts.read"),
+        ({"CR_PROXY_LOG_LEVEL": "trace"}, "log_level"),
+    ],
+)
+def test_bad_environment_raises_config_error_naming_the_key(environ, key):
+    with pytest.raises(ConfigError) as info:
+        load(None, environ=environ)
+    assert key in info.value.message
+
+
+def test_a_scalar_proxy_ports_raises_config_error():
+    with pytest.raises(ConfigError) as info:
+        load(None, environ={"CR_PROXY_PROXY__PORTS": "443"})
+    assert "proxy.ports" in info.value.message
+
+
+# --- credentials ------------------------------------------------------------------------
+
+
+def test_credentials_inline(tmp_path):
+    conf = load_data(
+        tmp_path, {"registries": {"GHCR.io": {"username": "bot", "password": PASSWORD}}}
+    )
+    assert conf.credentials("ghcr.io") == Credentials("bot", PASSWORD, "")
+    assert conf.credentials("quay.io") is None
+
+
+def test_credentials_from_password_file_are_stripped(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text(f"  {FILE_PASSWORD}\n")
+    conf = load_data(
+        tmp_path, {"registries": {"ghcr.io": {"username": "bot", "password_file": str(secret)}}}
+    )
+    assert conf.credentials("ghcr.io") == Credentials("bot", FILE_PASSWORD, "")
+
+
+def test_credentials_from_password_env(tmp_path):
+    conf = load_data(
+        tmp_path,
+        {"registries": {"ghcr.io": {"username": "bot", "password_env": "GHCR_PW"}}},
+        {"GHCR_PW": ENV_PASSWORD},
+    )
+    assert conf.credentials("ghcr.io") == Credentials("bot", ENV_PASSWORD, "")
+
+
+def test_credentials_from_token_env_need_no_username(tmp_path):
+    conf = load_data(
+        tmp_path, {"registries": {"ghcr.io": {"token_env": "GHCR_TOKEN"}}}, {"GHCR_TOKEN": TOKEN}
+    )
+    assert conf.credentials("ghcr.io") == Credentials("", "", TOKEN)
+
+
+def test_credentials_from_the_environment_variable_registries(tmp_path):
+    conf = load(
+        None,
+        environ={
+            "CR_PROXY_REGISTRIES": "{ghcr.io: {username: bot, password_env: PW}}",
+            "PW": ENV_PASSWORD,
+        },
+    )
+    assert conf.credentials("ghcr.io") == Credentials("bot", ENV_PASSWORD, "")
+
+
+def test_a_missing_password_file_names_the_key(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_data(
+            tmp_path,
+            {"registries": {"ghcr.io": {"username": "u", "password_file": str(tmp_path / "x")}}},
+        )
+    assert "registries.ghcr.io.password_file" in info.value.message
+
+
+def test_a_missing_password_env_names_the_key_and_the_variable(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_data(
+            tmp_path, {"registries": {"ghcr.io": {"username": "u", "password_env": "NOPE_PW"}}}
+        )
+    assert "registries.ghcr.io.password_env" in info.value.message
+    assert "NOPE_PW" in info.value.message
+
+
+# --- secrets never shown -----------------------------------------------------------------
+
+
+@pytest.fixture
+def secret_config(tmp_path) -> object:
+    secret = tmp_path / "secret"
+    secret.write_text(FILE_PASSWORD)
+    return load_data(
+        tmp_path,
+        {
+            "registries": {
+                "ghcr.io": {"username": "bot", "password": PASSWORD},
+                "quay.io": {"token": TOKEN},
+                "a.test": {"username": "f", "password_file": str(secret)},
+                "b.test": {"username": "e", "password_env": "B_PW"},
+                "c.test": {"token_env": "C_TOKEN"},
+            }
+        },
+        {"B_PW": ENV_PASSWORD, "C_TOKEN": ENV_TOKEN},
+    )
+
+
+def test_masked_config_dump_never_contains_secrets(secret_config):
+    text = yaml.safe_dump(secret_config.masked())
+    for secret in SECRETS:
+        assert secret not in text
+    assert MASK in text
+    assert secret_config.masked()["registries"] == {
+        "ghcr.io": {"username": "bot", "password": MASK},
+        "quay.io": {"token": MASK},
+        "a.test": {"username": "f", "password": MASK},
+        "b.test": {"username": "e", "password": MASK},
+        "c.test": {"token": MASK},
+    }
+
+
+def test_masked_config_keeps_the_secrets_in_the_config_itself(secret_config):
+    assert secret_config.credentials("ghcr.io").password == PASSWORD
+    assert secret_config.credentials("c.test").token == ENV_TOKEN
+
+
+def test_repr_of_credentials_and_config_never_contains_secrets(secret_config):
+    for creds in secret_config.registries.values():
+        assert all(s not in repr(creds) for s in SECRETS)
+    assert all(s not in repr(secret_config) for s in SECRETS)
+    assert "bot" in repr(secret_config.credentials("ghcr.io"))
+
+
+def test_masked_config_is_plain_yaml_with_readable_addresses():
+    data = load(None, environ={}).masked()
+    assert yaml.safe_load(yaml.safe_dump(data)) == data
+    assert data["listen"]["proxy"] == "0.0.0.0:3128"
+    assert data["listen"]["mirror_https"] == "0.0.0.0:5443"
+    assert data["listen"]["mirror_http"] == "0.0.0.0:5000"
+    assert data["default_registry"] == "docker.io"
+
+
+def test_unquoted_non_string_secret_is_refused_naming_the_key(tmp_path):
+    conf = tmp_path / "c.yml"
+    conf.write_text("registries:\n  ghcr.io: {username: bot, password: 0123}\n")
+    with pytest.raises(ConfigError) as info:
+        load(conf, environ={})
+    assert "registries.ghcr.io.password" in info.value.message
+
+
+def test_a_registry_hosts_entry_adds_to_the_defaults(tmp_path):
+    conf = tmp_path / "c.yml"
+    conf.write_text("registry_hosts:\n  mirror.example: real.example\n")
+    hosts = load(conf, environ={}).registry_hosts
+    assert hosts["mirror.example"] == "real.example"
+    assert hosts["docker.io"] == "registry-1.docker.io"

@@ -1,0 +1,436 @@
+"""cr_proxy.flight: one download per key, many readers, never a complete wrong body.
+
+Also cr_proxy.fetcher.Shared, the same idea for awaited results."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cr_proxy import flight as flight_mod
+from cr_proxy.errors import DigestMismatch, NotFound, Truncated
+from cr_proxy.fetcher import Shared
+from cr_proxy.flight import Flight, Flights
+from cr_proxy.reference import digest_of
+from cr_proxy.store import Store
+
+DATA = bytes(range(256)) * 64  # 16 KiB
+DIGEST = digest_of(DATA)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "cache")
+    s.prepare()
+    return s
+
+
+class FakeDownload:
+    """A flight's download with a real BlobWriter: started, writes `body` in
+    `chunks` with progress after each, waits at `gate`, then fails with
+    `error` or commits (which verifies) and finishes."""
+
+    def __init__(
+        self,
+        store: Store,
+        body: bytes = DATA,
+        digest: str = DIGEST,
+        *,
+        chunks: int = 4,
+        size: int | None = None,
+        error: BaseException | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        self.store = store
+        self.body = body
+        self.digest = digest
+        self.chunks = chunks
+        self.size = len(body) if size is None else size
+        self.error = error
+        self.content_type = content_type
+        self.gate = asyncio.Event()
+        self.calls = 0
+        self.temp_paths: list[Path] = []
+
+    async def __call__(self, flight: Flight) -> None:
+        self.calls += 1
+        writer = self.store.blob_writer(self.digest)
+        self.temp_paths.append(writer.path)
+        try:
+            flight.started(writer.path, self.size, self.content_type)
+            step = max(1, -(-len(self.body) // self.chunks))
+            for start in range(0, len(self.body), step):
+                writer.write(self.body[start : start + step])
+                await flight.progress(writer.size)
+            await self.gate.wait()
+            if self.error is not None:
+                raise self.error
+            committed = self.store.commit(writer, self.size)
+        except BaseException:
+            writer.abort()
+            raise
+        await flight.finish(committed, None)
+
+
+async def drain(flight: Flight, got: bytearray, reached: asyncio.Event, at: int) -> None:
+    """Read the whole flight into `got`; set `reached` once `at` bytes are in."""
+    if at <= 0:
+        reached.set()
+    async for chunk in flight.read():
+        got += chunk
+        if len(got) >= at:
+            reached.set()
+
+
+async def until(event: asyncio.Event, task: asyncio.Task) -> None:
+    """Wait for the event, or for the task to end first (so a bug fails, not hangs)."""
+    waiter = asyncio.ensure_future(event.wait())
+    await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+
+
+def start_reader(flight: Flight, at: int) -> tuple[asyncio.Task, bytearray, asyncio.Event]:
+    got, reached = bytearray(), asyncio.Event()
+    return asyncio.ensure_future(drain(flight, got, reached, at)), got, reached
+
+
+# --- coalescing -----------------------------------------------------------------------
+
+
+async def test_join_twice_starts_one_download_and_both_readers_get_all_bytes(store, monkeypatch):
+    monkeypatch.setattr(flight_mod, "READ_CHUNK", 1000)  # many reads per reader
+    flights, download = Flights(), FakeDownload(store)
+    first = flights.join(DIGEST, DIGEST, download)
+    second = flights.join(DIGEST, DIGEST, download)
+    assert first is second
+    assert flights.coalesced == 1
+    assert len(flights) == 1
+    (r1, got1, at1), (r2, got2, at2) = start_reader(first, 1), start_reader(second, 1)
+    await until(at1, r1)
+    await until(at2, r2)
+    download.gate.set()
+    await asyncio.gather(r1, r2)
+    assert download.calls == 1
+    assert bytes(got1) == bytes(got2) == DATA
+    assert len(flights) == 0
+    assert store.tree.blob(DIGEST).read_bytes() == DATA
+    assert list(store.tree.temp.iterdir()) == []
+
+
+async def test_many_readers_share_one_download(store):
+    flights, download = Flights(), FakeDownload(store)
+    joined = [flights.join(DIGEST, DIGEST, download) for _ in range(10)]
+    readers = [start_reader(f, len(DATA)) for f in joined]
+    download.gate.set()
+    await asyncio.gather(*(task for task, _, _ in readers))
+    assert download.calls == 1
+    assert flights.coalesced == 9
+    assert all(bytes(got) == DATA for _, got, _ in readers)
+
+
+async def test_different_keys_download_separately(store):
+    other = b"other blob"
+    flights = Flights()
+    a, b = FakeDownload(store), FakeDownload(store, other, digest_of(other))
+    fa, fb = flights.join(DIGEST, DIGEST, a), flights.join(digest_of(other), digest_of(other), b)
+    assert fa is not fb
+    a.gate.set()
+    b.gate.set()
+    (ra, got_a, _), (rb, got_b, _) = start_reader(fa, 0), start_reader(fb, 0)
+    await asyncio.gather(ra, rb)
+    assert (a.calls, b.calls) == (1, 1)
+    assert (bytes(got_a), bytes(got_b)) == (DATA, other)
+
+
+async def test_started_publishes_size_and_content_type(store):
+    flights = Flights()
+    download = FakeDownload(store, content_type="application/x-test")
+    flight = flights.join(DIGEST, DIGEST, download)
+    await flight.wait_started()
+    assert (flight.size, flight.content_type) == (len(DATA), "application/x-test")
+    download.gate.set()
+    await flight.task
+
+
+async def test_content_type_defaults_to_octet_stream(store):
+    download = FakeDownload(store)
+    flight = Flights().join(DIGEST, DIGEST, download)
+    await flight.wait_started()
+    assert flight.content_type == "application/octet-stream"
+    download.gate.set()
+    await flight.task
+
+
+# --- never a complete wrong body --------------------------------------------------------
+
+
+async def test_the_last_byte_is_withheld_until_the_download_is_verified(store):
+    flights, download = Flights(), FakeDownload(store, chunks=1)
+    flight = flights.join(DIGEST, DIGEST, download)
+    reader, got, reached = start_reader(flight, len(DATA) - 1)
+    await until(reached, reader)
+    for _ in range(20):  # give the reader every chance to read on
+        await asyncio.sleep(0)
+    assert len(got) == len(DATA) - 1
+    assert not reader.done()
+    download.gate.set()
+    await reader
+    assert bytes(got) == DATA
+
+
+@pytest.mark.parametrize(
+    ("body", "size", "error", "raised"),
+    [
+        # The upstream connection breaks after the whole body arrived.
+        (DATA, None, ConnectionResetError("upstream went away"), ConnectionResetError),
+        # Wrong bytes, right length: commit's verification fails.
+        (b"X" + DATA[1:], None, None, DigestMismatch),
+        # Fewer bytes than Content-Length: commit's size check fails.
+        (DATA[:-100], len(DATA), None, Truncated),
+        # A failure half way.
+        (DATA[: len(DATA) // 2], len(DATA), NotFound("BLOB_UNKNOWN"), NotFound),
+    ],
+)
+async def test_a_failing_download_fails_every_reader_who_never_sees_the_full_body(
+    store, body, size, error, raised
+):
+    flights = Flights()
+    download = FakeDownload(store, body, DIGEST, size=size or len(body), error=error)
+    flight = flights.join(DIGEST, DIGEST, download)
+    readers = [start_reader(flight, len(body) - 1) for _ in range(3)]
+    for task, _, reached in readers:
+        await until(reached, task)  # every reader has all it can get
+    download.gate.set()
+    for task, got, _ in readers:
+        with pytest.raises(raised):
+            await task
+        assert len(got) == len(body) - 1
+        assert len(got) < len(DATA)
+        assert bytes(got) == body[:-1]
+    assert download.calls == 1
+    assert isinstance(flight.error, raised)
+    assert flight.finished and flight.committed_path is None
+    assert len(flights) == 0
+    assert not store.has_blob(DIGEST)
+    assert list(store.tree.temp.iterdir()) == []
+
+
+async def test_a_reader_joining_a_failed_flight_gets_the_error(store):
+    download = FakeDownload(store, error=ConnectionResetError("gone"))
+    flight = Flights().join(DIGEST, DIGEST, download)
+    download.gate.set()
+    await flight.task
+    with pytest.raises(ConnectionResetError):
+        await flight.wait_started()
+    got = bytearray()
+    with pytest.raises(ConnectionResetError):
+        async for chunk in flight.read():
+            got += chunk
+    assert got == b""
+
+
+async def test_a_download_failing_before_the_upstream_answered_fails_every_reader(store):
+    async def not_found(flight: Flight) -> None:
+        raise NotFound("BLOB_UNKNOWN", "no such blob")
+
+    flights = Flights()
+    first = flights.join(DIGEST, DIGEST, not_found)
+    second = flights.join(DIGEST, DIGEST, not_found)
+    results = await asyncio.gather(
+        first.wait_started(), second.wait_started(), return_exceptions=True
+    )
+    assert all(isinstance(r, NotFound) for r in results)
+    assert len(flights) == 0
+
+
+# --- after completion -------------------------------------------------------------------
+
+
+async def test_a_reader_joining_after_completion_reads_the_committed_file(store):
+    flights, download = Flights(), FakeDownload(store)
+    flight = flights.join(DIGEST, DIGEST, download)
+    download.gate.set()
+    await flight.task
+    assert flight.finished and flight.error is None
+    assert flight.committed_path == store.tree.blob(DIGEST)
+    assert not any(p.exists() for p in download.temp_paths)  # only the committed file is left
+    reader, got, _ = start_reader(flight, 0)
+    await reader
+    assert bytes(got) == DATA
+    assert download.calls == 1
+
+
+async def test_a_finished_flight_is_forgotten_so_a_later_miss_starts_afresh(store):
+    flights, download = Flights(), FakeDownload(store)
+    download.gate.set()
+    first = flights.join(DIGEST, DIGEST, download)
+    await first.task
+    second = flights.join(DIGEST, DIGEST, download)
+    await second.task
+    assert second is not first
+    assert download.calls == 2
+    assert flights.coalesced == 0
+
+
+async def test_an_empty_blob(store):
+    empty_digest = digest_of(b"")
+    download = FakeDownload(store, b"", empty_digest)
+    flight = Flights().join(empty_digest, empty_digest, download)
+    reader, got, _ = start_reader(flight, 0)
+    download.gate.set()
+    await reader
+    assert bytes(got) == b""
+    assert store.tree.blob(empty_digest).read_bytes() == b""
+
+
+# --- hang-ups and shutdown --------------------------------------------------------------
+
+
+async def test_a_reader_hanging_up_does_not_cancel_the_download(store):
+    flights, download = Flights(), FakeDownload(store)
+    flight = flights.join(DIGEST, DIGEST, download)
+    leaver, _, leaver_started = start_reader(flight, 1)
+    stayer, got, _ = start_reader(flight, 0)
+    await until(leaver_started, leaver)
+    leaver.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaver
+    download.gate.set()
+    await stayer
+    assert bytes(got) == DATA
+    assert store.tree.blob(DIGEST).read_bytes() == DATA
+
+
+async def test_close_cancels_downloads_and_readers_see_an_abort(store):
+    flights, download = Flights(), FakeDownload(store)
+    flight = flights.join(DIGEST, DIGEST, download)
+    reader, got, reached = start_reader(flight, 1)
+    await until(reached, reader)
+    await flights.close()
+    with pytest.raises(ConnectionAbortedError):
+        await reader
+    assert len(got) < len(DATA)
+    assert len(flights) == 0
+    assert not store.has_blob(DIGEST)
+    assert list(store.tree.temp.iterdir()) == []
+
+
+def test_flight_repr_shows_state():
+    flight = Flight("k", DIGEST)
+    assert repr(flight) == "<Flight k running 0/None>"
+
+
+# --- property: any chunking, any read size ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    s = Store(tmp_path_factory.mktemp("flights") / "cache")
+    s.prepare()
+    return s
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    body=st.binary(min_size=1, max_size=3000),
+    chunks=st.integers(1, 12),
+    read_chunk=st.integers(1, 4096),
+    readers=st.integers(1, 3),
+)
+def test_readers_get_exactly_the_body_whatever_the_chunking(
+    shared_store, body, chunks, read_chunk, readers
+):
+    async def scenario() -> list[bytes]:
+        digest = digest_of(body)
+        download = FakeDownload(shared_store, body, digest, chunks=chunks)
+        download.gate.set()
+        flights = Flights()
+        joined = [flights.join(digest, digest, download) for _ in range(readers)]
+        tasks = [start_reader(f, 0) for f in joined]
+        await asyncio.gather(*(t for t, _, _ in tasks))
+        assert download.calls == 1
+        return [bytes(got) for _, got, _ in tasks]
+
+    with mock.patch.object(flight_mod, "READ_CHUNK", read_chunk), mock.patch("os.fsync"):
+        results = asyncio.run(scenario())
+    assert results == [body] * readers
+
+
+# --- fetcher.Shared ---------------------------------------------------------------------
+
+
+class Work:
+    def __init__(self, result: object = "result", error: BaseException | None = None) -> None:
+        self.calls = 0
+        self.gate = asyncio.Event()
+        self.result = result
+        self.error = error
+
+    async def __call__(self) -> object:
+        self.calls += 1
+        await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+async def test_shared_coalesces_concurrent_calls_into_one():
+    shared, work = Shared(), Work(result=object())
+    callers = [asyncio.ensure_future(shared.run("key", work)) for _ in range(5)]
+    await asyncio.sleep(0)
+    work.gate.set()
+    results = await asyncio.gather(*callers)
+    assert work.calls == 1
+    assert all(r is work.result for r in results)
+
+
+async def test_shared_runs_different_keys_separately():
+    shared, a, b = Shared(), Work("a"), Work("b")
+    calls = [
+        asyncio.ensure_future(shared.run(("manifest", "x"), a)),
+        asyncio.ensure_future(shared.run(("manifest", "y"), b)),
+    ]
+    await asyncio.sleep(0)
+    a.gate.set()
+    b.gate.set()
+    assert await asyncio.gather(*calls) == ["a", "b"]
+    assert (a.calls, b.calls) == (1, 1)
+
+
+async def test_shared_runs_again_after_completion():
+    shared, work = Shared(), Work()
+    work.gate.set()
+    assert await shared.run("key", work) == "result"
+    assert await shared.run("key", work) == "result"
+    assert work.calls == 2
+
+
+async def test_shared_gives_the_error_to_every_caller_and_forgets_it():
+    shared, work = Shared(), Work(error=NotFound("MANIFEST_UNKNOWN"))
+    callers = [asyncio.ensure_future(shared.run("key", work)) for _ in range(3)]
+    await asyncio.sleep(0)
+    work.gate.set()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(r, NotFound) for r in results)
+    assert work.calls == 1
+    work.error = None
+    assert await shared.run("key", work) == "result"
+    assert work.calls == 2
+
+
+async def test_shared_work_survives_a_caller_that_goes_away():
+    shared, work = Shared(), Work()
+    leaver = asyncio.ensure_future(shared.run("key", work))
+    stayer = asyncio.ensure_future(shared.run("key", work))
+    await asyncio.sleep(0)
+    leaver.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaver
+    work.gate.set()
+    assert await stayer == "result"
+    assert work.calls == 1

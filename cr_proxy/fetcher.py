@@ -201,10 +201,7 @@ class Fetcher:
         return response
 
     async def _blob_head(self, request: web.Request, target: Target) -> web.StreamResponse:
-        opened = await self.upstream.open(
-            "HEAD", target.domain, "/" + target.rpath.path, name=target.rpath.name,
-            client_auth=_client_auth(request), registry=target.registry,
-        )
+        opened = await self.upstream.open("HEAD", target, client_auth=_client_auth(request))
         response = opened.response
         response.release()
         if response.status == 404:
@@ -219,11 +216,8 @@ class Fetcher:
 
     async def _download_blob(self, target: Target, client_auth: str | None, flight: Flight) -> None:
         """The flight's task: upstream -> temp file -> verify -> commit."""
-        digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
-        opened = await self.upstream.open(
-            "GET", domain, "/" + path, name=target.rpath.name,
-            client_auth=client_auth, registry=target.registry,
-        )
+        digest, domain = target.rpath.ref, target.domain
+        opened = await self.upstream.open("GET", target, client_auth=client_auth)
         upstream = opened.response
         try:
             if upstream.status == 404:
@@ -344,8 +338,7 @@ class Fetcher:
     ) -> StoredManifest:
         """Ask upstream whether the tag still points where we have it."""
         response = await self.upstream.registry(
-            "HEAD", target.domain, "/" + target.rpath.path, name=target.rpath.name,
-            headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth, registry=target.registry,
+            "HEAD", target, headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth
         )
         response.release()
         if response.status in STALE_OK_STATUSES or response.status == 401:
@@ -365,8 +358,7 @@ class Fetcher:
     async def _fetch_manifest(self, target: Target, auth: str | None) -> StoredManifest:
         domain, rpath = target.domain, target.rpath
         response = await self.upstream.registry(
-            "GET", domain, "/" + rpath.path, name=rpath.name,
-            headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth, registry=target.registry,
+            "GET", target, headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth
         )
         async with response:
             if response.status == 404:

@@ -30,7 +30,7 @@ from multidict import CIMultiDict
 from .auth import Challenge, TokenCache, parse_challenge, pull_scope
 from .config import Config
 from .errors import UpstreamError, UpstreamUnreachable
-from .layout import check_domain
+from .layout import Target, check_domain
 
 log = logging.getLogger("cr_proxy.upstream")
 
@@ -194,18 +194,17 @@ class Upstream:
     async def registry(
         self,
         method: str,
-        domain: str,
-        path: str,
+        target: Target,
         *,
-        name: str = "",
         headers: Mapping[str, str] | None = None,
         client_auth: str | None = None,
-        registry: str | None = None,
     ) -> aiohttp.ClientResponse:
-        """A request to a registry, with the token exchange on a 401: the
-        client's own Authorization first, else a token we get for `name`."""
+        """A request for a registry path, with the token exchange on a 401:
+        the client's own Authorization first, else a token we get (with the
+        registry's credentials, if configured) for the repository."""
+        domain, path, name = target.domain, "/" + target.rpath.path, target.rpath.name
         sent = CIMultiDict(headers or {})
-        creds = self.config.credentials(registry or domain) or self.config.credentials(domain)
+        creds = self.config.credentials(target.registry) or self.config.credentials(domain)
         if client_auth:
             sent["Authorization"] = client_auth
         elif creds and creds.token:
@@ -231,20 +230,15 @@ class Upstream:
     async def open(
         self,
         method: str,
-        domain: str,
-        path: str,
+        target: Target,
         *,
-        name: str = "",
         headers: Mapping[str, str] | None = None,
         client_auth: str | None = None,
-        registry: str | None = None,
     ) -> Opened:
         """registry() and then any redirects, followed without credentials."""
-        response = await self.registry(
-            method, domain, path, name=name, headers=headers,
-            client_auth=client_auth, registry=registry,
-        )
+        response = await self.registry(method, target, headers=headers, client_auth=client_auth)
         opened = Opened(response)
+        domain, path = target.domain, "/" + target.rpath.path
         url = f"https://{domain}{path}"
         plain = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
         while response.status in REDIRECT_STATUSES:

@@ -18,55 +18,31 @@ from tests.crproxy import clean_env
 READY_TIMEOUT = 60.0
 
 
-class Dockerd:
-    """`dockerd` as root on vfs, no networking of its own, private paths."""
+class Daemon:
+    """A daemon of the test's own: started, waited for, stopped, its mounts
+    and short socket directory cleaned up."""
 
-    def __init__(self, workdir: Path, proxy_url: str, ca_file: Path) -> None:
+    name = "daemon"
+
+    def __init__(self, workdir: Path, prefix: str) -> None:
         self.dir = workdir
-        # containerd's sockets live under the exec root: keep its path short,
-        # unix socket paths stop at 108 bytes and pytest's tmp paths are long.
-        self.exec_root = Path(tempfile.mkdtemp(prefix="crdk-"))
-        self.socket = self.exec_root / "docker.sock"
-        self.proxy_url = proxy_url
-        self.ca_file = ca_file
+        # Socket paths stop at 108 bytes and pytest's tmp paths are long:
+        # sockets live under a short directory of their own.
+        self.short = Path(tempfile.mkdtemp(prefix=prefix))
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = workdir / "dockerd.log"
+        self.log = workdir / f"{self.name}.log"
 
-    def start(self) -> None:
+    def _spawn(self, args: list[str], env: dict[str, str], ready_check: str) -> None:
+        """Start it, then wait (bounded) until `ready_check` succeeds."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        env = {**clean_env(), "HTTPS_PROXY": self.proxy_url, "HTTP_PROXY": self.proxy_url,
-               "NO_PROXY": "", "SSL_CERT_FILE": str(self.ca_file)}
-        args = [
-            "dockerd", "--storage-driver", "vfs", "--iptables=false", "--ip6tables=false",
-            "--ip-masq=false", "--bridge=none",
-            "--data-root", str(self.dir / "data"), "--exec-root", str(self.exec_root / "x"),
-            "--pidfile", str(self.dir / "dockerd.pid"), "-H", f"unix://{self.socket}",
-        ]
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-        # Ready when the API answers; bounded by READY_TIMEOUT.
-        try:
-            self.docker("version", timeout=READY_TIMEOUT, retry_until_ready=True)
-        except Exception:
+        wait = ["timeout", str(int(READY_TIMEOUT)), "sh", "-c",
+                f"until {ready_check} >/dev/null 2>&1; do "
+                f"[ -e /proc/{self.proc.pid} ] || exit 1; sleep 0.1; done"]
+        if subprocess.run(wait, capture_output=True, env=clean_env()).returncode != 0:
             self.stop()
-            raise
-
-    def docker(
-        self, *args: str, timeout: float = 300, retry_until_ready: bool = False
-    ) -> subprocess.CompletedProcess[str]:
-        command = ["docker", "-H", f"unix://{self.socket}", *args]
-        if not retry_until_ready:
-            return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                  env=clean_env())
-        # `docker version` blocks until the daemon answers or the timeout.
-        wait = ["timeout", str(int(timeout)), "sh", "-c",
-                f'until docker -H unix://{self.socket} version >/dev/null 2>&1; do '
-                f'[ -e /proc/{self.proc.pid if self.proc else 0} ] || exit 1; '
-                'sleep 0.1; done']
-        result = subprocess.run(wait, capture_output=True, text=True, env=clean_env())
-        if result.returncode != 0:
-            raise RuntimeError(f"dockerd did not start:\n{self.log.read_text()[-3000:]}")
-        return result
+            raise RuntimeError(f"{self.name} did not start:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -79,9 +55,8 @@ class Dockerd:
         # dockerd leaves its data root bind-mounted (and may leave netns
         # mounts): unmount what lies below our paths before removing them.
         unmount_below(self.dir)
-        unmount_below(self.exec_root)
-        shutil.rmtree(self.dir / "data", ignore_errors=True)
-        shutil.rmtree(self.exec_root, ignore_errors=True)
+        unmount_below(self.short)
+        shutil.rmtree(self.short, ignore_errors=True)
 
     def __enter__(self) -> Self:
         self.start()
@@ -89,6 +64,40 @@ class Dockerd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+
+class Dockerd(Daemon):
+    """`dockerd` as root on vfs, no networking of its own, private paths."""
+
+    name = "dockerd"
+
+    def __init__(self, workdir: Path, proxy_url: str, ca_file: Path) -> None:
+        super().__init__(workdir, "crdk-")
+        self.socket = self.short / "docker.sock"
+        self.proxy_url = proxy_url
+        self.ca_file = ca_file
+
+    def start(self) -> None:
+        env = {**clean_env(), "HTTPS_PROXY": self.proxy_url, "HTTP_PROXY": self.proxy_url,
+               "NO_PROXY": "", "SSL_CERT_FILE": str(self.ca_file)}
+        args = [
+            "dockerd", "--storage-driver", "vfs", "--iptables=false", "--ip6tables=false",
+            "--ip-masq=false", "--bridge=none",
+            "--data-root", str(self.dir / "data"), "--exec-root", str(self.short / "x"),
+            "--pidfile", str(self.dir / "dockerd.pid"), "-H", f"unix://{self.socket}",
+        ]
+        self._spawn(args, env, f"docker -H unix://{self.socket} version")
+
+    def docker(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["docker", "-H", f"unix://{self.socket}", *args],
+                              capture_output=True, text=True, timeout=timeout, env=clean_env())
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.dir / "data", ignore_errors=True)
 
 
 def unmount_below(path: Path) -> None:
@@ -131,15 +140,14 @@ def available(tool: str) -> bool:
     return shutil.which(tool) is not None or os.path.exists(f"/usr/sbin/{tool}")
 
 
-class Containerd:
+class Containerd(Daemon):
     """A private containerd (CRI off) and `ctr` against it."""
 
+    name = "containerd"
+
     def __init__(self, workdir: Path) -> None:
-        self.dir = workdir
-        self.short = Path(tempfile.mkdtemp(prefix="crct-"))  # socket paths stay short
+        super().__init__(workdir, "crct-")
         self.address = self.short / "containerd.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = workdir / "containerd.log"
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -147,37 +155,10 @@ class Containerd:
         config.write_text('version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n')
         args = ["containerd", "--config", str(config), "--root", str(self.dir / "root"),
                 "--state", str(self.short / "state"), "--address", str(self.address)]
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(args, env=clean_env(), stdout=log,
-                                         stderr=subprocess.STDOUT)
-        wait = ["timeout", str(int(READY_TIMEOUT)), "sh", "-c",
-                f"until ctr --address {self.address} version >/dev/null 2>&1; do "
-                f"[ -e /proc/{self.proc.pid} ] || exit 1; sleep 0.1; done"]
-        if subprocess.run(wait, capture_output=True, env=clean_env()).returncode != 0:
-            self.stop()
-            raise RuntimeError(f"containerd did not start:\n{self.log.read_text()[-3000:]}")
+        self._spawn(args, clean_env(), f"ctr --address {self.address} version")
 
     def ctr(self, *args: str, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ctr", "--address", str(self.address), *args],
                               capture_output=True, text=True, timeout=300,
                               env=env or clean_env())
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        unmount_below(self.dir)
-        unmount_below(self.short)
-        shutil.rmtree(self.short, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

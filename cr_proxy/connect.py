@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from .config import ProxyPolicy
 from .errors import CrProxyError
+from .policy import Destinations, matches
 from .reference import is_host
 
 MAX_HEAD = 16 * 1024  # bytes of request line + headers we accept
@@ -112,36 +113,6 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def matches(host: str, patterns: tuple[str, ...]) -> bool:
-    for pattern in patterns:
-        if pattern == "*" or host == pattern:
-            return True
-        if pattern.startswith("*.") and (host == pattern[2:] or host.endswith(pattern[1:])):
-            return True
-    return False
-
-
-def is_private(host: str) -> bool:
-    """Loopback, link-local, private or otherwise non-global, by literal."""
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    ip = _ip(host)
-    return ip is not None and not ip.is_global
-
-
-def private_allowed(host: str, policy: ProxyPolicy, endpoints: frozenset[str]) -> bool:
-    if host in endpoints or matches(host, tuple(p for p in policy.allow_private if "/" not in p)):
-        return True
-    ip = _ip(host)
-    if ip is None:
-        return False
-    return any(
-        ip in ipaddress.ip_network(entry, strict=False)
-        for entry in policy.allow_private
-        if "/" in entry or _ip(entry) is not None
-    )
-
-
 def client_allowed(client_ip: str, policy: ProxyPolicy) -> bool:
     ip = _ip(client_ip.split("%")[0])
     if ip is None:
@@ -151,7 +122,9 @@ def client_allowed(client_ip: str, policy: ProxyPolicy) -> bool:
     return any(ip.version == net.version and ip in net for net in policy.allow_clients)
 
 
-def decide(head: Head, client_ip: str, policy: ProxyPolicy, endpoints: frozenset[str]) -> Decision:
+def decide(
+    head: Head, client_ip: str, policy: ProxyPolicy, destinations: Destinations
+) -> Decision:
     """What to do with a request; raises ProxyRefused with the reason."""
     if not client_allowed(client_ip, policy):
         raise ProxyRefused(message=f"client {client_ip} is not allowed to use this proxy")
@@ -159,10 +132,10 @@ def decide(head: Head, client_ip: str, policy: ProxyPolicy, endpoints: frozenset
         if head.method == "GET" and head.target.split("?")[0] == "/ca.crt":
             return Decision(Action.SERVE_CA, head)
         raise ProxyRefused(message="this is a proxy: use CONNECT, or GET /ca.crt for the CA")
-    if is_private(head.host) and not private_allowed(head.host, policy, endpoints):
+    if not destinations.host_allowed(head.host):
         raise ProxyRefused(message=f"{head.host} is a loopback, link-local or private address")
     if head.method != "CONNECT":
-        if head.port != 80 and head.host not in endpoints:
+        if head.port != 80 and not destinations.named(head.host):
             raise ProxyRefused(message=f"plain HTTP to port {head.port} is not allowed")
         return Decision(Action.FORWARD, head)
     if head.port not in policy.ports:

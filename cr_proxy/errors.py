@@ -56,6 +56,18 @@ class UpstreamUnreachable(UpstreamError, ConnectionError):
     code = "UPSTREAM_UNREACHABLE"
 
 
+class UpstreamTimeout(UpstreamError, TimeoutError):
+    status = 504
+    code = "UPSTREAM_TIMEOUT"
+
+
+class DestinationRefused(CrProxyError, PermissionError):
+    """The policy forbids connecting there (loopback, private, link-local)."""
+
+    status = 403
+    code = "DENIED"
+
+
 class DigestMismatch(UpstreamError):
     code = "DIGEST_INVALID"
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -38,13 +39,14 @@ from .errors import (
     Truncated,
     Unsupported,
     UpstreamError,
+    UpstreamTimeout,
     UpstreamUnreachable,
 )
 from .flight import Flight, Flights
 from .layout import Kind, RegistryPath, Target, mirror_target, proxy_target
 from .metrics import Metrics
 from .reference import MANIFEST_ACCEPT, digest_of, is_digest
-from .store import Store, StoredManifest
+from .store import SHAPE_CONFLICTS, Store, StoredManifest
 from .upstream import Hop, Upstream
 
 log = logging.getLogger("cr_proxy.fetcher")
@@ -86,7 +88,9 @@ class Shared:
 
 
 class Fetcher:
-    __slots__ = ("config", "flights", "metrics", "on_full", "shared", "store", "upstream")
+    __slots__ = (
+        "_challenges", "config", "flights", "metrics", "on_full", "shared", "store", "upstream",
+    )
 
     def __init__(
         self, config: Config, store: Store, upstream: Upstream, metrics: Metrics | None = None
@@ -97,6 +101,7 @@ class Fetcher:
         self.metrics = metrics or Metrics()
         self.flights = Flights()
         self.shared = Shared()
+        self._challenges: dict[str, str] = {}  # domain -> its /v2/ challenge, as stored
         # Called after a commit takes the cache past cache.max_size (serve
         # wakes the evictor with it).
         self.on_full: Callable[[], None] | None = None
@@ -110,10 +115,18 @@ class Fetcher:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
             return await self._dispatch(request)
+        except (aiohttp.ClientError, TimeoutError) as err:
+            # An upstream that broke off or stalled mid-answer.
+            wrapped = UpstreamTimeout if isinstance(err, TimeoutError) else UpstreamError
+            return self._error(request, wrapped(message=f"upstream failed: {err or type(err)}"))
         except CrProxyError as err:
-            if err.status >= 500:
-                log.warning("%s %s: %s", request.method, request.path_qs[:200], err.message)
-            return error_response(err)
+            return self._error(request, err)
+
+    @staticmethod
+    def _error(request: web.Request, err: CrProxyError) -> web.Response:
+        if err.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path_qs[:200], err.message)
+        return error_response(err)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         mode = request.headers.get("X-CR-Mode", "mirror")
@@ -127,7 +140,9 @@ class Fetcher:
             return await self._registry_request(request, target, mirror=True)
         domain, rpath = proxy_target(request.headers.get("Host", ""), request.path)
         if rpath is None:
-            return await self._passthrough(request, domain, request.path_qs, token_ok=True,
+            # The path proxy_target checked, not the raw one.
+            query = f"?{request.query_string}" if request.query_string else ""
+            return await self._passthrough(request, domain, request.path + query, token_ok=True,
                                            scheme=request.headers.get("X-CR-Scheme", "https"))
         return await self._registry_request(request, Target(domain, domain, rpath), mirror=False)
 
@@ -147,24 +162,40 @@ class Fetcher:
         if request.method not in ("GET", "HEAD"):
             if mirror:
                 raise Unsupported(message="this mirror is read-only: push to the registry itself")
-            return await self._passthrough(request, target.domain, request.path_qs)
+            return await self._passthrough(request, target.domain,
+                                           self._relayed_path(request, target, mirror))
         if kind is Kind.BLOB:
             return await self._blob(request, target)
         if kind is Kind.MANIFEST:
             return await self._manifest(request, target)
         if kind is Kind.PING and mirror:
             return web.json_response({}, headers=API_HEADERS)
-        return await self._passthrough(request, target.domain, "/" + target.rpath.path
-                                       if kind is Kind.PING else request.path_qs)
+        return await self._passthrough(request, target.domain, self._relayed_path(request, target,
+                                                                                   mirror))
+
+    @staticmethod
+    def _relayed_path(request: web.Request, target: Target, mirror: bool) -> str:
+        """What an uncached GET asks upstream: the checked path, never the raw
+        one (no dot segments); in mirror mode only listing paths, with their
+        paging parameters (never `ns`)."""
+        rpath = target.rpath
+        if not mirror:
+            query = f"?{request.query_string}" if request.query_string else ""
+            return "/" + rpath.path + query
+        if rpath.kind is Kind.OTHER and rpath.name != "_catalog":
+            raise NotFound("UNSUPPORTED", f"/{rpath.path} is not served by this mirror")
+        paging = {k: v for k, v in request.query.items() if k in ("n", "last")}
+        return "/" + rpath.path + (f"?{urlencode(paging)}" if paging else "")
 
     # --- blobs ----------------------------------------------------------------
 
     async def _blob(self, request: web.Request, target: Target) -> web.StreamResponse:
         digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
-        if await in_thread(self.store.link_if_stored, digest, domain, path):
+        stored = await in_thread(self.store.link_if_stored, digest, domain, path)
+        if stored is not None:
             # Pulled before through another repository or registry: one copy.
             self.metrics.hits.labels(kind="blob-fetch").inc()
-            return self._file_response(self.store.tree.content(domain, path), digest)
+            return self._file_response(stored, digest)
         if request.method == "HEAD":
             if request.headers.get("X-CR-Cache-Only") == "1":
                 # warm asks "is it here?" without costing an upstream request.
@@ -197,7 +228,7 @@ class Fetcher:
             return response
         await response.write_eof()
         if flight.committed_path is not None:
-            await in_thread(self.store.link, digest, domain, path)
+            await in_thread(self.store.link_quietly, digest, domain, path)
         return response
 
     async def _blob_head(self, request: web.Request, target: Target) -> web.StreamResponse:
@@ -268,10 +299,11 @@ class Fetcher:
         digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
         source = (domain, path)
         for hop in hops:
-            self.store.link(digest, hop.target_host, hop.target_path)
+            self.store.link_quietly(digest, hop.target_host, hop.target_path)
             self.store.record_redirect(*source, hop.status, hop.location)
             source = (hop.target_host, hop.target_path)
-        self.store.link(digest, domain, path)
+        self.store.link_quietly(digest, domain, path)
+        self._record_challenge(domain, target.rpath)
         return committed
 
     def _file_response(self, path: Path, digest: str) -> web.FileResponse:
@@ -388,7 +420,11 @@ class Fetcher:
         if claimed and is_digest(claimed) and claimed.startswith(algorithm) and claimed != digest:
             raise DigestMismatch(message=f"{domain} claimed {claimed}, body is {digest}")
         now = time.time()
-        await in_thread(self._commit_manifest, target, body, digest, content_type, now)
+        try:
+            await in_thread(self._commit_manifest, target, body, digest, content_type, now)
+        except SHAPE_CONFLICTS as err:
+            # Still a good answer for this client; the tree cannot hold the name.
+            log.warning("cannot cache %s/%s: %s", domain, rpath.path, err)
         self._grew(len(body))
         return StoredManifest(body, content_type, digest, now)
 
@@ -401,6 +437,7 @@ class Fetcher:
         self.store.record_manifest(domain, by_digest, digest, content_type, None)
         if not rpath.by_digest:
             self.store.record_manifest(domain, rpath.path, digest, content_type, now)
+        self._record_challenge(domain, rpath)
 
     @staticmethod
     def _manifest_response(stored: StoredManifest, cache: str) -> web.Response:
@@ -459,16 +496,26 @@ class Fetcher:
                             headers={"WWW-Authenticate": header, **API_HEADERS})
 
     def _store_challenge(self, host: str, path: str, header: str) -> None:
-        """Keep the upstream's challenge to replay when it is unreachable; the
-        one for /v2/ is the same without the scope. Written inline: two small
-        files, on the rare 401 path."""
-        path = path.split("?")[0]
+        """Keep the upstream's /v2/ challenge (any 401's, without its scope) to
+        replay when the upstream is unreachable. Only that one file: a 401
+        for a name that does not exist must not create files in the cache;
+        the per-path challenges are written with what they protect (commit).
+        Written inline: one small file, only when it changed."""
+        plain = _without_scope(header)
+        if self._challenges.get(host) == plain:
+            return
         try:
-            self.store.write_sidecar("www-authenticate", host, path, header)
-            if path != "/v2/":
-                self.store.write_sidecar("www-authenticate", host, "/v2/", _without_scope(header))
+            self.store.write_sidecar("www-authenticate", host, "/v2/", plain)
+            self._challenges[host] = plain
         except (CrProxyError, OSError) as err:
-            log.debug("not storing challenge for %s%s: %s", host, path, err)
+            log.debug("not storing challenge for %s: %s", host, err)
+
+    def _record_challenge(self, domain: str, rpath: RegistryPath) -> None:
+        """The challenge a client would get for a path we just stored."""
+        plain = self._challenges.get(domain)
+        if plain:
+            scoped = f'{plain},scope="repository:{rpath.name}:pull"'
+            self.store.write_sidecar("www-authenticate", domain, rpath.path, scoped)
 
 
 RELAYED_REQUEST = frozenset({"accept", "authorization", "content-type", "content-length", "range",

@@ -35,6 +35,7 @@ from .connect import (
     proxy_protocol_v1,
     reply,
 )
+from .policy import Destinations
 
 log = logging.getLogger("cr_proxy.front")
 
@@ -47,12 +48,14 @@ SPLICE_CHUNK = 1 << 20
 
 class Front:
     __slots__ = (
-        "_active", "_clients", "_executor", "_listener", "_task", "config", "counters", "leaves",
+        "_active", "_clients", "_executor", "_listener", "_task", "config", "counters",
+        "destinations", "leaves",
     )
 
     def __init__(self, config: Config, leaves: certs.LeafCache) -> None:
         self.config = config
         self.leaves = leaves
+        self.destinations = Destinations.of(config)
         self._executor = ThreadPoolExecutor(
             max_workers=2 * config.proxy.max_tunnels, thread_name_prefix="splice"
         )
@@ -113,8 +116,7 @@ class Front:
             try:
                 raw, rest = await asyncio.wait_for(_read_head(loop, conn), HEAD_TIMEOUT)
                 head = parse_head(raw)
-                decision = decide(head, addr[0], self.config.proxy,
-                                  frozenset(self.config.endpoints))
+                decision = decide(head, addr[0], self.config.proxy, self.destinations)
             except ProxyRefused as err:
                 log.warning("refused %s: %s", addr[0], err.message)
                 self.count("refused")
@@ -125,15 +127,15 @@ class Front:
                 return
             except (TimeoutError, ConnectionError):
                 return
-            if self._active >= self.config.proxy.max_tunnels:
-                await loop.sock_sendall(conn, reply(503, "Busy", "too many tunnels\n"))
-                return
             action = decision.action
             self.count(action.value)
             if action is Action.SERVE_CA:
                 pem = self.leaves.ca.cert.read_text()
                 await loop.sock_sendall(conn, reply(200, "OK", pem).replace(
                     b"text/plain", b"application/x-pem-file"))
+                return
+            if self._active >= self.config.proxy.max_tunnels:
+                await loop.sock_sendall(conn, reply(503, "Busy", "too many tunnels\n"))
                 return
             try:
                 upstream = await self._open(action, head.host, head.port, addr)

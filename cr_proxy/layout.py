@@ -49,7 +49,11 @@ class Kind(Enum):
     PING = "ping"  # /v2/
     MANIFEST = "manifests"
     BLOB = "blobs"
-    OTHER = "other"  # tags/list, _catalog, uploads, anything else under /v2/
+    TAGS = "tags"  # /v2/<name>/tags/list
+    OTHER = "other"  # _catalog, uploads, anything else under /v2/
+
+
+NAMED_KINDS = frozenset({Kind.MANIFEST, Kind.BLOB, Kind.TAGS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,8 @@ class RegistryPath:
             return "v2/"
         if self.kind is Kind.OTHER:
             return f"v2/{self.name}"
+        if self.kind is Kind.TAGS:
+            return f"v2/{self.name}/tags/list"
         return f"v2/{self.name}/{self.kind.value}/{self.ref}"
 
 
@@ -85,8 +91,13 @@ class Target:
 
 
 def check_domain(host: str) -> str:
-    """A Host header or registry name, lower-cased; a default port dropped."""
-    host = host.strip().lower()
+    """A Host header or registry name, lower-cased; a default port dropped.
+    Non-ASCII is refused before lower-casing: str.lower() and strip() would
+    fold look-alikes (KELVIN SIGN -> 'k', ideographic space) into another,
+    valid host."""
+    if not host.isascii():
+        raise BadRequest("NAME_INVALID", f"invalid host {host[:100]!r}")
+    host = host.strip(" \t").lower()
     if host.endswith(":443") or host.endswith(":80"):
         host = host.rsplit(":", 1)[0]
     if not is_host(host):
@@ -128,6 +139,8 @@ def parse_v2_path(path: str) -> RegistryPath:
         return RegistryPath(Kind.MANIFEST, name, ref)
     if kind == "blobs":
         return RegistryPath(Kind.BLOB, name, check_digest(ref))
+    if kind == "tags" and ref == "list":
+        return RegistryPath(Kind.TAGS, name)
     return RegistryPath(Kind.OTHER, path[4:])
 
 
@@ -162,7 +175,9 @@ def mirror_target(
     means the default registry (Docker's `registry-mirrors`)."""
     rpath = parse_v2_path(path)
     registry = ns or default_registry
-    if rpath.kind in (Kind.MANIFEST, Kind.BLOB):
+    if rpath.kind is Kind.OTHER:
+        check_path(path)  # forwarded as is: no dot segments, nothing encoded
+    if rpath.kind in NAMED_KINDS:
         prefix, name = split_prefix(rpath.name)
         if prefix is not None:
             registry = prefix
@@ -187,8 +202,10 @@ def proxy_target(host: str, path: str) -> tuple[str, RegistryPath | None]:
     domain = check_domain(host)
     if path.startswith("/v2/") or path == "/v2":
         rpath = parse_v2_path(path)
-        if rpath.kind in (Kind.MANIFEST, Kind.BLOB):
+        if rpath.kind in NAMED_KINDS:
             check_name(rpath.name)
+        elif rpath.kind is Kind.OTHER:
+            check_path(path)
         return domain, rpath
     check_path(path)
     return domain, None

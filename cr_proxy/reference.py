@@ -17,6 +17,7 @@ A first component names a registry when it holds a dot or a colon, or is
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -62,7 +63,17 @@ def is_name(name: str) -> bool:
 
 
 def is_host(host: str) -> bool:
-    return len(host) <= 253 and HOST_RE.fullmatch(host) is not None
+    if len(host) > 253 or HOST_RE.fullmatch(host) is None:
+        return False
+    if host.startswith("["):  # the grammar only shapes it: ask ipaddress
+        literal, _, port = host[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+        return not port or 0 < int(port[1:]) < 65536
+    port = host.rpartition(":")[2] if ":" in host else ""
+    return not port or 0 < int(port) < 65536
 
 
 def names_registry(component: str) -> bool:

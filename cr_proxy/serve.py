@@ -125,8 +125,10 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
         if config.listen.metrics.enabled:
             await _start_metrics(stack, config, metrics)
 
+        # nginx in a process group of its own: if its master dies, its
+        # workers would live on, bound to our ports; _reap ends the group.
         proc = await asyncio.create_subprocess_exec(
-            *nginx.command(config, conf), preexec_fn=_die_with_parent
+            *nginx.command(config, conf), preexec_fn=_die_with_parent, start_new_session=True
         )
         stack.push_async_callback(_reap, proc)
         if not await _listening(config, proc):
@@ -185,9 +187,12 @@ async def _until_signal_or_exit(proc: asyncio.subprocess.Process, stop: asyncio.
 
 
 async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """nginx and every worker it left: nothing of it outlives serve."""
     if proc.returncode is None:
         proc.kill()
         await proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def _start_metrics(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -28,7 +29,12 @@ from .errors import DigestMismatch, Truncated
 from .layout import SIDECARS, Tree
 from .reference import check_digest, digest_of, hasher, is_digest
 
+log = logging.getLogger("cr_proxy.store")
+
 TOP_DIRS = ("content", "blobs", "temp", *SIDECARS)
+# Two valid names whose paths collide: tag <t> of repository R is a file
+# where repository R/manifests/<t> needs a directory.
+SHAPE_CONFLICTS = (NotADirectoryError, IsADirectoryError, FileExistsError)
 USES_FILE = "usage.json"  # last use per (domain, path), from nginx's access log
 
 
@@ -197,14 +203,27 @@ class Store:
         writer.write(data)
         return self.commit(writer, len(data))
 
-    def link_if_stored(self, digest: str, domain: str, path: str) -> bool:
-        """link() when the digest store has the blob; False when it has not
-        (or an eviction removed it a moment ago)."""
+    def link_if_stored(self, digest: str, domain: str, path: str) -> Path | None:
+        """link() when the digest store has the blob, and the file to serve;
+        None when it has not (or an eviction removed it a moment ago). A name
+        the tree cannot hold (a file where a directory must be) is served
+        from the digest store itself."""
         try:
             self.link(digest, domain, path)
         except FileNotFoundError:
-            return False
-        return True
+            return None
+        except SHAPE_CONFLICTS:
+            blob = self.tree.blob(digest)
+            return blob if blob.is_file() else None
+        return self.tree.content(domain, path)
+
+    def link_quietly(self, digest: str, domain: str, path: str) -> None:
+        """link(), but a name the tree cannot hold is skipped: the content is
+        stored and still served, just not under that name."""
+        try:
+            self.link(digest, domain, path)
+        except SHAPE_CONFLICTS as err:
+            log.warning("cannot cache %s/%s: %s", domain, path, err)
 
     def link(self, digest: str, domain: str, path: str) -> None:
         """Point content/<domain>/<path> at the stored digest (atomically)."""

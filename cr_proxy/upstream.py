@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,8 +30,9 @@ from multidict import CIMultiDict
 
 from .auth import Challenge, TokenCache, parse_challenge, pull_scope
 from .config import Config
-from .errors import UpstreamError, UpstreamUnreachable
+from .errors import DestinationRefused, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from .layout import Target, check_domain
+from .policy import Destinations, ip_of
 
 log = logging.getLogger("cr_proxy.upstream")
 
@@ -90,11 +92,44 @@ def split_url(url: str) -> tuple[str, str, str]:
 ChallengeHook = Callable[[str, str, str], None]
 
 
+class PrivateAddress(OSError):
+    """A name resolved only to addresses the policy refuses."""
+
+
+class PolicyResolver(aiohttp.abc.AbstractResolver):
+    """DNS through aiohttp's resolver, minus the private addresses the policy
+    refuses, so a public-looking name cannot lead into the LAN."""
+
+    def __init__(self, destinations: Destinations) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+        self._destinations = destinations
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
+        infos = await self._inner.resolve(host, port, family)
+        if self._destinations.named(host):
+            return infos
+        kept = [i for i in infos if self._allowed(i["host"])]
+        if not kept:
+            raise PrivateAddress(f"{host} resolves only to loopback, link-local or private "
+                                 "addresses; allow it in proxy.allow_private")
+        return kept
+
+    def _allowed(self, address: str) -> bool:
+        ip = ip_of(address)
+        return ip is not None and self._destinations.address_allowed(ip)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 class Upstream:
-    __slots__ = ("_down_until", "_scheme_ok", "config", "on_challenge", "session", "tokens")
+    __slots__ = (
+        "_down_until", "_scheme_ok", "config", "destinations", "on_challenge", "session", "tokens",
+    )
 
     def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
         self.config = config
+        self.destinations = Destinations.of(config)
         self.session = session
         self.tokens = TokenCache()
         self._down_until: dict[str, float] = {}
@@ -111,7 +146,8 @@ class Upstream:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
         )
-        connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=60)
+        resolver = PolicyResolver(Destinations.of(config))
+        connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=60, resolver=resolver)
         return aiohttp.ClientSession(
             timeout=timeout,
             connector=connector,
@@ -156,6 +192,9 @@ class Upstream:
         redirects. Raises UpstreamUnreachable when the host cannot be reached."""
         if self.is_down(host):
             raise UpstreamUnreachable(message=f"{host} is unreachable (remembered)")
+        if not self.destinations.host_allowed(host):
+            raise DestinationRefused(message=f"{host} is a loopback, link-local or private "
+                                     "address; allow it in proxy.allow_private or endpoints")
         bases = self.base_urls(host, scheme)
         last_error: BaseException | None = None
         for base in bases:
@@ -163,9 +202,17 @@ class Upstream:
                 response = await self.session.request(
                     method, base + path, headers=headers, allow_redirects=False, data=data
                 )
+            except PrivateAddress as err:
+                raise DestinationRefused(message=str(err)) from err
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as err:
+                if isinstance(err.__cause__, PrivateAddress) or isinstance(
+                    getattr(err, "os_error", None), PrivateAddress
+                ):
+                    raise DestinationRefused(message=str(err)) from err
                 last_error = err
                 continue
+            except (aiohttp.ServerTimeoutError, TimeoutError) as err:
+                raise UpstreamTimeout(message=f"{host} did not answer in time") from err
             except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as err:
                 # An HTTPS attempt at a plain-HTTP loopback registry ends here.
                 if len(bases) > 1:

@@ -1,0 +1,191 @@
+"""One measurement each: curl, wrk, skopeo, peak RSS. Every client is a real
+tool run as a subprocess with a timeout, against 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.crproxy import clean_env, skopeo_pull
+
+CURL_TIMEOUT = 300
+WRK_GRACE = 30
+CURL_FORMAT = "%{http_code} %{size_download} %{speed_download} %{time_total}"
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Curl:
+    status: int
+    size: int
+    speed: float  # bytes/s as curl measured it (body bytes / transfer time)
+    time_total: float
+    wall: float  # seconds around the whole process
+
+
+def _curl_cmd(url: str, extra: list[str]) -> list[str]:
+    return ["curl", "-s", "-o", "/dev/null", "--noproxy", "*", "-w", CURL_FORMAT,
+            *extra, url]
+
+
+def _parse_curl(out: str, wall: float, url: str) -> Curl:
+    try:
+        status, size, speed, total = out.split()
+        return Curl(int(status), int(size), float(speed), float(total), wall)
+    except ValueError as err:
+        raise BenchError(f"curl {url}: unexpected output {out!r}") from err
+
+
+def curl(url: str, *extra: str, expect_size: int | None = None) -> Curl:
+    """GET url into /dev/null; fails unless 200 (and the size, if given)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        _curl_cmd(url, list(extra)), capture_output=True, text=True, timeout=CURL_TIMEOUT,
+        env=clean_env(), stdin=subprocess.DEVNULL, check=False,
+    )
+    wall = time.perf_counter() - t0
+    result = _parse_curl(proc.stdout, wall, url)
+    _check(result, url, expect_size, proc.stderr)
+    return result
+
+
+def _check(result: Curl, url: str, expect_size: int | None, stderr: str = "") -> None:
+    if result.status != 200 or (expect_size is not None and result.size != expect_size):
+        raise BenchError(
+            f"curl {url}: status {result.status}, {result.size} bytes "
+            f"(wanted 200, {expect_size}) {stderr.strip()}"
+        )
+
+
+def curl_many(url: str, clients: int, expect_size: int) -> tuple[float, list[Curl]]:
+    """`clients` curls of url started together; (wall time until the last is
+    done, each one's result). Every one must get the whole body."""
+    procs: list[subprocess.Popen[str]] = []
+    t0 = time.perf_counter()
+    try:
+        for _ in range(clients):
+            procs.append(subprocess.Popen(
+                _curl_cmd(url, []), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env=clean_env(), stdin=subprocess.DEVNULL,
+            ))
+        outs = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=CURL_TIMEOUT)
+            outs.append((out, err))
+        wall = time.perf_counter() - t0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                with suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
+    results = []
+    for out, err in outs:
+        result = _parse_curl(out, wall, url)
+        _check(result, url, expect_size, err)
+        results.append(result)
+    return wall, results
+
+
+def headers(url: str, *extra: str) -> dict[str, str]:
+    """The response headers of a HEAD (lower-case names)."""
+    proc = subprocess.run(
+        ["curl", "-s", "-I", "--noproxy", "*", *extra, url], capture_output=True, text=True,
+        timeout=60, env=clean_env(), stdin=subprocess.DEVNULL, check=False,
+    )
+    out: dict[str, str] = {}
+    for line in proc.stdout.splitlines()[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            out[name.strip().lower()] = value.strip()
+    status = proc.stdout.split(" ", 2)[1] if proc.stdout.startswith("HTTP/") else "?"
+    out[":status"] = status
+    return out
+
+
+def bearer_token(token_url: str, repo: str) -> str:
+    """An anonymous pull token from the upstream's token server (loopback)."""
+    query = urllib.parse.urlencode({"service": "registry.test", "scope": f"repository:{repo}:pull"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{token_url}?{query}", timeout=30) as resp:
+        return json.load(resp)["token"]
+
+
+@dataclass
+class Wrk:
+    rps: float
+    requests: int
+    bad: int  # non-2xx/3xx answers plus socket errors
+
+
+def wrk(url: str, duration: float, threads: int = 2, connections: int = 32) -> Wrk:
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s"]
+    proc = subprocess.run(
+        [*cmd, url], capture_output=True, text=True, timeout=duration + WRK_GRACE,
+        env=clean_env(), stdin=subprocess.DEVNULL, check=False,
+    )
+    out = proc.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    if proc.returncode != 0 or rps is None or total is None:
+        raise BenchError(f"{' '.join(cmd)} {url} failed:\n{out}\n{proc.stderr}")
+    bad = 0
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if non2xx:
+        bad += int(non2xx.group(1))
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if errors:
+        bad += sum(int(n) for n in errors.groups())
+    return Wrk(float(rps.group(1)), int(total.group(1)), bad)
+
+
+def ab_head(url: str, duration: float, connections: int = 32) -> Wrk:
+    """HEAD requests per second with ApacheBench (`ab -i -k`).
+
+    Not wrk: wrk 4.1 (Debian's) has no on_headers_complete callback, so its
+    parser waits for the body a HEAD answer's Content-Length announces and
+    never counts a single HEAD of a non-empty blob (0 requests/s against any
+    server). ab is single-threaded: one client core, for both sides alike.
+    """
+    # -t alone caps at 50000 requests; a large -n after it lifts that.
+    cmd = ["ab", "-q", "-i", "-k", "-c", str(connections), "-t", f"{duration:g}", "-n", "100000000"]
+    proc = subprocess.run(
+        [*cmd, url], capture_output=True, text=True, timeout=duration + WRK_GRACE,
+        env=clean_env(), stdin=subprocess.DEVNULL, check=False,
+    )
+    out = proc.stdout
+    rps = re.search(r"Requests per second:\s+([\d.]+)", out)
+    total = re.search(r"Complete requests:\s+(\d+)", out)
+    if proc.returncode != 0 or rps is None or total is None:
+        raise BenchError(f"{' '.join(cmd)} {url} failed:\n{out}\n{proc.stderr}")
+    bad = sum(int(m) for m in re.findall(r"(?:Failed requests|Non-2xx responses):\s+(\d+)", out))
+    return Wrk(float(rps.group(1)), int(total.group(1)), bad)
+
+
+def skopeo_time(source: str, dest: Path, cert_dir: Path | None = None) -> float:
+    """Seconds for `skopeo copy docker://source oci:dest` (tests.crproxy.skopeo_pull);
+    the pulled layout is deleted afterwards by the caller."""
+    t0 = time.perf_counter()
+    result = skopeo_pull(source, dest, cert_dir=cert_dir)
+    elapsed = time.perf_counter() - t0
+    if result.returncode != 0:
+        raise BenchError(f"skopeo pull of {source} failed:\n{result.stderr[-2000:]}")
+    return elapsed
+
+
+def vm_hwm(pid: int) -> int:
+    """Peak resident set size of a live process, in bytes (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise BenchError(f"no VmHWM for pid {pid}")

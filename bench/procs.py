@@ -1,0 +1,301 @@
+"""The two reference servers the benchmark runs beside cr-proxy, on 127.0.0.1.
+
+* `PlainNginx` - nginx with nothing but a static root (the physical reference
+  for the hit path): HTTP with sendfile, and TLS with an EC P-256 certificate
+  from a throw-away CA made here. `output_buffers 2 1m` like cr-proxy's nginx,
+  so the TLS rows compare the same read size.
+* `PeerRegistry` - CNCF distribution (`docker-registry serve`) in proxy mode,
+  the pull-through cache people run today. Its remote is `http://registry.test`,
+  a name only the Upstream's name-mapping forward proxy knows: the peer runs
+  with HTTP_PROXY/HTTPS_PROXY set to it and NO_PROXY empty (Go bypasses a proxy
+  only for localhost and loopback IPs, so registry.test, auth.test and the
+  cdn.test redirect target all go through it).
+
+Every process is started by us, on ports we chose, and stopped by stop()
+(SIGTERM, then SIGKILL); both classes are context managers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Self
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.upstream import free_ports
+
+READY_TIMEOUT = 15.0
+STOP_TIMEOUT = 15.0
+
+
+def port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_listening(ports: list[int], proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until every port accepts; fail at once if `proc` exits first (bounded)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    pending = list(ports)
+    while pending:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited {proc.returncode}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args!r} not listening on {pending}:\n{_tail(log)}")
+        if port_open(pending[0]):
+            pending.pop(0)
+            continue
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.05)
+
+
+def terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=STOP_TIMEOUT)
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_tls(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a leaf for 127.0.0.1/localhost, both EC P-256 (what cr-proxy's
+    mirror uses). Returns (ca.crt, leaf chain, leaf key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("cr-proxy bench CA"))
+        .issuer_name(_name("cr-proxy bench CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(_name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    ca_path, cert_path, key_path = (directory / n for n in ("ca.crt", "tls.crt", "tls.key"))
+    ca_path.write_bytes(ca.public_bytes(pem))
+    cert_path.write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
+    key_path.write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    os.chmod(key_path, 0o600)
+    return ca_path, cert_path, key_path
+
+
+# --------------------------------------------------------------------------- plain nginx
+
+
+class PlainNginx:
+    """A static nginx serving `root` on an HTTP and a TLS port of 127.0.0.1.
+
+    Matched to cr-proxy's nginx only where a static server would be configured
+    the same anyway (workers, sendfile, 1 MiB output buffers, keep-alive, TLS
+    protocols and session cache); it logs every request, as nginx does by
+    default and as cr-proxy does.
+    """
+
+    def __init__(self, workdir: Path, root: Path) -> None:
+        self.dir = workdir
+        self.root = root
+        self.http_port, self.https_port = free_ports(2)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ca_cert = self.dir / "tls" / "ca.crt"
+
+    @property
+    def http(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def https(self) -> str:
+        return f"127.0.0.1:{self.https_port}"
+
+    def config(self, cert: Path, key: Path) -> str:
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        d = self.dir
+        return f"""{user}worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+daemon off;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/tmp/client_body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    types {{}}
+    default_type application/octet-stream;
+    sendfile on;
+    output_buffers 2 1m;
+    keepalive_requests 10000;
+    server {{
+        listen 127.0.0.1:{self.http_port};
+        listen 127.0.0.1:{self.https_port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:plain:10m;
+        root {self.root};
+    }}
+}}
+"""
+
+    def start(self) -> None:
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (self.dir / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+        _, cert, key = make_tls(self.dir / "tls")
+        conf = self.dir / "nginx.conf"
+        conf.write_text(self.config(cert, key))
+        log = self.dir / "error.log"
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                ["nginx", "-p", str(self.dir), "-c", str(conf), "-e", str(log)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_listening([self.http_port, self.https_port], self.proc, log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        self.proc = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- peer
+
+
+class PeerRegistry:
+    """distribution in proxy mode in front of registry.test, own storage."""
+
+    def __init__(self, workdir: Path, name_proxy_url: str, remote: str) -> None:
+        self.dir = workdir
+        self.storage = self.dir / "storage"
+        self.log = self.dir / "registry.log"
+        self.name_proxy_url = name_proxy_url
+        self.remote = remote
+        (self.port,) = free_ports(1)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def config(self) -> dict[str, object]:
+        return {
+            "version": 0.1,
+            "log": {"level": "info", "formatter": "text", "fields": {"service": "peer"}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.storage)},
+                # The registry's own sample configuration has this cache.
+                "cache": {"blobdescriptor": "inmemory"},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+            "http": {"addr": f"127.0.0.1:{self.port}", "secret": "cr-proxy-bench-not-a-secret"},
+            "proxy": {"remoteurl": self.remote},
+        }
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+            env[var] = self.name_proxy_url
+        env["NO_PROXY"] = env["no_proxy"] = ""
+        return env
+
+    def start(self) -> None:
+        self.storage.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "registry.yml"
+        conf.write_text(json.dumps(self.config(), indent=2))  # JSON is YAML
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                ["docker-registry", "serve", str(conf)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env(),
+            )
+        try:
+            wait_listening([self.port], self.proc, self.log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        self.proc = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self) -> str:
+        return _tail(self.log)

@@ -1,0 +1,639 @@
+"""`make bench`: does cr-proxy serve hits at nginx's own speed, and how does it
+compare with the alternatives? One command, everything on 127.0.0.1.
+
+It starts, and stops again (also on an error, Ctrl-C or SIGTERM):
+
+* the tests' Docker-Hub-like upstream (tests.upstream.Upstream: distribution
+  with token auth and blob redirects to a CDN nginx), with one image pushed:
+  a 256 MiB layer plus a small one;
+* cr-proxy (`cr-proxy serve`, mirror mode, HTTP and HTTPS ports): one warm
+  instance for the hit cases, a fresh one (empty cache) for every cold case;
+* a plain nginx serving the very same files (the warm cache's content tree)
+  over HTTP with sendfile and over TLS: the physical reference;
+* CNCF distribution in proxy mode (bench.procs.PeerRegistry): the peer
+  pull-through cache, warm, and fresh (empty storage) for every cold case.
+
+Every case runs `--reps` times, interleaved (A B C, A B C, ...); the table
+shows medians and the ratio of medians next to the bar it must meet. Clients
+are real tools: curl, wrk, skopeo, and ab for the HEAD rows (Debian's wrk 4.1
+never counts a HEAD answer whose Content-Length announces a body).
+
+    python -m bench.run [--quick] [--reps N] [--write docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import logging
+import os
+import platform
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import measure
+from bench.procs import PeerRegistry, PlainNginx
+from bench.report import (
+    MIB,
+    Bar,
+    Row,
+    absolute,
+    compare,
+    fmt_mib,
+    fmt_rate,
+    fmt_rps,
+    fmt_secs,
+    info,
+    markdown_table,
+    median,
+    not_built,
+    text_table,
+)
+from tests.crproxy import CrProxy, layout_blobs
+from tests.oci_layout import big_file_layer, build_image, tar_layer
+from tests.upstream import Upstream
+
+ROOT = Path(__file__).resolve().parent.parent
+REPO = "bench/big"
+TAG = "v1"
+CLIENTS = 16
+RSS_LIMIT = 100 * MIB
+# cr-proxy settings for the warm instance: tags stay fresh for the whole run,
+# so every hit is nginx's (by tag too).
+HIT_SETTINGS = {"tag_ttl": 3600, "log_level": "info"}
+# ...and for the offline case: tag_ttl 0 makes every pull by tag ask the
+# upstream (a HEAD), and, the upstream gone, fall back to the stale copy:
+# the path an offline pull takes once a tag has aged.
+STALE_SETTINGS = {"tag_ttl": 0, "log_level": "info"}
+
+
+@dataclass
+class Plan:
+    blob_mib: int
+    reps: int
+    hit_inner: int  # blob-hit downloads per side per round (each is short)
+    wrk_seconds: float
+
+    @classmethod
+    def make(cls, args: argparse.Namespace) -> Plan:
+        if args.quick:
+            plan = cls(blob_mib=32, reps=1, hit_inner=1, wrk_seconds=1)
+        else:
+            plan = cls(blob_mib=256, reps=5, hit_inner=5, wrk_seconds=5)
+        if args.reps is not None:
+            plan.reps = args.reps
+        if args.blob_mib is not None:
+            plan.blob_mib = args.blob_mib
+        return plan
+
+
+@dataclass
+class Image:
+    big: str  # the big layer's digest
+    big_size: int
+    digests: set[str]  # manifest, config, layers
+
+
+@dataclass
+class Samples:
+    values: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, name: str, value: float) -> None:
+        self.values[name].append(value)
+
+    def __getitem__(self, name: str) -> list[float]:
+        return self.values.get(name, [])
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (proc.stdout + proc.stderr).strip().splitlines()
+    return text[0].strip() if text else "?"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def _mem_total() -> str:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
+    return "?"
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def machine_facts() -> dict[str, str]:
+    return {
+        "cpu": f"{_cpu_model()}, nproc {os.cpu_count()}",
+        "memory": _mem_total(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "tools": ", ".join(
+            _version(["dpkg-query", "-W", "-f", f"{pkg} ${{Version}}", pkg])
+            for pkg in ("nginx", "curl", "wrk", "apache2-utils", "skopeo", "docker-registry")
+        ),
+    }
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+class Bench:
+    def __init__(self, plan: Plan, work: Path, stack: contextlib.ExitStack) -> None:
+        self.plan = plan
+        self.work = work
+        self.stack = stack
+        self.samples = Samples()
+        self.gets: list[int] = []  # upstream GETs of the big blob, per concurrent round
+        self.rss: dict[str, list[int]] = defaultdict(list)
+        self.round_loads: list[str] = []
+        self.certs = work / "certs"
+        (work / "pulled").mkdir(exist_ok=True)
+        self._serial = 0
+
+    # ---- set-up
+
+    def setup(self) -> None:
+        plan = self.plan
+        say(f"upstream: registry + token server + CDN on loopback ({self.work})")
+        self.up = self.stack.enter_context(Upstream(self.work / "upstream"))
+        self.endpoints = {**self.up.endpoints, "registry-1.docker.io": self.up.registry_url}
+        say(f"image: one {plan.blob_mib} MiB layer + a small one, pushed to registry.test/{REPO}")
+        layout = self.work / "layout"
+        info = build_image(
+            layout,
+            layers=[big_layer(plan.blob_mib * MIB, seed=256),
+                    tar_layer({"etc/bench.txt": b"cr-proxy bench\n" * 64})],
+            tag=TAG,
+        )
+        self.up.push(layout, TAG, REPO, TAG)
+        big = info.layer_digests[0]
+        self.image = Image(big, info.sizes[big],
+                           {info.manifest_digest, info.config_digest, *info.layer_digests})
+        shutil.rmtree(layout)
+
+        say("cr-proxy: warm instance (hits), and a stale-tag one (offline case)")
+        self.hot = self._crproxy("hot", HIT_SETTINGS)
+        self.stale = self._crproxy("stale", STALE_SETTINGS)
+        for proxy in (self.hot, self.stale):
+            self._verified_pull(f"{proxy.http}/registry.test/{REPO}:{TAG}")
+        self._check_hits()
+
+        say("plain nginx over the warm cache's files (HTTP sendfile, TLS EC P-256)")
+        self.plain = self.stack.enter_context(
+            PlainNginx(self.work / "plain", self.hot.cache / "content" / "registry.test")
+        )
+        for url, extra in ((f"http://{self.plain.http}{self._plain_path()}", []),
+                           (f"https://{self.plain.https}{self._plain_path()}",
+                            ["--cacert", str(self.plain.ca_cert)])):
+            measure.curl(url, *extra, expect_size=self.image.big_size)
+
+        say("distribution proxy (peer): warm instance, remote http://registry.test "
+            f"through the name proxy {self.up.proxy_url}")
+        self.peer = self.stack.enter_context(self._peer("peer-warm"))
+        self._verified_pull(f"{self.peer.http}/{REPO}:{TAG}")
+
+    def _crproxy(self, name: str, settings: dict[str, object]) -> CrProxy:
+        proxy = CrProxy(self.work / name, self.endpoints, certs_dir=str(self.certs), **settings)
+        proxy.start()
+        self.stack.callback(proxy.stop)
+        return proxy
+
+    def _peer(self, name: str) -> PeerRegistry:
+        return PeerRegistry(self.work / name, self.up.proxy_url, f"http://{Upstream.registry_name}")
+
+    def _dest(self) -> Path:
+        self._serial += 1
+        return self.work / "pulled" / str(self._serial)
+
+    def _verified_pull(self, source: str) -> None:
+        """A pull whose every blob is hashed against its digest (set-up only)."""
+        dest = self._dest()
+        measure.skopeo_time(source, dest)
+        blobs = layout_blobs(dest)
+        missing = self.image.digests - set(blobs)
+        if missing:
+            raise measure.BenchError(f"pull of {source} lacks {missing}")
+        shutil.rmtree(dest)
+
+    def _timed_pull(self, source: str) -> float:
+        dest = self._dest()
+        settle_disk()
+        try:
+            return measure.skopeo_time(source, dest)
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+
+    def _plain_path(self) -> str:
+        return f"/v2/{REPO}/blobs/{self.image.big}"
+
+    def _mirror_blob(self, proxy: CrProxy, https: bool = False) -> str:
+        host = proxy.https if https else proxy.http
+        scheme = "https" if https else "http"
+        return f"{scheme}://{host}/v2/registry.test/{REPO}/blobs/{self.image.big}"
+
+    def _check_hits(self) -> None:
+        """The hit cases must measure nginx's hit path, not the fetcher."""
+        base = f"http://{self.hot.http}/v2/registry.test/{REPO}"
+        for url, kind in ((f"{base}/blobs/{self.image.big}", "blob"),
+                          (f"{base}/manifests/{TAG}", "manifest")):
+            got = measure.headers(url)
+            if got.get(":status") != "200" or got.get("x-cr-request-type") != kind:
+                raise measure.BenchError(f"{url} is not an nginx hit: {got}")
+
+    @contextlib.contextmanager
+    def _cold_crproxy(self, label: str) -> Iterator[CrProxy]:
+        """A cr-proxy with an empty cache; its peak RSS is kept; gone after."""
+        self._serial += 1
+        proxy = CrProxy(self.work / f"cold-{self._serial}", self.endpoints,
+                        certs_dir=str(self.certs), **HIT_SETTINGS)
+        proxy.start()
+        try:
+            yield proxy
+            assert proxy.proc is not None
+            self.rss[label].append(measure.vm_hwm(proxy.proc.pid))
+        finally:
+            proxy.stop()
+            shutil.rmtree(proxy.dir, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _cold_peer(self) -> Iterator[PeerRegistry]:
+        self._serial += 1
+        peer = self._peer(f"peer-cold-{self._serial}")
+        try:
+            with peer:
+                yield peer
+        finally:
+            shutil.rmtree(peer.dir, ignore_errors=True)
+
+    # ---- the cases, one round each
+
+    def round(self, n: int) -> None:
+        t0 = time.monotonic()
+        self.blob_hits()
+        self.small_hits()
+        self.concurrent()
+        self.cold_curl()
+        self.cold_skopeo()
+        self.warm()
+        self.offline()
+        self.round_loads.append(load())
+        say(f"round {n}/{self.plan.reps} done in {time.monotonic() - t0:.0f} s, "
+            f"load {self.round_loads[-1]}")
+
+    def blob_hits(self) -> None:
+        size = self.image.big_size
+        ours, plain = self._mirror_blob(self.hot), f"http://{self.plain.http}{self._plain_path()}"
+        for _ in range(self.plan.hit_inner):
+            self.samples.add("hit_http_ours", measure.curl(ours, expect_size=size).speed)
+            self.samples.add("hit_http_plain", measure.curl(plain, expect_size=size).speed)
+        ours = self._mirror_blob(self.hot, https=True)
+        plain = f"https://{self.plain.https}{self._plain_path()}"
+        ca_ours = ["--cacert", str(self.hot.ca_cert)]
+        ca_plain = ["--cacert", str(self.plain.ca_cert)]
+        for _ in range(self.plan.hit_inner):
+            self.samples.add("hit_https_ours",
+                             measure.curl(ours, *ca_ours, expect_size=size).speed)
+            self.samples.add("hit_https_plain",
+                             measure.curl(plain, *ca_plain, expect_size=size).speed)
+
+    def small_hits(self) -> None:
+        secs = self.plan.wrk_seconds
+        ours = f"http://{self.hot.http}/v2/registry.test/{REPO}/manifests/{TAG}"
+        plain = f"http://{self.plain.http}/v2/{REPO}/manifests/{TAG}"
+        head_ours = self._mirror_blob(self.hot)
+        head_plain = f"http://{self.plain.http}{self._plain_path()}"
+        for name, url, tool in (
+            ("manifest_ours", ours, measure.wrk), ("manifest_plain", plain, measure.wrk),
+            ("head_ours", head_ours, measure.ab_head), ("head_plain", head_plain, measure.ab_head),
+        ):
+            result = tool(url, secs)
+            if result.bad:
+                raise measure.BenchError(f"{url}: {result.bad} bad answers")
+            self.samples.add(name, result.rps)
+
+    def concurrent(self) -> None:
+        up, digest = self.up, self.image.big
+        with self._cold_crproxy("concurrent") as proxy:
+            before = up.cdn_blob_gets(digest)
+            settle_disk()
+            wall, _ = measure.curl_many(self._mirror_blob(proxy), CLIENTS, self.image.big_size)
+            self.samples.add("concurrent_wall", wall)
+            self.gets.append(_settled(lambda: up.cdn_blob_gets(digest)) - before)
+
+    def cold_curl(self) -> None:
+        size = self.image.big_size
+        with self._cold_crproxy("cold curl") as proxy:
+            settle_disk()
+            self.samples.add("cold_curl_ours",
+                             measure.curl(self._mirror_blob(proxy), expect_size=size).wall)
+        # Directly: a token, then the blob from the registry, following its
+        # redirect to the CDN (cdn.test pinned to its loopback port).
+        settle_disk()
+        t0 = time.perf_counter()
+        token = measure.bearer_token(self.up.token_url, REPO)
+        measure.curl(
+            f"{self.up.registry_url}/v2/{REPO}/blobs/{self.image.big}",
+            "-L", "-H", f"Authorization: Bearer {token}",
+            "--connect-to", f"{Upstream.cdn_name}:80:127.0.0.1:{self.up.cdn_port}",
+            expect_size=size,
+        )
+        self.samples.add("cold_curl_direct", time.perf_counter() - t0)
+        with self._cold_peer() as peer:
+            url = f"http://{peer.http}/v2/{REPO}/blobs/{self.image.big}"
+            settle_disk()
+            self.samples.add("cold_curl_peer", measure.curl(url, expect_size=size).wall)
+
+    def cold_skopeo(self) -> None:
+        with self._cold_crproxy("cold skopeo") as proxy:
+            self.samples.add("cold_skopeo_ours",
+                             self._timed_pull(f"{proxy.http}/registry.test/{REPO}:{TAG}"))
+        dest = self._dest()
+        settle_disk()
+        t0 = time.perf_counter()
+        try:
+            self.up.pull_direct(REPO, TAG, dest)
+            self.samples.add("cold_skopeo_direct", time.perf_counter() - t0)
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        with self._cold_peer() as peer:
+            self.samples.add("cold_skopeo_peer", self._timed_pull(f"{peer.http}/{REPO}:{TAG}"))
+
+    def warm(self) -> None:
+        ours = f"{self.hot.http}/registry.test/{REPO}:{TAG}"
+        self.samples.add("warm_ours", self._timed_pull(ours))
+        self.samples.add("warm_peer", self._timed_pull(f"{self.peer.http}/{REPO}:{TAG}"))
+        # The same warm blob by curl: what the servers do when skopeo is not the limit.
+        size = self.image.big_size
+        settle_disk()
+        self.samples.add("warm_curl_ours",
+                         measure.curl(self._mirror_blob(self.hot), expect_size=size).wall)
+        peer_blob = f"http://{self.peer.http}/v2/{REPO}/blobs/{self.image.big}"
+        self.samples.add("warm_curl_peer", measure.curl(peer_blob, expect_size=size).wall)
+
+    def offline(self) -> None:
+        source = f"{self.stale.http}/registry.test/{REPO}:{TAG}"
+        self.samples.add("online_stale", self._timed_pull(source))
+        self.up.stop_registry()
+        self.up.stop_auth()
+        self.up.stop_cdn()
+        try:
+            self.samples.add("offline_stale", self._timed_pull(source))
+        finally:
+            self.up.start_registry()
+            self.up.start_auth()
+            self.up.start_cdn()
+
+    # ---- the table
+
+    def rows(self) -> list[Row]:
+        s = self.samples
+        mib = self.plan.blob_mib
+        rows = [
+            compare(f"blob hit, mirror over HTTP (curl, {mib} MiB)", s["hit_http_ours"],
+                    s["hit_http_plain"], "plain nginx sendfile", Bar(">=", 0.95), fmt_rate),
+            compare(f"blob hit, mirror over HTTPS (curl, {mib} MiB)", s["hit_https_ours"],
+                    s["hit_https_plain"], "plain nginx TLS", Bar(">=", 0.95), fmt_rate),
+            compare("manifest hit (wrk -t2 -c32)", s["manifest_ours"], s["manifest_plain"],
+                    "plain nginx static", Bar(">=", 0.5), fmt_rps),
+            compare("blob HEAD hit (ab -i -k -c32)", s["head_ours"], s["head_plain"],
+                    "plain nginx HEAD", Bar(">=", 0.9), fmt_rps),
+            compare("cold pull, skopeo", s["cold_skopeo_ours"], s["cold_skopeo_direct"],
+                    "upstream direct", Bar("<=", 1.15), fmt_secs),
+            compare("cold pull, skopeo", s["cold_skopeo_ours"], s["cold_skopeo_peer"],
+                    "distribution proxy cold", Bar("<", 1.0, "< 1x (faster)"), fmt_secs),
+            compare("cold blob, curl", s["cold_curl_ours"], s["cold_curl_direct"],
+                    "upstream direct (token + redirect)", Bar("<=", 1.15), fmt_secs),
+            compare("cold blob, curl", s["cold_curl_ours"], s["cold_curl_peer"],
+                    "distribution proxy cold", Bar("<", 1.0, "< 1x (faster)"), fmt_secs),
+            compare("warm pull, skopeo", s["warm_ours"], s["warm_peer"],
+                    "distribution proxy warm", Bar("<=", 0.6), fmt_secs),
+            info("warm blob, curl", s["warm_curl_ours"], s["warm_curl_peer"],
+                 "distribution proxy warm", fmt_secs),
+        ]
+        gets = self.gets
+        rows.append(absolute(
+            f"{CLIENTS} clients miss one blob: upstream GETs",
+            ", ".join(str(g) for g in gets) or "-", "-",
+            bool(gets) and all(g == 1 for g in gets), "exactly 1",
+        ))
+        rows.append(compare(
+            f"{CLIENTS} clients miss one blob: wall time", s["concurrent_wall"],
+            s["cold_curl_ours"], "one client alone", Bar("<=", 1.3), fmt_secs,
+        ))
+        rows.append(compare("offline pull (stale tag, upstream stopped)", s["offline_stale"],
+                            s["online_stale"], "same pull online", Bar("<=", 1.1), fmt_secs))
+        peak = max((v for vs in self.rss.values() for v in vs), default=0)
+        worst = max(self.rss, key=lambda k: max(self.rss[k]), default="-")
+        rows.append(absolute(
+            "fetcher peak RSS (cold + concurrent)", fmt_mib(peak), f"worst in: {worst}",
+            0 < peak <= RSS_LIMIT, f"<= {RSS_LIMIT // MIB} MiB",
+        ))
+        rows.append(not_built("blob hit through https_proxy (CONNECT)", ">= 0.95x"))
+        rows.append(not_built("cold pull through https_proxy (CONNECT)", "<= 1.15x"))
+        return rows
+
+    def sample_lines(self) -> list[str]:
+        lines = []
+        units = {"hit_": (MIB, "MiB/s"), "manifest": (1, "req/s"), "head": (1, "req/s")}
+        for name, values in self.samples.values.items():
+            scale, unit = next(
+                (u for prefix, u in units.items() if name.startswith(prefix)), (1, "s")
+            )
+            shown = ", ".join(f"{v / scale:,.2f}" for v in values)
+            lines.append(f"{name} ({unit}, median {median(values) / scale:,.2f}): {shown}")
+        for label, values in self.rss.items():
+            lines.append(f"peak RSS {label} (MiB): " + ", ".join(f"{v / MIB:.1f}" for v in values))
+        return lines
+
+
+def settle_disk() -> None:
+    """Write back what earlier cases left dirty, so a case never pays for the
+    one before it (cold caches, pulled layouts and deleted trees are hundreds
+    of MiB each). Outside every timed span."""
+    os.sync()
+
+
+def big_layer(size: int, seed: int) -> bytes:
+    """tests.oci_layout.big_file_layer for any size: a tar of one file of
+    pseudo-random bytes. (big_file_layer draws them in one getrandbits call,
+    which Python refuses from 256 MiB on: more than 2**31 bits.)"""
+    if size < 1 << 28:
+        return big_file_layer(size, seed)
+    rng = random.Random(seed)
+    chunk = 1 << 26
+    payload = b"".join(rng.randbytes(min(chunk, size - at)) for at in range(0, size, chunk))
+    return tar_layer({f"big-{seed}.bin": payload})
+
+
+def _settled(count, timeout: float = 3.0) -> int:
+    """nginx logs a request just after its last byte: read until stable (bounded)."""
+    deadline = time.monotonic() + timeout
+    value = count()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        again = count()
+        if again == value:
+            return value
+        value = again
+    return value
+
+
+# --------------------------------------------------------------------------- main
+
+
+def markdown(plan: Plan, bench: Bench, rows: list[Row], facts: dict[str, str], started: str,
+             loads: tuple[str, str], wall: float, command: str) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {started} with `{command}` ({wall / 60:.1f} min wall time), "
+        f"{plan.reps} interleaved repetition(s) per case; medians, and the ratio of medians.",
+        "",
+        markdown_table(rows),
+        "",
+        "## Machine",
+        "",
+        *(f"- {k}: {v}" for k, v in facts.items()),
+        f"- load average (1/5/15 min) at start: {loads[0]}; after each round: "
+        f"{'; '.join(bench.round_loads)}; at end: {loads[1]}",
+        *([f"- {BUSY_NOTE}"] if _busy(loads[0]) else []),
+        "",
+        "## How",
+        "",
+        "Everything runs on 127.0.0.1 (see `bench/run.py`): the tests' Docker-Hub-like "
+        "upstream (distribution with token auth, blob redirects to a CDN nginx); cr-proxy "
+        "in mirror mode; a plain nginx serving the same files from the warm cache "
+        "(`sendfile on`, `output_buffers 2 1m`, TLS with an EC P-256 certificate); "
+        "and CNCF distribution in proxy mode as the peer cache, reaching the upstream's "
+        "names through the upstream's name-mapping forward proxy. The image is one "
+        f"{plan.blob_mib} MiB layer plus a small one. Cold means an empty cache: a new "
+        "cr-proxy and a new peer for each cold repetition. skopeo tops out near 100-150 "
+        "MiB/s here (it writes and hashes every layer itself), so the curl rows are the "
+        "byte-rate rows. skopeo straight from the upstream and the peer's own upstream "
+        "traffic pass through the test upstream's name-mapping proxy (Python, in the bench "
+        "process); cr-proxy reaches the loopback ports through its `endpoints` setting. "
+        "HEAD rates are measured with `ab -i -k`, as Debian's wrk 4.1 cannot count a HEAD "
+        "answer whose Content-Length announces a body. The offline row pulls through a "
+        "cr-proxy with `tag_ttl: 0`, so the tag is stale and the upstream would be asked; "
+        "the other hit rows use a cr-proxy whose tags stay fresh for the whole run. "
+        "Wall times include the client's process start; curl byte rates are curl's own "
+        "`speed_download`. Before each timed pull or cold download the bench runs `sync`, "
+        "so no case pays for the disk writes of the one before.",
+        "",
+        "## Samples",
+        "",
+        *(f"- {line}" for line in bench.sample_lines()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 repetition, 32 MiB blob, 1 s wrk runs")
+    parser.add_argument("--reps", type=int, help="repetitions of every case (default 5)")
+    parser.add_argument("--blob-mib", type=int, help="size of the big layer (default 256)")
+    parser.add_argument("--write", metavar="FILE", help="also write the table as Markdown")
+    parser.add_argument("--keep", action="store_true", help="keep bench-work/ afterwards")
+    return parser.parse_args(argv)
+
+
+BUSY_NOTE = ("the machine was busy with other work when the run started (1-minute load "
+             "above half the cores): expect noisy numbers")
+
+
+def _busy(load_text: str) -> bool:
+    return float(load_text.split()[0]) > (os.cpu_count() or 1) / 2
+
+
+def _sigterm(_signum: int, _frame: object) -> None:
+    say("\nSIGTERM: stopping every process the bench started")
+    raise SystemExit(143)  # unwinds the ExitStack
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = Plan.make(args)
+    command = shlex.join(["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)])
+    started = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    load_start = load()
+    facts = machine_facts()
+    say(f"cr-proxy bench, {started}: {facts['cpu']}, load {load_start}")
+    say(f"plan: {plan.reps} round(s), {plan.blob_mib} MiB blob, wrk {plan.wrk_seconds:g} s")
+    if _busy(load_start):
+        say(f"warning: {BUSY_NOTE}")
+    signal.signal(signal.SIGTERM, _sigterm)
+    # The upstream's name proxy (in this process) logs a traceback whenever a
+    # client hangs up mid-body, as the peer does when it is stopped: noise here.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    work = ROOT / "bench-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    t0 = time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            bench = Bench(plan, work, stack)
+            bench.setup()
+            say(f"set-up done in {time.monotonic() - t0:.0f} s")
+            for n in range(1, plan.reps + 1):
+                bench.round(n)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    wall = time.monotonic() - t0
+    load_end = load()
+    rows = bench.rows()
+    say("")
+    say(text_table(rows))
+    say("")
+    for line in bench.sample_lines():
+        say(f"  {line}")
+    say(f"\nload average at start {load_start}, at end {load_end} (nproc {os.cpu_count()}); "
+        f"wall time {wall / 60:.1f} min")
+    if args.write:
+        out = Path(args.write)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(markdown(plan, bench, rows, facts, started, (load_start, load_end),
+                                wall, command))
+        say(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        say("\ninterrupted: every process the bench started is stopped")
+        sys.exit(130)

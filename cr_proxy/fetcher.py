@@ -46,7 +46,7 @@ from .flight import Flight, Flights
 from .layout import Kind, RegistryPath, Target, mirror_target, proxy_target
 from .metrics import Metrics
 from .reference import MANIFEST_ACCEPT, digest_of, is_digest
-from .store import SHAPE_CONFLICTS, Store, StoredManifest
+from .store import SHAPE_CONFLICTS, BlobWriter, Store, StoredManifest
 from .upstream import Hop, Upstream
 
 log = logging.getLogger("cr_proxy.fetcher")
@@ -216,9 +216,13 @@ class Fetcher:
         if flight.size is not None:
             response.content_length = flight.size
         await response.prepare(request)
+        loop = asyncio.get_running_loop()
         try:
-            async for chunk in flight.read():
-                await response.write(chunk)
+            async for fd, offset, count in flight.ranges():
+                # Zero-copy from the growing file to nginx's socket: a reader
+                # costs the event loop a syscall per range, not the bytes.
+                with open(fd, "rb", buffering=0, closefd=False) as file:
+                    await loop.sendfile(request.transport, file, offset, count)
         except (TimeoutError, CrProxyError, OSError, aiohttp.ClientError) as err:
             # Headers are gone already: cutting the connection short is the
             # only way left to tell the client the body is not whole.
@@ -260,19 +264,22 @@ class Fetcher:
                 flight.started(writer.path, upstream.content_length, None)
                 batch = bytearray()
                 try:
-                    async for chunk in upstream.content.iter_chunked(256 << 10):
+                    async for chunk in upstream.content.iter_any():
                         batch += chunk
                         if len(batch) >= WRITE_BATCH:
-                            await in_thread(writer.write, bytes(batch))
-                            batch.clear()
+                            # Hash and write off the event loop; a new batch
+                            # meanwhile, so nothing is copied twice.
+                            await in_thread(writer.write, batch)
+                            batch = bytearray()
                             await flight.progress(writer.size)
                 except aiohttp.ClientPayloadError as err:
                     raise Truncated(message=f"{domain}: body of {digest} cut short") from err
-                await in_thread(writer.write, bytes(batch))
+                await in_thread(writer.write, batch)
+                await in_thread(writer.verify, upstream.content_length)
                 await flight.progress(writer.size)
-                committed = await in_thread(
-                    self._commit_blob, writer, upstream.content_length, target, opened.hops
-                )
+                # Clients get their last byte now; the fsync and rename follow.
+                await flight.verified_whole()
+                committed = await in_thread(self._commit_blob, writer, target, opened.hops)
             except BaseException:
                 await in_thread(writer.abort)
                 raise
@@ -292,10 +299,10 @@ class Fetcher:
         if limit and self.on_full and self.metrics.cache_bytes._value.get() > limit:
             self.on_full()
 
-    def _commit_blob(self, writer, size: int | None, target: Target, hops: list[Hop]) -> Path:
-        """Verify and store, then make every name that leads to it; the
-        redirect record is written only once its target is cached."""
-        committed = self.store.commit(writer, size)
+    def _commit_blob(self, writer: BlobWriter, target: Target, hops: list[Hop]) -> Path:
+        """Store the verified content, then make every name that leads to it;
+        the redirect record is written only once its target is cached."""
+        committed = self.store.commit_verified(writer)
         digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
         source = (domain, path)
         for hop in hops:

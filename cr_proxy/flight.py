@@ -27,11 +27,16 @@ READ_CHUNK = 1 << 20
 
 
 class Flight:
-    """The state of one download, shared by its readers."""
+    """The state of one download, shared by its readers.
+
+    States: running (bytes arriving; readers get all but the last byte),
+    verified (the whole content hashed to its digest: readers get it all,
+    while the store fsyncs and renames it), finished (committed, or failed).
+    """
 
     __slots__ = (
         "_changed", "_read_fd", "committed_path", "content_type", "digest", "error",
-        "finished", "headers_ready", "key", "size", "task", "written",
+        "finished", "headers_ready", "key", "size", "task", "verified", "written",
     )
 
     def __init__(self, key: str, digest: str) -> None:
@@ -43,6 +48,7 @@ class Flight:
         self.size: int | None = None  # Content-Length from upstream, if any
         self.content_type = "application/octet-stream"
         self.written = 0
+        self.verified = False
         self.finished = False
         self.error: BaseException | None = None
         self.committed_path: Path | None = None
@@ -51,7 +57,8 @@ class Flight:
         self.task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        state = "failed" if self.error else "done" if self.finished else "running"
+        state = ("failed" if self.error else "done" if self.finished
+                 else "verified" if self.verified else "running")
         return f"<Flight {self.key} {state} {self.written}/{self.size}>"
 
     # --- the writer's side ----------------------------------------------------
@@ -65,17 +72,27 @@ class Flight:
 
     async def progress(self, written: int) -> None:
         self.written = written
-        async with self._changed:
-            self._changed.notify_all()
+        await self._notify()
+
+    async def verified_whole(self) -> None:
+        """Every byte is written and hashes to the digest: readers may have
+        the last byte now, before the fsync and rename of the commit."""
+        self.verified = True
+        await self._notify()
 
     async def finish(self, committed: Path | None, error: BaseException | None) -> None:
         self.committed_path = committed
-        self.error = error
+        self.error = error  # after verification, only later readers see it
+        # Only verified content is ever committed.
+        self.verified = self.verified or (committed is not None and error is None)
         self.finished = True
         if self._read_fd >= 0:
             os.close(self._read_fd)
             self._read_fd = -1
         self.headers_ready.set()
+        await self._notify()
+
+    async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
 
@@ -87,39 +104,55 @@ class Flight:
         if self.error:
             raise self.error
 
-    async def read(self) -> AsyncIterator[bytes]:
-        """The content from the first byte, as it is written; raises the
-        download's error if it fails, so the caller can cut the response."""
+    def _open(self) -> int:
+        if self._read_fd >= 0:
+            return os.dup(self._read_fd)
+        if self.committed_path is None:
+            raise self.error or OSError(f"{self.key}: nothing to read")
+        return os.open(self.committed_path, os.O_RDONLY)
+
+    async def ranges(self) -> AsyncIterator[tuple[int, int, int]]:
+        """(fd, offset, count) of content a reader may send, in order, as it
+        becomes available; raises the download's error if it fails before it
+        is verified. The fd is this reader's own and is closed at the end."""
         await self.wait_started()
-        if self.finished:
-            assert self.committed_path is not None
-            fd = os.open(self.committed_path, os.O_RDONLY)
-        else:
-            fd = os.dup(self._read_fd)
-        loop = asyncio.get_running_loop()
+        fd = self._open()
         offset = 0
         try:
             while True:
-                # Hold back the last byte until the content is verified.
-                limit = self.written if self.finished and not self.error else self.written - 1
-                if self.error:
+                if self.error and not self.verified:
                     raise self.error
+                # Hold back the last byte until the content is verified.
+                limit = self.written if self.verified else self.written - 1
                 if offset < limit:
-                    want = min(READ_CHUNK, limit - offset)
-                    chunk = await loop.run_in_executor(None, os.pread, fd, want, offset)
-                    if not chunk:
-                        raise OSError(f"{self.key}: temp file shorter than recorded")
-                    offset += len(chunk)
-                    yield chunk
+                    yield fd, offset, limit - offset
+                    offset = limit
                     continue
-                if self.finished:
-                    return
+                if self.verified or self.finished:
+                    if self.verified:
+                        return
+                    raise self.error or OSError(f"{self.key}: download ended unverified")
                 async with self._changed:
                     await self._changed.wait_for(
-                        lambda sent=offset: self.finished or self.written - 1 > sent
+                        lambda sent=offset: self.verified or self.finished
+                        or self.written - 1 > sent
                     )
         finally:
             os.close(fd)
+
+    async def read(self) -> AsyncIterator[bytes]:
+        """The same content as bytes (READ_CHUNK at most at a time)."""
+        loop = asyncio.get_running_loop()
+        async for fd, offset, count in self.ranges():
+            end = offset + count
+            while offset < end:
+                chunk = await loop.run_in_executor(
+                    None, os.pread, fd, min(READ_CHUNK, end - offset), offset
+                )
+                if not chunk:
+                    raise OSError(f"{self.key}: temp file shorter than recorded")
+                offset += len(chunk)
+                yield chunk
 
 
 Download = Callable[[Flight], Awaitable[None]]

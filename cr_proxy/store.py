@@ -185,6 +185,14 @@ class Store:
         """Verify, then move into the digest store (a no-op if it is there)."""
         try:
             writer.verify(expected_size)
+        except BaseException:
+            writer.abort()
+            raise
+        return self.commit_verified(writer)
+
+    def commit_verified(self, writer: BlobWriter) -> Path:
+        """fsync and move a verified writer's file into the digest store."""
+        try:
             writer.sync_and_close()
             target = self.tree.blob(writer.digest)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -110,9 +110,10 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
     async with contextlib.AsyncExitStack() as stack:
         stop = _catch_signals(stack)
         # Everything nginx talks to is up before nginx starts.
-        transport, feed = await usage.start(config.run_dir / "usage.sock", metrics)
-        stack.callback(transport.close)
+        feed = usage.UsageFeed(metrics)
         feed.last_used.update(store.load_uses())
+        usage_log = config.run_dir / "usage.log"
+        usage_log.unlink(missing_ok=True)  # uses of an earlier run are in usage.json
         stack.callback(lambda: store.save_uses(feed.last_used))
         runner = web.AppRunner(make_app(config, metrics), access_log=None, handle_signals=False)
         await runner.setup()
@@ -139,7 +140,11 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             await front.start()
             stack.push_async_callback(front.close)
         fetcher = runner.app["fetcher"]
-        tasks = [asyncio.create_task(_watch_cache_size(store, metrics, feed))]
+        tasks = [
+            asyncio.create_task(_watch_cache_size(store, metrics, feed)),
+            asyncio.create_task(usage.follow(
+                feed, usage.LogTail(usage_log), lambda: proc.send_signal(signal.SIGUSR1))),
+        ]
         if config.refresh.interval > 0:
             tasks.append(asyncio.create_task(refresh_loop(fetcher)))
         if config.cache.max_size:

@@ -1,10 +1,14 @@
-"""The usage feed: nginx's access log, sent to us over a unix datagram
-socket (nginx's `syslog:server=unix:` target), one line per request.
+"""The usage feed: nginx's second access log, read back by serve.
 
 nginx serves hits without the fetcher, so this is where cr-proxy learns of
 them: it counts hits and bytes served for the metrics, and records when each
 cached path was last used, which the evictor (least recently used first)
 trusts rather than file access times (often off: noatime, relatime).
+
+nginx writes the log buffered (64 KiB, flushed every second), so a hit
+costs nginx no extra syscall of its own; serve reads what is new once a
+second. When the file passes ROTATE_BYTES it is renamed and nginx told to
+reopen its logs (SIGUSR1); the old file is read to its end first.
 
 Line format (nginx.conf, log_format cr_usage):
     <domain> <path> <status> <body bytes> <request type> <X-Cache>
@@ -16,9 +20,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
-import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +29,9 @@ from .metrics import Metrics
 
 log = logging.getLogger("cr_proxy.usage")
 
-# <PRI>TIMESTAMP TAG: MESSAGE  (RFC 3164, as nginx sends it with nohostname)
-SYSLOG_RE = re.compile(r"<\d{1,3}>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d [^:]{1,32}: (.*)", re.S)
 CACHED_KINDS = frozenset({"blob", "manifest", "other"})
+READ_INTERVAL = 1.0  # seconds between reads of the log
+ROTATE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,20 +48,19 @@ class Use:
         return self.kind in CACHED_KINDS and self.cache == "HIT" and self.status in (200, 206)
 
 
-def parse_line(datagram: bytes) -> Use | None:
-    """One syslog datagram -> Use; None for anything else."""
-    match = SYSLOG_RE.fullmatch(datagram.decode("utf-8", "replace").rstrip("\n"))
-    if not match:
-        return None
-    fields = match.group(1).split(" ")
+def parse_line(line: str) -> Use | None:
+    """One log line -> Use; None for anything else."""
+    fields = line.rstrip("\n").split(" ")
     if len(fields) != 6 or not fields[2].isdigit():
         return None
     domain, path, status, size, kind, cache = fields
     return Use(domain, path, int(status), int(size) if size.isdigit() else 0, kind, cache)
 
 
-class UsageFeed(asyncio.DatagramProtocol):
-    """Receives the lines; keeps last-use times per (domain, path)."""
+class UsageFeed:
+    """Keeps last-use times per (domain, path) and feeds the metrics."""
+
+    __slots__ = ("last_used", "lines", "metrics")
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -68,28 +70,73 @@ class UsageFeed(asyncio.DatagramProtocol):
     def __repr__(self) -> str:
         return f"<UsageFeed {self.lines} lines, {len(self.last_used)} paths>"
 
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        use = parse_line(data)
-        if use is None:
-            return
+    def record(self, use: Use, when: float) -> None:
         self.lines += 1
-        self.record(use)
-
-    def record(self, use: Use) -> None:
         self.metrics.requests.labels(type=use.kind or "-", status=str(use.status)).inc()
         if use.nginx_hit:
             self.metrics.hits.labels(kind=use.kind).inc()
             self.metrics.bytes_served.inc(use.size)
         if use.domain and use.status in (200, 206) and use.kind.split("-")[0] in CACHED_KINDS:
-            self.last_used[(use.domain, use.path.lstrip("/"))] = time.time()
+            self.last_used[(use.domain, use.path.lstrip("/"))] = when
+
+    def feed(self, text: str, when: float) -> None:
+        for line in text.splitlines():
+            use = parse_line(line)
+            if use is not None:
+                self.record(use, when)
 
 
-async def start(socket_path: Path, metrics: Metrics) -> tuple[asyncio.DatagramTransport, UsageFeed]:
-    with contextlib.suppress(FileNotFoundError):
-        socket_path.unlink()
+class LogTail:
+    """Reads the lines nginx appended since the last read (blocking I/O;
+    serve runs it in an executor)."""
+
+    __slots__ = ("_offset", "_partial", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._partial = ""
+
+    def read_new(self) -> str:
+        try:
+            with self.path.open("rb") as f:
+                if os.fstat(f.fileno()).st_size < self._offset:
+                    self._offset = 0  # replaced under us: start over
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return ""
+        self._offset += len(data)
+        text = self._partial + data.decode("utf-8", "replace")
+        complete, _, self._partial = text.rpartition("\n")
+        return complete
+
+    def rotate_if_large(self, reopen: Callable[[], None]) -> str:
+        """Rename a large log, have nginx reopen it, return the old tail."""
+        try:
+            if self.path.stat().st_size < ROTATE_BYTES:
+                return ""
+        except FileNotFoundError:
+            return ""
+        old = self.path.with_suffix(".old")
+        os.replace(self.path, old)
+        reopen()
+        self.path, kept = old, self.path
+        # nginx may still write to the old file until it has reopened; the
+        # next read_new of the new file picks up from 0.
+        rest = self.read_new()
+        self.path, self._offset = kept, 0
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+        return rest
+
+
+async def follow(feed: UsageFeed, tail: LogTail, reopen: Callable[[], None]) -> None:
+    """serve's task: feed what nginx logged, once a second."""
     loop = asyncio.get_running_loop()
-    transport, feed = await loop.create_datagram_endpoint(
-        lambda: UsageFeed(metrics), local_addr=str(socket_path), family=socket.AF_UNIX
-    )
-    os.chmod(socket_path, 0o666)  # nginx workers may run as another user
-    return transport, feed  # type: ignore[return-value]
+    while True:
+        text = await loop.run_in_executor(None, tail.read_new)
+        text += await loop.run_in_executor(None, tail.rotate_if_large, reopen)
+        if text:
+            feed.feed(text, time.time())
+        await asyncio.sleep(READ_INTERVAL)

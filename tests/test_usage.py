@@ -1,0 +1,65 @@
+"""cr_proxy.usage: nginx's usage log, parsed and followed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cr_proxy.metrics import Metrics
+from cr_proxy.usage import LogTail, UsageFeed, parse_line
+
+HIT = "registry.test /v2/a/blobs/sha256:ab 200 1234 blob HIT"
+MISS = "registry.test /v2/a/manifests/v1 200 500 manifest-fetch MISS"
+
+
+def test_parse_line_reads_the_six_fields() -> None:
+    use = parse_line(HIT)
+    assert use is not None
+    assert (use.domain, use.path, use.status, use.size, use.kind, use.cache) == (
+        "registry.test", "/v2/a/blobs/sha256:ab", 200, 1234, "blob", "HIT")
+    assert use.nginx_hit
+    assert parse_line(MISS) is not None and not parse_line(MISS).nginx_hit
+    assert parse_line("garbage") is None
+    assert parse_line("a b c d e f") is None  # status not a number
+
+
+def test_feed_counts_nginx_hits_and_records_uses_of_both() -> None:
+    feed = UsageFeed(Metrics())
+    feed.feed(f"{HIT}\n{MISS}\n- / 400 0 other -\n", when=42.0)
+    assert feed.metrics.total(feed.metrics.hits) == 1
+    assert feed.metrics.total(feed.metrics.bytes_served) == 1234
+    assert feed.last_used == {("registry.test", "v2/a/blobs/sha256:ab"): 42.0,
+                              ("registry.test", "v2/a/manifests/v1"): 42.0}
+
+
+def test_tail_returns_whole_lines_once(tmp_path: Path) -> None:
+    log = tmp_path / "usage.log"
+    tail = LogTail(log)
+    assert tail.read_new() == ""  # not there yet
+    log.write_text(f"{HIT}\nregistry.test /v2/a")
+    assert tail.read_new() == HIT
+    with log.open("a") as f:
+        f.write("/manifests/v1 200 500 manifest-fetch MISS\n")
+    assert tail.read_new() == MISS
+    assert tail.read_new() == ""
+
+
+def test_rotation_reads_the_old_file_to_its_end(tmp_path: Path, monkeypatch) -> None:
+    import cr_proxy.usage as usage
+
+    monkeypatch.setattr(usage, "ROTATE_BYTES", 10)
+    log = tmp_path / "usage.log"
+    tail = LogTail(log)
+    log.write_text(f"{HIT}\n")
+    assert tail.read_new() == HIT
+    reopened = []
+
+    def reopen() -> None:  # nginx, told to reopen, writes on to a new file
+        reopened.append(True)
+        log.write_text(f"{MISS}\n")
+
+    with (tmp_path / "usage.log").open("a") as f:
+        f.write(f"{MISS}\n")
+    assert tail.rotate_if_large(reopen) == MISS
+    assert reopened == [True]
+    assert tail.read_new() == MISS
+    assert not (tmp_path / "usage.old").exists()

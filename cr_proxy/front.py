@@ -7,15 +7,19 @@ module, so this small piece sits in front of it).
 
 The head is read and decided here (connect.py, sans-IO); after that the
 front only moves bytes, and it moves them with os.splice through a kernel
-pipe (splice.py), so a cache hit's bytes never enter Python.
+pipe, one thread per direction, so a cache hit's bytes never enter Python.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
+import select
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import certs
@@ -32,16 +36,19 @@ from .connect import (
     reply,
 )
 from .policy import Destinations
-from .splice import relay
 
 log = logging.getLogger("cr_proxy.front")
 
 HEAD_TIMEOUT = 30.0  # seconds a client has to send its request head
+IDLE_TIMEOUT = 600.0  # seconds a tunnel may carry nothing before it is closed
+PIPE_SIZE = 1 << 20  # bytes per splice pipe: fewer, larger moves
+F_SETPIPE_SZ = 1031
+SPLICE_CHUNK = 1 << 20
 
 
 class Front:
     __slots__ = (
-        "_active", "_clients", "_listener", "_task", "config", "counters",
+        "_active", "_clients", "_executor", "_listener", "_task", "config", "counters",
         "destinations", "leaves",
     )
 
@@ -49,6 +56,9 @@ class Front:
         self.config = config
         self.leaves = leaves
         self.destinations = Destinations.of(config)
+        self._executor = ThreadPoolExecutor(
+            max_workers=2 * config.proxy.max_tunnels, thread_name_prefix="splice"
+        )
         self._active = 0
         self._clients: set[asyncio.Task[None]] = set()
         self._listener: socket.socket | None = None
@@ -84,6 +94,7 @@ class Front:
                 await self._task
         if self._listener:
             self._listener.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -173,7 +184,17 @@ class Front:
         return sock
 
     async def _relay(self, a: socket.socket, b: socket.socket) -> None:
-        await relay(a, b)
+        loop = asyncio.get_running_loop()
+        a.setblocking(True)
+        b.setblocking(True)
+        try:
+            await asyncio.gather(
+                loop.run_in_executor(self._executor, splice_one_way, a, b),
+                loop.run_in_executor(self._executor, splice_one_way, b, a),
+            )
+        finally:
+            a.close()
+            b.close()
 
 
 async def _read_head(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tuple[bytes, bytes]:
@@ -201,3 +222,33 @@ async def _connect_tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) ->
             sock.close()
             last = err
     raise last or OSError(f"cannot resolve {host}")
+
+
+def splice_one_way(src: socket.socket, dst: socket.socket) -> None:
+    """Move bytes src -> dst through a kernel pipe until src ends, then pass
+    the end on (half-close). Blocking; runs in a relay thread."""
+    pipe_r, pipe_w = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
+    poller = select.poll()
+    poller.register(src, select.POLLIN | select.POLLHUP | select.POLLERR)
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    try:
+        while True:
+            if not poller.poll(IDLE_TIMEOUT * 1000):
+                raise TimeoutError("tunnel idle")
+            moved = os.splice(src_fd, pipe_w, SPLICE_CHUNK, flags=os.SPLICE_F_MOVE)
+            if moved == 0:
+                break
+            while moved:
+                moved -= os.splice(pipe_r, dst_fd, moved, flags=os.SPLICE_F_MOVE)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+    except (OSError, TimeoutError):
+        # One side broke: end both directions so the other thread wakes too.
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        os.close(pipe_r)
+        os.close(pipe_w)

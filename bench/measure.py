@@ -4,8 +4,10 @@ tool run as a subprocess with a timeout, against 127.0.0.1 only."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -33,29 +35,45 @@ class Curl:
     wall: float  # seconds around the whole process
 
 
-def _curl_cmd(url: str, extra: list[str]) -> list[str]:
-    return ["curl", "-s", "-o", "/dev/null", "--noproxy", "*", "-w", CURL_FORMAT,
+def _route(proxy: str | None) -> list[str]:
+    """Straight to the server, or (proxy: "http://host:port") through an
+    http proxy, which curl asks with CONNECT for an https:// URL."""
+    return ["--proxy", proxy] if proxy else ["--noproxy", "*"]
+
+
+def _curl_cmd(url: str, extra: list[str], proxy: str | None = None) -> list[str]:
+    return ["curl", "-s", "-o", "/dev/null", *_route(proxy), "-w", CURL_FORMAT,
             *extra, url]
 
 
 def _parse_curl(out: str, wall: float, url: str) -> Curl:
     try:
-        status, size, speed, total = out.split()
+        status, size, speed, total = out.split()[:4]
         return Curl(int(status), int(size), float(speed), float(total), wall)
     except ValueError as err:
         raise BenchError(f"curl {url}: unexpected output {out!r}") from err
 
 
-def curl(url: str, *extra: str, expect_size: int | None = None) -> Curl:
-    """GET url into /dev/null; fails unless 200 (and the size, if given)."""
+def curl(url: str, *extra: str, expect_size: int | None = None, proxy: str | None = None,
+         request_type: str | None = None) -> Curl:
+    """GET url into /dev/null; fails unless 200 (and the size, if given; and,
+    if given, cr-proxy's X-CR-Request-Type: `blob` is an nginx hit, `blob-fetch`
+    a miss handed to the fetcher)."""
+    cmd = _curl_cmd(url, list(extra), proxy)
+    if request_type is not None:
+        cmd[cmd.index(CURL_FORMAT)] = CURL_FORMAT + " [%header{x-cr-request-type}]"
     t0 = time.perf_counter()
     proc = subprocess.run(
-        _curl_cmd(url, list(extra)), capture_output=True, text=True, timeout=CURL_TIMEOUT,
+        cmd, capture_output=True, text=True, timeout=CURL_TIMEOUT,
         env=clean_env(), stdin=subprocess.DEVNULL, check=False,
     )
     wall = time.perf_counter() - t0
     result = _parse_curl(proc.stdout, wall, url)
     _check(result, url, expect_size, proc.stderr)
+    if request_type is not None:
+        got = proc.stdout.rpartition("[")[2].rstrip("]")
+        if got != request_type:
+            raise BenchError(f"curl {url}: X-CR-Request-Type {got!r}, wanted {request_type!r}")
     return result
 
 
@@ -97,10 +115,10 @@ def curl_many(url: str, clients: int, expect_size: int) -> tuple[float, list[Cur
     return wall, results
 
 
-def headers(url: str, *extra: str) -> dict[str, str]:
+def headers(url: str, *extra: str, proxy: str | None = None) -> dict[str, str]:
     """The response headers of a HEAD (lower-case names)."""
     proc = subprocess.run(
-        ["curl", "-s", "-I", "--noproxy", "*", *extra, url], capture_output=True, text=True,
+        ["curl", "-s", "-I", *_route(proxy), *extra, url], capture_output=True, text=True,
         timeout=60, env=clean_env(), stdin=subprocess.DEVNULL, check=False,
     )
     out: dict[str, str] = {}
@@ -189,3 +207,49 @@ def vm_hwm(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise BenchError(f"no VmHWM for pid {pid}")
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, all its threads (the exited ones too),
+    in seconds; resolution 1/CLK_TCK (10 ms), so sum many transfers."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat
+
+
+@dataclass
+class ConnLoad:
+    rps: float
+    count: int
+    wall: float
+    request_type: str
+
+
+def connload(connect: str, host: str, path: str, cafile: Path, *, proxy: bool, count: int,
+             workers: int, expect_size: int | None = None) -> ConnLoad:
+    """bench.connload in its own process: `count` GETs, a new TCP connection
+    (and CONNECT, through a proxy) and a full TLS handshake each."""
+    cmd = [sys.executable, "-m", "bench.connload", "--connect", connect, "--host", host,
+           "--path", path, "--cafile", str(cafile), "--count", str(count),
+           "--workers", str(workers)]
+    if proxy:
+        cmd.append("--proxy")
+    if expect_size is not None:
+        cmd += ["--expect-size", str(expect_size)]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=CURL_TIMEOUT, env=clean_env(),
+        stdin=subprocess.DEVNULL, check=False, cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        out = json.loads(proc.stdout)
+    except ValueError as err:
+        raise BenchError(
+            f"connload {connect} {path}: {proc.stdout!r} {proc.stderr[-2000:]}"
+        ) from err
+    if proc.returncode != 0 or out["bad"]:
+        raise BenchError(f"connload {connect} {path}: {out['bad']} of {out['count']} failed, "
+                         f"first: {out['first_error']}")
+    return ConnLoad(out["rps"], out["ok"], out["wall"], out["request_type"])

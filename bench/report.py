@@ -85,10 +85,6 @@ def absolute(case: str, value: str, against: str, ok: bool, bar: str) -> Row:
     return Row(case, value, against, "-", bar, "PASS" if ok else "MISS")
 
 
-def not_built(case: str, bar: str) -> Row:
-    return Row(case, "n/a (https_proxy front not built yet)", "-", "-", bar, "n/a")
-
-
 HEADER = ("case", "cr-proxy (median)", "against (median)", "ratio", "bar", "result")
 
 

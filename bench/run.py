@@ -7,7 +7,9 @@ It starts, and stops again (also on an error, Ctrl-C or SIGTERM):
   with token auth and blob redirects to a CDN nginx), with one image pushed:
   a 256 MiB layer plus a small one;
 * cr-proxy (`cr-proxy serve`, mirror mode, HTTP and HTTPS ports): one warm
-  instance for the hit cases, a fresh one (empty cache) for every cold case;
+  instance for the hit cases, which also runs the https_proxy CONNECT front
+  (the same cache: registry.test is its cache domain both ways), a fresh one
+  (empty cache) for every cold case;
 * a plain nginx serving the very same files (the warm cache's content tree)
   over HTTP with sendfile and over TLS: the physical reference;
 * CNCF distribution in proxy mode (bench.procs.PeerRegistry): the peer
@@ -16,9 +18,12 @@ It starts, and stops again (also on an error, Ctrl-C or SIGTERM):
 Every case runs `--reps` times, interleaved (A B C, A B C, ...); the table
 shows medians and the ratio of medians next to the bar it must meet. Clients
 are real tools: curl, wrk, skopeo, and ab for the HEAD rows (Debian's wrk 4.1
-never counts a HEAD answer whose Content-Length announces a body).
+never counts a HEAD answer whose Content-Length announces a body); the
+new-connection rows use bench.connload (Python threads, a new TCP connection
+and a full TLS handshake per request, as container clients do), the same
+driver for both sides.
 
-    python -m bench.run [--quick] [--reps N] [--write docs/benchmarks.md]
+    python -m bench.run [--quick] [--reps N] [--write docs/benchmarks.md] [--work DIR]
 """
 
 from __future__ import annotations
@@ -56,18 +61,21 @@ from bench.report import (
     info,
     markdown_table,
     median,
-    not_built,
     text_table,
 )
 from tests.crproxy import CrProxy, layout_blobs
 from tests.oci_layout import big_file_layer, build_image, tar_layer
-from tests.upstream import Upstream
+from tests.upstream import Upstream, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "bench/big"
 TAG = "v1"
 CLIENTS = 16
 RSS_LIMIT = 100 * MIB
+GIB = 1 << 30
+FRONT_CPU_LIMIT = 0.4  # CPU-seconds of the serve process per GiB through the front
+CONN_WORKERS = 8  # bench.connload threads, each one request after another
+CONN_SERIAL = 200  # requests one at a time (a single thread): the latency rows
 # cr-proxy settings for the warm instance: tags stay fresh for the whole run,
 # so every hit is nginx's (by tag too).
 HIT_SETTINGS = {"tag_ttl": 3600, "log_level": "info"}
@@ -83,13 +91,14 @@ class Plan:
     reps: int
     hit_inner: int  # blob-hit downloads per side per round (each is short)
     wrk_seconds: float
+    conn_count: int  # new-connection requests per side per round
 
     @classmethod
     def make(cls, args: argparse.Namespace) -> Plan:
         if args.quick:
-            plan = cls(blob_mib=32, reps=1, hit_inner=1, wrk_seconds=1)
+            plan = cls(blob_mib=32, reps=1, hit_inner=1, wrk_seconds=1, conn_count=300)
         else:
-            plan = cls(blob_mib=256, reps=5, hit_inner=5, wrk_seconds=5)
+            plan = cls(blob_mib=256, reps=5, hit_inner=5, wrk_seconds=5, conn_count=1000)
         if args.reps is not None:
             plan.reps = args.reps
         if args.blob_mib is not None:
@@ -177,6 +186,8 @@ class Bench:
         self.gets: list[int] = []  # upstream GETs of the big blob, per concurrent round
         self.rss: dict[str, list[int]] = defaultdict(list)
         self.round_loads: list[str] = []
+        self.front_cpu: list[tuple[float, int]] = []  # (serve CPU-seconds, bytes) per transfer
+        self.conn_cpu: list[tuple[float, int]] = []  # (serve CPU-seconds, connections) per run
         self.certs = work / "certs"
         (work / "pulled").mkdir(exist_ok=True)
         self._serial = 0
@@ -202,12 +213,16 @@ class Bench:
                            {info.manifest_digest, info.config_digest, *info.layer_digests})
         shutil.rmtree(layout)
 
-        say("cr-proxy: warm instance (hits), and a stale-tag one (offline case)")
-        self.hot = self._crproxy("hot", HIT_SETTINGS)
+        say("cr-proxy: warm instance (hits, and the CONNECT front), and a stale-tag one "
+            "(offline case)")
+        (front_port,) = free_ports(1)
+        self.hot = self._crproxy("hot", {**HIT_SETTINGS,
+                                         "listen_proxy": f"127.0.0.1:{front_port}"})
         self.stale = self._crproxy("stale", STALE_SETTINGS)
         for proxy in (self.hot, self.stale):
             self._verified_pull(f"{proxy.http}/registry.test/{REPO}:{TAG}")
         self._check_hits()
+        self._fill_front()
 
         say("plain nginx over the warm cache's files (HTTP sendfile, TLS EC P-256)")
         self.plain = self.stack.enter_context(
@@ -262,6 +277,33 @@ class Bench:
         scheme = "https" if https else "http"
         return f"{scheme}://{host}/v2/registry.test/{REPO}/blobs/{self.image.big}"
 
+    @property
+    def front(self) -> str:
+        """The hot cr-proxy's CONNECT front, as an https_proxy URL."""
+        return f"http://127.0.0.1:{self.hot.proxy_port}"
+
+    def _front_blob(self) -> str:
+        """The big blob as an https_proxy client asks for it: the registry's
+        own name (registry.test, mapped by `endpoints`), through the front."""
+        return f"https://{Upstream.registry_name}/v2/{REPO}/blobs/{self.image.big}"
+
+    def _manifest_path(self) -> str:
+        return f"/v2/{REPO}/manifests/{TAG}"
+
+    def _fill_front(self) -> None:
+        """A first GET through the front (it fills the cache domain
+        registry.test if the mirror pull has not), then both the blob and the
+        manifest must be nginx hits there."""
+        ca = ["--cacert", str(self.hot.ca_cert)]
+        measure.curl(self._front_blob(), *ca, proxy=self.front, expect_size=self.image.big_size)
+        manifest = f"https://{Upstream.registry_name}{self._manifest_path()}"
+        for url, kind in ((self._front_blob(), "blob"), (manifest, "manifest")):
+            got = measure.headers(url, *ca, proxy=self.front)
+            if got.get(":status") != "200" or got.get("x-cr-request-type") != kind:
+                raise measure.BenchError(f"{url} through the front is not an nginx hit: {got}")
+        self.manifest_size = (self.hot.cache / "content" / Upstream.registry_name
+                              / self._manifest_path().lstrip("/")).stat().st_size
+
     def _check_hits(self) -> None:
         """The hit cases must measure nginx's hit path, not the fetcher."""
         base = f"http://{self.hot.http}/v2/registry.test/{REPO}"
@@ -302,6 +344,7 @@ class Bench:
         t0 = time.monotonic()
         self.blob_hits()
         self.small_hits()
+        self.new_connections()
         self.concurrent()
         self.cold_curl()
         self.cold_skopeo()
@@ -321,11 +364,21 @@ class Bench:
         plain = f"https://{self.plain.https}{self._plain_path()}"
         ca_ours = ["--cacert", str(self.hot.ca_cert)]
         ca_plain = ["--cacert", str(self.plain.ca_cert)]
+        front = self._front_blob()
+        assert self.hot.proc is not None
+        pid = self.hot.proc.pid
         for _ in range(self.plan.hit_inner):
             self.samples.add("hit_https_ours",
                              measure.curl(ours, *ca_ours, expect_size=size).speed)
             self.samples.add("hit_https_plain",
                              measure.curl(plain, *ca_plain, expect_size=size).speed)
+            # The same bytes through the CONNECT front (TLS still ended by
+            # nginx); the serve process's CPU around it is the front's cost.
+            cpu0 = measure.cpu_seconds(pid)
+            result = measure.curl(front, *ca_ours, proxy=self.front, expect_size=size,
+                                  request_type="blob")
+            self.front_cpu.append((measure.cpu_seconds(pid) - cpu0, result.size))
+            self.samples.add("hit_front_ours", result.speed)
 
     def small_hits(self) -> None:
         secs = self.plan.wrk_seconds
@@ -341,6 +394,37 @@ class Bench:
             if result.bad:
                 raise measure.BenchError(f"{url}: {result.bad} bad answers")
             self.samples.add(name, result.rps)
+
+    def new_connections(self) -> None:
+        """A small manifest GET on a new connection every time (TCP, CONNECT,
+        full TLS handshake), as container clients open them: straight to plain
+        nginx's TLS port, then through the front; the same driver. First
+        CONN_WORKERS threads at once (rate, and the serve process's CPU per
+        connection), then one request at a time (latency)."""
+        self.samples.add("conn_plain", self._conns(False, self.plan.conn_count, CONN_WORKERS).rps)
+        assert self.hot.proc is not None
+        pid = self.hot.proc.pid
+        cpu0 = measure.cpu_seconds(pid)
+        ours = self._conns(True, self.plan.conn_count, CONN_WORKERS)
+        self.conn_cpu.append((measure.cpu_seconds(pid) - cpu0, ours.count))
+        self.samples.add("conn_front", ours.rps)
+        for name, through_front in (("conn1_plain", False), ("conn1_front", True)):
+            one = self._conns(through_front, CONN_SERIAL, 1)
+            self.samples.add(name, one.wall / one.count)  # seconds per request
+
+    def _conns(self, through_front: bool, count: int, workers: int) -> measure.ConnLoad:
+        path = self._manifest_path()
+        if not through_front:
+            return measure.connload(self.plain.https, "localhost", path, self.plain.ca_cert,
+                                    proxy=False, count=count, workers=workers,
+                                    expect_size=self.manifest_size)
+        result = measure.connload(f"127.0.0.1:{self.hot.proxy_port}", Upstream.registry_name,
+                                  path, self.hot.ca_cert, proxy=True, count=count,
+                                  workers=workers, expect_size=self.manifest_size)
+        if result.request_type != "manifest":
+            raise measure.BenchError(f"manifest through the front: X-CR-Request-Type "
+                                     f"{result.request_type!r}, not an nginx hit")
+        return result
 
     def concurrent(self) -> None:
         up, digest = self.up, self.image.big
@@ -459,22 +543,58 @@ class Bench:
             "fetcher peak RSS (cold + concurrent)", fmt_mib(peak), f"worst in: {worst}",
             0 < peak <= RSS_LIMIT, f"<= {RSS_LIMIT // MIB} MiB",
         ))
-        rows.append(not_built("blob hit through https_proxy (CONNECT)", ">= 0.95x"))
-        rows.append(not_built("cold pull through https_proxy (CONNECT)", "<= 1.15x"))
+        rows.append(compare(
+            f"blob hit through https_proxy (CONNECT front, curl, {mib} MiB)",
+            s["hit_front_ours"], s["hit_https_plain"], "plain nginx TLS", Bar(">=", 0.85),
+            fmt_rate,
+        ))
+        cpu = sum(c for c, _ in self.front_cpu)
+        moved = sum(b for _, b in self.front_cpu) / GIB
+        per_gib = cpu / moved if moved else float("nan")
+        rows.append(absolute(
+            "front CPU per GiB (serve process, utime+stime)",
+            f"{per_gib:.3f} s/GiB" if moved else "-",
+            f"{cpu:.2f} s over {moved:.2f} GiB, {len(self.front_cpu)} transfers",
+            bool(moved) and per_gib <= FRONT_CPU_LIMIT, f"<= {FRONT_CPU_LIMIT:g} s/GiB",
+        ))
+        rows.append(compare(
+            f"new connection per request through CONNECT (manifest, {CONN_WORKERS} threads)",
+            s["conn_front"], s["conn_plain"], "plain nginx TLS, new connection each",
+            Bar(">=", 0.8), fmt_rps,
+        ))
+        rows.append(info("new connection per request, one at a time: latency",
+                         s["conn1_front"], s["conn1_plain"], "plain nginx TLS", fmt_ms))
+        conns = sum(n for _, n in self.conn_cpu)
+        if conns:
+            conn_ms = 1000 * sum(c for c, _ in self.conn_cpu) / conns
+            rows.append(Row("front CPU per new connection (serve process)",
+                            f"{conn_ms:.2f} ms", f"over {conns:,} connections", "-",
+                            "(info)", "-"))
         return rows
 
     def sample_lines(self) -> list[str]:
         lines = []
-        units = {"hit_": (MIB, "MiB/s"), "manifest": (1, "req/s"), "head": (1, "req/s")}
+        units = {"hit_": (MIB, "MiB/s"), "manifest": (1, "req/s"), "head": (1, "req/s"),
+                 "conn_": (1, "req/s"), "conn1_": (1e-3, "ms")}
         for name, values in self.samples.values.items():
             scale, unit = next(
                 (u for prefix, u in units.items() if name.startswith(prefix)), (1, "s")
             )
             shown = ", ".join(f"{v / scale:,.2f}" for v in values)
             lines.append(f"{name} ({unit}, median {median(values) / scale:,.2f}): {shown}")
+        if self.front_cpu:
+            lines.append("front CPU per transfer (s, serve process): "
+                         + ", ".join(f"{c:.2f}" for c, _ in self.front_cpu))
+        if self.conn_cpu:
+            lines.append("front CPU per new-connection run (s / connections): "
+                         + ", ".join(f"{c:.2f}/{n}" for c, n in self.conn_cpu))
         for label, values in self.rss.items():
             lines.append(f"peak RSS {label} (MiB): " + ", ".join(f"{v / MIB:.1f}" for v in values))
         return lines
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
 
 
 def settle_disk() -> None:
@@ -544,7 +664,20 @@ def markdown(plan: Plan, bench: Bench, rows: list[Row], facts: dict[str, str], s
         "traffic pass through the test upstream's name-mapping proxy (Python, in the bench "
         "process); cr-proxy reaches the loopback ports through its `endpoints` setting. "
         "HEAD rates are measured with `ab -i -k`, as Debian's wrk 4.1 cannot count a HEAD "
-        "answer whose Content-Length announces a body. The offline row pulls through a "
+        "answer whose Content-Length announces a body. The https_proxy rows go through the "
+        "warm cr-proxy's CONNECT front (`listen.proxy`) to `registry.test` (its `endpoints` "
+        "name), TLS ended by cr-proxy's nginx with its leaf for that host, every answer "
+        "checked to be an nginx hit (`X-CR-Request-Type`); the blob row's reference is the "
+        "plain nginx TLS samples of the same rounds, and the front's CPU is the `cr-proxy "
+        "serve` process's utime+stime (/proc/<pid>/stat: every thread, the exited ones "
+        "too) around each transfer, summed over all of them and divided by the GiB moved. "
+        "The new-connection rows run `bench.connload` (its own process, Python threads): "
+        "per request a new TCP connection, through the front a CONNECT, a full TLS "
+        "handshake verified against the CA and never resumed (Go's client default), and "
+        "one GET of the image's manifest with `Connection: close`; "
+        f"{CONN_WORKERS} threads for {plan.conn_count} requests per side per round, then "
+        f"{CONN_SERIAL} one at a time for the latency row; the reference is the same driver "
+        "against plain nginx's TLS port. The offline row pulls through a "
         "cr-proxy with `tag_ttl: 0`, so the tag is stale and the upstream would be asked; "
         "the other hit rows use a cr-proxy whose tags stay fresh for the whole run. "
         "Wall times include the client's process start; curl byte rates are curl's own "
@@ -566,9 +699,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="repetitions of every case (default 5)")
     parser.add_argument("--blob-mib", type=int, help="size of the big layer (default 256)")
     parser.add_argument("--write", metavar="FILE", help="also write the table as Markdown")
-    parser.add_argument("--keep", action="store_true", help="keep bench-work/ afterwards")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
+    parser.add_argument("--work", metavar="DIR", default=str(DEFAULT_WORK),
+                        help="work directory, emptied first (default bench-work/; give "
+                             "another one to run two benches side by side)")
     return parser.parse_args(argv)
 
+
+DEFAULT_WORK = ROOT / "bench-work"
+WORK_MARK = ".cr-proxy-bench"  # only a directory holding this is ever emptied
 
 BUSY_NOTE = ("the machine was busy with other work when the run started (1-minute load "
              "above half the cores): expect noisy numbers")
@@ -598,9 +737,14 @@ def main(argv: list[str] | None = None) -> int:
     # The upstream's name proxy (in this process) logs a traceback whenever a
     # client hangs up mid-body, as the peer does when it is stopped: noise here.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-    work = ROOT / "bench-work"
+    work = Path(args.work).resolve()
+    if (work != DEFAULT_WORK and work.exists() and any(work.iterdir())
+            and not (work / WORK_MARK).exists()):
+        say(f"{work} is not empty and not a bench work directory: not touching it")
+        return 2
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    (work / WORK_MARK).touch()
     t0 = time.monotonic()
     try:
         with contextlib.ExitStack() as stack:

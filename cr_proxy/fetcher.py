@@ -216,13 +216,13 @@ class Fetcher:
         if flight.size is not None:
             response.content_length = flight.size
         await response.prepare(request)
-        loop = asyncio.get_running_loop()
         try:
-            async for fd, offset, count in flight.ranges():
-                # Zero-copy from the growing file to nginx's socket: a reader
-                # costs the event loop a syscall per range, not the bytes.
-                with open(fd, "rb", buffering=0, closefd=False) as file:
-                    await loop.sendfile(request.transport, file, offset, count)
+            if flight.size is None:
+                # No length: aiohttp frames the body in chunks, so it must see it.
+                async for chunk in flight.read():
+                    await response.write(chunk)
+            else:
+                await _sendfile_ranges(request, flight)
         except (TimeoutError, CrProxyError, OSError, aiohttp.ClientError) as err:
             # Headers are gone already: cutting the connection short is the
             # only way left to tell the client the body is not whole.
@@ -530,6 +530,15 @@ RELAYED_REQUEST = frozenset({"accept", "authorization", "content-type", "content
 RELAYED_RESPONSE = frozenset({"content-type", "content-length", "docker-content-digest",
                               "www-authenticate", "location", "docker-distribution-api-version",
                               "link", "range", "docker-upload-uuid", "content-range"})
+
+
+async def _sendfile_ranges(request: web.Request, flight: Flight) -> None:
+    """Zero-copy from the growing file to nginx's socket: a reader costs the
+    event loop a syscall per range, not the bytes."""
+    loop = asyncio.get_running_loop()
+    async for fd, offset, count in flight.ranges():
+        with open(fd, "rb", buffering=0, closefd=False) as file:
+            await loop.sendfile(request.transport, file, offset, count)
 
 
 def _client_auth(request: web.Request) -> str | None:

@@ -196,8 +196,12 @@ class Flights:
             if not flight.finished:
                 await flight.finish(None, ConnectionAbortedError("download cancelled"))
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
+        """Let downloads in flight finish (their clients may have their last
+        byte already, with the commit still to come), then cancel the rest."""
         tasks = [f.task for f in self._flights.values() if f.task]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
         for task in tasks:
             task.cancel()
         for task in tasks:

@@ -269,10 +269,10 @@ class Store:
         make(tmp)
         try:
             os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
+        finally:
+            # rename(2) onto another link of the same inode succeeds and does
+            # nothing (two racing links of one blob): tmp is then still there.
+            tmp.unlink(missing_ok=True)
 
     # --- removing (inventory.py: rm, verify) -----------------------------------
     # Only unlinks and renames, so nginx and the fetcher see a name whole or

@@ -17,8 +17,6 @@ Every process is started by us, on ports we chose, and stopped by stop()
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import os
 import signal
@@ -29,11 +27,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Self
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
+from cr_proxy import certs
 from tests.upstream import free_ports
 
 READY_TIMEOUT = 15.0
@@ -83,63 +77,16 @@ def terminate(proc: subprocess.Popen[bytes] | None) -> None:
 # --------------------------------------------------------------------------- TLS
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
 def make_tls(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and a leaf for 127.0.0.1/localhost, both EC P-256 (what cr-proxy's
-    mirror uses). Returns (ca.crt, leaf chain, leaf key)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("cr-proxy bench CA"))
-        .issuer_name(_name("cr-proxy bench CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
+    """A CA and a leaf for 127.0.0.1/localhost, made by cr-proxy's own
+    certificate code (EC P-256, as the mirror's). Returns (ca.crt, leaf
+    chain, leaf key)."""
+    ca = certs.ensure_ca(directory)
+    leaf = certs.issue_leaf(
+        ca, ["127.0.0.1", "localhost"],
+        certs.CertPair(directory / "tls.crt", directory / "tls.key"),
     )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(_name("127.0.0.1"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    ca_path, cert_path, key_path = (directory / n for n in ("ca.crt", "tls.crt", "tls.key"))
-    ca_path.write_bytes(ca.public_bytes(pem))
-    cert_path.write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
-    key_path.write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    os.chmod(key_path, 0o600)
-    return ca_path, cert_path, key_path
+    return ca.cert, leaf.cert, leaf.key
 
 
 # --------------------------------------------------------------------------- plain nginx

@@ -18,22 +18,12 @@ from enum import Enum
 from urllib.parse import urlsplit
 
 from .config import ProxyPolicy
-from .errors import CrProxyError
+from .errors import ProtocolError, ProxyRefused
 from .policy import Destinations, matches
 from .reference import is_host
 
 MAX_HEAD = 16 * 1024  # bytes of request line + headers we accept
 REQUEST_LINE_RE = re.compile(r"([A-Z]{1,16}) (\S{1,8000}) HTTP/1\.[01]")
-
-
-class ProxyRefused(CrProxyError, PermissionError):
-    status = 403
-    code = "DENIED"
-
-
-class ProtocolError(CrProxyError, ValueError):
-    status = 400
-    code = "BAD_REQUEST"
 
 
 class Action(Enum):

@@ -68,6 +68,16 @@ class DestinationRefused(CrProxyError, PermissionError):
     code = "DENIED"
 
 
+class ProxyRefused(DestinationRefused):
+    """The CONNECT front refuses a client or a destination."""
+
+
+class ProtocolError(BadRequest):
+    """A proxy request head that is not HTTP/1.x as we accept it."""
+
+    code = "BAD_REQUEST"
+
+
 class DigestMismatch(UpstreamError):
     code = "DIGEST_INVALID"
 

@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,13 +50,15 @@ SPLICE_CHUNK = 1 << 20
 class Front:
     __slots__ = (
         "_active", "_clients", "_executor", "_listener", "_task", "config", "counters",
-        "destinations", "leaves",
+        "destinations", "leaves", "on_host",
     )
 
     def __init__(self, config: Config, leaves: certs.LeafCache) -> None:
         self.config = config
         self.leaves = leaves
         self.destinations = Destinations.of(config)
+        # Told of every intercepted host (serve gives it a server of its own).
+        self.on_host: Callable[[str], None] | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=2 * config.proxy.max_tunnels, thread_name_prefix="splice"
         )
@@ -171,6 +174,8 @@ class Front:
         if action is Action.INTERCEPT:
             # The leaf exists before the client's handshake begins.
             await self.leaves.ensure(host)
+            if self.on_host:
+                self.on_host(host)
         path = self.tls_socket if action is Action.INTERCEPT else self.http_socket
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)

@@ -179,3 +179,52 @@ def test_token_request_through_proxy_is_dummy_when_auth_is_down(
     assert head.startswith(b"HTTP/1.1 200")
     token = json.loads(body)
     assert token["token"].startswith("cr-proxy-offline-")
+
+
+def test_a_host_seen_once_gets_a_server_of_its_own(https_proxy: CrProxy, images: Images) -> None:
+    """After the first CONNECT to a host, nginx is reloaded with a server for
+    it (a static leaf, loaded once); later requests are answered by it."""
+
+    def get_manifest() -> bytes:
+        context = ssl.create_default_context(cafile=str(https_proxy.ca_cert))
+        with socket.create_connection(("127.0.0.1", https_proxy.proxy_port), timeout=30) as raw:
+            raw.sendall(b"CONNECT registry.test:443 HTTP/1.1\r\n\r\n")
+            assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+            with context.wrap_socket(raw, server_hostname="registry.test") as tls:
+                tls.sendall(b"GET /v2/small/manifests/v1 HTTP/1.1\r\nHost: registry.test\r\n"
+                            b"Connection: close\r\n\r\n")
+                answer = b""
+                while chunk := tls.recv(65536):
+                    answer += chunk
+        return answer
+
+    first = get_manifest()
+    assert first.startswith(b"HTTP/1.1 200")
+    https_proxy.wait_for_output("a server of its own for registry.test", 30)
+    assert (https_proxy.run_dir / "hosts/registry.test.conf").is_file()
+    # The reload is asynchronous in nginx: old workers may take the next
+    # connections for a moment. Bounded: new workers answer within seconds.
+    deadline = 50
+    for _ in range(deadline):
+        assert get_manifest().startswith(b"HTTP/1.1 200")
+        log = settled_access_log(https_proxy)
+        if log.rstrip().endswith("server=registry.test"):
+            break
+    assert log.rstrip().endswith("server=registry.test"), log[-500:]
+
+
+def settled_access_log(proxy: CrProxy) -> str:
+    """The access log once nginx has flushed it (it buffers for a second):
+    wait for a marker request's line."""
+    import time
+    import urllib.request
+    import uuid
+
+    marker = f"/v2/?settle={uuid.uuid4().hex}"
+    urllib.request.urlopen(f"http://{proxy.http}{marker}", timeout=30).read()
+    deadline = time.monotonic() + 10
+    while marker not in (text := proxy.access_log.read_text(errors="replace")):
+        assert time.monotonic() < deadline, "nginx never flushed its access log"
+        time.sleep(0.1)
+    lines = [line for line in text.splitlines() if "registry.test" in line and "manifests" in line]
+    return lines[-1] if lines else ""

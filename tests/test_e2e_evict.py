@@ -71,3 +71,45 @@ def test_third_image_evicts_the_least_recently_used(upstream: Upstream, tmp_path
 
 def shared_digest(image) -> str:
     return image.layer_digests[0].split(":")[1]
+
+
+def test_eviction_racing_pulls_never_serves_a_cut_or_missing_blob(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """Eight clients pull four images over and over through a cache that
+    holds about one and a half of them: evictions run between and during
+    their requests, and every answer is still whole and verified."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = []
+    for n in range(4):
+        image = build_image(tmp_path / f"img{n}",
+                            layers=[tar_layer({f"f{n}": os.urandom(300_000)})])
+        upstream.push(image.layout, "latest", f"churn-{n}", "v1")
+        images.append((f"churn-{n}", image))
+    one = sum(images[0][1].sizes.values())
+    settings = {"cache": {"max_size": one * 3 // 2, "low_water": 1.0, "min_age": 0,
+                          "check_interval": 1}}
+    with CrProxy(tmp_path / "crproxy", proxy_endpoints(upstream), **settings) as proxy:
+
+        def pull(round_no: int) -> list[str]:
+            repo, image = images[round_no % len(images)]
+            problems = []
+            base = f"http://{proxy.http}/v2/registry.test/{repo}"
+            for digest in [image.manifest_digest, image.config_digest, *image.layer_digests]:
+                kind = "manifests" if digest == image.manifest_digest else "blobs"
+                with urllib.request.urlopen(f"{base}/{kind}/{digest}", timeout=60) as resp:
+                    body = resp.read()
+                    length = resp.headers.get("Content-Length")
+                if f"sha256:{hashlib.sha256(body).hexdigest()}" != digest:
+                    problems.append(f"{repo} {digest}: {len(body)} bytes, wrong digest")
+                if length is not None and int(length) != len(body):
+                    problems.append(f"{repo} {digest}: cut at {len(body)} of {length}")
+            return problems
+
+        with ThreadPoolExecutor(8) as pool:
+            problems = [p for result in pool.map(pull, range(48)) for p in result]
+        assert problems == []
+        proxy.wait_for_output("evicted", 30)
+        assert value(scrape(proxy), "crproxy_evictions_total") >= 1

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,10 +313,6 @@ class Store:
         except FileNotFoundError:
             return None
         return target
-
-
-def now() -> float:
-    return time.time()
 
 
 def same_inode(path: Path, inode: int) -> bool:

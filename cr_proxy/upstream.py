@@ -16,7 +16,6 @@ redirects followed by hand.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import socket
@@ -57,10 +56,6 @@ class Opened:
 
     response: aiohttp.ClientResponse
     hops: list[Hop] = field(default_factory=list)
-
-    @property
-    def final_host(self) -> str | None:
-        return self.hops[-1].target_host if self.hops else None
 
 
 def is_loopback(host: str) -> bool:
@@ -303,8 +298,3 @@ class Upstream:
             opened.response = response
         return opened
 
-
-async def close_quietly(response: aiohttp.ClientResponse | None) -> None:
-    if response is not None:
-        response.release()
-        await asyncio.sleep(0)

@@ -31,7 +31,7 @@ deps-test: .stamp-apt-run .stamp-apt-test $(VENV)/.stamp-test
 
 # apt: install only what is missing (dpkg -s), so repeat runs cost nothing.
 .stamp-apt-run:
-	@scripts/apt-ensure $(APT_RUN) python3-venv
+	@scripts/apt-ensure $(APT_RUN) python3 python3-venv
 	@touch $@
 
 .stamp-apt-test:

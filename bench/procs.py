@@ -92,7 +92,36 @@ def make_tls(directory: Path) -> tuple[Path, Path, Path]:
 # --------------------------------------------------------------------------- plain nginx
 
 
-class PlainNginx:
+class Managed:
+    """A server process of the bench's own: started by the subclass, waited
+    for until it listens, stopped whatever happens."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def _ready(self, ports: list[int], log: Path) -> None:
+        assert self.proc is not None
+        try:
+            wait_listening(ports, self.proc, log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        self.proc = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class PlainNginx(Managed):
     """A static nginx serving `root` on an HTTP and a TLS port of 127.0.0.1.
 
     Matched to cr-proxy's nginx only where a static server would be configured
@@ -160,28 +189,14 @@ http {{
                 ["nginx", "-p", str(self.dir), "-c", str(conf), "-e", str(log)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )
-        try:
-            wait_listening([self.http_port, self.https_port], self.proc, log)
-        except BaseException:
-            self.stop()
-            raise
+        self._ready([self.http_port, self.https_port], log)
 
-    def stop(self) -> None:
-        terminate(self.proc)
-        self.proc = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------- peer
 
 
-class PeerRegistry:
+class PeerRegistry(Managed):
     """distribution in proxy mode in front of registry.test, own storage."""
 
     def __init__(self, workdir: Path, name_proxy_url: str, remote: str) -> None:
@@ -227,22 +242,8 @@ class PeerRegistry:
                 ["docker-registry", "serve", str(conf)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env(),
             )
-        try:
-            wait_listening([self.port], self.proc, self.log)
-        except BaseException:
-            self.stop()
-            raise
+        self._ready([self.port], self.log)
 
-    def stop(self) -> None:
-        terminate(self.proc)
-        self.proc = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def log_tail(self) -> str:
         return _tail(self.log)

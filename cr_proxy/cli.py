@@ -42,6 +42,7 @@ def cmd_config(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
             certs.CertPair(conf.certs_dir / "mirror.crt", conf.certs_dir / "mirror.key"),
         )
         conf.run_dir.mkdir(parents=True, exist_ok=True)
+        conf = nginx.with_front_port(conf)
         nginx.check(conf, nginx.render(conf, leaf.cert, leaf.key))
         print("# nginx configuration OK", file=sys.stderr)
     return ExitStatus.OK

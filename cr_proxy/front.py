@@ -2,7 +2,7 @@
 nginx, which ends TLS with a leaf from our CA (Debian's nginx has no CONNECT
 module, so this small piece sits in front of it).
 
-    client --CONNECT host:443--> front --PROXY line + splice--> nginx (unix socket, TLS)
+    client --CONNECT host:443--> front --PROXY line + splice--> nginx (loopback TCP, TLS)
     client --GET http://host/--> front --PROXY line + splice--> nginx (unix socket, HTTP)
 
 The head is read and decided here (connect.py, sans-IO); after that the
@@ -70,10 +70,6 @@ class Front:
 
     def __repr__(self) -> str:
         return f"<Front {self.config.listen.proxy} active={self._active}>"
-
-    @property
-    def tls_socket(self) -> Path:
-        return self.config.run_dir / "mitm-tls.sock"
 
     @property
     def http_socket(self) -> Path:
@@ -176,11 +172,19 @@ class Front:
             await self.leaves.ensure(host)
             if self.on_host:
                 self.on_host(host)
-        path = self.tls_socket if action is Action.INTERCEPT else self.http_socket
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if action is Action.INTERCEPT:
+            address = self.config.listen.front_tls
+            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            # TCP, so splice moves nginx's TLS records by page reference.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            destination: str | tuple[str, int] = (address.host, address.port)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            destination = str(self.http_socket)
         sock.setblocking(False)
         try:
-            await loop.sock_connect(sock, str(path))
+            await loop.sock_connect(sock, destination)
             line = proxy_protocol_v1((client[0], client[1]), ("127.0.0.1", port))
             await loop.sock_sendall(sock, line)
         except OSError:

@@ -72,6 +72,8 @@ async def _listening(config: Config, proc: asyncio.subprocess.Process) -> bool:
     """Wait until nginx accepts on every listen address (it binds them before
     forking workers), so "ready" means ready. False if nginx died first."""
     addresses = [a for a in (config.listen.mirror_http, config.listen.mirror_https) if a.enabled]
+    if config.listen.proxy.enabled:
+        addresses.append(config.listen.front_tls)
     deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
     pending = list(addresses)
     while pending and proc.returncode is None:
@@ -93,6 +95,7 @@ async def _listening(config: Config, proc: asyncio.subprocess.Process) -> bool:
 
 async def serve(config: Config, say: Callable[[str], None] = print) -> int:
     """Run until signalled (exit 0) or until nginx dies (exit 1)."""
+    config = nginx.with_front_port(config)
     store = Store(config.cache_dir)
     store.prepare()
     config.run_dir.mkdir(parents=True, exist_ok=True)

@@ -175,7 +175,9 @@ class LeafCache:
         self.ca = ca
         self.dir = certs_dir / "hosts"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._checked: dict[str, float] = {}
+        # host -> (when its leaf was last checked, its pair): the check runs
+        # once an hour, not at each of a host's many connections.
+        self._checked: dict[str, tuple[float, CertPair]] = {}
         self._pending: dict[str, asyncio.Future[CertPair]] = {}
 
     def __repr__(self) -> str:
@@ -189,8 +191,9 @@ class LeafCache:
 
     async def ensure(self, host: str) -> CertPair:
         """The host's leaf, issued if missing or near expiry (coalesced)."""
-        if time.monotonic() - self._checked.get(host, -self.RECHECK) < self.RECHECK:
-            return self.pair(host)
+        checked = self._checked.get(host)
+        if checked and time.monotonic() - checked[0] < self.RECHECK:
+            return checked[1]
         future = self._pending.get(host)
         if future is None:
             loop = asyncio.get_running_loop()
@@ -198,7 +201,7 @@ class LeafCache:
             self._pending[host] = future
             future.add_done_callback(lambda _: self._pending.pop(host, None))
         pair = await asyncio.shield(future)
-        self._checked[host] = time.monotonic()
+        self._checked[host] = (time.monotonic(), pair)
         return pair
 
     def ensure_fallback(self) -> CertPair:

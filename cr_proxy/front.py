@@ -6,18 +6,16 @@ module, so this small piece sits in front of it).
     client --GET http://host/--> front --PROXY line + splice--> nginx (unix socket, HTTP)
 
 The head is read and decided here (connect.py, sans-IO); after that the
-front only moves bytes, and it moves them with os.splice through a kernel
-pipe, one thread per direction, so a cache hit's bytes never enter Python.
+front only moves bytes (relay.py: small exchanges on the event loop, a
+bulk direction spliced through a kernel pipe in a thread, so a layer's
+bytes never enter Python).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
-import select
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,14 +35,11 @@ from .connect import (
     reply,
 )
 from .policy import Destinations
+from .relay import Relay
 
 log = logging.getLogger("cr_proxy.front")
 
 HEAD_TIMEOUT = 30.0  # seconds a client has to send its request head
-IDLE_TIMEOUT = 600.0  # seconds a tunnel may carry nothing before it is closed
-PIPE_SIZE = 1 << 20  # bytes per splice pipe: fewer, larger moves
-F_SETPIPE_SZ = 1031
-SPLICE_CHUNK = 1 << 20
 
 
 class Front:
@@ -151,7 +146,7 @@ class Front:
             handed_over = True
             self._active += 1
             try:
-                await self._relay(conn, upstream)
+                await Relay(conn, upstream, self._executor).run()
             finally:
                 self._active -= 1
         except OSError as err:
@@ -192,19 +187,6 @@ class Front:
             raise
         return sock
 
-    async def _relay(self, a: socket.socket, b: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        a.setblocking(True)
-        b.setblocking(True)
-        try:
-            await asyncio.gather(
-                loop.run_in_executor(self._executor, splice_one_way, a, b),
-                loop.run_in_executor(self._executor, splice_one_way, b, a),
-            )
-        finally:
-            a.close()
-            b.close()
-
 
 async def _read_head(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tuple[bytes, bytes]:
     buffer = b""
@@ -231,33 +213,3 @@ async def _connect_tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) ->
             sock.close()
             last = err
     raise last or OSError(f"cannot resolve {host}")
-
-
-def splice_one_way(src: socket.socket, dst: socket.socket) -> None:
-    """Move bytes src -> dst through a kernel pipe until src ends, then pass
-    the end on (half-close). Blocking; runs in a relay thread."""
-    pipe_r, pipe_w = os.pipe()
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
-    poller = select.poll()
-    poller.register(src, select.POLLIN | select.POLLHUP | select.POLLERR)
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    try:
-        while True:
-            if not poller.poll(IDLE_TIMEOUT * 1000):
-                raise TimeoutError("tunnel idle")
-            moved = os.splice(src_fd, pipe_w, SPLICE_CHUNK, flags=os.SPLICE_F_MOVE)
-            if moved == 0:
-                break
-            while moved:
-                moved -= os.splice(pipe_r, dst_fd, moved, flags=os.SPLICE_F_MOVE)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-    except (OSError, TimeoutError):
-        # One side broke: end both directions so the other thread wakes too.
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-    finally:
-        os.close(pipe_r)
-        os.close(pipe_w)

@@ -474,9 +474,9 @@ async def test_front_closes_a_slow_head_and_serves_others_meanwhile(
 async def test_front_closes_an_idle_tunnel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """IDLE_TIMEOUT (600 s, a module constant) at 1 s, in-process: a
     blind tunnel that carries bytes, then nothing, is closed at both ends."""
-    # The relay has lived in front.py and in splice.py: patch it where it is.
+    # The relay has lived in front.py, splice.py and relay.py: patch it where it is.
     patched = 0
-    for name in ("front", "splice"):
+    for name in ("front", "splice", "relay"):
         try:
             module = importlib.import_module(f"cr_proxy.{name}")
         except ImportError:

@@ -5,7 +5,8 @@ It starts, and stops again (also on an error, Ctrl-C or SIGTERM):
 
 * the tests' Docker-Hub-like upstream (tests.upstream.Upstream: distribution
   with token auth and blob redirects to a CDN nginx), with one image pushed:
-  a 256 MiB layer plus a small one;
+  a 256 MiB layer plus a small one; the CDN also on a second port limited to
+  about 1 Gbit/s per connection, for the cold cases over a real link;
 * cr-proxy (`cr-proxy serve`, mirror mode, HTTP and HTTPS ports): one warm
   instance for the hit cases, which also runs the https_proxy CONNECT front
   (the same cache: registry.test is its cache domain both ways), a fresh one
@@ -71,6 +72,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REPO = "bench/big"
 TAG = "v1"
 CLIENTS = 16
+LINK_NAME = "~1 Gbit/s"  # tests.upstream.LINK_RATE, the CDN's rate-limited port
 RSS_LIMIT = 100 * MIB
 GIB = 1 << 30
 FRONT_CPU_LIMIT = 0.4  # CPU-seconds of the serve process per GiB through the front
@@ -199,6 +201,9 @@ class Bench:
         say(f"upstream: registry + token server + CDN on loopback ({self.work})")
         self.up = self.stack.enter_context(Upstream(self.work / "upstream"))
         self.endpoints = {**self.up.endpoints, "registry-1.docker.io": self.up.registry_url}
+        # The same upstream with its CDN behind a ~1 Gbit/s link (limit_rate).
+        self.link_endpoints = {**self.endpoints,
+                               Upstream.cdn_name: f"http://127.0.0.1:{self.up.cdn_link_port}"}
         say(f"image: one {plan.blob_mib} MiB layer + a small one, pushed to registry.test/{REPO}")
         layout = self.work / "layout"
         info = build_image(
@@ -314,10 +319,12 @@ class Bench:
                 raise measure.BenchError(f"{url} is not an nginx hit: {got}")
 
     @contextlib.contextmanager
-    def _cold_crproxy(self, label: str) -> Iterator[CrProxy]:
-        """A cr-proxy with an empty cache; its peak RSS is kept; gone after."""
+    def _cold_crproxy(self, label: str, link: bool = False) -> Iterator[CrProxy]:
+        """A cr-proxy with an empty cache (its CDN over the slow link if
+        asked); its peak RSS is kept; gone after."""
         self._serial += 1
-        proxy = CrProxy(self.work / f"cold-{self._serial}", self.endpoints,
+        proxy = CrProxy(self.work / f"cold-{self._serial}",
+                        self.link_endpoints if link else self.endpoints,
                         certs_dir=str(self.certs), **HIT_SETTINGS)
         proxy.start()
         try:
@@ -347,6 +354,7 @@ class Bench:
         self.new_connections()
         self.concurrent()
         self.cold_curl()
+        self.over_link()
         self.cold_skopeo()
         self.warm()
         self.offline()
@@ -426,37 +434,59 @@ class Bench:
                                      f"{result.request_type!r}, not an nginx hit")
         return result
 
-    def concurrent(self) -> None:
+    def concurrent(self, link: bool = False) -> None:
         up, digest = self.up, self.image.big
-        with self._cold_crproxy("concurrent") as proxy:
+        label = "concurrent, link" if link else "concurrent"
+        with self._cold_crproxy(label, link) as proxy:
             before = up.cdn_blob_gets(digest)
             settle_disk()
             wall, _ = measure.curl_many(self._mirror_blob(proxy), CLIENTS, self.image.big_size)
-            self.samples.add("concurrent_wall", wall)
+            self.samples.add("link_concurrent_wall" if link else "concurrent_wall", wall)
             self.gets.append(_settled(lambda: up.cdn_blob_gets(digest)) - before)
+        if not link:
+            # The floor on this machine: the same 16 downloads as hits of a
+            # plain nginx (sendfile), the clients sharing its cores.
+            plain = f"http://{self.plain.http}{self._plain_path()}"
+            wall, _ = measure.curl_many(plain, CLIENTS, self.image.big_size)
+            self.samples.add("concurrent_plain_hit_wall", wall)
 
     def cold_curl(self) -> None:
-        size = self.image.big_size
         with self._cold_crproxy("cold curl") as proxy:
             settle_disk()
-            self.samples.add("cold_curl_ours",
-                             measure.curl(self._mirror_blob(proxy), expect_size=size).wall)
-        # Directly: a token, then the blob from the registry, following its
-        # redirect to the CDN (cdn.test pinned to its loopback port).
+            self.samples.add("cold_curl_ours", measure.curl(
+                self._mirror_blob(proxy), expect_size=self.image.big_size).wall)
+        self.samples.add("cold_curl_direct", self._direct_blob(self.up.cdn_port))
+        with self._cold_peer() as peer:
+            url = f"http://{peer.http}/v2/{REPO}/blobs/{self.image.big}"
+            settle_disk()
+            self.samples.add("cold_curl_peer",
+                             measure.curl(url, expect_size=self.image.big_size).wall)
+
+    def _direct_blob(self, cdn_port: int) -> float:
+        """Seconds to get the big blob from the upstream directly, as a client
+        does: a token, then the registry, following its redirect to the CDN
+        (cdn.test pinned to the given loopback port)."""
         settle_disk()
         t0 = time.perf_counter()
         token = measure.bearer_token(self.up.token_url, REPO)
         measure.curl(
             f"{self.up.registry_url}/v2/{REPO}/blobs/{self.image.big}",
             "-L", "-H", f"Authorization: Bearer {token}",
-            "--connect-to", f"{Upstream.cdn_name}:80:127.0.0.1:{self.up.cdn_port}",
-            expect_size=size,
+            "--connect-to", f"{Upstream.cdn_name}:80:127.0.0.1:{cdn_port}",
+            expect_size=self.image.big_size,
         )
-        self.samples.add("cold_curl_direct", time.perf_counter() - t0)
-        with self._cold_peer() as peer:
-            url = f"http://{peer.http}/v2/{REPO}/blobs/{self.image.big}"
+        return time.perf_counter() - t0
+
+    def over_link(self) -> None:
+        """The cold cases again with the CDN behind a ~1 Gbit/s link (nginx
+        limit_rate), the way a mirror meets a real upstream: one client
+        through a cold cr-proxy, the same directly, and 16 clients at once."""
+        with self._cold_crproxy("cold curl, link", link=True) as proxy:
             settle_disk()
-            self.samples.add("cold_curl_peer", measure.curl(url, expect_size=size).wall)
+            self.samples.add("link_cold_ours", measure.curl(
+                self._mirror_blob(proxy), expect_size=self.image.big_size).wall)
+        self.samples.add("link_cold_direct", self._direct_blob(self.up.cdn_link_port))
+        self.concurrent(link=True)
 
     def cold_skopeo(self) -> None:
         with self._cold_crproxy("cold skopeo") as proxy:
@@ -534,6 +564,20 @@ class Bench:
         rows.append(compare(
             f"{CLIENTS} clients miss one blob: wall time", s["concurrent_wall"],
             s["cold_curl_ours"], "one client alone", Bar("<=", 1.3), fmt_secs,
+        ))
+        rows.append(compare(
+            f"cold blob, curl, upstream CDN at {LINK_NAME}", s["link_cold_ours"],
+            s["link_cold_direct"], "upstream direct, same link", Bar("<=", 1.15), fmt_secs,
+        ))
+        rows.append(compare(
+            f"{CLIENTS} clients miss one blob, upstream CDN at {LINK_NAME}: wall time",
+            s["link_concurrent_wall"], s["link_cold_ours"], "one client alone, same link",
+            Bar("<=", 1.3), fmt_secs,
+        ))
+        rows.append(info(
+            f"{CLIENTS} clients miss one blob: wall time vs the same as hits",
+            s["concurrent_wall"], s["concurrent_plain_hit_wall"],
+            f"{CLIENTS} clients, plain nginx hits", fmt_secs,
         ))
         rows.append(compare("offline pull (stale tag, upstream stopped)", s["offline_stale"],
                             s["online_stale"], "same pull online", Bar("<=", 1.1), fmt_secs))
@@ -658,7 +702,11 @@ def markdown(plan: Plan, bench: Bench, rows: list[Row], facts: dict[str, str], s
         "and CNCF distribution in proxy mode as the peer cache, reaching the upstream's "
         "names through the upstream's name-mapping forward proxy. The image is one "
         f"{plan.blob_mib} MiB layer plus a small one. Cold means an empty cache: a new "
-        "cr-proxy and a new peer for each cold repetition. skopeo tops out near 100-150 "
+        "cr-proxy and a new peer for each cold repetition. The `upstream CDN at "
+        f"{LINK_NAME}` rows repeat the cold blob and the {CLIENTS}-client case with the "
+        "CDN's second port, the same nginx with `limit_rate 119m` per connection: an "
+        "upstream met over a network link rather than at loopback memory speed (the "
+        "upstream-GET count covers both). skopeo tops out near 100-150 "
         "MiB/s here (it writes and hashes every layer itself), so the curl rows are the "
         "byte-rate rows. skopeo straight from the upstream and the peer's own upstream "
         "traffic pass through the test upstream's name-mapping proxy (Python, in the bench "

@@ -236,6 +236,20 @@ async def test_cdn_serves_blob_bytes_and_ranges(pushed: Pushed) -> None:
     assert wait_for_cdn_gets(up, digest, before + 2) == before + 2
 
 
+async def test_cdn_link_port_serves_the_same_blobs_rate_limited(pushed: Pushed) -> None:
+    """The bench's "upstream over a 1 Gbit/s link": the same files, counted
+    in the same access log (its rate is nginx's limit_rate, not timed here)."""
+    up = pushed.up
+    digest = pushed.small.layer_digests[1]
+    before = up.cdn_blob_gets(digest)
+    url = f"http://127.0.0.1:{up.cdn_link_port}{up.cdn_blob_path(digest)}"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        assert resp.status == 200
+        assert sha256(await resp.read()) == digest
+    assert "limit_rate" in (up.cdn_dir / "nginx.conf").read_text()
+    assert wait_for_cdn_gets(up, digest, before + 1) == before + 1
+
+
 async def test_password_and_refresh_token_grants(pushed: Pushed) -> None:
     up = pushed.up
     scope = "repository:library/small:pull"

@@ -549,7 +549,12 @@ def _registry_config(
     }
 
 
-def _nginx_config(port: int, root: Path, state: Path) -> str:
+# The CDN's second port: the same files at about 1 Gbit/s per connection, an
+# upstream reached over a real link rather than at memory speed (bench).
+LINK_RATE = "119m"  # nginx limit_rate, bytes/s: 119 MiB/s ~ 1 Gbit/s
+
+
+def _nginx_config(port: int, link_port: int, root: Path, state: Path) -> str:
     # Workers drop to `nobody` when the master is root, and nobody cannot read pytest's
     # 0700 tmp dirs; the `user` directive is only legal (and only needed) as root.
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -571,6 +576,14 @@ http {{
         listen 127.0.0.1:{port};
         server_name {CDN_NAME};
         root {root};
+        location /docker/registry/v2/blobs/ {{ }}
+        location / {{ return 404; }}
+    }}
+    server {{
+        listen 127.0.0.1:{link_port};
+        server_name {CDN_NAME};
+        root {root};
+        limit_rate {LINK_RATE};
         location /docker/registry/v2/blobs/ {{ }}
         location / {{ return 404; }}
     }}
@@ -601,7 +614,8 @@ class Upstream:
         self.cdn_dir = self.dir / "cdn"
         self.cdn_access_log = self.cdn_dir / "access.log"
         self.credentials = credentials
-        self.registry_port, self.auth_port, self.cdn_port, self.proxy_port = free_ports(4)
+        (self.registry_port, self.auth_port, self.cdn_port, self.proxy_port,
+         self.cdn_link_port) = free_ports(5)
         self.endpoints: dict[str, str] = {
             REGISTRY_NAME: f"http://127.0.0.1:{self.registry_port}",
             AUTH_NAME: f"http://127.0.0.1:{self.auth_port}",
@@ -712,7 +726,7 @@ class Upstream:
         # JSON is YAML: no YAML dependency needed to write the registry's config.
         (self.dir / "registry.yml").write_text(json.dumps(config, indent=2))
         (self.cdn_dir / "nginx.conf").write_text(
-            _nginx_config(self.cdn_port, self.storage_root, self.cdn_dir)
+            _nginx_config(self.cdn_port, self.cdn_link_port, self.storage_root, self.cdn_dir)
         )
         (self.dir / "policy.json").write_text(
             json.dumps({"default": [{"type": "insecureAcceptAnything"}]})
@@ -751,6 +765,7 @@ class Upstream:
                 stderr=subprocess.STDOUT,
             )
         _wait_until_listening(self.cdn_port, self._cdn, error_log)
+        _wait_until_listening(self.cdn_link_port, self._cdn, error_log)
 
     def stop_cdn(self) -> None:
         _terminate(self._cdn)

@@ -14,7 +14,7 @@ serve: deps-run
 	$(BIN)/cr-proxy serve $(if $(CONFIG),--config $(CONFIG))
 
 test: deps-test
-	$(BIN)/ruff check cr_proxy tests
+	$(BIN)/ruff check cr_proxy tests bench
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test-unit: deps-test
@@ -24,7 +24,7 @@ test-e2e: deps-test
 	$(BIN)/pytest -q -m e2e $(PYTEST_ARGS)
 
 lint: deps-test
-	$(BIN)/ruff check cr_proxy tests
+	$(BIN)/ruff check cr_proxy tests bench
 
 deps-run: .stamp-apt-run $(VENV)/.stamp-run
 deps-test: .stamp-apt-run .stamp-apt-test $(VENV)/.stamp-test
@@ -67,3 +67,12 @@ bench: deps-test
 bench-doc: deps-test
 	@scripts/apt-ensure apache2-utils
 	$(BIN)/python -m bench.run --write docs/benchmarks.md $(BENCH_ARGS)
+
+# Profiles of the cases where the bench misses its bar (bench/profile.py):
+# perf over the whole machine and py-spy on `cr-proxy serve`, written to
+# docs/profiles.md; about 2 minutes. Needs root (perf -a).
+.PHONY: profile
+profile: deps-test
+	@scripts/apt-ensure apache2-utils linux-perf
+	$(BIN)/pip install -q -e '.[profile]'
+	$(BIN)/python -m bench.profile --write docs/profiles.md $(PROFILE_ARGS)

@@ -55,9 +55,9 @@ class Profile:
 
 
 @contextlib.contextmanager
-def perf_all(out: Path) -> Iterator[None]:
-    proc = subprocess.Popen(["perf", "record", "-a", "-F", str(PERF_FREQ), "-o", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def recording(cmd: list[str]) -> Iterator[None]:
+    """A profiler running around the block; SIGINT makes it write its file."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(STARTUP)
     try:
         yield
@@ -66,19 +66,13 @@ def perf_all(out: Path) -> Iterator[None]:
         proc.wait(60)
 
 
-@contextlib.contextmanager
-def py_spy(pid: int, out: Path) -> Iterator[None]:
-    proc = subprocess.Popen(
-        [str(PY_SPY), "record", "-p", str(pid), "-r", str(SPY_RATE), "--gil", "--nonblocking",
-         "-f", "raw", "-o", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    time.sleep(STARTUP)
-    try:
-        yield
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+def perf_all(out: Path) -> contextlib.AbstractContextManager[None]:
+    return recording(["perf", "record", "-a", "-F", str(PERF_FREQ), "-o", str(out)])
+
+
+def py_spy(pid: int, out: Path) -> contextlib.AbstractContextManager[None]:
+    return recording([str(PY_SPY), "record", "-p", str(pid), "-r", str(SPY_RATE), "--gil",
+                      "--nonblocking", "-f", "raw", "-o", str(out)])
 
 
 def perf_lines(data: Path, sort: str, limit: float) -> list[str]:

@@ -108,7 +108,9 @@ class Front:
         handed_over = False
         try:
             try:
-                raw, rest = await asyncio.wait_for(_read_head(loop, conn), HEAD_TIMEOUT)
+                # asyncio.timeout, not wait_for: no task of its own per client.
+                async with asyncio.timeout(HEAD_TIMEOUT):
+                    raw, rest = await _read_head(loop, conn)
                 head = parse_head(raw)
                 decision = decide(head, addr[0], self.config.proxy, self.destinations)
             except ProxyRefused as err:

@@ -31,6 +31,17 @@ def test_feed_counts_nginx_hits_and_records_uses_of_both() -> None:
                               ("registry.test", "v2/a/manifests/v1"): 42.0}
 
 
+def test_repeated_lines_count_once_each() -> None:
+    """feed() counts identical lines together: the totals must still be per line."""
+    feed = UsageFeed(Metrics())
+    feed.feed("\n".join([HIT] * 500 + [MISS] * 3 + [HIT] * 7), when=7.0)
+    assert feed.lines == 510
+    assert feed.metrics.total(feed.metrics.hits) == 507
+    assert feed.metrics.total(feed.metrics.bytes_served) == 507 * 1234
+    assert feed.metrics.total(feed.metrics.requests) == 510
+    assert feed.last_used[("registry.test", "v2/a/blobs/sha256:ab")] == 7.0
+
+
 def test_tail_returns_whole_lines_once(tmp_path: Path) -> None:
     log = tmp_path / "usage.log"
     tail = LogTail(log)

@@ -50,6 +50,7 @@ class Profile:
     command: str  # what ran, in words
     seconds: float
     comms: list[str] = field(default_factory=list)
+    objects: list[str] = field(default_factory=list)
     symbols: list[str] = field(default_factory=list)
     python: list[str] = field(default_factory=list)
 
@@ -141,6 +142,8 @@ class Profiler:
         self.profiles.append(Profile(
             case, command, seconds,
             comms=perf_lines(perf_data, "comm", 0.2),
+            # By object too: libcrypto (sha256) has no symbols to add up.
+            objects=perf_lines(perf_data, "comm,dso", 0.5),
             symbols=perf_lines(perf_data, "comm,dso,sym", 0.3),
             python=spy_lines(spy_raw),
         ))
@@ -206,6 +209,8 @@ def markdown(profiles: list[Profile], facts: dict[str, str], started: str) -> st
             f"## {p.case}", "",
             f"{p.command}; {p.seconds:.2f} s.", "",
             "CPU-seconds by process (perf):", "", "```", *p.comms, "```", "",
+            "By process and object (perf; the kernel is [kernel.kallsyms], sha256 is in "
+            "libcrypto):", "", "```", *p.objects, "```", "",
             "Hottest symbols (perf, process / object / symbol):", "", "```", *p.symbols,
             "```", "",
             "Python in the serve process (py-spy --gil):", "", "```", *p.python, "```", "",

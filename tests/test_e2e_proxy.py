@@ -103,6 +103,27 @@ def test_pull_through_https_proxy_then_offline(
         upstream.start_cdn()
 
 
+def test_big_layer_through_the_front_miss_then_hit(
+    https_proxy: CrProxy, images: Images, tmp_path: Path
+) -> None:
+    """A 100 MiB layer through the front twice: first a miss (the fetcher
+    streams it), then an nginx hit. Either way the relay moves the download
+    direction to a splice thread (relay.PROMOTE_AFTER), over the loopback
+    TCP link to nginx (listen.front_tls); skopeo checks every digest."""
+    trust = ca_dir(https_proxy, tmp_path)
+    big = images.big.layer_digests[0]
+    for run in ("miss", "hit"):
+        dest = tmp_path / run
+        result = skopeo_via_proxy(https_proxy, "registry.test/big:v1", dest, trust)
+        assert result.returncode == 0, result.stderr + https_proxy.log_text()[-3000:]
+        blobs = layout_blobs(dest)
+        assert expected_digests(images.big) <= set(blobs)
+        assert blobs[big] == images.big.sizes[big] >= 100 * 1024 * 1024
+    log = settled_access_text(https_proxy)
+    big_lines = [line for line in log.splitlines() if f"/big/blobs/{big}" in line]
+    assert [line.split("type=")[1].split()[0] for line in big_lines] == ["blob-fetch", "blob"]
+
+
 def test_ca_is_served_on_the_proxy_port(https_proxy: CrProxy) -> None:
     answer = proxy_request(https_proxy.proxy_port, "GET /ca.crt HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200")
@@ -214,8 +235,16 @@ def test_a_host_seen_once_gets_a_server_of_its_own(https_proxy: CrProxy, images:
 
 
 def settled_access_log(proxy: CrProxy) -> str:
-    """The access log once nginx has flushed it (it buffers for a second):
-    wait for a marker request's line."""
+    """The last manifest line for registry.test, once nginx has flushed."""
+    text = settled_access_text(proxy)
+    lines = [line for line in text.splitlines() if "registry.test" in line and "manifests" in line]
+    return lines[-1] if lines else ""
+
+
+def settled_access_text(proxy: CrProxy) -> str:
+    """The access log once nginx has flushed it (each worker buffers for a
+    second): wait for a marker request's line; lines logged before it were
+    due to be flushed no later."""
     import time
     import urllib.request
     import uuid
@@ -226,5 +255,4 @@ def settled_access_log(proxy: CrProxy) -> str:
     while marker not in (text := proxy.access_log.read_text(errors="replace")):
         assert time.monotonic() < deadline, "nginx never flushed its access log"
         time.sleep(0.1)
-    lines = [line for line in text.splitlines() if "registry.test" in line and "manifests" in line]
-    return lines[-1] if lines else ""
+    return text

@@ -16,6 +16,7 @@ import yaml
 from tests.conftest import Images, proxy_endpoints
 from tests.crproxy import CrProxy, clean_env, layout_blobs, skopeo_pull
 from tests.oci_layout import ImageInfo
+from tests.test_e2e_metrics import scrape, value
 from tests.upstream import Upstream
 
 DEAD = "http://127.0.0.1:9"
@@ -170,3 +171,47 @@ def test_warm_uses_the_running_serve(upstream: Upstream, images: Images, tmp_pat
     assert result.returncode == 1
     assert summary(result)["started_fetcher"] is True
     assert "registry.test/multi:latest: UPSTREAM_UNREACHABLE: " in result.stderr
+
+
+def test_warm_beside_a_client_pull_costs_one_upstream_download(
+    upstream: Upstream, images: Images, tmp_path: Path
+) -> None:
+    """`warm` and a skopeo pull of the same image, started together through
+    one serve, its CDN on the ~1 Gbit/s port (a 100 MiB layer takes about a
+    second there, so the two overlap): the upstream sends each blob once, and
+    both end with every byte verified."""
+    endpoints = {**proxy_endpoints(upstream),
+                 Upstream.cdn_name: f"http://127.0.0.1:{upstream.cdn_link_port}"}
+    proxy = CrProxy(tmp_path / "crproxy", endpoints)
+    proxy.config_path.write_text(yaml.safe_dump(proxy.config))
+    blobs = blob_digests(images.big)
+    before = {d: upstream.cdn_blob_gets(d) for d in blobs}
+    with proxy:
+        warm = subprocess.Popen(
+            [sys.executable, "-m", "cr_proxy", "warm", "--config", str(proxy.config_path),
+             "--json", "registry.test/big:v1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+        )
+        try:
+            pull = skopeo_pull(f"{proxy.http}/registry.test/big:v1", tmp_path / "pulled")
+            out, err = warm.communicate(timeout=300)
+        finally:
+            if warm.poll() is None:
+                warm.kill()
+                warm.wait(30)
+        coalesced = value(scrape(proxy), "crproxy_coalesced_total")
+    assert warm.returncode == 0, err
+    assert json.loads(out)["fetcher"] == str(proxy.run_dir / "fetcher.sock")
+    assert pull.returncode == 0, pull.stderr
+    assert image_digests(images.big) <= set(layout_blobs(tmp_path / "pulled"))
+    assert missing(proxy, image_digests(images.big)) == set()
+    # The CDN logs a request once it is done: wait (bounded) for every GET.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+        upstream.cdn_blob_gets(d) < before[d] + 1 for d in blobs
+    ):
+        time.sleep(0.1)
+    assert {d: upstream.cdn_blob_gets(d) - before[d] for d in blobs} == {d: 1 for d in blobs}
+    # ...and the two met in flight at least once (the big layer's download
+    # lasts about a second), rather than one finding the other's copy.
+    assert coalesced >= 1

@@ -278,7 +278,6 @@ class Fetcher:
                 except aiohttp.ClientPayloadError as err:
                     raise Truncated(message=f"{domain}: body of {digest} cut short") from err
                 await in_thread(writer.verify, upstream.content_length)
-                await flight.progress(writer.size)
                 # Clients get their last byte now; the fsync and rename follow.
                 await flight.verified_whole()
                 committed = await in_thread(self._commit_blob, writer, target, opened.hops)

@@ -160,8 +160,7 @@ class Relay:
                 sock.shutdown(socket.SHUT_RDWR)
         self._stop_watching()
         for way in self._directions:
-            if not way.done:
-                way.done = True
+            way.done = True
         if not self._finished.done():
             self._finished.set_result(None)
 

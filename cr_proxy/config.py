@@ -50,6 +50,15 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
+class LoopbackAddress(Address):
+    """An internal listener on loopback; port 0 means a free port picked at
+    start (not off)."""
+
+    def __str__(self) -> str:
+        return self.nginx()
+
+
+@dataclass(frozen=True, slots=True)
 class Listen:
     proxy: Address
     mirror_https: Address
@@ -59,7 +68,7 @@ class Listen:
     # a unix socket, because splice moves TCP data by page reference while a
     # unix socket's bytes are copied once more (about 3x the front's CPU per
     # GiB). Port 0: serve picks a free one at start.
-    front_tls: Address
+    front_tls: LoopbackAddress
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,7 +438,7 @@ def _address(data: Mapping[str, Any], key: str) -> Address:
     return Address(host, int(port))
 
 
-def _loopback_address(data: Mapping[str, Any], key: str) -> Address:
+def _loopback_address(data: Mapping[str, Any], key: str) -> LoopbackAddress:
     """host:port on a loopback address (the listener trusts the PROXY line
     its peer sends); port 0 means any free port."""
     text = str(data.get(_leaf(key)) or "127.0.0.1:0")
@@ -441,7 +450,7 @@ def _loopback_address(data: Mapping[str, Any], key: str) -> Address:
         loopback = False
     if not sep or not loopback or not port.isdigit() or int(port) > 65535:
         raise ConfigError(message=f"{key}: {text!r} is not loopback-address:port")
-    return Address(host, int(port))
+    return LoopbackAddress(host, int(port))
 
 
 def _credentials(value: Any, key: str, environ: Mapping[str, str]) -> Credentials:

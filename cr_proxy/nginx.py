@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 from . import reference
-from .config import Address, Config
+from .config import Config, LoopbackAddress
 from .errors import CrProxyError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "nginx"
@@ -222,7 +222,7 @@ def with_front_port(config: Config) -> Config:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((address.host, 0))
         port = probe.getsockname()[1]
-    listen = dataclasses.replace(config.listen, front_tls=Address(address.host, port))
+    listen = dataclasses.replace(config.listen, front_tls=LoopbackAddress(address.host, port))
     return dataclasses.replace(config, listen=listen)
 
 

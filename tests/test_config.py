@@ -195,6 +195,26 @@ def test_address_renders_for_nginx(address, nginx, text):
     assert str(address) == text
 
 
+@pytest.mark.parametrize(
+    ("raw", "host", "port"),
+    [("", "127.0.0.1", 0), ("127.0.0.1:3129", "127.0.0.1", 3129), ("127.8.0.1:0", "127.8.0.1", 0),
+     ("'[::1]:3129'", "::1", 3129)],
+)
+def test_front_tls_is_loopback_and_port_0_means_pick_one(raw, host, port):
+    conf = load(None, environ={"CR_PROXY_LISTEN__FRONT_TLS": raw} if raw else {})
+    assert (conf.listen.front_tls.host, conf.listen.front_tls.port) == (host, port)
+    # Port 0 is not "off" here: serve picks a free port (nginx.with_front_port).
+    assert str(conf.listen.front_tls) == conf.listen.front_tls.nginx()
+
+
+@pytest.mark.parametrize("raw", ["0.0.0.0:3129", "10.0.0.1:3129", "localhost:3129", "3129",
+                                 "127.0.0.1:99999"])
+def test_front_tls_anywhere_but_a_loopback_address_is_refused(raw):
+    # Its listener trusts the PROXY line it is sent: it must not face the network.
+    with pytest.raises(ConfigError, match=r"listen\.front_tls"):
+        load(None, environ={"CR_PROXY_LISTEN__FRONT_TLS": raw})
+
+
 def test_environment_beats_the_file(tmp_path):
     conf = load_data(tmp_path, {"tag_ttl": 10}, {"CR_PROXY_TAG_TTL": "20"})
     assert conf.tag_ttl == 20.0

@@ -146,17 +146,24 @@ class Wrk:
     bad: int  # non-2xx/3xx answers plus socket errors
 
 
-def wrk(url: str, duration: float, threads: int = 2, connections: int = 32) -> Wrk:
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s"]
+def _load(cmd: list[str], url: str, duration: float, rps_pattern: str,
+          total_pattern: str) -> tuple[str, float, int]:
+    """Run a load tool on url; (its output, requests/s, requests), or BenchError."""
     proc = subprocess.run(
         [*cmd, url], capture_output=True, text=True, timeout=duration + WRK_GRACE,
         env=clean_env(), stdin=subprocess.DEVNULL, check=False,
     )
     out = proc.stdout
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    total = re.search(r"(\d+) requests in", out)
+    rps, total = re.search(rps_pattern, out), re.search(total_pattern, out)
     if proc.returncode != 0 or rps is None or total is None:
         raise BenchError(f"{' '.join(cmd)} {url} failed:\n{out}\n{proc.stderr}")
+    return out, float(rps.group(1)), int(total.group(1))
+
+
+def wrk(url: str, duration: float, threads: int = 2, connections: int = 32) -> Wrk:
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s"]
+    out, rps, total = _load(cmd, url, duration, r"Requests/sec:\s+([\d.]+)",
+                            r"(\d+) requests in")
     bad = 0
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     if non2xx:
@@ -164,7 +171,7 @@ def wrk(url: str, duration: float, threads: int = 2, connections: int = 32) -> W
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if errors:
         bad += sum(int(n) for n in errors.groups())
-    return Wrk(float(rps.group(1)), int(total.group(1)), bad)
+    return Wrk(rps, total, bad)
 
 
 def ab_head(url: str, duration: float, connections: int = 32) -> Wrk:
@@ -177,17 +184,10 @@ def ab_head(url: str, duration: float, connections: int = 32) -> Wrk:
     """
     # -t alone caps at 50000 requests; a large -n after it lifts that.
     cmd = ["ab", "-q", "-i", "-k", "-c", str(connections), "-t", f"{duration:g}", "-n", "100000000"]
-    proc = subprocess.run(
-        [*cmd, url], capture_output=True, text=True, timeout=duration + WRK_GRACE,
-        env=clean_env(), stdin=subprocess.DEVNULL, check=False,
-    )
-    out = proc.stdout
-    rps = re.search(r"Requests per second:\s+([\d.]+)", out)
-    total = re.search(r"Complete requests:\s+(\d+)", out)
-    if proc.returncode != 0 or rps is None or total is None:
-        raise BenchError(f"{' '.join(cmd)} {url} failed:\n{out}\n{proc.stderr}")
+    out, rps, total = _load(cmd, url, duration, r"Requests per second:\s+([\d.]+)",
+                            r"Complete requests:\s+(\d+)")
     bad = sum(int(m) for m in re.findall(r"(?:Failed requests|Non-2xx responses):\s+(\d+)", out))
-    return Wrk(float(rps.group(1)), int(total.group(1)), bad)
+    return Wrk(rps, total, bad)
 
 
 def skopeo_time(source: str, dest: Path, cert_dir: Path | None = None) -> float:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Self
 
@@ -80,6 +82,28 @@ class CrProxy:
     @property
     def access_log(self) -> Path:
         return self.run_dir / "access.log"
+
+    def access_lines(
+        self, match: str | re.Pattern[str], at_least: int, timeout: float = 30.0
+    ) -> list[str]:
+        """The access log's lines containing a string (or matching a pattern),
+        once there are at least `at_least` of them. Polled, bounded: each nginx
+        worker buffers its lines and flushes them a second after its buffer's
+        first line, so a line logged by one worker can land after a later line
+        from another, and no marker request proves the file complete."""
+        deadline = time.monotonic() + timeout
+        tick = threading.Event()
+        while True:
+            text = self.access_log.read_text(errors="replace") if self.access_log.exists() else ""
+            lines = [line for line in text.splitlines()
+                     if (match.search(line) if isinstance(match, re.Pattern) else match in line)]
+            if len(lines) >= at_least:
+                return lines
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"after {timeout:.0f}s the access log has {len(lines)} of {at_least} "
+                    f"lines matching {match!r}")
+            tick.wait(0.1)
 
     # --- life --------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +100,7 @@ def test_second_warm_fetches_nothing(upstream: Upstream, images: Images, tmp_pat
     assert first.returncode == 0, first.stderr
     assert (summary(first)["blobs_fetched"], summary(first)["blobs_cached"]) == (3, 0)
     # nginx logs a GET after its last byte: wait for the first run's lines.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(
-        upstream.cdn_blob_gets(d) < before[d] + 1 for d in blobs
-    ):
-        time.sleep(0.05)
-    after_first = {d: upstream.cdn_blob_gets(d) for d in blobs}
+    after_first = {d: upstream.cdn_blob_gets_once(d, before[d] + 1) for d in blobs}
     assert after_first == {d: n + 1 for d, n in before.items()}  # one download per blob
 
     second = run_warm(proxy.config_path, "registry.test/small:v1")
@@ -206,12 +200,8 @@ def test_warm_beside_a_client_pull_costs_one_upstream_download(
     assert image_digests(images.big) <= set(layout_blobs(tmp_path / "pulled"))
     assert missing(proxy, image_digests(images.big)) == set()
     # The CDN logs a request once it is done: wait (bounded) for every GET.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(
-        upstream.cdn_blob_gets(d) < before[d] + 1 for d in blobs
-    ):
-        time.sleep(0.1)
-    assert {d: upstream.cdn_blob_gets(d) - before[d] for d in blobs} == {d: 1 for d in blobs}
+    fetched = {d: upstream.cdn_blob_gets_once(d, before[d] + 1) - before[d] for d in blobs}
+    assert fetched == {d: 1 for d in blobs}
     # ...and the two met in flight at least once (the big layer's download
     # lasts about a second), rather than one finding the other's copy.
     assert coalesced >= 1

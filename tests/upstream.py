@@ -678,6 +678,15 @@ class Upstream:
             return 0
         return sum(1 for line in self.cdn_access_log.open() if pattern.search(line))
 
+    def cdn_blob_gets_once(self, digest: str, at_least: int, timeout: float = 10.0) -> int:
+        """cdn_blob_gets once it reaches `at_least` (or the timeout has passed):
+        the count to assert on right after a client finished. Polled, bounded."""
+        deadline = time.monotonic() + timeout
+        tick = threading.Event()
+        while (count := self.cdn_blob_gets(digest)) < at_least and time.monotonic() < deadline:
+            tick.wait(0.05)
+        return count
+
     def _blobs_dir(self) -> Path:
         return self.storage_root / "docker" / "registry" / "v2" / "blobs"
 

@@ -9,6 +9,7 @@ stop() (SIGTERM, then SIGKILL).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -28,7 +29,8 @@ STOP_TIMEOUT = 20.0
 
 
 class CrProxy:
-    def __init__(self, workdir: Path, endpoints: dict[str, str], **settings: Any) -> None:
+    def __init__(self, workdir: Path, endpoints: dict[str, str], *, embedded_default: bool = False,
+                 **settings: Any) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.http_port, self.https_port, self.metrics_port = free_ports(3)
@@ -52,6 +54,11 @@ class CrProxy:
             self.proxy_port = int(self.config["listen"]["proxy"].rsplit(":", 1)[1])
         self.config.update(settings)
         self.config_path = self.dir / "cr-proxy.yml"
+        # As `make serve` runs it: the installed `cr-proxy` command, no file,
+        # the embedded default configuration (./cache, ./certs, ./run in the
+        # working directory); only the listeners (loopback, free ports) and
+        # the upstream's endpoints come in through CR_PROXY_* variables.
+        self.embedded_default = embedded_default
         self.proc: subprocess.Popen[str] | None = None
         self.output: list[str] = []
         self._output_changed = threading.Condition()
@@ -107,11 +114,26 @@ class CrProxy:
 
     # --- life --------------------------------------------------------------------
 
+    def environment(self) -> dict[str, str]:
+        """The CR_PROXY_* variables an embedded-default serve is given."""
+        env = {f"CR_PROXY_LISTEN__{key.upper()}": str(value)
+               for key, value in self.config["listen"].items()}
+        env["CR_PROXY_ENDPOINTS"] = json.dumps(self.config["endpoints"])  # JSON is YAML
+        return env
+
     def start(self) -> None:
-        self.config_path.write_text(yaml.safe_dump(self.config))
         self.output = []
+        if self.embedded_default:
+            command = [str(Path(sys.executable).with_name("cr-proxy")), "serve"]
+            env: dict[str, str] | None = {**os.environ, **self.environment()}
+        else:
+            self.config_path.write_text(yaml.safe_dump(self.config))
+            command = [sys.executable, "-m", "cr_proxy", "serve", "--config",
+                       str(self.config_path)]
+            env = None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cr_proxy", "serve", "--config", str(self.config_path)],
+            command,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

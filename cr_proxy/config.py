@@ -144,11 +144,16 @@ class Config:
     registries: Mapping[str, Credentials]
     proxy: ProxyPolicy
     nginx: NginxSettings
+    access_log_max_size: int  # bytes; 0 = never rotated by serve
     log_level: str
 
     @property
     def socket_path(self) -> Path:
         return self.run_dir / "fetcher.sock"
+
+    @property
+    def access_log_path(self) -> Path:
+        return self.run_dir / "access.log"
 
     def credentials(self, registry: str) -> Credentials | None:
         return self.registries.get(registry)
@@ -298,6 +303,8 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             user=_str(nginx, "nginx.user", allow_empty=True),
             worker_processes=str(nginx.get("worker_processes", "auto")),
         ),
+        access_log_max_size=parse_size(data.get("access_log_max_size", 0),
+                                       "access_log_max_size"),
         log_level=_choice(data, "log_level", ("debug", "info", "warning", "error")),
     )
 

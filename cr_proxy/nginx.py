@@ -238,7 +238,7 @@ def render(config: Config, mirror_cert: Path, mirror_key: Path) -> Path:
         "cache_dir": str(config.cache_dir),
         "nginx_dir": str(run),
         "socket": str(config.socket_path),
-        "access_log": str(run / "access.log"),
+        "access_log": str(config.access_log_path),
         "njs_module": njs_module(),
         "user_line": user_line(config),
         "worker_processes": config.nginx.worker_processes,

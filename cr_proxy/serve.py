@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from . import certs, nginx, usage
+from . import certs, logs, nginx, usage
 from .config import Config
 from .evict import evict_loop
 from .fetcher import make_app
@@ -153,11 +153,17 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             await front.start()
             stack.push_async_callback(front.close)
         fetcher = runner.app["fetcher"]
+
+        def reopen_logs() -> None:
+            proc.send_signal(signal.SIGUSR1)
+
         tasks = [
             asyncio.create_task(_watch_cache_size(store, metrics, feed)),
-            asyncio.create_task(usage.follow(
-                feed, usage.LogTail(usage_log), lambda: proc.send_signal(signal.SIGUSR1))),
+            asyncio.create_task(usage.follow(feed, usage.LogTail(usage_log), reopen_logs)),
         ]
+        if config.access_log_max_size:
+            tasks.append(asyncio.create_task(logs.keep_access_log(
+                config.access_log_path, config.access_log_max_size, reopen_logs)))
         if config.refresh.interval > 0:
             tasks.append(asyncio.create_task(refresh_loop(fetcher)))
         if config.cache.max_size:

@@ -133,6 +133,7 @@ class Config:
     run_dir: Path
     listen: Listen
     mirror_names: tuple[str, ...]
+    mirror_allow_clients: tuple[IPNetwork, ...]
     timeouts: Timeouts
     tag_ttl: float
     cache: CacheLimit
@@ -262,6 +263,8 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             front_tls=_loopback_address(listen, "listen.front_tls"),
         ),
         mirror_names=tuple(_str_list(data, "mirror_names")),
+        mirror_allow_clients=tuple(_network(n, "mirror_allow_clients")
+                                   for n in _str_list(data, "mirror_allow_clients")),
         timeouts=Timeouts(
             connect=_seconds(timeouts, "timeouts.connect"),
             read=_seconds(timeouts, "timeouts.read"),

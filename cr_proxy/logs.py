@@ -7,8 +7,8 @@ logs (SIGUSR1, the signal logrotate sends too): nginx's workers write to
 the renamed file until they have reopened, so no line is lost, and the
 pair stays near twice the limit. With 0 the operator rotates it.
 
-(The usage feed, usage.py, rotates its own log: it reads it to the end
-first.)
+(The usage feed, usage.py, rotates its own log the same way, then reads
+the renamed file to its end and removes it.)
 """
 
 from __future__ import annotations
@@ -24,17 +24,18 @@ log = logging.getLogger("cr_proxy.logs")
 CHECK_INTERVAL = 1.0  # seconds between size checks (a stat each)
 
 
-def rotate_if_larger(path: Path, limit: int, reopen: Callable[[], None]) -> bool:
+def rotate_if_larger(path: Path, limit: int, reopen: Callable[[], None]) -> Path | None:
     """Rename a log past `limit` bytes to <name>.1 and have nginx reopen it;
-    True if it was rotated."""
+    the renamed file, or None if it was left alone."""
     try:
         if path.stat().st_size < limit:
-            return False
+            return None
     except FileNotFoundError:
-        return False
-    os.replace(path, path.with_name(path.name + ".1"))
+        return None
+    rotated = path.with_name(path.name + ".1")
+    os.replace(path, rotated)
     reopen()
-    return True
+    return rotated
 
 
 async def keep_access_log(path: Path, limit: int, reopen: Callable[[], None]) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .logs import rotate_if_larger
 from .metrics import Metrics
 
 log = logging.getLogger("cr_proxy.usage")
@@ -117,14 +118,9 @@ class LogTail:
 
     def rotate_if_large(self, reopen: Callable[[], None]) -> str:
         """Rename a large log, have nginx reopen it, return the old tail."""
-        try:
-            if self.path.stat().st_size < ROTATE_BYTES:
-                return ""
-        except FileNotFoundError:
+        old = rotate_if_larger(self.path, ROTATE_BYTES, reopen)
+        if old is None:
             return ""
-        old = self.path.with_suffix(".old")
-        os.replace(self.path, old)
-        reopen()
         self.path, kept = old, self.path
         # nginx may still write to the old file until it has reopened; the
         # next read_new of the new file picks up from 0.

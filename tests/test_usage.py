@@ -73,4 +73,4 @@ def test_rotation_reads_the_old_file_to_its_end(tmp_path: Path, monkeypatch) -> 
     assert tail.rotate_if_large(reopen) == MISS
     assert reopened == [True]
     assert tail.read_new() == MISS
-    assert not (tmp_path / "usage.old").exists()
+    assert not (tmp_path / "usage.log.1").exists()  # read, then removed

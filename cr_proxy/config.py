@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .errors import ConfigError
+from .policy import parse_rule
 from .reference import is_host
 
 ENV_PREFIX = "CR_PROXY_"
@@ -298,7 +299,8 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             passthrough=tuple(_pattern(p, "proxy.passthrough")
                               for p in _str_list(proxy, "proxy.passthrough")),
             ports=frozenset(_port(p, "proxy.ports") for p in _list(proxy, "proxy.ports")),
-            allow_private=tuple(_str_list(proxy, "proxy.allow_private")),
+            allow_private=tuple(_allow_entry(e, "proxy.allow_private")
+                                for e in _str_list(proxy, "proxy.allow_private")),
             max_tunnels=int(_seconds(proxy, "proxy.max_tunnels")),
         ),
         nginx=NginxSettings(
@@ -425,6 +427,15 @@ def _pattern(value: str, key: str) -> str:
     bare = value[2:] if value.startswith("*.") else value
     if value != "*" and not is_host(bare.lower()):
         raise ConfigError(message=f"{key}: {value!r} is not a host pattern (host, *.domain, *)")
+    return value.lower()
+
+
+def _allow_entry(value: str, key: str) -> str:
+    try:
+        parse_rule(value)
+    except ValueError as err:
+        raise ConfigError(message=f"{key}: {err} (host[:port], *.domain[:port], "
+                                  "address[:port], [v6]:port or CIDR)") from err
     return value.lower()
 
 

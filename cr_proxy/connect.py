@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from .config import ProxyPolicy
 from .errors import ProtocolError, ProxyRefused
-from .policy import Destinations, matches
+from .policy import Destinations, matches, refusal
 from .reference import is_host
 
 MAX_HEAD = 16 * 1024  # bytes of request line + headers we accept
@@ -88,7 +88,8 @@ def split_authority(authority: str, default_port: int | None = None) -> tuple[st
         if default_port is None:
             raise ProtocolError(message=f"CONNECT target {authority[:100]!r} has no port")
         host, port_text = authority, str(default_port)
-    host = host.strip("[]").lower()
+    # "localhost." is localhost: the root's dot goes, so the policy sees the name.
+    host = host.strip("[]").lower().removesuffix(".")
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ProtocolError(message=f"bad port in {authority[:100]!r}")
     if not (is_host(host) or _ip(host) is not None):
@@ -112,24 +113,38 @@ def client_allowed(client_ip: str, policy: ProxyPolicy) -> bool:
     return any(ip.version == net.version and ip in net for net in policy.allow_clients)
 
 
+def port_allowed(
+    host: str, port: int, tls: bool, policy: ProxyPolicy, destinations: Destinations
+) -> bool:
+    """The https_proxy port rule: a CONNECT (TLS) to a port in proxy.ports;
+    plain HTTP to port 80 or a host:port the operator named. The front
+    checks it on the request line; the fetcher, the enforcement point, on
+    every request's Host (pipelined ones, and a Host or SNI naming another
+    port than the one connected to)."""
+    if tls:
+        return port in policy.ports
+    return destinations.http_port_allowed(host, port)
+
+
 def decide(
     head: Head, client_ip: str, policy: ProxyPolicy, destinations: Destinations
 ) -> Decision:
-    """What to do with a request; raises ProxyRefused with the reason."""
+    """What to do with a request; raises ProxyRefused with the reason. A
+    tunnelled name's addresses are checked once resolved (front._connect_tcp)."""
     if not client_allowed(client_ip, policy):
         raise ProxyRefused(message=f"client {client_ip} is not allowed to use this proxy")
     if not head.host:
         if head.method == "GET" and head.target.split("?")[0] == "/ca.crt":
             return Decision(Action.SERVE_CA, head)
         raise ProxyRefused(message="this is a proxy: use CONNECT, or GET /ca.crt for the CA")
-    if not destinations.host_allowed(head.host):
-        raise ProxyRefused(message=f"{head.host} is a loopback, link-local or private address")
-    if head.method != "CONNECT":
-        if head.port != 80 and not destinations.named(head.host):
-            raise ProxyRefused(message=f"plain HTTP to port {head.port} is not allowed")
+    if not destinations.host_allowed(head.host, head.port):
+        raise ProxyRefused(message=refusal(head.host, head.port))
+    tls = head.method == "CONNECT"
+    if not port_allowed(head.host, head.port, tls, policy, destinations):
+        kind = "CONNECT" if tls else "plain HTTP"
+        raise ProxyRefused(message=f"{kind} to port {head.port} is not allowed")
+    if not tls:
         return Decision(Action.FORWARD, head)
-    if head.port not in policy.ports:
-        raise ProxyRefused(message=f"CONNECT to port {head.port} is not allowed")
     if matches(head.host, policy.passthrough):
         return Decision(Action.TUNNEL, head)
     if matches(head.host, policy.intercept):

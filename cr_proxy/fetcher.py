@@ -34,8 +34,10 @@ from multidict import CIMultiDict
 
 from .auth import dummy_token, parse_challenge
 from .config import Config
+from .connect import port_allowed
 from .errors import (
     CrProxyError,
+    DestinationRefused,
     DigestMismatch,
     NotFound,
     Truncated,
@@ -47,6 +49,7 @@ from .errors import (
 from .flight import Flight, Flights
 from .layout import Kind, RegistryPath, Target, mirror_target, proxy_target
 from .metrics import Metrics
+from .policy import parse_authority
 from .reference import MANIFEST_ACCEPT, digest_of, is_digest
 from .store import SHAPE_CONFLICTS, BlobWriter, Store, StoredManifest
 from .upstream import Hop, Upstream
@@ -150,12 +153,32 @@ class Fetcher:
             )
             return await self._registry_request(request, target, mirror=True)
         domain, rpath = proxy_target(request.headers.get("Host", ""), request.path)
+        self._check_proxy_port(request, domain)
         if rpath is None:
             # The path proxy_target checked, not the raw one.
             query = f"?{request.query_string}" if request.query_string else ""
             return await self._passthrough(request, domain, request.path + query, token_ok=True,
                                            scheme=request.headers.get("X-CR-Scheme", "https"))
         return await self._registry_request(request, Target(domain, domain, rpath), mirror=False)
+
+    def _check_proxy_port(self, request: web.Request, domain: str) -> None:
+        """https_proxy mode: the front's port rule, enforced here on every
+        request, pipelined ones included (the front sees only the first
+        head). Over TLS the Host's port must be the port the client
+        CONNECTed to (X-CR-Port, set by nginx from the front's PROXY line):
+        an SNI and Host of host:8443 inside a tunnel to :443 must not make
+        us dial 8443. Plain HTTP: port 80 or a host:port the operator named,
+        whatever the request line said."""
+        tls = request.headers.get("X-CR-Scheme", "https") == "https"
+        host, port = parse_authority(domain)
+        port = port or (443 if tls else 80)
+        connected = request.headers.get("X-CR-Port")
+        if tls and connected != str(port):
+            raise DestinationRefused(message=f"{domain}: the Host's port is not the port "
+                                     f"connected to ({connected or 'none'})")
+        if not port_allowed(host, port, tls, self.config.proxy, self.upstream.destinations):
+            kind = "CONNECT" if tls else "plain HTTP"
+            raise DestinationRefused(message=f"{kind} to port {port} is not allowed")
 
     async def _registry_request(
         self, request: web.Request, target: Target, mirror: bool

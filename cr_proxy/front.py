@@ -34,7 +34,7 @@ from .connect import (
     proxy_protocol_v1,
     reply,
 )
-from .policy import Destinations
+from .policy import Destinations, resolved_refusal
 from .relay import Relay
 
 log = logging.getLogger("cr_proxy.front")
@@ -114,9 +114,7 @@ class Front:
                 head = parse_head(raw)
                 decision = decide(head, addr[0], self.config.proxy, self.destinations)
             except ProxyRefused as err:
-                log.warning("refused %s: %s", addr[0], err.message)
-                self.count("refused")
-                await loop.sock_sendall(conn, reply(403, "Forbidden", err.message + "\n"))
+                await self._refuse(loop, conn, addr, err)
                 return
             except ProtocolError as err:
                 await loop.sock_sendall(conn, reply(400, "Bad Request", err.message + "\n"))
@@ -135,6 +133,9 @@ class Front:
                 return
             try:
                 upstream = await self._open(action, head.host, head.port, addr)
+            except ProxyRefused as err:  # a tunnelled name that resolves into the LAN
+                await self._refuse(loop, conn, addr, err)
+                return
             except OSError as err:
                 log.warning("CONNECT %s:%d failed: %s", head.host, head.port, err)
                 await loop.sock_sendall(conn, reply(502, "Bad Gateway", f"{err}\n"))
@@ -157,12 +158,19 @@ class Front:
             if not handed_over:
                 conn.close()
 
+    async def _refuse(
+        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, addr: tuple, err: ProxyRefused
+    ) -> None:
+        log.warning("refused %s: %s", addr[0], err.message)
+        self.count("refused")
+        await loop.sock_sendall(conn, reply(403, "Forbidden", err.message + "\n"))
+
     async def _open(self, action: Action, host: str, port: int, client: tuple) -> socket.socket:
         """The socket the client's bytes go to."""
         loop = asyncio.get_running_loop()
         if action is Action.TUNNEL:
             return await asyncio.wait_for(
-                _connect_tcp(loop, host, port), self.config.timeouts.connect
+                _connect_tcp(loop, host, port, self.destinations), self.config.timeouts.connect
             )
         if action is Action.INTERCEPT:
             # The leaf exists before the client's handshake begins.
@@ -202,10 +210,19 @@ async def _read_head(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tu
         buffer += chunk
 
 
-async def _connect_tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+async def _connect_tcp(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, destinations: Destinations
+) -> socket.socket:
+    """A tunnel's far end: the addresses `host` resolves to that the policy
+    allows (the fetcher's check, Destinations.resolved_allowed), tried in
+    turn. The address checked is the address connected to: no second lookup
+    a rebinding name could answer differently."""
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    allowed = [info for info in infos if destinations.resolved_allowed(host, port, info[4][0])]
+    if not allowed:
+        raise ProxyRefused(message=resolved_refusal(host, port))
     last: OSError | None = None
-    for family, kind, proto, _, address in infos:
+    for family, kind, proto, _, address in allowed:
         sock = socket.socket(family, kind, proto)
         sock.setblocking(False)
         try:
@@ -214,4 +231,4 @@ async def _connect_tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) ->
         except OSError as err:
             sock.close()
             last = err
-    raise last or OSError(f"cannot resolve {host}")
+    raise last or OSError(f"cannot connect to {host}")

@@ -1,55 +1,105 @@
 """Where cr-proxy may connect: the wall against using it as a doorway into
 the LAN (SSRF). Pure: no I/O.
 
-A destination on loopback, link-local or a private range is refused unless
-the operator allowed it: a host named in `endpoints` (and the hosts those
-URLs point at), or an entry of `proxy.allow_private` (a host, `*.domain`,
-`host:port`, or a CIDR). The same rule guards the CONNECT front (the host
-a client names), the fetcher (a registry a mirror client names with a path
-prefix or `?ns=`, a Host in https_proxy mode, a redirect target) and the
-addresses a name resolves to (upstream.PolicyResolver).
+A destination is a host AND a port. One on loopback, link-local or a
+private range is refused unless the operator allowed exactly it:
+
+- an entry of `proxy.allow_private`: `host:port`, `address:port` or
+  `[v6]:port` open that one port; `host`, `*.domain`, an address or a CIDR
+  without a port open the default ports (80, 443) only;
+- an `endpoints` key (`host` or `host:port`): that authority, and the
+  host:port its URL names when the URL names a host (an address in a URL is
+  dialled as it is and opens nothing). A host named by an endpoint key is
+  reached only as named: the same host at another port is refused.
+
+The same rule guards the CONNECT front (the host and port a client names,
+then every address the name resolves to, front._connect_tcp), the fetcher
+(a registry a mirror client names with a path prefix or `?ns=`, a Host in
+https_proxy mode, a redirect target: upstream.Upstream.send) and the
+addresses a name resolves to (upstream.PolicyResolver):
+`Destinations.resolved_allowed` is the one check both resolvers apply.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .config import Config
+from .reference import is_host
+
+if TYPE_CHECKING:
+    from .config import Config
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_PORTS = frozenset({80, 443})  # what an allow entry without a port opens
+SCHEME_PORTS = {"http": 80, "https": 443}
+# The numeric IPv4 spellings inet_aton (and so getaddrinfo) accepts besides
+# dotted quads: 127.1, 0x7f000001, 2130706433, 0177.0.0.1. Only these reach
+# inet_aton, which would also take "127.0.0.1 anything".
+NUMERIC_V4_RE = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+)){0,3}")
 
 
-def split_host(host: str) -> str:
-    """host[:port] or [v6]:port -> the bare host, lower case."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    if host.count(":") == 1:
-        return host.split(":", 1)[0]
-    return host
+def parse_authority(authority: str) -> tuple[str, int | None]:
+    """host, host:port, [v6], [v6]:port or a bare v6 address -> (the bare
+    host, lower case; the port, None when none is given). ValueError on a
+    port that is not one."""
+    text = authority.strip().lower()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad authority {authority[:100]!r}")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not port_text:
+        return host, None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port in {authority[:100]!r}")
+    return host, int(port_text)
 
 
 def ip_of(host: str) -> IPAddress | None:
+    """The address a host literal names, as the resolver would read it
+    (numeric IPv4 spellings included, an IPv4-mapped IPv6 address as IPv4);
+    None for a name."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return None
+        if NUMERIC_V4_RE.fullmatch(host.lower()) is None:
+            return None
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
 
 
 def is_private(host: str) -> bool:
-    """Loopback, link-local, private or otherwise non-global, by literal."""
-    bare = split_host(host)
-    if bare == "localhost" or bare.endswith(".localhost"):
+    """Loopback, link-local, private or otherwise non-global, by literal
+    (host or host:port)."""
+    try:
+        bare = parse_authority(host)[0]
+    except ValueError:
+        return True
+    name = bare.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
         return True
     address = ip_of(bare)
     return address is not None and not address.is_global
 
 
-def matches(host: str, patterns: tuple[str, ...] | frozenset[str]) -> bool:
+def matches(host: str, patterns: Iterable[str]) -> bool:
     for pattern in patterns:
         if pattern == "*" or host == pattern:
             return True
@@ -58,48 +108,118 @@ def matches(host: str, patterns: tuple[str, ...] | frozenset[str]) -> bool:
     return False
 
 
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One allowed destination: a host pattern or a network, and a port
+    (None: the default ports)."""
+
+    pattern: str  # host, *.domain or *; "" for a network rule
+    network: IPNetwork | None
+    port: int | None
+
+    def covers(self, port: int) -> bool:
+        return port in DEFAULT_PORTS if self.port is None else port == self.port
+
+    def names(self, host: str, port: int) -> bool:
+        return self.network is None and matches(host, (self.pattern,)) and self.covers(port)
+
+    def contains(self, address: IPAddress, port: int) -> bool:
+        net = self.network
+        return (net is not None and address.version == net.version and address in net
+                and self.covers(port))
+
+
+def parse_rule(entry: str) -> Rule:
+    """An allow_private entry or an endpoints key; ValueError if it is none."""
+    text = entry.strip().lower()
+    port: int | None = None
+    if "/" in text:
+        try:
+            return Rule("", ipaddress.ip_network(text.strip("[]"), strict=False), None)
+        except ValueError as err:
+            raise ValueError(f"{entry!r} is not a CIDR") from err
+    if ":" in text and ip_of(text) is None:  # not a bare IPv6 address: host:port
+        text, port = parse_authority(text)
+    address = ip_of(text.strip("[]"))
+    if address is not None:
+        return Rule("", ipaddress.ip_network(address), port)
+    bare = text[2:] if text.startswith("*.") else text
+    if text != "*" and not is_host(bare):
+        raise ValueError(f"{entry!r} is not a host, host:port, *.domain, address or CIDR")
+    return Rule(text, None, port)
+
+
 class Destinations:
-    """The allow-list for private destinations, from the configuration."""
+    """The allowed private destinations, from the configuration."""
 
-    __slots__ = ("_names", "_networks")
+    __slots__ = ("_endpoint_hosts", "_rules")
 
-    def __init__(self, allow_private: tuple[str, ...], endpoints: dict[str, str]) -> None:
-        names = set(endpoints)
+    def __init__(self, allow_private: Iterable[str], endpoints: dict[str, str]) -> None:
+        rules = [parse_rule(entry) for entry in allow_private]
+        keys = [parse_rule(key) for key in endpoints]
+        rules += keys
         for url in endpoints.values():
+            parts = urlsplit(url)
             # An endpoint reached by name must resolve even if it is private;
-            # one given as an address is connected to directly and needs
-            # nothing here (and must not open that address to everyone).
-            hostname = urlsplit(url).hostname
-            if hostname and ip_of(hostname) is None:
-                names.add(hostname.lower())
-        networks = []
-        for entry in allow_private:
-            if "/" in entry or ip_of(entry.strip("[]")) is not None:
-                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
-            else:
-                names.add(entry.lower())
-        self._names = frozenset(names)
-        self._networks = tuple(networks)
+            # one given as an address is dialled as it is: it needs nothing
+            # here and must not open that address to every client.
+            if parts.hostname and ip_of(parts.hostname) is None:
+                rules.append(Rule(parts.hostname.lower(), None,
+                                  parts.port or SCHEME_PORTS[parts.scheme]))
+        self._rules = tuple(rules)
+        self._endpoint_hosts = frozenset(rule.pattern for rule in keys if rule.pattern)
 
     @classmethod
     def of(cls, config: Config) -> Destinations:
         return cls(config.proxy.allow_private, dict(config.endpoints))
 
     def __repr__(self) -> str:
-        return f"<Destinations {sorted(self._names)} {self._networks}>"
+        return f"<Destinations {self._rules}>"
 
-    def named(self, host: str) -> bool:
-        """Did the operator name this host (with or without its port)?"""
-        return matches(host.lower(), self._names) or matches(split_host(host), self._names)
+    def named(self, host: str, port: int) -> bool:
+        """Did the operator name this host at this port?"""
+        host = host.lower()
+        return any(rule.names(host, port) for rule in self._rules)
 
-    def host_allowed(self, host: str) -> bool:
-        """May we connect to this host[:port] as named (by its literal)?"""
-        if not is_private(host) or self.named(host):
+    def address_allowed(self, address: IPAddress, port: int) -> bool:
+        return address.is_global or any(rule.contains(address, port) for rule in self._rules)
+
+    def host_allowed(self, host: str, port: int) -> bool:
+        """May we connect to this host (bare, as a client named it) at this
+        port? By its literal: a name's addresses are checked once resolved
+        (resolved_allowed)."""
+        host = host.lower()
+        if self.named(host, port):
             return True
-        address = ip_of(split_host(host))
-        return address is not None and self.address_allowed(address)
+        if host in self._endpoint_hosts:
+            return False  # an endpoint's host at a port it was not named with
+        address = ip_of(host)
+        if address is not None:
+            return self.address_allowed(address, port)
+        return not is_private(host)
 
-    def address_allowed(self, address: IPAddress) -> bool:
-        return address.is_global or any(
-            address.version == net.version and address in net for net in self._networks
-        )
+    def resolved_allowed(self, host: str, port: int, address: str) -> bool:
+        """May we connect to `address`, one that `host` resolved to? Both
+        resolvers keep only the addresses this allows, and connect to them."""
+        if self.named(host, port):
+            return True
+        ip = ip_of(address)
+        return ip is not None and self.address_allowed(ip, port)
+
+    def http_port_allowed(self, host: str, port: int) -> bool:
+        """Plain-HTTP forwarding (https_proxy mode): port 80, or a host:port
+        the operator named. The front checks it on the request line, the
+        fetcher on every request's Host."""
+        return port == 80 or self.named(host, port)
+
+
+def refusal(host: str, port: int) -> str:
+    """The message for a destination the policy refuses."""
+    return (f"{host}:{port} is a loopback, link-local or private destination, or a port the "
+            "operator did not name; allow it in proxy.allow_private (host:port) or endpoints")
+
+
+def resolved_refusal(host: str, port: int) -> str:
+    """The message for a name that resolves only to refused addresses."""
+    return (f"{host} resolves only to loopback, link-local or private addresses; allow "
+            f"{host}:{port} in proxy.allow_private")

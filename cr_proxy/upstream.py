@@ -31,7 +31,7 @@ from .auth import Challenge, TokenCache, parse_challenge, pull_scope
 from .config import Config
 from .errors import DestinationRefused, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from .layout import Target, check_domain
-from .policy import Destinations, ip_of
+from .policy import SCHEME_PORTS, Destinations, refusal, resolved_refusal
 
 log = logging.getLogger("cr_proxy.upstream")
 
@@ -101,17 +101,10 @@ class PolicyResolver(aiohttp.abc.AbstractResolver):
 
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
         infos = await self._inner.resolve(host, port, family)
-        if self._destinations.named(host):
-            return infos
-        kept = [i for i in infos if self._allowed(i["host"])]
+        kept = [i for i in infos if self._destinations.resolved_allowed(host, port, i["host"])]
         if not kept:
-            raise PrivateAddress(f"{host} resolves only to loopback, link-local or private "
-                                 "addresses; allow it in proxy.allow_private")
+            raise PrivateAddress(resolved_refusal(host, port))
         return kept
-
-    def _allowed(self, address: str) -> bool:
-        ip = ip_of(address)
-        return ip is not None and self._destinations.address_allowed(ip)
 
     async def close(self) -> None:
         await self._inner.close()
@@ -172,6 +165,17 @@ class Upstream:
                     host, err, self.config.timeouts.down_host)
         self._down_until[host] = time.monotonic() + self.config.timeouts.down_host
 
+    def _check_destination(self, host: str, base: str) -> None:
+        """An endpoint's URL is the operator's own; any other is checked as
+        it will be dialled: its host and its port (a name's addresses again
+        by PolicyResolver)."""
+        if host in self.config.endpoints:
+            return
+        parts = urlsplit(base)
+        hostname, port = parts.hostname or "", parts.port or SCHEME_PORTS[parts.scheme]
+        if not self.destinations.host_allowed(hostname, port):
+            raise DestinationRefused(message=refusal(hostname, port))
+
     # --- plain requests -------------------------------------------------------
 
     async def send(
@@ -187,12 +191,10 @@ class Upstream:
         redirects. Raises UpstreamUnreachable when the host cannot be reached."""
         if self.is_down(host):
             raise UpstreamUnreachable(message=f"{host} is unreachable (remembered)")
-        if not self.destinations.host_allowed(host):
-            raise DestinationRefused(message=f"{host} is a loopback, link-local or private "
-                                     "address; allow it in proxy.allow_private or endpoints")
         bases = self.base_urls(host, scheme)
         last_error: BaseException | None = None
         for base in bases:
+            self._check_destination(host, base)
             try:
                 response = await self.session.request(
                     method, base + path, headers=headers, allow_redirects=False, data=data

@@ -500,7 +500,7 @@ async def test_front_closes_an_idle_tunnel(tmp_path: Path, monkeypatch: pytest.M
     path.write_text(yaml.safe_dump({
         "listen": {"proxy": f"127.0.0.1:{port}"},
         "certs_dir": str(tmp_path / "certs"), "run_dir": str(tmp_path / "run"),
-        "proxy": {"allow_private": ["127.0.0.1"], "ports": [echo_port],
+        "proxy": {"allow_private": [f"127.0.0.1:{echo_port}"], "ports": [echo_port],
                   "passthrough": ["127.0.0.1"]},
     }))
     conf = config_mod.load(path, environ={})

@@ -326,7 +326,7 @@ def test_token_request_gets_dummy_token_when_auth_is_unreachable(
     async def ask() -> dict:
         connector = aiohttp.UnixConnector(path=str(own_proxy.run_dir / "fetcher.sock"))
         url = "http://fetcher/token?service=registry.test&scope=repository:small:pull"
-        headers = {"Host": "auth.test", "X-CR-Mode": "proxy"}
+        headers = {"Host": "auth.test", "X-CR-Mode": "proxy", "X-CR-Port": "443"}
         async with (
             aiohttp.ClientSession(connector=connector) as session,
             session.get(url, headers=headers) as resp,

@@ -113,17 +113,17 @@ def client_allowed(client_ip: str, policy: ProxyPolicy) -> bool:
     return any(ip.version == net.version and ip in net for net in policy.allow_clients)
 
 
-def port_allowed(
+def check_port(
     host: str, port: int, tls: bool, policy: ProxyPolicy, destinations: Destinations
-) -> bool:
+) -> None:
     """The https_proxy port rule: a CONNECT (TLS) to a port in proxy.ports;
     plain HTTP to port 80 or a host:port the operator named. The front
     checks it on the request line; the fetcher, the enforcement point, on
     every request's Host (pipelined ones, and a Host or SNI naming another
-    port than the one connected to)."""
-    if tls:
-        return port in policy.ports
-    return destinations.http_port_allowed(host, port)
+    port than the one connected to). Raises ProxyRefused."""
+    if not (port in policy.ports if tls else destinations.http_port_allowed(host, port)):
+        kind = "CONNECT" if tls else "plain HTTP"
+        raise ProxyRefused(message=f"{kind} to port {port} is not allowed")
 
 
 def decide(
@@ -140,9 +140,7 @@ def decide(
     if not destinations.host_allowed(head.host, head.port):
         raise ProxyRefused(message=refusal(head.host, head.port))
     tls = head.method == "CONNECT"
-    if not port_allowed(head.host, head.port, tls, policy, destinations):
-        kind = "CONNECT" if tls else "plain HTTP"
-        raise ProxyRefused(message=f"{kind} to port {head.port} is not allowed")
+    check_port(head.host, head.port, tls, policy, destinations)
     if not tls:
         return Decision(Action.FORWARD, head)
     if matches(head.host, policy.passthrough):

@@ -34,7 +34,7 @@ from multidict import CIMultiDict
 
 from .auth import dummy_token, parse_challenge
 from .config import Config
-from .connect import port_allowed
+from .connect import check_port
 from .errors import (
     CrProxyError,
     DestinationRefused,
@@ -176,9 +176,7 @@ class Fetcher:
         if tls and connected != str(port):
             raise DestinationRefused(message=f"{domain}: the Host's port is not the port "
                                      f"connected to ({connected or 'none'})")
-        if not port_allowed(host, port, tls, self.config.proxy, self.upstream.destinations):
-            kind = "CONNECT" if tls else "plain HTTP"
-            raise DestinationRefused(message=f"{kind} to port {port} is not allowed")
+        check_port(host, port, tls, self.config.proxy, self.upstream.destinations)
 
     async def _registry_request(
         self, request: web.Request, target: Target, mirror: bool

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from cr_proxy.config import ProxyPolicy, load
-from cr_proxy.connect import Action, decide, parse_head, port_allowed, split_authority
+from cr_proxy.connect import Action, check_port, decide, parse_head, split_authority
 from cr_proxy.errors import ProtocolError, ProxyRefused
 from cr_proxy.policy import Destinations
 
@@ -97,11 +97,15 @@ def test_allowed_destinations(
      ("example.com", 8443, False, False), ("localhost", 8443, False, True),
      ("registry.test", 5000, False, False)],
 )
-def test_port_allowed_is_the_front_and_fetcher_rule(
+def test_check_port_is_the_front_and_fetcher_rule(
     host: str, port: int, tls: bool, allowed: bool, policy: ProxyPolicy,
     destinations: Destinations,
 ) -> None:
-    assert port_allowed(host, port, tls, policy, destinations) is allowed
+    if allowed:
+        check_port(host, port, tls, policy, destinations)
+    else:
+        with pytest.raises(ProxyRefused, match=f"to port {port} is not allowed"):
+            check_port(host, port, tls, policy, destinations)
 
 
 @pytest.mark.parametrize(

@@ -176,8 +176,9 @@ class Flights:
         return len(self._flights)
 
     def written(self) -> int:
-        """Bytes the downloads in progress have written to temp/ so far."""
-        return sum(f.written for f in self._flights.values() if not f.finished)
+        """Bytes the downloads in progress have written to temp/ so far (a
+        verified one is about to be counted as stored: left out)."""
+        return sum(f.written for f in self._flights.values() if not f.verified)
 
     def join(self, key: str, digest: str, download: Download) -> Flight:
         flight = self._flights.get(key)

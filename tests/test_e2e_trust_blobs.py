@@ -113,6 +113,10 @@ def test_redirect_hops_never_poison_another_host(
     # Every hop was really taken: victim.test's two redirects, then the CDN.
     assert site.count("GET", "/go") == 1 and site.count("GET", "/download") == 1
     assert hostile.count("GET", cdn_path) == 1
+    # Clients get the last byte before the commit names anything: the
+    # requested path is named last, so once it is there every name is.
+    wait_until((cr.cache / f"content/hostile.test/v2/app/blobs/{digest}").exists, 30,
+               "the blob to be committed")
 
     for target, status, body in (("/go?to=anything", 302, b"moved\n"),
                                  ("/go", 404, None),

@@ -13,10 +13,10 @@ its own, and otherwise behaves as a FaultyRegistry does:
   never ends (random bytes until the peer hangs up, or ENDLESS_MAX bytes);
   `endless_sent` is how many bytes it wrote before the peer went away.
 
-`victim()` and `hostile()` make the two servers of the redirect-poisoning
-test: a victim site with an open redirect (`/go?to=URL`), a download page
-that answers its own files (`/download?file=N`) or sends a download to a
-mirror (`/download?file=N&mirror=URL`), and a hostile registry.
+`victim()` is the other host of the redirect-poisoning test: a site with an
+open redirect (`/go?to=URL`) and a download page that answers its own files
+(`/download?file=N`) or sends a download to a mirror
+(`/download?file=N&mirror=URL`); the hostile registry is a plain `Routes`.
 """
 
 from __future__ import annotations

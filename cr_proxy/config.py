@@ -115,6 +115,11 @@ class CacheLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    max_blob_size: int  # bytes; a download stops here when no Content-Length says less
+
+
+@dataclass(frozen=True, slots=True)
 class Refresh:
     interval: float
     tags: tuple[str, ...]
@@ -138,6 +143,7 @@ class Config:
     timeouts: Timeouts
     tag_ttl: float
     cache: CacheLimit
+    limits: Limits
     refresh: Refresh
     default_registry: str
     registry_hosts: Mapping[str, str]
@@ -273,6 +279,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
         ),
         tag_ttl=_seconds(data, "tag_ttl", allow_zero=True),
         cache=_cache_limit(_mapping(data, "cache")),
+        limits=_limits(_mapping(data, "limits")),
         refresh=Refresh(
             interval=_seconds(_mapping(data, "refresh"), "refresh.interval", allow_zero=True),
             tags=tuple(_str_list(_mapping(data, "refresh"), "refresh.tags")),
@@ -414,6 +421,13 @@ def _cache_limit(data: Mapping[str, Any]) -> CacheLimit:
         min_age=_seconds(data, "cache.min_age", allow_zero=True),
         check_interval=_seconds(data, "cache.check_interval"),
     )
+
+
+def _limits(data: Mapping[str, Any]) -> Limits:
+    max_blob_size = parse_size(data.get("max_blob_size"), "limits.max_blob_size")
+    if max_blob_size <= 0:
+        raise ConfigError(message="limits.max_blob_size: must be more than 0 bytes")
+    return Limits(max_blob_size=max_blob_size)
 
 
 def _network(value: str, key: str) -> IPNetwork:

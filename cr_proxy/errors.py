@@ -84,3 +84,9 @@ class DigestMismatch(UpstreamError):
 
 class Truncated(UpstreamError):
     code = "BLOB_UPLOAD_INVALID"
+
+
+class TooLarge(UpstreamError):
+    """An upstream body over what we accept (limits.max_blob_size)."""
+
+    code = "SIZE_INVALID"

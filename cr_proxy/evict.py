@@ -9,6 +9,11 @@ Policy:
   or blobs, hits served by nginx alone included. An image the feed never
   saw (pulled before this serve started, warmed) falls back to the times
   the tree records (inventory.file_times).
+- Downloads in progress (temp/) count toward the limit: they are on the
+  same disk and become stored blobs at their commit, so the store makes
+  room while they run. They are never refused for it (the limit is a
+  target, not a quota), except a blob larger than the whole limit, which
+  could never be stored (Fetcher._size_limit).
 - Nothing being served or downloaded is evicted: an image used within
   `min_age` seconds may be in the middle of a pull, and a download in
   progress is in temp/, not in the store. A client already reading a file
@@ -38,7 +43,7 @@ Uses = Mapping[tuple[str, str], float]
 class Evicted:
     images: tuple[str, ...]
     bytes_freed: int
-    size_after: int
+    size_after: int  # the store's, downloads in progress not included
 
 
 def last_use(uses: Uses) -> Callable[[Image], float]:
@@ -57,9 +62,10 @@ def last_use(uses: Uses) -> Callable[[Image], float]:
 def evict_once(config: Config, store: Store, uses: Uses, now: float | None = None) -> Evicted:
     """Bring the store under the limit, if it is over. Blocking."""
     limit = config.cache
-    size = store.blob_bytes()
+    downloading = store.temp_bytes()
+    size = store.blob_bytes() + downloading
     if not limit.max_size or size <= limit.max_size:
-        return Evicted((), 0, size)
+        return Evicted((), 0, size - downloading)
     goal = limit.max_size * limit.low_water
     now = time.time() if now is None else now
     inventory = Inventory.from_config(config, last_used=last_use(uses))
@@ -75,9 +81,10 @@ def evict_once(config: Config, store: Store, uses: Uses, now: float | None = Non
         freed += removed.bytes
         size -= removed.bytes
     if size > limit.max_size:
-        log.warning("cache is %d bytes, over its limit of %d, and every image left was "
-                    "used in the last %.0f s", size, limit.max_size, limit.min_age)
-    return Evicted(tuple(evicted), freed, size)
+        log.warning("cache is %d bytes (%d of them downloads in progress), over its limit of "
+                    "%d, and every image left was used in the last %.0f s",
+                    size, downloading, limit.max_size, limit.min_age)
+    return Evicted(tuple(evicted), freed, size - downloading)
 
 
 async def evict_loop(config: Config, store: Store, uses: Uses, metrics: Metrics,

@@ -40,6 +40,7 @@ from .errors import (
     DestinationRefused,
     DigestMismatch,
     NotFound,
+    TooLarge,
     Truncated,
     Unsupported,
     UpstreamError,
@@ -47,7 +48,7 @@ from .errors import (
     UpstreamUnreachable,
 )
 from .flight import Flight, Flights
-from .layout import Kind, RegistryPath, Target, mirror_target, proxy_target
+from .layout import Kind, RegistryPath, Target, digest_url_path, mirror_target, proxy_target
 from .metrics import Metrics
 from .policy import parse_authority
 from .reference import MANIFEST_ACCEPT, digest_of, is_digest
@@ -95,8 +96,8 @@ class Shared:
 
 class Fetcher:
     __slots__ = (
-        "_challenges", "_writes", "config", "flights", "metrics", "on_full", "shared", "store",
-        "upstream",
+        "_challenges", "_over", "_writes", "config", "flights", "metrics", "on_full", "shared",
+        "store", "upstream",
     )
 
     def __init__(
@@ -115,6 +116,7 @@ class Fetcher:
         # Called after a commit takes the cache past cache.max_size (serve
         # wakes the evictor with it).
         self.on_full: Callable[[], None] | None = None
+        self._over = False  # the cache, downloads included, was past max_size at last look
         upstream.on_challenge = self._store_challenge
 
     def __repr__(self) -> str:
@@ -135,6 +137,10 @@ class Fetcher:
             return self._error(request, wrapped(message=f"upstream failed: {err or type(err)}"))
         except CrProxyError as err:
             return self._error(request, err)
+        except OSError as err:
+            # The cache's disk (full, a link limit, permissions): still an
+            # answer a registry client understands.
+            return self._error(request, CrProxyError(message=f"cache: {err.strerror or err}"))
 
     @staticmethod
     def _error(request: web.Request, err: CrProxyError) -> web.Response:
@@ -223,11 +229,16 @@ class Fetcher:
 
     async def _blob(self, request: web.Request, target: Target) -> web.StreamResponse:
         digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
-        stored = await in_thread(self.store.link_if_stored, digest, domain, path)
-        if stored is not None:
-            # Pulled before through another repository or registry: one copy.
+        named = await in_thread(self.store.linked, digest, domain, path)
+        if named is not None:
             self.metrics.hits.labels(kind="blob-fetch").inc()
-            return self._file_response(stored, digest)
+            return self._file_response(named, digest)
+        if await in_thread(self.store.has_blob, digest):
+            # Pulled before through another repository or registry: one copy.
+            stored = await self._stored_elsewhere(request, target)
+            if stored is not None:
+                self.metrics.hits.labels(kind="blob-fetch").inc()
+                return self._file_response(stored, digest)
         if request.method == "HEAD":
             if request.headers.get("X-CR-Cache-Only") == "1":
                 # warm asks "is it here?" without costing an upstream request.
@@ -235,8 +246,12 @@ class Fetcher:
             return await self._blob_head(request, target)
         self.metrics.misses.labels(kind="blob").inc()
         joined_before = self.flights.coalesced
+        # One download per source and digest: a registry that trickles a
+        # digest must not hold up another registry's pull of it (the first
+        # verified copy is stored, the other is dropped at its commit).
         flight = self.flights.join(
-            digest, digest, functools.partial(self._download_blob, target, _client_auth(request))
+            f"{domain} {digest}", digest,
+            functools.partial(self._download_blob, target, _client_auth(request)),
         )
         if self.flights.coalesced > joined_before:
             self.metrics.coalesced.inc()
@@ -262,10 +277,46 @@ class Fetcher:
             if request.transport is not None:
                 request.transport.abort()
             return response
+        # The download named the path it fetched (_commit_blob); a reader of
+        # another repository that joined it gets no name: its upstream never
+        # confirmed the digest there (the next request asks, _stored_elsewhere).
         await response.write_eof()
-        if flight.committed_path is not None:
-            await in_thread(self.store.link_quietly, digest, domain, path)
         return response
+
+    async def _stored_elsewhere(self, request: web.Request, target: Target) -> Path | None:
+        """The stored file for a digest cached under other names, or None if
+        it is gone meanwhile. The name gets its own link only once its
+        upstream confirmed the digest there (a HEAD): a name clients invent
+        must not create files (nor, by the thousand, reach the filesystem's
+        link limit). When the upstream cannot be asked, the verified copy is
+        served for this request only, unnamed: offline pulls go on."""
+        digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
+        if request.headers.get("X-CR-Cache-Only") == "1":
+            raise NotFound("BLOB_UNKNOWN", f"blob {digest} is not cached under this name")
+        if await self._confirm_blob(target, _client_auth(request)):
+            return await in_thread(self.store.link_if_stored, digest, domain, path)
+        blob = self.store.tree.blob(digest)
+        return blob if await in_thread(blob.is_file) else None
+
+    async def _confirm_blob(self, target: Target, client_auth: str | None) -> bool:
+        """True when the upstream answers 200 for this exact name and digest;
+        False when it cannot say (unreachable, timed out, 429 or 5xx); a
+        404 or a refusal is raised as the client's answer."""
+        try:
+            opened = await self.upstream.open("HEAD", target, client_auth=client_auth)
+        except (UpstreamUnreachable, UpstreamTimeout, aiohttp.ClientError, TimeoutError) as err:
+            log.info("serving stored %s for %s/%s unnamed: upstream unreachable (%s)",
+                     target.rpath.ref, target.domain, target.rpath.name, err)
+            return False
+        status = opened.response.status
+        opened.response.release()
+        if status == 200:
+            return True
+        if status == 404:
+            raise NotFound("BLOB_UNKNOWN", f"blob {target.rpath.ref} not found upstream")
+        if status in STALE_OK_STATUSES:
+            return False
+        raise UpstreamError(message=f"{target.domain} answered {status} for {target.rpath.ref}")
 
     async def _blob_head(self, request: web.Request, target: Target) -> web.StreamResponse:
         opened = await self.upstream.open("HEAD", target, client_auth=_client_auth(request))
@@ -291,11 +342,12 @@ class Fetcher:
                 raise NotFound("BLOB_UNKNOWN", f"blob {digest} not found on {domain}")
             if upstream.status != 200:
                 raise UpstreamError(message=f"{domain} answered {upstream.status} for {digest}")
+            limit = self._size_limit(upstream.content_length, domain, digest)
             writer = await in_thread(self.store.blob_writer, digest)
             try:
                 flight.started(writer.path, upstream.content_length, None)
                 try:
-                    await self._write_body(upstream.content, writer, flight)
+                    await self._write_body(upstream.content, writer, flight, limit)
                 except aiohttp.ClientPayloadError as err:
                     raise Truncated(message=f"{domain}: body of {digest} cut short") from err
                 await in_thread(writer.verify, upstream.content_length)
@@ -315,54 +367,99 @@ class Fetcher:
         self._grew(writer.size)
         await flight.finish(committed, None)
 
+    def _size_limit(self, content_length: int | None, domain: str, digest: str) -> int:
+        """The most bytes this download may write: its Content-Length when
+        it has one, else limits.max_blob_size. A blob larger than that cap,
+        or than the whole cache (cache.max_size), could never be stored:
+        refused before a byte is written."""
+        cap = self.config.limits.max_blob_size
+        if self.config.cache.max_size:
+            cap = min(cap, self.config.cache.max_size)
+        if content_length is not None and content_length > cap:
+            raise TooLarge(message=f"{domain}: {digest} is {content_length} bytes, over the "
+                           f"{cap} allowed (limits.max_blob_size, cache.max_size)")
+        return cap if content_length is None else content_length
+
     async def _write_body(
-        self, body: aiohttp.StreamReader, writer: BlobWriter, flight: Flight
+        self, body: aiohttp.StreamReader, writer: BlobWriter, flight: Flight, limit: int
     ) -> None:
         """The upstream body into the writer, pipelined: one batch is hashed
         and written in a thread while the next arrives (awaiting each write
         before reading on made the download half as fast). One write at a
-        time, so the bytes stay in order."""
+        time, so the bytes stay in order. Never more than `limit` bytes:
+        past it the download fails before the excess reaches the disk."""
         writing: concurrent.futures.Future[None] | None = None
         batch = bytearray()
+        received = 0
         try:
             async for chunk in body.iter_any():
+                received += len(chunk)
+                if received > limit:
+                    raise TooLarge(message=f"{writer.digest}: upstream sent more than "
+                                   f"{limit} bytes")
                 batch += chunk
                 if len(batch) < WRITE_BATCH:
                     continue
                 if writing is not None:
                     await asyncio.wrap_future(writing)
-                    await flight.progress(writer.size)
+                    await self._progress(flight, writer.size)
                 # A new batch for what comes next: the thread owns this one.
                 writing, batch = self._writes.submit(writer.write, batch), bytearray()
             if writing is not None:
                 await asyncio.wrap_future(writing)
             await asyncio.wrap_future(self._writes.submit(writer.write, batch))
-            await flight.progress(writer.size)
+            await self._progress(flight, writer.size)
         finally:
             if writing is not None and not writing.done():
                 # Failed or cancelled mid-body: the caller closes the file
                 # next, so the write in flight must be over first (one batch).
                 concurrent.futures.wait([writing])
 
+    async def _progress(self, flight: Flight, written: int) -> None:
+        await flight.progress(written)
+        # Downloads in progress count toward cache.max_size: wake the
+        # evictor when they take the cache past it (once per crossing; the
+        # periodic check covers the rest).
+        over = self._over_limit()
+        if over and not self._over and self.on_full:
+            self.on_full()
+        self._over = over
+
+    def _over_limit(self) -> bool:
+        limit = self.config.cache.max_size
+        return bool(limit) and (
+            self.metrics.cache_bytes._value.get() + self.flights.written() > limit
+        )
+
     def _grew(self, size: int) -> None:
         self.metrics.cache_bytes.inc(size)
-        limit = self.config.cache.max_size
-        if limit and self.on_full and self.metrics.cache_bytes._value.get() > limit:
+        if self.on_full and self._over_limit():
             self.on_full()
 
     def _commit_blob(self, writer: BlobWriter, target: Target, hops: list[Hop]) -> Path:
-        """Store the verified content, then make every name that leads to it;
-        the redirect record is written only once its target is cached."""
+        """Store the verified content, then name it: the requested path, and
+        the redirect target that served it (_name_redirect_target)."""
         committed = self.store.commit_verified(writer)
         digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
-        source = (domain, path)
-        for hop in hops:
-            self.store.link_quietly(digest, hop.target_host, hop.target_path)
-            self.store.record_redirect(*source, hop.status, hop.location)
-            source = (hop.target_host, hop.target_path)
+        if hops:
+            self._name_redirect_target(digest, domain, path, hops)
         self.store.link_quietly(digest, domain, path)
         self._record_challenge(domain, target.rpath)
         return committed
+
+    def _name_redirect_target(self, digest: str, domain: str, path: str, hops: list[Hop]) -> None:
+        """Only the last hop served the bytes, so only it may be named, under
+        the host that served them, and only when its URL path names the
+        digest (layout.digest_url_path): then no other URL of that host can
+        be answered with them. The hops before it (anyone's open redirect)
+        are never stored. The registry path's redirect record, pointing at
+        that target, is written once the target is in place."""
+        final = hops[-1]
+        stored_path = digest_url_path(final.target_path, digest)
+        if stored_path is None:
+            return
+        self.store.link_quietly(digest, final.target_host, stored_path)
+        self.store.record_redirect(domain, path, hops[0].status, final.location)
 
     def _file_response(self, path: Path, digest: str) -> web.FileResponse:
         return web.FileResponse(

@@ -1,6 +1,7 @@
-"""One upstream download per digest, however many clients ask at once.
+"""One upstream download per key (the fetcher's: a source and a digest),
+however many clients ask at once.
 
-The first miss for a digest starts a Flight: a task, detached from any
+The first miss for a key starts a Flight: a task, detached from any
 client, that writes the upstream body into a temp file (store.BlobWriter)
 and commits it. Every client, the first included, is a reader that tails
 that temp file through its own file descriptor at its own pace, so a slow
@@ -173,6 +174,11 @@ class Flights:
 
     def __len__(self) -> int:
         return len(self._flights)
+
+    def written(self) -> int:
+        """Bytes the downloads in progress have written to temp/ so far (a
+        verified one is about to be counted as stored: left out)."""
+        return sum(f.written for f in self._flights.values() if not f.verified)
 
     def join(self, key: str, digest: str, download: Download) -> Flight:
         flight = self._flights.get(key)

@@ -21,7 +21,9 @@ The tree (seed 001, plus a digest store for one copy per digest):
 
 `<domain>` is the host that really serves the path (registry-1.docker.io,
 not docker.io; a CDN host for redirect targets), `<path>` the URL path
-without its leading slash and without the query string.
+without its leading slash and without the query string. A redirect target
+is stored only when it is the last hop and its path names the digest
+(digest_url_path); the hops before it never are.
 """
 
 from __future__ import annotations
@@ -120,6 +122,22 @@ def check_path(path: str) -> str:
         if segment in ("", ".", "..") or not SEGMENT_RE.fullmatch(segment):
             raise BadRequest("NAME_INVALID", f"path segment {segment[:64]!r} not allowed")
     return stripped
+
+
+def digest_url_path(path: str, digest: str) -> str | None:
+    """A redirect target's URL path (no query) as it may be stored under its
+    host, or None. Only a content-addressed URL qualifies: one whose path
+    has a segment that is the digest or its hex, as Docker Hub's CDN's
+    `.../blobs/sha256/<2 hex>/<hex>/data`, so that the stored bytes (which
+    hash to that digest) can answer no other URL of that host. nginx serves
+    such paths from disk and nothing else outside /v2/ (proxy-server.conf)."""
+    hexpart = check_digest(digest).split(":", 1)[1]
+    try:
+        checked = check_path(path)
+    except BadRequest:
+        return None
+    segments = checked.split("/")
+    return checked if hexpart in segments or digest in segments else None
 
 
 def parse_v2_path(path: str) -> RegistryPath:

@@ -16,6 +16,7 @@ All methods block; async callers run them in an executor.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -31,10 +32,20 @@ from .reference import check_digest, digest_of, hasher, is_digest
 log = logging.getLogger("cr_proxy.store")
 
 TOP_DIRS = ("content", "blobs", "temp", *SIDECARS)
-# Two valid names whose paths collide: tag <t> of repository R is a file
-# where repository R/manifests/<t> needs a directory.
-SHAPE_CONFLICTS = (NotADirectoryError, IsADirectoryError, FileExistsError)
+
+
+class TooManyLinks(OSError):
+    """The stored file has as many names as the filesystem allows (EMLINK:
+    65,000 on ext4)."""
+
+
+# Names the tree cannot hold: two valid names whose paths collide (tag <t>
+# of repository R is a file where repository R/manifests/<t> needs a
+# directory), or one name too many for the stored file. The content is
+# still served, from the digest store, just not under that name.
+SHAPE_CONFLICTS = (NotADirectoryError, IsADirectoryError, FileExistsError, TooManyLinks)
 USES_FILE = "usage.json"  # last use per (domain, path), from nginx's access log
+LINK_PREFIX = "link."  # temp/ names of links and small files about to be renamed
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +131,15 @@ class Store:
     def has_content(self, domain: str, path: str) -> bool:
         return self.tree.content(domain, path).is_file()
 
+    def linked(self, digest: str, domain: str, path: str) -> Path | None:
+        """content/<domain>/<path> when it is already a name of the stored
+        digest (made once its upstream confirmed it), else None."""
+        name = self.tree.content(domain, path)
+        try:
+            return name if os.path.samefile(self.tree.blob(digest), name) else None
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def read_sidecar(self, kind: str, domain: str, path: str) -> str | None:
         try:
             return self.tree.sidecar(kind, domain, path).read_text().strip()
@@ -148,6 +168,18 @@ class Store:
         for alg in os.scandir(self.root / "blobs"):
             if alg.is_dir(follow_symlinks=False):
                 total += sum(e.stat().st_size for e in os.scandir(alg.path) if e.is_file())
+        return total
+
+    def temp_bytes(self) -> int:
+        """Bytes written so far by the downloads in progress in temp/ (the
+        short-lived link.* names there are links to stored files: left out)."""
+        total = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.tree.temp):
+                if entry.name.startswith(LINK_PREFIX):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    total += entry.stat(follow_symlinks=False).st_size
         return total
 
     def cached_tags(self) -> list[tuple[str, str, str]]:
@@ -213,8 +245,9 @@ class Store:
     def link_if_stored(self, digest: str, domain: str, path: str) -> Path | None:
         """link() when the digest store has the blob, and the file to serve;
         None when it has not (or an eviction removed it a moment ago). A name
-        the tree cannot hold (a file where a directory must be) is served
-        from the digest store itself."""
+        the tree cannot hold (a file where a directory must be, or a blob
+        at the filesystem's link limit) is served from the digest store
+        itself. Call it only for a name its upstream confirmed."""
         try:
             self.link(digest, domain, path)
         except FileNotFoundError:
@@ -238,7 +271,7 @@ class Store:
         source = self.tree.blob(digest)
         if target.exists() and os.path.samefile(source, target):
             return
-        self._replace_with(target, lambda tmp: os.link(source, tmp))
+        self._replace_with(target, lambda tmp: hard_link(source, tmp))
 
     def write_sidecar(self, kind: str, domain: str, path: str, value: str) -> None:
         target = self.tree.sidecar(kind, domain, path)
@@ -263,7 +296,7 @@ class Store:
         self.write_sidecar("redirect", domain, path, f"{status} {location}")
 
     def _replace_with(self, target: Path, make) -> None:
-        tmp = self.tree.temp / f"link.{uuid.uuid4().hex}"
+        tmp = self.tree.temp / f"{LINK_PREFIX}{uuid.uuid4().hex}"
         target.parent.mkdir(parents=True, exist_ok=True)
         make(tmp)
         try:
@@ -313,6 +346,15 @@ class Store:
         except FileNotFoundError:
             return None
         return target
+
+
+def hard_link(source: Path, name: Path) -> None:
+    try:
+        os.link(source, name)
+    except OSError as err:
+        if err.errno == errno.EMLINK:
+            raise TooManyLinks(err.errno, f"{source.name}: {err.strerror}") from err
+        raise
 
 
 def same_inode(path: Path, inode: int) -> bool:

@@ -10,8 +10,9 @@ redirects followed by hand.
   requests to it fail at once, so an offline pull of a ten-layer image does
   not wait for ten connect timeouts.
 - Redirects are followed here, not by aiohttp, because the fetcher must know
-  each hop (the target is cached under its own host) and because the
-  registry's Authorization must not travel to a CDN host.
+  the hops (the last one's target may be cached under its own host, see
+  Fetcher._name_redirect_target) and because the registry's Authorization
+  must not travel to a CDN host.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ class Hop:
     """One redirect followed: from <host><path> to <location>."""
 
     status: int
-    location: str  # absolute URL as the client would follow it
+    location: str  # absolute URL as the client would follow it, query included
     target_host: str
-    target_path: str  # without the query string: what we store it under
+    # Without the query string. Never a cache key by itself: only the last
+    # hop's, and only when it names the digest (layout.digest_url_path).
+    target_path: str
 
 
 @dataclass(slots=True)

@@ -66,6 +66,7 @@ def test_defaults_without_a_file_are_the_documented_ones(tmp_path):
     assert conf.insecure == frozenset()
     assert dict(conf.registries) == {}
     assert conf.nginx == NginxSettings(binary="nginx", user="", worker_processes="auto")
+    assert conf.limits.max_blob_size == 64 << 30
     assert conf.log_level == "info"
 
 
@@ -263,6 +264,9 @@ def test_environment_beats_the_file(tmp_path):
         ({"registries": {"ghcr.io": {"token": "t", "pasword": "p"}}},
          "'registries.ghcr.io.pasword'"),
         ({"registries": {"bad host": {"token": "t"}}}, "registries"),
+        ({"limits": {"max_blob_size": "lots"}}, "limits.max_blob_size"),
+        ({"limits": {"max_blob_size": 0}}, "limits.max_blob_size"),
+        ({"limits": {"max_blob_size": -1}}, "limits.max_blob_size"),
     ],
 )
 def test_bad_file_settings_raise_config_error_naming_the_key(tmp_path, data, key):
@@ -436,3 +440,8 @@ def test_a_registry_hosts_entry_adds_to_the_defaults(tmp_path):
     hosts = load(conf, environ={}).registry_hosts
     assert hosts["mirror.example"] == "real.example"
     assert hosts["docker.io"] == "registry-1.docker.io"
+
+
+def test_max_blob_size_takes_a_size_like_cache_max_size(tmp_path):
+    conf = load_data(tmp_path, {"limits": {"max_blob_size": "1.5GiB"}})
+    assert conf.limits.max_blob_size == 3 << 29

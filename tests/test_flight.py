@@ -147,6 +147,42 @@ async def test_different_keys_download_separately(store):
     assert (bytes(got_a), bytes(got_b)) == (DATA, other)
 
 
+async def test_one_digest_from_two_sources_downloads_twice_and_one_copy_is_kept(store):
+    """The fetcher keys flights by source and digest: a second source's
+    download of a digest does not wait on the first, and the first verified
+    copy is the one stored."""
+    flights = Flights()
+    slow, fast = FakeDownload(store), FakeDownload(store)
+    held = flights.join(f"slow.test {DIGEST}", DIGEST, slow)
+    other = flights.join(f"legit.test {DIGEST}", DIGEST, fast)
+    assert held is not other
+    fast.gate.set()
+    reader, got, _ = start_reader(other, 0)
+    await reader
+    assert bytes(got) == DATA and not held.finished
+    slow.gate.set()
+    reader, got, _ = start_reader(held, 0)
+    await reader
+    assert bytes(got) == DATA
+    assert list(store.tree.temp.iterdir()) == []
+    assert store.tree.blob(DIGEST).stat().st_nlink == 1
+
+
+async def test_written_counts_downloads_until_they_are_verified(store):
+    flights = Flights()
+    download = FakeDownload(store, chunks=2)
+    flight = flights.join(DIGEST, DIGEST, download)
+    # All but the last byte reach a reader before the download is verified.
+    reader, _, reached = start_reader(flight, len(DATA) - 1)
+    await until(reached, reader)
+    assert flights.written() == len(DATA)
+    await flight.verified_whole()
+    assert flights.written() == 0
+    download.gate.set()
+    await flight.task
+    await reader
+
+
 async def test_started_publishes_size_and_content_type(store):
     flights = Flights()
     download = FakeDownload(store, content_type="application/x-test")

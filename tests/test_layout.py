@@ -21,6 +21,7 @@ from cr_proxy.layout import (
     check_domain,
     check_name,
     check_path,
+    digest_url_path,
     mirror_target,
     parse_v2_path,
     proxy_target,
@@ -605,3 +606,34 @@ def test_tree_parse_content_round_trips_valid_names(domain, path):
     assert tree.content(domain, "/" + path) == tree.content(domain, path)
     assert check_domain(domain) == domain
     assert check_path(path) == path
+
+
+# --- redirect targets -------------------------------------------------------------------
+
+HEX = "ab" * 32
+BLOB = f"sha256:{HEX}"
+
+
+@pytest.mark.parametrize(("path", "stored"), [
+    # Docker Hub's CDN and the test CDN: .../sha256/<2>/<hex>/data
+    (f"/registry-v2/docker/registry/v2/blobs/sha256/ab/{HEX}/data",
+     f"registry-v2/docker/registry/v2/blobs/sha256/ab/{HEX}/data"),
+    (f"/ghcr1/blobs/{BLOB}", f"ghcr1/blobs/{BLOB}"),  # the whole digest as a segment
+    (f"/sha256/ab/{HEX}", f"sha256/ab/{HEX}"),
+])
+def test_a_digest_named_redirect_target_is_stored_under_its_path(path: str, stored: str) -> None:
+    assert digest_url_path(path, BLOB) == stored
+
+
+@pytest.mark.parametrize("path", [
+    "/go",  # an open redirect: never
+    "/download",
+    f"/blobs/{'cd' * 32}/data",  # another digest
+    f"/blobs/x{HEX}/data",  # the hex inside a segment, not as one
+    f"/blobs/{HEX[:-1]}/data",
+    f"/blobs/{HEX}/../../go",  # dot segments
+    f"/blobs/%2e%2e/{HEX}",  # nothing percent-encoded
+    "/",
+])
+def test_any_other_redirect_target_is_never_stored(path: str) -> None:
+    assert digest_url_path(path, BLOB) is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from unittest import mock
 
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 from cr_proxy.errors import BadRequest, DigestMismatch, Truncated
 from cr_proxy.layout import SIDECARS
 from cr_proxy.reference import digest_of
-from cr_proxy.store import TOP_DIRS, BlobWriter, Store, StoredManifest
+from cr_proxy.store import TOP_DIRS, BlobWriter, Store, StoredManifest, TooManyLinks
 
 DATA = b"layer bytes " * 1000
 DIGEST = digest_of(DATA)
@@ -252,6 +254,58 @@ def test_link_of_a_missing_blob_raises_and_creates_no_content(store):
         store.link(DIGEST, HUB, f"/v2/a/blobs/{DIGEST}")
     assert not store.has_content(HUB, f"/v2/a/blobs/{DIGEST}")
     assert list(store.tree.temp.iterdir()) == []
+
+
+def emlink(*_: object) -> None:
+    raise OSError(errno.EMLINK, os.strerror(errno.EMLINK))
+
+
+def test_a_blob_at_the_link_limit_is_still_served_under_no_new_name(store, monkeypatch):
+    """ext4 allows 65,000 names per inode: past that, a new name of the blob
+    is served from the digest store itself, and nothing is left behind."""
+    blob = store.put_bytes(DATA, DIGEST)
+    path = f"/v2/one-more/blobs/{DIGEST}"
+    monkeypatch.setattr(os, "link", emlink)
+    served = store.link_if_stored(DIGEST, HUB, path)
+    assert served == blob and served.read_bytes() == DATA
+    store.link_quietly(DIGEST, HUB, path)  # logged, not raised
+    with pytest.raises(TooManyLinks):
+        store.link(DIGEST, HUB, path)
+    assert not store.has_content(HUB, path)
+    assert store.linked(DIGEST, HUB, path) is None
+    assert list(store.tree.temp.iterdir()) == []
+
+
+def test_other_link_errors_are_not_taken_for_the_link_limit(store, monkeypatch):
+    store.put_bytes(DATA, DIGEST)
+
+    def eperm(*_: object) -> None:
+        raise PermissionError(errno.EPERM, "not permitted")
+
+    monkeypatch.setattr(os, "link", eperm)
+    with pytest.raises(PermissionError):
+        store.link_if_stored(DIGEST, HUB, f"/v2/a/blobs/{DIGEST}")
+
+
+def test_linked_names_only_a_link_of_the_stored_blob(store):
+    path = f"/v2/a/blobs/{DIGEST}"
+    assert store.linked(DIGEST, HUB, path) is None  # nothing stored
+    store.put_bytes(DATA, DIGEST)
+    assert store.linked(DIGEST, HUB, path) is None  # stored, not named here
+    store.link(DIGEST, HUB, path)
+    assert store.linked(DIGEST, HUB, path) == store.tree.content(HUB, path)
+    store.tree.content(HUB, path).unlink()
+    store.tree.content(HUB, path).write_bytes(DATA)  # a copy is not a name of the blob
+    assert store.linked(DIGEST, HUB, path) is None
+
+
+def test_temp_bytes_counts_downloads_in_progress_only(store):
+    writer = store.blob_writer(DIGEST)
+    writer.write(DATA[:1000])
+    (store.tree.temp / "link.0123").write_bytes(b"x" * 50)  # a link about to be renamed
+    assert store.temp_bytes() == 1000
+    writer.abort()
+    assert store.temp_bytes() == 0
 
 
 @pytest.mark.parametrize(

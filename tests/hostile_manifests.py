@@ -184,11 +184,11 @@ class Reply:
 
 def get(
     cr: CrProxy, door: Door, path: str, *, method: str = "GET",
-    headers: dict[str, str] | None = None, host: str | None = None,
+    headers: dict[str, str] | None = None, host: str | None = None, registry: str = FAKE,
 ) -> Reply:
     """One request for a registry path of faulty.test (`/v2/<repo>/...`)
-    through `door`; the mirror doors name the registry in the path. `host`
-    replaces the Host header (https_proxy)."""
+    through `door`; the mirror doors name the registry in the path (spelt
+    `registry`). `host` replaces the Host header (https_proxy)."""
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     if door is Door.PROXY_TLS:
         sock, answer = connect_tunnel(cr.proxy_port, f"{FAKE}:443", sni=FAKE,
@@ -201,7 +201,7 @@ def get(
         if door is Door.MIRROR_TLS:
             context = ssl.create_default_context(cafile=str(cr.ca_cert))
             sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
-        host, target = "cr-proxy.test", "/v2/" + FAKE + path[len("/v2"):]
+        host, target = "cr-proxy.test", "/v2/" + registry + path[len("/v2"):]
         if path in ("/v2/", "/v2"):
             target = path  # the ping names no registry
     request = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"

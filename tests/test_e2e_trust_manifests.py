@@ -94,6 +94,27 @@ def test_media_type_with_crlf_is_refused_and_never_replayed(
                 if p.is_file() and b"Set-Cookie" in p.read_bytes()]
 
 
+@pytest.mark.parametrize("door", list(Door), ids=[d.value for d in Door])
+def test_unsafe_sidecars_of_an_older_cache_are_never_replayed(
+    cr: CrProxy, fake: ScriptedRegistry, door: Door
+) -> None:
+    """A cache an older cr-proxy poisoned: nginx (cr.js) does not replay its
+    sidecars, the fetcher fetches the manifest again and stores clean ones."""
+    repo = f"older/{door.name.lower()}"
+    image = fake.add_image(repo, "v1", [os.urandom(500)])
+    path = f"/v2/{repo}/manifests/v1"
+    assert get(cr, door, path).status == 200
+    content_type = cr.cache / f"content-type/{FAKE}{path}"
+    content_type.write_text(INJECTED + "\n")
+    for attempt in ("first", "second"):
+        reply = get(cr, door, path)
+        assert (reply.status, reply.body) == (200, image.manifest), (attempt, reply)
+        assert reply.all("Set-Cookie") == [], (attempt, reply)
+        assert reply.all("Content-Type") == [MT_OCI], (attempt, reply)
+        assert reply.all("X-Content-Type-Options") == ["nosniff"], (attempt, reply)
+    assert content_type.read_text() == MT_OCI + "\n"
+
+
 @pytest.mark.parametrize(("content_type", "body"), [
     ("text/html", b"<html>" + SCRIPT_TAG + b"</html>"),
     ("application/json", manifest_body("text/html", annotations={"x": SCRIPT_TAG.decode()})),

@@ -82,6 +82,13 @@ class DigestMismatch(UpstreamError):
     code = "DIGEST_INVALID"
 
 
+class ManifestInvalid(UpstreamError):
+    """An upstream answer that is not a manifest we store or serve: not a
+    schema 2 manifest or index, too large, or a header value we will not replay."""
+
+    code = "MANIFEST_INVALID"
+
+
 class Truncated(UpstreamError):
     code = "BLOB_UPLOAD_INVALID"
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +38,7 @@ from .errors import (
     CrProxyError,
     DestinationRefused,
     DigestMismatch,
+    ManifestInvalid,
     NotFound,
     TooLarge,
     Truncated,
@@ -51,7 +51,7 @@ from .flight import Flight, Flights
 from .layout import Kind, RegistryPath, Target, digest_url_path, mirror_target, proxy_target
 from .metrics import Metrics
 from .policy import parse_authority
-from .reference import MANIFEST_ACCEPT, digest_of, is_digest
+from .reference import MANIFEST_ACCEPT, digest_of, is_digest, manifest_media_type
 from .store import SHAPE_CONFLICTS, BlobWriter, Store, StoredManifest
 from .upstream import Hop, Upstream
 
@@ -208,8 +208,8 @@ class Fetcher:
             return await self._manifest(request, target)
         if kind is Kind.PING and mirror:
             return web.json_response({}, headers=API_HEADERS)
-        return await self._passthrough(request, target.domain, self._relayed_path(request, target,
-                                                                                   mirror))
+        return await self._passthrough(request, target.domain,
+                                       self._relayed_path(request, target, mirror), mirror=mirror)
 
     @staticmethod
     def _relayed_path(request: web.Request, target: Target, mirror: bool) -> str:
@@ -543,6 +543,7 @@ class Fetcher:
         return await self._fetch_manifest(target, auth)
 
     async def _fetch_manifest(self, target: Target, auth: str | None) -> StoredManifest:
+        """GET a manifest; stored only whole, verified and of a known kind."""
         domain, rpath = target.domain, target.rpath
         response = await self.upstream.registry(
             "GET", target, headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth
@@ -555,25 +556,10 @@ class Fetcher:
                 raise UpstreamError("UNAUTHORIZED", f"{domain} refused access to {rpath.name}")
             if response.status != 200:
                 raise UpstreamError(message=f"{domain} answered {response.status}")
-            if (response.content_length or 0) > MAX_MANIFEST:
-                raise UpstreamError("MANIFEST_INVALID", "manifest too large")
-            try:
-                body = await response.content.read(MAX_MANIFEST + 1)
-            except aiohttp.ClientPayloadError as err:
-                raise Truncated(message=f"{domain}: manifest body cut short") from err
-            if len(body) > MAX_MANIFEST:
-                raise UpstreamError("MANIFEST_INVALID", "manifest too large")
-            if response.content_length is not None and len(body) != response.content_length:
-                raise Truncated(message=f"{domain}: manifest body cut short")
-            content_type = response.content_type
+            body = await _read_manifest(response, domain)
+            header_type = response.headers.get("Content-Type", "")
             claimed = response.headers.get("Docker-Content-Digest")
-        content_type = _manifest_type(body, content_type)
-        algorithm = rpath.ref.split(":", 1)[0] if rpath.by_digest else "sha256"
-        digest = digest_of(body, algorithm)
-        if rpath.by_digest and digest != rpath.ref:
-            raise DigestMismatch(message=f"{domain} sent {digest} for {rpath.ref}")
-        if claimed and is_digest(claimed) and claimed.startswith(algorithm) and claimed != digest:
-            raise DigestMismatch(message=f"{domain} claimed {claimed}, body is {digest}")
+        digest, content_type = await in_thread(_check_manifest, body, header_type, target, claimed)
         now = time.time()
         try:
             await in_thread(self._commit_manifest, target, body, digest, content_type, now)
@@ -606,10 +592,12 @@ class Fetcher:
 
     async def _passthrough(
         self, request: web.Request, host: str, path_qs: str, token_ok: bool = False,
-        scheme: str = "https",
+        scheme: str = "https", mirror: bool = False,
     ) -> web.StreamResponse:
         """Relay a request we do not cache. A token request whose auth server
-        cannot be reached gets a dummy token, so cached pulls go on offline."""
+        cannot be reached gets a dummy token, so cached pulls go on offline.
+        The mirror's origin answers registry JSON only: whatever type an
+        upstream names (text/html, a script), a browser there gets JSON."""
         # A multidict: Go clients send Accept once per media type.
         headers = CIMultiDict(
             (k, v) for k, v in request.headers.items() if k.lower() in RELAYED_REQUEST
@@ -630,9 +618,11 @@ class Fetcher:
             header = upstream.headers.get("WWW-Authenticate")
             if header:
                 self._store_challenge(host, path_qs.split("?")[0], header)
-        response = web.StreamResponse(status=upstream.status, headers={
-            k: v for k, v in upstream.headers.items() if k.lower() in RELAYED_RESPONSE
-        })
+        relayed = {k: v for k, v in upstream.headers.items() if k.lower() in RELAYED_RESPONSE}
+        if mirror:
+            relayed = {k: v for k, v in relayed.items() if k.lower() != "content-type"}
+            relayed["Content-Type"] = "application/json"
+        response = web.StreamResponse(status=upstream.status, headers=relayed)
         try:
             await response.prepare(request)
             async for chunk in upstream.content.iter_chunked(64 << 10):
@@ -710,17 +700,41 @@ def _looks_like_token(request: web.Request) -> bool:
     return "scope" in request.query or "service" in request.query or request.path.endswith("/token")
 
 
-def _manifest_type(body: bytes, header: str) -> str:
-    """The Content-Type to store: the upstream's, or the body's mediaType."""
-    if header and header not in ("application/octet-stream", "text/plain", "application/json"):
-        return header
+async def _read_manifest(response: aiohttp.ClientResponse, domain: str) -> bytes:
+    """The whole body, or an error: read(n) returns only what has arrived,
+    which cut a manifest sent in two pieces at the first."""
+    if (response.content_length or 0) > MAX_MANIFEST:
+        raise ManifestInvalid(message=f"{domain}: manifest larger than {MAX_MANIFEST} bytes")
+    body = bytearray()
     try:
-        media_type = json.loads(body).get("mediaType")
-    except (ValueError, AttributeError):
-        media_type = None
-    if isinstance(media_type, str) and media_type:
-        return media_type
-    return header or "application/vnd.oci.image.manifest.v1+json"
+        async for chunk in response.content.iter_any():
+            body += chunk
+            if len(body) > MAX_MANIFEST:  # an endless answer ends here
+                raise ManifestInvalid(
+                    message=f"{domain}: manifest larger than {MAX_MANIFEST} bytes")
+    except aiohttp.ClientPayloadError as err:
+        raise Truncated(message=f"{domain}: manifest body cut short") from err
+    if response.content_length is not None and len(body) != response.content_length:
+        raise Truncated(message=f"{domain}: manifest body cut short")
+    return bytes(body)
+
+
+def _check_manifest(
+    body: bytes, header_type: str, target: Target, claimed: str | None
+) -> tuple[str, str]:
+    """(digest, media type) of an upstream manifest, once the body matches
+    the digest asked for and the one the upstream named, and parses as a
+    manifest or index of a known type. A Docker-Content-Digest outside the
+    digest grammar is ignored, as distribution's client does: it is never
+    stored, the digest we computed is."""
+    domain, rpath = target.domain, target.rpath
+    algorithm = rpath.ref.split(":", 1)[0] if rpath.by_digest else "sha256"
+    digest = digest_of(body, algorithm)
+    if rpath.by_digest and digest != rpath.ref:
+        raise DigestMismatch(message=f"{domain} sent {digest} for {rpath.ref}")
+    if claimed and is_digest(claimed) and digest_of(body, claimed.split(":", 1)[0]) != claimed:
+        raise DigestMismatch(message=f"{domain} claimed {claimed}, body is {digest}")
+    return digest, manifest_media_type(body, header_type)
 
 
 def make_app(
@@ -747,5 +761,12 @@ def make_app(
         return await request.app["fetcher"].handle(request)
 
     app.cleanup_ctx.append(lifecycle)
+    app.on_response_prepare.append(_nosniff)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer says its type is the one to use: no browser may take a
+    JSON body (or a relayed upstream's) for HTML or script."""
+    response.headers["X-Content-Type-Options"] = "nosniff"

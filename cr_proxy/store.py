@@ -20,14 +20,15 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DigestMismatch, Truncated
+from .errors import DigestMismatch, ManifestInvalid, Truncated, UpstreamError
 from .layout import SIDECARS, Tree
-from .reference import check_digest, digest_of, hasher, is_digest
+from .reference import MANIFEST_MEDIA_TYPES, check_digest, digest_of, hasher, is_digest
 
 log = logging.getLogger("cr_proxy.store")
 
@@ -46,6 +47,9 @@ class TooManyLinks(OSError):
 SHAPE_CONFLICTS = (NotADirectoryError, IsADirectoryError, FileExistsError, TooManyLinks)
 USES_FILE = "usage.json"  # last use per (domain, path), from nginx's access log
 LINK_PREFIX = "link."  # temp/ names of links and small files about to be renamed
+# nginx and the fetcher replay sidecars as header values: a CR or LF in one
+# would end the header and start another (Set-Cookie, a second body...).
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,11 +159,15 @@ class Store:
             recorded = digest_file.read_text().strip()
         except (FileNotFoundError, NotADirectoryError):
             return None
+        content_type = self.read_sidecar("content-type", domain, path) or ""
+        if content_type not in MANIFEST_MEDIA_TYPES or not is_digest(recorded):
+            # Written by an older cr-proxy that stored the wire's values (or
+            # by hand): never replayed; the caller fetches it again.
+            log.warning("not serving %s/%s: unsafe stored headers", domain, path)
+            return None
         # The digest of the body we read, not the sidecar's: a tag updated
         # between the two reads must not pair one body with another digest.
-        algorithm = recorded.split(":", 1)[0] if is_digest(recorded) else "sha256"
-        digest = digest_of(body, algorithm)
-        content_type = self.read_sidecar("content-type", domain, path) or ""
+        digest = digest_of(body, recorded.split(":", 1)[0])
         return StoredManifest(body, content_type, digest, validated_at)
 
     def blob_bytes(self) -> int:
@@ -274,6 +282,11 @@ class Store:
         self._replace_with(target, lambda tmp: hard_link(source, tmp))
 
     def write_sidecar(self, kind: str, domain: str, path: str, value: str) -> None:
+        """Store a header value; the last wall against header injection (the
+        callers check values by their own grammar first)."""
+        if CONTROL_RE.search(value):
+            raise UpstreamError(message=f"refusing to store a {kind} header with control "
+                                f"characters: {value[:80]!r}")
         target = self.tree.sidecar(kind, domain, path)
         self._replace_with(target, lambda tmp: tmp.write_text(value + "\n"))
 
@@ -285,7 +298,11 @@ class Store:
         self, domain: str, path: str, digest: str, content_type: str, validated_at: float | None
     ) -> None:
         """Headers first, payload last: nginx serves content/ only when its
-        sidecars are already in place."""
+        sidecars are already in place. Both values are from closed grammars
+        (cr.js checks them again on every hit)."""
+        if content_type not in MANIFEST_MEDIA_TYPES:
+            raise ManifestInvalid(message=f"not a manifest type: {content_type[:80]!r}")
+        check_digest(digest)
         self.write_sidecar("content-type", domain, path, content_type)
         self.write_sidecar("docker-content-digest", domain, path, digest)
         if validated_at is not None:

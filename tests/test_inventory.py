@@ -193,9 +193,16 @@ def test_ls_shows_digest_only_manifests_and_docker_io(store: Store, inventory: I
 
 
 def test_ls_ignores_unknown_media_types(store: Store, inventory: Inventory) -> None:
+    """A cache an older cr-proxy filled (it stored schema 1 manifests, which
+    record_manifest now refuses): written sidecar by sidecar."""
     schema1 = b'{"schemaVersion":1,"name":"old","tag":"v1","fsLayers":[]}'
-    digest = cache_manifest(store, REG, "old", schema1, "v1",
+    digest = put(store, schema1)
+    for ref in (digest, "v1"):
+        path = f"v2/old/manifests/{ref}"
+        store.write_sidecar("content-type", REG, path,
                             "application/vnd.docker.distribution.manifest.v1+prettyjws")
+        store.write_sidecar("docker-content-digest", REG, path, digest)
+        store.link(digest, REG, path)
     [image] = inventory.images()
     assert (image.digest, image.platforms, image.size) == (digest, (), len(schema1))
     assert image.digests == {digest}

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cr_proxy.errors import BadRequest, DigestMismatch, Truncated
+from cr_proxy.errors import BadRequest, DigestMismatch, ManifestInvalid, Truncated, UpstreamError
 from cr_proxy.layout import SIDECARS
 from cr_proxy.reference import digest_of
 from cr_proxy.store import TOP_DIRS, BlobWriter, Store, StoredManifest, TooManyLinks
@@ -21,6 +21,7 @@ DIGEST = digest_of(DATA)
 MANIFEST = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
 MANIFEST_DIGEST = digest_of(MANIFEST)
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 TAG_PATH = "/v2/library/alpine/manifests/latest"
 DIGEST_PATH = f"/v2/library/alpine/manifests/{MANIFEST_DIGEST}"
 HUB = "registry-1.docker.io"
@@ -426,9 +427,9 @@ def test_record_manifest_moves_a_tag(store):
     store.put_bytes(MANIFEST, MANIFEST_DIGEST)
     store.put_bytes(other, digest_of(other))
     store.record_manifest(HUB, TAG_PATH, MANIFEST_DIGEST, MANIFEST_TYPE, 1000.0)
-    store.record_manifest(HUB, TAG_PATH, digest_of(other), "application/json", 2000.0)
+    store.record_manifest(HUB, TAG_PATH, digest_of(other), INDEX_TYPE, 2000.0)
     assert store.read_manifest(HUB, TAG_PATH) == StoredManifest(
-        other, "application/json", digest_of(other), 2000.0
+        other, INDEX_TYPE, digest_of(other), 2000.0
     )
 
 
@@ -442,13 +443,44 @@ def test_read_manifest_without_its_digest_sidecar_is_none(store):
     assert store.read_manifest(HUB, TAG_PATH) is None
 
 
-def test_read_manifest_without_content_type_has_an_empty_one(store):
+@pytest.mark.parametrize(("content_type", "digest"), [
+    (None, MANIFEST_DIGEST),  # no content-type sidecar
+    ("text/html", MANIFEST_DIGEST),
+    (MANIFEST_TYPE + " x", MANIFEST_DIGEST),
+    (MANIFEST_TYPE, "sha256:" + "A" * 64),
+    (MANIFEST_TYPE, "md5:" + "0" * 32),
+])
+def test_read_manifest_with_unsafe_stored_headers_is_none(store, content_type, digest):
+    """Sidecars an older cr-proxy wrote from the wire, or a hand edit: the
+    fetcher fetches the manifest again instead of replaying them."""
     store.put_bytes(MANIFEST, MANIFEST_DIGEST)
-    store.write_sidecar("docker-content-digest", HUB, TAG_PATH, MANIFEST_DIGEST)
+    if content_type is not None:
+        store.write_sidecar("content-type", HUB, TAG_PATH, content_type)
+    store.write_sidecar("docker-content-digest", HUB, TAG_PATH, digest)
     store.link(MANIFEST_DIGEST, HUB, TAG_PATH)
-    stored = store.read_manifest(HUB, TAG_PATH)
-    assert stored is not None
-    assert (stored.body, stored.content_type) == (MANIFEST, "")
+    assert store.read_manifest(HUB, TAG_PATH) is None
+
+
+@pytest.mark.parametrize("value", [
+    MANIFEST_TYPE + "\r\nSet-Cookie: x=y", "a\nb", "a\rb", "a\x00b", "a\tb", "a\x7fb", "a\x1bb",
+])
+@pytest.mark.parametrize("kind", SIDECARS)
+def test_write_sidecar_refuses_control_characters(store, kind, value):
+    """The last wall against header injection: whatever the caller checked."""
+    with pytest.raises(UpstreamError, match="control characters"):
+        store.write_sidecar(kind, HUB, TAG_PATH, value)
+    assert files_under(store.root) == []
+
+
+def test_record_manifest_refuses_a_media_type_off_the_list(store):
+    store.put_bytes(MANIFEST, MANIFEST_DIGEST)
+    for content_type in ("text/html", "application/json", MANIFEST_TYPE.upper(), ""):
+        with pytest.raises(ManifestInvalid):
+            store.record_manifest(HUB, TAG_PATH, MANIFEST_DIGEST, content_type, None)
+    with pytest.raises(BadRequest):
+        store.record_manifest(HUB, TAG_PATH, "sha256:" + "g" * 64, MANIFEST_TYPE, None)
+    assert files_under(store.root / "content") == []
+    assert files_under(store.root / "content-type") == []
 
 
 def test_touch_validated_changes_the_mtime(store):

@@ -26,6 +26,9 @@ from .errors import ConfigError
 from .reference import is_host
 
 ENV_PREFIX = "CR_PROXY_"
+# Upstream connections open at once, all hosts together (the fetcher's
+# aiohttp pool); limits.upstream_connections_per_host shares it out.
+UPSTREAM_CONNECTIONS = 256
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MASK = "********"
 
@@ -76,6 +79,13 @@ class Timeouts:
     connect: float
     read: float
     down_host: float
+    pool: float
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    upstream_connections_per_host: int
+    min_rate: int  # bytes/s, judged over each timeouts.read; 0 = no minimum
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +145,7 @@ class Config:
     mirror_names: tuple[str, ...]
     mirror_allow_clients: tuple[IPNetwork, ...]
     timeouts: Timeouts
+    limits: Limits
     tag_ttl: float
     cache: CacheLimit
     refresh: Refresh
@@ -269,7 +280,9 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             connect=_seconds(timeouts, "timeouts.connect"),
             read=_seconds(timeouts, "timeouts.read"),
             down_host=_seconds(timeouts, "timeouts.down_host", allow_zero=True),
+            pool=_seconds(timeouts, "timeouts.pool"),
         ),
+        limits=_limits(_mapping(data, "limits")),
         tag_ttl=_seconds(data, "tag_ttl", allow_zero=True),
         cache=_cache_limit(_mapping(data, "cache")),
         refresh=Refresh(
@@ -411,6 +424,20 @@ def _cache_limit(data: Mapping[str, Any]) -> CacheLimit:
         low_water=float(low_water),
         min_age=_seconds(data, "cache.min_age", allow_zero=True),
         check_interval=_seconds(data, "cache.check_interval"),
+    )
+
+
+def _limits(data: Mapping[str, Any]) -> Limits:
+    per_host = data.get("upstream_connections_per_host")
+    if isinstance(per_host, bool) or not isinstance(per_host, int) or not (
+        0 < per_host <= UPSTREAM_CONNECTIONS
+    ):
+        raise ConfigError(message="limits.upstream_connections_per_host: expected a number "
+                                  f"of connections from 1 to {UPSTREAM_CONNECTIONS}, "
+                                  f"got {per_host!r}")
+    return Limits(
+        upstream_connections_per_host=per_host,
+        min_rate=parse_size(data.get("min_rate", 0), "limits.min_rate"),
     )
 
 

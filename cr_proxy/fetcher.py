@@ -163,7 +163,8 @@ class Fetcher:
         try:
             return await self._registry_kind(request, target, mirror)
         except UpstreamError as err:
-            self.metrics.upstream_errors.labels(registry=target.domain, code=err.code).inc()
+            registry = self.upstream.registry_label(target.domain)
+            self.metrics.upstream_errors.labels(registry=registry, code=err.code).inc()
             raise
 
     async def _registry_kind(
@@ -303,6 +304,7 @@ class Fetcher:
         time, so the bytes stay in order."""
         writing: concurrent.futures.Future[None] | None = None
         batch = bytearray()
+        guard = self.upstream.rate_guard(body)  # limits.min_rate
         try:
             async for chunk in body.iter_any():
                 batch += chunk
@@ -318,6 +320,7 @@ class Fetcher:
             await asyncio.wrap_future(self._writes.submit(writer.write, batch))
             await flight.progress(writer.size)
         finally:
+            guard.cancel()
             if writing is not None and not writing.done():
                 # Failed or cancelled mid-body: the caller closes the file
                 # next, so the write in flight must be over first (one batch).

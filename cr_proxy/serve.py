@@ -38,6 +38,10 @@ STOP_GRACE = 10.0  # seconds nginx gets to finish in-flight requests
 READY_TIMEOUT = 20.0  # seconds nginx gets to open its listen sockets
 READY_POLL = 0.05
 CACHE_SIZE_INTERVAL = 60.0  # seconds between measurements of the cache size
+# Connections nginx may have waiting on the fetcher's socket: a burst of
+# misses beyond it got 502s (aiohttp's default is 128). The kernel caps it
+# at net.core.somaxconn (4096 on Linux >= 5.4).
+FETCHER_BACKLOG = 4096
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
@@ -132,7 +136,7 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
         stack.push_async_callback(runner.cleanup)
         with contextlib.suppress(FileNotFoundError):
             config.socket_path.unlink()
-        await web.UnixSite(runner, str(config.socket_path)).start()
+        await web.UnixSite(runner, str(config.socket_path), backlog=FETCHER_BACKLOG).start()
         # nginx workers may run as another user (nginx.user).
         os.chmod(config.socket_path, 0o666)
         if config.listen.metrics.enabled:

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import os
+import socket
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from tests.conftest import Images, proxy_endpoints
 from tests.crproxy import CrProxy
 from tests.faulty import http, split_response, wait_until
 from tests.hostile_limits import TricklingRegistry
-from tests.upstream import Upstream, free_ports
+from tests.upstream import Upstream
 
 PER_HOST = 4  # limits.upstream_connections_per_host of the limited mirror
 POOL_WAIT = 2  # timeouts.pool of the limited mirror
@@ -200,12 +201,15 @@ def upstream_error_series(cr: CrProxy) -> dict[tuple[str, str], float]:
 
 
 def test_invented_registry_names_do_not_grow_metric_series(plain: CrProxy) -> None:
-    """500 registry names nobody configured, each an upstream error. The
-    names are loopback addresses where nothing listens (allowed in this
-    mirror's proxy.allow_private): each fails at once, with no DNS lookup a
-    resolver could throttle. All are counted under one label."""
-    (closed,) = free_ports(1)
-    names = [f"127.1.{i // 250}.{i % 250 + 1}:{closed}" for i in range(INVENTED)]
+    """500 registry names nobody configured, each an upstream error, all
+    counted under one label. The names are loopback addresses (allowed in
+    this mirror's proxy.allow_private) at the default ports, where nothing
+    listens: each fails at once, with no DNS lookup a resolver could
+    throttle."""
+    for port in (80, 443):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.1.0.1", port), timeout=5).close()
+    names = [f"127.1.{i // 250}.{i % 250 + 1}" for i in range(INVENTED)]
     statuses = Counter(
         http(f"http://{plain.http}/v2/{name}/app/manifests/latest", timeout=30).status
         for name in names

@@ -198,6 +198,12 @@ class RateGuard:
         if self._handle is not None:
             self._handle.cancel()
 
+    def __enter__(self) -> RateGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
 
 class Upstream:
     __slots__ = (
@@ -351,7 +357,9 @@ class Upstream:
             if response.status != 200:
                 raise UpstreamError(message=f"token server {host} answered {response.status}")
             try:
-                return await response.json(content_type=None)
+                # The registry names the token server: it may trickle too.
+                with self.rate_guard(response.content):
+                    return await response.json(content_type=None)
             except (ValueError, aiohttp.ClientError) as err:
                 raise UpstreamError(message=f"token server {host} sent no JSON") from err
 

@@ -39,7 +39,7 @@ from multidict import CIMultiDict
 from .auth import Challenge, TokenCache, parse_challenge, pull_scope
 from .config import UPSTREAM_CONNECTIONS, Config
 from .errors import DestinationRefused, UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from .layout import Target, check_domain, resolve_domain
+from .layout import Target, check_domain
 from .policy import Destinations, ip_of
 
 log = logging.getLogger("cr_proxy.upstream")
@@ -138,8 +138,7 @@ def configured_hosts(config: Config) -> frozenset[str]:
     the configured registry names are served by."""
     names = {config.default_registry, *config.registry_hosts, *config.endpoints,
              *config.registries, *config.insecure}
-    hosts = dict(config.registry_hosts)
-    return frozenset(names | {resolve_domain(name, hosts) for name in names})
+    return frozenset(names | {config.registry_hosts.get(name, name) for name in names})
 
 
 class PoolWait:
@@ -288,12 +287,17 @@ class Upstream:
     def _mark_down(self, host: str, err: BaseException) -> None:
         log.warning("upstream %s unreachable (%s); skipping it for %.0fs",
                     host, err, self.config.timeouts.down_host)
+        self._make_room(host)
+        self._down_until[host] = time.monotonic() + self.config.timeouts.down_host
+
+    def _make_room(self, host: str) -> None:
+        """Before host is (re)marked down: it leaves the table, to go back in
+        last (so the table stays in expiry order); expired entries go, then,
+        in a flood of names, the oldest, so it holds MAX_DOWN_HOSTS at most."""
         now, down = time.monotonic(), self._down_until
-        down.pop(host, None)  # re-inserted last: the table stays in expiry order
-        # Expired entries first, then (a flood of names) the oldest.
+        down.pop(host, None)
         while down and (len(down) >= MAX_DOWN_HOSTS or next(iter(down.values())) <= now):
             del down[next(iter(down))]
-        down[host] = now + self.config.timeouts.down_host
 
     # --- plain requests -------------------------------------------------------
 
@@ -316,8 +320,8 @@ class Upstream:
         bases = self.base_urls(host, scheme)
         last_error: BaseException | None = None
         for base in bases:
-            wait = PoolWait()
             try:
+                wait = PoolWait()
                 response = await self.session.request(
                     method, base + path, headers=headers, allow_redirects=False, data=data,
                     trace_request_ctx=wait,

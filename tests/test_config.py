@@ -11,7 +11,6 @@ from cr_proxy.config import (
     MASK,
     Address,
     Credentials,
-    Limits,
     NginxSettings,
     Timeouts,
     default_data,
@@ -57,7 +56,8 @@ def test_defaults_without_a_file_are_the_documented_ones(tmp_path):
     assert conf.listen.mirror_http == Address("0.0.0.0", 5000)
     assert conf.mirror_names == ()
     assert conf.timeouts == Timeouts(connect=3.0, read=30.0, down_host=30.0, pool=60.0)
-    assert conf.limits == Limits(upstream_connections_per_host=64, min_rate=4096)
+    assert conf.limits.upstream_connections_per_host == 64
+    assert conf.limits.min_rate == 4096
     assert conf.tag_ttl == 300.0
     assert conf.default_registry == "docker.io"
     assert dict(conf.registry_hosts) == {
@@ -143,9 +143,6 @@ def test_a_missing_file_raises_config_error(tmp_path):
         ({"CR_PROXY_TIMEOUTS__CONNECT": "2"}, "timeouts", Timeouts(2.0, 30.0, 30.0, 60.0)),
         ({"CR_PROXY_TIMEOUTS__READ": "2.5"}, "timeouts", Timeouts(3.0, 2.5, 30.0, 60.0)),
         ({"CR_PROXY_TIMEOUTS__POOL": "5"}, "timeouts", Timeouts(3.0, 30.0, 30.0, 5.0)),
-        ({"CR_PROXY_LIMITS__MIN_RATE": "1MiB"}, "limits", Limits(64, 1 << 20)),
-        ({"CR_PROXY_LIMITS__MIN_RATE": "0"}, "limits", Limits(64, 0)),
-        ({"CR_PROXY_LIMITS__UPSTREAM_CONNECTIONS_PER_HOST": "16"}, "limits", Limits(16, 4096)),
         ({"CR_PROXY_TAG_TTL": "0"}, "tag_ttl", 0.0),
         ({"cr_proxy_tag_ttl": "1"}, "tag_ttl", 300.0),  # prefix is case-sensitive
         ({"CR_PROXY_tag_ttl": "7"}, "tag_ttl", 7.0),
@@ -167,6 +164,19 @@ def test_a_missing_file_raises_config_error(tmp_path):
 def test_environment_overrides(environ, attribute, expected):
     value = getattr(load(None, environ=environ), attribute)
     assert (dict(value) if attribute == "endpoints" else value) == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "per_host", "min_rate"),
+    [
+        ({"CR_PROXY_LIMITS__MIN_RATE": "1MiB"}, 64, 1 << 20),
+        ({"CR_PROXY_LIMITS__MIN_RATE": "0"}, 64, 0),
+        ({"CR_PROXY_LIMITS__UPSTREAM_CONNECTIONS_PER_HOST": "16"}, 16, 4096),
+    ],
+)
+def test_upstream_limits_from_the_environment(environ, per_host, min_rate):
+    limits = load(None, environ=environ).limits
+    assert (limits.upstream_connections_per_host, limits.min_rate) == (per_host, min_rate)
 
 
 @pytest.mark.parametrize(

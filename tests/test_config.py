@@ -45,6 +45,23 @@ def load_data(tmp_path: Path, data: object, environ: dict[str, str] | None = Non
 # --- defaults ----------------------------------------------------------------------
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        duplicates = {k for k in keys if keys.count(k) > 1}
+        assert not duplicates, f"duplicate keys {duplicates} at {node.start_mark}"
+        return super().construct_mapping(node, deep)
+
+
+def test_the_default_file_names_each_key_once():
+    """Two sections of one name (two branches each adding `limits:`) would
+    silently drop the first one's keys."""
+    text = (Path(__file__).resolve().parent.parent / "cr_proxy" / "default.yml").read_text()
+    assert yaml.load(text, Loader=UniqueKeyLoader) == default_data()
+
+
 def test_defaults_without_a_file_are_the_documented_ones(tmp_path):
     conf = load(None, environ={})
     assert conf.cache_dir == tmp_path / "cache"

@@ -83,12 +83,6 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
-    upstream_connections_per_host: int
-    min_rate: int  # bytes/s, judged over each timeouts.read; 0 = no minimum
-
-
-@dataclass(frozen=True, slots=True)
 class Credentials:
     """Credentials for one registry's token exchange. repr() masks secrets."""
 
@@ -124,6 +118,12 @@ class CacheLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    upstream_connections_per_host: int
+    min_rate: int  # bytes/s, judged over each timeouts.read; 0 = no minimum
+
+
+@dataclass(frozen=True, slots=True)
 class Refresh:
     interval: float
     tags: tuple[str, ...]
@@ -145,9 +145,9 @@ class Config:
     mirror_names: tuple[str, ...]
     mirror_allow_clients: tuple[IPNetwork, ...]
     timeouts: Timeouts
-    limits: Limits
     tag_ttl: float
     cache: CacheLimit
+    limits: Limits
     refresh: Refresh
     default_registry: str
     registry_hosts: Mapping[str, str]
@@ -282,9 +282,9 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             down_host=_seconds(timeouts, "timeouts.down_host", allow_zero=True),
             pool=_seconds(timeouts, "timeouts.pool"),
         ),
-        limits=_limits(_mapping(data, "limits")),
         tag_ttl=_seconds(data, "tag_ttl", allow_zero=True),
         cache=_cache_limit(_mapping(data, "cache")),
+        limits=_limits(_mapping(data, "limits")),
         refresh=Refresh(
             interval=_seconds(_mapping(data, "refresh"), "refresh.interval", allow_zero=True),
             tags=tuple(_str_list(_mapping(data, "refresh"), "refresh.tags")),

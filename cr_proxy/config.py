@@ -27,6 +27,9 @@ from .policy import parse_rule
 from .reference import is_host
 
 ENV_PREFIX = "CR_PROXY_"
+# Upstream connections open at once, all hosts together (the fetcher's
+# aiohttp pool); limits.upstream_connections_per_host shares it out.
+UPSTREAM_CONNECTIONS = 256
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MASK = "********"
 
@@ -77,6 +80,7 @@ class Timeouts:
     connect: float
     read: float
     down_host: float
+    pool: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,8 @@ class CacheLimit:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_blob_size: int  # bytes; a download stops here when no Content-Length says less
+    upstream_connections_per_host: int
+    min_rate: int  # bytes/s, judged over each timeouts.read; 0 = no minimum
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +282,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             connect=_seconds(timeouts, "timeouts.connect"),
             read=_seconds(timeouts, "timeouts.read"),
             down_host=_seconds(timeouts, "timeouts.down_host", allow_zero=True),
+            pool=_seconds(timeouts, "timeouts.pool"),
         ),
         tag_ttl=_seconds(data, "tag_ttl", allow_zero=True),
         cache=_cache_limit(_mapping(data, "cache")),
@@ -427,7 +434,18 @@ def _limits(data: Mapping[str, Any]) -> Limits:
     max_blob_size = parse_size(data.get("max_blob_size"), "limits.max_blob_size")
     if max_blob_size <= 0:
         raise ConfigError(message="limits.max_blob_size: must be more than 0 bytes")
-    return Limits(max_blob_size=max_blob_size)
+    per_host = data.get("upstream_connections_per_host")
+    if isinstance(per_host, bool) or not isinstance(per_host, int) or not (
+        0 < per_host <= UPSTREAM_CONNECTIONS
+    ):
+        raise ConfigError(message="limits.upstream_connections_per_host: expected a number "
+                                  f"of connections from 1 to {UPSTREAM_CONNECTIONS}, "
+                                  f"got {per_host!r}")
+    return Limits(
+        max_blob_size=max_blob_size,
+        upstream_connections_per_host=per_host,
+        min_rate=parse_size(data.get("min_rate", 0), "limits.min_rate"),
+    )
 
 
 def _network(value: str, key: str) -> IPNetwork:

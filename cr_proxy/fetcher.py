@@ -190,7 +190,8 @@ class Fetcher:
         try:
             return await self._registry_kind(request, target, mirror)
         except UpstreamError as err:
-            self.metrics.upstream_errors.labels(registry=target.domain, code=err.code).inc()
+            registry = self.upstream.registry_label(target.domain)
+            self.metrics.upstream_errors.labels(registry=registry, code=err.code).inc()
             raise
 
     async def _registry_kind(
@@ -391,6 +392,7 @@ class Fetcher:
         writing: concurrent.futures.Future[None] | None = None
         batch = bytearray()
         received = 0
+        guard = self.upstream.rate_guard(body)  # limits.min_rate
         try:
             async for chunk in body.iter_any():
                 received += len(chunk)
@@ -410,6 +412,7 @@ class Fetcher:
             await asyncio.wrap_future(self._writes.submit(writer.write, batch))
             await self._progress(flight, writer.size)
         finally:
+            guard.cancel()
             if writing is not None and not writing.done():
                 # Failed or cancelled mid-body: the caller closes the file
                 # next, so the write in flight must be over first (one batch).

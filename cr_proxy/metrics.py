@@ -48,7 +48,9 @@ class Metrics:
             "crproxy_bytes_fetched_upstream", "Body bytes downloaded from upstreams", registry=r
         )
         self.upstream_errors = Counter(
-            "crproxy_upstream_errors", "Upstream failures", ["registry", "code"], registry=r
+            "crproxy_upstream_errors",
+            "Upstream failures (registry: a configured or answering one, else \"other\")",
+            ["registry", "code"], registry=r,
         )
         self.coalesced = Counter(
             "crproxy_coalesced", "Misses that joined a download already running", registry=r

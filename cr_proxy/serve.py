@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -38,6 +39,11 @@ STOP_GRACE = 10.0  # seconds nginx gets to finish in-flight requests
 READY_TIMEOUT = 20.0  # seconds nginx gets to open its listen sockets
 READY_POLL = 0.05
 CACHE_SIZE_INTERVAL = 60.0  # seconds between measurements of the cache size
+# Connections nginx may have waiting on the fetcher's socket: a burst of
+# misses beyond it got 502s (aiohttp's default is 128). The kernel caps it
+# at net.core.somaxconn (4096 on Linux >= 5.4; serve warns when lower).
+FETCHER_BACKLOG = 4096
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
@@ -132,7 +138,8 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
         stack.push_async_callback(runner.cleanup)
         with contextlib.suppress(FileNotFoundError):
             config.socket_path.unlink()
-        await web.UnixSite(runner, str(config.socket_path)).start()
+        await web.UnixSite(runner, str(config.socket_path), backlog=FETCHER_BACKLOG).start()
+        _warn_if_backlog_capped()
         # nginx workers may run as another user (nginx.user).
         os.chmod(config.socket_path, 0o666)
         if config.listen.metrics.enabled:
@@ -225,6 +232,16 @@ class HostServers:
         if self._proc.returncode is None:
             self._proc.send_signal(signal.SIGHUP)
             log.info("nginx reloaded: a server of its own for %s", ", ".join(hosts))
+
+
+def _warn_if_backlog_capped() -> None:
+    try:
+        cap = int(SOMAXCONN.read_text())
+    except (OSError, ValueError):
+        return
+    if cap < FETCHER_BACKLOG:
+        log.warning("net.core.somaxconn is %d: more misses than that at once may get 502s "
+                    "from nginx; raise it to %d (sysctl)", cap, FETCHER_BACKLOG)
 
 
 def _catch_signals(stack: contextlib.ExitStack | contextlib.AsyncExitStack) -> asyncio.Event:

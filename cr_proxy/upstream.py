@@ -8,7 +8,14 @@ redirects followed by hand.
   does.
 - A connect failure marks the host down for `timeouts.down_host` seconds:
   requests to it fail at once, so an offline pull of a ten-layer image does
-  not wait for ten connect timeouts.
+  not wait for ten connect timeouts. The table is bounded (clients name
+  hosts: MAX_DOWN_HOSTS, oldest dropped first).
+- No host takes more than `limits.upstream_connections_per_host` of the
+  pool; a request waits at most `timeouts.pool` for a free connection
+  (UpstreamTimeout, the host is not marked down: it is busy, not gone), and
+  a blob body slower than `limits.min_rate` is cut (RateGuard). So a
+  registry that trickles cannot hold every connection and hang the misses
+  of every other registry.
 - Redirects are followed here, not by aiohttp, because the fetcher must know
   the hops (the last one's target may be cached under its own host, see
   Fetcher._name_redirect_target) and because the registry's Authorization
@@ -17,19 +24,21 @@ redirects followed by hand.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
 
 from .auth import Challenge, TokenCache, parse_challenge, pull_scope
-from .config import Config
+from .config import UPSTREAM_CONNECTIONS, Config
 from .errors import DestinationRefused, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from .layout import Target, check_domain
 from .policy import SCHEME_PORTS, Destinations, refusal, resolved_refusal
@@ -39,6 +48,13 @@ log = logging.getLogger("cr_proxy.upstream")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 USER_AGENT = "cr-proxy/0.1"
+# Hosts remembered as down at once: clients name hosts, so the table must
+# not grow with every name they invent (each entry lives timeouts.down_host).
+MAX_DOWN_HOSTS = 1024
+# Registries that answered, kept as metrics labels besides the configured
+# ones (a hostile wildcard domain answers too: the labels stay bounded).
+MAX_ANSWERED_HOSTS = 256
+OTHER_REGISTRIES = "other"  # the label of every other registry name
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +129,81 @@ class PolicyResolver(aiohttp.abc.AbstractResolver):
         await self._inner.close()
 
 
+def configured_hosts(config: Config) -> frozenset[str]:
+    """Every registry name and host the operator wrote down, and the hosts
+    the configured registry names are served by."""
+    names = {config.default_registry, *config.registry_hosts, *config.endpoints,
+             *config.registries, *config.insecure}
+    return frozenset(names | {config.registry_hosts.get(name, name) for name in names})
+
+
+class PoolWait:
+    """Whether a request is waiting for a free connection in the pool, set by
+    the session's trace hooks: a connect timeout then means the pool was
+    full, not the host down."""
+
+    __slots__ = ("queued",)
+
+    def __init__(self) -> None:
+        self.queued = False
+
+
+async def _queued(_: object, context: SimpleNamespace, __: object) -> None:
+    if isinstance(context.trace_request_ctx, PoolWait):
+        context.trace_request_ctx.queued = True
+
+
+async def _dequeued(_: object, context: SimpleNamespace, __: object) -> None:
+    if isinstance(context.trace_request_ctx, PoolWait):
+        context.trace_request_ctx.queued = False
+
+
+class RateGuard:
+    """Cuts a response body that brings less than `min_rate` bytes/s on
+    average over each `window` seconds (UpstreamTimeout from the reader), so
+    a trickle, a byte now and then, cannot hold a connection: the read
+    timeout only catches silence. One timer per window, nothing per chunk."""
+
+    __slots__ = ("_body", "_handle", "_least", "_seen", "_window")
+
+    def __init__(self, body: aiohttp.StreamReader, min_rate: int, window: float) -> None:
+        self._body = body
+        self._least = min_rate * window
+        self._window = window
+        self._seen = body.total_bytes
+        self._handle: asyncio.TimerHandle | None = None
+        if min_rate > 0:
+            self._handle = asyncio.get_running_loop().call_later(window, self._check)
+
+    def __repr__(self) -> str:
+        return f"<RateGuard {self._body.total_bytes - self._seen} bytes this window>"
+
+    def _check(self) -> None:
+        total = self._body.total_bytes
+        if total - self._seen < self._least and not self._body.is_eof():
+            self._handle = None
+            self._body.set_exception(UpstreamTimeout(message=(
+                f"upstream sent {total - self._seen} bytes in {self._window:.0f}s, "
+                f"below limits.min_rate ({self._least / self._window:.0f} bytes/s)")))
+            return
+        self._seen = total
+        self._handle = asyncio.get_running_loop().call_later(self._window, self._check)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def __enter__(self) -> RateGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
 class Upstream:
     __slots__ = (
-        "_down_until", "_scheme_ok", "config", "destinations", "on_challenge", "session", "tokens",
+        "_answered", "_down_until", "_known", "_scheme_ok", "config", "destinations",
+        "on_challenge", "session", "tokens",
     )
 
     def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
@@ -125,6 +213,8 @@ class Upstream:
         self.tokens = TokenCache()
         self._down_until: dict[str, float] = {}
         self._scheme_ok: dict[str, str] = {}  # loopback host -> scheme that worked
+        self._known = configured_hosts(config)
+        self._answered: set[str] = set()
         # Called with (host, path, WWW-Authenticate) for every 401 seen.
         self.on_challenge: ChallengeHook | None = None
 
@@ -134,17 +224,44 @@ class Upstream:
 
     @staticmethod
     def make_session(config: Config) -> aiohttp.ClientSession:
+        timeouts = config.timeouts
         timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.read
+            # connect: the wait for a free connection, then the connect.
+            total=None, connect=timeouts.pool + timeouts.connect,
+            sock_connect=timeouts.connect, sock_read=timeouts.read,
         )
         resolver = PolicyResolver(Destinations.of(config))
-        connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=60, resolver=resolver)
+        connector = aiohttp.TCPConnector(
+            limit=UPSTREAM_CONNECTIONS,
+            limit_per_host=config.limits.upstream_connections_per_host,
+            ttl_dns_cache=60, resolver=resolver,
+        )
+        pool = aiohttp.TraceConfig()
+        pool.on_connection_queued_start.append(_queued)
+        pool.on_connection_queued_end.append(_dequeued)
         return aiohttp.ClientSession(
             timeout=timeout,
             connector=connector,
             auto_decompress=False,
             headers={"User-Agent": USER_AGENT},
+            trace_configs=[pool],
         )
+
+    def rate_guard(self, body: aiohttp.StreamReader) -> RateGuard:
+        """Watch a body for limits.min_rate; cancel() it once read."""
+        return RateGuard(body, self.config.limits.min_rate, self.config.timeouts.read)
+
+    def registry_label(self, domain: str) -> str:
+        """The metrics label of a registry: its domain if the operator
+        configured it or it has answered (the first MAX_ANSWERED_HOSTS),
+        else OTHER_REGISTRIES, so invented names add no series."""
+        if domain in self._known or domain in self._answered:
+            return domain
+        return OTHER_REGISTRIES
+
+    def _answered_once(self, host: str) -> None:
+        if len(self._answered) < MAX_ANSWERED_HOSTS:
+            self._answered.add(host)
 
     # --- where a host is reached -------------------------------------------
 
@@ -166,6 +283,7 @@ class Upstream:
     def _mark_down(self, host: str, err: BaseException) -> None:
         log.warning("upstream %s unreachable (%s); skipping it for %.0fs",
                     host, err, self.config.timeouts.down_host)
+        self._make_room(host)
         self._down_until[host] = time.monotonic() + self.config.timeouts.down_host
 
     def _check_destination(self, host: str, base: str) -> None:
@@ -178,6 +296,15 @@ class Upstream:
         hostname, port = parts.hostname or "", parts.port or SCHEME_PORTS[parts.scheme]
         if not self.destinations.host_allowed(hostname, port):
             raise DestinationRefused(message=refusal(hostname, port))
+
+    def _make_room(self, host: str) -> None:
+        """Before host is (re)marked down: it leaves the table, to go back in
+        last (so the table stays in expiry order); expired entries go, then,
+        in a flood of names, the oldest, so it holds MAX_DOWN_HOSTS at most."""
+        now, down = time.monotonic(), self._down_until
+        down.pop(host, None)
+        while down and (len(down) >= MAX_DOWN_HOSTS or next(iter(down.values())) <= now):
+            del down[next(iter(down))]
 
     # --- plain requests -------------------------------------------------------
 
@@ -199,12 +326,18 @@ class Upstream:
         for base in bases:
             self._check_destination(host, base)
             try:
+                wait = PoolWait()
                 response = await self.session.request(
-                    method, base + path, headers=headers, allow_redirects=False, data=data
+                    method, base + path, headers=headers, allow_redirects=False, data=data,
+                    trace_request_ctx=wait,
                 )
             except PrivateAddress as err:
                 raise DestinationRefused(message=str(err)) from err
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as err:
+                if wait.queued:
+                    raise UpstreamTimeout(message=(
+                        f"no free connection to {host} within {self.config.timeouts.pool:.0f}s "
+                        "(limits.upstream_connections_per_host)")) from err
                 if isinstance(err.__cause__, PrivateAddress) or isinstance(
                     getattr(err, "os_error", None), PrivateAddress
                 ):
@@ -221,6 +354,7 @@ class Upstream:
                 raise UpstreamError(message=f"{host}: {err}") from err
             if len(bases) > 1:
                 self._scheme_ok[host] = base.split(":", 1)[0]
+            self._answered_once(host)
             return response
         assert last_error is not None
         self._mark_down(host, last_error)
@@ -232,7 +366,9 @@ class Upstream:
             if response.status != 200:
                 raise UpstreamError(message=f"token server {host} answered {response.status}")
             try:
-                return await response.json(content_type=None)
+                # The registry names the token server: it may trickle too.
+                with self.rate_guard(response.content):
+                    return await response.json(content_type=None)
             except (ValueError, aiohttp.ClientError) as err:
                 raise UpstreamError(message=f"token server {host} sent no JSON") from err
 

@@ -45,6 +45,23 @@ def load_data(tmp_path: Path, data: object, environ: dict[str, str] | None = Non
 # --- defaults ----------------------------------------------------------------------
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        duplicates = {k for k in keys if keys.count(k) > 1}
+        assert not duplicates, f"duplicate keys {duplicates} at {node.start_mark}"
+        return super().construct_mapping(node, deep)
+
+
+def test_the_default_file_names_each_key_once():
+    """Two sections of one name (two branches each adding `limits:`) would
+    silently drop the first one's keys."""
+    text = (Path(__file__).resolve().parent.parent / "cr_proxy" / "default.yml").read_text()
+    assert yaml.load(text, Loader=UniqueKeyLoader) == default_data()
+
+
 def test_defaults_without_a_file_are_the_documented_ones(tmp_path):
     conf = load(None, environ={})
     assert conf.cache_dir == tmp_path / "cache"
@@ -55,7 +72,9 @@ def test_defaults_without_a_file_are_the_documented_ones(tmp_path):
     assert conf.listen.mirror_https == Address("0.0.0.0", 5443)
     assert conf.listen.mirror_http == Address("0.0.0.0", 5000)
     assert conf.mirror_names == ()
-    assert conf.timeouts == Timeouts(connect=3.0, read=30.0, down_host=30.0)
+    assert conf.timeouts == Timeouts(connect=3.0, read=30.0, down_host=30.0, pool=60.0)
+    assert conf.limits.upstream_connections_per_host == 64
+    assert conf.limits.min_rate == 4096
     assert conf.tag_ttl == 300.0
     assert conf.default_registry == "docker.io"
     assert dict(conf.registry_hosts) == {
@@ -101,7 +120,7 @@ def test_a_file_merges_over_the_defaults(tmp_path):
             "log_level": "debug",
         },
     )
-    assert conf.timeouts == Timeouts(connect=1.0, read=30.0, down_host=30.0)
+    assert conf.timeouts == Timeouts(connect=1.0, read=30.0, down_host=30.0, pool=60.0)
     assert conf.tag_ttl == 0.0
     assert conf.listen.mirror_http == Address("127.0.0.1", 5001)
     assert conf.listen.proxy == Address("0.0.0.0", 3128)  # untouched sibling
@@ -139,8 +158,9 @@ def test_a_missing_file_raises_config_error(tmp_path):
 @pytest.mark.parametrize(
     ("environ", "attribute", "expected"),
     [
-        ({"CR_PROXY_TIMEOUTS__CONNECT": "2"}, "timeouts", Timeouts(2.0, 30.0, 30.0)),
-        ({"CR_PROXY_TIMEOUTS__READ": "2.5"}, "timeouts", Timeouts(3.0, 2.5, 30.0)),
+        ({"CR_PROXY_TIMEOUTS__CONNECT": "2"}, "timeouts", Timeouts(2.0, 30.0, 30.0, 60.0)),
+        ({"CR_PROXY_TIMEOUTS__READ": "2.5"}, "timeouts", Timeouts(3.0, 2.5, 30.0, 60.0)),
+        ({"CR_PROXY_TIMEOUTS__POOL": "5"}, "timeouts", Timeouts(3.0, 30.0, 30.0, 5.0)),
         ({"CR_PROXY_TAG_TTL": "0"}, "tag_ttl", 0.0),
         ({"cr_proxy_tag_ttl": "1"}, "tag_ttl", 300.0),  # prefix is case-sensitive
         ({"CR_PROXY_tag_ttl": "7"}, "tag_ttl", 7.0),
@@ -162,6 +182,19 @@ def test_a_missing_file_raises_config_error(tmp_path):
 def test_environment_overrides(environ, attribute, expected):
     value = getattr(load(None, environ=environ), attribute)
     assert (dict(value) if attribute == "endpoints" else value) == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "per_host", "min_rate"),
+    [
+        ({"CR_PROXY_LIMITS__MIN_RATE": "1MiB"}, 64, 1 << 20),
+        ({"CR_PROXY_LIMITS__MIN_RATE": "0"}, 64, 0),
+        ({"CR_PROXY_LIMITS__UPSTREAM_CONNECTIONS_PER_HOST": "16"}, 16, 4096),
+    ],
+)
+def test_upstream_limits_from_the_environment(environ, per_host, min_rate):
+    limits = load(None, environ=environ).limits
+    assert (limits.upstream_connections_per_host, limits.min_rate) == (per_host, min_rate)
 
 
 @pytest.mark.parametrize(
@@ -235,6 +268,15 @@ def test_environment_beats_the_file(tmp_path):
         ({"timeouts": {"read": -1}}, "timeouts.read"),
         ({"timeouts": {"down_host": True}}, "timeouts.down_host"),
         ({"timeouts": None}, "timeouts.connect"),
+        ({"timeouts": {"pool": 0}}, "timeouts.pool"),
+        ({"limits": {"upstream_connections_per_host": 0}},
+         "limits.upstream_connections_per_host"),
+        ({"limits": {"upstream_connections_per_host": 257}},
+         "limits.upstream_connections_per_host"),
+        ({"limits": {"upstream_connections_per_host": "8"}},
+         "limits.upstream_connections_per_host"),
+        ({"limits": {"min_rate": "fast"}}, "limits.min_rate"),
+        ({"limits": {"max_rate": 1}}, "'limits.max_rate'"),
         ({"tag_ttl": -5}, "tag_ttl"),
         ({"tag_ttl": "5m"}, "tag_ttl"),
         ({"listen": {"mirror_http": "host:99999"}}, "listen.mirror_http"),

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 
 from cr_proxy import config as config_mod
-from cr_proxy.errors import UpstreamUnreachable
-from cr_proxy.upstream import Upstream, is_loopback, split_url
+from cr_proxy import upstream as upstream_mod
+from cr_proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from cr_proxy.upstream import (
+    MAX_ANSWERED_HOSTS,
+    MAX_DOWN_HOSTS,
+    OTHER_REGISTRIES,
+    RateGuard,
+    Upstream,
+    is_loopback,
+    split_url,
+)
 from tests.upstream import free_ports
 
 
@@ -82,3 +96,129 @@ def test_split_url(url: str, parts: tuple[str, str, str]) -> None:
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+# --- bounds on what clients can make the upstream side hold (issue 10) ------------------
+
+
+async def test_the_down_host_table_is_bounded_and_drops_expired_entries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conf = make_config(TIMEOUTS__DOWN_HOST="60")
+    session = Upstream.make_session(conf)
+    upstream = Upstream(conf, session)
+    now = [1000.0]
+    monkeypatch.setattr(upstream_mod.time, "monotonic", lambda: now[0])
+    try:
+        for i in range(MAX_DOWN_HOSTS + 500):
+            upstream._mark_down(f"r{i}.invalid", OSError("refused"))
+        assert len(upstream._down_until) == MAX_DOWN_HOSTS
+        # The newest are kept, the oldest dropped.
+        assert upstream.is_down(f"r{MAX_DOWN_HOSTS + 499}.invalid")
+        assert not upstream.is_down("r0.invalid")
+        # Once they expire, the next mark drops them all.
+        now[0] += 61
+        upstream._mark_down("late.invalid", OSError("refused"))
+        assert list(upstream._down_until) == ["late.invalid"]
+        # Marking a host again keeps one entry, with the later deadline.
+        now[0] += 1
+        upstream._mark_down("late.invalid", OSError("refused"))
+        assert upstream._down_until == {"late.invalid": now[0] + 60}
+    finally:
+        await session.close()
+
+
+async def test_registry_labels_are_configured_or_answered_names_else_other() -> None:
+    conf = make_config(ENDPOINTS="{registry.example: 'http://10.0.0.5:5000'}",
+                       REGISTRIES="{ghcr.io: {token: t}}")
+    session = Upstream.make_session(conf)
+    upstream = Upstream(conf, session)
+    try:
+        for configured in ("registry.example", "ghcr.io", "docker.io", "registry-1.docker.io"):
+            assert upstream.registry_label(configured) == configured
+        assert upstream.registry_label("invented.example") == OTHER_REGISTRIES
+        upstream._answered_once("quay.io")
+        assert upstream.registry_label("quay.io") == "quay.io"
+        for i in range(MAX_ANSWERED_HOSTS + 10):
+            upstream._answered_once(f"r{i}.example")
+        labels = {upstream.registry_label(f"r{i}.example") for i in range(MAX_ANSWERED_HOSTS + 10)}
+        assert len(labels) == MAX_ANSWERED_HOSTS  # the first ones learnt, and "other"
+        assert OTHER_REGISTRIES in labels
+    finally:
+        await session.close()
+
+
+def fed_reader() -> aiohttp.StreamReader:
+    """A response body the test feeds by hand (a connected protocol, no socket)."""
+    loop = asyncio.get_running_loop()
+    protocol = BaseProtocol(loop)
+    protocol.connection_made(asyncio.Transport())
+    return aiohttp.StreamReader(protocol, 1 << 16, loop=loop)
+
+
+async def test_rate_guard_cuts_a_trickle_and_spares_a_body_fast_enough() -> None:
+    """Both bodies get a piece every 20 ms for a second; the guard wants 500
+    bytes in each half second: a byte a piece is cut, 1000 bytes are not
+    (one piece in a window is enough: no race with the timer)."""
+    slow, fast = fed_reader(), fed_reader()
+    guards = [RateGuard(body, min_rate=1000, window=0.5) for body in (slow, fast)]
+    try:
+        async def feed() -> None:
+            for _ in range(50):
+                slow.feed_data(b"x")
+                fast.feed_data(b"y" * 1000)
+                await asyncio.sleep(0.02)
+            fast.feed_eof()
+
+        feeder = asyncio.create_task(feed())
+        with pytest.raises(UpstreamTimeout, match=r"limits\.min_rate"):
+            async for _ in slow.iter_any():
+                pass
+        await feeder
+        assert len(await fast.read()) == 50 * 1000
+    finally:
+        for guard in guards:
+            guard.cancel()
+
+
+async def test_rate_guard_with_no_minimum_sets_no_timer() -> None:
+    guard = RateGuard(fed_reader(), min_rate=0, window=0.01)
+    assert guard._handle is None
+
+
+async def test_a_full_pool_is_a_timeout_and_does_not_mark_the_host_down() -> None:
+    """One connection per host: a second request waits timeouts.pool for it,
+    then fails as UpstreamTimeout; the host is busy, not down."""
+    release = asyncio.Event()
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"first")
+        await release.wait()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", held)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    (port,) = free_ports(1)
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    conf = make_config(ENDPOINTS=f"{{held.test: 'http://127.0.0.1:{port}'}}",
+                       LIMITS__UPSTREAM_CONNECTIONS_PER_HOST="1", TIMEOUTS__POOL="0.2")
+    session = Upstream.make_session(conf)
+    upstream = Upstream(conf, session)
+    try:
+        first = await upstream.send("GET", "held.test", "/v2/a", {})
+        with pytest.raises(UpstreamTimeout, match=r"limits\.upstream_connections_per_host"):
+            await upstream.send("GET", "held.test", "/v2/b", {})
+        assert not upstream.is_down("held.test")
+        release.set()
+        await first.read()
+        first.release()
+        second = await upstream.send("GET", "held.test", "/v2/c", {})
+        second.release()
+    finally:
+        release.set()
+        await session.close()
+        await runner.cleanup()

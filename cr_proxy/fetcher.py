@@ -559,7 +559,9 @@ class Fetcher:
                 raise UpstreamError("UNAUTHORIZED", f"{domain} refused access to {rpath.name}")
             if response.status != 200:
                 raise UpstreamError(message=f"{domain} answered {response.status}")
-            body = await _read_manifest(response, domain)
+            # A trickle never trips timeouts.read: the same floor as blobs.
+            with self.upstream.rate_guard(response.content):
+                body = await _read_manifest(response, domain)
             header_type = response.headers.get("Content-Type", "")
             claimed = response.headers.get("Docker-Content-Digest")
         digest, content_type = await in_thread(_check_manifest, body, header_type, target, claimed)

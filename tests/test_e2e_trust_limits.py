@@ -172,6 +172,22 @@ def test_more_misses_than_the_per_host_limit_wait_their_turn(
     assert hostile.peak_connections <= PER_HOST
 
 
+def test_a_trickling_manifest_is_cut_by_min_rate_and_stores_nothing(
+    hostile: TricklingRegistry, tmp_path: Path
+) -> None:
+    """A manifest sent a byte at a time never trips timeouts.read, and stays
+    under the manifest size cap for hours: limits.min_rate cuts it as it
+    cuts a blob, with a registry-style 504, and nothing is stored."""
+    (digest,) = hostile.add_trickling(1)
+    hostile.manifests[("slow", "v1")] = digest
+    with limited_proxy(tmp_path / "slow-manifest", hostile.endpoints) as cr:
+        answer = http(f"http://{cr.http}/v2/{hostile.name}/slow/manifests/v1", timeout=60)
+        assert answer.status == 504, answer
+        assert error_codes(answer.body) == ["UPSTREAM_TIMEOUT"]
+        assert "limits.min_rate" in cr.log_text()
+        assert not list((cr.cache / "content").rglob("slow"))
+
+
 # --- finding 11: the fetcher's listen backlog ---------------------------------------------
 
 

@@ -147,7 +147,7 @@ def test_trickling_registry_cannot_starve_a_pull_from_another_registry(
         assert statuses[504] > 0, statuses
         assert all(error_codes(body) == ["UPSTREAM_TIMEOUT"]
                    for status, body in answers if status == 504)
-        assert "limits.min_rate" in cr.log_text()
+        cr.wait_for_output("limits.min_rate", 30)  # the reason, in the log
 
 
 def test_more_misses_than_the_per_host_limit_wait_their_turn(
@@ -184,7 +184,7 @@ def test_a_trickling_manifest_is_cut_by_min_rate_and_stores_nothing(
         answer = http(f"http://{cr.http}/v2/{hostile.name}/slow/manifests/v1", timeout=60)
         assert answer.status == 504, answer
         assert error_codes(answer.body) == ["UPSTREAM_TIMEOUT"]
-        assert "limits.min_rate" in cr.log_text()
+        cr.wait_for_output("limits.min_rate", 30)  # the reason, in the log
         assert not list((cr.cache / "content").rglob("slow"))
 
 

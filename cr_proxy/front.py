@@ -31,7 +31,6 @@ from .connect import (
     decide,
     find_head_end,
     parse_head,
-    proxy_protocol_v1,
     reply,
 )
 from .policy import Destinations
@@ -187,8 +186,7 @@ class Front:
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, destination)
-            line = proxy_protocol_v1((client[0], client[1]), self.stamp.destination(client[0]))
-            await loop.sock_sendall(sock, line)
+            await loop.sock_sendall(sock, self.stamp.line(client[0], port))
         except OSError:
             sock.close()
             raise

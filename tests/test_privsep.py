@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from cr_proxy import nginx, privsep
-from cr_proxy.connect import proxy_protocol_v1
 from cr_proxy.privsep import FrontStamp, PrivilegeError, Workers
 
 
@@ -164,17 +163,19 @@ def test_write_secret_makes_an_old_file_0600_too(tmp_path: Path) -> None:
 def test_stamp_is_new_at_each_start_and_follows_the_client_family() -> None:
     a, b = FrontStamp.new(), FrontStamp.new()
     assert a != b
-    assert a.destination("10.1.2.3") == (a.v4, a.port)
-    assert a.destination("2001:db8::1") == (a.v6, a.port)
     assert 1 <= a.port <= 65535
+    # The destination port stays the one the client asked for (the fetcher
+    # enforces it: X-CR-Port); the client's own port goes, nginx never used it.
+    assert a.line("10.1.2.3", 443) == f"PROXY TCP4 10.1.2.3 {a.v4} {a.port} 443\r\n".encode()
+    assert a.line("2001:db8::1", 80) == (
+        f"PROXY TCP6 2001:db8::1 {a.v6} {a.port} 80\r\n".encode())
 
 
 def test_the_front_line_carries_what_the_nginx_map_accepts() -> None:
     stamp = FrontStamp.new()
     for client in ("10.1.2.3", "2001:db8::1"):
-        line = proxy_protocol_v1((client, 40000), stamp.destination(client)).decode()
-        _, _, src, dst, _, dport = line.split()
-        assert src == client
-        assert f'"{dst} {dport}" 1;' in stamp.nginx_map()
+        _, _, src, dst, sport, dport = stamp.line(client, 443).decode().split()
+        assert src == client and dport == "443"
+        assert f'"{dst} {sport}" 1;' in stamp.nginx_map()
     # What a local process would write (the old line) is not in it.
-    assert '"127.0.0.1 443"' not in stamp.nginx_map()
+    assert '"127.0.0.1 ' not in stamp.nginx_map()

@@ -1,6 +1,7 @@
 """cr-proxy's own CA and the certificates it signs (cryptography).
 
-The CA is made at first start under certs_dir (key mode 0600) or loaded
+The CA is made at first start under certs_dir (key mode 0600; leaf keys
+and certificates 0640, for nginx's workers' group) or loaded
 from `ca.crt` / `ca.key` there if the operator provides them. Leaves are EC
 P-256: about 2 ms to make, and the cheapest handshake for clients that open
 a new connection per request (docker, skopeo, podman).
@@ -26,6 +27,11 @@ CA_NAME = "cr-proxy CA"
 CA_DAYS = 3650
 LEAF_DAYS = 397  # the longest validity Apple and the browsers accept
 RENEW_BEFORE = datetime.timedelta(days=30)
+# Not for other local users. nginx's workers read leaves (keys included)
+# when a handshake picks one by SNI, through certs_dir's group (2750:
+# privsep.py); the CA key stays 0600, theirs to never read.
+LEAF_KEY_MODE = 0o640
+CERT_MODE = 0o640
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +55,13 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, mode: int = 0o600) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(path, data, 0o600)
+    _write_atomic(path, data, mode)
 
 
 def ensure_ca(certs_dir: Path) -> CertPair:
@@ -87,7 +93,7 @@ def ensure_ca(certs_dir: Path) -> CertPair:
         .sign(key, hashes.SHA256())
     )
     _write_key(pair.key, key)
-    _write_atomic(pair.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write_atomic(pair.cert, cert.public_bytes(serialization.Encoding.PEM), CERT_MODE)
     return pair
 
 
@@ -146,10 +152,10 @@ def issue_leaf(ca: CertPair, names: list[str], out: CertPair) -> CertPair:
         .sign(ca_key, hashes.SHA256())
     )
     out.cert.parent.mkdir(parents=True, exist_ok=True)
-    _write_key(out.key, key)
+    _write_key(out.key, key, LEAF_KEY_MODE)
     # The chain (leaf + CA) so clients that trust the CA can verify it.
     chain = cert.public_bytes(serialization.Encoding.PEM) + ca.cert.read_bytes()
-    _write_atomic(out.cert, chain, 0o644)
+    _write_atomic(out.cert, chain, CERT_MODE)
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from . import certs, nginx
+from . import certs, nginx, privsep
 from . import config as config_mod
 from .errors import CrProxyError
 
@@ -43,7 +43,8 @@ def cmd_config(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
         )
         conf.run_dir.mkdir(parents=True, exist_ok=True)
         conf = nginx.with_front_port(conf)
-        nginx.check(conf, nginx.render(conf, leaf.cert, leaf.key))
+        workers = privsep.pick_workers(conf)
+        nginx.check(conf, nginx.render(conf, leaf.cert, leaf.key, workers=workers))
         print("# nginx configuration OK", file=sys.stderr)
     return ExitStatus.OK
 

@@ -319,7 +319,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
         ),
         nginx=NginxSettings(
             binary=_str(nginx, "nginx.binary"),
-            user=_str(nginx, "nginx.user", allow_empty=True),
+            user=_user_name(nginx, "nginx.user"),
             worker_processes=str(nginx.get("worker_processes", "auto")),
         ),
         access_log_max_size=parse_size(data.get("access_log_max_size", 0),
@@ -361,6 +361,17 @@ def _str_list(data: Mapping[str, Any], key: str) -> list[str]:
     value = data.get(_leaf(key)) or []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(message=f"{key}: expected a list of strings, got {value!r}")
+    return value
+
+
+# A POSIX user name as useradd takes it (it goes into nginx's `user` line).
+USER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+
+
+def _user_name(data: Mapping[str, Any], key: str) -> str:
+    value = _str(data, key, allow_empty=True)
+    if value and not USER_NAME_RE.fullmatch(value):
+        raise ConfigError(message=f"{key}: not a user name: {value!r}")
     return value
 
 

@@ -31,10 +31,10 @@ from .connect import (
     decide,
     find_head_end,
     parse_head,
-    proxy_protocol_v1,
     reply,
 )
 from .policy import Destinations, resolved_refusal
+from .privsep import FrontStamp
 from .relay import Relay
 
 log = logging.getLogger("cr_proxy.front")
@@ -45,12 +45,16 @@ HEAD_TIMEOUT = 30.0  # seconds a client has to send its request head
 class Front:
     __slots__ = (
         "_active", "_clients", "_executor", "_listener", "_task", "config", "counters",
-        "destinations", "leaves", "on_host",
+        "destinations", "leaves", "on_host", "stamp",
     )
 
-    def __init__(self, config: Config, leaves: certs.LeafCache) -> None:
+    def __init__(
+        self, config: Config, leaves: certs.LeafCache, stamp: FrontStamp | None = None
+    ) -> None:
         self.config = config
         self.leaves = leaves
+        # In every PROXY line: nginx answers no connection without it.
+        self.stamp = stamp or FrontStamp.new()
         self.destinations = Destinations.of(config)
         # Told of every intercepted host (serve gives it a server of its own).
         self.on_host: Callable[[str], None] | None = None
@@ -190,8 +194,7 @@ class Front:
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, destination)
-            line = proxy_protocol_v1((client[0], client[1]), ("127.0.0.1", port))
-            await loop.sock_sendall(sock, line)
+            await loop.sock_sendall(sock, self.stamp.line(client[0], port))
         except OSError:
             sock.close()
             raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pwd
 import re
 import shutil
 import socket
@@ -19,9 +18,10 @@ import string
 import subprocess
 from pathlib import Path
 
-from . import reference
+from . import privsep, reference
 from .config import Config, LoopbackAddress
 from .errors import CrProxyError
+from .privsep import FrontStamp, Workers
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "nginx"
 NJS_MODULE_CANDIDATES = (
@@ -225,11 +225,14 @@ def listen_lines(config: Config) -> str:
     return "\n".join(lines)
 
 
-def user_line(config: Config) -> str:
+def user_line(workers: Workers | None) -> str:
+    """The workers' user (privsep.pick_workers); none: cr-proxy's own, which
+    root must name (nginx's default would be nobody)."""
+    if workers is not None:
+        return workers.nginx_directive()
     if os.geteuid() != 0:
         return "# not started as root: workers run as the current user"
-    user = config.nginx.user or pwd.getpwuid(os.geteuid()).pw_name
-    return f"user {user};"
+    return Workers.current().nginx_directive()
 
 
 def with_front_port(config: Config) -> Config:
@@ -247,8 +250,13 @@ def with_front_port(config: Config) -> Config:
     return dataclasses.replace(config, listen=listen)
 
 
-def render(config: Config, mirror_cert: Path, mirror_key: Path) -> Path:
-    """Write the configuration into run_dir; returns nginx.conf's path."""
+def render(
+    config: Config, mirror_cert: Path, mirror_key: Path, *,
+    workers: Workers | None = None, stamp: FrontStamp | None = None,
+) -> Path:
+    """Write the configuration into run_dir; returns nginx.conf's path.
+    `stamp` is what the front puts in its PROXY lines (a new one if none:
+    `config --check`)."""
     run = config.run_dir
     if config.listen.proxy.enabled and not config.listen.front_tls.port:
         raise ValueError("render needs with_front_port(config)")
@@ -261,7 +269,7 @@ def render(config: Config, mirror_cert: Path, mirror_key: Path) -> Path:
         "socket": str(config.socket_path),
         "access_log": str(config.access_log_path),
         "njs_module": njs_module(),
-        "user_line": user_line(config),
+        "user_line": user_line(workers),
         "worker_processes": config.nginx.worker_processes,
         "error_log_level": "info" if config.log_level == "debug" else "warn",
         "tag_ttl": str(int(config.tag_ttl)),
@@ -274,9 +282,11 @@ def render(config: Config, mirror_cert: Path, mirror_key: Path) -> Path:
     }
     if config.listen.proxy.enabled:
         values["proxy_server"] = (
-            f"    include {run}/proxy-maps.conf;\n    include {run}/proxy.conf;"
+            f"    include {run}/proxy-maps.conf;\n    include {run}/{privsep.STAMP_FILE};\n"
+            f"    include {run}/proxy.conf;"
         )
         (run / "proxy-maps.conf").write_text(proxy_maps())
+        privsep.write_secret(run / privsep.STAMP_FILE, (stamp or FrontStamp.new()).nginx_map())
         (run / "proxy.conf").write_text(proxy_servers(config))
         hosts = run / "hosts"
         shutil.rmtree(hosts, ignore_errors=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import certs, logs, nginx, usage
+from . import certs, logs, nginx, privsep, usage
 from .config import Config
 from .evict import evict_loop
 from .fetcher import make_app
@@ -121,7 +121,13 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
     )
     leaves = certs.LeafCache(ca, config.certs_dir)
     leaves.ensure_fallback()
-    conf = nginx.render(config, leaf.cert, leaf.key)
+    # Once the directories are there (missing parents made as before, 0755):
+    # from now on nothing is for other local users (privsep.py).
+    os.umask(privsep.UMASK)
+    workers = privsep.pick_workers(config)
+    privsep.restrict(config, workers)
+    stamp = privsep.FrontStamp.new()
+    conf = nginx.render(config, leaf.cert, leaf.key, workers=workers, stamp=stamp)
     nginx.check(config, conf)
     metrics = Metrics()
 
@@ -140,8 +146,8 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             config.socket_path.unlink()
         await web.UnixSite(runner, str(config.socket_path), backlog=FETCHER_BACKLOG).start()
         _warn_if_backlog_capped()
-        # nginx workers may run as another user (nginx.user).
-        os.chmod(config.socket_path, 0o666)
+        # nginx's workers connect to it, maybe as another user (nginx.user).
+        privsep.share_socket(config.socket_path, workers)
         if config.listen.metrics.enabled:
             await _start_metrics(stack, config, metrics)
 
@@ -155,8 +161,10 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             say(f"cr-proxy: nginx exited with status {proc.returncode} before listening")
             return 1
         if config.listen.proxy.enabled:
-            front = Front(config, leaves)
+            front = Front(config, leaves, stamp)
             front.on_host = HostServers(config, proc).saw
+            # nginx makes its unix listeners 0666; only the front uses this one.
+            os.chmod(front.http_socket, 0o600)
             await front.start()
             stack.push_async_callback(front.close)
         fetcher = runner.app["fetcher"]

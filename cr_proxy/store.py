@@ -69,7 +69,9 @@ class BlobWriter:
         self.digest = check_digest(digest)
         self._hash = hasher(digest)
         self.path = temp_dir / f"{digest.replace(':', '-')}.{uuid.uuid4().hex}"
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        # Not for other local users; nginx's workers read it through the
+        # cache's group (privsep.py).
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self.size = 0
 
     def __repr__(self) -> str:

@@ -84,7 +84,7 @@ def test_defaults_without_a_file_are_the_documented_ones(tmp_path):
     assert dict(conf.endpoints) == {}
     assert conf.insecure == frozenset()
     assert dict(conf.registries) == {}
-    assert conf.nginx == NginxSettings(binary="nginx", user="", worker_processes="auto")
+    assert conf.nginx == NginxSettings(binary="nginx", user="auto", worker_processes="auto")
     assert conf.limits.max_blob_size == 64 << 30
     assert conf.log_level == "info"
 
@@ -175,7 +175,7 @@ def test_a_missing_file_raises_config_error(tmp_path):
         ({"CR_PROXY_LOG_LEVEL": "warning"}, "log_level", "warning"),
         ({"CR_PROXY_NGINX__USER": "www-data"}, "nginx",
          NginxSettings("nginx", "www-data", "auto")),
-        ({"CR_PROXY_NGINX__WORKER_PROCESSES": "4"}, "nginx", NginxSettings("nginx", "", "4")),
+        ({"CR_PROXY_NGINX__WORKER_PROCESSES": "4"}, "nginx", NginxSettings("nginx", "auto", "4")),
         ({"PATH": "/bin", "CR_PROXYTAG_TTL": "1"}, "tag_ttl", 300.0),
     ],
 )
@@ -299,6 +299,8 @@ def test_environment_beats_the_file(tmp_path):
         ({"mirror_names": [1]}, "mirror_names"),
         ({"log_level": "loud"}, "log_level"),
         ({"nginx": {"binary": ""}}, "nginx.binary"),
+        ({"nginx": {"user": "www-data;\ndaemon on"}}, "nginx.user"),
+        ({"nginx": {"user": "-rf"}}, "nginx.user"),
         ({"cache_dir": 3}, "cache_dir"),
         ({"registries": {"ghcr.io": "token"}}, "registries.ghcr.io"),
         ({"registries": {"ghcr.io": {"username": "u"}}}, "registries.ghcr.io"),

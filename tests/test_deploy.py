@@ -382,6 +382,7 @@ def test_unit_runs_the_same_command_and_directories_as_the_image() -> None:
         "StateDirectory": "cr-proxy",
         "CacheDirectory": "cr-proxy",
         "RuntimeDirectory": "cr-proxy",
+        "RuntimeDirectoryMode": "0750",
         "WorkingDirectory": "/var/lib/cr-proxy",
         "NoNewPrivileges": "yes",
         "ProtectSystem": "full",

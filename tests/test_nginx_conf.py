@@ -54,9 +54,10 @@ def blocks(text: str, keyword: str) -> list[tuple[str, str]]:
 
 
 def own_lines(body: str) -> str:
-    """A block's body without its nested blocks (`if` keeps its own scope)."""
+    """A block's body without its nested blocks (`if` keeps its own scope).
+    Comments go first: an apostrophe in one is no quote."""
     out, depth, quote = [], 0, ""
-    for char in body:
+    for char in strip_comments(body):
         if quote:
             quote = "" if char == quote else quote
         elif char in "'\"":

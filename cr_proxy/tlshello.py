@@ -1,0 +1,202 @@
+"""The server name a TLS client asks for, from the first bytes of its
+handshake. Pure (no I/O): the CONNECT front reads bytes until parse() has a
+whole ClientHello, then decides whether the host it names may have a leaf.
+
+Grammar (RFC 8446 5.1, 4, 4.1.2, 4.2; RFC 6066 3). All integers big-endian;
+<a..b> is a vector whose length prefix takes as many bytes as b needs.
+
+    struct {
+        ContentType type;                   /* handshake(22) */
+        ProtocolVersion legacy_record_version;
+        uint16 length;                      /* MUST NOT exceed 2^14 */
+        opaque fragment[TLSPlaintext.length];
+    } TLSPlaintext;
+
+    struct {                                /* may span several records */
+        HandshakeType msg_type;             /* client_hello(1) */
+        uint24 length;
+        ClientHello body;
+    } Handshake;
+
+    struct {
+        ProtocolVersion legacy_version;
+        Random random;                      /* 32 bytes */
+        opaque legacy_session_id<0..32>;
+        CipherSuite cipher_suites<2..2^16-2>;
+        opaque legacy_compression_methods<1..2^8-1>;
+        Extension extensions<8..2^16-1>;    /* absent in some TLS 1.2 hellos */
+    } ClientHello;
+
+    struct {
+        ExtensionType extension_type;       /* server_name(0) */
+        opaque extension_data<0..2^16-1>;
+    } Extension;
+
+    struct {
+        ServerName server_name_list<1..2^16-1>
+    } ServerNameList;
+
+    struct {
+        NameType name_type;                 /* host_name(0) */
+        select (name_type) {
+            case host_name: HostName;       /* opaque HostName<1..2^16-1> */
+        } name;
+    } ServerName;
+
+RFC 6066 3: "all future data structures associated with new NameTypes MUST
+begin with a 16-bit length field", so other name types are skipped by it;
+"The ServerNameList MUST NOT contain more than one name of the same
+name_type"; HostName is ASCII, without a trailing dot. RFC 8446 4.2:
+"There MUST NOT be more than one extension of the same type".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ProtocolError
+
+HANDSHAKE = 22
+CLIENT_HELLO = 1
+SERVER_NAME = 0
+HOST_NAME = 0
+RECORD_HEADER = 5
+MAX_RECORD = 1 << 14
+# Bytes of records a ClientHello may take, headers included. One with
+# post-quantum key shares is about 1.8 KB; 64 KiB leaves room for many PSK
+# identities and still bounds what a client makes us hold.
+MAX_HELLO = 64 << 10
+
+ALERT = 21
+FATAL = 2
+UNRECOGNIZED_NAME = 112  # RFC 6066 3: the server does not know that name
+ACCESS_DENIED = 49
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    server_name: str | None  # the host_name asked for; None: no SNI
+
+
+class _Reader:
+    """Bounded reads from one message; running short is a ProtocolError."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise ProtocolError(message="truncated TLS ClientHello")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def uint(self, size: int) -> int:
+        return int.from_bytes(self.take(size), "big")
+
+    def vector(self, size: int) -> bytes:
+        return self.take(self.uint(size))
+
+    @property
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+
+def parse(buffer: bytes) -> Hello | None:
+    """The ClientHello at the start of `buffer`, or None: need more bytes.
+    Raises ProtocolError when the bytes are not a TLS ClientHello, or when
+    it and its record headers would take more than MAX_HELLO bytes."""
+    message = _handshake_message(buffer)
+    return None if message is None else Hello(_server_name(message))
+
+
+def _handshake_message(buffer: bytes) -> bytes | None:
+    """The ClientHello handshake message, joined from as many records as it
+    spans; None when incomplete. Each record adds at least one byte to the
+    message and moves past its end, so this ends."""
+    message = b""
+    pos = 0
+    while len(buffer) - pos >= RECORD_HEADER:
+        kind, major = buffer[pos], buffer[pos + 1]
+        length = int.from_bytes(buffer[pos + 3 : pos + 5], "big")
+        if kind != HANDSHAKE or major != 3:
+            raise ProtocolError(message="not a TLS handshake")
+        if not 0 < length <= MAX_RECORD:
+            raise ProtocolError(message=f"TLS record of {length} bytes")
+        end = pos + RECORD_HEADER + length
+        if end > MAX_HELLO:
+            raise ProtocolError(message="TLS ClientHello too large")
+        if end > len(buffer):
+            return None
+        message += buffer[pos + RECORD_HEADER : end]
+        pos = end
+        if message[0] != CLIENT_HELLO:
+            raise ProtocolError(message="the first handshake message is not a ClientHello")
+        if len(message) >= 4:
+            total = 4 + int.from_bytes(message[1:4], "big")
+            if total > MAX_HELLO:
+                raise ProtocolError(message="TLS ClientHello too large")
+            if len(message) >= total:
+                return message[:total]
+    if pos + RECORD_HEADER > MAX_HELLO:
+        raise ProtocolError(message="TLS ClientHello too large")
+    return None
+
+
+def _server_name(message: bytes) -> str | None:
+    hello = _Reader(message)
+    hello.take(4)  # msg_type, length: checked by _handshake_message
+    hello.take(2 + 32)  # legacy_version, random
+    if len(hello.vector(1)) > 32:
+        raise ProtocolError(message="TLS legacy_session_id longer than 32 bytes")
+    suites = hello.vector(2)
+    if len(suites) < 2 or len(suites) % 2:
+        raise ProtocolError(message="malformed TLS cipher_suites")
+    if not hello.vector(1):
+        raise ProtocolError(message="empty TLS legacy_compression_methods")
+    if not hello.left:
+        return None  # a TLS 1.2 ClientHello may carry no extensions at all
+    extensions = _Reader(hello.vector(2))
+    if hello.left:
+        raise ProtocolError(message="bytes after the TLS ClientHello's extensions")
+    seen: set[int] = set()
+    name = None
+    while extensions.left:
+        kind = extensions.uint(2)
+        data = extensions.vector(2)
+        if kind in seen:
+            raise ProtocolError(message=f"TLS extension {kind} sent twice")
+        seen.add(kind)
+        if kind == SERVER_NAME:
+            name = _host_name(data)
+    return name
+
+
+def _host_name(data: bytes) -> str | None:
+    """The host_name of a server_name extension's ServerNameList."""
+    outer = _Reader(data)
+    names = _Reader(outer.vector(2))
+    if outer.left or not names.left:
+        raise ProtocolError(message="malformed TLS server_name extension")
+    host = None
+    while names.left:
+        kind = names.uint(1)
+        value = names.vector(2)  # HostName, or a future type's 16-bit length
+        if kind != HOST_NAME:
+            continue
+        if host is not None:
+            raise ProtocolError(message="two host names in TLS server_name")
+        if not value or not value.isascii():
+            raise ProtocolError(message="TLS server_name is empty or not ASCII")
+        host = value.decode("ascii")
+    return host
+
+
+def alert(description: int) -> bytes:
+    """A fatal TLS alert record (RFC 8446 6): how a server refuses a
+    handshake before it has keys, e.g. unrecognized_name for an SNI it will
+    not serve (RFC 6066 3)."""
+    return bytes((ALERT, 3, 3, 0, 2, FATAL, description))

@@ -113,7 +113,9 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
         ca, certs.mirror_names(config.mirror_names),
         certs.CertPair(config.certs_dir / "mirror.crt", config.certs_dir / "mirror.key"),
     )
-    leaves = certs.LeafCache(ca, config.certs_dir)
+    # Bounded before nginx sees them: leaves past proxy.max_hosts from an
+    # earlier run are dropped here, and render() serves the rest.
+    leaves = certs.LeafCache(ca, config.certs_dir, config.proxy.max_hosts)
     leaves.ensure_fallback()
     conf = nginx.render(config, leaf.cert, leaf.key)
     nginx.check(config, conf)
@@ -149,7 +151,9 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             return 1
         if config.listen.proxy.enabled:
             front = Front(config, leaves)
-            front.on_host = HostServers(config, proc).saw
+            servers = HostServers(config, proc)
+            front.on_host = servers.saw
+            leaves.on_drop = servers.drop
             await front.start()
             stack.push_async_callback(front.close)
         fetcher = runner.app["fetcher"]
@@ -191,11 +195,12 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
 class HostServers:
     """Gives each intercepted host a server of its own in nginx (a static
     leaf: nginx 1.22 reads a leaf chosen by variable from disk at every
-    handshake). Hosts seen together share one reload (SIGHUP, about 170 ms,
-    in-flight requests unharmed); until it lands, the default server picks
-    the same leaf by SNI, so nothing waits for it."""
+    handshake), and takes it away when the host's leaf is dropped
+    (proxy.max_hosts). Hosts seen or dropped together share one reload
+    (SIGHUP, about 170 ms, in-flight requests unharmed); until it lands, the
+    default server picks the same leaf by SNI, so nothing waits for it."""
 
-    __slots__ = ("_config", "_done", "_pending", "_proc", "_task")
+    __slots__ = ("_config", "_done", "_dropped", "_pending", "_proc", "_task")
 
     RELOAD_DELAY = 0.2  # seconds: hosts first seen within it share a reload
 
@@ -204,6 +209,7 @@ class HostServers:
         self._proc = proc
         self._done = {p.stem for p in (config.run_dir / "hosts").glob("*.conf")}
         self._pending: set[str] = set()
+        self._dropped: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -213,18 +219,36 @@ class HostServers:
         if host in self._done or host in self._pending or not nginx.host_server_name(host):
             return
         self._pending.add(host)
+        self._reload_later()
+
+    def drop(self, host: str) -> None:
+        """The host's leaf is about to go: its server goes first, so that no
+        reload (ours or the operator's) reads a server whose leaf is gone."""
+        self._pending.discard(host)
+        if host in self._done:
+            self._done.discard(host)
+            nginx.remove_host_server(self._config, host)
+            self._dropped.add(host)
+            self._reload_later()
+
+    def _reload_later(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._reload_soon())
 
     async def _reload_soon(self) -> None:
         await asyncio.sleep(self.RELOAD_DELAY)
         hosts, self._pending, self._task = sorted(self._pending), set(), None
+        dropped, self._dropped = sorted(self._dropped), set()
         for host in hosts:
             nginx.write_host_server(self._config, host)
         self._done.update(hosts)
         if self._proc.returncode is None:
             self._proc.send_signal(signal.SIGHUP)
-            log.info("nginx reloaded: a server of its own for %s", ", ".join(hosts))
+            if hosts:
+                log.info("nginx reloaded: a server of its own for %s", ", ".join(hosts))
+            if dropped:
+                log.info("nginx reloaded: no server for %s (least recently used, "
+                         "proxy.max_hosts)", ", ".join(dropped))
 
 
 def _catch_signals(stack: contextlib.ExitStack | contextlib.AsyncExitStack) -> asyncio.Event:

@@ -433,3 +433,11 @@ def test_a_registry_hosts_entry_adds_to_the_defaults(tmp_path):
     hosts = load(conf, environ={}).registry_hosts
     assert hosts["mirror.example"] == "real.example"
     assert hosts["docker.io"] == "registry-1.docker.io"
+
+
+def test_proxy_max_hosts_defaults_to_256_and_takes_a_whole_number(tmp_path):
+    assert load(None, environ={}).proxy.max_hosts == 256
+    assert load_data(tmp_path, {"proxy": {"max_hosts": 3}}).proxy.max_hosts == 3
+    for bad in (0, -1, 2.5, True, "many", None):
+        with pytest.raises(ConfigError, match=r"proxy\.max_hosts"):
+            load_data(tmp_path, {"proxy": {"max_hosts": bad}})

@@ -15,7 +15,7 @@ import ipaddress
 import os
 import socket
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,12 +171,14 @@ class LeafCache:
     first sight of a host, reused, renewed before they expire. nginx picks
     the file by SNI at each handshake, so a new registry needs no restart.
 
-    At most `max_hosts` of them (proxy.max_hosts): a new one past the bound
-    drops the least recently used (on_drop is told first, so serve removes
-    its nginx server before the files go), and so does start-up, by the
-    leaves' mtimes (touched at each hourly check of a leaf in use)."""
+    At most `max_hosts` of them (proxy.max_hosts): past it the least
+    recently used is dropped, at start-up too (by the leaves' mtimes, which
+    the hourly check of a leaf in use touches). A dropped leaf's files go at
+    once, or, when on_drop is set, when its owner (serve's HostServers, once
+    nginx has reloaded without the host's server) calls remove()."""
 
-    __slots__ = ("_checked", "_hosts", "_pending", "ca", "dir", "max_hosts", "on_drop")
+    __slots__ = ("_checked", "_hosts", "_issuing", "_pending", "ca", "dir", "max_hosts",
+                 "on_drop")
 
     RECHECK = 3600.0  # seconds between expiry checks of a leaf in use
 
@@ -189,6 +191,8 @@ class LeafCache:
         # once an hour, not at each of a host's many connections.
         self._checked: dict[str, tuple[float, CertPair]] = {}
         self._pending: dict[str, asyncio.Future[CertPair]] = {}
+        # Hosts whose leaf someone awaits: remove() leaves their files alone.
+        self._issuing: Counter[str] = Counter()
         # Hosts with a leaf on disk, least recently used first.
         self._hosts: OrderedDict[str, None] = OrderedDict.fromkeys(self._on_disk())
         self.on_drop: Callable[[str], None] | None = None
@@ -212,11 +216,6 @@ class LeafCache:
     def has(self, host: str) -> bool:
         return host in self._hosts
 
-    @property
-    def hosts(self) -> list[str]:
-        """Hosts with a leaf, least recently used first."""
-        return list(self._hosts)
-
     def ensure_sync(self, host: str) -> CertPair:
         pair = issue_leaf(self.ca, [host], self.pair(host))
         # The mtime orders leaves by use when serve starts again.
@@ -236,7 +235,11 @@ class LeafCache:
             future = asyncio.ensure_future(loop.run_in_executor(None, self.ensure_sync, host))
             self._pending[host] = future
             future.add_done_callback(lambda _: self._pending.pop(host, None))
-        pair = await asyncio.shield(future)
+        self._issuing[host] += 1
+        try:
+            pair = await asyncio.shield(future)
+        finally:
+            self._issuing -= Counter({host: 1})
         self._checked[host] = (time.monotonic(), pair)
         if host not in self._hosts:
             self._hosts[host] = None
@@ -249,9 +252,16 @@ class LeafCache:
             self._checked.pop(host, None)
             if self.on_drop:
                 self.on_drop(host)
-            pair = self.pair(host)
-            pair.cert.unlink(missing_ok=True)
-            pair.key.unlink(missing_ok=True)
+            else:
+                self.remove(host)
+
+    def remove(self, host: str) -> None:
+        """Delete a dropped host's leaf, unless it came back meanwhile."""
+        if host in self._hosts or host in self._issuing:
+            return
+        pair = self.pair(host)
+        pair.cert.unlink(missing_ok=True)
+        pair.key.unlink(missing_ok=True)
 
     def ensure_fallback(self) -> CertPair:
         return issue_leaf(self.ca, ["cr-proxy.invalid"], self.pair(FALLBACK_NAME))

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -151,7 +152,7 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             return 1
         if config.listen.proxy.enabled:
             front = Front(config, leaves)
-            servers = HostServers(config, proc)
+            servers = HostServers(config, proc, leaves.remove)
             front.on_host = servers.saw
             leaves.on_drop = servers.drop
             await front.start()
@@ -198,18 +199,29 @@ class HostServers:
     handshake), and takes it away when the host's leaf is dropped
     (proxy.max_hosts). Hosts seen or dropped together share one reload
     (SIGHUP, about 170 ms, in-flight requests unharmed); until it lands, the
-    default server picks the same leaf by SNI, so nothing waits for it."""
+    default server picks the same leaf by SNI, so nothing waits for it.
 
-    __slots__ = ("_config", "_done", "_dropped", "_pending", "_proc", "_task")
+    Reloads are serial, and a dropped host's leaf is deleted only once nginx
+    has reloaded without its server: a reload still reading the old servers
+    would fail on a missing leaf and keep the old configuration."""
+
+    __slots__ = ("_config", "_done", "_dropped", "_pending", "_proc", "_remove", "_stale",
+                 "_task")
 
     RELOAD_DELAY = 0.2  # seconds: hosts first seen within it share a reload
+    RELOAD_WAIT = 30.0  # seconds a reload may take to start new workers (4.4 s at 1,000 servers)
+    RELOAD_POLL = 0.05
 
-    def __init__(self, config: Config, proc: asyncio.subprocess.Process) -> None:
+    def __init__(
+        self, config: Config, proc: asyncio.subprocess.Process, remove: Callable[[str], None]
+    ) -> None:
         self._config = config
         self._proc = proc
+        self._remove = remove  # deletes a dropped host's leaf
         self._done = {p.stem for p in (config.run_dir / "hosts").glob("*.conf")}
         self._pending: set[str] = set()
         self._dropped: set[str] = set()
+        self._stale = False  # a server was removed since the last reload
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -222,33 +234,67 @@ class HostServers:
         self._reload_later()
 
     def drop(self, host: str) -> None:
-        """The host's leaf is about to go: its server goes first, so that no
-        reload (ours or the operator's) reads a server whose leaf is gone."""
+        """The host's leaf was dropped: remove its server, reload, and only
+        then let its leaf be deleted."""
         self._pending.discard(host)
         if host in self._done:
             self._done.discard(host)
             nginx.remove_host_server(self._config, host)
-            self._dropped.add(host)
-            self._reload_later()
+            self._stale = True
+        self._dropped.add(host)
+        self._reload_later()
 
     def _reload_later(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._reload_soon())
 
     async def _reload_soon(self) -> None:
-        await asyncio.sleep(self.RELOAD_DELAY)
-        hosts, self._pending, self._task = sorted(self._pending), set(), None
-        dropped, self._dropped = sorted(self._dropped), set()
-        for host in hosts:
-            nginx.write_host_server(self._config, host)
-        self._done.update(hosts)
-        if self._proc.returncode is None:
-            self._proc.send_signal(signal.SIGHUP)
-            if hosts:
-                log.info("nginx reloaded: a server of its own for %s", ", ".join(hosts))
-            if dropped:
-                log.info("nginx reloaded: no server for %s (least recently used, "
-                         "proxy.max_hosts)", ", ".join(dropped))
+        try:
+            while self._pending or self._dropped:
+                await asyncio.sleep(self.RELOAD_DELAY)
+                hosts, self._pending = sorted(self._pending), set()
+                dropped, self._dropped = sorted(self._dropped), set()
+                for host in hosts:
+                    nginx.write_host_server(self._config, host)
+                self._done.update(hosts)
+                if (hosts or self._stale) and self._proc.returncode is None:
+                    self._stale = False
+                    await self._reload()
+                    if hosts:
+                        log.info("nginx reloaded: a server of its own for %s", ", ".join(hosts))
+                if dropped:
+                    log.info("dropped the leaf and server of %s (least recently used, "
+                             "proxy.max_hosts)", ", ".join(dropped))
+                for host in dropped:
+                    self._remove(host)
+        finally:
+            self._task = None
+
+    async def _reload(self) -> None:
+        """SIGHUP, then wait (bounded) until nginx has read its configuration:
+        it starts new workers only after."""
+        before = nginx_children(self._proc.pid)
+        self._proc.send_signal(signal.SIGHUP)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.RELOAD_WAIT
+        while self._proc.returncode is None and loop.time() < deadline:
+            if nginx_children(self._proc.pid) - before:
+                return
+            await asyncio.sleep(self.RELOAD_POLL)
+        log.warning("nginx started no new workers within %.0f s of a reload", self.RELOAD_WAIT)
+
+
+def nginx_children(pid: int) -> set[int]:
+    """The processes nginx's master has started (its workers)."""
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: every process's parent
+        children = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.add(int(stat.parent.name))
+        return children
 
 
 def _catch_signals(stack: contextlib.ExitStack | contextlib.AsyncExitStack) -> asyncio.Event:

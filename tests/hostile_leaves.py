@@ -40,9 +40,11 @@ def connect_only(proxy_port: int, host: str) -> None:
     connect(proxy_port, host).close()
 
 
-def tls(proxy_port: int, host: str, sni: str | None, cafile: Path) -> Outcome:
+def tls(
+    proxy_port: int, host: str, sni: str | None, cafile: Path, path: str = "/v2/"
+) -> Outcome:
     """CONNECT host:443, then TLS with `sni` (None: none), the chain checked
-    against our CA (the name is not: the test compares it); then GET /v2/
+    against our CA (the name is not: the test compares it); then GET `path`
     for the SNI's host (the CONNECT's without one)."""
     context = ssl.create_default_context(cafile=str(cafile))
     context.check_hostname = False
@@ -54,7 +56,7 @@ def tls(proxy_port: int, host: str, sni: str | None, cafile: Path) -> Outcome:
         with tunnel:
             cert = tunnel.getpeercert()
             names = tuple(value for _, value in cert.get("subjectAltName", ()))
-            request = f"GET /v2/ HTTP/1.1\r\nHost: {sni or host}\r\nConnection: close\r\n\r\n"
+            request = f"GET {path} HTTP/1.1\r\nHost: {sni or host}\r\nConnection: close\r\n\r\n"
             tunnel.sendall(request.encode())
             answer = b""
             while b"\r\n" not in answer and (chunk := tunnel.recv(4096)):

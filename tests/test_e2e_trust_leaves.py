@@ -123,10 +123,15 @@ def test_max_hosts_keeps_the_most_recently_used_leaves_and_servers(
 def test_a_restart_prunes_leaves_past_the_bound_and_cached_hosts_need_no_lookup(
     tmp_path: Path, fake: FaultyRegistry
 ) -> None:
+    fake.add_image("app", "v1", [b"layer"])
+    manifest = "/v2/app/manifests/v1"
     cr = start(tmp_path, fake)
     with cr:
         for host in HOSTS:
             intercepted(cr, host)
+        # h1.test's manifest is cached.
+        assert tls(cr.proxy_port, "h1.test", "h1.test", cr.ca_cert, manifest).status == (
+            b"HTTP/1.1 200 OK")
         wait_until(lambda: host_servers(cr) == set(HOSTS), 30, "a server for each host")
     # Their last uses, oldest first (a leaf's mtime is touched when it is used).
     hosts_dir = Path(cr.config["certs_dir"]) / "hosts"
@@ -142,6 +147,10 @@ def test_a_restart_prunes_leaves_past_the_bound_and_cached_hosts_need_no_lookup(
         # A host with a leaf is served without a lookup (offline pulls).
         intercepted(cr, "h5.test")
         # One without: its name does not resolve, so no leaf.
-        outcome = tls(cr.proxy_port, "h1.test", "h1.test", cr.ca_cert)
+        outcome = tls(cr.proxy_port, "h2.test", "h2.test", cr.ca_cert)
         assert outcome.alert == "TLSV1_UNRECOGNIZED_NAME", outcome
         assert leaves(cr) == {"h4.test", "h5.test"}
+        # Unless the cache has its answers: h1.test's manifest is served.
+        outcome = tls(cr.proxy_port, "h1.test", "h1.test", cr.ca_cert, manifest)
+        assert outcome.names == ("h1.test",), outcome
+        assert outcome.status == b"HTTP/1.1 200 OK", outcome

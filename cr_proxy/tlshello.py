@@ -78,33 +78,6 @@ class Hello:
     server_name: str | None  # the host_name asked for; None: no SNI
 
 
-class _Reader:
-    """Bounded reads from one message; running short is a ProtocolError."""
-
-    __slots__ = ("data", "pos")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        if n > len(self.data) - self.pos:
-            raise ProtocolError(message="truncated TLS ClientHello")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def uint(self, size: int) -> int:
-        return int.from_bytes(self.take(size), "big")
-
-    def vector(self, size: int) -> bytes:
-        return self.take(self.uint(size))
-
-    @property
-    def left(self) -> int:
-        return len(self.data) - self.pos
-
-
 def parse(buffer: bytes) -> Hello | None:
     """The ClientHello at the start of `buffer`, or None: need more bytes.
     Raises ProtocolError when the bytes are not a TLS ClientHello, or when
@@ -146,47 +119,61 @@ def _handshake_message(buffer: bytes) -> bytes | None:
     return None
 
 
+def _vector(data: bytes, pos: int, size: int, end: int) -> tuple[int, int]:
+    """Where the vector at `pos` with a `size`-byte length starts and ends."""
+    start = pos + size
+    if start > end:
+        raise ProtocolError(message="truncated TLS ClientHello")
+    stop = start + int.from_bytes(data[pos:start], "big")
+    if stop > end:
+        raise ProtocolError(message="truncated TLS ClientHello")
+    return start, stop
+
+
 def _server_name(message: bytes) -> str | None:
-    hello = _Reader(message)
-    hello.take(4)  # msg_type, length: checked by _handshake_message
-    hello.take(2 + 32)  # legacy_version, random
-    if len(hello.vector(1)) > 32:
+    """Walked by offsets, not copies: the front parses one per connection."""
+    end = len(message)
+    pos = 4 + 2 + 32  # msg_type and length (checked already), legacy_version, random
+    start, pos = _vector(message, pos, 1, end)  # legacy_session_id
+    if pos - start > 32:
         raise ProtocolError(message="TLS legacy_session_id longer than 32 bytes")
-    suites = hello.vector(2)
-    if len(suites) < 2 or len(suites) % 2:
+    start, pos = _vector(message, pos, 2, end)  # cipher_suites
+    if pos - start < 2 or (pos - start) % 2:
         raise ProtocolError(message="malformed TLS cipher_suites")
-    if not hello.vector(1):
+    start, pos = _vector(message, pos, 1, end)  # legacy_compression_methods
+    if pos == start:
         raise ProtocolError(message="empty TLS legacy_compression_methods")
-    if not hello.left:
+    if pos == end:
         return None  # a TLS 1.2 ClientHello may carry no extensions at all
-    extensions = _Reader(hello.vector(2))
-    if hello.left:
+    pos, stop = _vector(message, pos, 2, end)
+    if stop != end:
         raise ProtocolError(message="bytes after the TLS ClientHello's extensions")
     seen: set[int] = set()
     name = None
-    while extensions.left:
-        kind = extensions.uint(2)
-        data = extensions.vector(2)
+    while pos < end:
+        kind = int.from_bytes(message[pos : pos + 2], "big")
+        start, pos = _vector(message, pos + 2, 2, end)
         if kind in seen:
             raise ProtocolError(message=f"TLS extension {kind} sent twice")
         seen.add(kind)
         if kind == SERVER_NAME:
-            name = _host_name(data)
+            name = _host_name(message[start:pos])
     return name
 
 
 def _host_name(data: bytes) -> str | None:
     """The host_name of a server_name extension's ServerNameList."""
-    outer = _Reader(data)
-    names = _Reader(outer.vector(2))
-    if outer.left or not names.left:
+    pos, end = _vector(data, 0, 2, len(data))
+    if end != len(data) or pos == end:
         raise ProtocolError(message="malformed TLS server_name extension")
     host = None
-    while names.left:
-        kind = names.uint(1)
-        value = names.vector(2)  # HostName, or a future type's 16-bit length
+    while pos < end:
+        kind = data[pos]
+        # HostName, or a future type's: "MUST begin with a 16-bit length field"
+        start, pos = _vector(data, pos + 1, 2, end)
         if kind != HOST_NAME:
             continue
+        value = data[start:pos]
         if host is not None:
             raise ProtocolError(message="two host names in TLS server_name")
         if not value or not value.isascii():

@@ -11,12 +11,17 @@ and servers, and grew the nginx master from 17 MB to 644 MB."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
+from cr_proxy import certs
+from cr_proxy import config as config_mod
+from cr_proxy import front as front_mod
 from tests.crproxy import CrProxy
 from tests.faulty import FaultyRegistry, wait_until
 from tests.hostile_leaves import (
@@ -160,3 +165,35 @@ def test_a_restart_prunes_leaves_past_the_bound_and_cached_hosts_need_no_lookup(
         outcome = tls(cr.proxy_port, "h1.test", "h1.test", cr.ca_cert, manifest)
         assert outcome.names == ("h1.test",), outcome
         assert outcome.status == b"HTTP/1.1 200 OK", outcome
+
+
+async def test_front_closes_a_connect_whose_client_hello_never_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The front in-process with front.HEAD_TIMEOUT at 1 s (it is a module
+    constant, 30 s, for the head and then the ClientHello): half a
+    ClientHello, then silence; the client is closed and nothing is issued."""
+    monkeypatch.setattr(front_mod, "HEAD_TIMEOUT", 1.0)
+    (port,) = free_ports(1)
+    path = tmp_path / "cr-proxy.yml"
+    path.write_text(yaml.safe_dump({"listen": {"proxy": f"127.0.0.1:{port}"},
+                                    "certs_dir": str(tmp_path / "certs"),
+                                    "run_dir": str(tmp_path / "run"),
+                                    "cache_dir": str(tmp_path / "cache")}))
+    conf = config_mod.load(path, environ={})
+    leaf_cache = certs.LeafCache(certs.ensure_ca(conf.certs_dir), conf.certs_dir)
+    front = front_mod.Front(conf, leaf_cache)
+    await front.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"CONNECT localhost.test:443 HTTP/1.1\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # 512 bytes announced
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        writer.close()
+    finally:
+        await front.close()
+    assert not leaf_cache.has("localhost.test")
+    assert list((conf.certs_dir / "hosts").glob("localhost.test.*")) == []

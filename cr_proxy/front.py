@@ -61,7 +61,7 @@ class Front:
         self.destinations = Destinations.of(config)
         self._cache = Tree(config.cache_dir)
         self._resolver: PolicyResolver | None = None  # made on the loop, when first needed
-        self._lookups: dict[str, asyncio.Future[bool]] = {}  # host -> resolves?
+        self._lookups: dict[tuple[str, int], asyncio.Future[bool]] = {}  # resolves?
         # Told of every intercepted host (serve gives it a server of its own).
         self.on_host: Callable[[str], None] | None = None
         self._executor = ThreadPoolExecutor(
@@ -191,7 +191,7 @@ class Front:
                 log.info("CONNECT %s from %s: %s", head.host, client[0], err.message)
                 self.count("not_tls")
                 return None
-            refusal = await self._leaf_for(head.host, hello)
+            refusal = await self._leaf_for(head.host, head.port, hello)
             if refusal is not None:
                 self.count("no_leaf")
                 await loop.sock_sendall(conn, tlshello.alert(refusal))
@@ -206,27 +206,30 @@ class Front:
         finally:
             self._active -= 1
 
-    async def _leaf_for(self, host: str, hello: tlshello.Hello) -> int | None:
+    async def _leaf_for(self, host: str, port: int, hello: tlshello.Hello) -> int | None:
         """Make sure the host has a leaf when its ClientHello names it; None,
         or the TLS alert that refuses it. A hello without SNI, or naming
         another host, gets no leaf: nginx answers it with the fallback
         certificate (and 421 to any request)."""
         if hello.server_name != host or ":" in host:  # RFC 6066 3: no IPv6 literals
             return None
-        if not self.leaves.has(host) and not await self._may_have_leaf(host):
+        if not self.leaves.has(host) and not await self._may_have_leaf(host, port):
             return tlshello.UNRECOGNIZED_NAME  # RFC 6066 3: a name we will not serve
         await self.leaves.ensure(host)
         if self.on_host:
             self.on_host(host)
         return None
 
-    async def _may_have_leaf(self, host: str) -> bool:
+    async def _may_have_leaf(self, host: str, port: int) -> bool:
         """A first leaf only for a host the operator named, one already in
         the cache, or a name that resolves to an address the policy allows:
         invented names never reach the disk (a leaf, an nginx server)."""
-        if host in self.config.endpoints or self._cache.domain_dir(host).is_dir():
+        endpoints = self.config.endpoints
+        if host in endpoints or f"{host}:{port}" in endpoints:
             return True
-        lookup = self._lookups.get(host)
+        if self._cache.domain_dir(host).is_dir():
+            return True
+        lookup = self._lookups.get((host, port))
         if lookup is None:
             if len(self._lookups) >= MAX_LOOKUPS:
                 log.warning("no leaf for %s: %d other new hosts are being looked up",
@@ -235,9 +238,9 @@ class Front:
             # Its slot is held until the lookup's thread is done, even when
             # the client stopped waiting for it: a slow resolver cannot
             # gather threads.
-            lookup = asyncio.ensure_future(self._resolves(host))
-            self._lookups[host] = lookup
-            lookup.add_done_callback(lambda _: self._lookups.pop(host, None))
+            lookup = asyncio.ensure_future(self._resolves(host, port))
+            self._lookups[host, port] = lookup
+            lookup.add_done_callback(lambda _: self._lookups.pop((host, port), None))
         try:
             async with asyncio.timeout(self.config.timeouts.connect):
                 return await asyncio.shield(lookup)
@@ -245,11 +248,11 @@ class Front:
             log.warning("no leaf for %s: lookup timed out", host)
             return False
 
-    async def _resolves(self, host: str) -> bool:
+    async def _resolves(self, host: str, port: int) -> bool:
         if self._resolver is None:
             self._resolver = PolicyResolver(self.destinations)
         try:
-            await self._resolver.resolve(host, 443, socket.AF_UNSPEC)
+            await self._resolver.resolve(host, port, socket.AF_UNSPEC)
         except OSError as err:
             log.warning("no leaf for %s: %s", host, err)
             return False

@@ -148,17 +148,19 @@ def _server_name(message: bytes) -> str | None:
     pos, stop = _vector(message, pos, 2, end)
     if stop != end:
         raise ProtocolError(message="bytes after the TLS ClientHello's extensions")
+    # Up to server_name only (Go's clients, docker's and skopeo's, send it
+    # first): what follows is OpenSSL's to check, in nginx, which refuses a
+    # second server_name with the handshake.
     seen: set[int] = set()
-    name = None
     while pos < end:
         kind = int.from_bytes(message[pos : pos + 2], "big")
         start, pos = _vector(message, pos + 2, 2, end)
+        if kind == SERVER_NAME:
+            return _host_name(message[start:pos])
         if kind in seen:
             raise ProtocolError(message=f"TLS extension {kind} sent twice")
         seen.add(kind)
-        if kind == SERVER_NAME:
-            name = _host_name(message[start:pos])
-    return name
+    return None
 
 
 def _host_name(data: bytes) -> str | None:

@@ -144,7 +144,7 @@ class Front:
                 await loop.sock_sendall(conn, reply(503, "Busy", "too many tunnels\n"))
                 return
             if action is Action.INTERCEPT:
-                intercepted = await self._intercept(conn, head, rest, addr)
+                intercepted = await self._intercept(loop, conn, head, rest, addr)
                 if intercepted is None:
                     return
                 upstream, rest = intercepted, b""
@@ -174,13 +174,13 @@ class Front:
                 conn.close()
 
     async def _intercept(
-        self, conn: socket.socket, head: Head, rest: bytes, client: tuple
+        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, head: Head, rest: bytes,
+        client: tuple,
     ) -> socket.socket | None:
         """Answer the CONNECT, read the client's ClientHello, make sure the
         host it names has a leaf, then hand the hello to nginx (which ends
         TLS); None when the client is turned away (and told, if it can be).
         Waiting for the hello holds a tunnel (proxy.max_tunnels)."""
-        loop = asyncio.get_running_loop()
         self._active += 1
         try:
             await loop.sock_sendall(conn, CONNECTED)

@@ -10,11 +10,14 @@ a new connection per request (docker, skopeo, podman).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import os
 import socket
 import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,37 +169,69 @@ def mirror_names(extra: tuple[str, ...]) -> list[str]:
 
 
 FALLBACK_NAME = "_fallback"  # served to an SNI that is not a plain host name
+DEFAULT_MAX_HOSTS = 256  # proxy.max_hosts
 
 
 class LeafCache:
     """Leaf certificates for intercepted hosts under certs_dir/hosts/, made on
     first sight of a host, reused, renewed before they expire. nginx picks
-    the file by SNI at each handshake, so a new registry needs no restart."""
+    the file by SNI at each handshake, so a new registry needs no restart.
 
-    __slots__ = ("_checked", "_pending", "ca", "dir")
+    At most `max_hosts` of them (proxy.max_hosts): past it the least
+    recently used is dropped, at start-up too (by the leaves' mtimes, which
+    the hourly check of a leaf in use touches). A dropped leaf's files go at
+    once, or, when on_drop is set, when its owner (serve's HostServers, once
+    nginx has reloaded without the host's server) calls remove()."""
+
+    __slots__ = ("_checked", "_hosts", "_issuing", "_pending", "ca", "dir", "max_hosts",
+                 "on_drop")
 
     RECHECK = 3600.0  # seconds between expiry checks of a leaf in use
 
-    def __init__(self, ca: CertPair, certs_dir: Path) -> None:
+    def __init__(self, ca: CertPair, certs_dir: Path, max_hosts: int = DEFAULT_MAX_HOSTS) -> None:
         self.ca = ca
         self.dir = certs_dir / "hosts"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_hosts = max_hosts
         # host -> (when its leaf was last checked, its pair): the check runs
         # once an hour, not at each of a host's many connections.
         self._checked: dict[str, tuple[float, CertPair]] = {}
         self._pending: dict[str, asyncio.Future[CertPair]] = {}
+        # Hosts whose leaf someone awaits: remove() leaves their files alone.
+        self._issuing: Counter[str] = Counter()
+        # Hosts with a leaf on disk, least recently used first.
+        self._hosts: OrderedDict[str, None] = OrderedDict.fromkeys(self._on_disk())
+        self.on_drop: Callable[[str], None] | None = None
+        self._bound()
 
     def __repr__(self) -> str:
-        return f"<LeafCache {self.dir} {len(self._checked)} hosts>"
+        return f"<LeafCache {self.dir} {len(self._hosts)}/{self.max_hosts} hosts>"
+
+    def _on_disk(self) -> list[str]:
+        """Hosts with a leaf here, oldest use first."""
+        leaves = []
+        for path in self.dir.glob("*.crt"):
+            if path.stem != FALLBACK_NAME:
+                with contextlib.suppress(FileNotFoundError):
+                    leaves.append((path.stat().st_mtime, path.stem))
+        return [host for _, host in sorted(leaves)]
 
     def pair(self, host: str) -> CertPair:
         return CertPair(self.dir / f"{host}.crt", self.dir / f"{host}.key")
 
+    def has(self, host: str) -> bool:
+        return host in self._hosts
+
     def ensure_sync(self, host: str) -> CertPair:
-        return issue_leaf(self.ca, [host], self.pair(host))
+        pair = issue_leaf(self.ca, [host], self.pair(host))
+        # The mtime orders leaves by use when serve starts again.
+        os.utime(pair.cert)
+        return pair
 
     async def ensure(self, host: str) -> CertPair:
         """The host's leaf, issued if missing or near expiry (coalesced)."""
+        if host in self._hosts:
+            self._hosts.move_to_end(host)
         checked = self._checked.get(host)
         if checked and time.monotonic() - checked[0] < self.RECHECK:
             return checked[1]
@@ -206,9 +241,33 @@ class LeafCache:
             future = asyncio.ensure_future(loop.run_in_executor(None, self.ensure_sync, host))
             self._pending[host] = future
             future.add_done_callback(lambda _: self._pending.pop(host, None))
-        pair = await asyncio.shield(future)
+        self._issuing[host] += 1
+        try:
+            pair = await asyncio.shield(future)
+        finally:
+            self._issuing -= Counter({host: 1})
         self._checked[host] = (time.monotonic(), pair)
+        if host not in self._hosts:
+            self._hosts[host] = None
+            self._bound()
         return pair
+
+    def _bound(self) -> None:
+        while len(self._hosts) > self.max_hosts:
+            host, _ = self._hosts.popitem(last=False)
+            self._checked.pop(host, None)
+            if self.on_drop:
+                self.on_drop(host)
+            else:
+                self.remove(host)
+
+    def remove(self, host: str) -> None:
+        """Delete a dropped host's leaf, unless it came back meanwhile."""
+        if host in self._hosts or host in self._issuing:
+            return
+        pair = self.pair(host)
+        pair.cert.unlink(missing_ok=True)
+        pair.key.unlink(missing_ok=True)
 
     def ensure_fallback(self) -> CertPair:
         return issue_leaf(self.ca, ["cr-proxy.invalid"], self.pair(FALLBACK_NAME))

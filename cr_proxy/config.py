@@ -108,6 +108,7 @@ class ProxyPolicy:
     ports: frozenset[int]
     allow_private: tuple[str, ...]
     max_tunnels: int
+    max_hosts: int  # intercepted hosts with a leaf and an nginx server
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +317,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             allow_private=tuple(_allow_entry(e, "proxy.allow_private")
                                 for e in _str_list(proxy, "proxy.allow_private")),
             max_tunnels=int(_seconds(proxy, "proxy.max_tunnels")),
+            max_hosts=_count(proxy, "proxy.max_hosts"),
         ),
         nginx=NginxSettings(
             binary=_str(nginx, "nginx.binary"),
@@ -386,6 +388,13 @@ def _seconds(data: Mapping[str, Any], key: str, allow_zero: bool = False) -> flo
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(message=f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
     return float(value)
+
+
+def _count(data: Mapping[str, Any], key: str) -> int:
+    value = data.get(_leaf(key))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(message=f"{key}: expected a whole number >= 1, got {value!r}")
+    return value
 
 
 def _choice(data: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:

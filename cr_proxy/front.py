@@ -21,11 +21,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import certs
+from . import certs, tlshello
 from .config import Config
 from .connect import (
     CONNECTED,
     Action,
+    Head,
     ProtocolError,
     ProxyRefused,
     decide,
@@ -33,19 +34,25 @@ from .connect import (
     parse_head,
     reply,
 )
+from .layout import Tree
 from .policy import Destinations, resolved_refusal
 from .privsep import FrontStamp
 from .relay import Relay
+from .upstream import PolicyResolver
 
 log = logging.getLogger("cr_proxy.front")
 
-HEAD_TIMEOUT = 30.0  # seconds a client has to send its request head
+HEAD_TIMEOUT = 30.0  # seconds a client has to send its request head (and its ClientHello)
+# Names looked up at once before a first leaf: each lookup holds a thread of
+# the default executor, which the fetcher's file I/O shares; a flood of
+# invented names is refused past this instead of queueing there.
+MAX_LOOKUPS = 4
 
 
 class Front:
     __slots__ = (
-        "_active", "_clients", "_executor", "_listener", "_task", "config", "counters",
-        "destinations", "leaves", "on_host", "stamp",
+        "_active", "_cache", "_clients", "_executor", "_listener", "_lookups", "_resolver", "_task",
+        "config", "counters", "destinations", "leaves", "on_host", "stamp",
     )
 
     def __init__(
@@ -56,6 +63,9 @@ class Front:
         # In every PROXY line: nginx answers no connection without it.
         self.stamp = stamp or FrontStamp.new()
         self.destinations = Destinations.of(config)
+        self._cache = Tree(config.cache_dir)
+        self._resolver: PolicyResolver | None = None  # made on the loop, when first needed
+        self._lookups: dict[tuple[str, int], asyncio.Future[bool]] = {}  # resolves?
         # Told of every intercepted host (serve gives it a server of its own).
         self.on_host: Callable[[str], None] | None = None
         self._executor = ThreadPoolExecutor(
@@ -135,19 +145,25 @@ class Front:
             if self._active >= self.config.proxy.max_tunnels:
                 await loop.sock_sendall(conn, reply(503, "Busy", "too many tunnels\n"))
                 return
-            try:
-                upstream = await self._open(action, head.host, head.port, addr)
-            except ProxyRefused as err:  # a tunnelled name that resolves into the LAN
-                await self._refuse(loop, conn, addr, err)
-                return
-            except OSError as err:
-                log.warning("CONNECT %s:%d failed: %s", head.host, head.port, err)
-                await loop.sock_sendall(conn, reply(502, "Bad Gateway", f"{err}\n"))
-                return
-            if action is Action.FORWARD:
-                await loop.sock_sendall(upstream, raw)
+            if action is Action.INTERCEPT:
+                intercepted = await self._intercept(loop, conn, head, rest, addr)
+                if intercepted is None:
+                    return
+                upstream, rest = intercepted, b""
             else:
-                await loop.sock_sendall(conn, CONNECTED)
+                try:
+                    upstream = await self._open(action, head.host, head.port, addr)
+                except ProxyRefused as err:  # a tunnelled name that resolves into the LAN
+                    await self._refuse(loop, conn, addr, err)
+                    return
+                except OSError as err:
+                    log.warning("CONNECT %s:%d failed: %s", head.host, head.port, err)
+                    await loop.sock_sendall(conn, reply(502, "Bad Gateway", f"{err}\n"))
+                    return
+                if action is Action.FORWARD:
+                    await loop.sock_sendall(upstream, raw)
+                else:
+                    await loop.sock_sendall(conn, CONNECTED)
             if rest:
                 await loop.sock_sendall(upstream, rest)
             handed_over = True
@@ -169,18 +185,100 @@ class Front:
         self.count("refused")
         await loop.sock_sendall(conn, reply(403, "Forbidden", err.message + "\n"))
 
-    async def _open(self, action: Action, host: str, port: int, client: tuple) -> socket.socket:
-        """The socket the client's bytes go to."""
+    async def _intercept(
+        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, head: Head, rest: bytes,
+        client: tuple,
+    ) -> socket.socket | None:
+        """Answer the CONNECT, read the client's ClientHello, make sure the
+        host it names has a leaf, then hand the hello to nginx (which ends
+        TLS); None when the client is turned away (and told, if it can be).
+        Waiting for the hello holds a tunnel (proxy.max_tunnels)."""
+        self._active += 1
+        try:
+            await loop.sock_sendall(conn, CONNECTED)
+            try:
+                async with asyncio.timeout(HEAD_TIMEOUT):
+                    hello, data = await _read_hello(loop, conn, rest)
+            except ProtocolError as err:
+                log.info("CONNECT %s from %s: %s", head.host, client[0], err.message)
+                self.count("not_tls")
+                return None
+            refusal = await self._leaf_for(head.host, head.port, hello)
+            if refusal is not None:
+                self.count("no_leaf")
+                await loop.sock_sendall(conn, tlshello.alert(refusal))
+                return None
+            try:
+                return await self._open(Action.INTERCEPT, head.host, head.port, client, data)
+            except OSError as err:
+                log.warning("CONNECT %s: nginx: %s", head.host, err)
+                return None
+        except (TimeoutError, ConnectionError):
+            return None
+        finally:
+            self._active -= 1
+
+    async def _leaf_for(self, host: str, port: int, hello: tlshello.Hello) -> int | None:
+        """Make sure the host has a leaf when its ClientHello names it; None,
+        or the TLS alert that refuses it. A hello without SNI, or naming
+        another host, gets no leaf: nginx answers it with the fallback
+        certificate (and 421 to any request)."""
+        if hello.server_name != host or ":" in host:  # RFC 6066 3: no IPv6 literals
+            return None
+        if not self.leaves.has(host) and not await self._may_have_leaf(host, port):
+            return tlshello.UNRECOGNIZED_NAME  # RFC 6066 3: a name we will not serve
+        await self.leaves.ensure(host)
+        if self.on_host:
+            self.on_host(host)
+        return None
+
+    async def _may_have_leaf(self, host: str, port: int) -> bool:
+        """A first leaf only for a host the operator named, one already in
+        the cache, or a name that resolves to an address the policy allows:
+        invented names never reach the disk (a leaf, an nginx server)."""
+        endpoints = self.config.endpoints
+        if host in endpoints or f"{host}:{port}" in endpoints:
+            return True
+        if self._cache.domain_dir(host).is_dir():
+            return True
+        lookup = self._lookups.get((host, port))
+        if lookup is None:
+            if len(self._lookups) >= MAX_LOOKUPS:
+                log.warning("no leaf for %s: %d other new hosts are being looked up",
+                            host, MAX_LOOKUPS)
+                return False
+            # Its slot is held until the lookup's thread is done, even when
+            # the client stopped waiting for it: a slow resolver cannot
+            # gather threads.
+            lookup = asyncio.ensure_future(self._resolves(host, port))
+            self._lookups[host, port] = lookup
+            lookup.add_done_callback(lambda _: self._lookups.pop((host, port), None))
+        try:
+            async with asyncio.timeout(self.config.timeouts.connect):
+                return await asyncio.shield(lookup)
+        except TimeoutError:
+            log.warning("no leaf for %s: lookup timed out", host)
+            return False
+
+    async def _resolves(self, host: str, port: int) -> bool:
+        if self._resolver is None:
+            self._resolver = PolicyResolver(self.destinations)
+        try:
+            await self._resolver.resolve(host, port, socket.AF_UNSPEC)
+        except OSError as err:
+            log.warning("no leaf for %s: %s", host, err)
+            return False
+        return True
+
+    async def _open(
+        self, action: Action, host: str, port: int, client: tuple, first: bytes = b""
+    ) -> socket.socket:
+        """The socket the client's bytes go to; `first` follows the PROXY line."""
         loop = asyncio.get_running_loop()
         if action is Action.TUNNEL:
             return await asyncio.wait_for(
                 _connect_tcp(loop, host, port, self.destinations), self.config.timeouts.connect
             )
-        if action is Action.INTERCEPT:
-            # The leaf exists before the client's handshake begins.
-            await self.leaves.ensure(host)
-            if self.on_host:
-                self.on_host(host)
         if action is Action.INTERCEPT:
             address = self.config.listen.front_tls
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -194,7 +292,7 @@ class Front:
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, destination)
-            await loop.sock_sendall(sock, self.stamp.line(client[0], port))
+            await loop.sock_sendall(sock, self.stamp.line(client[0], port) + first)
         except OSError:
             sock.close()
             raise
@@ -211,6 +309,19 @@ async def _read_head(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tu
         if not chunk:
             raise ConnectionResetError("client closed before sending a request")
         buffer += chunk
+
+
+async def _read_hello(
+    loop: asyncio.AbstractEventLoop, conn: socket.socket, buffer: bytes
+) -> tuple[tlshello.Hello, bytes]:
+    """Read until the client's ClientHello is whole (tlshello bounds its
+    size); (what it asks for, every byte read)."""
+    while (hello := tlshello.parse(buffer)) is None:
+        chunk = await loop.sock_recv(conn, 65536)
+        if not chunk:
+            raise ConnectionResetError("client closed before its TLS ClientHello")
+        buffer += chunk
+    return hello, buffer
 
 
 async def _connect_tcp(

@@ -248,6 +248,10 @@ class Tree:
             raise BadRequest("NAME_INVALID", f"unsafe path {str(rel)[:100]!r}")
         return self.root.joinpath(rel)
 
+    def domain_dir(self, domain: str) -> Path:
+        """content/<domain>: where a host's cached answers are."""
+        return self._under("content", check_domain(domain))
+
     def content(self, domain: str, path: str) -> Path:
         return self._under("content", check_domain(domain), check_path(path))
 

@@ -216,6 +216,12 @@ server {{
     return True
 
 
+def remove_host_server(config: Config, host: str) -> None:
+    """Remove run/hosts/<host>.conf (its leaf is being dropped)."""
+    if host_server_name(host):
+        (config.run_dir / "hosts" / f"{host}.conf").unlink(missing_ok=True)
+
+
 def listen_lines(config: Config) -> str:
     lines = []
     if config.listen.mirror_http.enabled:

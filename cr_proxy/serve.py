@@ -119,7 +119,9 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
         ca, certs.mirror_names(config.mirror_names),
         certs.CertPair(config.certs_dir / "mirror.crt", config.certs_dir / "mirror.key"),
     )
-    leaves = certs.LeafCache(ca, config.certs_dir)
+    # Bounded before nginx sees them: leaves past proxy.max_hosts from an
+    # earlier run are dropped here, and render() serves the rest.
+    leaves = certs.LeafCache(ca, config.certs_dir, config.proxy.max_hosts)
     leaves.ensure_fallback()
     # Once the directories are there (missing parents made as before, 0755):
     # from now on nothing is for other local users (privsep.py).
@@ -162,7 +164,9 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             return 1
         if config.listen.proxy.enabled:
             front = Front(config, leaves, stamp)
-            front.on_host = HostServers(config, proc).saw
+            servers = HostServers(config, proc, leaves.remove)
+            front.on_host = servers.saw
+            leaves.on_drop = servers.drop
             # nginx makes its unix listeners 0666; only the front uses this one.
             os.chmod(front.http_socket, 0o600)
             await front.start()
@@ -206,19 +210,32 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
 class HostServers:
     """Gives each intercepted host a server of its own in nginx (a static
     leaf: nginx 1.22 reads a leaf chosen by variable from disk at every
-    handshake). Hosts seen together share one reload (SIGHUP, about 170 ms,
-    in-flight requests unharmed); until it lands, the default server picks
-    the same leaf by SNI, so nothing waits for it."""
+    handshake), and takes it away when the host's leaf is dropped
+    (proxy.max_hosts). Hosts seen or dropped together share one reload
+    (SIGHUP, about 170 ms, in-flight requests unharmed); until it lands, the
+    default server picks the same leaf by SNI, so nothing waits for it.
 
-    __slots__ = ("_config", "_done", "_pending", "_proc", "_task")
+    Reloads are serial, and a dropped host's leaf is deleted only once nginx
+    has reloaded without its server: a reload still reading the old servers
+    would fail on a missing leaf and keep the old configuration."""
+
+    __slots__ = ("_config", "_done", "_dropped", "_pending", "_proc", "_remove", "_stale",
+                 "_task")
 
     RELOAD_DELAY = 0.2  # seconds: hosts first seen within it share a reload
+    RELOAD_WAIT = 30.0  # seconds a reload may take to start new workers (4.4 s at 1,000 servers)
+    RELOAD_POLL = 0.05
 
-    def __init__(self, config: Config, proc: asyncio.subprocess.Process) -> None:
+    def __init__(
+        self, config: Config, proc: asyncio.subprocess.Process, remove: Callable[[str], None]
+    ) -> None:
         self._config = config
         self._proc = proc
+        self._remove = remove  # deletes a dropped host's leaf
         self._done = {p.stem for p in (config.run_dir / "hosts").glob("*.conf")}
         self._pending: set[str] = set()
+        self._dropped: set[str] = set()
+        self._stale = False  # a server was removed since the last reload
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -228,18 +245,70 @@ class HostServers:
         if host in self._done or host in self._pending or not nginx.host_server_name(host):
             return
         self._pending.add(host)
+        self._reload_later()
+
+    def drop(self, host: str) -> None:
+        """The host's leaf was dropped: remove its server, reload, and only
+        then let its leaf be deleted."""
+        self._pending.discard(host)
+        if host in self._done:
+            self._done.discard(host)
+            nginx.remove_host_server(self._config, host)
+            self._stale = True
+        self._dropped.add(host)
+        self._reload_later()
+
+    def _reload_later(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._reload_soon())
 
     async def _reload_soon(self) -> None:
-        await asyncio.sleep(self.RELOAD_DELAY)
-        hosts, self._pending, self._task = sorted(self._pending), set(), None
-        for host in hosts:
-            nginx.write_host_server(self._config, host)
-        self._done.update(hosts)
-        if self._proc.returncode is None:
-            self._proc.send_signal(signal.SIGHUP)
-            log.info("nginx reloaded: a server of its own for %s", ", ".join(hosts))
+        try:
+            while self._pending or self._dropped:
+                await asyncio.sleep(self.RELOAD_DELAY)
+                hosts, self._pending = sorted(self._pending), set()
+                dropped, self._dropped = sorted(self._dropped), set()
+                for host in hosts:
+                    nginx.write_host_server(self._config, host)
+                self._done.update(hosts)
+                if (hosts or self._stale) and self._proc.returncode is None:
+                    self._stale = False
+                    await self._reload()
+                    if hosts:
+                        log.info("nginx reloaded: a server of its own for %s", ", ".join(hosts))
+                if dropped:
+                    log.info("dropped the leaf and server of %s (least recently used, "
+                             "proxy.max_hosts)", ", ".join(dropped))
+                for host in dropped:
+                    self._remove(host)
+        finally:
+            self._task = None
+
+    async def _reload(self) -> None:
+        """SIGHUP, then wait (bounded) until nginx has read its configuration:
+        it starts new workers only after."""
+        before = nginx_children(self._proc.pid)
+        self._proc.send_signal(signal.SIGHUP)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.RELOAD_WAIT
+        while self._proc.returncode is None and loop.time() < deadline:
+            if nginx_children(self._proc.pid) - before:
+                return
+            await asyncio.sleep(self.RELOAD_POLL)
+        log.warning("nginx started no new workers within %.0f s of a reload", self.RELOAD_WAIT)
+
+
+def nginx_children(pid: int) -> set[int]:
+    """The processes nginx's master has started (its workers)."""
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: every process's parent
+        children = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.add(int(stat.parent.name))
+        return children
 
 
 def _warn_if_backlog_capped() -> None:

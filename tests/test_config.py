@@ -489,3 +489,11 @@ def test_a_registry_hosts_entry_adds_to_the_defaults(tmp_path):
 def test_max_blob_size_takes_a_size_like_cache_max_size(tmp_path):
     conf = load_data(tmp_path, {"limits": {"max_blob_size": "1.5GiB"}})
     assert conf.limits.max_blob_size == 3 << 29
+
+
+def test_proxy_max_hosts_defaults_to_256_and_takes_a_whole_number(tmp_path):
+    assert load(None, environ={}).proxy.max_hosts == 256
+    assert load_data(tmp_path, {"proxy": {"max_hosts": 3}}).proxy.max_hosts == 3
+    for bad in (0, -1, 2.5, True, "many", None):
+        with pytest.raises(ConfigError, match=r"proxy\.max_hosts"):
+            load_data(tmp_path, {"proxy": {"max_hosts": bad}})

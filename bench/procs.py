@@ -27,7 +27,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Self
 
-from cr_proxy import certs
+from cr_proxy.front import certs
 from tests.upstream import free_ports
 
 READY_TIMEOUT = 15.0

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from . import certs, nginx, privsep
-from . import config as config_mod
-from .errors import CrProxyError
+from cr_proxy import config as config_mod
+from cr_proxy import nginx, privsep
+from cr_proxy.errors import CrProxyError
+from cr_proxy.front import certs
 
 
 class ExitStatus(IntEnum):
@@ -26,7 +27,7 @@ class ExitStatus(IntEnum):
 
 
 def cmd_serve(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
-    from .serve import serve
+    from cr_proxy.serve import serve
 
     return ExitStatus(asyncio.run(serve(conf, say=lambda s: print(s, flush=True))))
 
@@ -59,7 +60,7 @@ def cmd_ca(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
 
 def cmd_warm(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     """Preload images into the cache through a fetcher (serve's, or our own)."""
-    from .warm import run
+    from cr_proxy.ops.warm import run
 
     return ExitStatus(run(conf, args.images, args.from_file, args.platform or (),
                           args.jobs, args.json))
@@ -77,7 +78,7 @@ def _warm_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_ls(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     """List cached images: digest, platforms, size, last use."""
-    from . import inventory
+    from cr_proxy.cache import inventory
 
     images = inventory.Inventory.from_config(conf).images()
     doc, text = inventory.images_document(images), inventory.images_table(images)
@@ -87,7 +88,7 @@ def cmd_ls(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
 
 def cmd_du(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     """Disk use per registry domain and in total, each blob counted once."""
-    from . import inventory
+    from cr_proxy.cache import inventory
 
     usage = inventory.Inventory.from_config(conf).usage()
     doc, text = inventory.usage_document(usage), inventory.usage_table(usage)
@@ -97,7 +98,7 @@ def cmd_du(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
 
 def cmd_rm(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     """Remove images, then every blob that no remaining image uses."""
-    from . import inventory
+    from cr_proxy.cache import inventory
 
     inv = inventory.Inventory.from_config(conf)
     # Every reference is resolved before anything is removed: a typo removes nothing.
@@ -110,7 +111,7 @@ def cmd_rm(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
 
 def cmd_verify(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     """Re-hash every blob; quarantine those that fail (exit status 1)."""
-    from . import inventory
+    from cr_proxy.cache import inventory
 
     result = inventory.Inventory.from_config(conf).verification()
     doc, text = inventory.verification_document(result), inventory.verification_text(result)

@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .errors import ConfigError
-from .policy import parse_rule
-from .reference import is_host
+from cr_proxy.errors import ConfigError
+from cr_proxy.net.policy import parse_rule
+from cr_proxy.oci.reference import is_host
 
 ENV_PREFIX = "CR_PROXY_"
 # Upstream connections open at once, all hosts together (the fetcher's

@@ -18,10 +18,12 @@ import string
 import subprocess
 from pathlib import Path
 
-from . import privsep, reference
-from .config import Config, LoopbackAddress
-from .errors import CrProxyError
-from .privsep import FrontStamp, Workers
+from cr_proxy import privsep
+from cr_proxy.config import Config, LoopbackAddress
+from cr_proxy.errors import CrProxyError
+from cr_proxy.front.stamp import FrontStamp
+from cr_proxy.oci import reference
+from cr_proxy.privsep import Workers
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "nginx"
 NJS_MODULE_CANDIDATES = (

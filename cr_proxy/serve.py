@@ -23,15 +23,18 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import certs, logs, nginx, privsep, usage
-from .config import Config
-from .evict import evict_loop
-from .fetcher import make_app
-from .front import Front
-from .metrics import Metrics
-from .metrics import make_app as metrics_app
-from .refresh import refresh_loop
-from .store import Store
+from cr_proxy import nginx, privsep
+from cr_proxy.cache.evict import evict_loop
+from cr_proxy.cache.store import Store
+from cr_proxy.config import Config
+from cr_proxy.fetch.app import make_app
+from cr_proxy.front import certs
+from cr_proxy.front.server import Front
+from cr_proxy.front.stamp import FrontStamp
+from cr_proxy.metrics import Metrics
+from cr_proxy.metrics import make_app as metrics_app
+from cr_proxy.ops import logs, usage
+from cr_proxy.ops.refresh import refresh_loop
 
 log = logging.getLogger("cr_proxy.serve")
 
@@ -128,7 +131,7 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
     os.umask(privsep.UMASK)
     workers = privsep.pick_workers(config)
     privsep.restrict(config, workers)
-    stamp = privsep.FrontStamp.new()
+    stamp = FrontStamp.new()
     conf = nginx.render(config, leaf.cert, leaf.key, workers=workers, stamp=stamp)
     nginx.check(config, conf)
     metrics = Metrics()

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cr_proxy.auth import (
+from cr_proxy.config import Credentials
+from cr_proxy.upstream.auth import (
     DEFAULT_TOKEN_LIFETIME,
     DUMMY_LIFETIME,
     EXPIRY_MARGIN,
@@ -23,7 +24,6 @@ from cr_proxy.auth import (
     pull_scope,
     token_url,
 )
-from cr_proxy.config import Credentials
 
 HUB = (
     'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'

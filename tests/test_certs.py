@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from cr_proxy import certs
+from cr_proxy.front import certs
 
 
 def cache(tmp_path: Path, max_hosts: int) -> certs.LeafCache:

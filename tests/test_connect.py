@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 
 from cr_proxy.config import ProxyPolicy, load
-from cr_proxy.connect import Action, check_port, decide, parse_head, split_authority
 from cr_proxy.errors import ProtocolError, ProxyRefused
-from cr_proxy.policy import Destinations
+from cr_proxy.front.connect import Action, check_port, decide, parse_head, split_authority
+from cr_proxy.net.policy import Destinations
 
 CLIENT = "127.0.0.1"
 ENDPOINTS = {"registry.test": "http://127.0.0.1:5000", "named.test": "http://localhost:7000"}

@@ -9,8 +9,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cr_proxy.cache.inventory import Inventory
 from cr_proxy.config import load as load_config
-from cr_proxy.inventory import Inventory
 from tests.conftest import proxy_endpoints
 from tests.crproxy import CrProxy, skopeo_pull
 from tests.oci_layout import build_image, tar_layer

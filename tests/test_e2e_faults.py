@@ -416,7 +416,7 @@ def test_racing_links_of_one_name_leave_nothing_in_temp(
     """In-process, deterministic: the second link() is made to miss the
     'already linked' shortcut, as it does when another thread links the name
     between its check and its rename."""
-    from cr_proxy import store as store_mod
+    from cr_proxy.cache import store as store_mod
 
     store = store_mod.Store(tmp_path / "cache")
     store.prepare()

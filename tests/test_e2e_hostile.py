@@ -36,9 +36,9 @@ from urllib.parse import quote
 import pytest
 import yaml
 
-from cr_proxy import certs
 from cr_proxy import config as config_mod
-from cr_proxy import front as front_mod
+from cr_proxy.front import certs
+from cr_proxy.front import server as front_mod
 from tests.conftest import proxy_endpoints
 from tests.crproxy import CrProxy, clean_env, layout_blobs, skopeo_pull
 from tests.faulty import (

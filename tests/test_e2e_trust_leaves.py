@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cr_proxy import certs
 from cr_proxy import config as config_mod
-from cr_proxy import front as front_mod
+from cr_proxy.front import certs
+from cr_proxy.front import server as front_mod
 from tests.crproxy import CrProxy
 from tests.faulty import FaultyRegistry, wait_until
 from tests.hostile_leaves import (

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cr_proxy import flight as flight_mod
+from cr_proxy.cache.store import Store
 from cr_proxy.errors import DigestMismatch, NotFound, Truncated
-from cr_proxy.fetcher import Shared
-from cr_proxy.flight import Flight, Flights
-from cr_proxy.reference import digest_of
-from cr_proxy.store import Store
+from cr_proxy.fetch import flight as flight_mod
+from cr_proxy.fetch.app import Shared
+from cr_proxy.fetch.flight import Flight, Flights
+from cr_proxy.oci.reference import digest_of
 
 DATA = bytes(range(256)) * 64  # 16 KiB
 DIGEST = digest_of(DATA)

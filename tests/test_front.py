@@ -8,8 +8,8 @@ import socket
 import pytest
 
 from cr_proxy.errors import ProxyRefused
-from cr_proxy.front import _connect_tcp
-from cr_proxy.policy import Destinations
+from cr_proxy.front.server import _connect_tcp
+from cr_proxy.net.policy import Destinations
 
 
 class StubLoop:

@@ -18,8 +18,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from cr_proxy.errors import BadRequest
-from cr_proxy.layout import (
+from cr_proxy.cache.layout import (
     SEGMENT_RE,
     SIDECARS,
     Kind,
@@ -29,6 +28,7 @@ from cr_proxy.layout import (
     mirror_target,
     proxy_target,
 )
+from cr_proxy.errors import BadRequest
 
 ROOT = Path("/srv/cr-proxy/cache")
 HOSTS = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}

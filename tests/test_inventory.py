@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from cr_proxy import cli
-from cr_proxy.inventory import Inventory, Link, Redirect, chain_order, parse_manifest
-from cr_proxy.reference import digest_of
-from cr_proxy.store import Store
+from cr_proxy.cache.inventory import Inventory, Link, Redirect, chain_order, parse_manifest
+from cr_proxy.cache.store import Store
+from cr_proxy.oci.reference import digest_of
 
 REG = "registry.test"
 HUB = "registry-1.docker.io"

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cr_proxy.errors import BadRequest
-from cr_proxy.layout import (
+from cr_proxy.cache.layout import (
     INDEX_FILE,
     MAX_PATH_LEN,
     SIDECARS,
@@ -28,6 +27,7 @@ from cr_proxy.layout import (
     resolve_domain,
     split_prefix,
 )
+from cr_proxy.errors import BadRequest
 
 SHA256 = "sha256:" + "0123456789abcdef" * 4
 SHA512 = "sha512:" + "0123456789abcdef" * 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from cr_proxy.logs import rotate_if_larger
+from cr_proxy.ops.logs import rotate_if_larger
 
 
 def reopen_counter() -> tuple[list[int], Callable[[], None]]:

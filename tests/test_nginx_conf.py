@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cr_proxy import nginx, reference
+from cr_proxy import nginx
+from cr_proxy.oci import reference
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "nginx"
@@ -104,7 +105,7 @@ def test_the_http_level_says_nosniff_for_every_other_answer() -> None:
 def internal_headers() -> set[str]:
     """Every X-CR-* header name the Python side reads or sends."""
     names = set()
-    for source in (ROOT / "cr_proxy").glob("*.py"):
+    for source in (ROOT / "cr_proxy").rglob("*.py"):
         names |= set(re.findall(r"X-CR-[A-Za-z][A-Za-z-]*[A-Za-z]", source.read_text()))
     return names
 

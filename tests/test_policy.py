@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from cr_proxy.policy import Destinations, ip_of, is_private, parse_authority, parse_rule
+from cr_proxy.net.policy import Destinations, ip_of, is_private, parse_authority, parse_rule
 
 ENDPOINTS = {
     "registry.test": "http://127.0.0.1:5000",  # an address: opens nothing

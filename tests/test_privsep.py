@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from cr_proxy import nginx, privsep
-from cr_proxy.privsep import FrontStamp, PrivilegeError, Workers
+from cr_proxy.front.stamp import FrontStamp
+from cr_proxy.privsep import PrivilegeError, Workers
 
 
 def mode(path: Path) -> int:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cr_proxy.errors import BadRequest, ManifestInvalid
-from cr_proxy.reference import (
+from cr_proxy.oci.reference import (
     INDEX_MEDIA_TYPES,
     MANIFEST_MEDIA_TYPES,
     MAX_NAME_LEN,

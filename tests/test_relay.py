@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cr_proxy import relay
-from cr_proxy.relay import Relay
+from cr_proxy.front import relay
+from cr_proxy.front.relay import Relay
 
 
 class CountingExecutor(ThreadPoolExecutor):

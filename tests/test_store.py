@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cr_proxy.cache.layout import SIDECARS
+from cr_proxy.cache.store import TOP_DIRS, BlobWriter, Store, StoredManifest, TooManyLinks
 from cr_proxy.errors import BadRequest, DigestMismatch, ManifestInvalid, Truncated, UpstreamError
-from cr_proxy.layout import SIDECARS
-from cr_proxy.reference import digest_of
-from cr_proxy.store import TOP_DIRS, BlobWriter, Store, StoredManifest, TooManyLinks
+from cr_proxy.oci.reference import digest_of
 
 DATA = b"layer bytes " * 1000
 DIGEST = digest_of(DATA)

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cr_proxy import tlshello
 from cr_proxy.errors import ProtocolError
-from cr_proxy.tlshello import Hello, parse
+from cr_proxy.front import tlshello
+from cr_proxy.front.tlshello import Hello, parse
 
 
 def real_hello(sni: str | None, version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3) -> bytes:

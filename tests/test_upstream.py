@@ -10,9 +10,9 @@ from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 
 from cr_proxy import config as config_mod
-from cr_proxy import upstream as upstream_mod
 from cr_proxy.errors import UpstreamTimeout, UpstreamUnreachable
-from cr_proxy.upstream import (
+from cr_proxy.upstream import client as upstream_mod
+from cr_proxy.upstream.client import (
     MAX_ANSWERED_HOSTS,
     MAX_DOWN_HOSTS,
     OTHER_REGISTRIES,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cr_proxy.metrics import Metrics
-from cr_proxy.usage import LogTail, UsageFeed, parse_line
+from cr_proxy.ops.usage import LogTail, UsageFeed, parse_line
 
 HIT = "registry.test /v2/a/blobs/sha256:ab 200 1234 blob HIT"
 MISS = "registry.test /v2/a/manifests/v1 200 500 manifest-fetch MISS"
@@ -55,7 +55,7 @@ def test_tail_returns_whole_lines_once(tmp_path: Path) -> None:
 
 
 def test_rotation_reads_the_old_file_to_its_end(tmp_path: Path, monkeypatch) -> None:
-    import cr_proxy.usage as usage
+    import cr_proxy.ops.usage as usage
 
     monkeypatch.setattr(usage, "ROTATE_BYTES", 10)
     log = tmp_path / "usage.log"

@@ -14,8 +14,8 @@ from aiohttp import web
 
 from cr_proxy import config as config_mod
 from cr_proxy.errors import BadRequest, CrProxyError
-from cr_proxy.reference import Reference
-from cr_proxy.warm import (
+from cr_proxy.oci.reference import Reference
+from cr_proxy.ops.warm import (
     ImageResult,
     Platform,
     Summary,

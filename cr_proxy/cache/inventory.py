@@ -86,10 +86,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import Config
-from .errors import BadRequest, NotFound
-from .layout import check_domain, check_path, resolve_domain
-from .reference import (
+from cr_proxy.cache.layout import check_domain, check_path, resolve_domain
+from cr_proxy.cache.store import Store
+from cr_proxy.config import Config
+from cr_proxy.errors import BadRequest, NotFound
+from cr_proxy.oci.reference import (
     DEFAULT_REGISTRY,
     INDEX_MEDIA_TYPES,
     MANIFEST_MEDIA_TYPES,
@@ -99,7 +100,6 @@ from .reference import (
     is_tag,
     parse_reference,
 )
-from .store import Store
 
 IMAGE_MEDIA_TYPES = frozenset(MANIFEST_MEDIA_TYPES) - INDEX_MEDIA_TYPES
 MAX_MANIFEST = 4 << 20  # what the fetcher stores at most

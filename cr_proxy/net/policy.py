@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .reference import is_host
+from cr_proxy.oci.reference import is_host
 
 if TYPE_CHECKING:
-    from .config import Config
+    from cr_proxy.config import Config
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -31,10 +31,17 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .auth import dummy_token, parse_challenge
-from .config import Config
-from .connect import check_port
-from .errors import (
+from cr_proxy.cache.layout import (
+    Kind,
+    RegistryPath,
+    Target,
+    digest_url_path,
+    mirror_target,
+    proxy_target,
+)
+from cr_proxy.cache.store import SHAPE_CONFLICTS, BlobWriter, Store, StoredManifest
+from cr_proxy.config import Config
+from cr_proxy.errors import (
     CrProxyError,
     DestinationRefused,
     DigestMismatch,
@@ -47,13 +54,13 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from .flight import Flight, Flights
-from .layout import Kind, RegistryPath, Target, digest_url_path, mirror_target, proxy_target
-from .metrics import Metrics
-from .policy import parse_authority
-from .reference import MANIFEST_ACCEPT, digest_of, is_digest, manifest_media_type
-from .store import SHAPE_CONFLICTS, BlobWriter, Store, StoredManifest
-from .upstream import Hop, Upstream
+from cr_proxy.fetch.flight import Flight, Flights
+from cr_proxy.front.connect import check_port
+from cr_proxy.metrics import Metrics
+from cr_proxy.net.policy import parse_authority
+from cr_proxy.oci.reference import MANIFEST_ACCEPT, digest_of, is_digest, manifest_media_type
+from cr_proxy.upstream.auth import dummy_token, parse_challenge
+from cr_proxy.upstream.client import Hop, Upstream
 
 log = logging.getLogger("cr_proxy.fetcher")
 

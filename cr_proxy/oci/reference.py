@@ -22,7 +22,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from .errors import BadRequest, ManifestInvalid
+from cr_proxy.errors import BadRequest, ManifestInvalid
 
 COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{COMPONENT}(?:/{COMPONENT})*")

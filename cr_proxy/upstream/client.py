@@ -37,11 +37,11 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from multidict import CIMultiDict
 
-from .auth import Challenge, TokenCache, parse_challenge, pull_scope
-from .config import UPSTREAM_CONNECTIONS, Config
-from .errors import DestinationRefused, UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from .layout import Target, check_domain
-from .policy import SCHEME_PORTS, Destinations, refusal, resolved_refusal
+from cr_proxy.cache.layout import Target, check_domain
+from cr_proxy.config import UPSTREAM_CONNECTIONS, Config
+from cr_proxy.errors import DestinationRefused, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from cr_proxy.net.policy import SCHEME_PORTS, Destinations, refusal, resolved_refusal
+from cr_proxy.upstream.auth import Challenge, TokenCache, parse_challenge, pull_scope
 
 log = logging.getLogger("cr_proxy.upstream")
 

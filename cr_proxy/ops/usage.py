@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .logs import rotate_if_larger
-from .metrics import Metrics
+from cr_proxy.metrics import Metrics
+from cr_proxy.ops.logs import rotate_if_larger
 
 log = logging.getLogger("cr_proxy.usage")
 

@@ -42,9 +42,9 @@ from typing import Any, Protocol, TextIO
 import aiohttp
 from aiohttp import web
 
-from .config import Config
-from .errors import BadRequest, CrProxyError
-from .reference import (
+from cr_proxy.config import Config
+from cr_proxy.errors import BadRequest, CrProxyError
+from cr_proxy.oci.reference import (
     INDEX_MEDIA_TYPES,
     MANIFEST_ACCEPT,
     Reference,
@@ -530,7 +530,7 @@ async def fetcher_socket(config: Config) -> AsyncIterator[tuple[Path, bool]]:
     if await serve_is_running(config.socket_path):
         yield config.socket_path, False
         return
-    from .fetcher import make_app  # the same app serve runs
+    from cr_proxy.fetch.app import make_app  # the same app serve runs
 
     path = config.run_dir / f"warm-{os.getpid()}.sock"
     runner = web.AppRunner(

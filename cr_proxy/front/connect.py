@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import urlsplit
 
-from .config import ProxyPolicy
-from .errors import ProtocolError, ProxyRefused
-from .policy import Destinations, matches, refusal
-from .reference import is_host
+from cr_proxy.config import ProxyPolicy
+from cr_proxy.errors import ProtocolError, ProxyRefused
+from cr_proxy.net.policy import Destinations, matches, refusal
+from cr_proxy.oci.reference import is_host
 
 MAX_HEAD = 16 * 1024  # bytes of request line + headers we accept
 REQUEST_LINE_RE = re.compile(r"([A-Z]{1,16}) (\S{1,8000}) HTTP/1\.[01]")

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ProtocolError
+from cr_proxy.errors import ProtocolError
 
 HANDSHAKE = 22
 CLIENT_HELLO = 1

@@ -29,10 +29,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .config import Config
-from .inventory import Image, Inventory, file_times
-from .metrics import Metrics
-from .store import Store
+from cr_proxy.cache.inventory import Image, Inventory, file_times
+from cr_proxy.cache.store import Store
+from cr_proxy.config import Config
+from cr_proxy.metrics import Metrics
 
 log = logging.getLogger("cr_proxy.evict")
 

@@ -26,9 +26,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DigestMismatch, ManifestInvalid, Truncated, UpstreamError
-from .layout import SIDECARS, Tree
-from .reference import MANIFEST_MEDIA_TYPES, check_digest, digest_of, hasher, is_digest
+from cr_proxy.cache.layout import SIDECARS, Tree
+from cr_proxy.errors import DigestMismatch, ManifestInvalid, Truncated, UpstreamError
+from cr_proxy.oci.reference import MANIFEST_MEDIA_TYPES, check_digest, digest_of, hasher, is_digest
 
 log = logging.getLogger("cr_proxy.store")
 

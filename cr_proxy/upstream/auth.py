@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from .config import Credentials
+from cr_proxy.config import Credentials
 
 # RFC 7230 3.2.6 / RFC 7235 2.1:
 #   token         = 1*tchar

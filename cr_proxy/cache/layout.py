@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path, PurePosixPath
 
-from .errors import BadRequest
-from .reference import check_digest, is_digest, is_host, is_name, is_tag, names_registry
+from cr_proxy.errors import BadRequest
+from cr_proxy.oci.reference import check_digest, is_digest, is_host, is_name, is_tag, names_registry
 
 SIDECARS = ("content-type", "docker-content-digest", "www-authenticate", "redirect")
 # A generic URL path segment we are willing to store (CDN paths, auth paths):

@@ -13,8 +13,8 @@ import fnmatch
 import logging
 from dataclasses import dataclass
 
-from .errors import CrProxyError
-from .fetcher import Fetcher, in_thread
+from cr_proxy.errors import CrProxyError
+from cr_proxy.fetch.app import Fetcher, in_thread
 
 log = logging.getLogger("cr_proxy.refresh")
 

@@ -21,9 +21,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import certs, tlshello
-from .config import Config
-from .connect import (
+from cr_proxy.cache.layout import Tree
+from cr_proxy.config import Config
+from cr_proxy.front import certs, tlshello
+from cr_proxy.front.connect import (
     CONNECTED,
     Action,
     Head,
@@ -34,11 +35,10 @@ from .connect import (
     parse_head,
     reply,
 )
-from .layout import Tree
-from .policy import Destinations, resolved_refusal
-from .privsep import FrontStamp
-from .relay import Relay
-from .upstream import PolicyResolver
+from cr_proxy.front.relay import Relay
+from cr_proxy.front.stamp import FrontStamp
+from cr_proxy.net.policy import Destinations, resolved_refusal
+from cr_proxy.upstream.client import PolicyResolver
 
 log = logging.getLogger("cr_proxy.front")
 

@@ -1,0 +1,12 @@
+"""The fetcher: the aiohttp app nginx hands every miss to (app.py), and
+flight.py (one download per source and digest; readers tail the growing
+file).
+
+Policy (as distribution's registry/proxy): blobs and manifests by digest
+are local-first and immutable; tags are upstream-first once stale, with the
+stale copy served while the upstream is down; everything else is passed
+through uncached or refused.
+May import: cr_proxy.cache, cr_proxy.upstream, cr_proxy.net, cr_proxy.oci,
+cr_proxy.front.connect (the port rule it shares with the front),
+cr_proxy.config, cr_proxy.errors, cr_proxy.metrics.
+"""

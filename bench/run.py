@@ -3,7 +3,7 @@ compare with the alternatives? One command, everything on 127.0.0.1.
 
 It starts, and stops again (also on an error, Ctrl-C or SIGTERM):
 
-* the tests' Docker-Hub-like upstream (tests.upstream.Upstream: distribution
+* the tests' Docker-Hub-like upstream (testbed.registry.Upstream: distribution
   with token auth and blob redirects to a CDN nginx), with one image pushed:
   a 256 MiB layer plus a small one; the CDN also on a second port limited to
   about 1 Gbit/s per connection, for the cold cases over a real link;
@@ -64,15 +64,16 @@ from bench.report import (
     median,
     text_table,
 )
-from tests.crproxy import CrProxy, layout_blobs
-from tests.oci_layout import big_file_layer, build_image, tar_layer
-from tests.upstream import Upstream, free_ports
+from testbed.crproxy import CrProxy, layout_blobs
+from testbed.oci_layout import big_file_layer, build_image, tar_layer
+from testbed.ports import free_ports
+from testbed.registry import Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "bench/big"
 TAG = "v1"
 CLIENTS = 16
-LINK_NAME = "~1 Gbit/s"  # tests.upstream.LINK_RATE, the CDN's rate-limited port
+LINK_NAME = "~1 Gbit/s"  # testbed.registry.LINK_RATE, the CDN's rate-limited port
 RSS_LIMIT = 100 * MIB
 GIB = 1 << 30
 FRONT_CPU_LIMIT = 0.4  # CPU-seconds of the serve process per GiB through the front
@@ -649,7 +650,7 @@ def settle_disk() -> None:
 
 
 def big_layer(size: int, seed: int) -> bytes:
-    """tests.oci_layout.big_file_layer for any size: a tar of one file of
+    """testbed.oci_layout.big_file_layer for any size: a tar of one file of
     pseudo-random bytes. (big_file_layer draws them in one getrandbits call,
     which Python refuses from 256 MiB on: more than 2**31 bits.)"""
     if size < 1 << 28:

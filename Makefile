@@ -14,7 +14,7 @@ serve: deps-run
 	$(BIN)/cr-proxy serve $(if $(CONFIG),--config $(CONFIG))
 
 test: deps-test
-	$(BIN)/ruff check cr_proxy tests bench
+	$(BIN)/ruff check cr_proxy tests bench testbed
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test-unit: deps-test
@@ -24,7 +24,7 @@ test-e2e: deps-test
 	$(BIN)/pytest -q -m e2e $(PYTEST_ARGS)
 
 lint: deps-test
-	$(BIN)/ruff check cr_proxy tests bench
+	$(BIN)/ruff check cr_proxy tests bench testbed
 
 deps-run: .stamp-apt-run $(VENV)/.stamp-run
 deps-test: .stamp-apt-run .stamp-apt-test $(VENV)/.stamp-test

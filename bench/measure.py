@@ -15,7 +15,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.crproxy import clean_env, skopeo_pull
+from testbed.crproxy import clean_env, skopeo_pull
 
 CURL_TIMEOUT = 300
 WRK_GRACE = 30
@@ -191,7 +191,7 @@ def ab_head(url: str, duration: float, connections: int = 32) -> Wrk:
 
 
 def skopeo_time(source: str, dest: Path, cert_dir: Path | None = None) -> float:
-    """Seconds for `skopeo copy docker://source oci:dest` (tests.crproxy.skopeo_pull);
+    """Seconds for `skopeo copy docker://source oci:dest` (testbed.crproxy.skopeo_pull);
     the pulled layout is deleted afterwards by the caller."""
     t0 = time.perf_counter()
     result = skopeo_pull(source, dest, cert_dir=cert_dir)

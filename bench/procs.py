@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Self
 
 from cr_proxy.front import certs
-from tests.upstream import free_ports
+from testbed.ports import free_ports
 
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import measure
-from bench.run import CLIENTS, CONN_WORKERS, DEFAULT_WORK, WORK_MARK, Bench, Plan, machine_facts
-from tests.upstream import Upstream
+from bench.cases import CLIENTS, CONN_WORKERS
+from bench.run import DEFAULT_WORK, WORK_MARK, Bench, Plan, machine_facts
+from testbed.registry import Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 PY_SPY = Path(sys.executable).parent / "py-spy"

@@ -3,7 +3,7 @@ compare with the alternatives? One command, everything on 127.0.0.1.
 
 It starts, and stops again (also on an error, Ctrl-C or SIGTERM):
 
-* the tests' Docker-Hub-like upstream (tests.upstream.Upstream: distribution
+* the tests' Docker-Hub-like upstream (testbed.registry.Upstream: distribution
   with token auth and blob redirects to a CDN nginx), with one image pushed:
   a 256 MiB layer plus a small one; the CDN also on a second port limited to
   about 1 Gbit/s per connection, for the cold cases over a real link;
@@ -17,7 +17,9 @@ It starts, and stops again (also on an error, Ctrl-C or SIGTERM):
   pull-through cache, warm, and fresh (empty storage) for every cold case.
 
 Every case runs `--reps` times, interleaved (A B C, A B C, ...); the table
-shows medians and the ratio of medians next to the bar it must meet. Clients
+shows medians and the ratio of medians next to the bar it must meet. What is
+sampled, and each row's reference and bar, are data in bench/cases.py; the
+rounds here only measure. Clients
 are real tools: curl, wrk, skopeo, and ab for the HEAD rows (Debian's wrk 4.1
 never counts a HEAD answer whose Content-Length announces a body); the
 new-connection rows use bench.connload (Python threads, a new TCP connection
@@ -42,41 +44,22 @@ import signal
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import measure
+from bench import cases, measure
+from bench.cases import CLIENTS, CONN_WORKERS, LINK_NAME, Results, Series
 from bench.procs import PeerRegistry, PlainNginx
-from bench.report import (
-    MIB,
-    Bar,
-    Row,
-    absolute,
-    compare,
-    fmt_mib,
-    fmt_rate,
-    fmt_rps,
-    fmt_secs,
-    info,
-    markdown_table,
-    median,
-    text_table,
-)
-from tests.crproxy import CrProxy, layout_blobs
-from tests.oci_layout import big_file_layer, build_image, tar_layer
-from tests.upstream import Upstream, free_ports
+from bench.report import MIB, Row, markdown_table, text_table
+from testbed.crproxy import CrProxy, layout_blobs
+from testbed.oci_layout import big_file_layer, build_image, tar_layer
+from testbed.ports import free_ports
+from testbed.registry import Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "bench/big"
 TAG = "v1"
-CLIENTS = 16
-LINK_NAME = "~1 Gbit/s"  # tests.upstream.LINK_RATE, the CDN's rate-limited port
-RSS_LIMIT = 100 * MIB
-GIB = 1 << 30
-FRONT_CPU_LIMIT = 0.4  # CPU-seconds of the serve process per GiB through the front
-CONN_WORKERS = 8  # bench.connload threads, each one request after another
 CONN_SERIAL = 200  # requests one at a time (a single thread): the latency rows
 # cr-proxy settings for the warm instance: tags stay fresh for the whole run,
 # so every hit is nginx's (by tag too).
@@ -113,17 +96,6 @@ class Image:
     big: str  # the big layer's digest
     big_size: int
     digests: set[str]  # manifest, config, layers
-
-
-@dataclass
-class Samples:
-    values: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-
-    def add(self, name: str, value: float) -> None:
-        self.values[name].append(value)
-
-    def __getitem__(self, name: str) -> list[float]:
-        return self.values.get(name, [])
 
 
 def say(message: str) -> None:
@@ -184,12 +156,8 @@ class Bench:
         self.plan = plan
         self.work = work
         self.stack = stack
-        self.samples = Samples()
-        self.gets: list[int] = []  # upstream GETs of the big blob, per concurrent round
-        self.rss: dict[str, list[int]] = defaultdict(list)
+        self.results = Results()
         self.round_loads: list[str] = []
-        self.front_cpu: list[tuple[float, int]] = []  # (serve CPU-seconds, bytes) per transfer
-        self.conn_cpu: list[tuple[float, int]] = []  # (serve CPU-seconds, connections) per run
         self.certs = work / "certs"
         (work / "pulled").mkdir(exist_ok=True)
         self._serial = 0
@@ -330,7 +298,7 @@ class Bench:
         try:
             yield proxy
             assert proxy.proc is not None
-            self.rss[label].append(measure.vm_hwm(proxy.proc.pid))
+            self.results.rss[label].append(measure.vm_hwm(proxy.proc.pid))
         finally:
             proxy.stop()
             shutil.rmtree(proxy.dir, ignore_errors=True)
@@ -366,8 +334,8 @@ class Bench:
         size = self.image.big_size
         ours, plain = self._mirror_blob(self.hot), f"http://{self.plain.http}{self._plain_path()}"
         for _ in range(self.plan.hit_inner):
-            self.samples.add("hit_http_ours", measure.curl(ours, expect_size=size).speed)
-            self.samples.add("hit_http_plain", measure.curl(plain, expect_size=size).speed)
+            self.results.add(Series.HIT_HTTP_OURS, measure.curl(ours, expect_size=size).speed)
+            self.results.add(Series.HIT_HTTP_PLAIN, measure.curl(plain, expect_size=size).speed)
         ours = self._mirror_blob(self.hot, https=True)
         plain = f"https://{self.plain.https}{self._plain_path()}"
         ca_ours = ["--cacert", str(self.hot.ca_cert)]
@@ -376,17 +344,17 @@ class Bench:
         assert self.hot.proc is not None
         pid = self.hot.proc.pid
         for _ in range(self.plan.hit_inner):
-            self.samples.add("hit_https_ours",
+            self.results.add(Series.HIT_HTTPS_OURS,
                              measure.curl(ours, *ca_ours, expect_size=size).speed)
-            self.samples.add("hit_https_plain",
+            self.results.add(Series.HIT_HTTPS_PLAIN,
                              measure.curl(plain, *ca_plain, expect_size=size).speed)
             # The same bytes through the CONNECT front (TLS still ended by
             # nginx); the serve process's CPU around it is the front's cost.
             cpu0 = measure.cpu_seconds(pid)
             result = measure.curl(front, *ca_ours, proxy=self.front, expect_size=size,
                                   request_type="blob")
-            self.front_cpu.append((measure.cpu_seconds(pid) - cpu0, result.size))
-            self.samples.add("hit_front_ours", result.speed)
+            self.results.front_cpu.append((measure.cpu_seconds(pid) - cpu0, result.size))
+            self.results.add(Series.HIT_FRONT_OURS, result.speed)
 
     def small_hits(self) -> None:
         secs = self.plan.wrk_seconds
@@ -394,14 +362,16 @@ class Bench:
         plain = f"http://{self.plain.http}/v2/{REPO}/manifests/{TAG}"
         head_ours = self._mirror_blob(self.hot)
         head_plain = f"http://{self.plain.http}{self._plain_path()}"
-        for name, url, tool in (
-            ("manifest_ours", ours, measure.wrk), ("manifest_plain", plain, measure.wrk),
-            ("head_ours", head_ours, measure.ab_head), ("head_plain", head_plain, measure.ab_head),
+        for series, url, tool in (
+            (Series.MANIFEST_OURS, ours, measure.wrk),
+            (Series.MANIFEST_PLAIN, plain, measure.wrk),
+            (Series.HEAD_OURS, head_ours, measure.ab_head),
+            (Series.HEAD_PLAIN, head_plain, measure.ab_head),
         ):
             result = tool(url, secs)
             if result.bad:
                 raise measure.BenchError(f"{url}: {result.bad} bad answers")
-            self.samples.add(name, result.rps)
+            self.results.add(series, result.rps)
 
     def new_connections(self) -> None:
         """A small manifest GET on a new connection every time (TCP, CONNECT,
@@ -409,16 +379,17 @@ class Bench:
         nginx's TLS port, then through the front; the same driver. First
         CONN_WORKERS threads at once (rate, and the serve process's CPU per
         connection), then one request at a time (latency)."""
-        self.samples.add("conn_plain", self._conns(False, self.plan.conn_count, CONN_WORKERS).rps)
+        plain = self._conns(False, self.plan.conn_count, CONN_WORKERS)
+        self.results.add(Series.CONN_PLAIN, plain.rps)
         assert self.hot.proc is not None
         pid = self.hot.proc.pid
         cpu0 = measure.cpu_seconds(pid)
         ours = self._conns(True, self.plan.conn_count, CONN_WORKERS)
-        self.conn_cpu.append((measure.cpu_seconds(pid) - cpu0, ours.count))
-        self.samples.add("conn_front", ours.rps)
-        for name, through_front in (("conn1_plain", False), ("conn1_front", True)):
+        self.results.conn_cpu.append((measure.cpu_seconds(pid) - cpu0, ours.count))
+        self.results.add(Series.CONN_FRONT, ours.rps)
+        for series, through_front in ((Series.CONN1_PLAIN, False), (Series.CONN1_FRONT, True)):
             one = self._conns(through_front, CONN_SERIAL, 1)
-            self.samples.add(name, one.wall / one.count)  # seconds per request
+            self.results.add(series, one.wall / one.count)  # seconds per request
 
     def _conns(self, through_front: bool, count: int, workers: int) -> measure.ConnLoad:
         path = self._manifest_path()
@@ -441,25 +412,27 @@ class Bench:
             before = up.cdn_blob_gets(digest)
             settle_disk()
             wall, _ = measure.curl_many(self._mirror_blob(proxy), CLIENTS, self.image.big_size)
-            self.samples.add("link_concurrent_wall" if link else "concurrent_wall", wall)
-            self.gets.append(_settled(lambda: up.cdn_blob_gets(digest)) - before)
+            series = Series.LINK_CONCURRENT_WALL if link else Series.CONCURRENT_WALL
+            self.results.add(series, wall)
+            gets = _settled(lambda: up.cdn_blob_gets(digest)) - before
+            self.results.upstream_gets.append(gets)
         if not link:
             # The floor on this machine: the same 16 downloads as hits of a
             # plain nginx (sendfile), the clients sharing its cores.
             plain = f"http://{self.plain.http}{self._plain_path()}"
             wall, _ = measure.curl_many(plain, CLIENTS, self.image.big_size)
-            self.samples.add("concurrent_plain_hit_wall", wall)
+            self.results.add(Series.CONCURRENT_PLAIN_HIT_WALL, wall)
 
     def cold_curl(self) -> None:
         with self._cold_crproxy("cold curl") as proxy:
             settle_disk()
-            self.samples.add("cold_curl_ours", measure.curl(
+            self.results.add(Series.COLD_CURL_OURS, measure.curl(
                 self._mirror_blob(proxy), expect_size=self.image.big_size).wall)
-        self.samples.add("cold_curl_direct", self._direct_blob(self.up.cdn_port))
+        self.results.add(Series.COLD_CURL_DIRECT, self._direct_blob(self.up.cdn_port))
         with self._cold_peer() as peer:
             url = f"http://{peer.http}/v2/{REPO}/blobs/{self.image.big}"
             settle_disk()
-            self.samples.add("cold_curl_peer",
+            self.results.add(Series.COLD_CURL_PEER,
                              measure.curl(url, expect_size=self.image.big_size).wall)
 
     def _direct_blob(self, cdn_port: int) -> float:
@@ -483,162 +456,51 @@ class Bench:
         through a cold cr-proxy, the same directly, and 16 clients at once."""
         with self._cold_crproxy("cold curl, link", link=True) as proxy:
             settle_disk()
-            self.samples.add("link_cold_ours", measure.curl(
+            self.results.add(Series.LINK_COLD_OURS, measure.curl(
                 self._mirror_blob(proxy), expect_size=self.image.big_size).wall)
-        self.samples.add("link_cold_direct", self._direct_blob(self.up.cdn_link_port))
+        self.results.add(Series.LINK_COLD_DIRECT, self._direct_blob(self.up.cdn_link_port))
         self.concurrent(link=True)
 
     def cold_skopeo(self) -> None:
         with self._cold_crproxy("cold skopeo") as proxy:
-            self.samples.add("cold_skopeo_ours",
+            self.results.add(Series.COLD_SKOPEO_OURS,
                              self._timed_pull(f"{proxy.http}/registry.test/{REPO}:{TAG}"))
         dest = self._dest()
         settle_disk()
         t0 = time.perf_counter()
         try:
             self.up.pull_direct(REPO, TAG, dest)
-            self.samples.add("cold_skopeo_direct", time.perf_counter() - t0)
+            self.results.add(Series.COLD_SKOPEO_DIRECT, time.perf_counter() - t0)
         finally:
             shutil.rmtree(dest, ignore_errors=True)
         with self._cold_peer() as peer:
-            self.samples.add("cold_skopeo_peer", self._timed_pull(f"{peer.http}/{REPO}:{TAG}"))
+            self.results.add(Series.COLD_SKOPEO_PEER,
+                             self._timed_pull(f"{peer.http}/{REPO}:{TAG}"))
 
     def warm(self) -> None:
         ours = f"{self.hot.http}/registry.test/{REPO}:{TAG}"
-        self.samples.add("warm_ours", self._timed_pull(ours))
-        self.samples.add("warm_peer", self._timed_pull(f"{self.peer.http}/{REPO}:{TAG}"))
+        self.results.add(Series.WARM_OURS, self._timed_pull(ours))
+        self.results.add(Series.WARM_PEER, self._timed_pull(f"{self.peer.http}/{REPO}:{TAG}"))
         # The same warm blob by curl: what the servers do when skopeo is not the limit.
         size = self.image.big_size
         settle_disk()
-        self.samples.add("warm_curl_ours",
+        self.results.add(Series.WARM_CURL_OURS,
                          measure.curl(self._mirror_blob(self.hot), expect_size=size).wall)
         peer_blob = f"http://{self.peer.http}/v2/{REPO}/blobs/{self.image.big}"
-        self.samples.add("warm_curl_peer", measure.curl(peer_blob, expect_size=size).wall)
+        self.results.add(Series.WARM_CURL_PEER, measure.curl(peer_blob, expect_size=size).wall)
 
     def offline(self) -> None:
         source = f"{self.stale.http}/registry.test/{REPO}:{TAG}"
-        self.samples.add("online_stale", self._timed_pull(source))
+        self.results.add(Series.ONLINE_STALE, self._timed_pull(source))
         self.up.stop_registry()
         self.up.stop_auth()
         self.up.stop_cdn()
         try:
-            self.samples.add("offline_stale", self._timed_pull(source))
+            self.results.add(Series.OFFLINE_STALE, self._timed_pull(source))
         finally:
             self.up.start_registry()
             self.up.start_auth()
             self.up.start_cdn()
-
-    # ---- the table
-
-    def rows(self) -> list[Row]:
-        s = self.samples
-        mib = self.plan.blob_mib
-        rows = [
-            compare(f"blob hit, mirror over HTTP (curl, {mib} MiB)", s["hit_http_ours"],
-                    s["hit_http_plain"], "plain nginx sendfile", Bar(">=", 0.95), fmt_rate),
-            compare(f"blob hit, mirror over HTTPS (curl, {mib} MiB)", s["hit_https_ours"],
-                    s["hit_https_plain"], "plain nginx TLS", Bar(">=", 0.95), fmt_rate),
-            compare("manifest hit (wrk -t2 -c32)", s["manifest_ours"], s["manifest_plain"],
-                    "plain nginx static", Bar(">=", 0.5), fmt_rps),
-            compare("blob HEAD hit (ab -i -k -c32)", s["head_ours"], s["head_plain"],
-                    "plain nginx HEAD", Bar(">=", 0.9), fmt_rps),
-            compare("cold pull, skopeo", s["cold_skopeo_ours"], s["cold_skopeo_direct"],
-                    "upstream direct", Bar("<=", 1.15), fmt_secs),
-            compare("cold pull, skopeo", s["cold_skopeo_ours"], s["cold_skopeo_peer"],
-                    "distribution proxy cold", Bar("<", 1.0, "< 1x (faster)"), fmt_secs),
-            compare("cold blob, curl", s["cold_curl_ours"], s["cold_curl_direct"],
-                    "upstream direct (token + redirect)", Bar("<=", 1.15), fmt_secs),
-            compare("cold blob, curl", s["cold_curl_ours"], s["cold_curl_peer"],
-                    "distribution proxy cold", Bar("<", 1.0, "< 1x (faster)"), fmt_secs),
-            compare("warm pull, skopeo", s["warm_ours"], s["warm_peer"],
-                    "distribution proxy warm", Bar("<=", 0.6), fmt_secs),
-            info("warm blob, curl", s["warm_curl_ours"], s["warm_curl_peer"],
-                 "distribution proxy warm", fmt_secs),
-        ]
-        gets = self.gets
-        rows.append(absolute(
-            f"{CLIENTS} clients miss one blob: upstream GETs",
-            ", ".join(str(g) for g in gets) or "-", "-",
-            bool(gets) and all(g == 1 for g in gets), "exactly 1",
-        ))
-        rows.append(compare(
-            f"{CLIENTS} clients miss one blob: wall time", s["concurrent_wall"],
-            s["cold_curl_ours"], "one client alone", Bar("<=", 1.3), fmt_secs,
-        ))
-        rows.append(compare(
-            f"cold blob, curl, upstream CDN at {LINK_NAME}", s["link_cold_ours"],
-            s["link_cold_direct"], "upstream direct, same link", Bar("<=", 1.15), fmt_secs,
-        ))
-        rows.append(compare(
-            f"{CLIENTS} clients miss one blob, upstream CDN at {LINK_NAME}: wall time",
-            s["link_concurrent_wall"], s["link_cold_ours"], "one client alone, same link",
-            Bar("<=", 1.3), fmt_secs,
-        ))
-        rows.append(info(
-            f"{CLIENTS} clients miss one blob: wall time vs the same as hits",
-            s["concurrent_wall"], s["concurrent_plain_hit_wall"],
-            f"{CLIENTS} clients, plain nginx hits", fmt_secs,
-        ))
-        rows.append(compare("offline pull (stale tag, upstream stopped)", s["offline_stale"],
-                            s["online_stale"], "same pull online", Bar("<=", 1.1), fmt_secs))
-        peak = max((v for vs in self.rss.values() for v in vs), default=0)
-        worst = max(self.rss, key=lambda k: max(self.rss[k]), default="-")
-        rows.append(absolute(
-            "fetcher peak RSS (cold + concurrent)", fmt_mib(peak), f"worst in: {worst}",
-            0 < peak <= RSS_LIMIT, f"<= {RSS_LIMIT // MIB} MiB",
-        ))
-        rows.append(compare(
-            f"blob hit through https_proxy (CONNECT front, curl, {mib} MiB)",
-            s["hit_front_ours"], s["hit_https_plain"], "plain nginx TLS", Bar(">=", 0.85),
-            fmt_rate,
-        ))
-        cpu = sum(c for c, _ in self.front_cpu)
-        moved = sum(b for _, b in self.front_cpu) / GIB
-        per_gib = cpu / moved if moved else float("nan")
-        rows.append(absolute(
-            "front CPU per GiB (serve process, utime+stime)",
-            f"{per_gib:.3f} s/GiB" if moved else "-",
-            f"{cpu:.2f} s over {moved:.2f} GiB, {len(self.front_cpu)} transfers",
-            bool(moved) and per_gib <= FRONT_CPU_LIMIT, f"<= {FRONT_CPU_LIMIT:g} s/GiB",
-        ))
-        rows.append(compare(
-            f"new connection per request through CONNECT (manifest, {CONN_WORKERS} threads)",
-            s["conn_front"], s["conn_plain"], "plain nginx TLS, new connection each",
-            Bar(">=", 0.8), fmt_rps,
-        ))
-        rows.append(info("new connection per request, one at a time: latency",
-                         s["conn1_front"], s["conn1_plain"], "plain nginx TLS", fmt_ms))
-        conns = sum(n for _, n in self.conn_cpu)
-        if conns:
-            conn_ms = 1000 * sum(c for c, _ in self.conn_cpu) / conns
-            rows.append(Row("front CPU per new connection (serve process)",
-                            f"{conn_ms:.2f} ms", f"over {conns:,} connections", "-",
-                            "(info)", "-"))
-        return rows
-
-    def sample_lines(self) -> list[str]:
-        lines = []
-        units = {"hit_": (MIB, "MiB/s"), "manifest": (1, "req/s"), "head": (1, "req/s"),
-                 "conn_": (1, "req/s"), "conn1_": (1e-3, "ms")}
-        for name, values in self.samples.values.items():
-            scale, unit = next(
-                (u for prefix, u in units.items() if name.startswith(prefix)), (1, "s")
-            )
-            shown = ", ".join(f"{v / scale:,.2f}" for v in values)
-            lines.append(f"{name} ({unit}, median {median(values) / scale:,.2f}): {shown}")
-        if self.front_cpu:
-            lines.append("front CPU per transfer (s, serve process): "
-                         + ", ".join(f"{c:.2f}" for c, _ in self.front_cpu))
-        if self.conn_cpu:
-            lines.append("front CPU per new-connection run (s / connections): "
-                         + ", ".join(f"{c:.2f}/{n}" for c, n in self.conn_cpu))
-        for label, values in self.rss.items():
-            lines.append(f"peak RSS {label} (MiB): " + ", ".join(f"{v / MIB:.1f}" for v in values))
-        return lines
-
-
-def fmt_ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f} ms"
 
 
 def settle_disk() -> None:
@@ -649,7 +511,7 @@ def settle_disk() -> None:
 
 
 def big_layer(size: int, seed: int) -> bytes:
-    """tests.oci_layout.big_file_layer for any size: a tar of one file of
+    """testbed.oci_layout.big_file_layer for any size: a tar of one file of
     pseudo-random bytes. (big_file_layer draws them in one getrandbits call,
     which Python refuses from 256 MiB on: more than 2**31 bits.)"""
     if size < 1 << 28:
@@ -734,7 +596,7 @@ def markdown(plan: Plan, bench: Bench, rows: list[Row], facts: dict[str, str], s
         "",
         "## Samples",
         "",
-        *(f"- {line}" for line in bench.sample_lines()),
+        *(f"- {line}" for line in cases.sample_lines(bench.results)),
         "",
     ]
     return "\n".join(lines)
@@ -806,11 +668,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     wall = time.monotonic() - t0
     load_end = load()
-    rows = bench.rows()
+    rows = cases.rows(bench.results, plan.blob_mib)
     say("")
     say(text_table(rows))
     say("")
-    for line in bench.sample_lines():
+    for line in cases.sample_lines(bench.results):
         say(f"  {line}")
     say(f"\nload average at start {load_start}, at end {load_end} (nproc {os.cpu_count()}); "
         f"wall time {wall / 60:.1f} min")

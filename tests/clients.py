@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Self
 
-from tests.crproxy import clean_env
+from testbed.crproxy import clean_env
 
 READY_TIMEOUT = 60.0
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.crproxy import CrProxy
-from tests.oci_layout import ImageInfo, big_file_layer, build_image, build_index, tar_layer
-from tests.upstream import Upstream
+from testbed.crproxy import CrProxy
+from testbed.oci_layout import ImageInfo, big_file_layer, build_image, build_index, tar_layer
+from testbed.registry import Upstream
 
 BIG_LAYER = 100 * 1024 * 1024
 

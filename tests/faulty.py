@@ -25,7 +25,7 @@ answers any request with a recognisable body: a test that must prove that
 nothing reaches some address points a hostile request at it and asserts
 that `connections == 0` and that the body never comes back.
 
-Both run on one event loop in a daemon thread (tests.upstream.LoopThread);
+Both run on one event loop in a daemon thread (testbed.registry.LoopThread);
 `stop()` ends every connection they hold.
 """
 
@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Self
 from urllib.parse import urlsplit
 
-from tests.upstream import LoopThread, free_ports
+from testbed.ports import free_ports
+from testbed.registry import LoopThread
 
 FAULTS = ("ok", "reset", "close", "wrong", "stall", "stall_body", "hold")
 HOLD_MAX = 120.0  # seconds a gated or stalled connection is held at most

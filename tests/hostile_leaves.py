@@ -10,7 +10,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.crproxy import CrProxy
+from testbed.crproxy import CrProxy
 
 
 @dataclass

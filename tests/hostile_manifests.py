@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass
 from enum import Enum
 
-from tests.crproxy import CrProxy
+from testbed.crproxy import CrProxy
 from tests.faulty import FaultyRegistry, connect_tunnel, raw_exchange, sha256
 
 FAKE = FaultyRegistry.name

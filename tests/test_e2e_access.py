@@ -12,9 +12,9 @@ from hashlib import sha256
 
 import pytest
 
+from testbed.crproxy import CrProxy
+from testbed.registry import Upstream
 from tests.conftest import Images, proxy_endpoints
-from tests.crproxy import CrProxy
-from tests.upstream import Upstream
 
 ALLOWED, OTHER = "127.0.0.2", "127.0.0.1"
 ACCEPT = ("application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, "

@@ -9,11 +9,11 @@ import os
 import shutil
 from pathlib import Path
 
+from testbed.crproxy import CrProxy
+from testbed.registry import Upstream
 from tests.clients import Containerd, Dockerd, available, podman
 from tests.conftest import Images, proxy_endpoints
-from tests.crproxy import CrProxy
 from tests.test_e2e_proxy import ca_dir, https_proxy  # noqa: F401 - the fixture
-from tests.upstream import Upstream
 
 
 def proxy_url(proxy: CrProxy) -> str:

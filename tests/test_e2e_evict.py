@@ -11,11 +11,11 @@ from pathlib import Path
 
 from cr_proxy.cache.inventory import Inventory
 from cr_proxy.config import load as load_config
+from testbed.crproxy import CrProxy, skopeo_pull
+from testbed.oci_layout import build_image, tar_layer
+from testbed.registry import Upstream
 from tests.conftest import proxy_endpoints
-from tests.crproxy import CrProxy, skopeo_pull
-from tests.oci_layout import build_image, tar_layer
 from tests.test_e2e_metrics import scrape, value
-from tests.upstream import Upstream
 
 FEED_DEADLINE = 10.0
 

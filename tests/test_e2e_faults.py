@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.crproxy import CrProxy
+from testbed.crproxy import CrProxy
 from tests.faulty import (
     Answer,
     FaultyRegistry,

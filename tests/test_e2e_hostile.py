@@ -39,8 +39,11 @@ import yaml
 from cr_proxy import config as config_mod
 from cr_proxy.front import certs
 from cr_proxy.front import server as front_mod
+from testbed.crproxy import CrProxy, clean_env, layout_blobs, skopeo_pull
+from testbed.oci_layout import build_image, tar_layer
+from testbed.ports import free_ports
+from testbed.registry import Upstream
 from tests.conftest import proxy_endpoints
-from tests.crproxy import CrProxy, clean_env, layout_blobs, skopeo_pull
 from tests.faulty import (
     Answer,
     Canary,
@@ -53,8 +56,6 @@ from tests.faulty import (
     tree_snapshot,
     wait_until,
 )
-from tests.oci_layout import build_image, tar_layer
-from tests.upstream import Upstream, free_ports
 
 FAKE = FaultyRegistry.name
 DIGEST = "sha256:" + "ab" * 32

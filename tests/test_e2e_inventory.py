@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from testbed.crproxy import CrProxy, layout_blobs, skopeo_pull
 from tests.conftest import Images
-from tests.crproxy import CrProxy, layout_blobs, skopeo_pull
 
 SMALL = "registry.test/small:v1"
 OTHER = "registry.test/other/app:v1"

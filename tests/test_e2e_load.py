@@ -21,11 +21,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from testbed.crproxy import CrProxy
+from testbed.oci_layout import ImageInfo, build_image, tar_layer
+from testbed.registry import Upstream
 from tests.conftest import BIG_LAYER, Images, proxy_endpoints
-from tests.crproxy import CrProxy
 from tests.faulty import children, fd_count, proc_status, vm_hwm_kib, wait_until
-from tests.oci_layout import ImageInfo, build_image, tar_layer
-from tests.upstream import Upstream
 
 CLIENTS = 24
 FRESH_IMAGES = 4

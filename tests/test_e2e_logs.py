@@ -8,10 +8,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from testbed.crproxy import CrProxy
+from testbed.registry import Upstream
 from tests.conftest import proxy_endpoints
-from tests.crproxy import CrProxy
 from tests.faulty import wait_until
-from tests.upstream import Upstream
 
 LIMIT = 4096  # bytes: about 25 lines
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from testbed.crproxy import CrProxy, skopeo_pull
+from testbed.registry import Upstream
 from tests.conftest import Images, proxy_endpoints
-from tests.crproxy import CrProxy, skopeo_pull
-from tests.upstream import Upstream
 
 FEED_DEADLINE = 10.0  # seconds for nginx's log datagrams to be read
 

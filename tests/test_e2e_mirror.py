@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from testbed.crproxy import CrProxy, layout_blobs, skopeo_pull
+from testbed.oci_layout import build_image, tar_layer
+from testbed.registry import Upstream
 from tests.conftest import Images, proxy_endpoints
-from tests.crproxy import CrProxy, layout_blobs, skopeo_pull
-from tests.oci_layout import build_image, tar_layer
-from tests.upstream import Upstream
 
 
 def request(

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from testbed.crproxy import CrProxy, clean_env, layout_blobs
+from testbed.ports import free_ports
+from testbed.registry import Upstream
 from tests.conftest import Images, proxy_endpoints
-from tests.crproxy import CrProxy, clean_env, layout_blobs
 from tests.test_e2e_mirror import expected_digests
-from tests.upstream import Upstream, free_ports
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from testbed.crproxy import CrProxy, layout_blobs, skopeo_pull
+from testbed.ports import free_ports
+from testbed.registry import Upstream
 from tests.conftest import Images, proxy_endpoints
-from tests.crproxy import CrProxy, layout_blobs, skopeo_pull
 from tests.test_e2e_mirror import expected_digests
 from tests.test_e2e_proxy import ca_dir, skopeo_via_proxy
-from tests.upstream import Upstream, free_ports
 
 IMAGE = "registry.test/small:v1"
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
+from testbed.crproxy import CrProxy
+from testbed.oci_layout import build_image, tar_layer
+from testbed.registry import Upstream
 from tests.conftest import proxy_endpoints
-from tests.crproxy import CrProxy
-from tests.oci_layout import build_image, tar_layer
-from tests.upstream import Upstream
 
 REFRESH_DEADLINE = 30.0  # seconds for a 1 s refresh interval to act
 

@@ -24,8 +24,10 @@ from urllib.parse import quote
 
 import pytest
 
+from testbed.crproxy import CrProxy
+from testbed.ports import free_ports
+from testbed.registry import Upstream
 from tests.conftest import Images, proxy_endpoints
-from tests.crproxy import CrProxy
 from tests.faulty import (
     Answer,
     FaultyRegistry,
@@ -37,7 +39,6 @@ from tests.faulty import (
     wait_until,
 )
 from tests.hostile_blobs import Routes, victim, victim_file
-from tests.upstream import Upstream, free_ports
 
 MIB = 1 << 20
 CAP = 1 * MIB  # limits.max_blob_size of the size-limit tests

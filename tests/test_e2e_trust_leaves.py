@@ -22,7 +22,8 @@ import yaml
 from cr_proxy import config as config_mod
 from cr_proxy.front import certs
 from cr_proxy.front import server as front_mod
-from tests.crproxy import CrProxy
+from testbed.crproxy import CrProxy
+from testbed.ports import free_ports
 from tests.faulty import FaultyRegistry, wait_until
 from tests.hostile_leaves import (
     Outcome,
@@ -33,7 +34,6 @@ from tests.hostile_leaves import (
     rss_bytes,
     tls,
 )
-from tests.upstream import free_ports
 
 HOSTS = [f"h{i}.test" for i in range(1, 6)]  # reach the FaultyRegistry via endpoints
 INVENTED = 200

@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from testbed.crproxy import CrProxy
+from testbed.registry import Upstream
 from tests.conftest import Images, proxy_endpoints
-from tests.crproxy import CrProxy
 from tests.faulty import http, split_response, wait_until
 from tests.hostile_limits import TricklingRegistry
-from tests.upstream import Upstream
 
 PER_HOST = 4  # limits.upstream_connections_per_host of the limited mirror
 POOL_WAIT = 2  # timeouts.pool of the limited mirror

@@ -31,10 +31,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from testbed.crproxy import CrProxy, clean_env, layout_blobs, skopeo_pull
+from testbed.ports import free_ports
+from testbed.registry import Upstream
 from tests.conftest import Images, proxy_endpoints
-from tests.crproxy import CrProxy, clean_env, layout_blobs, skopeo_pull
 from tests.test_e2e_mirror import expected_digests
-from tests.upstream import Upstream, free_ports
 
 WORKERS = "www-data"  # what nginx.user: auto picks on Debian
 OTHER = "nobody"  # a local user with no part in cr-proxy

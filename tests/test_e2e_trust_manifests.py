@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.crproxy import CrProxy
+from testbed.crproxy import CrProxy
+from testbed.ports import free_ports
 from tests.faulty import sha256, wait_until
 from tests.hostile_manifests import (
     FAKE,
@@ -35,7 +36,6 @@ from tests.hostile_manifests import (
     get,
     manifest_body,
 )
-from tests.upstream import free_ports
 
 INJECTED = "application/vnd.oci.image.manifest.v1+json\r\nSet-Cookie: x=y"
 SCRIPT_TAG = b"<script>alert(document.cookie)</script>"

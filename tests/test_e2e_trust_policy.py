@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.crproxy import CrProxy
+from testbed.crproxy import CrProxy
+from testbed.ports import free_ports
 from tests.faulty import (
     Answer,
     Canary,
@@ -38,7 +39,6 @@ from tests.faulty import (
     sha256,
     split_response,
 )
-from tests.upstream import free_ports
 
 FAKE = FaultyRegistry.name
 # Every spelling of 127.0.0.1 a resolver accepts, and names that resolve to it.

@@ -12,11 +12,11 @@ from typing import Any
 
 import yaml
 
+from testbed.crproxy import CrProxy, clean_env, layout_blobs, skopeo_pull
+from testbed.oci_layout import ImageInfo
+from testbed.registry import Upstream
 from tests.conftest import Images, proxy_endpoints
-from tests.crproxy import CrProxy, clean_env, layout_blobs, skopeo_pull
-from tests.oci_layout import ImageInfo
 from tests.test_e2e_metrics import scrape, value
-from tests.upstream import Upstream
 
 DEAD = "http://127.0.0.1:9"
 

@@ -21,7 +21,7 @@ from cr_proxy.upstream.client import (
     is_loopback,
     split_url,
 )
-from tests.upstream import free_ports
+from testbed.ports import free_ports
 
 
 def make_config(**env: str) -> config_mod.Config:

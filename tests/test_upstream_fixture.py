@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from tests.oci_layout import (
+from testbed.oci_layout import (
     MT_INDEX,
     MT_MANIFEST,
     ImageInfo,
@@ -22,7 +22,8 @@ from tests.oci_layout import (
     build_index,
     tar_layer,
 )
-from tests.upstream import Upstream, decode_jwt_claims, port_open, skopeo_available
+from testbed.ports import port_open
+from testbed.registry import Upstream, decode_jwt_claims, skopeo_available
 
 pytestmark = pytest.mark.skipif(
     not skopeo_available(), reason="needs skopeo, docker-registry and nginx"

@@ -22,7 +22,7 @@ from typing import Any, Self
 
 import yaml
 
-from tests.upstream import free_ports
+from testbed.ports import free_ports
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0

@@ -157,7 +157,7 @@ def _config_json(layers_uncompressed: list[bytes], platform: tuple[str, str]) ->
                 "type": "layers",
                 "diff_ids": [sha256_digest(layer) for layer in layers_uncompressed],
             },
-            "history": [{"created": _CREATED, "created_by": "tests/oci_layout.py"}]
+            "history": [{"created": _CREATED, "created_by": "testbed/oci_layout.py"}]
             * len(layers_uncompressed),
         }
     )

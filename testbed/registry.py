@@ -46,7 +46,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -66,7 +65,8 @@ from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 from yarl import URL
 
-from tests.oci_layout import MT_INDEX, ref_descriptor
+from testbed.oci_layout import MT_INDEX, ref_descriptor
+from testbed.ports import free_ports, port_open
 
 T = TypeVar("T")
 
@@ -95,24 +95,6 @@ _HOP_BY_HOP = frozenset(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports (all bound at once, so none repeats)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _b64url(data: bytes) -> str:
@@ -833,7 +815,7 @@ class Upstream:
     ) -> str:
         """Push `oci:layout_dir:ref_name` to `registry.test/repo:tag`; return its digest.
 
-        Digests are preserved, so the ImageInfo from tests.oci_layout stays valid;
+        Digests are preserved, so the ImageInfo from testbed.oci_layout stays valid;
         fmt="v2s2" converts the manifest (new manifest digest; with uncompressed layers,
         new layer digests too, so build such images with compress=True).
         An image index is pushed whole (`--all`).

@@ -1,0 +1,8 @@
+"""The test bed: what the tests and the bench run cr-proxy against and with.
+
+A Docker-Hub-like upstream on loopback (registry: CNCF distribution with token
+auth and a CDN), OCI image layouts built in memory (oci_layout), `cr-proxy
+serve` as a subprocess (crproxy) and free loopback ports (ports). It imports
+cr_proxy only as a command line, never its modules, and is not shipped with
+the product (pyproject packages only cr_proxy).
+"""

@@ -1,0 +1,148 @@
+"""cr_proxy.cache.evict on a tree built with Store (no serve): least recently
+used images go first, down to low_water; an image used within min_age
+stays; a blob another image uses stays."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cr_proxy.cache.evict import evict_once
+from cr_proxy.cache.inventory import Inventory
+from cr_proxy.cache.store import Store
+from cr_proxy.config import Config, load
+from tests.test_inventory import REG, Cached, cache_image
+
+NOW = 1_000_000_000.0
+LAYER = 10_000  # bytes of each image's own layer: the images' sizes are alike
+HOUR = 3600.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "cache")
+    s.prepare()
+    return s
+
+
+def config(tmp_path: Path, store: Store, max_size: int, low_water: float = 0.9,
+           min_age: float = 300) -> Config:
+    path = tmp_path / "cr-proxy.yml"
+    path.write_text(yaml.safe_dump({
+        "cache_dir": str(store.root),
+        "cache": {"max_size": max_size, "low_water": low_water, "min_age": min_age},
+    }))
+    return load(path, environ={})
+
+
+def image(store: Store, name: str, *shared: bytes) -> Cached:
+    own = name.encode() * (LAYER // len(name))
+    return cache_image(store, name, "v1", [own, *shared])
+
+
+def used(*names_and_ages: tuple[str, float]) -> dict[tuple[str, str], float]:
+    """The usage feed: each image's tag asked for `age` seconds before NOW."""
+    return {(REG, f"v2/{name}/manifests/v1"): NOW - age for name, age in names_and_ages}
+
+
+def keys(*names: str) -> tuple[str, ...]:
+    return tuple(f"{REG}/{name}:v1" for name in names)
+
+
+def cached_names(store: Store) -> set[str]:
+    return {i.repository for i in Inventory(store.root, {}).images()}
+
+
+def test_under_the_limit_nothing_goes(tmp_path: Path, store: Store) -> None:
+    for name in ("old", "mid", "new"):
+        image(store, name)
+    total = store.blob_bytes()
+    result = evict_once(config(tmp_path, store, max_size=total), store,
+                        used(("old", 3 * HOUR)), now=NOW)
+    assert (result.images, result.bytes_freed, result.size_after) == ((), 0, total)
+    assert cached_names(store) == {"old", "mid", "new"}
+
+
+def test_no_limit_means_nothing_goes(tmp_path: Path, store: Store) -> None:
+    image(store, "old")
+    result = evict_once(config(tmp_path, store, max_size=0), store, {}, now=NOW)
+    assert result.images == ()
+
+
+def test_least_recently_used_go_first_down_to_low_water(tmp_path: Path, store: Store) -> None:
+    sizes = {name: image(store, name).size for name in ("mid", "old", "new", "newest")}
+    total = store.blob_bytes()
+    assert total == sum(sizes.values())
+    # Over the limit by a byte; low_water leaves room for two images and a half.
+    conf = config(tmp_path, store, max_size=total - 1, low_water=0.6)
+    uses = used(("old", 4 * HOUR), ("mid", 3 * HOUR), ("new", 2 * HOUR), ("newest", HOUR))
+    result = evict_once(conf, store, uses, now=NOW)
+    assert result.images == keys("old", "mid")
+    assert result.bytes_freed == sizes["old"] + sizes["mid"]
+    assert result.size_after == store.blob_bytes() == total - result.bytes_freed
+    assert result.size_after <= 0.6 * (total - 1)
+    assert cached_names(store) == {"new", "newest"}
+
+
+def test_a_higher_low_water_evicts_less(tmp_path: Path, store: Store) -> None:
+    for name in ("old", "mid", "new", "newest"):
+        image(store, name)
+    total = store.blob_bytes()
+    conf = config(tmp_path, store, max_size=total - 1, low_water=0.9)
+    uses = used(("old", 4 * HOUR), ("mid", 3 * HOUR), ("new", 2 * HOUR), ("newest", HOUR))
+    assert evict_once(conf, store, uses, now=NOW).images == keys("old")
+    assert cached_names(store) == {"mid", "new", "newest"}
+
+
+def test_an_image_used_within_min_age_stays(tmp_path: Path, store: Store) -> None:
+    """However far over the limit: what was used lately may be mid-pull."""
+    for name in ("old", "mid", "new"):
+        image(store, name)
+    conf = config(tmp_path, store, max_size=1, low_water=0.9, min_age=HOUR)
+    uses = used(("old", 2 * HOUR), ("mid", 600), ("new", 60))
+    result = evict_once(conf, store, uses, now=NOW)
+    assert result.images == keys("old")
+    assert result.size_after == store.blob_bytes() > 1
+    assert cached_names(store) == {"mid", "new"}
+
+
+def test_every_image_too_young_is_logged(
+    tmp_path: Path, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    image(store, "young")
+    conf = config(tmp_path, store, max_size=1, min_age=HOUR)
+    with caplog.at_level(logging.WARNING):
+        result = evict_once(conf, store, used(("young", 60)), now=NOW)
+    assert result.images == ()
+    assert "over its limit" in caplog.text
+
+
+def test_a_blob_shared_with_an_image_that_stays_is_kept(tmp_path: Path, store: Store) -> None:
+    base = b"a base layer both images use\n" * 400
+    old = image(store, "old", base)
+    new = image(store, "new", base)
+    total = store.blob_bytes()
+    conf = config(tmp_path, store, max_size=total - 1, low_water=0.9)
+    result = evict_once(conf, store, used(("old", 2 * HOUR), ("new", HOUR)), now=NOW)
+    assert result.images == keys("old")
+    assert result.bytes_freed == old.size - len(base)  # the shared layer was not freed
+    assert store.tree.blob(old.layers[1]).exists()
+    assert not store.tree.blob(old.layers[0]).exists()
+    (left,) = Inventory(store.root, {}).images()
+    assert (left.repository, left.digest, left.missing) == ("new", new.digest, frozenset())
+
+
+def test_an_image_the_feed_never_saw_falls_back_to_the_tree_times(
+    tmp_path: Path, store: Store
+) -> None:
+    """Pulled before this serve started: its files' times (now, here) count,
+    so an image the feed saw an hour ago goes first."""
+    image(store, "seen")
+    image(store, "unseen")
+    conf = config(tmp_path, store, max_size=store.blob_bytes() - 1, low_water=0.9, min_age=0)
+    result = evict_once(conf, store, {(REG, "v2/seen/manifests/v1"): time.time() - HOUR})
+    assert result.images == keys("seen")

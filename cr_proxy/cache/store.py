@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cr_proxy.cache.layout import SIDECARS, TOP_DIRS, Kind, Sidecar, Tree, key_of
-from cr_proxy.cache.scan import lstat, walk_blobs, walk_names
+from cr_proxy.cache.scan import entries, lstat, walk_blobs, walk_names
 from cr_proxy.errors import BadRequest, DigestMismatch, ManifestInvalid, Truncated, UpstreamError
 from cr_proxy.oci.reference import MANIFEST_MEDIA_TYPES, check_digest, digest_of, hasher, is_digest
 
@@ -178,14 +178,8 @@ class Store:
     def temp_bytes(self) -> int:
         """Bytes written so far by the downloads in progress in temp/ (the
         short-lived link.* names there are links to stored files: left out)."""
-        total = 0
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.tree.temp):
-                if entry.name.startswith(LINK_PREFIX):
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    total += entry.stat(follow_symlinks=False).st_size
-        return total
+        sizes = (lstat(e) for e in entries(self.tree.temp) if not e.name.startswith(LINK_PREFIX))
+        return sum(st.st_size for st in sizes if st is not None)
 
     def cached_tags(self) -> list[tuple[str, str, str]]:
         """(domain, repository, tag) of every tag manifest in content/."""

@@ -79,43 +79,47 @@ def _warm_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_ls(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     """List cached images: digest, platforms, size, last use."""
     from cr_proxy.cache import inventory
+    from cr_proxy.ops import report
 
     images = inventory.Inventory.from_config(conf).images()
-    doc, text = inventory.images_document(images), inventory.images_table(images)
-    print(inventory.output(doc, text, args.json))
+    doc, text = report.images_document(images), report.images_table(images)
+    print(report.output(doc, text, args.json))
     return ExitStatus.OK
 
 
 def cmd_du(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     """Disk use per registry domain and in total, each blob counted once."""
     from cr_proxy.cache import inventory
+    from cr_proxy.ops import report
 
     usage = inventory.Inventory.from_config(conf).usage()
-    doc, text = inventory.usage_document(usage), inventory.usage_table(usage)
-    print(inventory.output(doc, text, args.json))
+    doc, text = report.usage_document(usage), report.usage_table(usage)
+    print(report.output(doc, text, args.json))
     return ExitStatus.OK
 
 
 def cmd_rm(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     """Remove images, then every blob that no remaining image uses."""
     from cr_proxy.cache import inventory
+    from cr_proxy.ops import report
 
     inv = inventory.Inventory.from_config(conf)
     # Every reference is resolved before anything is removed: a typo removes nothing.
     found = [image for text in args.images for image in inv.find(text)]
     removed = inv.remove(*found)
-    doc, text = inventory.removed_document(removed), inventory.removed_text(removed)
-    print(inventory.output(doc, text, args.json))
+    doc, text = report.removed_document(removed), report.removed_text(removed)
+    print(report.output(doc, text, args.json))
     return ExitStatus.OK
 
 
 def cmd_verify(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     """Re-hash every blob; quarantine those that fail (exit status 1)."""
     from cr_proxy.cache import inventory
+    from cr_proxy.ops import report
 
     result = inventory.Inventory.from_config(conf).verification()
-    doc, text = inventory.verification_document(result), inventory.verification_text(result)
-    print(inventory.output(doc, text, args.json))
+    doc, text = report.verification_document(result), report.verification_text(result)
+    print(report.output(doc, text, args.json))
     return ExitStatus.ERROR if result.failures else ExitStatus.OK
 
 
@@ -123,7 +127,7 @@ def _inventory_arguments(name: str, p: argparse.ArgumentParser) -> None:
     if name == "rm":
         p.add_argument("images", nargs="+", metavar="IMAGE",
                        help="image references (Docker's rules): name:tag or name@digest")
-    p.add_argument("--json", action="store_true", help="print JSON (keys in inventory.py)")
+    p.add_argument("--json", action="store_true", help="print JSON (keys in ops/report.py)")
 
 
 Command = Callable[[config_mod.Config, argparse.Namespace], ExitStatus]

@@ -1,5 +1,6 @@
-"""cr_proxy.inventory on trees built with Store, the way the fetcher fills
-them: images, disk use, removal by reference counting, verification."""
+"""cr_proxy.cache.inventory (and diskuse, removal, verify behind it) on trees
+built with Store, the way the fetcher fills them: images, disk use, removal
+by reference counting, verification."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from cr_proxy import cli
-from cr_proxy.cache.inventory import Inventory, Link, Redirect, chain_order, parse_manifest
+from cr_proxy.cache.inventory import Inventory, parse_manifest
+from cr_proxy.cache.removal import chain_order
+from cr_proxy.cache.scan import Link, Redirect
 from cr_proxy.cache.store import Store
 from cr_proxy.oci.reference import digest_of
 

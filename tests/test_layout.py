@@ -13,14 +13,19 @@ from cr_proxy.cache.layout import (
     INDEX_FILE,
     MAX_PATH_LEN,
     SIDECARS,
+    TOP_DIRS,
+    Key,
     Kind,
     RegistryPath,
+    Sidecar,
     Target,
     Tree,
+    blob_digest,
     check_domain,
     check_name,
     check_path,
     digest_url_path,
+    key_of,
     mirror_target,
     parse_v2_path,
     proxy_target,
@@ -637,3 +642,134 @@ def test_a_digest_named_redirect_target_is_stored_under_its_path(path: str, stor
 ])
 def test_any_other_redirect_target_is_never_stored(path: str) -> None:
     assert digest_url_path(path, BLOB) is None
+
+
+# --- keys: where a cached answer lives (a table, as distribution's paths_test.go) ---------
+
+KEY_TABLE = [
+    # key, its path under content/<domain>/
+    (Key.manifest("ghcr.io", "org/app", "v1"), "v2/org/app/manifests/v1"),
+    (Key.manifest("registry-1.docker.io", "library/alpine", SHA256),
+     f"v2/library/alpine/manifests/{SHA256}"),
+    (Key.blob("localhost:5000", "a/b/c", SHA512), f"v2/a/b/c/blobs/{SHA512}"),
+    # A repository whose name holds the kind's word is still one key.
+    (Key.manifest("ghcr.io", "x/manifests/y", "latest"), "v2/x/manifests/y/manifests/latest"),
+    (Key("ghcr.io", "", Kind.OTHER, "v2/_index"), "v2/_index"),
+    (Key("cdn.test", "", Kind.OTHER, f"registry-v2/blobs/sha256/ab/{SHA256[7:]}/data"),
+     f"registry-v2/blobs/sha256/ab/{SHA256[7:]}/data"),
+    # Not a manifest: an invalid tag, or a blob path without a digest, stays a plain path.
+    (Key("ghcr.io", "", Kind.OTHER, "v2/a/manifests/-x"), "v2/a/manifests/-x"),
+    (Key("ghcr.io", "", Kind.OTHER, "v2/a/blobs/latest"), "v2/a/blobs/latest"),
+]
+
+
+@pytest.mark.parametrize(("key", "path"), KEY_TABLE)
+def test_key_path_table(key: Key, path: str) -> None:
+    tree = Tree(ROOT)
+    assert key.path == path
+    assert tree.at(key) == ROOT / "content" / key.domain / path
+    assert tree.at(key) == tree.content(key.domain, path)
+    for kind in Sidecar:
+        assert tree.at(key, kind) == ROOT / kind.value / key.domain / path
+        assert tree.at(key, kind) == tree.sidecar(kind.value, key.domain, path)
+    assert key_of(key.domain, path) == key
+    assert key_of(key.domain, "/" + path) == key
+    assert tree.key_at(tree.at(key)) == key
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Key.manifest("GHCR.io", "a", "v1"),  # not canonical: one key per name
+        lambda: Key.manifest("ghcr.io:443", "a", "v1"),
+        lambda: Key.manifest("ghcr.io", "A", "v1"),
+        lambda: Key.manifest("ghcr.io", "a", "-x"),
+        lambda: Key.manifest("ghcr.io", "../a", "v1"),
+        lambda: Key.blob("ghcr.io", "a", "latest"),
+        lambda: Key.blob("ghcr.io", "a", "sha256:../../x"),
+        lambda: Key("ghcr.io", "", Kind.OTHER, "/v2/_index"),
+        lambda: Key("ghcr.io", "", Kind.OTHER, "a/../b"),
+        lambda: Key("ghcr.io", "", Kind.OTHER, "v2/a/manifests/v1"),  # that is a MANIFEST key
+        lambda: Key("ghcr.io", "a", Kind.OTHER, "x"),
+    ],
+)
+def test_key_refuses_what_the_tree_cannot_hold_or_names_twice(make) -> None:
+    with pytest.raises(BadRequest):
+        make()
+
+
+@pytest.mark.parametrize("kind", [Kind.PING, Kind.TAGS])
+def test_key_kinds_are_what_the_cache_stores(kind: Kind) -> None:
+    with pytest.raises(ValueError):
+        Key("ghcr.io", "a", kind, "")
+
+
+def test_sidecar_kinds_are_the_trees_names() -> None:
+    assert SIDECARS == ("content-type", "docker-content-digest", "www-authenticate", "redirect")
+    assert tuple(Sidecar) == SIDECARS  # StrEnum: a member is its name
+    assert set(TOP_DIRS) == {"content", "blobs", "temp", *SIDECARS}
+
+
+def test_tree_names_the_quarantine_and_the_usage_file() -> None:
+    tree = Tree(ROOT)
+    assert tree.quarantined(SHA256) == ROOT / "quarantine" / SHA256.replace(":", "-")
+    assert tree.uses_file == ROOT / "usage.json"
+    assert tree.top("blobs") == ROOT / "blobs"
+    with pytest.raises(ValueError):
+        tree.top("..")
+    with pytest.raises(BadRequest):
+        tree.quarantined("sha256:../../etc")
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "name", "digest"),
+    [("sha256", SHA256[7:], SHA256), ("sha512", SHA512[7:], SHA512),
+     ("sha256", "abc", None), ("md5", SHA256[7:], None), ("sha256", SHA256[7:].upper(), None)],
+)
+def test_blob_digest_inverts_tree_blob(algorithm: str, name: str, digest: str | None) -> None:
+    assert blob_digest(algorithm, name) == digest
+    if digest is not None:
+        assert Tree(ROOT).blob(digest) == ROOT / "blobs" / algorithm / name
+
+
+# --- keys: properties -------------------------------------------------------------
+
+ALNUM_RUN = st.text("abcxyz0189", min_size=1, max_size=6)
+REPO_COMPONENT = st.builds(
+    lambda a, sep, b: a + sep + b if sep else a,
+    ALNUM_RUN, st.sampled_from(["", ".", "_", "__", "-", "---"]), ALNUM_RUN,
+)
+REPOSITORY = st.lists(REPO_COMPONENT, min_size=1, max_size=4).map("/".join)
+TAG = st.builds(str.__add__, st.sampled_from("aZ9_"), st.text("abcXYZ019_.-", max_size=12))
+DIGEST = st.one_of(
+    st.binary(min_size=32, max_size=32).map(lambda b: f"sha256:{b.hex()}"),
+    st.binary(min_size=64, max_size=64).map(lambda b: f"sha512:{b.hex()}"),
+)
+REGISTRY_KEY = st.one_of(
+    st.builds(Key.manifest, VALID_DOMAIN, REPOSITORY, st.one_of(TAG, DIGEST)),
+    st.builds(Key.blob, VALID_DOMAIN, REPOSITORY, DIGEST),
+)
+
+
+@PROPS
+@given(REGISTRY_KEY)
+def test_key_round_trips_through_its_path(key: Key) -> None:
+    tree = Tree(ROOT)
+    assert key_of(key.domain, key.path) == key
+    assert tree.key_at(tree.at(key)) == key
+    assert_inside(ROOT, tree.at(key))
+    for kind in Sidecar:
+        assert_inside(ROOT, tree.at(key, kind))
+    # The request that names it (https_proxy mode) maps to the same name.
+    domain, rpath = proxy_target(key.domain, "/" + key.path)
+    assert rpath is not None and (domain, rpath.path) == (key.domain, key.path)
+
+
+@PROPS
+@given(VALID_DOMAIN, VALID_PATH)
+def test_any_storable_name_has_one_key_and_back(domain: str, path: str) -> None:
+    key = key_of(domain, path)
+    assert key.path == path
+    assert key_of(key.domain, key.path) == key
+    assert Key(key.domain, key.repository, key.kind, key.reference) == key
+    assert Tree(ROOT).at(key) == Tree(ROOT).content(domain, path)

@@ -8,7 +8,7 @@ Policy:
 - "Used" is what the usage feed saw: any request for the image's manifests
   or blobs, hits served by nginx alone included. An image the feed never
   saw (pulled before this serve started, warmed) falls back to the times
-  the tree records (inventory.file_times).
+  the tree records (image.file_times).
 - Downloads in progress (temp/) count toward the limit: they are on the
   same disk and become stored blobs at their commit, so the store makes
   room while they run. They are never refused for it (the limit is a
@@ -29,7 +29,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from cr_proxy.cache.inventory import Image, Inventory, file_times
+from cr_proxy.cache.image import Image, file_times
+from cr_proxy.cache.inventory import Inventory
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Config
 from cr_proxy.metrics import Metrics
@@ -51,9 +52,9 @@ def last_use(uses: Uses) -> Callable[[Image], float]:
     image's paths, else what the tree records."""
 
     def newest(image: Image) -> float:
-        paths = [image.path, *(f"v2/{image.repository}/manifests/{d}" for d in image.manifests),
-                 *(f"v2/{image.repository}/blobs/{d}" for d in image.digests)]
-        seen = [uses[(image.domain, p)] for p in paths if (image.domain, p) in uses]
+        keys = [image.location, *map(image.manifest, image.manifests),
+                *map(image.blob, image.digests)]
+        seen = [uses[(k.domain, k.path)] for k in keys if (k.domain, k.path) in uses]
         return max(seen) if seen else file_times(image)
 
     return newest

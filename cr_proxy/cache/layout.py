@@ -6,6 +6,12 @@ against a grammar first (reference.py); what fails gets BadRequest, and
 what passes is a plain relative path with no `.`, `..` or empty segment, so
 joining it under the cache root can never leave the root.
 
+Where one cached answer lives is a `Key` (domain, repository, kind,
+reference); `Tree.at(key)` is its payload and `Tree.at(key, sidecar)` each
+of its headers, and `key_of` / `Tree.key_at` the way back (ls, du, rm,
+verify). Callers with a URL path rather than a key use `Tree.content` and
+`Tree.sidecar`, which check it first.
+
 The tree (seed 001, plus a digest store for one copy per digest):
 
     cache/
@@ -17,26 +23,52 @@ The tree (seed 001, plus a digest store for one copy per digest):
       redirect/<domain>/<path>               "<status> <Location>" of an upstream
                                              30x, written once its target is cached
       blobs/<algorithm>/<hex>                the digest store: one file per digest
-      temp/                                  downloads in progress
+      temp/                                  downloads in progress, and links and
+                                             small files about to be renamed
+                                             (link.*); emptied at start-up
+      quarantine/<algorithm>-<hex>           blobs `verify` found corrupt, kept for
+                                             a post-mortem; nothing serves them
+      usage.json                             last use per (domain, path), saved by
+                                             `serve` from nginx's access log
 
 `<domain>` is the host that really serves the path (registry-1.docker.io,
 not docker.io; a CDN host for redirect targets), `<path>` the URL path
-without its leading slash and without the query string. A redirect target
-is stored only when it is the last hop and its path names the digest
-(digest_url_path); the hops before it never are.
+without its leading slash and without the query string:
+`v2/<repository>/manifests/<tag or digest>` and `v2/<repository>/blobs/<digest>`
+for registry answers (the keys of kind MANIFEST and BLOB), any other checked
+path as it is (kind OTHER: `v2/_index` for the `/v2/` challenge, CDN paths).
+A redirect target is stored only when it is the last hop and its path names
+the digest (digest_url_path); the hops before it never are.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path, PurePosixPath
 
 from cr_proxy.errors import BadRequest
 from cr_proxy.oci.reference import check_digest, is_digest, is_host, is_name, is_tag, names_registry
 
-SIDECARS = ("content-type", "docker-content-digest", "www-authenticate", "redirect")
+
+class Sidecar(StrEnum):
+    """The header trees beside content/, each named after the header it
+    holds (nginx replays them by these names, cr.js and proxy-server.conf)."""
+
+    CONTENT_TYPE = "content-type"
+    DOCKER_CONTENT_DIGEST = "docker-content-digest"
+    WWW_AUTHENTICATE = "www-authenticate"
+    REDIRECT = "redirect"
+
+
+SIDECARS = tuple(kind.value for kind in Sidecar)
+CONTENT = "content"
+BLOBS = "blobs"
+TEMP = "temp"
+QUARANTINE = "quarantine"
+USES_FILE = "usage.json"
+TOP_DIRS = (CONTENT, BLOBS, TEMP, *SIDECARS)  # made by Store.prepare; quarantine/ when needed
 # A generic URL path segment we are willing to store (CDN paths, auth paths):
 # RFC 3986 unreserved characters plus ':' '@' '+' '=' ',' — nothing that a
 # shell, nginx or a filesystem treats specially.
@@ -56,6 +88,12 @@ class Kind(Enum):
 
 
 NAMED_KINDS = frozenset({Kind.MANIFEST, Kind.BLOB, Kind.TAGS})
+KEY_KINDS = frozenset({Kind.MANIFEST, Kind.BLOB, Kind.OTHER})  # what the cache stores
+
+
+def v2_path(name: str, kind: Kind, ref: str) -> str:
+    """`v2/<name>/<manifests|blobs>/<ref>`: the one place that spells it."""
+    return f"v2/{name}/{kind.value}/{ref}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +117,7 @@ class RegistryPath:
             return f"v2/{self.name}"
         if self.kind is Kind.TAGS:
             return f"v2/{self.name}/tags/list"
-        return f"v2/{self.name}/{self.kind.value}/{self.ref}"
+        return v2_path(self.name, self.kind, self.ref)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +128,85 @@ class Target:
     registry: str
     domain: str
     rpath: RegistryPath
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """Where one cached answer lives: a manifest (by tag or digest) or a blob
+    of a repository, or (OTHER) any other checked path under a domain, its
+    `reference` being that path. Checked when made, and canonical: one key
+    per stored name, so key -> path -> key is the identity."""
+
+    domain: str
+    repository: str
+    kind: Kind
+    reference: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KEY_KINDS:
+            raise ValueError(f"not a stored kind: {self.kind}")
+        if check_domain(self.domain) != self.domain:
+            raise BadRequest("NAME_INVALID", f"not a canonical host {self.domain[:100]!r}")
+        if self.kind is Kind.OTHER:
+            if self.repository or check_path(self.reference) != self.reference \
+                    or registry_key_parts(self.reference) is not None:
+                raise BadRequest("NAME_INVALID", f"not a plain path {self.reference[:100]!r}")
+            return
+        check_name(self.repository)
+        valid = is_digest if self.kind is Kind.BLOB else (lambda r: is_tag(r) or is_digest(r))
+        if not valid(self.reference):
+            raise BadRequest("TAG_INVALID", f"invalid reference {self.reference[:140]!r}")
+
+    @classmethod
+    def manifest(cls, domain: str, repository: str, reference: str) -> Key:
+        return cls(domain, repository, Kind.MANIFEST, reference)
+
+    @classmethod
+    def blob(cls, domain: str, repository: str, digest: str) -> Key:
+        return cls(domain, repository, Kind.BLOB, digest)
+
+    @property
+    def path(self) -> str:
+        """The path under content/<domain>/ (and under each sidecar tree's)."""
+        if self.kind is Kind.OTHER:
+            return self.reference
+        return v2_path(self.repository, self.kind, self.reference)
+
+    @property
+    def by_digest(self) -> bool:
+        return is_digest(self.reference)
+
+
+def registry_key_parts(path: str) -> tuple[Kind, str, str] | None:
+    """(kind, repository, reference) of a checked path naming a manifest or a
+    blob of a repository, else None."""
+    if not path.startswith("v2/"):
+        return None
+    try:
+        rpath = parse_v2_path("/" + path)
+    except BadRequest:
+        return None
+    if rpath.kind in (Kind.MANIFEST, Kind.BLOB) and is_name(rpath.name) and rpath.path == path:
+        return rpath.kind, rpath.name, rpath.ref
+    return None
+
+
+def key_of(domain: str, path: str) -> Key:
+    """The way back: a domain and a path under it (with or without the
+    leading slash) -> its key. BadRequest when the tree cannot hold it."""
+    domain, checked = check_domain(domain), check_path(path)
+    parts = registry_key_parts(checked)
+    if parts is None:
+        return Key(domain, "", Kind.OTHER, checked)
+    kind, repository, reference = parts
+    return Key(domain, repository, kind, reference)
+
+
+def blob_digest(algorithm: str, name: str) -> str | None:
+    """The way back from blobs/<algorithm>/<name>: its digest, or None for a
+    name no digest has."""
+    digest = f"{algorithm}:{name}"
+    return digest if is_digest(digest) else None
 
 
 def check_domain(host: str) -> str:
@@ -248,28 +365,53 @@ class Tree:
             raise BadRequest("NAME_INVALID", f"unsafe path {str(rel)[:100]!r}")
         return self.root.joinpath(rel)
 
+    def at(self, key: Key, sidecar: Sidecar | None = None) -> Path:
+        """Where a key's payload is, or (given a sidecar kind) that header."""
+        top = CONTENT if sidecar is None else Sidecar(sidecar).value
+        return self._under(top, key.domain, key.path)
+
+    def key_at(self, path: Path) -> Key:
+        """Inverse of at() for payloads: a file under content/ -> its key."""
+        return key_of(*self.parse_content(path))
+
     def domain_dir(self, domain: str) -> Path:
         """content/<domain>: where a host's cached answers are."""
-        return self._under("content", check_domain(domain))
+        return self._under(CONTENT, check_domain(domain))
 
     def content(self, domain: str, path: str) -> Path:
-        return self._under("content", check_domain(domain), check_path(path))
+        """at() for a URL path (checked here) rather than a key."""
+        return self._under(CONTENT, check_domain(domain), check_path(path))
 
-    def sidecar(self, kind: str, domain: str, path: str) -> Path:
+    def sidecar(self, kind: Sidecar | str, domain: str, path: str) -> Path:
+        """at(key, kind) for a URL path (checked here) rather than a key."""
         if kind not in SIDECARS:
             raise ValueError(kind)
-        return self._under(kind, check_domain(domain), check_path(path))
+        return self._under(str(kind), check_domain(domain), check_path(path))
 
     def blob(self, digest: str) -> Path:
         algorithm, hexpart = check_digest(digest).split(":", 1)
-        return self._under("blobs", algorithm, hexpart)
+        return self._under(BLOBS, algorithm, hexpart)
+
+    def quarantined(self, digest: str) -> Path:
+        """quarantine/<alg>-<hex>: where `verify` moves a corrupt blob."""
+        return self._under(QUARANTINE, check_digest(digest).replace(":", "-"))
+
+    def top(self, name: str) -> Path:
+        """One of the top directories (TOP_DIRS), to walk it (scan.py)."""
+        if name not in TOP_DIRS:
+            raise ValueError(name)
+        return self.root / name
 
     @property
     def temp(self) -> Path:
-        return self.root / "temp"
+        return self.root / TEMP
+
+    @property
+    def uses_file(self) -> Path:
+        return self.root / USES_FILE
 
     def parse_content(self, path: Path) -> tuple[str, str]:
         """Inverse of content(): a file under content/ -> (domain, path)."""
-        rel = path.relative_to(self.root / "content")
+        rel = path.relative_to(self.root / CONTENT)
         domain, *rest = rel.parts
         return domain, "/".join(rest)

@@ -26,13 +26,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from cr_proxy.cache.layout import SIDECARS, Tree
-from cr_proxy.errors import DigestMismatch, ManifestInvalid, Truncated, UpstreamError
+from cr_proxy.cache.layout import SIDECARS, TOP_DIRS, Kind, Sidecar, Tree, key_of
+from cr_proxy.cache.scan import entries, lstat, walk_blobs, walk_names
+from cr_proxy.errors import BadRequest, DigestMismatch, ManifestInvalid, Truncated, UpstreamError
 from cr_proxy.oci.reference import MANIFEST_MEDIA_TYPES, check_digest, digest_of, hasher, is_digest
 
 log = logging.getLogger("cr_proxy.store")
-
-TOP_DIRS = ("content", "blobs", "temp", *SIDECARS)
 
 
 class TooManyLinks(OSError):
@@ -45,7 +44,6 @@ class TooManyLinks(OSError):
 # directory), or one name too many for the stored file. The content is
 # still served, from the digest store, just not under that name.
 SHAPE_CONFLICTS = (NotADirectoryError, IsADirectoryError, FileExistsError, TooManyLinks)
-USES_FILE = "usage.json"  # last use per (domain, path), from nginx's access log
 LINK_PREFIX = "link."  # temp/ names of links and small files about to be renamed
 # nginx and the fetcher replay sidecars as header values: a CR or LF in one
 # would end the header and start another (Set-Cookie, a second body...).
@@ -124,7 +122,7 @@ class Store:
     def prepare(self, clean_temp: bool = True) -> None:
         """Create the top directories; drop leftovers of interrupted downloads."""
         for name in TOP_DIRS:
-            (self.root / name).mkdir(parents=True, exist_ok=True)
+            self.tree.top(name).mkdir(parents=True, exist_ok=True)
         if clean_temp:
             shutil.rmtree(self.tree.temp, ignore_errors=True)
             self.tree.temp.mkdir(exist_ok=True)
@@ -146,7 +144,7 @@ class Store:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def read_sidecar(self, kind: str, domain: str, path: str) -> str | None:
+    def read_sidecar(self, kind: Sidecar | str, domain: str, path: str) -> str | None:
         try:
             return self.tree.sidecar(kind, domain, path).read_text().strip()
         except (FileNotFoundError, NotADirectoryError):
@@ -154,14 +152,14 @@ class Store:
 
     def read_manifest(self, domain: str, path: str) -> StoredManifest | None:
         """A cached manifest with its headers, or None."""
-        digest_file = self.tree.sidecar("docker-content-digest", domain, path)
+        digest_file = self.tree.sidecar(Sidecar.DOCKER_CONTENT_DIGEST, domain, path)
         try:
             body = self.tree.content(domain, path).read_bytes()
             validated_at = digest_file.stat().st_mtime
             recorded = digest_file.read_text().strip()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        content_type = self.read_sidecar("content-type", domain, path) or ""
+        content_type = self.read_sidecar(Sidecar.CONTENT_TYPE, domain, path) or ""
         if content_type not in MANIFEST_MEDIA_TYPES or not is_digest(recorded):
             # Written by an older cr-proxy that stored the wire's values (or
             # by hand): never replayed; the caller fetches it again.
@@ -174,41 +172,31 @@ class Store:
 
     def blob_bytes(self) -> int:
         """Bytes in the digest store (each blob once, whatever its names)."""
-        total = 0
-        for alg in os.scandir(self.root / "blobs"):
-            if alg.is_dir(follow_symlinks=False):
-                total += sum(e.stat().st_size for e in os.scandir(alg.path) if e.is_file())
-        return total
+        sizes = (lstat(entry) for _, entry in walk_blobs(self.tree))
+        return sum(st.st_size for st in sizes if st is not None)
 
     def temp_bytes(self) -> int:
         """Bytes written so far by the downloads in progress in temp/ (the
         short-lived link.* names there are links to stored files: left out)."""
-        total = 0
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.tree.temp):
-                if entry.name.startswith(LINK_PREFIX):
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    total += entry.stat(follow_symlinks=False).st_size
-        return total
+        sizes = (lstat(e) for e in entries(self.tree.temp) if not e.name.startswith(LINK_PREFIX))
+        return sum(st.st_size for st in sizes if st is not None)
 
     def cached_tags(self) -> list[tuple[str, str, str]]:
         """(domain, repository, tag) of every tag manifest in content/."""
         found = []
-        content = self.root / "content"
-        for domain in os.scandir(content):
-            v2 = Path(domain.path) / "v2"
-            for dirpath, _, filenames in os.walk(v2):
-                if os.path.basename(dirpath) != "manifests":
-                    continue
-                name = os.path.relpath(os.path.dirname(dirpath), v2)
-                found += [(domain.name, name, f) for f in filenames if not is_digest(f)]
+        for domain, path, _ in walk_names(self.tree):
+            try:
+                key = key_of(domain, path)
+            except BadRequest:
+                continue  # a name the fetcher never makes (made by hand)
+            if key.kind is Kind.MANIFEST and not key.by_digest:
+                found.append((key.domain, key.repository, key.reference))
         return sorted(found)
 
     def load_uses(self) -> dict[tuple[str, str], float]:
         """Last-use times saved by a previous serve (usage.json)."""
         try:
-            saved = json.loads((self.root / USES_FILE).read_text())
+            saved = json.loads(self.tree.uses_file.read_text())
         except (FileNotFoundError, ValueError):
             return {}
         return {tuple(k.split(" ", 1)): float(v) for k, v in saved.items() if " " in k}
@@ -217,7 +205,7 @@ class Store:
 
     def save_uses(self, uses: dict[tuple[str, str], float]) -> None:
         data = json.dumps({f"{d} {p}": t for (d, p), t in uses.items()})
-        self._replace_with(self.root / USES_FILE, lambda tmp: tmp.write_text(data))
+        self._replace_with(self.tree.uses_file, lambda tmp: tmp.write_text(data))
 
     def blob_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self.tree.temp, digest)
@@ -294,7 +282,7 @@ class Store:
 
     def touch_validated(self, domain: str, path: str) -> None:
         """Record that the upstream confirmed this tag just now."""
-        os.utime(self.tree.sidecar("docker-content-digest", domain, path))
+        os.utime(self.tree.sidecar(Sidecar.DOCKER_CONTENT_DIGEST, domain, path))
 
     def record_manifest(
         self, domain: str, path: str, digest: str, content_type: str, validated_at: float | None
@@ -336,7 +324,7 @@ class Store:
         """Remove the payload content/<domain>/<path>; True if it was there."""
         return unlink_if(self.tree.content(domain, path), inode)
 
-    def remove_sidecar(self, kind: str, domain: str, path: str) -> bool:
+    def remove_sidecar(self, kind: Sidecar | str, domain: str, path: str) -> bool:
         return unlink_if(self.tree.sidecar(kind, domain, path))
 
     def remove_sidecars(self, domain: str, path: str) -> int:
@@ -358,7 +346,7 @@ class Store:
         source = self.tree.blob(digest)
         if inode is not None and not same_inode(source, inode):
             return None
-        target = self.root / "quarantine" / digest.replace(":", "-")
+        target = self.tree.quarantined(digest)
         target.parent.mkdir(exist_ok=True)
         try:
             os.replace(source, target)

@@ -1,6 +1,7 @@
 """What operators run beside serving: `cr-proxy warm` (warm.py), the
 background tag refresh (refresh.py), the usage feed read from nginx's log
-for metrics and eviction (usage.py), and log rotation (logs.py).
+for metrics and eviction (usage.py), log rotation (logs.py), and what
+`ls|du|rm|verify` print (report.py).
 
 May import: cr_proxy.fetch, cr_proxy.cache, cr_proxy.upstream, cr_proxy.oci,
 cr_proxy.config, cr_proxy.errors, cr_proxy.metrics.

@@ -84,12 +84,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from cr_proxy.cache.layout import check_domain, check_path, resolve_domain
+from cr_proxy.cache.sizes import human_size
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Config
 from cr_proxy.errors import BadRequest, NotFound
+from cr_proxy.net.address import split_url
 from cr_proxy.oci.reference import (
     DEFAULT_REGISTRY,
     INDEX_MEDIA_TYPES,
@@ -323,15 +324,9 @@ def scan_redirects(root: Path) -> Iterator[Redirect]:
 def redirect_target(record: str) -> tuple[str, str] | None:
     """`<status> <url>` -> (host, path) as the fetcher links the target
     (host[:port] without a default port; path without its query)."""
-    _, _, url = record.strip().partition(" ")
-    parts = urlsplit(url)
-    if not parts.hostname:
-        return None
-    host = parts.hostname
-    if parts.port and parts.port not in (80, 443):
-        host = f"{host}:{parts.port}"
+    _, host, target = split_url(record.strip().partition(" ")[2])
     try:
-        return check_domain(host), check_path(parts.path or "/")
+        return check_domain(host), check_path(target.partition("?")[0])
     except BadRequest:
         return None
 
@@ -914,15 +909,6 @@ def table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int])
 def short(digest: str) -> str:
     algorithm, _, hexpart = digest.partition(":")
     return f"{algorithm}:{hexpart[:12]}"
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def when(timestamp: float) -> str:

@@ -168,6 +168,14 @@ def mirror_names(extra: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(n.lower() for n in names if n))
 
 
+def ensure_mirror_leaf(ca: CertPair, certs_dir: Path, extra_names: tuple[str, ...]) -> CertPair:
+    """The mirror ports' certificate, certs_dir/mirror.crt and .key: valid
+    for mirror_names(extra_names), signed by `ca`, reused until it nears
+    expiry or stops covering them."""
+    return issue_leaf(ca, mirror_names(extra_names),
+                      CertPair(certs_dir / "mirror.crt", certs_dir / "mirror.key"))
+
+
 FALLBACK_NAME = "_fallback"  # served to an SNI that is not a plain host name
 DEFAULT_MAX_HOSTS = 256  # proxy.max_hosts
 

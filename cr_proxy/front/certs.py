@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import ipaddress
 import os
 import socket
 import time
@@ -25,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from cr_proxy.net.address import ip_literal
 
 CA_NAME = "cr-proxy CA"
 CA_DAYS = 3650
@@ -112,10 +113,8 @@ def fingerprint(pair: CertPair) -> str:
 
 
 def _san(name: str) -> x509.GeneralName:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(name.strip("[]")))
-    except ValueError:
-        return x509.DNSName(name)
+    address = ip_literal(name.strip("[]"))
+    return x509.DNSName(name) if address is None else x509.IPAddress(address)
 
 
 def needs_renewal(cert_path: Path, names: list[str]) -> bool:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from cr_proxy.net.address import (
     connect_target,
+    dial_target,
     ip_literal,
     ip_of,
     is_loopback,
@@ -128,3 +129,13 @@ def test_the_readers_never_raise_anything_but_value_error(text: str) -> None:
     ip_of(text)
     ip_literal(text)
     is_loopback(text)
+
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [("https://Reg.Example", ("reg.example", 443)), ("http://lan-host", ("lan-host", 80)),
+     ("http://127.0.0.1:5000/v2/", ("127.0.0.1", 5000)), ("https://[::1]:8443", ("::1", 8443)),
+     ("https:///x", ("", 443))],
+)
+def test_dial_target(url: str, target: tuple[str, int]) -> None:
+    assert dial_target(url) == target

@@ -11,7 +11,8 @@ and the inventory (cache/inventory.py):
 - ip_of: the address a host literal names to the resolver (inet_aton's
   numeric IPv4 spellings included); ip_literal: strictly an address literal;
 - is_loopback: does host[:port] name this machine;
-- split_url: a URL -> (scheme, host[:port] as stored, path?query).
+- split_url: a URL -> (scheme, host[:port] as stored, path?query);
+- dial_target: a URL -> (host, port) as it is dialled.
 
 Every error is a ValueError; callers turn it into their protocol's error.
 """
@@ -132,3 +133,11 @@ def split_url(url: str) -> tuple[str, str, str]:
     if parts.query:
         path += "?" + parts.query
     return parts.scheme, host, path
+
+
+def dial_target(url: str) -> tuple[str, int]:
+    """The host (lower case; "" if the URL names none) and port a URL is
+    dialled at: its own port, else its scheme's. KeyError for a scheme
+    other than http and https, ValueError for a port that is not one."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or SCHEME_PORTS[parts.scheme]

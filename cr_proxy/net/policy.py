@@ -26,9 +26,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
-from cr_proxy.net.address import SCHEME_PORTS, IPAddress, ip_of, parse_authority
+from cr_proxy.net.address import IPAddress, dial_target, ip_of, parse_authority
 from cr_proxy.oci.reference import is_host
 
 if TYPE_CHECKING:
@@ -113,13 +112,12 @@ class Destinations:
         keys = [parse_rule(key) for key in endpoints]
         rules += keys
         for url in endpoints.values():
-            parts = urlsplit(url)
+            host, port = dial_target(url)
             # An endpoint reached by name must resolve even if it is private;
             # one given as an address is dialled as it is: it needs nothing
             # here and must not open that address to every client.
-            if parts.hostname and ip_of(parts.hostname) is None:
-                rules.append(Rule(parts.hostname.lower(), None,
-                                  parts.port or SCHEME_PORTS[parts.scheme]))
+            if host and ip_of(host) is None:
+                rules.append(Rule(host, None, port))
         self._rules = tuple(rules)
         self._endpoint_hosts = frozenset(rule.pattern for rule in keys if rule.pattern)
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cr_proxy.cache.inventory import redirect_target
 from cr_proxy.net.address import (
     connect_target,
     dial_target,
@@ -139,3 +140,16 @@ def test_the_readers_never_raise_anything_but_value_error(text: str) -> None:
 )
 def test_dial_target(url: str, target: tuple[str, int]) -> None:
     assert dial_target(url) == target
+
+
+@pytest.mark.parametrize(
+    ("record", "target"),
+    [("307 https://cdn.example:443/a/b?sig=1", ("cdn.example", "a/b")),
+     ("302 http://cdn.test:8080/x", ("cdn.test:8080", "x")),
+     ("302 /relative", None), ("302 http://:x/a", None), ("302 https://cdn.example:99999/a", None),
+     ("302 https://../a", None)],
+)
+def test_a_redirect_record_reads_back_as_the_host_and_path_it_links(
+    record: str, target: tuple[str, str] | None,
+) -> None:
+    assert redirect_target(record) == target

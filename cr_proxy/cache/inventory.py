@@ -324,10 +324,10 @@ def scan_redirects(root: Path) -> Iterator[Redirect]:
 def redirect_target(record: str) -> tuple[str, str] | None:
     """`<status> <url>` -> (host, path) as the fetcher links the target
     (host[:port] without a default port; path without its query)."""
-    _, host, target = split_url(record.strip().partition(" ")[2])
     try:
+        _, host, target = split_url(record.strip().partition(" ")[2])
         return check_domain(host), check_path(target.partition("?")[0])
-    except BadRequest:
+    except (BadRequest, ValueError):  # not a URL the fetcher wrote
         return None
 
 

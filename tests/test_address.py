@@ -142,6 +142,12 @@ def test_dial_target(url: str, target: tuple[str, int]) -> None:
     assert dial_target(url) == target
 
 
+@pytest.mark.parametrize("url", ["ftp://host/x", "//host/x", "https://host:x/"])
+def test_dial_target_refuses(url: str) -> None:
+    with pytest.raises(ValueError):
+        dial_target(url)
+
+
 @pytest.mark.parametrize(
     ("record", "target"),
     [("307 https://cdn.example:443/a/b?sig=1", ("cdn.example", "a/b")),

@@ -137,7 +137,9 @@ def split_url(url: str) -> tuple[str, str, str]:
 
 def dial_target(url: str) -> tuple[str, int]:
     """The host (lower case; "" if the URL names none) and port a URL is
-    dialled at: its own port, else its scheme's. KeyError for a scheme
-    other than http and https, ValueError for a port that is not one."""
+    dialled at: its own port, else its scheme's (http or https)."""
     parts = urlsplit(url)
-    return parts.hostname or "", parts.port or SCHEME_PORTS[parts.scheme]
+    port = parts.port or SCHEME_PORTS.get(parts.scheme)
+    if port is None:
+        raise ValueError(f"{url[:100]!r} names no port and no scheme we know")
+    return parts.hostname or "", port

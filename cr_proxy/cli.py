@@ -38,10 +38,7 @@ def cmd_config(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     print(yaml.safe_dump(conf.masked(), sort_keys=False), end="")
     if args.check:
         ca = certs.ensure_ca(conf.certs_dir)
-        leaf = certs.issue_leaf(
-            ca, certs.mirror_names(conf.mirror_names),
-            certs.CertPair(conf.certs_dir / "mirror.crt", conf.certs_dir / "mirror.key"),
-        )
+        leaf = certs.ensure_mirror_leaf(ca, conf.certs_dir, conf.mirror_names)
         conf.run_dir.mkdir(parents=True, exist_ok=True)
         conf = nginx.with_front_port(conf)
         workers = privsep.pick_workers(conf)

@@ -76,6 +76,12 @@ class Metrics:
             if sample.name.endswith("_total")
         )
 
+    def cache_size(self) -> float:
+        """The cache_bytes gauge, read through the collector's samples (a
+        gauge without labels has exactly one)."""
+        (family,) = self.cache_bytes.collect()
+        return family.samples[0].value
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -99,7 +105,7 @@ def make_app(metrics: Metrics, extra: StatusExtra | None = None) -> web.Applicat
             ("bytes served from cache", f"{metrics.total(metrics.bytes_served):.0f}"),
             ("bytes fetched upstream", f"{metrics.total(metrics.bytes_fetched):.0f}"),
             ("coalesced requests", f"{metrics.total(metrics.coalesced):.0f}"),
-            ("cache size (bytes)", f"{metrics.cache_bytes._value.get():.0f}"),
+            ("cache size (bytes)", f"{metrics.cache_size():.0f}"),
             ("evictions", f"{metrics.total(metrics.evictions):.0f}"),
             *(extra() if extra else []),
         ]

@@ -118,10 +118,7 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
     store.prepare()
     config.run_dir.mkdir(parents=True, exist_ok=True)
     ca = certs.ensure_ca(config.certs_dir)
-    leaf = certs.issue_leaf(
-        ca, certs.mirror_names(config.mirror_names),
-        certs.CertPair(config.certs_dir / "mirror.crt", config.certs_dir / "mirror.key"),
-    )
+    leaf = certs.ensure_mirror_leaf(ca, config.certs_dir, config.mirror_names)
     # Bounded before nginx sees them: leaves past proxy.max_hosts from an
     # earlier run are dropped here, and render() serves the rest.
     leaves = certs.LeafCache(ca, config.certs_dir, config.proxy.max_hosts)

@@ -70,3 +70,17 @@ async def test_start_up_keeps_the_most_recently_used_by_mtime(tmp_path: Path) ->
     assert again.has("h5.test") and not again.has("h0.test")
     assert (tmp_path / "hosts" / f"{certs.FALLBACK_NAME}.crt").is_file()
     assert not (tmp_path / "hosts" / "h0.test.key").exists()
+
+
+def test_the_mirror_leaf_covers_its_names_and_is_renewed_for_a_new_one(tmp_path: Path) -> None:
+    ca = certs.ensure_ca(tmp_path)
+    pair = certs.ensure_mirror_leaf(ca, tmp_path, ("mirror.test",))
+    assert pair == certs.CertPair(tmp_path / "mirror.crt", tmp_path / "mirror.key")
+    cert = x509.load_pem_x509_certificate(pair.cert.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "mirror.test"} <= set(names.get_values_for_type(x509.DNSName))
+    before = pair.cert.read_bytes()
+    assert certs.ensure_mirror_leaf(ca, tmp_path, ("mirror.test",)) == pair
+    assert pair.cert.read_bytes() == before
+    certs.ensure_mirror_leaf(ca, tmp_path, ("other.test",))
+    assert pair.cert.read_bytes() != before

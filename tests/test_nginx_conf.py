@@ -16,11 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "nginx"
 NOSNIFF = "add_header X-Content-Type-Options nosniff always;"
 # Every nginx configuration a server runs: the templates and the snippets
-# cr_proxy/nginx.py writes (they define locations of their own).
+# cr_proxy/nginx.py writes (they define locations of their own), among them
+# locations.conf as rendered for each server.
 CONFS = {
     **{p.name: p.read_text() for p in sorted(TEMPLATES.glob("*.conf"))},
     "MIRROR_DENY": nginx.MIRROR_DENY,
     "REJECT_RAW": nginx.REJECT_RAW,
+    **{name: nginx.locations(server, Path("/cache"))
+       for name, server in nginx.LOCATION_FILES.items()},
 }
 
 

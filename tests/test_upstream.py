@@ -11,6 +11,7 @@ from aiohttp.base_protocol import BaseProtocol
 
 from cr_proxy import config as config_mod
 from cr_proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from cr_proxy.net.address import is_loopback, split_url
 from cr_proxy.upstream import client as upstream_mod
 from cr_proxy.upstream.client import (
     MAX_ANSWERED_HOSTS,
@@ -18,8 +19,6 @@ from cr_proxy.upstream.client import (
     OTHER_REGISTRIES,
     RateGuard,
     Upstream,
-    is_loopback,
-    split_url,
 )
 from testbed.ports import free_ports
 

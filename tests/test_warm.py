@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from cr_proxy import config as config_mod
+from cr_proxy.cache.sizes import human_size
 from cr_proxy.errors import BadRequest, CrProxyError
 from cr_proxy.oci.reference import Reference
 from cr_proxy.ops.warm import (
@@ -20,7 +21,6 @@ from cr_proxy.ops.warm import (
     Platform,
     Summary,
     collect_images,
-    human_bytes,
     image_blobs,
     mirror_path,
     read_image_list,
@@ -162,7 +162,7 @@ def test_empty_summary_has_no_rate() -> None:
 @pytest.mark.parametrize(("n", "text"), [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"),
                                          (5 * 1024 ** 3, "5.0 GiB")])
 def test_human_bytes(n: int, text: str) -> None:
-    assert human_bytes(n) == text
+    assert human_size(n) == text
 
 
 # --- against a fake fetcher --------------------------------------------------------------

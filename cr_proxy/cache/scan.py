@@ -17,7 +17,6 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from cr_proxy.cache.layout import (
     BLOBS,
@@ -29,6 +28,7 @@ from cr_proxy.cache.layout import (
     check_path,
 )
 from cr_proxy.errors import BadRequest
+from cr_proxy.net.address import split_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,16 +164,10 @@ def scan_redirects(tree: Tree) -> Iterator[Redirect]:
 def redirect_target(record: str) -> tuple[str, str] | None:
     """`<status> <url>` -> (host, path) as the fetcher links the target
     (host[:port] without a default port; path without its query)."""
-    _, _, url = record.strip().partition(" ")
-    parts = urlsplit(url)
-    if not parts.hostname:
-        return None
-    host = parts.hostname
-    if parts.port and parts.port not in (80, 443):
-        host = f"{host}:{parts.port}"
     try:
-        return check_domain(host), check_path(parts.path or "/")
-    except BadRequest:
+        _, host, target = split_url(record.strip().partition(" ")[2])
+        return check_domain(host), check_path(target.partition("?")[0])
+    except (BadRequest, ValueError):  # not a URL the fetcher wrote
         return None
 
 

@@ -438,7 +438,7 @@ class Fetcher:
     def _over_limit(self) -> bool:
         limit = self.config.cache.max_size
         return bool(limit) and (
-            self.metrics.cache_bytes._value.get() + self.flights.written() > limit
+            self.metrics.cache_size() + self.flights.written() > limit
         )
 
     def _grew(self, size: int) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import ipaddress
 import os
 import socket
 import time
@@ -25,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from cr_proxy.net.address import ip_literal
 
 CA_NAME = "cr-proxy CA"
 CA_DAYS = 3650
@@ -112,10 +113,8 @@ def fingerprint(pair: CertPair) -> str:
 
 
 def _san(name: str) -> x509.GeneralName:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(name.strip("[]")))
-    except ValueError:
-        return x509.DNSName(name)
+    address = ip_literal(name.strip("[]"))
+    return x509.DNSName(name) if address is None else x509.IPAddress(address)
 
 
 def needs_renewal(cert_path: Path, names: list[str]) -> bool:
@@ -166,6 +165,14 @@ def mirror_names(extra: tuple[str, ...]) -> list[str]:
     """What the mirror's certificate is valid for."""
     names = ["localhost", "127.0.0.1", "::1", socket.gethostname(), *extra]
     return list(dict.fromkeys(n.lower() for n in names if n))
+
+
+def ensure_mirror_leaf(ca: CertPair, certs_dir: Path, extra_names: tuple[str, ...]) -> CertPair:
+    """The mirror ports' certificate, certs_dir/mirror.crt and .key: valid
+    for mirror_names(extra_names), signed by `ca`, reused until it nears
+    expiry or stops covering them."""
+    return issue_leaf(ca, mirror_names(extra_names),
+                      CertPair(certs_dir / "mirror.crt", certs_dir / "mirror.key"))
 
 
 FALLBACK_NAME = "_fallback"  # served to an SNI that is not a plain host name

@@ -11,7 +11,6 @@ Grammar (RFC 9110 9.3.6, RFC 9112 3):
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -19,8 +18,8 @@ from urllib.parse import urlsplit
 
 from cr_proxy.config import ProxyPolicy
 from cr_proxy.errors import ProtocolError, ProxyRefused
+from cr_proxy.net.address import connect_target, ip_literal, unmapped
 from cr_proxy.net.policy import Destinations, matches, refusal
-from cr_proxy.oci.reference import is_host
 
 MAX_HEAD = 16 * 1024  # bytes of request line + headers we accept
 REQUEST_LINE_RE = re.compile(r"([A-Z]{1,16}) (\S{1,8000}) HTTP/1\.[01]")
@@ -83,33 +82,18 @@ def parse_head(raw: bytes) -> Head:
 
 
 def split_authority(authority: str, default_port: int | None = None) -> tuple[str, int]:
-    host, sep, port_text = authority.rpartition(":")
-    if not sep or "]" in port_text:
-        if default_port is None:
-            raise ProtocolError(message=f"CONNECT target {authority[:100]!r} has no port")
-        host, port_text = authority, str(default_port)
-    # "localhost." is localhost: the root's dot goes, so the policy sees the name.
-    host = host.strip("[]").lower().removesuffix(".")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ProtocolError(message=f"bad port in {authority[:100]!r}")
-    if not (is_host(host) or _ip(host) is not None):
-        raise ProtocolError(message=f"bad host in {authority[:100]!r}")
-    return host, int(port_text)
-
-
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """address.connect_target, refused as a malformed request."""
     try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
+        return connect_target(authority, default_port)
+    except ValueError as err:
+        raise ProtocolError(message=str(err)) from err
 
 
 def client_allowed(client_ip: str, policy: ProxyPolicy) -> bool:
-    ip = _ip(client_ip.split("%")[0])
+    ip = ip_literal(client_ip.split("%")[0])
     if ip is None:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    ip = unmapped(ip)
     return any(ip.version == net.version and ip in net for net in policy.allow_clients)
 
 

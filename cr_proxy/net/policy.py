@@ -23,66 +23,19 @@ addresses a name resolves to (upstream.PolicyResolver):
 from __future__ import annotations
 
 import ipaddress
-import re
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
+from cr_proxy.net.address import IPAddress, dial_target, ip_of, parse_authority
 from cr_proxy.oci.reference import is_host
 
 if TYPE_CHECKING:
     from cr_proxy.config import Config
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_PORTS = frozenset({80, 443})  # what an allow entry without a port opens
-SCHEME_PORTS = {"http": 80, "https": 443}
-# The numeric IPv4 spellings inet_aton (and so getaddrinfo) accepts besides
-# dotted quads: 127.1, 0x7f000001, 2130706433, 0177.0.0.1. Only these reach
-# inet_aton, which would also take "127.0.0.1 anything".
-NUMERIC_V4_RE = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+)){0,3}")
-
-
-def parse_authority(authority: str) -> tuple[str, int | None]:
-    """host, host:port, [v6], [v6]:port or a bare v6 address -> (the bare
-    host, lower case; the port, None when none is given). ValueError on a
-    port that is not one."""
-    text = authority.strip().lower()
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad authority {authority[:100]!r}")
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        host, port_text = text, ""
-    if not port_text:
-        return host, None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad port in {authority[:100]!r}")
-    return host, int(port_text)
-
-
-def ip_of(host: str) -> IPAddress | None:
-    """The address a host literal names, as the resolver would read it
-    (numeric IPv4 spellings included, an IPv4-mapped IPv6 address as IPv4);
-    None for a name."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        if NUMERIC_V4_RE.fullmatch(host.lower()) is None:
-            return None
-        try:
-            return ipaddress.IPv4Address(socket.inet_aton(host))
-        except OSError:
-            return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
 
 
 def is_private(host: str) -> bool:
@@ -159,13 +112,12 @@ class Destinations:
         keys = [parse_rule(key) for key in endpoints]
         rules += keys
         for url in endpoints.values():
-            parts = urlsplit(url)
+            host, port = dial_target(url)
             # An endpoint reached by name must resolve even if it is private;
             # one given as an address is dialled as it is: it needs nothing
             # here and must not open that address to every client.
-            if parts.hostname and ip_of(parts.hostname) is None:
-                rules.append(Rule(parts.hostname.lower(), None,
-                                  parts.port or SCHEME_PORTS[parts.scheme]))
+            if host and ip_of(host) is None:
+                rules.append(Rule(host, None, port))
         self._rules = tuple(rules)
         self._endpoint_hosts = frozenset(rule.pattern for rule in keys if rule.pattern)
 

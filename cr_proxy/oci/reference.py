@@ -27,13 +27,15 @@ from cr_proxy.errors import BadRequest, ManifestInvalid
 COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{COMPONENT}(?:/{COMPONENT})*")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-DIGEST_RE = re.compile(r"(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})")
+SHA256_DIGEST = r"sha256:[a-f0-9]{64}"
+DIGEST_RE = re.compile(rf"({SHA256_DIGEST}|sha512:[a-f0-9]{{128}})")
 # A registry host: DNS labels (lower case, as we store them), optional port.
 # IPv6 literals are accepted in brackets, as in a URL.
-HOST_RE = re.compile(
+PLAIN_HOST = (
     r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
-    r"|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?"
+    r"|\[[0-9a-f:.]+\])"
 )
+HOST_RE = re.compile(rf"{PLAIN_HOST}(?::[0-9]{{1,5}})?")
 MAX_NAME_LEN = 255  # distribution's NameTotalLengthMax
 
 DEFAULT_REGISTRY = "docker.io"

@@ -26,6 +26,7 @@ from typing import Any
 from cr_proxy.cache.diskuse import DiskUsage, Usage
 from cr_proxy.cache.image import Image
 from cr_proxy.cache.removal import Removed
+from cr_proxy.cache.sizes import human_size
 from cr_proxy.cache.verify import Verification
 
 # --- JSON documents -----------------------------------------------------------------
@@ -124,15 +125,6 @@ def table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int])
 def short(digest: str) -> str:
     algorithm, _, hexpart = digest.partition(":")
     return f"{algorithm}:{hexpart[:12]}"
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def when(timestamp: float) -> str:

@@ -42,6 +42,7 @@ from typing import Any, Protocol, TextIO
 import aiohttp
 from aiohttp import web
 
+from cr_proxy.cache.sizes import human_size
 from cr_proxy.config import Config
 from cr_proxy.errors import BadRequest, CrProxyError
 from cr_proxy.oci.reference import (
@@ -165,14 +166,6 @@ def describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 @dataclass(slots=True)
 class ImageResult:
     """What warming one image did. `blobs_cached` counts blobs found in the
@@ -242,7 +235,7 @@ class Summary:
         stale = f", {self.stale} kept stale (upstream unreachable)" if self.stale else ""
         return (
             f"warm: {self.images} images ({self.images_ok} ok{failed}{stale}); "
-            f"blobs: {self.blobs_fetched} fetched ({human_bytes(self.bytes_fetched)}), "
+            f"blobs: {self.blobs_fetched} fetched ({human_size(self.bytes_fetched)}), "
             f"{self.blobs_cached} already cached; {self.seconds:.1f} s"
         )
 
@@ -263,7 +256,7 @@ def _done_line(result: ImageResult) -> str:
     if result.error is not None:
         return f"cr-proxy warm: {result.image}: {result.error}"
     return (f"warm: {result.image}: done: {result.blobs_fetched} blobs fetched "
-            f"({human_bytes(result.bytes_fetched)}), {result.blobs_cached} already cached")
+            f"({human_size(result.bytes_fetched)}), {result.blobs_cached} already cached")
 
 
 class LineProgress:
@@ -285,7 +278,7 @@ class LineProgress:
         pass
 
     def blob_fetched(self, image: str, digest: str, nbytes: int) -> None:
-        self._say(f"warm: {image}: fetched {digest} ({human_bytes(nbytes)})")
+        self._say(f"warm: {image}: fetched {digest} ({human_size(nbytes)})")
 
     def image_done(self, result: ImageResult) -> None:
         self._say(_done_line(result))

@@ -25,7 +25,6 @@ redirects followed by hand.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
@@ -40,7 +39,8 @@ from multidict import CIMultiDict
 from cr_proxy.cache.layout import Target, check_domain
 from cr_proxy.config import UPSTREAM_CONNECTIONS, Config
 from cr_proxy.errors import DestinationRefused, UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from cr_proxy.net.policy import SCHEME_PORTS, Destinations, refusal, resolved_refusal
+from cr_proxy.net.address import SCHEME_PORTS, is_loopback, split_url
+from cr_proxy.net.policy import Destinations, refusal, resolved_refusal
 from cr_proxy.upstream.auth import Challenge, TokenCache, parse_challenge, pull_scope
 
 log = logging.getLogger("cr_proxy.upstream")
@@ -75,32 +75,6 @@ class Opened:
 
     response: aiohttp.ClientResponse
     hops: list[Hop] = field(default_factory=list)
-
-
-def is_loopback(host: str) -> bool:
-    """host[:port] names this machine (localhost, 127/8, ::1)."""
-    if host.startswith("["):
-        bare = host[1 : host.find("]")]
-    else:
-        bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    if bare == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(bare).is_loopback
-    except ValueError:
-        return False
-
-
-def split_url(url: str) -> tuple[str, str, str]:
-    """-> (scheme, host[:port] as stored, path?query)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port and parts.port not in (80, 443):
-        host = f"{host}:{parts.port}"
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    return parts.scheme, host, path
 
 
 ChallengeHook = Callable[[str, str, str], None]

@@ -1,0 +1,163 @@
+"""cr_proxy.nginx rendering: what it writes passes `nginx -t` for a few
+configurations, every include resolves, the mirror and https_proxy servers
+share one blob and manifest location template, and every regex nginx
+matches is reference.py's grammar (checked against a table of names)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cr_proxy import config as config_mod
+from cr_proxy import nginx
+from cr_proxy.front import certs
+from cr_proxy.front.stamp import FrontStamp
+from cr_proxy.oci import reference
+
+needs_nginx = pytest.mark.skipif(
+    shutil.which("nginx") is None or not any(Path(p).exists()
+                                              for p in nginx.NJS_MODULE_CANDIDATES),
+    reason="nginx with njs is not installed",
+)
+
+CONFIGURATIONS = {
+    "mirror-http": {},
+    "mirror-https-and-proxy": {"LISTEN__MIRROR_HTTPS": "127.0.0.1:5443",
+                               "LISTEN__PROXY": "127.0.0.1:3128"},
+    "aliases-and-clients": {"REGISTRY_HOSTS": '{"hub": "registry-1.docker.io"}',
+                            "MIRROR_ALLOW_CLIENTS": '["127.0.0.0/8", "10.0.0.0/8"]',
+                            "LISTEN__PROXY": "127.0.0.1:3128"},
+}
+
+
+def load(tmp_path: Path, **env: str) -> config_mod.Config:
+    environ = {"CR_PROXY_CACHE_DIR": str(tmp_path / "cache"),
+               "CR_PROXY_CERTS_DIR": str(tmp_path / "certs"),
+               "CR_PROXY_RUN_DIR": str(tmp_path / "run"),
+               **{f"CR_PROXY_{key}": value for key, value in env.items()}}
+    return config_mod.load(None, environ=environ)
+
+
+def rendered(tmp_path: Path, **env: str) -> tuple[config_mod.Config, Path]:
+    """Render as `cr-proxy config --check` does; -> (config, nginx.conf)."""
+    conf = load(tmp_path, **env)
+    conf.run_dir.mkdir(parents=True)
+    ca = certs.ensure_ca(conf.certs_dir)
+    leaf = certs.ensure_mirror_leaf(ca, conf.certs_dir, conf.mirror_names)
+    certs.LeafCache(ca, conf.certs_dir, conf.proxy.max_hosts).ensure_fallback()
+    conf = nginx.with_front_port(conf)
+    return conf, nginx.render(conf, leaf.cert, leaf.key, stamp=FrontStamp.new())
+
+
+def includes(path: Path) -> list[str]:
+    text = "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
+    return re.findall(r"(?m)^\s*include\s+(\S+);", text)
+
+
+@needs_nginx
+@pytest.mark.parametrize("env", CONFIGURATIONS.values(), ids=list(CONFIGURATIONS))
+def test_the_rendered_configuration_passes_nginx_t(tmp_path: Path, env: dict[str, str]) -> None:
+    conf, path = rendered(tmp_path, **env)
+    nginx.check(conf, path)
+
+
+@needs_nginx
+@pytest.mark.parametrize("env", CONFIGURATIONS.values(), ids=list(CONFIGURATIONS))
+def test_every_include_resolves_in_the_run_directory(tmp_path: Path, env: dict[str, str]) -> None:
+    conf, path = rendered(tmp_path, **env)
+    pending, seen = [path], set()
+    while pending:
+        for target in includes(pending.pop()):
+            if target == "mime.types":  # nginx's own, next to its binary's conf
+                continue
+            found = sorted(Path(target).parent.glob(Path(target).name))
+            assert found or "*" in target, f"{target} is missing"
+            assert all(p.is_relative_to(conf.run_dir) for p in found), target
+            pending += [p for p in found if p not in seen]
+            seen.update(found)
+    assert {"mirror-locations.conf", "mirror.conf", "fetch.conf"} <= {p.name for p in seen}
+    if conf.listen.proxy.enabled:
+        assert {"proxy-locations.conf", "proxy-server.conf"} <= {p.name for p in seen}
+
+
+@needs_nginx
+def test_the_mirror_and_proxy_servers_share_one_location_template(tmp_path: Path) -> None:
+    conf, _ = rendered(tmp_path, **CONFIGURATIONS["mirror-https-and-proxy"])
+    run = conf.run_dir
+    assert f"include {run}/mirror-locations.conf;" in (run / "mirror.conf").read_text()
+    assert f"include {run}/proxy-locations.conf;" in (run / "proxy-server.conf").read_text()
+    for server in ("mirror.conf", "proxy-server.conf"):  # no location of their own
+        heads = re.findall(r"(?m)^\s*location\b.*", (run / server).read_text())
+        assert not [head for head in heads if "/blobs/" in head or "/manifests/" in head]
+    directives = []
+    for name, server in nginx.LOCATION_FILES.items():
+        text = (run / name).read_text()
+        assert text == nginx.locations(server, conf.cache_dir)
+        directives.append([line.split()[0] for line in text.splitlines()
+                           if line.strip() and not line.lstrip().startswith("#")])
+    mirror, proxy = directives
+    assert mirror == proxy  # the same directives, in the same order
+    assert mirror.count("location") == 2 and mirror.count("if") == 5
+
+
+def python_regex(nginx_regex: str) -> re.Pattern[str]:
+    """PCRE's (?<name>...) is Python's (?P<name>...); the rest is shared."""
+    return re.compile(re.sub(r"\(\?<(?=[a-z_])", "(?P<", nginx_regex))
+
+
+def map_pattern(text: str, variable: str, value: str) -> re.Pattern[str]:
+    """The regex of the map entry that sets `variable` to `value`."""
+    block = text[text.index(f" {variable} {{"):]
+    block = block[:block.index("}\n")]
+    (pattern,) = re.findall(rf'"~(\^.*\$)" {re.escape(value)};', block)
+    return python_regex(pattern)
+
+
+NAMES = ["library/alpine", "a", "a/b/c", "a.b_c__d-e---f/g", "A/b", "a//b", "-a", "a-", "a__b",
+         "a___b", "a/", "a..b", "äb", "a b", "x" * 300]
+HOSTS = ["ghcr.io", "localhost:5000", "127.0.0.1", "[::1]:5000", "[fe80::1]", "a-b.c",
+         "-a.b", "a_b.c", "Ghcr.io", "a" * 64 + ".io", "host:", "host:123456", "[::1", ""]
+TAGS = ["latest", "v1.2.3", "_x", ".x", "-x", "a" * 128, "a" * 129, "a:b", "", "A-b_c.d"]
+DIGESTS = ["sha256:" + "a" * 64, "sha256:" + "A" * 64, "sha256:" + "a" * 63,
+           "sha512:" + "b" * 128, "md5:" + "c" * 32]
+
+
+def test_the_mirror_maps_check_names_and_hosts_by_the_reference_grammar(tmp_path: Path) -> None:
+    text = nginx.mirror_maps(load(tmp_path))
+    name_ok = map_pattern(text, "$cr_repo_ok", "1")
+    for name in NAMES:
+        grammar = reference.NAME_RE.fullmatch(name) is not None
+        assert (name_ok.fullmatch(name) is not None) is grammar, name
+    domain = map_pattern(text, "$cr_domain", "$cr_registry")
+    for host in HOSTS:
+        assert (domain.fullmatch(host) is not None) is (
+            reference.HOST_RE.fullmatch(host) is not None), host
+
+
+def test_the_proxy_maps_read_hosts_and_names_by_the_reference_grammar() -> None:
+    text = nginx.proxy_maps()
+    sni = map_pattern(text, "$cr_sni_cert", "$cr_s")
+    for host in HOSTS:  # the SNI: a host without a port
+        plain = reference.HOST_RE.fullmatch(host) is not None and not re.search(r":\d+$", host)
+        assert (sni.fullmatch(host) is not None) is plain, host
+    name_ok = map_pattern(text, "$cr_name_ok", "1")
+    for name in NAMES:
+        assert (name_ok.fullmatch(name) is not None) is (
+            reference.NAME_RE.fullmatch(name) is not None), name
+
+
+@pytest.mark.parametrize("server", nginx.LOCATION_FILES.values(), ids=list(nginx.LOCATION_FILES))
+def test_the_locations_take_a_reference_tag_or_sha256_digest(
+    server: nginx.ServerLocations,
+) -> None:
+    text = nginx.locations(server, Path("/cache"))
+    blob, manifest = (python_regex(p) for p in re.findall(r'location ~ "([^"]+)"', text))
+    for ref in TAGS + DIGESTS:
+        sha256 = reference.is_digest(ref) and ref.startswith("sha256:")
+        assert (blob.fullmatch(f"/v2/a/b/blobs/{ref}") is not None) is sha256, ref
+        served = reference.is_tag(ref) or sha256
+        assert (manifest.fullmatch(f"/v2/a/b/manifests/{ref}") is not None) is served, ref
+    assert blob.fullmatch(f"/v2/a/b/blobs/{DIGESTS[0]}").group("cr_name") == "a/b"

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from cr_proxy.cache.layout import SIDECARS, Tree
 from cr_proxy.errors import DigestMismatch, ManifestInvalid, Truncated, UpstreamError
-from cr_proxy.oci.reference import MANIFEST_MEDIA_TYPES, check_digest, digest_of, hasher, is_digest
+from cr_proxy.oci.manifest import MANIFEST_MEDIA_TYPES
+from cr_proxy.oci.reference import check_digest, digest_of, hasher, is_digest
 
 log = logging.getLogger("cr_proxy.store")
 

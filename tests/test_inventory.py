@@ -543,3 +543,22 @@ def test_commands_work_on_an_empty_or_missing_cache(
     assert (code, json.loads(out)) == (0, {"images": []})
     assert run_cli(capsys, "du", "--config", str(conf))[0] == 0
     assert run_cli(capsys, "verify", "--config", str(conf))[0] == 0
+
+
+def test_attestations_are_no_platforms_by_either_mark(store: Store, inventory: Inventory) -> None:
+    """oci/manifest.py's rule, as warm's: platform unknown/unknown (any
+    variant) or the attestation annotation (any platform)."""
+    amd = cache_image(store, "att", None, [b"amd64 binary" * 10])
+    entries = [
+        {"mediaType": MT_MANIFEST, "digest": amd.digest, "size": 1,
+         "platform": {"os": "linux", "architecture": "amd64"}},
+        {"mediaType": MT_MANIFEST, "digest": digest_of(b"att1"), "size": 1,
+         "platform": {"os": "unknown", "architecture": "unknown", "variant": "v0"}},
+        {"mediaType": MT_MANIFEST, "digest": digest_of(b"att2"), "size": 1,
+         "platform": {"os": "linux", "architecture": "arm64"},
+         "annotations": {"vnd.docker.reference.type": "attestation-manifest"}},
+    ]
+    body = json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": entries}).encode()
+    cache_manifest(store, REG, "att", body, "v1", MT_INDEX)
+    [image] = inventory.images()
+    assert image.platforms == ("linux/amd64",)

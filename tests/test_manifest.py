@@ -4,8 +4,10 @@ attestations, foreign layers), by value and on any JSON."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -302,3 +304,24 @@ def test_manifest_media_type_returns_only_the_closed_list(media_type):
     except ManifestInvalid:
         return
     assert got in MANIFEST_MEDIA_TYPES
+
+
+# --- one owner ----------------------------------------------------------------------------
+
+PACKAGE = Path(__file__).resolve().parent.parent / "cr_proxy"
+OWNED = {"MAX_MANIFEST", "MAX_INDEX_DEPTH", "MAX_DEPTH", "MANIFEST_MEDIA_TYPES",
+         "INDEX_MEDIA_TYPES", "IMAGE_MEDIA_TYPES", "MANIFEST_ACCEPT", "ATTESTATION"}
+
+
+def test_manifest_knowledge_is_defined_in_manifest_py_only() -> None:
+    """Issue 11: MAX_MANIFEST was defined twice and the nesting limit and
+    the attestation rule thrice, and they disagreed."""
+    defined = {
+        (path.relative_to(PACKAGE).as_posix(), target.id)
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assign | ast.AnnAssign)
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Name) and target.id in OWNED
+    }
+    assert {where for where, _ in defined} == {"oci/manifest.py"}

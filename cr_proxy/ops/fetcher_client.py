@@ -33,7 +33,7 @@ from aiohttp import web
 from cr_proxy.config import Config
 from cr_proxy.errors import CrProxyError, ManifestInvalid
 from cr_proxy.oci import manifest
-from cr_proxy.oci.manifest import MANIFEST_ACCEPT
+from cr_proxy.oci.manifest import MANIFEST_ACCEPT, Manifest
 from cr_proxy.oci.reference import Reference, digest_of, hasher, is_digest, names_registry
 
 CHUNK = 1 << 20
@@ -63,7 +63,7 @@ class Fetched:
     """A manifest as the fetcher answered it."""
 
     digest: str
-    manifest: manifest.Manifest
+    manifest: Manifest
     cache: str  # the fetcher's X-Cache: HIT, MISS, STALE, REVALIDATED
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -56,11 +57,27 @@ def cmd_ca(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
 
 
 def cmd_warm(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
-    """Preload images into the cache through a fetcher (serve's, or our own)."""
-    from cr_proxy.ops.warm import run
+    """Preload images into the cache through a fetcher (serve's, or our own):
+    ERROR if one image failed (the others still complete)."""
+    from cr_proxy.oci.manifest import Platform
+    from cr_proxy.ops.progress import make_progress
+    from cr_proxy.ops.warm import collect_images, warm
 
-    return ExitStatus(run(conf, args.images, args.from_file, args.platform or (),
-                          args.jobs, args.json))
+    wanted = collect_images(args.images, args.from_file)
+    if not wanted:
+        print("cr-proxy warm: no image given (IMAGE... or --from-file)", file=sys.stderr)
+        return ExitStatus.USAGE
+    if args.jobs < 1:
+        print("cr-proxy warm: --jobs must be at least 1", file=sys.stderr)
+        return ExitStatus.USAGE
+    platforms = [Platform.parse(p) for p in args.platform or ()]
+    progress = make_progress(sys.stderr, len(wanted))
+    try:
+        summary = asyncio.run(warm(conf, wanted, platforms, args.jobs, progress=progress))
+    finally:
+        progress.close()
+    print(json.dumps(summary.as_dict(), indent=2) if args.json else summary.text(), flush=True)
+    return ExitStatus.ERROR if summary.failures else ExitStatus.OK
 
 
 def _warm_arguments(p: argparse.ArgumentParser) -> None:

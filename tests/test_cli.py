@@ -67,3 +67,19 @@ def test_no_command_lists_the_commands() -> None:
     result = run()
     assert result.returncode == 2
     assert "serve" in result.stderr and "config" in result.stderr
+
+
+def test_warm_usage_errors_exit_2_and_a_bad_platform_1(tmp_path: Path) -> None:
+    """`cr-proxy warm`'s checks before any fetcher starts (cli.cmd_warm)."""
+    conf = tmp_path / "c.yml"
+    conf.write_text(f"cache_dir: {tmp_path / 'cache'}\nrun_dir: {tmp_path / 'run'}\n")
+    nothing = run("warm", "--config", str(conf))
+    assert nothing.returncode == 2
+    assert "no image given" in nothing.stderr
+    no_jobs = run("warm", "--config", str(conf), "--jobs", "0", "alpine")
+    assert no_jobs.returncode == 2
+    assert "--jobs must be at least 1" in no_jobs.stderr
+    platform = run("warm", "--config", str(conf), "--platform", "linux", "alpine")
+    assert platform.returncode == 1
+    assert "expected os/arch[/variant]" in platform.stderr
+    assert not (tmp_path / "run").exists()  # no fetcher was started for any of them

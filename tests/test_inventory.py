@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cr_proxy import cli
-from cr_proxy.cache.inventory import Inventory, parse_manifest
+from cr_proxy.cache.inventory import Inventory
 from cr_proxy.cache.removal import chain_order
 from cr_proxy.cache.scan import Link, Redirect
 from cr_proxy.cache.store import Store
@@ -231,19 +231,40 @@ def test_listing_does_not_touch_access_times(store: Store, inventory: Inventory)
     assert path.stat().st_atime == 1_000  # read with O_NOATIME: a listing is not a pull
 
 
-def test_parse_manifest_understands_docker_lists_and_shape_without_media_type() -> None:
-    child = digest_of(b"child")
-    listed = parse_manifest(json.dumps({"mediaType": MT_DOCKER_LIST, "manifests": [
-        {"digest": child, "platform": {"os": "windows", "architecture": "amd64"}},
-        {"digest": "not-a-digest"},
-    ]}).encode())
-    assert listed.is_index and [(c.digest, c.platform) for c in listed.children] == [
-        (child, "windows/amd64")
-    ]
-    bare = parse_manifest(json.dumps({"config": {"digest": child}, "layers": []}).encode())
-    assert (bare.media_type, bare.config) == (MT_MANIFEST, child)
-    assert parse_manifest(b"not json", "text/plain").media_type == "text/plain"
-    assert parse_manifest(b"[1, 2]").children == ()
+def test_a_foreign_layer_is_no_part_of_an_image(store: Store, inventory: Inventory) -> None:
+    """A Windows base layer (`urls`) lives outside the registry: no pull
+    fetches it, so it is neither used nor missing (oci/manifest.py)."""
+    layer = cache_blob(store, REG, "win", b"app layer" * 10)
+    config = json.dumps({"os": "windows", "architecture": "amd64"}).encode()
+    cache_blob(store, REG, "win", config)
+    foreign = descriptor("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                         b"windows base", urls=["https://mcr.microsoft.com/base"])
+    body = json.dumps({"schemaVersion": 2, "mediaType": MT_MANIFEST,
+                       "config": descriptor(MT_CONFIG, config),
+                       "layers": [foreign, descriptor(MT_LAYER, b"app layer" * 10)]}).encode()
+    digest = cache_manifest(store, REG, "win", body, "v1", MT_MANIFEST)
+    [image] = inventory.images()
+    assert image.missing == frozenset()
+    assert image.digests == {digest, digest_of(config), layer}
+    assert image.platforms == ("windows/amd64",)
+
+
+def test_an_index_nested_three_deep_is_listed_whole(store: Store, inventory: Inventory) -> None:
+    """index -> index -> index -> manifest: as deep as warm goes, ls reads."""
+    leaf = cache_image(store, "deep", None, [b"deep layer" * 10])
+    digest, below = leaf.digest, [leaf.digest]
+    for _ in range(3):
+        body = json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [
+            {"mediaType": MT_MANIFEST, "digest": digest, "size": 1,
+             "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+        digest = cache_manifest(store, REG, "deep", body, None, MT_INDEX)
+        below.append(digest)
+    store.record_manifest(REG, "v2/deep/manifests/v1", digest, MT_INDEX, time.time())
+    [image] = inventory.images()
+    assert image.key == f"{REG}/deep:v1"
+    assert image.missing == frozenset()
+    assert image.manifests == set(below)
+    assert {leaf.config, *leaf.layers} <= image.digests
 
 
 # --- du ----------------------------------------------------------------------------------
@@ -525,3 +546,22 @@ def test_commands_work_on_an_empty_or_missing_cache(
     assert (code, json.loads(out)) == (0, {"images": []})
     assert run_cli(capsys, "du", "--config", str(conf))[0] == 0
     assert run_cli(capsys, "verify", "--config", str(conf))[0] == 0
+
+
+def test_attestations_are_no_platforms_by_either_mark(store: Store, inventory: Inventory) -> None:
+    """oci/manifest.py's rule, as warm's: platform unknown/unknown (any
+    variant) or the attestation annotation (any platform)."""
+    amd = cache_image(store, "att", None, [b"amd64 binary" * 10])
+    entries = [
+        {"mediaType": MT_MANIFEST, "digest": amd.digest, "size": 1,
+         "platform": {"os": "linux", "architecture": "amd64"}},
+        {"mediaType": MT_MANIFEST, "digest": digest_of(b"att1"), "size": 1,
+         "platform": {"os": "unknown", "architecture": "unknown", "variant": "v0"}},
+        {"mediaType": MT_MANIFEST, "digest": digest_of(b"att2"), "size": 1,
+         "platform": {"os": "linux", "architecture": "arm64"},
+         "annotations": {"vnd.docker.reference.type": "attestation-manifest"}},
+    ]
+    body = json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": entries}).encode()
+    cache_manifest(store, REG, "att", body, "v1", MT_INDEX)
+    [image] = inventory.images()
+    assert image.platforms == ("linux/amd64",)

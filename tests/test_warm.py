@@ -15,17 +15,14 @@ from aiohttp import web
 from cr_proxy import config as config_mod
 from cr_proxy.cache.sizes import human_size
 from cr_proxy.errors import BadRequest, CrProxyError
+from cr_proxy.oci.manifest import Platform, parse
 from cr_proxy.oci.reference import Reference
+from cr_proxy.ops.fetcher_client import mirror_path, registry_error
 from cr_proxy.ops.warm import (
     ImageResult,
-    Platform,
     Summary,
     collect_images,
-    image_blobs,
-    mirror_path,
     read_image_list,
-    registry_error,
-    select_manifests,
     warm,
 )
 
@@ -80,8 +77,8 @@ INDEX = {
 
 
 def chosen(*platforms: str) -> list[str]:
-    picked = select_manifests(INDEX, [Platform.parse(p) for p in platforms])
-    return [name for name, digest in DIGESTS.items() if digest in {e["digest"] for e in picked}]
+    picked = parse(json.dumps(INDEX).encode()).select([Platform.parse(p) for p in platforms])
+    return [name for name, digest in DIGESTS.items() if digest in {e.digest for e in picked}]
 
 
 def test_every_platform_by_default_but_never_attestations() -> None:
@@ -105,13 +102,14 @@ def test_bad_platform_is_refused(text: str) -> None:
 
 
 def test_image_blobs_are_config_and_layers_but_not_foreign_layers() -> None:
+    c, l1, win, l2 = ("sha256:" + hashlib.sha256(n).hexdigest() for n in (b"c", b"1", b"w", b"2"))
     manifest = {
-        "config": {"digest": "sha256:c"},
-        "layers": [{"digest": "sha256:l1"},
-                   {"digest": "sha256:win", "urls": ["https://mcr.microsoft.com/x"]},
-                   {"digest": "sha256:l2"}],
+        "config": {"digest": c},
+        "layers": [{"digest": l1},
+                   {"digest": win, "urls": ["https://mcr.microsoft.com/x"]},
+                   {"digest": l2}],
     }
-    assert [b["digest"] for b in image_blobs(manifest)] == ["sha256:c", "sha256:l1", "sha256:l2"]
+    assert [b.digest for b in parse(json.dumps(manifest).encode()).blobs] == [c, l1, l2]
 
 
 def test_mirror_path_puts_the_registry_where_layout_finds_it() -> None:
@@ -336,3 +334,25 @@ async def test_index_platform_choice_and_digest_check(fake) -> None:
     fetcher.manifests[f"registry.test/multi/manifests/{d_one}"] = two
     summary = await warm(conf, ["registry.test/multi"], progress=Quiet())
     assert summary.failures[0][1].startswith("DIGEST_INVALID: manifest is ")
+
+
+def nest(fetcher: FakeFetcher, repo: str, body: bytes, levels: int) -> None:
+    """`levels` indexes above the manifest `body`, the top one tagged latest."""
+    for _ in range(levels):
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        fetcher.manifests[f"registry.test/{repo}/manifests/{digest}"] = body
+        body = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"digest": digest,
+                           "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    fetcher.manifests[f"registry.test/{repo}/manifests/latest"] = body
+
+
+async def test_indexes_nest_three_deep_as_ls_reads_them_and_no_deeper(fake) -> None:
+    fetcher, conf = fake
+    nest(fetcher, "deep", manifest_for(LAYER_A), 3)
+    nest(fetcher, "deeper", manifest_for(LAYER_B), 4)
+    summary = await warm(conf, ["registry.test/deep", "registry.test/deeper"], progress=Quiet())
+    assert [image for image, _ in summary.failures] == ["registry.test/deeper"]
+    assert "nested too deep" in summary.failures[0][1]
+    assert sorted(fetcher.gets) == sorted([LAYER_A[0], CONFIG[0]])

@@ -14,6 +14,8 @@ Policy (what an image is and when it was used: image.py):
   read from blobs/ by digest, so a platform manifest cached through another
   repository counts. Media types: OCI and Docker schema 2 manifests and
   indexes; anything else (schema 1, artifacts, non-JSON) uses only itself.
+  Foreign layers (with `urls`) live outside the registry and are not used
+  (oci/manifest.py decides that, the nesting limit and attestations).
   Used digests missing from blobs/ (platforms never pulled) are `missing`.
 - Size: the bytes of the used digests that are in blobs/, each once.
 - Platforms: `os/arch[/variant]` from an index's entries (attestation
@@ -25,12 +27,10 @@ Policy (what an image is and when it was used: image.py):
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cr_proxy.cache.diskuse import DiskUsage, disk_usage
 from cr_proxy.cache.image import Image, LastUsed, file_times
@@ -40,109 +40,17 @@ from cr_proxy.cache.scan import Link, Reader, Scan
 from cr_proxy.cache.store import Store
 from cr_proxy.cache.verify import Verification, verify
 from cr_proxy.config import Config
-from cr_proxy.errors import BadRequest, NotFound
+from cr_proxy.errors import BadRequest, ManifestInvalid, NotFound
+from cr_proxy.oci import manifest
+from cr_proxy.oci.manifest import MAX_INDEX_DEPTH, MAX_MANIFEST, config_platform
 from cr_proxy.oci.reference import (
     DEFAULT_REGISTRY,
-    INDEX_MEDIA_TYPES,
-    MANIFEST_MEDIA_TYPES,
     digest_of,
     is_digest,
     parse_reference,
 )
 
-IMAGE_MEDIA_TYPES = frozenset(MANIFEST_MEDIA_TYPES) - INDEX_MEDIA_TYPES
-MAX_MANIFEST = 4 << 20  # what the fetcher stores at most
 MAX_CONFIG = 8 << 20  # a config blob read for its platform; bigger ones are not configs
-MAX_DEPTH = 3  # index -> index -> manifest is legal (OCI); deeper is nonsense
-ATTESTATION = "attestation-manifest"  # vnd.docker.reference.type of buildx attestations
-
-
-# --- manifests (pure) -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Child:
-    digest: str
-    platform: str | None  # None for attestations and entries without one
-
-
-@dataclass(frozen=True, slots=True)
-class Parsed:
-    media_type: str
-    children: tuple[Child, ...] = ()  # an index's manifests
-    config: str | None = None
-    layers: tuple[str, ...] = ()
-
-    @property
-    def is_index(self) -> bool:
-        return self.media_type in INDEX_MEDIA_TYPES
-
-
-def parse_manifest(body: bytes, content_type: str = "") -> Parsed:
-    """What a manifest names. Unknown media types or bodies name nothing."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return Parsed(content_type)
-    if not isinstance(doc, dict):
-        return Parsed(content_type)
-    media_type = media_type_of(doc, content_type)
-    if media_type in INDEX_MEDIA_TYPES:
-        entries_ = [m for m in _list(doc.get("manifests")) if _digest(m)]
-        return Parsed(media_type, tuple(Child(_digest(m), entry_platform(m)) for m in entries_))
-    if media_type in IMAGE_MEDIA_TYPES:
-        config = _digest(doc.get("config"))
-        layers = tuple(d for d in map(_digest, _list(doc.get("layers"))) if d)
-        return Parsed(media_type, config=config or None, layers=layers)
-    return Parsed(media_type)
-
-
-def media_type_of(doc: dict[str, Any], content_type: str) -> str:
-    """The body's mediaType, else the stored Content-Type, else a guess from
-    the shape (mediaType is optional in OCI)."""
-    declared = doc.get("mediaType")
-    if isinstance(declared, str) and declared:
-        return declared
-    if content_type in MANIFEST_MEDIA_TYPES:
-        return content_type
-    if isinstance(doc.get("manifests"), list):
-        return MANIFEST_MEDIA_TYPES[0]
-    if isinstance(doc.get("config"), dict):
-        return MANIFEST_MEDIA_TYPES[1]
-    return content_type
-
-
-def entry_platform(entry: dict[str, Any]) -> str | None:
-    annotations = entry.get("annotations")
-    if isinstance(annotations, dict) and (
-        annotations.get("vnd.docker.reference.type") == ATTESTATION
-    ):
-        return None
-    return platform_string(entry.get("platform"))
-
-
-def platform_string(doc: object) -> str | None:
-    """`os/arch[/variant]` from an index entry's platform or a config blob."""
-    if not isinstance(doc, dict):
-        return None
-    parts = [doc.get("os"), doc.get("architecture"), doc.get("variant")]
-    if not all(isinstance(p, str) and p for p in parts[:2]):
-        return None
-    if parts == ["unknown", "unknown", None]:
-        return None
-    return "/".join(p for p in parts if isinstance(p, str) and p)
-
-
-def _list(value: object) -> list[dict[str, Any]]:
-    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
-
-
-def _digest(descriptor: object) -> str:
-    if isinstance(descriptor, dict):
-        digest = descriptor.get("digest")
-        if isinstance(digest, str) and is_digest(digest):
-            return digest
-    return ""
 
 
 # --- images ----------------------------------------------------------------------
@@ -174,20 +82,23 @@ class Resolver:
         return self._done[digest]
 
     def _resolve(self, digest: str, fallback: Path | None, depth: int) -> Resolved:
-        body = self._body(digest, fallback, MAX_MANIFEST) if depth <= MAX_DEPTH else None
-        if body is None:  # not cached (a platform never pulled), or nested absurdly deep
+        # depth: the indexes above this manifest (manifest.py's nesting limit).
+        body = self._body(digest, fallback, MAX_MANIFEST) if depth <= MAX_INDEX_DEPTH else None
+        if body is None:  # not cached (a platform never pulled), or nested too deep
             return Resolved("", (), frozenset({digest}), frozenset({digest}))
-        parsed = parse_manifest(body)
-        digests, manifests, platforms = {digest}, {digest}, []
-        for child in parsed.children:
-            below = self.resolve(child.digest, None, depth + 1)
+        try:
+            parsed = manifest.parse(body)
+        except ManifestInvalid:  # not a manifest at all: it uses only itself
+            parsed = manifest.Manifest("")
+        digests, manifests = {digest}, {digest}
+        platforms = [str(p) for p in parsed.platforms]
+        for entry in parsed.entries:
+            below = self.resolve(entry.digest, None, depth + 1)
             digests |= below.digests
             manifests |= below.manifests
-            platforms += [child.platform] if child.platform else []
         if parsed.config:
-            digests.add(parsed.config)
-            platforms += self._config_platform(parsed.config)
-        digests.update(parsed.layers)
+            platforms += self._config_platform(parsed.config.digest)
+        digests.update(blob.digest for blob in parsed.blobs)
         return Resolved(parsed.media_type, tuple(platforms), frozenset(digests),
                         frozenset(manifests))
 
@@ -200,11 +111,8 @@ class Resolver:
 
     def _config_platform(self, config: str) -> list[str]:
         body = self._body(config, None, MAX_CONFIG)
-        try:
-            platform = platform_string(json.loads(body)) if body else None
-        except (ValueError, UnicodeDecodeError):
-            platform = None
-        return [platform] if platform else []
+        platform = config_platform(body) if body else None
+        return [str(platform)] if platform else []
 
 
 @dataclass(slots=True)

@@ -29,7 +29,8 @@ from pathlib import Path
 from cr_proxy.cache.layout import SIDECARS, TOP_DIRS, Kind, Sidecar, Tree, key_of
 from cr_proxy.cache.scan import entries, lstat, walk_blobs, walk_names
 from cr_proxy.errors import BadRequest, DigestMismatch, ManifestInvalid, Truncated, UpstreamError
-from cr_proxy.oci.reference import MANIFEST_MEDIA_TYPES, check_digest, digest_of, hasher, is_digest
+from cr_proxy.oci.manifest import MANIFEST_MEDIA_TYPES
+from cr_proxy.oci.reference import check_digest, digest_of, hasher, is_digest
 
 log = logging.getLogger("cr_proxy.store")
 

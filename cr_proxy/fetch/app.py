@@ -58,14 +58,14 @@ from cr_proxy.fetch.flight import Flight, Flights
 from cr_proxy.front.connect import check_port
 from cr_proxy.metrics import Metrics
 from cr_proxy.net.policy import parse_authority
-from cr_proxy.oci.reference import MANIFEST_ACCEPT, digest_of, is_digest, manifest_media_type
+from cr_proxy.oci.manifest import MANIFEST_ACCEPT, MAX_MANIFEST, manifest_media_type
+from cr_proxy.oci.reference import digest_of, is_digest
 from cr_proxy.upstream.auth import dummy_token, parse_challenge
 from cr_proxy.upstream.client import Hop, Upstream
 
 log = logging.getLogger("cr_proxy.fetcher")
 
 T = TypeVar("T")
-MAX_MANIFEST = 4 << 20  # distribution's manifest size limit
 WRITE_BATCH = 1 << 20  # bytes gathered before one executor hop to the disk
 WRITE_THREADS = 4  # downloads hashed and written at once
 STALE_OK_STATUSES = frozenset({429, 500, 502, 503, 504})

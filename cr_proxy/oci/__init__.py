@@ -1,6 +1,8 @@
-"""OCI knowledge, pure (no I/O): Docker's reference grammar, digests,
-media types and the manifest rules (reference.py).
+"""OCI knowledge, pure (no I/O): Docker's reference grammar and digests
+(reference.py); manifests and indexes: media types, what they name,
+platforms, attestations, foreign layers, size and nesting limits
+(manifest.py).
 
-Owns: what a name, tag, digest or manifest media type may be.
+Owns: what a name, tag, digest or manifest may be, and what a manifest names.
 May import: cr_proxy.errors only.
 """

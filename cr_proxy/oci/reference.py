@@ -1,4 +1,5 @@
-"""Image references, digests and media types: pure functions, no I/O.
+"""Image references and digests: pure functions, no I/O. (Manifests and
+their media types: manifest.py.)
 
 The grammar is the one in distribution's `reference/regexp.go` and the OCI
 distribution spec (section "Pulling manifests"):
@@ -18,11 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import json
 import re
 from dataclasses import dataclass
 
-from cr_proxy.errors import BadRequest, ManifestInvalid
+from cr_proxy.errors import BadRequest
 
 COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{COMPONENT}(?:/{COMPONENT})*")
@@ -40,26 +40,6 @@ MAX_NAME_LEN = 255  # distribution's NameTotalLengthMax
 
 DEFAULT_REGISTRY = "docker.io"
 DEFAULT_TAG = "latest"
-
-MANIFEST_MEDIA_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
-INDEX_MEDIA_TYPES = frozenset(MANIFEST_MEDIA_TYPES[0::2])
-# What we ask upstream for: everything, so the cache holds the canonical
-# manifest whatever the first client's Accept header was.
-MANIFEST_ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
-# Docker's schema 1 (signed JSON): distribution 3 dropped it, and Docker's
-# and containerd's pullers refuse it; we neither store nor serve it.
-SCHEMA1_MEDIA_TYPES = frozenset({
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-})
-# Content-Types that name no kind of manifest (some registries and static
-# servers send them): the body's mediaType, or its shape, decides.
-GENERIC_TYPES = frozenset({"", "application/json", "application/octet-stream", "text/plain"})
 
 
 def is_digest(ref: str) -> bool:
@@ -106,71 +86,6 @@ def hasher(digest: str) -> hashlib._Hash:
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
-
-def manifest_media_type(body: bytes, content_type: str) -> str:
-    """The media type an upstream manifest is stored and served with: always
-    one of MANIFEST_MEDIA_TYPES, never the wire's value as such, since it
-    becomes the Content-Type of every later hit. ManifestInvalid unless the
-    body is a JSON schema 2 manifest or index of a type on that list (OCI
-    artifact manifests are image manifests with an artifactType, so they
-    pass; the withdrawn application/vnd.oci.artifact.manifest.v1+json, like
-    distribution, does not). A known Content-Type must agree with the
-    body's mediaType; a generic one leaves the choice to the body."""
-    header = content_type.split(";", 1)[0].strip().lower()
-    if header in SCHEMA1_MEDIA_TYPES:
-        raise _schema1()
-    if header not in GENERIC_TYPES and header not in MANIFEST_MEDIA_TYPES:
-        raise ManifestInvalid(message=f"Content-Type {_shown(header)} is not a manifest type")
-    doc = _json_object(body)
-    version = doc.get("schemaVersion")
-    if type(version) is int and version == 1:
-        raise _schema1()
-    if type(version) is not int or version != 2:
-        raise ManifestInvalid(message=f"schemaVersion {_shown(version)} is not 2")
-    media_type = _declared_type(doc, header)
-    if media_type in INDEX_MEDIA_TYPES:
-        whole = isinstance(doc.get("manifests"), list)
-    else:
-        whole = isinstance(doc.get("config"), dict) and isinstance(doc.get("layers"), list)
-    if not whole:
-        raise ManifestInvalid(message=f"not a whole {media_type}")
-    return media_type
-
-
-def _declared_type(doc: dict, header: str) -> str:
-    """The body's mediaType (optional in OCI: then the header's, or the shape's)."""
-    declared = doc.get("mediaType")
-    if declared is None:
-        if header in MANIFEST_MEDIA_TYPES:
-            return header
-        return MANIFEST_MEDIA_TYPES[0 if isinstance(doc.get("manifests"), list) else 1]
-    if not isinstance(declared, str) or declared not in MANIFEST_MEDIA_TYPES:
-        raise ManifestInvalid(message=f"mediaType {_shown(declared)} is not a manifest type")
-    if header in MANIFEST_MEDIA_TYPES and header != declared:
-        raise ManifestInvalid(message=f"Content-Type {header} but mediaType {declared}")
-    return declared
-
-
-def _json_object(body: bytes) -> dict:
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: [[[[...]]]] nested deep
-        doc = None
-    if not isinstance(doc, dict):
-        raise ManifestInvalid(message="the manifest is not a JSON object")
-    return doc
-
-
-def _schema1() -> ManifestInvalid:
-    return ManifestInvalid(message="Docker schema 1 manifests are not supported "
-                           "(distribution 3 and Docker's pullers dropped them too)")
-
-
-def _shown(value: object) -> str:
-    """A value from the wire, quoted and cut short, for a message or a log
-    line (repr escapes CR, LF and every other control character)."""
-    return repr(value)[:80]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""What operators run beside serving: `cr-proxy warm` (warm.py), the
+"""What operators run beside serving: `cr-proxy warm` (warm.py the walk and
+summary, fetcher_client.py the fetcher it asks, progress.py what it shows), the
 background tag refresh (refresh.py), the usage feed read from nginx's log
 for metrics and eviction (usage.py), log rotation (logs.py), and what
 `ls|du|rm|verify` print (report.py).

@@ -29,7 +29,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from urllib.parse import urljoin, urlsplit
@@ -42,6 +42,7 @@ from cr_proxy.config import UPSTREAM_CONNECTIONS, Config
 from cr_proxy.errors import DestinationRefused, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from cr_proxy.net.policy import SCHEME_PORTS, Destinations, refusal, resolved_refusal
 from cr_proxy.upstream.auth import Challenge, TokenCache, parse_challenge, pull_scope
+from cr_proxy.upstream.challenges import Challenges
 
 log = logging.getLogger("cr_proxy.upstream")
 
@@ -101,9 +102,6 @@ def split_url(url: str) -> tuple[str, str, str]:
     if parts.query:
         path += "?" + parts.query
     return parts.scheme, host, path
-
-
-ChallengeHook = Callable[[str, str, str], None]
 
 
 class PrivateAddress(OSError):
@@ -202,11 +200,13 @@ class RateGuard:
 
 class Upstream:
     __slots__ = (
-        "_answered", "_down_until", "_known", "_scheme_ok", "config", "destinations",
-        "on_challenge", "session", "tokens",
+        "_answered", "_down_until", "_known", "_scheme_ok", "challenges", "config",
+        "destinations", "session", "tokens",
     )
 
-    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, config: Config, session: aiohttp.ClientSession, challenges: Challenges | None = None
+    ) -> None:
         self.config = config
         self.destinations = Destinations.of(config)
         self.session = session
@@ -215,8 +215,8 @@ class Upstream:
         self._scheme_ok: dict[str, str] = {}  # loopback host -> scheme that worked
         self._known = configured_hosts(config)
         self._answered: set[str] = set()
-        # Called with (host, path, WWW-Authenticate) for every 401 seen.
-        self.on_challenge: ChallengeHook | None = None
+        # Every registry 401's challenge is kept, to replay when the host is down.
+        self.challenges = challenges or Challenges()
 
     def __repr__(self) -> str:
         down = [h for h, t in self._down_until.items() if t > time.monotonic()]
@@ -396,8 +396,8 @@ class Upstream:
         if response.status != 401:
             return response
         header = response.headers.get("WWW-Authenticate", "")
-        if self.on_challenge and header:
-            self.on_challenge(domain, path, header)
+        if header:
+            self.challenges.seen(domain, header)
         challenge = parse_challenge(header)
         if challenge is None or challenge.scheme != "bearer" or not challenge.realm:
             return response

@@ -24,8 +24,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from cr_proxy.cache.layout import Target, digest_url_path
-from cr_proxy.cache.store import BlobWriter
+from cr_proxy.cache.layout import Target
+from cr_proxy.cache.store import BlobWriter, Redirected
 from cr_proxy.errors import (
     CrProxyError,
     DigestMismatch,
@@ -120,7 +120,7 @@ class Blobs:
             if request.transport is not None:
                 request.transport.abort()
             return response
-        # The download named the path it fetched (_commit); a reader of
+        # The download named the path it fetched (its commit); a reader of
         # another repository that joined it gets no name: its upstream never
         # confirmed the digest there (the next request asks, _stored_elsewhere).
         await response.write_eof()
@@ -198,7 +198,11 @@ class Blobs:
                 await in_thread(writer.verify, upstream.content_length)
                 # Clients get their last byte now; the fsync and rename follow.
                 await flight.verified_whole()
-                committed = await in_thread(self._commit, writer, target, opened.hops)
+                committed = await in_thread(
+                    ctx.store.commit_blob, writer, domain, target.rpath.path,
+                    _redirected(opened.hops),
+                    ctx.upstream.challenges.for_repository(domain, target.rpath.name),
+                )
             except BaseException:
                 await in_thread(writer.abort)
                 raise
@@ -267,33 +271,14 @@ class Blobs:
         # Downloads in progress count toward cache.max_size.
         self.ctx.fill.downloading()
 
-    def _commit(self, writer: BlobWriter, target: Target, hops: list[Hop]) -> Path:
-        """Store the verified content, then name it: the requested path, and
-        the redirect target that served it (_name_redirect_target)."""
-        store = self.ctx.store
-        committed = store.commit_verified(writer)
-        digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
-        if hops:
-            self._name_redirect_target(digest, domain, path, hops)
-        store.link_quietly(digest, domain, path)
-        challenge = self.ctx.upstream.challenges.for_repository(domain, target.rpath.name)
-        if challenge:
-            store.write_sidecar("www-authenticate", domain, path, challenge)
-        return committed
 
-    def _name_redirect_target(self, digest: str, domain: str, path: str, hops: list[Hop]) -> None:
-        """Only the last hop served the bytes, so only it may be named, under
-        the host that served them, and only when its URL path names the
-        digest (layout.digest_url_path): then no other URL of that host can
-        be answered with them. The hops before it (anyone's open redirect)
-        are never stored. The registry path's redirect record, pointing at
-        that target, is written once the target is in place."""
-        final = hops[-1]
-        stored_path = digest_url_path(final.target_path, digest)
-        if stored_path is None:
-            return
-        self.ctx.store.link_quietly(digest, final.target_host, stored_path)
-        self.ctx.store.record_redirect(domain, path, hops[0].status, final.location)
+def _redirected(hops: list[Hop]) -> Redirected | None:
+    """What the commit may name after a redirect: only the last hop served
+    the bytes (store.commit_blob decides whether its path may be stored)."""
+    if not hops:
+        return None
+    final = hops[-1]
+    return Redirected(hops[0].status, final.location, final.target_host, final.target_path)
 
 
 def _file_response(path: Path, digest: str) -> web.FileResponse:

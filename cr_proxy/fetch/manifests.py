@@ -151,26 +151,15 @@ class Manifests:
         digest, content_type = await in_thread(_check_manifest, body, header_type, target, claimed)
         now = time.time()
         try:
-            await in_thread(self._commit, target, body, digest, content_type, now)
+            await in_thread(
+                ctx.store.commit_manifest, domain, rpath, body, digest, content_type, now,
+                ctx.upstream.challenges.for_repository(domain, rpath.name),
+            )
         except SHAPE_CONFLICTS as err:
             # Still a good answer for this client; the tree cannot hold the name.
             log.warning("cannot cache %s/%s: %s", domain, rpath.path, err)
         ctx.fill.grew(len(body))
         return StoredManifest(body, content_type, digest, now)
-
-    def _commit(
-        self, target: Target, body: bytes, digest: str, content_type: str, now: float
-    ) -> None:
-        store = self.ctx.store
-        domain, rpath = target.domain, target.rpath
-        store.put_bytes(body, digest)
-        by_digest = RegistryPath(Kind.MANIFEST, rpath.name, digest).path
-        store.record_manifest(domain, by_digest, digest, content_type, None)
-        if not rpath.by_digest:
-            store.record_manifest(domain, rpath.path, digest, content_type, now)
-        challenge = self.ctx.upstream.challenges.for_repository(domain, rpath.name)
-        if challenge:
-            store.write_sidecar("www-authenticate", domain, rpath.path, challenge)
 
 
 def _response(stored: StoredManifest, cache: str) -> web.Response:

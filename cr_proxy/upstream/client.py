@@ -18,7 +18,7 @@ redirects followed by hand.
   of every other registry.
 - Redirects are followed here, not by aiohttp, because the fetcher must know
   the hops (the last one's target may be cached under its own host, see
-  Fetcher._name_redirect_target) and because the registry's Authorization
+  Store.commit_blob) and because the registry's Authorization
   must not travel to a CDN host.
 """
 

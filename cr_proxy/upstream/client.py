@@ -266,7 +266,9 @@ class Upstream:
     # --- where a host is reached -------------------------------------------
 
     def base_urls(self, host: str, scheme: str = "https") -> list[str]:
-        host = check_domain(host)
+        """Where a checked host (a Target's domain, a checked Host header, a
+        redirect or token URL's host, each checked where it enters) is
+        reached."""
         if host in self.config.endpoints:
             return [self.config.endpoints[host]]
         if host in self.config.insecure or scheme == "http":
@@ -361,7 +363,10 @@ class Upstream:
         raise UpstreamUnreachable(message=f"{host} is unreachable: {last_error}") from last_error
 
     async def get_json(self, url: str, headers: Mapping[str, str]) -> dict:
+        """GET a token server's JSON; `url` is the upstream's (a challenge's
+        realm), so its host is checked here, where it enters."""
         scheme, host, path = split_url(url)
+        host = check_domain(host)
         async with await self.send("GET", host, path, headers, scheme=scheme) as response:
             if response.status != 200:
                 raise UpstreamError(message=f"token server {host} answered {response.status}")
@@ -434,7 +439,8 @@ class Upstream:
                 raise UpstreamError(message=f"{domain}{path}: redirect without Location")
             url = urljoin(url, location)
             scheme, host, target = split_url(url)
-            opened.hops.append(Hop(response.status, url, check_domain(host), target.split("?")[0]))
+            host = check_domain(host)  # a name from the wire: checked where it enters
+            opened.hops.append(Hop(response.status, url, host, target.split("?")[0]))
             response = await self.send(method, host, target, plain, scheme=scheme)
             opened.response = response
         return opened

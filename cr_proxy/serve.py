@@ -187,7 +187,7 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             tasks.append(asyncio.create_task(refresh_loop(fetcher)))
         if config.cache.max_size:
             wake = asyncio.Event()
-            fetcher.on_full = wake.set
+            fetcher.ctx.fill.on_full = wake.set
             tasks.append(asyncio.create_task(
                 evict_loop(config, store, feed.last_used, metrics, wake)))
         stack.callback(lambda: [t.cancel() for t in tasks])

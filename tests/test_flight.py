@@ -1,6 +1,6 @@
 """cr_proxy.flight: one download per key, many readers, never a complete wrong body.
 
-Also cr_proxy.fetcher.Shared, the same idea for awaited results."""
+Also cr_proxy.fetch.flight.Shared, the same idea for awaited results."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 from cr_proxy.cache.store import Store
 from cr_proxy.errors import DigestMismatch, NotFound, Truncated
 from cr_proxy.fetch import flight as flight_mod
-from cr_proxy.fetch.app import Shared
-from cr_proxy.fetch.flight import Flight, Flights
+from cr_proxy.fetch.flight import Flight, Flights, Shared
 from cr_proxy.oci.reference import digest_of
 
 DATA = bytes(range(256)) * 64  # 16 KiB
@@ -44,7 +43,6 @@ class FakeDownload:
         chunks: int = 4,
         size: int | None = None,
         error: BaseException | None = None,
-        content_type: str | None = None,
     ) -> None:
         self.store = store
         self.body = body
@@ -52,7 +50,6 @@ class FakeDownload:
         self.chunks = chunks
         self.size = len(body) if size is None else size
         self.error = error
-        self.content_type = content_type
         self.gate = asyncio.Event()
         self.calls = 0
         self.temp_paths: list[Path] = []
@@ -62,7 +59,7 @@ class FakeDownload:
         writer = self.store.blob_writer(self.digest)
         self.temp_paths.append(writer.path)
         try:
-            flight.started(writer.path, self.size, self.content_type)
+            flight.started(writer.path, self.size)
             step = max(1, -(-len(self.body) // self.chunks))
             for start in range(0, len(self.body), step):
                 writer.write(self.body[start : start + step])
@@ -105,8 +102,8 @@ def start_reader(flight: Flight, at: int) -> tuple[asyncio.Task, bytearray, asyn
 async def test_join_twice_starts_one_download_and_both_readers_get_all_bytes(store, monkeypatch):
     monkeypatch.setattr(flight_mod, "READ_CHUNK", 1000)  # many reads per reader
     flights, download = Flights(), FakeDownload(store)
-    first = flights.join(DIGEST, DIGEST, download)
-    second = flights.join(DIGEST, DIGEST, download)
+    first = flights.join(DIGEST, download)
+    second = flights.join(DIGEST, download)
     assert first is second
     assert flights.coalesced == 1
     assert len(flights) == 1
@@ -124,7 +121,7 @@ async def test_join_twice_starts_one_download_and_both_readers_get_all_bytes(sto
 
 async def test_many_readers_share_one_download(store):
     flights, download = Flights(), FakeDownload(store)
-    joined = [flights.join(DIGEST, DIGEST, download) for _ in range(10)]
+    joined = [flights.join(DIGEST, download) for _ in range(10)]
     readers = [start_reader(f, len(DATA)) for f in joined]
     download.gate.set()
     await asyncio.gather(*(task for task, _, _ in readers))
@@ -137,7 +134,7 @@ async def test_different_keys_download_separately(store):
     other = b"other blob"
     flights = Flights()
     a, b = FakeDownload(store), FakeDownload(store, other, digest_of(other))
-    fa, fb = flights.join(DIGEST, DIGEST, a), flights.join(digest_of(other), digest_of(other), b)
+    fa, fb = flights.join(DIGEST, a), flights.join(digest_of(other), b)
     assert fa is not fb
     a.gate.set()
     b.gate.set()
@@ -153,8 +150,8 @@ async def test_one_digest_from_two_sources_downloads_twice_and_one_copy_is_kept(
     copy is the one stored."""
     flights = Flights()
     slow, fast = FakeDownload(store), FakeDownload(store)
-    held = flights.join(f"slow.test {DIGEST}", DIGEST, slow)
-    other = flights.join(f"legit.test {DIGEST}", DIGEST, fast)
+    held = flights.join(f"slow.test {DIGEST}", slow)
+    other = flights.join(f"legit.test {DIGEST}", fast)
     assert held is not other
     fast.gate.set()
     reader, got, _ = start_reader(other, 0)
@@ -171,7 +168,7 @@ async def test_one_digest_from_two_sources_downloads_twice_and_one_copy_is_kept(
 async def test_written_counts_downloads_until_they_are_verified(store):
     flights = Flights()
     download = FakeDownload(store, chunks=2)
-    flight = flights.join(DIGEST, DIGEST, download)
+    flight = flights.join(DIGEST, download)
     # All but the last byte reach a reader before the download is verified.
     reader, _, reached = start_reader(flight, len(DATA) - 1)
     await until(reached, reader)
@@ -183,21 +180,14 @@ async def test_written_counts_downloads_until_they_are_verified(store):
     await reader
 
 
-async def test_started_publishes_size_and_content_type(store):
+async def test_started_publishes_size(store):
+    # The fetcher answers every blob as application/octet-stream: a flight
+    # carries no type (the upstream's was never used).
     flights = Flights()
-    download = FakeDownload(store, content_type="application/x-test")
-    flight = flights.join(DIGEST, DIGEST, download)
-    await flight.wait_started()
-    assert (flight.size, flight.content_type) == (len(DATA), "application/x-test")
-    download.gate.set()
-    await flight.task
-
-
-async def test_content_type_defaults_to_octet_stream(store):
     download = FakeDownload(store)
-    flight = Flights().join(DIGEST, DIGEST, download)
+    flight = flights.join(DIGEST, download)
     await flight.wait_started()
-    assert flight.content_type == "application/octet-stream"
+    assert flight.size == len(DATA)
     download.gate.set()
     await flight.task
 
@@ -207,7 +197,7 @@ async def test_content_type_defaults_to_octet_stream(store):
 
 async def test_the_last_byte_is_withheld_until_the_download_is_verified(store):
     flights, download = Flights(), FakeDownload(store, chunks=1)
-    flight = flights.join(DIGEST, DIGEST, download)
+    flight = flights.join(DIGEST, download)
     reader, got, reached = start_reader(flight, len(DATA) - 1)
     await until(reached, reader)
     for _ in range(20):  # give the reader every chance to read on
@@ -237,7 +227,7 @@ async def test_a_failing_download_fails_every_reader_who_never_sees_the_full_bod
 ):
     flights = Flights()
     download = FakeDownload(store, body, DIGEST, size=size or len(body), error=error)
-    flight = flights.join(DIGEST, DIGEST, download)
+    flight = flights.join(DIGEST, download)
     readers = [start_reader(flight, len(body) - 1) for _ in range(3)]
     for task, _, reached in readers:
         await until(reached, task)  # every reader has all it can get
@@ -258,7 +248,7 @@ async def test_a_failing_download_fails_every_reader_who_never_sees_the_full_bod
 
 async def test_a_reader_joining_a_failed_flight_gets_the_error(store):
     download = FakeDownload(store, error=ConnectionResetError("gone"))
-    flight = Flights().join(DIGEST, DIGEST, download)
+    flight = Flights().join(DIGEST, download)
     download.gate.set()
     await flight.task
     with pytest.raises(ConnectionResetError):
@@ -275,8 +265,8 @@ async def test_a_download_failing_before_the_upstream_answered_fails_every_reade
         raise NotFound("BLOB_UNKNOWN", "no such blob")
 
     flights = Flights()
-    first = flights.join(DIGEST, DIGEST, not_found)
-    second = flights.join(DIGEST, DIGEST, not_found)
+    first = flights.join(DIGEST, not_found)
+    second = flights.join(DIGEST, not_found)
     results = await asyncio.gather(
         first.wait_started(), second.wait_started(), return_exceptions=True
     )
@@ -289,7 +279,7 @@ async def test_a_download_failing_before_the_upstream_answered_fails_every_reade
 
 async def test_a_reader_joining_after_completion_reads_the_committed_file(store):
     flights, download = Flights(), FakeDownload(store)
-    flight = flights.join(DIGEST, DIGEST, download)
+    flight = flights.join(DIGEST, download)
     download.gate.set()
     await flight.task
     assert flight.finished and flight.error is None
@@ -304,9 +294,9 @@ async def test_a_reader_joining_after_completion_reads_the_committed_file(store)
 async def test_a_finished_flight_is_forgotten_so_a_later_miss_starts_afresh(store):
     flights, download = Flights(), FakeDownload(store)
     download.gate.set()
-    first = flights.join(DIGEST, DIGEST, download)
+    first = flights.join(DIGEST, download)
     await first.task
-    second = flights.join(DIGEST, DIGEST, download)
+    second = flights.join(DIGEST, download)
     await second.task
     assert second is not first
     assert download.calls == 2
@@ -316,7 +306,7 @@ async def test_a_finished_flight_is_forgotten_so_a_later_miss_starts_afresh(stor
 async def test_an_empty_blob(store):
     empty_digest = digest_of(b"")
     download = FakeDownload(store, b"", empty_digest)
-    flight = Flights().join(empty_digest, empty_digest, download)
+    flight = Flights().join(empty_digest, download)
     reader, got, _ = start_reader(flight, 0)
     download.gate.set()
     await reader
@@ -329,7 +319,7 @@ async def test_an_empty_blob(store):
 
 async def test_a_reader_hanging_up_does_not_cancel_the_download(store):
     flights, download = Flights(), FakeDownload(store)
-    flight = flights.join(DIGEST, DIGEST, download)
+    flight = flights.join(DIGEST, download)
     leaver, _, leaver_started = start_reader(flight, 1)
     stayer, got, _ = start_reader(flight, 0)
     await until(leaver_started, leaver)
@@ -344,7 +334,7 @@ async def test_a_reader_hanging_up_does_not_cancel_the_download(store):
 
 async def test_close_cancels_downloads_and_readers_see_an_abort(store):
     flights, download = Flights(), FakeDownload(store)
-    flight = flights.join(DIGEST, DIGEST, download)
+    flight = flights.join(DIGEST, download)
     reader, got, reached = start_reader(flight, 1)
     await until(reached, reader)
     await flights.close()
@@ -357,7 +347,7 @@ async def test_close_cancels_downloads_and_readers_see_an_abort(store):
 
 
 def test_flight_repr_shows_state():
-    flight = Flight("k", DIGEST)
+    flight = Flight("k")
     assert repr(flight) == "<Flight k running 0/None>"
 
 
@@ -386,7 +376,7 @@ def test_readers_get_exactly_the_body_whatever_the_chunking(
         download = FakeDownload(shared_store, body, digest, chunks=chunks)
         download.gate.set()
         flights = Flights()
-        joined = [flights.join(digest, digest, download) for _ in range(readers)]
+        joined = [flights.join(digest, download) for _ in range(readers)]
         tasks = [start_reader(f, 0) for f in joined]
         await asyncio.gather(*(t for t, _, _ in tasks))
         assert download.calls == 1
@@ -397,7 +387,7 @@ def test_readers_get_exactly_the_body_whatever_the_chunking(
     assert results == [body] * readers
 
 
-# --- fetcher.Shared ---------------------------------------------------------------------
+# --- flight.Shared ---------------------------------------------------------------------
 
 
 class Work:

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 
 from cr_proxy import config as config_mod
-from cr_proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from cr_proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
 from cr_proxy.net.address import is_loopback, split_url
 from cr_proxy.upstream import client as upstream_mod
 from cr_proxy.upstream.client import (
@@ -221,3 +221,27 @@ async def test_a_full_pool_is_a_timeout_and_does_not_mark_the_host_down() -> Non
         release.set()
         await session.close()
         await runner.cleanup()
+
+
+# --- names from the wire are checked where they enter (issue 11) -----------------------
+
+
+@pytest.mark.parametrize("realm", ["https://bad_host!/token", "https://../token",
+                                   "https://a b.test/token"])
+async def test_a_token_realm_naming_no_host_is_refused_before_any_request(realm: str) -> None:
+    conf = make_config()
+    session = Upstream.make_session(conf)
+    attempts = 0
+
+    async def counting(*args, **kwargs):
+        nonlocal attempts
+        attempts += 1
+        raise AssertionError("no request may be made")
+
+    session._request = counting  # type: ignore[method-assign]
+    try:
+        with pytest.raises(BadRequest):
+            await Upstream(conf, session).get_json(realm, {})
+        assert attempts == 0
+    finally:
+        await session.close()

@@ -26,7 +26,16 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from cr_proxy.cache.layout import SIDECARS, TOP_DIRS, Kind, Sidecar, Tree, key_of
+from cr_proxy.cache.layout import (
+    SIDECARS,
+    TOP_DIRS,
+    Kind,
+    RegistryPath,
+    Sidecar,
+    Tree,
+    digest_url_path,
+    key_of,
+)
 from cr_proxy.cache.scan import entries, lstat, walk_blobs, walk_names
 from cr_proxy.errors import BadRequest, DigestMismatch, ManifestInvalid, Truncated, UpstreamError
 from cr_proxy.oci.manifest import MANIFEST_MEDIA_TYPES
@@ -49,6 +58,18 @@ LINK_PREFIX = "link."  # temp/ names of links and small files about to be rename
 # nginx and the fetcher replay sidecars as header values: a CR or LF in one
 # would end the header and start another (Set-Cookie, a second body...).
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class Redirected:
+    """How the upstream redirected a blob download: the first hop's status,
+    and the last hop's URL (as a client would follow it) with its host and
+    URL path (no query), which served the bytes."""
+
+    status: int
+    location: str
+    host: str
+    path: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,14 +315,15 @@ class Store:
         if content_type not in MANIFEST_MEDIA_TYPES:
             raise ManifestInvalid(message=f"not a manifest type: {content_type[:80]!r}")
         check_digest(digest)
-        self.write_sidecar("content-type", domain, path, content_type)
-        self.write_sidecar("docker-content-digest", domain, path, digest)
+        self.write_sidecar(Sidecar.CONTENT_TYPE, domain, path, content_type)
+        self.write_sidecar(Sidecar.DOCKER_CONTENT_DIGEST, domain, path, digest)
         if validated_at is not None:
-            os.utime(self.tree.sidecar("docker-content-digest", domain, path), (validated_at,) * 2)
+            validated = self.tree.sidecar(Sidecar.DOCKER_CONTENT_DIGEST, domain, path)
+            os.utime(validated, (validated_at,) * 2)
         self.link(digest, domain, path)
 
     def record_redirect(self, domain: str, path: str, status: int, location: str) -> None:
-        self.write_sidecar("redirect", domain, path, f"{status} {location}")
+        self.write_sidecar(Sidecar.REDIRECT, domain, path, f"{status} {location}")
 
     def _replace_with(self, target: Path, make) -> None:
         tmp = self.tree.temp / f"{LINK_PREFIX}{uuid.uuid4().hex}"
@@ -313,6 +335,70 @@ class Store:
             # rename(2) onto another link of the same inode succeeds and does
             # nothing (two racing links of one blob): tmp is then still there.
             tmp.unlink(missing_ok=True)
+
+    # --- the fetcher's commits: one call per kind ------------------------------
+    # Each puts one verified download in the tree with every name it earns,
+    # in the commit order (validate, move, link, sidecars): the fetcher makes
+    # no other write for it.
+
+    def commit_blob(
+        self,
+        writer: BlobWriter,
+        domain: str,
+        path: str,
+        redirected: Redirected | None = None,
+        challenge: str | None = None,
+    ) -> Path:
+        """Move a verified blob into the digest store (fsync first), then
+        name it: the redirect target that served it (when its URL names the
+        digest), the registry path's redirect record, the requested path,
+        and the challenge that protects it. A name the tree cannot hold is
+        skipped (the blob is still served). Returns the stored file."""
+        committed = self.commit_verified(writer)
+        digest = writer.digest
+        if redirected is not None:
+            self._name_redirect_target(digest, domain, path, redirected)
+        self.link_quietly(digest, domain, path)
+        if challenge:
+            self.write_sidecar(Sidecar.WWW_AUTHENTICATE, domain, path, challenge)
+        return committed
+
+    def _name_redirect_target(
+        self, digest: str, domain: str, path: str, redirected: Redirected
+    ) -> None:
+        """Only the last hop served the bytes, so only it may be named, under
+        the host that served them, and only when its URL path names the
+        digest (layout.digest_url_path): then no other URL of that host can
+        be answered with them. The hops before it (anyone's open redirect)
+        are never stored. The registry path's redirect record, pointing at
+        that target, is written once the target is in place."""
+        stored_path = digest_url_path(redirected.path, digest)
+        if stored_path is None:
+            return
+        self.link_quietly(digest, redirected.host, stored_path)
+        self.record_redirect(domain, path, redirected.status, redirected.location)
+
+    def commit_manifest(
+        self,
+        domain: str,
+        rpath: RegistryPath,
+        body: bytes,
+        digest: str,
+        content_type: str,
+        validated_at: float,
+        challenge: str | None = None,
+    ) -> None:
+        """Store a verified manifest body and name it: by digest always, by
+        its tag too when `rpath` names one (validated at `validated_at`),
+        then the challenge that protects the path asked for. Raises a
+        SHAPE_CONFLICTS error when the tree cannot hold a name."""
+        self.put_bytes(body, digest)
+        by_digest = RegistryPath(Kind.MANIFEST, rpath.name, digest).path
+        self.record_manifest(domain, by_digest, digest, content_type, None)
+        if not rpath.by_digest:
+            self.record_manifest(domain, rpath.path, digest, content_type, validated_at)
+        if challenge:
+            self.write_sidecar(Sidecar.WWW_AUTHENTICATE, domain, rpath.path, challenge)
 
     # --- removing (inventory.py: rm, verify) -----------------------------------
     # Only unlinks and renames, so nginx and the fetcher see a name whole or

@@ -1,5 +1,12 @@
-"""One upstream download per key (the fetcher's: a source and a digest),
-however many clients ask at once.
+"""Work in progress merged by key: the one mechanism that keeps a second
+caller from starting what a first already runs (aiohttp's `_resolve_host`:
+a dict filled before any await, the work detached from every caller).
+
+- InFlight: the mechanism itself, a value per key while its work runs;
+- Shared: awaited results (a manifest fetch, a tag revalidation): every
+  caller of one key gets the one result or error;
+- Flights: one upstream download per key (the fetcher's: a source and a
+  digest), however many clients ask at once, described below.
 
 The first miss for a key starts a Flight: a task, detached from any
 client, that writes the upstream body into a temp file (store.BlobWriter)
@@ -19,12 +26,69 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("cr_proxy.flight")
 
 READ_CHUNK = 1 << 20
+T = TypeVar("T")
+V = TypeVar("V")
+
+
+class InFlight(Generic[V]):
+    """A value per key while its work runs. join() fills the table before
+    any await, so two callers of one key can never both start the work; the
+    key is forgotten the moment the work's future is done (a done callback,
+    added first, so it runs before any waiter resumes), and a later join
+    starts afresh."""
+
+    __slots__ = ("_running", "joined")
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, tuple[V, asyncio.Future[Any]]] = {}
+        self.joined = 0  # callers that found the work running
+
+    def __repr__(self) -> str:
+        return f"<InFlight {len(self._running)} running, {self.joined} joined>"
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def values(self) -> list[V]:
+        return [value for value, _ in self._running.values()]
+
+    def join(self, key: Hashable, start: Callable[[], tuple[V, asyncio.Future[Any]]]) -> V:
+        """The running value of `key`, or start() -> (value, its future)."""
+        running = self._running.get(key)
+        if running is not None:
+            self.joined += 1
+            return running[0]
+        value, future = start()
+        self._running[key] = (value, future)
+        future.add_done_callback(lambda _: self._running.pop(key, None))
+        return value
+
+
+class Shared:
+    """Concurrent calls for one key merged into one awaited coroutine; the
+    work is shielded so a caller that goes away does not cancel the others."""
+
+    __slots__ = ("_running",)
+
+    def __init__(self) -> None:
+        self._running: InFlight[asyncio.Future[Any]] = InFlight()
+
+    def __repr__(self) -> str:
+        return f"<Shared {self._running!r}>"
+
+    async def run(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> T:
+        def start() -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
+            future = asyncio.ensure_future(work())
+            return future, future
+
+        return await asyncio.shield(self._running.join(key, start))
 
 
 class Flight:
@@ -36,18 +100,16 @@ class Flight:
     """
 
     __slots__ = (
-        "_changed", "_read_fd", "committed_path", "content_type", "digest", "error",
-        "finished", "headers_ready", "key", "size", "task", "verified", "written",
+        "_changed", "_read_fd", "committed_path", "error", "finished", "headers_ready", "key",
+        "size", "task", "verified", "written",
     )
 
-    def __init__(self, key: str, digest: str) -> None:
+    def __init__(self, key: str) -> None:
         self.key = key
-        self.digest = digest
         # Open on the temp file while the download runs; readers dup it, which
         # stays valid when the commit renames or an abort unlinks the file.
         self._read_fd = -1
         self.size: int | None = None  # Content-Length from upstream, if any
-        self.content_type = "application/octet-stream"
         self.written = 0
         self.verified = False
         self.finished = False
@@ -64,11 +126,9 @@ class Flight:
 
     # --- the writer's side ----------------------------------------------------
 
-    def started(self, temp_path: Path, size: int | None, content_type: str | None) -> None:
+    def started(self, temp_path: Path, size: int | None) -> None:
         self._read_fd = os.open(temp_path, os.O_RDONLY)
         self.size = size
-        if content_type:
-            self.content_type = content_type
         self.headers_ready.set()
 
     async def progress(self, written: int) -> None:
@@ -160,37 +220,40 @@ Download = Callable[[Flight], Awaitable[None]]
 
 
 class Flights:
-    """Flights in progress, by key. Filled before the first await, so two
-    misses for one key can never both start a download."""
+    """Flights in progress, by key (an InFlight of them: two misses for one
+    key can never both start a download)."""
 
-    __slots__ = ("_flights", "coalesced")
+    __slots__ = ("_flights",)
 
     def __init__(self) -> None:
-        self._flights: dict[str, Flight] = {}
-        self.coalesced = 0  # readers that joined a running flight
+        self._flights: InFlight[Flight] = InFlight()
 
     def __repr__(self) -> str:
-        return f"<Flights {list(self._flights.values())!r}>"
+        return f"<Flights {self._flights.values()!r}>"
 
     def __len__(self) -> int:
         return len(self._flights)
+
+    @property
+    def coalesced(self) -> int:
+        """Readers that joined a running flight."""
+        return self._flights.joined
 
     def written(self) -> int:
         """Bytes the downloads in progress have written to temp/ so far (a
         verified one is about to be counted as stored: left out)."""
         return sum(f.written for f in self._flights.values() if not f.verified)
 
-    def join(self, key: str, digest: str, download: Download) -> Flight:
-        flight = self._flights.get(key)
-        if flight is not None:
-            self.coalesced += 1
-            return flight
-        flight = Flight(key, digest)
-        self._flights[key] = flight
-        flight.task = asyncio.create_task(self._run(flight, download), name=f"flight {key}")
-        return flight
+    def join(self, key: str, download: Download) -> Flight:
+        def start() -> tuple[Flight, asyncio.Task[None]]:
+            flight = Flight(key)
+            flight.task = asyncio.create_task(self._run(flight, download), name=f"flight {key}")
+            return flight, flight.task
 
-    async def _run(self, flight: Flight, download: Download) -> None:
+        return self._flights.join(key, start)
+
+    @staticmethod
+    async def _run(flight: Flight, download: Download) -> None:
         try:
             await download(flight)
         except Exception as err:  # reported to every reader, logged once here
@@ -198,7 +261,6 @@ class Flights:
             if not flight.finished:
                 await flight.finish(None, err)
         finally:
-            self._flights.pop(flight.key, None)
             if not flight.finished:
                 await flight.finish(None, ConnectionAbortedError("download cancelled"))
 

@@ -52,7 +52,7 @@ MAX_LOOKUPS = 4
 class Front:
     __slots__ = (
         "_active", "_cache", "_clients", "_executor", "_listener", "_lookups", "_resolver", "_task",
-        "config", "counters", "destinations", "leaves", "on_host", "stamp",
+        "config", "destinations", "leaves", "on_host", "stamp",
     )
 
     def __init__(
@@ -75,7 +75,6 @@ class Front:
         self._clients: set[asyncio.Task[None]] = set()
         self._listener: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
-        self.counters: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<Front {self.config.listen.proxy} active={self._active}>"
@@ -114,9 +113,6 @@ class Front:
             self._clients.add(task)
             task.add_done_callback(self._clients.discard)
 
-    def count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
-
     async def _client(self, conn: socket.socket, addr: tuple) -> None:
         loop = asyncio.get_running_loop()
         handed_over = False
@@ -136,7 +132,6 @@ class Front:
             except (TimeoutError, ConnectionError):
                 return
             action = decision.action
-            self.count(action.value)
             if action is Action.SERVE_CA:
                 pem = self.leaves.ca.cert.read_text()
                 await loop.sock_sendall(conn, reply(200, "OK", pem).replace(
@@ -182,7 +177,6 @@ class Front:
         self, loop: asyncio.AbstractEventLoop, conn: socket.socket, addr: tuple, err: ProxyRefused
     ) -> None:
         log.warning("refused %s: %s", addr[0], err.message)
-        self.count("refused")
         await loop.sock_sendall(conn, reply(403, "Forbidden", err.message + "\n"))
 
     async def _intercept(
@@ -201,11 +195,9 @@ class Front:
                     hello, data = await _read_hello(loop, conn, rest)
             except ProtocolError as err:
                 log.info("CONNECT %s from %s: %s", head.host, client[0], err.message)
-                self.count("not_tls")
                 return None
             refusal = await self._leaf_for(head.host, head.port, hello)
             if refusal is not None:
-                self.count("no_leaf")
                 await loop.sock_sendall(conn, tlshello.alert(refusal))
                 return None
             try:

@@ -14,7 +14,8 @@ import logging
 from dataclasses import dataclass
 
 from cr_proxy.errors import CrProxyError
-from cr_proxy.fetch.app import Fetcher, in_thread
+from cr_proxy.fetch.app import Fetcher
+from cr_proxy.fetch.context import in_thread
 
 log = logging.getLogger("cr_proxy.refresh")
 
@@ -31,12 +32,12 @@ def wanted(tag: str, patterns: tuple[str, ...]) -> bool:
 
 
 async def refresh_once(fetcher: Fetcher) -> RefreshResult:
-    patterns = fetcher.config.refresh.tags
+    patterns = fetcher.ctx.config.refresh.tags
     checked = changed = failed = 0
-    for domain, name, tag in await in_thread(fetcher.store.cached_tags):
+    for domain, name, tag in await in_thread(fetcher.ctx.store.cached_tags):
         if not wanted(tag, patterns):
             continue
-        if fetcher.upstream.is_down(domain):
+        if fetcher.ctx.upstream.is_down(domain):
             failed += 1
             continue
         checked += 1
@@ -51,7 +52,7 @@ async def refresh_once(fetcher: Fetcher) -> RefreshResult:
 
 
 async def refresh_loop(fetcher: Fetcher) -> None:
-    interval = fetcher.config.refresh.interval
+    interval = fetcher.ctx.config.refresh.interval
     while True:
         await asyncio.sleep(interval)
         result = await refresh_once(fetcher)

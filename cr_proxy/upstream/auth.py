@@ -66,6 +66,21 @@ def parse_challenge(header: str) -> Challenge | None:
     return Challenge(match.group(1).lower(), params)
 
 
+def without_scope(header: str) -> str:
+    """A challenge as it applies to any repository: its scope dropped (one
+    that does not parse is kept as it is)."""
+    challenge = parse_challenge(header)
+    if challenge is None:
+        return header
+    params = ",".join(f'{k}="{v}"' for k, v in challenge.params.items() if k != "scope")
+    return f"{challenge.scheme.capitalize()} {params}"
+
+
+def scoped(header: str, name: str) -> str:
+    """A scope-less challenge as a 401 for repository `name` would carry it."""
+    return f'{header},scope="{pull_scope(name)}"'
+
+
 def pull_scope(name: str) -> str:
     return f"repository:{name}:pull"
 

@@ -18,7 +18,7 @@ redirects followed by hand.
   of every other registry.
 - Redirects are followed here, not by aiohttp, because the fetcher must know
   the hops (the last one's target may be cached under its own host, see
-  Fetcher._name_redirect_target) and because the registry's Authorization
+  Store.commit_blob) and because the registry's Authorization
   must not travel to a CDN host.
 """
 
@@ -28,7 +28,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from urllib.parse import urljoin, urlsplit
@@ -42,6 +42,7 @@ from cr_proxy.errors import DestinationRefused, UpstreamError, UpstreamTimeout, 
 from cr_proxy.net.address import SCHEME_PORTS, is_loopback, split_url
 from cr_proxy.net.policy import Destinations, refusal, resolved_refusal
 from cr_proxy.upstream.auth import Challenge, TokenCache, parse_challenge, pull_scope
+from cr_proxy.upstream.challenges import Challenges
 
 log = logging.getLogger("cr_proxy.upstream")
 
@@ -77,7 +78,6 @@ class Opened:
     hops: list[Hop] = field(default_factory=list)
 
 
-ChallengeHook = Callable[[str, str, str], None]
 
 
 class PrivateAddress(OSError):
@@ -176,11 +176,13 @@ class RateGuard:
 
 class Upstream:
     __slots__ = (
-        "_answered", "_down_until", "_known", "_scheme_ok", "config", "destinations",
-        "on_challenge", "session", "tokens",
+        "_answered", "_down_until", "_known", "_scheme_ok", "challenges", "config",
+        "destinations", "session", "tokens",
     )
 
-    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, config: Config, session: aiohttp.ClientSession, challenges: Challenges | None = None
+    ) -> None:
         self.config = config
         self.destinations = Destinations.of(config)
         self.session = session
@@ -189,8 +191,8 @@ class Upstream:
         self._scheme_ok: dict[str, str] = {}  # loopback host -> scheme that worked
         self._known = configured_hosts(config)
         self._answered: set[str] = set()
-        # Called with (host, path, WWW-Authenticate) for every 401 seen.
-        self.on_challenge: ChallengeHook | None = None
+        # Every registry 401's challenge is kept, to replay when the host is down.
+        self.challenges = challenges or Challenges()
 
     def __repr__(self) -> str:
         down = [h for h, t in self._down_until.items() if t > time.monotonic()]
@@ -240,7 +242,9 @@ class Upstream:
     # --- where a host is reached -------------------------------------------
 
     def base_urls(self, host: str, scheme: str = "https") -> list[str]:
-        host = check_domain(host)
+        """Where a checked host (a Target's domain, a checked Host header, a
+        redirect or token URL's host, each checked where it enters) is
+        reached."""
         if host in self.config.endpoints:
             return [self.config.endpoints[host]]
         if host in self.config.insecure or scheme == "http":
@@ -335,7 +339,10 @@ class Upstream:
         raise UpstreamUnreachable(message=f"{host} is unreachable: {last_error}") from last_error
 
     async def get_json(self, url: str, headers: Mapping[str, str]) -> dict:
+        """GET a token server's JSON; `url` is the upstream's (a challenge's
+        realm), so its host is checked here, where it enters."""
         scheme, host, path = split_url(url)
+        host = check_domain(host)
         async with await self.send("GET", host, path, headers, scheme=scheme) as response:
             if response.status != 200:
                 raise UpstreamError(message=f"token server {host} answered {response.status}")
@@ -370,8 +377,8 @@ class Upstream:
         if response.status != 401:
             return response
         header = response.headers.get("WWW-Authenticate", "")
-        if self.on_challenge and header:
-            self.on_challenge(domain, path, header)
+        if header:
+            self.challenges.seen(domain, header)
         challenge = parse_challenge(header)
         if challenge is None or challenge.scheme != "bearer" or not challenge.realm:
             return response
@@ -408,7 +415,8 @@ class Upstream:
                 raise UpstreamError(message=f"{domain}{path}: redirect without Location")
             url = urljoin(url, location)
             scheme, host, target = split_url(url)
-            opened.hops.append(Hop(response.status, url, check_domain(host), target.split("?")[0]))
+            host = check_domain(host)  # a name from the wire: checked where it enters
+            opened.hops.append(Hop(response.status, url, host, target.split("?")[0]))
             response = await self.send(method, host, target, plain, scheme=scheme)
             opened.response = response
         return opened

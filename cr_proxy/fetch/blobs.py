@@ -1,0 +1,297 @@
+"""Blobs: GET and HEAD of /v2/<name>/blobs/<digest>.
+
+Policy: local-first and immutable (distribution's proxyblobstore). A blob
+is named by its digest, so a stored copy is the answer wherever it was
+pulled from, with one rule: a name (domain and repository) gets its own
+link to the stored file only once its upstream confirmed the digest there
+(a HEAD), so names clients invent create no files; while the upstream
+cannot be asked, the verified copy is served unnamed. A miss starts one
+download per source and digest (flight.py) that streams to every waiting
+client while it fills the cache; it is refused before a byte is written
+when it could never be stored (limits.max_blob_size, cache.max_size), and
+committed only verified, with the redirect target that served it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from cr_proxy.cache.layout import Target
+from cr_proxy.cache.store import BlobWriter, Redirected
+from cr_proxy.errors import (
+    CrProxyError,
+    DigestMismatch,
+    NotFound,
+    TooLarge,
+    Truncated,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from cr_proxy.fetch.context import (
+    API_HEADERS,
+    STALE_OK_STATUSES,
+    FetchContext,
+    client_auth,
+    in_thread,
+)
+from cr_proxy.fetch.flight import Flight
+from cr_proxy.upstream.client import Hop
+
+log = logging.getLogger("cr_proxy.fetcher")
+
+BLOB_TYPE = "application/octet-stream"
+WRITE_BATCH = 1 << 20  # bytes gathered before one executor hop to the disk
+WRITE_THREADS = 4  # downloads hashed and written at once
+
+
+class Blobs:
+    __slots__ = ("_writes", "ctx")
+
+    def __init__(self, ctx: FetchContext) -> None:
+        self.ctx = ctx
+        # Hashing and writing downloads, beside the event loop (hashlib and
+        # os.write let go of the GIL).
+        self._writes = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="write")
+
+    def __repr__(self) -> str:
+        return f"<Blobs {self.ctx.flights!r}>"
+
+    def close(self) -> None:
+        self._writes.shutdown(wait=True)
+
+    async def get(self, request: web.Request, target: Target) -> web.StreamResponse:
+        """GET or HEAD of a blob: stored, confirmed, or downloaded once."""
+        ctx = self.ctx
+        digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
+        named = await in_thread(ctx.store.linked, digest, domain, path)
+        if named is not None:
+            ctx.metrics.hits.labels(kind="blob-fetch").inc()
+            return _file_response(named, digest)
+        if await in_thread(ctx.store.has_blob, digest):
+            # Pulled before through another repository or registry: one copy.
+            stored = await self._stored_elsewhere(request, target)
+            if stored is not None:
+                ctx.metrics.hits.labels(kind="blob-fetch").inc()
+                return _file_response(stored, digest)
+        if request.method == "HEAD":
+            if request.headers.get("X-CR-Cache-Only") == "1":
+                # warm asks "is it here?" without costing an upstream request.
+                raise NotFound("BLOB_UNKNOWN", f"blob {digest} is not cached")
+            return await self._head(request, target)
+        ctx.metrics.misses.labels(kind="blob").inc()
+        joined_before = ctx.flights.coalesced
+        # One download per source and digest: a registry that trickles a
+        # digest must not hold up another registry's pull of it (the first
+        # verified copy is stored, the other is dropped at its commit).
+        flight = ctx.flights.join(
+            f"{domain} {digest}",
+            functools.partial(self._download, target, client_auth(request)),
+        )
+        if ctx.flights.coalesced > joined_before:
+            ctx.metrics.coalesced.inc()
+        await flight.wait_started()
+        response = web.StreamResponse(
+            headers={"Content-Type": BLOB_TYPE, "Docker-Content-Digest": digest,
+                     "X-Cache": "MISS", **API_HEADERS}
+        )
+        if flight.size is not None:
+            response.content_length = flight.size
+        await response.prepare(request)
+        try:
+            if flight.size is None:
+                # No length: aiohttp frames the body in chunks, so it must see it.
+                async for chunk in flight.read():
+                    await response.write(chunk)
+            else:
+                await _sendfile_ranges(request, flight)
+        except (TimeoutError, CrProxyError, OSError, aiohttp.ClientError) as err:
+            # Headers are gone already: cutting the connection short is the
+            # only way left to tell the client the body is not whole.
+            log.warning("blob %s from %s cut short: %s", digest, domain, err)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        # The download named the path it fetched (its commit); a reader of
+        # another repository that joined it gets no name: its upstream never
+        # confirmed the digest there (the next request asks, _stored_elsewhere).
+        await response.write_eof()
+        return response
+
+    async def _stored_elsewhere(self, request: web.Request, target: Target) -> Path | None:
+        """The stored file for a digest cached under other names, or None if
+        it is gone meanwhile. The name gets its own link only once its
+        upstream confirmed the digest there (a HEAD): a name clients invent
+        must not create files (nor, by the thousand, reach the filesystem's
+        link limit). When the upstream cannot be asked, the verified copy is
+        served for this request only, unnamed: offline pulls go on."""
+        store = self.ctx.store
+        digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
+        if request.headers.get("X-CR-Cache-Only") == "1":
+            raise NotFound("BLOB_UNKNOWN", f"blob {digest} is not cached under this name")
+        if await self._confirm(target, client_auth(request)):
+            return await in_thread(store.link_if_stored, digest, domain, path)
+        blob = store.tree.blob(digest)
+        return blob if await in_thread(blob.is_file) else None
+
+    async def _confirm(self, target: Target, auth: str | None) -> bool:
+        """True when the upstream answers 200 for this exact name and digest;
+        False when it cannot say (unreachable, timed out, 429 or 5xx); a
+        404 or a refusal is raised as the client's answer."""
+        try:
+            opened = await self.ctx.upstream.open("HEAD", target, client_auth=auth)
+        except (UpstreamUnreachable, UpstreamTimeout, aiohttp.ClientError, TimeoutError) as err:
+            log.info("serving stored %s for %s/%s unnamed: upstream unreachable (%s)",
+                     target.rpath.ref, target.domain, target.rpath.name, err)
+            return False
+        status = opened.response.status
+        opened.response.release()
+        if status == 200:
+            return True
+        if status == 404:
+            raise NotFound("BLOB_UNKNOWN", f"blob {target.rpath.ref} not found upstream")
+        if status in STALE_OK_STATUSES:
+            return False
+        raise UpstreamError(message=f"{target.domain} answered {status} for {target.rpath.ref}")
+
+    async def _head(self, request: web.Request, target: Target) -> web.StreamResponse:
+        opened = await self.ctx.upstream.open("HEAD", target, client_auth=client_auth(request))
+        response = opened.response
+        response.release()
+        if response.status == 404:
+            raise NotFound("BLOB_UNKNOWN", f"blob {target.rpath.ref} not found upstream")
+        if response.status != 200:
+            raise UpstreamError(message=f"{target.domain} answered {response.status}")
+        headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": target.rpath.ref,
+                   **API_HEADERS}
+        if response.content_length is not None:
+            headers["Content-Length"] = str(response.content_length)
+        return web.Response(status=200, headers=headers)
+
+    async def _download(self, target: Target, auth: str | None, flight: Flight) -> None:
+        """The flight's task: upstream -> temp file -> verify -> commit."""
+        ctx = self.ctx
+        digest, domain = target.rpath.ref, target.domain
+        opened = await ctx.upstream.open("GET", target, client_auth=auth)
+        upstream = opened.response
+        try:
+            if upstream.status == 404:
+                raise NotFound("BLOB_UNKNOWN", f"blob {digest} not found on {domain}")
+            if upstream.status != 200:
+                raise UpstreamError(message=f"{domain} answered {upstream.status} for {digest}")
+            limit = self._size_limit(upstream.content_length, domain, digest)
+            writer = await in_thread(ctx.store.blob_writer, digest)
+            try:
+                flight.started(writer.path, upstream.content_length)
+                try:
+                    await self._write_body(upstream.content, writer, flight, limit)
+                except aiohttp.ClientPayloadError as err:
+                    raise Truncated(message=f"{domain}: body of {digest} cut short") from err
+                await in_thread(writer.verify, upstream.content_length)
+                # Clients get their last byte now; the fsync and rename follow.
+                await flight.verified_whole()
+                committed = await in_thread(
+                    ctx.store.commit_blob, writer, domain, target.rpath.path,
+                    _redirected(opened.hops),
+                    ctx.upstream.challenges.for_repository(domain, target.rpath.name),
+                )
+            except BaseException:
+                await in_thread(writer.abort)
+                raise
+        except DigestMismatch as err:
+            log.error("registry %s sent wrong bytes for %s: %s", domain, digest, err.message)
+            raise
+        finally:
+            upstream.release()
+        ctx.metrics.bytes_fetched.inc(writer.size)
+        ctx.fill.grew(writer.size)
+        await flight.finish(committed, None)
+
+    def _size_limit(self, content_length: int | None, domain: str, digest: str) -> int:
+        """The most bytes this download may write: its Content-Length when
+        it has one, else limits.max_blob_size. A blob larger than that cap,
+        or than the whole cache (cache.max_size), could never be stored:
+        refused before a byte is written."""
+        config = self.ctx.config
+        cap = config.limits.max_blob_size
+        if config.cache.max_size:
+            cap = min(cap, config.cache.max_size)
+        if content_length is not None and content_length > cap:
+            raise TooLarge(message=f"{domain}: {digest} is {content_length} bytes, over the "
+                           f"{cap} allowed (limits.max_blob_size, cache.max_size)")
+        return cap if content_length is None else content_length
+
+    async def _write_body(
+        self, body: aiohttp.StreamReader, writer: BlobWriter, flight: Flight, limit: int
+    ) -> None:
+        """The upstream body into the writer, pipelined: one batch is hashed
+        and written in a thread while the next arrives (awaiting each write
+        before reading on made the download half as fast). One write at a
+        time, so the bytes stay in order. Never more than `limit` bytes:
+        past it the download fails before the excess reaches the disk."""
+        writing: concurrent.futures.Future[None] | None = None
+        batch = bytearray()
+        received = 0
+        guard = self.ctx.upstream.rate_guard(body)  # limits.min_rate
+        try:
+            async for chunk in body.iter_any():
+                received += len(chunk)
+                if received > limit:
+                    raise TooLarge(message=f"{writer.digest}: upstream sent more than "
+                                   f"{limit} bytes")
+                batch += chunk
+                if len(batch) < WRITE_BATCH:
+                    continue
+                if writing is not None:
+                    await asyncio.wrap_future(writing)
+                    await self._progress(flight, writer.size)
+                # A new batch for what comes next: the thread owns this one.
+                writing, batch = self._writes.submit(writer.write, batch), bytearray()
+            if writing is not None:
+                await asyncio.wrap_future(writing)
+            await asyncio.wrap_future(self._writes.submit(writer.write, batch))
+            await self._progress(flight, writer.size)
+        finally:
+            guard.cancel()
+            if writing is not None and not writing.done():
+                # Failed or cancelled mid-body: the caller closes the file
+                # next, so the write in flight must be over first (one batch).
+                concurrent.futures.wait([writing])
+
+    async def _progress(self, flight: Flight, written: int) -> None:
+        await flight.progress(written)
+        # Downloads in progress count toward cache.max_size.
+        self.ctx.fill.downloading()
+
+
+def _redirected(hops: list[Hop]) -> Redirected | None:
+    """What the commit may name after a redirect: only the last hop served
+    the bytes (store.commit_blob decides whether its path may be stored)."""
+    if not hops:
+        return None
+    final = hops[-1]
+    return Redirected(hops[0].status, final.location, final.target_host, final.target_path)
+
+
+def _file_response(path: Path, digest: str) -> web.FileResponse:
+    return web.FileResponse(
+        path, headers={"Content-Type": BLOB_TYPE, "Docker-Content-Digest": digest,
+                       "X-Cache": "HIT", **API_HEADERS}
+    )
+
+
+async def _sendfile_ranges(request: web.Request, flight: Flight) -> None:
+    """Zero-copy from the growing file to nginx's socket: a reader costs the
+    event loop a syscall per range, not the bytes."""
+    loop = asyncio.get_running_loop()
+    async for fd, offset, count in flight.ranges():
+        with open(fd, "rb", buffering=0, closefd=False) as file:
+            await loop.sendfile(request.transport, file, offset, count)

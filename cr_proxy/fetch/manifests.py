@@ -1,0 +1,207 @@
+"""Manifests and tags: GET and HEAD of /v2/<name>/manifests/<reference>.
+
+Policy (distribution's proxymanifeststore and proxytagservice): a manifest
+by digest is local-first and immutable. A tag is served from the cache
+while fresh (tag_ttl since the upstream last confirmed it), then
+upstream-first: a HEAD compares digests and a moved tag is fetched again;
+when the upstream cannot be reached, answers 5xx or 429, the stale copy is
+served. Concurrent misses and revalidations of one path are merged
+(Shared). A manifest is stored only whole, verified against the digest
+asked for and the one the upstream named, of a known type and at most
+MAX_MANIFEST bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+
+from cr_proxy.cache.layout import Kind, RegistryPath, Target
+from cr_proxy.cache.store import SHAPE_CONFLICTS, StoredManifest
+from cr_proxy.errors import (
+    DigestMismatch,
+    ManifestInvalid,
+    NotFound,
+    Truncated,
+    UpstreamError,
+    UpstreamUnreachable,
+)
+from cr_proxy.fetch.context import (
+    API_HEADERS,
+    STALE_OK_STATUSES,
+    FetchContext,
+    client_auth,
+    in_thread,
+)
+from cr_proxy.fetch.flight import Shared
+from cr_proxy.oci.manifest import MANIFEST_ACCEPT, MAX_MANIFEST, manifest_media_type
+from cr_proxy.oci.reference import digest_of, is_digest
+
+log = logging.getLogger("cr_proxy.fetcher")
+
+
+
+class Manifests:
+    __slots__ = ("ctx", "shared")
+
+    def __init__(self, ctx: FetchContext) -> None:
+        self.ctx = ctx
+        self.shared = Shared()
+
+    def __repr__(self) -> str:
+        return f"<Manifests {self.shared!r}>"
+
+    async def get(self, request: web.Request, target: Target) -> web.StreamResponse:
+        ctx = self.ctx
+        domain, path = target.domain, target.rpath.path
+        stored = await in_thread(ctx.store.read_manifest, domain, path)
+        auth = client_auth(request)
+        if stored is None:
+            stored = await self.shared.run(
+                ("manifest", domain, path), lambda: self._fetch(target, auth)
+            )
+            ctx.metrics.misses.labels(kind="manifest").inc()
+            return _response(stored, "MISS")
+        # `cr-proxy warm` asks for a revalidation whatever the tag's age.
+        forced = request.headers.get("X-CR-Revalidate") == "1"
+        fresh_enough = time.time() - stored.validated_at < ctx.config.tag_ttl and not forced
+        if target.rpath.by_digest or fresh_enough:
+            ctx.metrics.hits.labels(kind="manifest-fetch").inc()
+            return _response(stored, "HIT")
+        try:
+            fresh = await self.shared.run(
+                ("revalidate", domain, path), lambda: self._revalidate(target, stored, auth)
+            )
+        except (UpstreamUnreachable, UpstreamError) as err:
+            log.warning("serving stale %s%s: %s", domain, path, err.message)
+            ctx.metrics.stale_served.inc()
+            ctx.metrics.revalidations.labels(result="failed").inc()
+            return _response(stored, "STALE")
+        changed = "same" if fresh.digest == stored.digest else "changed"
+        ctx.metrics.revalidations.labels(result=changed).inc()
+        return _response(fresh, "REVALIDATED")
+
+    async def revalidate_tag(self, domain: str, name: str, tag: str) -> bool:
+        """Background refresh of one cached tag; True if it moved upstream."""
+        rpath = RegistryPath(Kind.MANIFEST, name, tag)
+        target = Target(self._registry_of(domain), domain, rpath)
+        stored = await in_thread(self.ctx.store.read_manifest, domain, rpath.path)
+        if stored is None:
+            return False
+        fresh = await self.shared.run(
+            ("revalidate", domain, rpath.path), lambda: self._revalidate(target, stored, None)
+        )
+        self.ctx.metrics.revalidations.labels(
+            result="same" if fresh.digest == stored.digest else "changed"
+        ).inc()
+        return fresh.digest != stored.digest
+
+    def _registry_of(self, domain: str) -> str:
+        """The registry name a cache domain serves (for its credentials)."""
+        for name, host in self.ctx.config.registry_hosts.items():
+            if host == domain:
+                return name
+        return domain
+
+    async def _revalidate(
+        self, target: Target, stored: StoredManifest, auth: str | None
+    ) -> StoredManifest:
+        """Ask upstream whether the tag still points where we have it."""
+        response = await self.ctx.upstream.registry(
+            "HEAD", target, headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth
+        )
+        response.release()
+        if response.status in STALE_OK_STATUSES or response.status == 401:
+            raise UpstreamError(message=f"{target.domain} answered {response.status}")
+        if response.status == 404:
+            raise NotFound("MANIFEST_UNKNOWN", f"{target.rpath.name}:{target.rpath.ref} "
+                           "no longer exists upstream")
+        upstream_digest = response.headers.get("Docker-Content-Digest")
+        if response.status == 200 and upstream_digest == stored.digest:
+            try:
+                await in_thread(self.ctx.store.touch_validated, target.domain, target.rpath.path)
+            except FileNotFoundError:  # removed meanwhile (rm, eviction): store it again
+                return await self._fetch(target, auth)
+            return StoredManifest(stored.body, stored.content_type, stored.digest, time.time())
+        return await self._fetch(target, auth)
+
+    async def _fetch(self, target: Target, auth: str | None) -> StoredManifest:
+        """GET a manifest; stored only whole, verified and of a known kind."""
+        ctx = self.ctx
+        domain, rpath = target.domain, target.rpath
+        response = await ctx.upstream.registry(
+            "GET", target, headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth
+        )
+        async with response:
+            if response.status == 404:
+                raise NotFound("MANIFEST_UNKNOWN", f"manifest {rpath.name}:{rpath.ref} "
+                               f"not found on {domain}")
+            if response.status == 401:
+                raise UpstreamError("UNAUTHORIZED", f"{domain} refused access to {rpath.name}")
+            if response.status != 200:
+                raise UpstreamError(message=f"{domain} answered {response.status}")
+            # A trickle never trips timeouts.read: the same floor as blobs.
+            with ctx.upstream.rate_guard(response.content):
+                body = await _read_manifest(response, domain)
+            header_type = response.headers.get("Content-Type", "")
+            claimed = response.headers.get("Docker-Content-Digest")
+        digest, content_type = await in_thread(_check_manifest, body, header_type, target, claimed)
+        now = time.time()
+        try:
+            await in_thread(
+                ctx.store.commit_manifest, domain, rpath, body, digest, content_type, now,
+                ctx.upstream.challenges.for_repository(domain, rpath.name),
+            )
+        except SHAPE_CONFLICTS as err:
+            # Still a good answer for this client; the tree cannot hold the name.
+            log.warning("cannot cache %s/%s: %s", domain, rpath.path, err)
+        ctx.fill.grew(len(body))
+        return StoredManifest(body, content_type, digest, now)
+
+
+def _response(stored: StoredManifest, cache: str) -> web.Response:
+    return web.Response(
+        body=stored.body,
+        headers={"Content-Type": stored.content_type, "Docker-Content-Digest": stored.digest,
+                 "X-Cache": cache, **API_HEADERS},
+    )
+
+
+async def _read_manifest(response: aiohttp.ClientResponse, domain: str) -> bytes:
+    """The whole body, or an error: read(n) returns only what has arrived,
+    which cut a manifest sent in two pieces at the first."""
+    if (response.content_length or 0) > MAX_MANIFEST:
+        raise ManifestInvalid(message=f"{domain}: manifest larger than {MAX_MANIFEST} bytes")
+    body = bytearray()
+    try:
+        async for chunk in response.content.iter_any():
+            body += chunk
+            if len(body) > MAX_MANIFEST:  # an endless answer ends here
+                raise ManifestInvalid(
+                    message=f"{domain}: manifest larger than {MAX_MANIFEST} bytes")
+    except aiohttp.ClientPayloadError as err:
+        raise Truncated(message=f"{domain}: manifest body cut short") from err
+    if response.content_length is not None and len(body) != response.content_length:
+        raise Truncated(message=f"{domain}: manifest body cut short")
+    return bytes(body)
+
+
+def _check_manifest(
+    body: bytes, header_type: str, target: Target, claimed: str | None
+) -> tuple[str, str]:
+    """(digest, media type) of an upstream manifest, once the body matches
+    the digest asked for and the one the upstream named, and parses as a
+    manifest or index of a known type. A Docker-Content-Digest outside the
+    digest grammar is ignored, as distribution's client does: it is never
+    stored, the digest we computed is."""
+    domain, rpath = target.domain, target.rpath
+    algorithm = rpath.ref.split(":", 1)[0] if rpath.by_digest else "sha256"
+    digest = digest_of(body, algorithm)
+    if rpath.by_digest and digest != rpath.ref:
+        raise DigestMismatch(message=f"{domain} sent {digest} for {rpath.ref}")
+    if claimed and is_digest(claimed) and digest_of(body, claimed.split(":", 1)[0]) != claimed:
+        raise DigestMismatch(message=f"{domain} claimed {claimed}, body is {digest}")
+    return digest, manifest_media_type(body, header_type)

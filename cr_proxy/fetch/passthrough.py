@@ -1,0 +1,88 @@
+"""Pass-through: requests this mirror does not cache (tag lists, the
+catalog, token requests, in https_proxy mode pushes and anything outside
+/v2/), relayed to the upstream.
+
+Policy: nothing is stored but the upstream's /v2/ challenge
+(upstream/challenges.py). Offline, cached pulls go on: a token request
+whose auth server cannot be reached gets a dummy token, and a /v2/ ping
+gets the stored challenge replayed. The mirror's origin answers registry
+JSON only: whatever type an upstream names (text/html, a script), a
+browser there gets JSON.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from cr_proxy.errors import CrProxyError, UpstreamUnreachable
+from cr_proxy.fetch.context import API_HEADERS, FetchContext, in_thread
+from cr_proxy.upstream.auth import dummy_token
+
+RELAYED_REQUEST = frozenset({"accept", "authorization", "content-type", "content-length", "range",
+                             "user-agent"})
+RELAYED_RESPONSE = frozenset({"content-type", "content-length", "docker-content-digest",
+                              "www-authenticate", "location", "docker-distribution-api-version",
+                              "link", "range", "docker-upload-uuid", "content-range"})
+
+
+class Passthrough:
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx: FetchContext) -> None:
+        self.ctx = ctx
+
+    def __repr__(self) -> str:
+        return f"<Passthrough {self.ctx.upstream.challenges!r}>"
+
+    async def relay(
+        self, request: web.Request, host: str, path_qs: str, token_ok: bool = False,
+        scheme: str = "https", mirror: bool = False,
+    ) -> web.StreamResponse:
+        """Relay a request we do not cache to host + path_qs (checked)."""
+        upstream = self.ctx.upstream
+        # A multidict: Go clients send Accept once per media type.
+        headers = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() in RELAYED_REQUEST
+        )
+        body = request.content if request.can_read_body else None
+        try:
+            answer = await upstream.send(
+                request.method, host, path_qs, headers, scheme=scheme, data=body
+            )
+        except UpstreamUnreachable:
+            if token_ok and request.method in ("GET", "POST") and _looks_like_token(request):
+                self.ctx.metrics.dummy_tokens.inc()
+                return web.json_response(dummy_token())
+            if path_qs.startswith("/v2/") and path_qs.rstrip("/") == "/v2":
+                return await self._replay_challenge(host)
+            raise
+        if answer.status == 401 and path_qs.startswith("/v2/"):
+            header = answer.headers.get("WWW-Authenticate")
+            if header:
+                upstream.challenges.seen(host, header)
+        relayed = {k: v for k, v in answer.headers.items() if k.lower() in RELAYED_RESPONSE}
+        if mirror:
+            relayed = {k: v for k, v in relayed.items() if k.lower() != "content-type"}
+            relayed["Content-Type"] = "application/json"
+        response = web.StreamResponse(status=answer.status, headers=relayed)
+        try:
+            await response.prepare(request)
+            async for chunk in answer.content.iter_chunked(64 << 10):
+                await response.write(chunk)
+            await response.write_eof()
+        finally:
+            answer.release()
+        return response
+
+    async def _replay_challenge(self, host: str) -> web.Response:
+        header = await in_thread(self.ctx.upstream.challenges.stored, host)
+        if not header:
+            raise UpstreamUnreachable(message=f"{host} is unreachable")
+        err = CrProxyError("UNAUTHORIZED", "authentication required")
+        return web.Response(status=401, body=err.body(), content_type="application/json",
+                            headers={"WWW-Authenticate": header, **API_HEADERS})
+
+
+def _looks_like_token(request: web.Request) -> bool:
+    return "scope" in request.query or "service" in request.query or request.path.endswith("/token")

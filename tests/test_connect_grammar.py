@@ -128,11 +128,13 @@ def test_connect_authority_refusals(target: str, reason: str) -> None:
         parse_head(raw(f"CONNECT {target} HTTP/1.1"))
 
 
-@pytest.mark.xfail(strict=True, reason="found by this test: a colon in the host part passes "
-                   "(is_host accepts host:port), so CONNECT a:1:443 reads host 'a:1'")
-def test_a_host_with_a_colon_is_refused() -> None:
+@pytest.mark.parametrize("target", ["registry.test:5000:443", "::1:443", "[v1.x]:443",
+                                    "[127.0.0.1]:443", "[::1:443", "::1]:443"])
+def test_a_colon_outside_brackets_or_brackets_around_no_v6_are_refused(target: str) -> None:
+    """RFC 3986 3.2.2: only an IPv6 literal is bracketed, and a host holds no
+    colon otherwise (`a:1:443` read as host `a:1` once passed)."""
     with pytest.raises(ProtocolError):
-        parse_head(raw("CONNECT registry.test:5000:443 HTTP/1.1"))
+        parse_head(raw(f"CONNECT {target} HTTP/1.1"))
 
 
 # ---------------------------------------------------------------- absolute-form and origin-form

@@ -70,10 +70,18 @@ def connect_target(authority: str, default_port: int | None = None) -> tuple[str
         if default_port is None:
             raise ValueError(f"CONNECT target {authority[:100]!r} has no port")
         host, port_text = authority, str(default_port)
+    # RFC 3986 3.2.2: an IPv6 literal is bracketed, and only an IPv6 literal
+    # is; anything else holds no colon (or `a:1:443` would read as host `a:1`).
+    if host.startswith("[") or host.endswith("]"):
+        inner = host[1:-1] if host.startswith("[") and host.endswith("]") else ""
+        address = ip_literal(inner)
+        if not isinstance(address, ipaddress.IPv6Address):
+            raise ValueError(f"bad host in {authority[:100]!r}")
+        return inner.lower(), port_of(port_text, authority)
     # "localhost." is localhost: the root's dot goes, so the policy sees the name.
-    host = host.strip("[]").lower().removesuffix(".")
+    host = host.lower().removesuffix(".")
     port = port_of(port_text, authority)
-    if not (is_host(host) or ip_literal(host) is not None):
+    if ":" in host or not (is_host(host) or ip_literal(host) is not None):
         raise ValueError(f"bad host in {authority[:100]!r}")
     return host, port
 

@@ -16,11 +16,12 @@ Policy:
   decides all three, for `cr-proxy ls` too).
 - A blob is first asked for with HEAD: `X-Cache: HIT` means cached, nothing
   more to do. Otherwise it is fetched with GET, its body hashed and dropped.
-- One job per digest at a time in a run: a blob two images share is
-  fetched by the first and found cached by the second's HEAD. The fetcher
-  merges the upstream download of two concurrent GETs too, but streams the
-  whole blob to each of them: this lock keeps warm from moving it over the
-  socket twice and from counting it fetched twice.
+- One job per digest in a run (fetch/flight.py's `Shared`, the mechanism
+  the fetcher merges its own work with): a blob two images share is fetched
+  once, and the image that joined the running job counts it as cached. The
+  fetcher merges the upstream download of two concurrent GETs too, but
+  streams the whole blob to each of them: merging here keeps warm from
+  moving it over the socket twice and from counting it fetched twice.
 - `--jobs` bounds the requests in flight. A failing image is reported with
   the fetcher's registry error (`CODE: message`) and makes the exit status
   non-zero; the other images still complete.
@@ -31,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from cr_proxy.cache.sizes import human_size
 from cr_proxy.config import Config
 from cr_proxy.errors import CrProxyError
+from cr_proxy.fetch.flight import Shared
 from cr_proxy.oci.manifest import MAX_INDEX_DEPTH, Blob, Platform
 from cr_proxy.oci.reference import Reference, parse_reference
 from cr_proxy.ops.fetcher_client import (
@@ -182,6 +183,21 @@ class Progress(Protocol):
 # --- the walk ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class BlobJob:
+    """One image's request for a blob; compared by identity, so an image
+    can tell its own job's outcome from one it joined."""
+
+    ref: Reference
+    blob: Blob
+
+
+@dataclass(frozen=True, slots=True)
+class BlobDone:
+    job: BlobJob  # whose job it was
+    nbytes: int | None  # fetched; None: it was cached already
+
+
 class Warmer:
     """Warms images through one fetcher; shared by every image of a run so
     `jobs` bounds them all together."""
@@ -193,8 +209,8 @@ class Warmer:
         self.platforms = tuple(platforms)
         self.default_registry = default_registry
         self.progress = progress
-        # One job per digest at a time (the module docstring says why).
-        self.digest_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # One job per digest (the module docstring says why).
+        self.blob_jobs = Shared()
 
     async def image(self, text: str) -> ImageResult:
         result = ImageResult(text)
@@ -249,19 +265,26 @@ class Warmer:
             return await self.client.manifest(ref, target, revalidate)
 
     async def _blob(self, ref: Reference, blob: Blob, result: ImageResult) -> None:
-        async with self.digest_locks[blob.digest], self.limit:
-            if await self.client.blob_cached(ref, blob.digest):
-                result.blobs_cached += 1
-                return
-            self.progress.expect(blob.size or 0)
-            nbytes, cache = await self.client.download(ref, blob.digest, blob.size,
-                                                       self.progress.advance)
-        if cache == "HIT":  # cached between our HEAD and GET (a client's pull)
+        job = BlobJob(ref, blob)
+        done = await self.blob_jobs.run(blob.digest, lambda: self._fetch(job))
+        if done.job is not job or done.nbytes is None:  # joined another image's job, or cached
             result.blobs_cached += 1
             return
         result.blobs_fetched += 1
-        result.bytes_fetched += nbytes
-        self.progress.blob_fetched(str(ref), blob.digest, nbytes)
+        result.bytes_fetched += done.nbytes
+        self.progress.blob_fetched(str(ref), blob.digest, done.nbytes)
+
+    async def _fetch(self, job: BlobJob) -> BlobDone:
+        """HEAD, then GET if not cached: nbytes None when it was cached."""
+        ref, blob = job.ref, job.blob
+        async with self.limit:
+            if await self.client.blob_cached(ref, blob.digest):
+                return BlobDone(job, None)
+            self.progress.expect(blob.size or 0)
+            nbytes, cache = await self.client.download(ref, blob.digest, blob.size,
+                                                       self.progress.advance)
+        # HIT: cached between our HEAD and GET (a client's pull).
+        return BlobDone(job, None if cache == "HIT" else nbytes)
 
 
 async def warm(config: Config, images: Sequence[str], platforms: Sequence[Platform] = (),

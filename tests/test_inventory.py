@@ -66,7 +66,7 @@ def cdn_path(digest: str) -> str:
 
 
 def cache_blob(store: Store, domain: str, name: str, data: bytes, cdn: bool = False) -> str:
-    """As Fetcher._commit_blob: blobs/, the redirect target and its record,
+    """As Store.commit_blob does for the fetcher: blobs/, the redirect target and its record,
     then the requested path."""
     digest = put(store, data)
     path = f"v2/{name}/blobs/{digest}"
@@ -80,7 +80,7 @@ def cache_blob(store: Store, domain: str, name: str, data: bytes, cdn: bool = Fa
 def cache_manifest(
     store: Store, domain: str, name: str, body: bytes, tag: str | None, media_type: str
 ) -> str:
-    """As Fetcher._commit_manifest: by digest always, by tag when pulled by tag."""
+    """As Store.commit_manifest does for the fetcher: by digest always, by tag when pulled by tag."""
     digest = put(store, body)
     store.record_manifest(domain, f"v2/{name}/manifests/{digest}", digest, media_type, None)
     if tag is not None:

@@ -13,7 +13,7 @@ Policy:
   same disk and become stored blobs at their commit, so the store makes
   room while they run. They are never refused for it (the limit is a
   target, not a quota), except a blob larger than the whole limit, which
-  could never be stored (Fetcher._size_limit).
+  could never be stored (fetch/blobs.py, Blobs._size_limit).
 - Nothing being served or downloaded is evicted: an image used within
   `min_age` seconds may be in the middle of a pull, and a download in
   progress is in temp/, not in the store. A client already reading a file

@@ -80,7 +80,7 @@ def cache_blob(store: Store, domain: str, name: str, data: bytes, cdn: bool = Fa
 def cache_manifest(
     store: Store, domain: str, name: str, body: bytes, tag: str | None, media_type: str
 ) -> str:
-    """As Store.commit_manifest does for the fetcher: by digest always, by tag when pulled by tag."""
+    """As Store.commit_manifest does: by digest always, by tag when pulled by tag."""
     digest = put(store, body)
     store.record_manifest(domain, f"v2/{name}/manifests/{digest}", digest, media_type, None)
     if tag is not None:

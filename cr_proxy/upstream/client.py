@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import aiohttp
 from multidict import CIMultiDict
@@ -39,7 +39,7 @@ from multidict import CIMultiDict
 from cr_proxy.cache.layout import Target, check_domain
 from cr_proxy.config import UPSTREAM_CONNECTIONS, Config
 from cr_proxy.errors import DestinationRefused, UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from cr_proxy.net.address import SCHEME_PORTS, is_loopback, split_url
+from cr_proxy.net.address import dial_target, is_loopback, split_url
 from cr_proxy.net.policy import Destinations, refusal, resolved_refusal
 from cr_proxy.upstream.auth import Challenge, TokenCache, parse_challenge, pull_scope
 from cr_proxy.upstream.challenges import Challenges
@@ -270,8 +270,7 @@ class Upstream:
         by PolicyResolver)."""
         if host in self.config.endpoints:
             return
-        parts = urlsplit(base)
-        hostname, port = parts.hostname or "", parts.port or SCHEME_PORTS[parts.scheme]
+        hostname, port = dial_target(base)  # base_urls makes only http(s) URLs
         if not self.destinations.host_allowed(hostname, port):
             raise DestinationRefused(message=refusal(hostname, port))
 

@@ -150,7 +150,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "config": (cmd_config, "print the effective configuration (secrets masked)"),
     "ca": (cmd_ca, "print the CA certificate that clients must trust"),
     "warm": (cmd_warm, "preload images into the cache (IMAGE... or --from-file)"),
-    "ls": (cmd_ls, "list cached images: digest, platforms, size, last use"),
+    "ls": (cmd_ls, "list cached images: digest, platforms, size, complete or N missing, last use"),
     "du": (cmd_du, "disk use per registry and in total, shared blobs once"),
     "rm": (cmd_rm, "remove images and the blobs no other cached image uses"),
     "verify": (cmd_verify, "re-hash every blob; quarantine corrupt ones"),

@@ -518,7 +518,8 @@ def test_ls_and_du_json_parse_and_tables_align(
     assert (entry["digest"], entry["tag"], entry["platforms"]) == (small.digest, "v1",
                                                                    ["linux/amd64"])
     assert set(entry) == {"key", "name", "registry", "domain", "repository", "tag", "digest",
-                          "media_type", "platforms", "size", "blobs", "missing", "last_used"}
+                          "media_type", "platforms", "size", "blobs", "missing", "last_used",
+                          "complete", "not_pulled", "cached_platforms", "missing_bytes"}
     assert images[f"{REG}/multi:latest"]["digest"] == index
 
     code, out, _ = run_cli(capsys, "du", "--config", conf, "--json")
@@ -529,7 +530,7 @@ def test_ls_and_du_json_parse_and_tables_align(
 
     code, out, _ = run_cli(capsys, "ls", "--config", conf)
     lines = out.splitlines()
-    assert lines[0].split() == ["IMAGE", "DIGEST", "PLATFORMS", "SIZE", "LAST", "USED"]
+    assert lines[0].split() == ["IMAGE", "DIGEST", "PLATFORMS", "SIZE", "STATE", "LAST", "USED"]
     assert lines[1].startswith(f"{REG}/multi:latest ")
     assert "linux/amd64,linux/arm64/v8" in lines[1]
     assert len({line.index("sha256:") for line in lines[1:]}) == 1  # one column
@@ -565,3 +566,80 @@ def test_attestations_are_no_platforms_by_either_mark(store: Store, inventory: I
     cache_manifest(store, REG, "att", body, "v1", MT_INDEX)
     [image] = inventory.images()
     assert image.platforms == ("linux/amd64",)
+
+
+# --- complete or missing -------------------------------------------------------------------
+
+
+def cache_one_platform_of_two(store: Store, name: str) -> tuple[str, Cached, str]:
+    """An index of linux/amd64 and linux/arm64 (plus an attestation) of
+    which a client pulled linux/amd64 only."""
+    amd = cache_image(store, name, None, [b"amd64 binary" * 100])
+    arm = digest_of(b"an arm64 manifest never pulled")
+    entries = [
+        {"mediaType": MT_MANIFEST, "digest": amd.digest, "size": 1,
+         "platform": {"os": "linux", "architecture": "amd64"}},
+        {"mediaType": MT_MANIFEST, "digest": arm, "size": 1,
+         "platform": {"os": "linux", "architecture": "arm64"}},
+        {"mediaType": MT_MANIFEST, "digest": digest_of(b"attestation"), "size": 1,
+         "platform": {"os": "unknown", "architecture": "unknown"}},
+    ]
+    body = json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": entries}).encode()
+    return cache_manifest(store, REG, name, body, "v1", MT_INDEX), amd, arm
+
+
+def test_platforms_never_pulled_leave_an_image_complete(
+    store: Store, inventory: Inventory
+) -> None:
+    _, _, arm = cache_one_platform_of_two(store, "half")
+    [image] = inventory.images()
+    assert image.platforms == ("linux/amd64", "linux/arm64")
+    assert image.cached_platforms == ("linux/amd64",)
+    assert image.missing == image.unpulled == {arm, digest_of(b"attestation")}
+    assert image.complete and image.lost == frozenset() and image.missing_bytes == 0
+
+
+def test_a_whole_index_and_a_plain_image_are_complete(store: Store, inventory: Inventory) -> None:
+    cache_index(store, "multi", "latest")
+    cache_image(store, "small", "v1", [SHARED])
+    multi, small = inventory.images()
+    assert multi.cached_platforms == multi.platforms == ("linux/amd64", "linux/arm64/v8")
+    assert small.cached_platforms == small.platforms == ("linux/amd64",)
+    assert multi.complete and small.complete
+
+
+def test_a_quarantined_layer_is_missing_with_its_stated_size(
+    store: Store, inventory: Inventory
+) -> None:
+    """verify moves a corrupt layer to quarantine/ and unlinks its names:
+    the image was pulled whole, so it is now one blob short."""
+    small = cache_image(store, "small", "v1", [SHARED, b"own" * 100])
+    bad = small.layers[1]
+    blob_file(store, bad).write_bytes(b"rotten")
+    assert len(inventory.verification().failures) == 1
+    [image] = inventory.images()
+    assert image.lost == image.missing == {bad}
+    assert not image.complete
+    assert image.size == small.size - len(b"own" * 100)
+    assert image.missing_bytes == len(b"own" * 100)  # as the manifest states it
+
+
+def test_a_lost_platform_manifest_is_missing_not_unpulled(
+    store: Store, inventory: Inventory
+) -> None:
+    """A platform manifest quarantined, or its blobs/ file removed by hand
+    (its content/ name stays): pulled once, so it counts as missing; what it
+    named is unknown, so the size missing is too."""
+    _, amd, _ = cache_one_platform_of_two(store, "half")
+    blob_file(store, amd.digest).write_bytes(b"rotten")
+    inventory.verification()
+    [image] = inventory.images()
+    assert image.lost == {amd.digest}
+    assert image.cached_platforms == ("linux/amd64",)  # what was pulled, broken or not
+    assert (image.complete, image.missing_bytes) == (False, None)
+
+    _, other, _ = cache_one_platform_of_two(store, "other")
+    blob_file(store, other.digest).unlink()
+    [_, image] = inventory.images()
+    assert image.key == f"{REG}/other:v1"
+    assert image.lost == {other.digest}

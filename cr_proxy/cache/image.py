@@ -38,12 +38,25 @@ class Image:
     platforms: tuple[str, ...]
     digests: frozenset[str]  # everything it uses: manifests, configs, layers
     manifests: frozenset[str]  # the manifests among them (an index and its platforms)
-    missing: frozenset[str]  # used but not in blobs/
+    missing: frozenset[str]  # used but not in blobs/, platforms never pulled included
     size: int  # bytes of the used digests in blobs/, each once
     validated_at: float | None  # mtime of the tag's docker-content-digest sidecar
     stored_at: float  # mtime of the manifest's blobs/ file
     read_at: float | None  # its atime; None when not trusted
     last_used: float = 0.0
+    unpulled: frozenset[str] = frozenset()  # index entries never pulled: missing, not lost
+    cached_platforms: tuple[str, ...] = ()  # the platforms pulled (all of a plain manifest's)
+    missing_bytes: int | None = 0  # sizes the manifests state for `lost`; None: not all known
+
+    @property
+    def lost(self) -> frozenset[str]:
+        """What is missing of what was pulled: manifests of pulled platforms,
+        configs, layers (inventory.py's docstring)."""
+        return self.missing - self.unpulled
+
+    @property
+    def complete(self) -> bool:
+        return not self.lost
 
     @property
     def ref(self) -> str:

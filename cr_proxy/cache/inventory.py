@@ -16,8 +16,18 @@ Policy (what an image is and when it was used: image.py):
   indexes; anything else (schema 1, artifacts, non-JSON) uses only itself.
   Foreign layers (with `urls`) live outside the registry and are not used
   (oci/manifest.py decides that, the nesting limit and attestations).
-  Used digests missing from blobs/ (platforms never pulled) are `missing`.
-- Size: the bytes of the used digests that are in blobs/, each once.
+  Used digests missing from blobs/ are `missing`, platforms never pulled
+  included.
+- Complete: a mirror caches what was pulled, so an index's entry (a
+  platform, an attestation) whose manifest is in no blobs/ file, under no
+  content/ name and not in quarantine/ was never pulled (`unpulled`): it is
+  missing, but the image is not broken for it. An image is *complete* when
+  nothing else is missing: the manifests of pulled platforms, their configs
+  and layers. What verify quarantined or a hand removed from blobs/ (a
+  platform manifest keeps its content/ name) makes an image incomplete.
+- Size: the bytes of the used digests that are in blobs/, each once; what is
+  missing beyond never-pulled platforms is counted apart (`missing_bytes`)
+  from the sizes the manifests state.
 - Platforms: `os/arch[/variant]` from an index's entries (attestation
   entries left out), or from a manifest's config blob when cached.
 - Shown registry: `registry_hosts` inverted (registry-1.docker.io is shown
@@ -27,6 +37,7 @@ Policy (what an image is and when it was used: image.py):
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +45,7 @@ from pathlib import Path
 
 from cr_proxy.cache.diskuse import DiskUsage, disk_usage
 from cr_proxy.cache.image import Image, LastUsed, file_times
-from cr_proxy.cache.layout import Kind, Sidecar, key_of, resolve_domain
+from cr_proxy.cache.layout import QUARANTINE, Kind, Sidecar, key_of, resolve_domain
 from cr_proxy.cache.removal import Removed, remove_images
 from cr_proxy.cache.scan import Link, Reader, Scan
 from cr_proxy.cache.store import Store
@@ -64,16 +75,22 @@ class Resolved:
     platforms: tuple[str, ...]
     digests: frozenset[str]
     manifests: frozenset[str]
+    unpulled: frozenset[str] = frozenset()  # index entries never pulled (module docstring)
+    cached_platforms: tuple[str, ...] = ()  # the platforms pulled
+    declared: Mapping[str, int] = field(default_factory=dict)  # blob sizes the manifests state
 
 
 class Resolver:
-    """Reads manifests from blobs/ once per digest, for one scan."""
+    """Reads manifests from blobs/ once per digest, for one scan. `pulled`:
+    manifest digests the tree shows were pulled besides those in blobs/
+    (content/ names of manifests by digest, quarantine/)."""
 
-    __slots__ = ("_done", "reader", "scan")
+    __slots__ = ("_done", "pulled", "reader", "scan")
 
-    def __init__(self, scan: Scan, reader: Reader) -> None:
+    def __init__(self, scan: Scan, reader: Reader, pulled: Iterable[str] = ()) -> None:
         self.scan = scan
         self.reader = reader
+        self.pulled = frozenset(pulled)
         self._done: dict[str, Resolved] = {}
 
     def resolve(self, digest: str, fallback: Path | None = None, depth: int = 0) -> Resolved:
@@ -90,17 +107,29 @@ class Resolver:
             parsed = manifest.parse(body)
         except ManifestInvalid:  # not a manifest at all: it uses only itself
             parsed = manifest.Manifest("")
-        digests, manifests = {digest}, {digest}
+        digests, manifests, unpulled = {digest}, {digest}, set()
+        declared = {b.digest: b.size for b in parsed.blobs if b.size is not None}
         platforms = [str(p) for p in parsed.platforms]
+        cached = []
         for entry in parsed.entries:
             below = self.resolve(entry.digest, None, depth + 1)
             digests |= below.digests
             manifests |= below.manifests
+            unpulled |= below.unpulled
+            declared.update(below.declared)
+            if not self._was_pulled(entry.digest):
+                unpulled.add(entry.digest)
+            elif entry.platform and not entry.attestation:
+                cached.append(str(entry.platform))
         if parsed.config:
             platforms += self._config_platform(parsed.config.digest)
         digests.update(blob.digest for blob in parsed.blobs)
         return Resolved(parsed.media_type, tuple(platforms), frozenset(digests),
-                        frozenset(manifests))
+                        frozenset(manifests), frozenset(unpulled),
+                        tuple(cached) if parsed.is_index else tuple(platforms), declared)
+
+    def _was_pulled(self, digest: str) -> bool:
+        return digest in self.scan.blobs or digest in self.pulled
 
     def _body(self, digest: str, fallback: Path | None, limit: int) -> bytes | None:
         blob = self.scan.blobs.get(digest)
@@ -220,9 +249,11 @@ class Inventory:
 
     def _images(self, scan: Scan) -> list[Image]:
         reader = Reader()
-        resolver = Resolver(scan, reader)
+        repos = group_manifests(scan.links)
+        named = {digest for repo in repos.values() for digest in repo.digests}
+        resolver = Resolver(scan, reader, named | self._quarantined())
         found = []
-        for (domain, name), repo in sorted(group_manifests(scan.links).items()):
+        for (domain, name), repo in sorted(repos.items()):
             found += self._repo_images(domain, name, repo, scan, resolver)
         # Times last: by now every manifest was read, so atime_trusted is final.
         return [self._timed(image, scan, reader.atime_trusted) for image in found]
@@ -252,6 +283,8 @@ class Inventory:
         scan: Scan, link: Link,
     ) -> Image:
         cached = resolved.digests & scan.blobs.keys()
+        missing = resolved.digests - cached
+        lost = missing - resolved.unpulled
         return Image(
             domain=domain,
             registry=self._registry_of(domain),
@@ -262,11 +295,14 @@ class Inventory:
             platforms=resolved.platforms,
             digests=resolved.digests,
             manifests=resolved.manifests,
-            missing=resolved.digests - cached,
+            missing=missing,
             size=sum(scan.blobs[d].size for d in cached),
             validated_at=self._validated_at(link) if tag is not None else None,
             stored_at=0.0,
             read_at=None,
+            unpulled=resolved.unpulled,
+            cached_platforms=resolved.cached_platforms,
+            missing_bytes=stated_size(lost, resolved.declared),
         )
 
     def _timed(self, image: Image, scan: Scan, atime_trusted: bool) -> Image:
@@ -294,11 +330,27 @@ class Inventory:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    def _quarantined(self) -> set[str]:
+        """Digests verify moved to quarantine/<alg>-<hex>: pulled once."""
+        try:
+            names = os.listdir(self.root / QUARANTINE)
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
+        digests = (name.replace("-", ":", 1) for name in names)
+        return {digest for digest in digests if is_digest(digest)}
+
     def _content(self, link: Link) -> Path:
         return self.store.tree.content(*link.where)
 
     def _registry_of(self, domain: str) -> str:
         return self._shown.get(domain, domain)
+
+
+def stated_size(digests: Iterable[str], declared: Mapping[str, int]) -> int | None:
+    """The bytes the manifests state for these blobs; None when one has no
+    stated size (a missing manifest: its own layers are not known)."""
+    sizes = [declared.get(d) for d in digests]
+    return None if None in sizes else sum(s for s in sizes if s is not None)
 
 
 def shown_registries(registry_hosts: Mapping[str, str], default_registry: str) -> dict[str, str]:

@@ -8,7 +8,15 @@ JSON (`--json`; keys are stable, new ones may be added):
                          "tag" (null for a digest-only image), "digest",
                          "media_type", "platforms": [str], "size",
                          "blobs": [digest], "missing": [digest],
-                         "last_used" (Unix time, float)}]}
+                         "last_used" (Unix time, float),
+                         "complete": bool, "not_pulled": [digest],
+                         "cached_platforms": [str],
+                         "missing_bytes" (int, or null if unknown)}]}
+
+            `missing`: used digests not in blobs/, the manifests of an
+            index's platforms never pulled included (those are also in
+            `not_pulled`). `complete`: nothing else is missing.
+            `missing_bytes`: what the manifests state for the rest.
     du      {"domains": [{"domain", "registry", "files", "bytes"}],
              "total": {"files", "bytes"}, "unlinked": {"files", "bytes"}}
     rm      {"images": [key], "blobs": [digest], "files", "bytes"}
@@ -39,6 +47,8 @@ def images_document(images: Iterable[Image]) -> dict[str, Any]:
             "repository": i.repository, "tag": i.tag, "digest": i.digest,
             "media_type": i.media_type, "platforms": list(i.platforms), "size": i.size,
             "blobs": sorted(i.digests), "missing": sorted(i.missing), "last_used": i.last_used,
+            "complete": i.complete, "not_pulled": sorted(i.unpulled),
+            "cached_platforms": list(i.cached_platforms), "missing_bytes": i.missing_bytes,
         }
         for i in images
     ]}
@@ -76,11 +86,33 @@ def _counts(usage: Usage) -> dict[str, int]:
 
 def images_table(images: Iterable[Image]) -> str:
     rows = [
-        (i.name, short(i.digest), ",".join(i.platforms) or "-", human_size(i.size),
+        (i.name, short(i.digest), ",".join(i.platforms) or "-", image_size(i), state(i),
          when(i.last_used))
         for i in images
     ]
-    return table(("IMAGE", "DIGEST", "PLATFORMS", "SIZE", "LAST USED"), rows, right={3})
+    return table(("IMAGE", "DIGEST", "PLATFORMS", "SIZE", "STATE", "LAST USED"), rows,
+                 right={3})
+
+
+def state(image: Image) -> str:
+    """`complete`, or `N missing` (digests of what was pulled not in
+    blobs/); `, K of M platforms` when an index's other platforms were never
+    pulled: a mirror holds what its clients asked for, that is no damage."""
+    text = "complete" if image.complete else f"{len(image.lost)} missing"
+    pulled, named = len(image.cached_platforms), len(image.platforms)
+    if pulled < named:
+        text += f", {pulled} of {named} platforms"
+    return text
+
+
+def image_size(image: Image) -> str:
+    """The bytes in the cache; of an incomplete image, also what it would
+    take whole (`?` when a missing manifest hides its blobs' sizes)."""
+    if image.complete:
+        return human_size(image.size)
+    if image.missing_bytes is None:
+        return f"{human_size(image.size)} of ?"
+    return f"{human_size(image.size)} of {human_size(image.size + image.missing_bytes)}"
 
 
 def usage_table(usage: DiskUsage) -> str:

@@ -39,7 +39,9 @@ class Metrics:
             "crproxy_revalidations", "Stale tags checked upstream", ["result"], registry=r
         )
         self.stale_served = Counter(
-            "crproxy_stale_served", "Stale tags served because the upstream failed", registry=r
+            "crproxy_stale_served",
+            "Stale tags served because the upstream failed (registry: as upstream_errors)",
+            ["registry"], registry=r,
         )
         self.bytes_served = Counter(
             "crproxy_bytes_served_from_cache", "Body bytes of cache hits", registry=r

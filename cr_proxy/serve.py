@@ -26,7 +26,7 @@ from aiohttp import web
 from cr_proxy import nginx, privsep
 from cr_proxy.cache.evict import evict_loop
 from cr_proxy.cache.store import Store
-from cr_proxy.config import Config
+from cr_proxy.config import Address, Config
 from cr_proxy.fetch.app import make_app
 from cr_proxy.front import certs
 from cr_proxy.front.server import Front
@@ -49,6 +49,12 @@ FETCHER_BACKLOG = 4096
 SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+# The PROXY protocol's line for "a connection of the proxy's own, a health
+# check" (no addresses): nginx takes it, and it names no client, so it
+# needs none of the front's stamp (front/stamp.py), which only a request
+# would be checked against; the probe closes before any.
+PROXY_HEALTH_CHECK = b"PROXY UNKNOWN\r\n"
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})  # listen hosts meaning "every address"
 
 
 def _name_process() -> None:
@@ -64,24 +70,33 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def reached_at(address: Address) -> str:
+    """host:port where clients reach a listener: this machine's name for a
+    wildcard address, else the one address it is bound to (a hint naming the
+    host name of a loopback-only serve sends clients where nothing listens)."""
+    if address.host in WILDCARD_HOSTS:
+        return f"{socket.gethostname()}:{address.port}"
+    return address.nginx()
+
+
 def client_hints(config: Config) -> list[str]:
-    host = socket.gethostname()
     lines = []
     http, https = config.listen.mirror_http, config.listen.mirror_https
     if http.enabled:
-        lines.append(f"mirror (HTTP)  http://{host}:{http.port}")
+        lines.append(f"mirror (HTTP)  http://{reached_at(http)}")
     if https.enabled:
-        lines.append(f"mirror (HTTPS) https://{host}:{https.port}  "
+        lines.append(f"mirror (HTTPS) https://{reached_at(https)}  "
                      f"(trust {config.certs_dir / 'ca.crt'})")
     if config.listen.proxy.enabled:
-        lines.append(f"https_proxy    http://{host}:{config.listen.proxy.port}  "
-                     f"(CA at http://{host}:{config.listen.proxy.port}/ca.crt)")
-    port = http.port if http.enabled else https.port
-    lines.append(
-        f'use it: dockerd "registry-mirrors": ["http://{host}:{port}"]; or '
-        f"skopeo copy --src-tls-verify=false docker://{host}:{port}/docker.io/library/alpine "
-        "oci:alpine"
-    )
+        proxy = reached_at(config.listen.proxy)
+        lines.append(f"https_proxy    http://{proxy}  (CA at http://{proxy}/ca.crt)")
+    if http.enabled or https.enabled:
+        scheme, mirror = ("http", http) if http.enabled else ("https", https)
+        at = reached_at(mirror)
+        lines.append(
+            f'use it: dockerd "registry-mirrors": ["{scheme}://{at}"]; or skopeo copy '
+            f"--src-tls-verify=false docker://{at}/docker.io/library/alpine oci:alpine"
+        )
     return lines
 
 
@@ -99,6 +114,12 @@ async def _listening(config: Config, proc: asyncio.subprocess.Process) -> bool:
         host = "::1" if host == "::" else host
         try:
             _, writer = await asyncio.open_connection(host, address.port)
+            if address is config.listen.front_tls:
+                # That listener reads a PROXY line first: without one nginx
+                # logs `[error] broken header` for the probe at every start.
+                writer.write(PROXY_HEALTH_CHECK)
+                with contextlib.suppress(OSError):
+                    await writer.drain()
             writer.close()
             pending.pop(0)
             continue

@@ -4,11 +4,13 @@ the e2e tests)."""
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 import pytest
 
 from cr_proxy import serve
+from cr_proxy.config import build, default_data
 
 
 @pytest.mark.parametrize(("somaxconn", "warned"), [("128\n", True), ("4096\n", False),
@@ -31,3 +33,20 @@ def test_no_somaxconn_file_is_no_warning(tmp_path: Path, monkeypatch: pytest.Mon
     with caplog.at_level(logging.WARNING, logger="cr_proxy.serve"):
         serve._warn_if_backlog_capped()
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize(("listen", "named"), [
+    ("5000", "{hostname}:5000"), ("0.0.0.0:5000", "{hostname}:5000"),
+    ("[::]:5000", "{hostname}:5000"), ("127.0.0.1:5000", "127.0.0.1:5000"),
+    ("10.0.0.7:5000", "10.0.0.7:5000"), ("[::1]:5000", "[::1]:5000"),
+])
+def test_the_hint_names_the_address_a_mirror_listens_on(listen: str, named: str) -> None:
+    """A wildcard listener is reached by this machine's name; one bound to
+    one address only there (the e2e test: tests/test_e2e_quiet.py)."""
+    data = default_data()
+    data["listen"].update(mirror_http=listen, mirror_https=0, proxy=0)
+    hints = serve.client_hints(build(data, environ={}))
+    at = named.format(hostname=socket.gethostname())
+    assert hints[0] == f"mirror (HTTP)  http://{at}"
+    assert f'"registry-mirrors": ["http://{at}"]' in hints[-1]
+    assert f"docker://{at}/docker.io/library/alpine" in hints[-1]

@@ -76,8 +76,10 @@ class Manifests:
                 ("revalidate", domain, path), lambda: self._revalidate(target, stored, auth)
             )
         except (UpstreamUnreachable, UpstreamError) as err:
-            log.warning("serving stale %s%s: %s", domain, path, err.message)
-            ctx.metrics.stale_served.inc()
+            # Counted, not warned: the upstream's outage is warned of once
+            # (upstream/client.py), and one line per stale answer drowned it.
+            log.debug("serving stale %s/%s: %s", domain, path, err.message)
+            ctx.metrics.stale_served.labels(registry=ctx.upstream.registry_label(domain)).inc()
             ctx.metrics.revalidations.labels(result="failed").inc()
             return _response(stored, "STALE")
         changed = "same" if fresh.digest == stored.digest else "changed"

@@ -9,7 +9,9 @@ redirects followed by hand.
 - A connect failure marks the host down for `timeouts.down_host` seconds:
   requests to it fail at once, so an offline pull of a ten-layer image does
   not wait for ten connect timeouts. The table is bounded (clients name
-  hosts: MAX_DOWN_HOSTS, oldest dropped first).
+  hosts: MAX_DOWN_HOSTS, oldest dropped first). An outage logs one warning
+  when it starts and one when the host answers again; the stale answers in
+  between are counted (crproxy_stale_served), not logged.
 - No host takes more than `limits.upstream_connections_per_host` of the
   pool; a request waits at most `timeouts.pool` for a free connection
   (UpstreamTimeout, the host is not marked down: it is busy, not gone), and
@@ -176,7 +178,7 @@ class RateGuard:
 
 class Upstream:
     __slots__ = (
-        "_answered", "_down_until", "_known", "_scheme_ok", "challenges", "config",
+        "_answered", "_down_until", "_known", "_outages", "_scheme_ok", "challenges", "config",
         "destinations", "session", "tokens",
     )
 
@@ -188,6 +190,10 @@ class Upstream:
         self.session = session
         self.tokens = TokenCache()
         self._down_until: dict[str, float] = {}
+        # Hosts whose outage was logged and not yet its end (an ordered set,
+        # bounded as _down_until is): one warning when a host goes down, one
+        # when it answers again, however many times down_host runs out between.
+        self._outages: dict[str, None] = {}
         self._scheme_ok: dict[str, str] = {}  # loopback host -> scheme that worked
         self._known = configured_hosts(config)
         self._answered: set[str] = set()
@@ -259,8 +265,14 @@ class Upstream:
         return until is not None and until > time.monotonic()
 
     def _mark_down(self, host: str, err: BaseException) -> None:
-        log.warning("upstream %s unreachable (%s); skipping it for %.0fs",
-                    host, err, self.config.timeouts.down_host)
+        if host in self._outages:
+            log.debug("upstream %s still unreachable (%s)", host, err)
+        else:
+            log.warning("upstream %s unreachable (%s); skipping it for %.0fs at a time until "
+                        "it answers", host, err, self.config.timeouts.down_host)
+            if len(self._outages) >= MAX_DOWN_HOSTS:
+                del self._outages[next(iter(self._outages))]
+            self._outages[host] = None
         self._make_room(host)
         self._down_until[host] = time.monotonic() + self.config.timeouts.down_host
 
@@ -332,6 +344,9 @@ class Upstream:
             if len(bases) > 1:
                 self._scheme_ok[host] = base.split(":", 1)[0]
             self._answered_once(host)
+            if host in self._outages:
+                del self._outages[host]
+                log.warning("upstream %s reachable again", host)
             return response
         assert last_error is not None
         self._mark_down(host, last_error)

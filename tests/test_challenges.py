@@ -98,3 +98,13 @@ def test_what_is_not_a_challenge_is_neither_kept_nor_replayed(store):
             "unicode_escape")):
         store.write_sidecar(SIDECAR, HOST, PING_PATH, written)  # by hand, say
         assert challenges.stored(HOST) is None
+
+
+def test_a_401_elsewhere_leaves_an_anonymous_ping_alone(store):
+    """/v2/ open, a repository guarded: the record stays what /v2/ said."""
+    challenges = Challenges(store)
+    challenges.answered(HOST, 200, None)
+    with mock.patch.object(Store, "write_sidecar") as write:
+        challenges.seen(HOST, HEADER)
+    write.assert_not_called()
+    assert challenges.stored(HOST) == PingAnswer(None)

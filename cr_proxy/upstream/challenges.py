@@ -6,7 +6,8 @@ first in https_proxy mode and give up on anything but 200 or 401.
 Policy: one record per host, the /v2/ one, in the tree
 (`www-authenticate/<domain>/v2/_index`) and in memory. The header tree
 holds the WWW-Authenticate header the answer carried: a 401's challenge
-(any 401's, without its scope), or nothing at all (an empty value) for a
+(without its scope; any path's 401 stands in for /v2/'s, unless this
+process saw /v2/ answer 200), or nothing at all (an empty value) for a
 200, the anonymous ping. A missing file is "never seen". Only that one
 file: a 401 for a name that does not exist must not create files in the
 cache. The challenge of a path we store is written with what it protects,
@@ -61,12 +62,13 @@ class Challenges:
         return f"<Challenges {sorted(self._plain)}>"
 
     def seen(self, host: str, header: str) -> None:
-        """Keep a 401's challenge, without its scope, as the host's /v2/
-        one. One that does not parse as a challenge is not kept."""
-        if parse_challenge(header) is None:
-            log.debug("not storing challenge for %s: not a challenge: %r", host, header[:80])
-            return
-        self._keep(host, without_scope(header))
+        """Keep a 401's challenge (of any path), without its scope, as the
+        host's /v2/ one, unless /v2/ itself was seen answering 200: a
+        registry open at /v2/ may still guard some repositories, and the
+        record is what /v2/ says (nor should the two answers take turns
+        rewriting it)."""
+        if self._plain.get(host) != ANONYMOUS:
+            self._keep_challenge(host, header)
 
     def answered(self, host: str, status: int, header: str | None) -> None:
         """Keep what the host's /v2/ answered: a 200, or a 401 with its
@@ -74,7 +76,14 @@ class Challenges:
         if status == 200:
             self._keep(host, ANONYMOUS)
         elif status == 401 and header:
-            self.seen(host, header)
+            self._keep_challenge(host, header)
+
+    def _keep_challenge(self, host: str, header: str) -> None:
+        """One that does not parse as a challenge is not kept."""
+        if parse_challenge(header) is None:
+            log.debug("not storing challenge for %s: not a challenge: %r", host, header[:80])
+            return
+        self._keep(host, without_scope(header))
 
     def _keep(self, host: str, value: str) -> None:
         """Written inline: one small file, only when it changed."""

@@ -4,6 +4,8 @@ should see and the OCI error code (distribution spec, "Error Codes")."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class CrProxyError(Exception):
@@ -97,3 +99,20 @@ class TooLarge(UpstreamError):
     """An upstream body over what we accept (limits.max_blob_size)."""
 
     code = "SIZE_INVALID"
+
+
+class NotCached(NotFound, UpstreamError):
+    """Not in the cache, and the upstream cannot be reached: a 404 with the
+    reason, as distribution's proxy answers. A 5xx's body reaches nobody
+    (dockerd and containers/image print only the status), a 404's message
+    every client prints. Still an upstream error (counted as one)."""
+
+
+@contextmanager
+def offline_miss(code: str, what: str, host: str) -> Iterator[None]:
+    """Within: an unreachable upstream means `what` (a manifest or blob
+    reference) cannot be had at all; the client is told so by name."""
+    try:
+        yield
+    except UpstreamUnreachable as err:
+        raise NotCached(code, f"{what} is not in the cache, and {host} is unreachable") from err

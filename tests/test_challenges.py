@@ -1,5 +1,6 @@
-"""cr_proxy.upstream.challenges: the /v2/ challenge kept per host, without
-its scope, and replayed while the host is down."""
+"""cr_proxy.upstream.challenges: the /v2/ answer kept per host (200, or 401
+with its challenge without its scope), checked both ways, and replayed while
+the host is down."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from cr_proxy.cache.store import Store
 from cr_proxy.upstream.auth import scoped, without_scope
-from cr_proxy.upstream.challenges import Challenges
+from cr_proxy.upstream.challenges import PING_PATH, SIDECAR, Challenges, PingAnswer
 
 HOST = "registry.test"
 HEADER = 'Bearer realm="https://auth.test/token",service="registry.test",scope="repository:a:pull"'
@@ -36,7 +37,8 @@ def test_scoped_adds_the_pull_scope_of_a_repository():
 def test_a_seen_challenge_is_stored_once_without_its_scope(store):
     challenges = Challenges(store)
     challenges.seen(HOST, HEADER)
-    assert challenges.stored(HOST) == PLAIN
+    assert challenges.stored(HOST) == PingAnswer(PLAIN)
+    assert challenges.stored(HOST).status == 401
     with mock.patch.object(Store, "write_sidecar") as write:
         challenges.seen(HOST, HEADER.replace("repository:a", "repository:b"))
     write.assert_not_called()  # the same challenge: no write
@@ -62,3 +64,47 @@ def test_without_a_store_nothing_is_kept():
     challenges.seen(HOST, HEADER)
     assert challenges.stored(HOST) is None
     assert challenges.for_repository(HOST, "a") is None
+
+
+def test_an_anonymous_ping_is_kept_as_a_200_and_replaces_a_challenge(store):
+    challenges = Challenges(store)
+    challenges.answered(HOST, 401, HEADER)
+    assert challenges.stored(HOST) == PingAnswer(PLAIN)
+    challenges.answered(HOST, 200, None)
+    assert challenges.stored(HOST) == PingAnswer(None)
+    assert challenges.stored(HOST).status == 200
+    # No challenge to write beside what a commit stores.
+    assert challenges.for_repository(HOST, "a") is None
+    with mock.patch.object(Store, "write_sidecar") as write:
+        challenges.answered(HOST, 200, None)
+    write.assert_not_called()  # the same answer: no write
+    challenges.answered(HOST, 401, HEADER)
+    assert challenges.stored(HOST) == PingAnswer(PLAIN)
+
+
+@pytest.mark.parametrize("status", [404, 500, 503, 401])
+def test_other_answers_leave_the_record_alone(store, status):
+    challenges = Challenges(store)
+    challenges.answered(HOST, 200, None)
+    challenges.answered(HOST, status, None)  # a 401 without a challenge says nothing
+    assert challenges.stored(HOST) == PingAnswer(None)
+
+
+def test_what_is_not_a_challenge_is_neither_kept_nor_replayed(store):
+    challenges = Challenges(store)
+    challenges.seen(HOST, "not a challenge ,,")
+    assert challenges.stored(HOST) is None
+    for written in ("not a challenge ,,", 'Bearer realm="caf\u00e9"'.encode().decode(
+            "unicode_escape")):
+        store.write_sidecar(SIDECAR, HOST, PING_PATH, written)  # by hand, say
+        assert challenges.stored(HOST) is None
+
+
+def test_a_401_elsewhere_leaves_an_anonymous_ping_alone(store):
+    """/v2/ open, a repository guarded: the record stays what /v2/ said."""
+    challenges = Challenges(store)
+    challenges.answered(HOST, 200, None)
+    with mock.patch.object(Store, "write_sidecar") as write:
+        challenges.seen(HOST, HEADER)
+    write.assert_not_called()
+    assert challenges.stored(HOST) == PingAnswer(None)

@@ -217,12 +217,13 @@ def test_offline_pull_by_tag_and_digest_gives_identical_bytes(
         assert result.returncode == 0, result.stderr
         assert layout_blobs(tmp_path / "offline-multi") == layout_blobs(tmp_path / "online-multi")
 
-        # Never cached: a clear registry-style error, not a hang.
+        # Never cached: a clear registry-style error, not a hang; a 404 with
+        # the reason, as distribution's proxy answers (clients print it).
         status, _, body = request(f"http://{own_proxy.http}/v2/registry.test/never/manifests/v1")
-        assert status == 503
+        assert status == 404
         error = json.loads(body)["errors"][0]
-        assert error["code"] == "UPSTREAM_UNREACHABLE"
-        assert "unreachable" in error["message"]
+        assert error == {"code": "MANIFEST_UNKNOWN", "message": (
+            "never:v1 is not in the cache, and registry.test is unreachable")}
     finally:
         upstream.start_registry()
         upstream.start_auth()
@@ -351,8 +352,9 @@ def test_serve_starts_without_upstream_and_fails_fast(tmp_path: Path) -> None:
     dead = {"registry.test": "http://127.0.0.1:9", "auth.test": "http://127.0.0.1:9"}
     with CrProxy(tmp_path / "crproxy", dead) as running:
         status, _, body = request(f"http://{running.http}/v2/registry.test/x/manifests/v1")
-        assert status == 503
-        assert json.loads(body)["errors"][0]["code"] == "UPSTREAM_UNREACHABLE"
+        assert status == 404  # never cached, upstream unreachable: said so
+        assert json.loads(body)["errors"][0] == {"code": "MANIFEST_UNKNOWN", "message": (
+            "x:v1 is not in the cache, and registry.test is unreachable")}
 
 
 def test_serve_exits_non_zero_when_nginx_dies(tmp_path: Path) -> None:

@@ -164,7 +164,8 @@ def test_warm_uses_the_running_serve(upstream: Upstream, images: Images, tmp_pat
     result = run_warm(dead_config, "registry.test/multi:latest")
     assert result.returncode == 1
     assert summary(result)["started_fetcher"] is True
-    assert "registry.test/multi:latest: UPSTREAM_UNREACHABLE: " in result.stderr
+    assert ("registry.test/multi:latest: MANIFEST_UNKNOWN: multi:latest is not in the cache, "
+            "and registry.test is unreachable") in result.stderr
 
 
 def test_warm_beside_a_client_pull_costs_one_upstream_download(

@@ -19,6 +19,7 @@ import concurrent.futures
 import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import aiohttp
@@ -35,6 +36,7 @@ from cr_proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
+    offline_miss,
 )
 from cr_proxy.fetch.context import (
     API_HEADERS,
@@ -86,7 +88,8 @@ class Blobs:
             if request.headers.get("X-CR-Cache-Only") == "1":
                 # warm asks "is it here?" without costing an upstream request.
                 raise NotFound("BLOB_UNKNOWN", f"blob {digest} is not cached")
-            return await self._head(request, target)
+            with self._offline_miss(target):
+                return await self._head(request, target)
         ctx.metrics.misses.labels(kind="blob").inc()
         joined_before = ctx.flights.coalesced
         # One download per source and digest: a registry that trickles a
@@ -98,7 +101,8 @@ class Blobs:
         )
         if ctx.flights.coalesced > joined_before:
             ctx.metrics.coalesced.inc()
-        await flight.wait_started()
+        with self._offline_miss(target):
+            await flight.wait_started()
         response = web.StreamResponse(
             headers={"Content-Type": BLOB_TYPE, "Docker-Content-Digest": digest,
                      "X-Cache": "MISS", **API_HEADERS}
@@ -125,6 +129,12 @@ class Blobs:
         # confirmed the digest there (the next request asks, _stored_elsewhere).
         await response.write_eof()
         return response
+
+    @staticmethod
+    def _offline_miss(target: Target) -> AbstractContextManager[None]:
+        """An unreachable upstream for a blob we do not have: a 404 saying so."""
+        what = f"blob {target.rpath.ref} of {target.rpath.name}"
+        return offline_miss("BLOB_UNKNOWN", what, target.domain)
 
     async def _stored_elsewhere(self, request: web.Request, target: Target) -> Path | None:
         """The stored file for a digest cached under other names, or None if

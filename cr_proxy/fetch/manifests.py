@@ -28,6 +28,7 @@ from cr_proxy.errors import (
     Truncated,
     UpstreamError,
     UpstreamUnreachable,
+    offline_miss,
 )
 from cr_proxy.fetch.context import (
     API_HEADERS,
@@ -60,9 +61,12 @@ class Manifests:
         stored = await in_thread(ctx.store.read_manifest, domain, path)
         auth = client_auth(request)
         if stored is None:
-            stored = await self.shared.run(
-                ("manifest", domain, path), lambda: self._fetch(target, auth)
-            )
+            rpath = target.rpath
+            what = f"{rpath.name}{'@' if rpath.by_digest else ':'}{rpath.ref}"
+            with offline_miss("MANIFEST_UNKNOWN", what, domain):
+                stored = await self.shared.run(
+                    ("manifest", domain, path), lambda: self._fetch(target, auth)
+                )
             ctx.metrics.misses.labels(kind="manifest").inc()
             return _response(stored, "MISS")
         # `cr-proxy warm` asks for a revalidation whatever the tag's age.

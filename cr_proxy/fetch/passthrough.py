@@ -2,10 +2,10 @@
 catalog, token requests, in https_proxy mode pushes and anything outside
 /v2/), relayed to the upstream.
 
-Policy: nothing is stored but the upstream's /v2/ challenge
-(upstream/challenges.py). Offline, cached pulls go on: a token request
-whose auth server cannot be reached gets a dummy token, and a /v2/ ping
-gets the stored challenge replayed. The mirror's origin answers registry
+Policy: nothing is stored but what the upstream's /v2/ answered, 200 or
+401 with its challenge (upstream/challenges.py). Offline, cached pulls go
+on: a token request whose auth server cannot be reached gets a dummy
+token, and a /v2/ ping gets the stored answer replayed. The mirror's origin answers registry
 JSON only: whatever type an upstream names (text/html, a script), a
 browser there gets JSON.
 """
@@ -54,10 +54,13 @@ class Passthrough:
             if token_ok and request.method in ("GET", "POST") and _looks_like_token(request):
                 self.ctx.metrics.dummy_tokens.inc()
                 return web.json_response(dummy_token())
-            if path_qs.startswith("/v2/") and path_qs.rstrip("/") == "/v2":
-                return await self._replay_challenge(host)
+            if _is_ping(path_qs):
+                return await self._replay_ping(host)
             raise
-        if answer.status == 401 and path_qs.startswith("/v2/"):
+        if _is_ping(path_qs) and request.method in ("GET", "HEAD"):
+            upstream.challenges.answered(host, answer.status,
+                                         answer.headers.get("WWW-Authenticate"))
+        elif answer.status == 401 and path_qs.startswith("/v2/"):
             header = answer.headers.get("WWW-Authenticate")
             if header:
                 upstream.challenges.seen(host, header)
@@ -75,13 +78,22 @@ class Passthrough:
             answer.release()
         return response
 
-    async def _replay_challenge(self, host: str) -> web.Response:
-        header = await in_thread(self.ctx.upstream.challenges.stored, host)
-        if not header:
+    async def _replay_ping(self, host: str) -> web.Response:
+        """The host's /v2/ answer as it was: 200, or 401 with its challenge
+        (the client then asks for a token and gets a dummy one)."""
+        answer = await in_thread(self.ctx.upstream.challenges.stored, host)
+        if answer is None:
             raise UpstreamUnreachable(message=f"{host} is unreachable")
+        if answer.challenge is None:
+            return web.json_response({}, headers=API_HEADERS)
         err = CrProxyError("UNAUTHORIZED", "authentication required")
         return web.Response(status=401, body=err.body(), content_type="application/json",
-                            headers={"WWW-Authenticate": header, **API_HEADERS})
+                            headers={"WWW-Authenticate": answer.challenge, **API_HEADERS})
+
+
+def _is_ping(path_qs: str) -> bool:
+    """GET /v2/ (or /v2): the version check every client starts with."""
+    return path_qs.startswith("/v2") and path_qs.rstrip("/") == "/v2"
 
 
 def _looks_like_token(request: web.Request) -> bool:

@@ -19,9 +19,13 @@ The tree (seed 001, plus a digest store for one copy per digest):
       content-type/<domain>/<path>           Content-Type of that payload
       docker-content-digest/<domain>/<path>  Docker-Content-Digest; for a tag, its
                                              mtime is when it was last validated
-      www-authenticate/<domain>/<path>       the upstream's 401 challenge
-      redirect/<domain>/<path>               "<status> <Location>" of an upstream
-                                             30x, written once its target is cached
+      www-authenticate/<domain>/<path>       the upstream's 401 challenge; for /v2/
+                                             (v2/_index) what /v2/ answered: the
+                                             challenge, or empty for a 200
+      redirect/<domain>/<path>               "<status> <Location>" of a registry's
+                                             blob redirect whose last hop's path
+                                             carries the digest, written once that
+                                             target is cached
       blobs/<algorithm>/<hex>                the digest store: one file per digest
       temp/                                  downloads in progress, and links and
                                              small files about to be renamed

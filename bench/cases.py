@@ -102,6 +102,8 @@ class Series(Enum):
     WARM_CURL_PEER = SECS
     ONLINE_STALE = SECS
     OFFLINE_STALE = SECS
+    OFFLINE_DROP_FIRST = SECS  # the first pull after the cable went: pays the stale budget
+    OFFLINE_DROP = SECS  # the next: the registry is known down, nothing dialled
 
 
 @dataclass
@@ -231,6 +233,10 @@ CASES: tuple[Ratio | Absolute, ...] = (
           f"{CLIENTS} clients, plain nginx hits", None),
     Ratio("offline pull (stale tag, upstream stopped)", S.OFFLINE_STALE, S.ONLINE_STALE,
           "same pull online", Bar("<=", 1.1)),
+    Ratio("offline pull, timeouts (stale tag, upstream drops packets)", S.OFFLINE_DROP,
+          S.ONLINE_STALE, "same pull online", Bar("<=", 1.1)),
+    Ratio("first offline pull, timeouts (waits timeouts.stale_budget once)",
+          S.OFFLINE_DROP_FIRST, S.ONLINE_STALE, "same pull online", None),
     Absolute("fetcher peak RSS (cold + concurrent)", f"<= {RSS_LIMIT // MIB} MiB", _peak_rss),
     Ratio("blob hit through https_proxy (CONNECT front, curl, {mib} MiB)", S.HIT_FRONT_OURS,
           S.HIT_HTTPS_PLAIN, "plain nginx TLS", Bar(">=", 0.85)),

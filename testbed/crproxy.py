@@ -45,7 +45,7 @@ class CrProxy:
                 "metrics": f"127.0.0.1:{self.metrics_port}",
             },
             "endpoints": dict(endpoints),
-            "timeouts": {"connect": 2, "read": 10, "down_host": 5},
+            "timeouts": {"connect": 2, "read": 10, "down_host": 1},
             "log_level": "debug",
         }
         self.proxy_port = 0

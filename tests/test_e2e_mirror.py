@@ -20,6 +20,10 @@ from testbed.oci_layout import build_image, tar_layer
 from testbed.registry import Upstream
 from tests.conftest import Images, proxy_endpoints
 
+# OpenSSL's verify code for a chain that ends at a root the client does not
+# trust: the mirror sends its CA in the chain, and no system store holds it.
+X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN = 19
+
 
 def request(
     url: str, method: str = "GET", headers: dict[str, str] | None = None, context=None
@@ -381,8 +385,17 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_https_mirror_rejects_clients_without_the_ca(proxy: CrProxy) -> None:
-    with pytest.raises(urllib.error.URLError):
+    """Refused for the certificate, not for anything else (a refused
+    connection or a protocol error is a URLError too): with the CA the same
+    request is answered."""
+    with pytest.raises(urllib.error.URLError) as refused:
         request(f"https://{proxy.https}/v2/", context=ssl.create_default_context())
+    reason = refused.value.reason
+    assert isinstance(reason, ssl.SSLCertVerificationError), repr(reason)
+    assert reason.verify_code == X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN, reason
+    trusting = ssl.create_default_context(cafile=str(proxy.ca_cert))
+    status, _, _ = request(f"https://{proxy.https}/v2/", context=trusting)
+    assert status in (200, 401)
 
 
 # --- one upstream fetch however many clients miss at once ---------------------------------

@@ -660,6 +660,17 @@ class Upstream:
             return 0
         return sum(1 for line in self.cdn_access_log.open() if pattern.search(line))
 
+    def registry_requests(self, path: str) -> int:
+        """GET and HEAD requests for `path` the registry has received, each
+        counted once (by its request id). distribution logs a request as its
+        handler starts ("authorized request", or the 401's "error authorizing
+        context"), before it answers: a request a client's answer waited for
+        is already counted when the answer arrives."""
+        pattern = re.compile(r"http\.request\.id=(\S+) http\.request\.method=(?:GET|HEAD) "
+                             rf".*http\.request\.uri={re.escape(path)} ")
+        with self.registry_log.open(errors="replace") as log:
+            return len({match[1] for line in log if (match := pattern.search(line))})
+
     def cdn_blob_gets_once(self, digest: str, at_least: int, timeout: float = 10.0) -> int:
         """cdn_blob_gets once it reaches `at_least` (or the timeout has passed):
         the count to assert on right after a client finished. Polled, bounded."""

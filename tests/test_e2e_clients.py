@@ -72,16 +72,20 @@ def test_podman_pulls_through_proxy_then_offline(
     work = tmp_path / "podman"
     image = "registry.test/other/app:v1"
     url = proxy_url(https_proxy)
-    pulled = podman(work, url, trust, "pull", image)
-    assert pulled.returncode == 0, pulled.stderr
-    image_id = podman(work, url, trust, "image", "inspect", "--format", "{{.Id}}", image)
-    assert f"sha256:{image_id.stdout.strip()}" == images.other.config_digest
+
+    def pull_and_check() -> None:
+        """A pull, and the image it made: the config's digest is its id."""
+        pulled = podman(work, url, trust, "pull", image)
+        assert pulled.returncode == 0, pulled.stderr
+        image_id = podman(work, url, trust, "image", "inspect", "--format", "{{.Id}}", image)
+        assert f"sha256:{image_id.stdout.strip()}" == images.other.config_digest, image_id
+
+    pull_and_check()
     assert podman(work, url, trust, "rmi", image).returncode == 0
 
     stop_upstream(upstream)
     try:
-        pulled = podman(work, url, trust, "pull", image)
-        assert pulled.returncode == 0, pulled.stderr
+        pull_and_check()
         never = podman(work, url, trust, "pull", "registry.test/never-cached:v1")
         assert never.returncode != 0
         assert NEVER_REASON in never.stderr, never.stderr

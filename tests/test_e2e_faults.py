@@ -78,14 +78,8 @@ def assert_whole(answer: Answer, data: bytes) -> None:
 
 
 def wait_committed(cr: CrProxy, repo: str, digest: str) -> Path:
-    """Until the blob is in the digest store and linked where it was asked
-    for. (A client may get the last, verified byte while the store still
-    fsyncs and renames: polled, bounded.)"""
-    stored = cr.cache / "blobs/sha256" / digest.split(":", 1)[1]
-    link = cr.cache / f"content/{FaultyRegistry.name}/v2/{repo}/blobs/{digest}"
-    wait_until(lambda: stored.is_file() and link.is_file(), 30,
-               f"{digest[:19]} to be committed into the cache")
-    return stored
+    """The blob's stored file, once committed (CrProxy.wait_committed)."""
+    return cr.wait_committed(FaultyRegistry.name, repo, digest)[0]
 
 
 def assert_pulls_again(cr: CrProxy, fake: FaultyRegistry, repo: str, digest: str,

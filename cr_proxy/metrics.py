@@ -40,7 +40,8 @@ class Metrics:
         )
         self.stale_served = Counter(
             "crproxy_stale_served",
-            "Stale tags served because the upstream failed (registry: as upstream_errors)",
+            "Stale tags, tag lists and referrers served because the upstream failed "
+            "(registry: as upstream_errors)",
             ["registry"], registry=r,
         )
         self.bytes_served = Counter(

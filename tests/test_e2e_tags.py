@@ -14,8 +14,10 @@ import json
 import os
 import re
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from testbed.oci_layout import build_image, tar_layer
 from testbed.ports import free_ports
 from testbed.registry import Upstream
 from tests.conftest import proxy_endpoints
-from tests.faulty import http
+from tests.faulty import http, wait_until
 from tests.test_e2e_proxy import ca_dir, proxied_env
 
 REPO = "tagged/app"
@@ -49,6 +51,25 @@ def cr(upstream: Upstream, tagged: str,
     with CrProxy(tmp_path_factory.mktemp("tags") / "crproxy", proxy_endpoints(upstream),
                  listen_proxy=f"127.0.0.1:{port}") as running:
         yield running
+
+
+@contextmanager
+def offline(cr: CrProxy, upstream: Upstream) -> Iterator[None]:
+    """The registry, its token server and its CDN stopped; after, started
+    again and answering through cr-proxy (whose down-host memory lasts
+    timeouts.down_host: polled, bounded)."""
+    upstream.stop_registry()
+    upstream.stop_auth()
+    upstream.stop_cdn()
+    try:
+        yield
+    finally:
+        upstream.start_registry()
+        upstream.start_auth()
+        upstream.start_cdn()
+        probe = f"http://{cr.http}/v2/registry.test/{REPO}/manifests/never"
+        wait_until(lambda: b"unreachable" not in http(probe).body, 30,
+                   "cr-proxy reaching the upstream again")
 
 
 def list_tags(cr: CrProxy, tmp_path: Path, via_proxy: bool) -> subprocess.CompletedProcess[str]:
@@ -115,10 +136,7 @@ def test_list_tags_online_then_offline_in_both_modes(
     assert page(cr, "?n=2")[2]["X-Cache"] == "HIT"
 
     before = stale_served(cr)
-    upstream.stop_registry()
-    upstream.stop_auth()
-    upstream.stop_cdn()
-    try:
+    with offline(cr, upstream):
         age_everything(cr)
         assert listed(list_tags(cr, tmp_path, via_proxy=False)) == TAGS
         assert listed(list_tags(cr, tmp_path, via_proxy=True)) == TAGS
@@ -131,10 +149,6 @@ def test_list_tags_online_then_offline_in_both_modes(
         assert never.status == 404, never
         assert never.json_errors()[0]["message"] == (
             f"the tag list of {REPO} is not in the cache, and registry.test is unreachable")
-    finally:
-        upstream.start_registry()
-        upstream.start_auth()
-        upstream.start_cdn()
 
 
 @pytest.mark.parametrize("query, code", [
@@ -151,3 +165,26 @@ def test_bad_paging_is_a_400_and_stores_nothing(cr: CrProxy, query: str, code: s
     assert answer.status == 400, answer
     assert answer.json_errors()[0]["code"] == code
     assert stored_lists(cr) == before
+
+
+def test_a_stale_manifest_says_how_old(cr: CrProxy, upstream: Upstream) -> None:
+    """Item 7: a tag served stale says so (X-Cache: STALE, Age: the seconds
+    since the upstream last confirmed it), and is counted per registry."""
+    path = f"/v2/registry.test/{REPO}/manifests/a"
+    online = http(f"http://{cr.http}{path}")
+    assert online.status == 200, online
+    assert online.header("Age") is None
+    before = stale_served(cr)
+    with offline(cr, upstream):
+        stamp = cr.cache / f"docker-content-digest/registry.test/v2/{REPO}/manifests/a"
+        os.utime(stamp, (1000, 1000))
+        for method in ("GET", "HEAD"):
+            stale = http(f"http://{cr.http}{path}", method=method)
+            assert stale.status == 200, stale
+            assert stale.header("X-Cache") == "STALE"
+            assert stale.header("Docker-Content-Digest") == online.header("Docker-Content-Digest")
+            assert int(stale.header("Age") or 0) >= int(time.time()) - 1000
+        assert stale_served(cr) == before + 2
+    status = f"http://127.0.0.1:{cr.metrics_port}/"
+    with urllib.request.urlopen(status, timeout=30) as answer:
+        assert f"<th>stale answers served</th><td>{before + 2:.0f}</td>" in answer.read().decode()

@@ -50,6 +50,7 @@ class Outage:
     """A registry that failed to connect, until each failed host answers."""
 
     hosts: dict[str, str]  # host that failed -> the scheme it was dialled with
+    label: str  # its metrics label when it went down (the gauge goes back down under it)
     task: asyncio.Task[None] | None = None  # the probe loop; None: dormant
     wanted: int = field(default=0)  # requests skipped since the last probe
 
@@ -124,7 +125,7 @@ class Health:
             while len(self._outages) >= MAX_OUTAGES:
                 oldest = next(iter(self._outages))
                 self._end(oldest, self._outages[oldest])
-            outage = self._outages[registry] = Outage({})
+            outage = self._outages[registry] = Outage({}, label)
         else:
             log.debug("upstream %s still unreachable (%s: %s; %s)", registry, host, err, by)
         outage.hosts[host] = scheme
@@ -146,7 +147,7 @@ class Health:
 
     def _end(self, registry: str, outage: Outage) -> None:
         del self._outages[registry]
-        self._metrics.upstream_down.labels(registry=self._label(registry)).dec()
+        self._metrics.upstream_down.labels(registry=outage.label).dec()
         task, outage.task = outage.task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()

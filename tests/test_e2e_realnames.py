@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -124,13 +125,17 @@ def said(bed: Bed, pattern: re.Pattern[str], since: int = 0) -> list[str]:
     return [line for line in bed.cr.output[since:] if pattern.search(line)]
 
 
+def wait_until(bed: Bed, done: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + RECOVERY
+    while not done():
+        assert time.monotonic() < deadline, bed.cr.log_text()[-3000:]
+        threading.Event().wait(0.1)
+
+
 def wait_up(bed: Bed) -> None:
     """Until every outage serve warned of has its "reachable again" (the
     background probe's), bounded: the next case starts with the upstream up."""
-    deadline = time.monotonic() + RECOVERY
-    while len(said(bed, UP_LINE)) < len(said(bed, DOWN_LINE)):
-        assert time.monotonic() < deadline, bed.cr.log_text()[-3000:]
-        threading.Event().wait(0.1)
+    wait_until(bed, lambda: len(said(bed, UP_LINE)) >= len(said(bed, DOWN_LINE)))
 
 
 @pytest.mark.parametrize("outage", ["cable", "dns"])
@@ -162,7 +167,7 @@ def test_an_outage_is_one_warning_and_the_stale_pull_comes_from_the_cache(
         offline = skopeo(bed, "mirror", IMAGE, tmp_path / "offline", trust)
         assert offline.returncode == 0, offline.stderr + bed.cr.log_text()[-3000:]
         assert layout_blobs(tmp_path / "offline") == layout_blobs(tmp_path / "online")
-        bed.cr.wait_for_output(f"upstream {REGISTRY} unreachable (", RECOVERY)
+        wait_until(bed, lambda: bool(said(bed, DOWN_LINE, mark)))
         again = skopeo(bed, "mirror", IMAGE, tmp_path / "again", trust)
         assert again.returncode == 0, again.stderr
     finally:

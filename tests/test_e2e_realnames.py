@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,21 @@ def stale_tags(bed: Bed) -> None:
             os.utime(digest_file, (1, 1))
 
 
+@contextmanager
+def outage(bed: Bed) -> Iterator[None]:
+    """The cable out, cached tags due for revalidation (the fetcher, not
+    nginx, answers them and must fall back), and cr-proxy's connections from
+    before the cut gone (each request connects, and the connect times out:
+    RealNamesBed.forget_connections); the cable back in afterwards."""
+    stale_tags(bed)
+    bed.net.cable_out()
+    try:
+        bed.net.forget_connections()
+        yield
+    finally:
+        bed.net.cable_in()
+
+
 def connect_from(ns: str, address: str) -> str:
     """What a TCP connect from namespace `ns` to address:443 meets."""
     def attempt() -> str:
@@ -86,8 +103,7 @@ def test_the_bed_is_sealed_and_the_cable_drops(bed: Bed) -> None:
 
 @pytest.mark.parametrize("mode", ["mirror", "proxy"])
 def test_skopeo_online_then_cable_out(bed: Bed, mode: str, tmp_path: Path) -> None:
-    """Online, then the cable out (cr-proxy's connections from before the
-    cut gone: each request connects, and the connect times out): the cached
+    """Online, then the cable out (`outage`): the cached
     image, its tag due for revalidation, comes byte for byte the same; an
     image never cached fails with a 404 whose message skopeo prints."""
     trust = trust_dir(bed, tmp_path)
@@ -97,10 +113,7 @@ def test_skopeo_online_then_cable_out(bed: Bed, mode: str, tmp_path: Path) -> No
     assert expected_digests(bed.image) <= set(blobs)
     assert (bed.cr.cache / f"content/{REGISTRY}/v2/library/app/manifests/v1").is_file()
 
-    stale_tags(bed)
-    bed.net.cable_out()
-    try:
-        bed.net.forget_connections()
+    with outage(bed):
         offline = skopeo(bed, mode, IMAGE, tmp_path / "offline", trust)
         assert offline.returncode == 0, offline.stderr + bed.cr.log_text()[-3000:]
         assert layout_blobs(tmp_path / "offline") == blobs
@@ -108,5 +121,3 @@ def test_skopeo_online_then_cable_out(bed: Bed, mode: str, tmp_path: Path) -> No
         assert never.returncode != 0
         assert f"manifest unknown: {REASON}" in never.stderr, (
             never.stderr + bed.cr.log_text()[-3000:])
-    finally:
-        bed.net.cable_in()

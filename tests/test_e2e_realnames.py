@@ -107,6 +107,14 @@ def test_skopeo_online_then_cable_out(bed: Bed, mode: str, tmp_path: Path) -> No
     image, its tag due for revalidation, comes byte for byte the same; an
     image never cached fails with a 404 whose message skopeo prints."""
     trust = trust_dir(bed, tmp_path)
+    if mode == "proxy":  # without cr-proxy's CA: the system's roots only
+        (tmp_path / "no-trust").mkdir()
+        refused = skopeo(bed, mode, IMAGE, tmp_path / "refused", tmp_path / "no-trust")
+        assert refused.returncode != 0
+        # skopeo logs through logrus: the quotes come escaped.
+        assert ('pinging container registry registry-1.docker.io: Get '
+                '\\"https://registry-1.docker.io/v2/\\": x509: certificate signed by unknown '
+                'authority') in refused.stderr, refused.stderr
     online = skopeo(bed, mode, IMAGE, tmp_path / "online", trust)
     assert online.returncode == 0, online.stderr + bed.cr.log_text()[-3000:]
     blobs = layout_blobs(tmp_path / "online")
@@ -121,3 +129,30 @@ def test_skopeo_online_then_cable_out(bed: Bed, mode: str, tmp_path: Path) -> No
         assert never.returncode != 0
         assert f"manifest unknown: {REASON}" in never.stderr, (
             never.stderr + bed.cr.log_text()[-3000:])
+
+
+def test_skopeo_with_the_names_gone(bed: Bed, tmp_path: Path) -> None:
+    """Names stop resolving (dns_out: no hosts entry, a resolver that
+    drops every query) and cr-proxy restarts meanwhile (nothing cached in
+    its memory: no address, no connection): a cached image whose tag is due
+    for revalidation comes byte for byte the same, in both modes; one never
+    cached fails naming the reason."""
+    trust = trust_dir(bed, tmp_path)
+    online = skopeo(bed, "proxy", IMAGE, tmp_path / "online", trust)
+    assert online.returncode == 0, online.stderr
+    blobs = layout_blobs(tmp_path / "online")
+    stale_tags(bed)
+    bed.net.dns_out()
+    try:
+        bed.cr.stop()
+        bed.cr.start()
+        for mode in ("mirror", "proxy"):
+            offline = skopeo(bed, mode, IMAGE, tmp_path / f"offline-{mode}", trust)
+            assert offline.returncode == 0, offline.stderr + bed.cr.log_text()[-3000:]
+            assert layout_blobs(tmp_path / f"offline-{mode}") == blobs
+            never = skopeo(bed, mode, NEVER, tmp_path / f"never-{mode}", trust)
+            assert never.returncode != 0
+            assert f"manifest unknown: {REASON}" in never.stderr, (
+                never.stderr + bed.cr.log_text()[-3000:])
+    finally:
+        bed.net.dns_in()

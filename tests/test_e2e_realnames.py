@@ -5,6 +5,7 @@ dropped: connect timeouts, not refusals), bytes verified each time."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -82,16 +83,26 @@ def connect_from(ns: str, address: str) -> str:
                 return "timeout"
             except ConnectionRefusedError:
                 return "refused"
+            except OSError as err:
+                if err.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+                    return "unreachable"
+                raise
             return "connected"
     return in_netns(ns, attempt)
 
 
 def test_the_bed_is_sealed_and_the_cable_drops(bed: Bed) -> None:
-    """The clients cannot reach the upstream (no route, no resolver), and
-    cable_out drops the upstream's packets: a connect times out."""
+    """The clients cannot reach the upstream (no route, a resolver that
+    refuses at once), nothing in the bed reaches beyond it, and cable_out
+    drops the upstream's packets: a connect times out, it is not refused."""
     direct = bed.net.client("skopeo", "inspect", "--retry-times", "0", f"docker://{IMAGE}")
     assert direct.returncode != 0
-    cr = bed.net.cr.name
+    assert "lookup registry-1.docker.io on 127.0.0.1:53" in direct.stderr, direct.stderr
+    cl, cr = bed.net.cl.name, bed.net.cr.name
+    assert connect_from(cl, ADDRESSES[REGISTRY]) == "unreachable"
+    public = "9.9.9.9"  # any global address: the bed has no way out
+    assert connect_from(cl, public) == "unreachable"
+    assert connect_from(cr, public) == "unreachable"
     assert connect_from(cr, ADDRESSES[REGISTRY]) == "connected"
     bed.net.cable_out()
     try:

@@ -40,7 +40,8 @@ class Metrics:
         )
         self.stale_served = Counter(
             "crproxy_stale_served",
-            "Stale tags served because the upstream failed (registry: as upstream_errors)",
+            "Stale tags, tag lists and referrers served because the upstream failed "
+            "(registry: as upstream_errors)",
             ["registry"], registry=r,
         )
         self.bytes_served = Counter(
@@ -107,6 +108,7 @@ def make_app(metrics: Metrics, extra: StatusExtra | None = None) -> web.Applicat
             ("bytes served from cache", f"{metrics.total(metrics.bytes_served):.0f}"),
             ("bytes fetched upstream", f"{metrics.total(metrics.bytes_fetched):.0f}"),
             ("coalesced requests", f"{metrics.total(metrics.coalesced):.0f}"),
+            ("stale answers served", f"{metrics.total(metrics.stale_served):.0f}"),
             ("cache size (bytes)", f"{metrics.cache_size():.0f}"),
             ("evictions", f"{metrics.total(metrics.evictions):.0f}"),
             *(extra() if extra else []),

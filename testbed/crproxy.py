@@ -26,6 +26,7 @@ from testbed.ports import free_ports
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+COMMIT_TIMEOUT = 30.0  # seconds for a finished download to be in the tree
 
 
 class CrProxy:
@@ -121,6 +122,25 @@ class CrProxy:
                     f"after {timeout:.0f}s the access log has {len(lines)} of {at_least} "
                     f"lines matching {match!r}")
             tick.wait(0.1)
+
+    def wait_committed(self, domain: str, repo: str, *digests: str,
+                       timeout: float = COMMIT_TIMEOUT) -> list[Path]:
+        """Until each blob is in the digest store and linked where it was
+        asked for, content/<domain>/v2/<repo>/blobs/<digest> (after the
+        redirect target's name and record: the commit's last link); returns
+        the stored files. A client has the last verified byte before the
+        fetcher fsyncs, renames and links it, so a tree check right after a
+        pull waits here first (polled, bounded)."""
+        stored = [self.cache / "blobs/sha256" / digest.split(":", 1)[1] for digest in digests]
+        links = [self.cache / f"content/{domain}/v2/{repo}/blobs/{digest}" for digest in digests]
+        deadline = time.monotonic() + timeout
+        tick = threading.Event()
+        while not all(path.is_file() for path in stored + links):
+            if time.monotonic() > deadline:
+                absent = [str(path) for path in stored + links if not path.is_file()]
+                raise AssertionError(f"not committed after {timeout:.0f}s: {absent}")
+            tick.wait(0.05)
+        return stored
 
     # --- life --------------------------------------------------------------------
 

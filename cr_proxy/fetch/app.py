@@ -11,6 +11,8 @@ the part that owns its policy, as distribution's registry/proxy:
 - blobs.py: blobs, local-first and immutable;
 - manifests.py: manifests by digest local-first, tags upstream-first once
   stale with a stale fallback;
+- tags.py: tag lists, fetched with our own login, stored per query, the
+  same way as a tag (listings.py);
 - passthrough.py: everything else, relayed uncached.
 
 Errors of any part become registry-style JSON answers here.
@@ -38,8 +40,10 @@ from cr_proxy.errors import (
 from cr_proxy.fetch.blobs import Blobs
 from cr_proxy.fetch.context import API_HEADERS, CacheFill, FetchContext, error_response, in_thread
 from cr_proxy.fetch.flight import Flights
+from cr_proxy.fetch.listings import Listings
 from cr_proxy.fetch.manifests import Manifests
 from cr_proxy.fetch.passthrough import Passthrough
+from cr_proxy.fetch.tags import Tags
 from cr_proxy.front.connect import check_port
 from cr_proxy.metrics import Metrics
 from cr_proxy.net.policy import parse_authority
@@ -52,13 +56,15 @@ log = logging.getLogger("cr_proxy.fetcher")
 class Fetcher:
     """The one route: each request to the part that owns its kind."""
 
-    __slots__ = ("blobs", "ctx", "manifests", "passthrough")
+    __slots__ = ("blobs", "ctx", "manifests", "passthrough", "tags")
 
     def __init__(self, ctx: FetchContext) -> None:
         self.ctx = ctx
         self.blobs = Blobs(ctx)
         self.manifests = Manifests(ctx)
         self.passthrough = Passthrough(ctx)
+        listings = Listings(ctx)
+        self.tags = Tags(ctx, listings)
 
     @classmethod
     def of(cls, config: Config, store: Store, upstream: Upstream,
@@ -163,6 +169,8 @@ class Fetcher:
             return await self.blobs.get(request, target)
         if kind is Kind.MANIFEST:
             return await self.manifests.get(request, target)
+        if kind is Kind.TAGS:
+            return await self.tags.get(request, target)
         if kind is Kind.PING and mirror:
             return web.json_response({}, headers=API_HEADERS)
         return await self.passthrough.relay(

@@ -25,7 +25,6 @@ from cr_proxy.errors import (
     DigestMismatch,
     ManifestInvalid,
     NotFound,
-    Truncated,
     UpstreamError,
     UpstreamUnreachable,
     offline_miss,
@@ -34,8 +33,10 @@ from cr_proxy.fetch.context import (
     API_HEADERS,
     STALE_OK_STATUSES,
     FetchContext,
+    cache_headers,
     client_auth,
     in_thread,
+    read_bounded,
 )
 from cr_proxy.fetch.flight import Shared
 from cr_proxy.oci.manifest import MANIFEST_ACCEPT, MAX_MANIFEST, manifest_media_type
@@ -172,27 +173,12 @@ def _response(stored: StoredManifest, cache: str) -> web.Response:
     return web.Response(
         body=stored.body,
         headers={"Content-Type": stored.content_type, "Docker-Content-Digest": stored.digest,
-                 "X-Cache": cache, **API_HEADERS},
+                 **cache_headers(cache, stored.validated_at), **API_HEADERS},
     )
 
 
 async def _read_manifest(response: aiohttp.ClientResponse, domain: str) -> bytes:
-    """The whole body, or an error: read(n) returns only what has arrived,
-    which cut a manifest sent in two pieces at the first."""
-    if (response.content_length or 0) > MAX_MANIFEST:
-        raise ManifestInvalid(message=f"{domain}: manifest larger than {MAX_MANIFEST} bytes")
-    body = bytearray()
-    try:
-        async for chunk in response.content.iter_any():
-            body += chunk
-            if len(body) > MAX_MANIFEST:  # an endless answer ends here
-                raise ManifestInvalid(
-                    message=f"{domain}: manifest larger than {MAX_MANIFEST} bytes")
-    except aiohttp.ClientPayloadError as err:
-        raise Truncated(message=f"{domain}: manifest body cut short") from err
-    if response.content_length is not None and len(body) != response.content_length:
-        raise Truncated(message=f"{domain}: manifest body cut short")
-    return bytes(body)
+    return await read_bounded(response, MAX_MANIFEST, f"{domain}: manifest", ManifestInvalid)
 
 
 def _check_manifest(

@@ -376,11 +376,14 @@ class Upstream:
         *,
         headers: Mapping[str, str] | None = None,
         client_auth: str | None = None,
+        query: str = "",
     ) -> aiohttp.ClientResponse:
-        """A request for a registry path, with the token exchange on a 401:
-        the client's own Authorization first, else a token we get (with the
-        registry's credentials, if configured) for the repository."""
+        """A request for a registry path (and a query the caller built from
+        checked parts), with the token exchange on a 401: the client's own
+        Authorization first, else a token we get (with the registry's
+        credentials, if configured) for the repository."""
         domain, path, name = target.domain, "/" + target.rpath.path, target.rpath.name
+        path += f"?{query}" if query else ""
         sent = CIMultiDict(headers or {})
         creds = self.config.credentials(target.registry) or self.config.credentials(domain)
         if client_auth:

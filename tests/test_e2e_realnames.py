@@ -5,9 +5,12 @@ dropped: connect timeouts, not refusals), bytes verified each time."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,6 +57,21 @@ def stale_tags(bed: Bed) -> None:
             os.utime(digest_file, (1, 1))
 
 
+@contextmanager
+def outage(bed: Bed) -> Iterator[None]:
+    """The cable out, cached tags due for revalidation (the fetcher, not
+    nginx, answers them and must fall back), and cr-proxy's connections from
+    before the cut gone (each request connects, and the connect times out:
+    RealNamesBed.forget_connections); the cable back in afterwards."""
+    stale_tags(bed)
+    bed.net.cable_out()
+    try:
+        bed.net.forget_connections()
+        yield
+    finally:
+        bed.net.cable_in()
+
+
 def connect_from(ns: str, address: str) -> str:
     """What a TCP connect from namespace `ns` to address:443 meets."""
     def attempt() -> str:
@@ -65,16 +83,26 @@ def connect_from(ns: str, address: str) -> str:
                 return "timeout"
             except ConnectionRefusedError:
                 return "refused"
+            except OSError as err:
+                if err.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+                    return "unreachable"
+                raise
             return "connected"
     return in_netns(ns, attempt)
 
 
 def test_the_bed_is_sealed_and_the_cable_drops(bed: Bed) -> None:
-    """The clients cannot reach the upstream (no route, no resolver), and
-    cable_out drops the upstream's packets: a connect times out."""
+    """The clients cannot reach the upstream (no route, a resolver that
+    refuses at once), nothing in the bed reaches beyond it, and cable_out
+    drops the upstream's packets: a connect times out, it is not refused."""
     direct = bed.net.client("skopeo", "inspect", "--retry-times", "0", f"docker://{IMAGE}")
     assert direct.returncode != 0
-    cr = bed.net.cr.name
+    assert "lookup registry-1.docker.io on 127.0.0.1:53" in direct.stderr, direct.stderr
+    cl, cr = bed.net.cl.name, bed.net.cr.name
+    assert connect_from(cl, ADDRESSES[REGISTRY]) == "unreachable"
+    public = "9.9.9.9"  # any global address: the bed has no way out
+    assert connect_from(cl, public) == "unreachable"
+    assert connect_from(cr, public) == "unreachable"
     assert connect_from(cr, ADDRESSES[REGISTRY]) == "connected"
     bed.net.cable_out()
     try:
@@ -86,21 +114,25 @@ def test_the_bed_is_sealed_and_the_cable_drops(bed: Bed) -> None:
 
 @pytest.mark.parametrize("mode", ["mirror", "proxy"])
 def test_skopeo_online_then_cable_out(bed: Bed, mode: str, tmp_path: Path) -> None:
-    """Online, then the cable out (cr-proxy's connections from before the
-    cut gone: each request connects, and the connect times out): the cached
+    """Online, then the cable out (`outage`): the cached
     image, its tag due for revalidation, comes byte for byte the same; an
     image never cached fails with a 404 whose message skopeo prints."""
     trust = trust_dir(bed, tmp_path)
+    if mode == "proxy":  # without cr-proxy's CA: the system's roots only
+        (tmp_path / "no-trust").mkdir()
+        refused = skopeo(bed, mode, IMAGE, tmp_path / "refused", tmp_path / "no-trust")
+        assert refused.returncode != 0
+        # skopeo logs through logrus: the quotes come escaped.
+        assert ('pinging container registry registry-1.docker.io: Get '
+                '\\"https://registry-1.docker.io/v2/\\": x509: certificate signed by unknown '
+                'authority') in refused.stderr, refused.stderr
     online = skopeo(bed, mode, IMAGE, tmp_path / "online", trust)
     assert online.returncode == 0, online.stderr + bed.cr.log_text()[-3000:]
     blobs = layout_blobs(tmp_path / "online")
     assert expected_digests(bed.image) <= set(blobs)
     assert (bed.cr.cache / f"content/{REGISTRY}/v2/library/app/manifests/v1").is_file()
 
-    stale_tags(bed)
-    bed.net.cable_out()
-    try:
-        bed.net.forget_connections()
+    with outage(bed):
         offline = skopeo(bed, mode, IMAGE, tmp_path / "offline", trust)
         assert offline.returncode == 0, offline.stderr + bed.cr.log_text()[-3000:]
         assert layout_blobs(tmp_path / "offline") == blobs
@@ -108,5 +140,30 @@ def test_skopeo_online_then_cable_out(bed: Bed, mode: str, tmp_path: Path) -> No
         assert never.returncode != 0
         assert f"manifest unknown: {REASON}" in never.stderr, (
             never.stderr + bed.cr.log_text()[-3000:])
+
+
+def test_skopeo_with_the_names_gone(bed: Bed, tmp_path: Path) -> None:
+    """Names stop resolving (dns_out: no hosts entry, a resolver that
+    drops every query) and cr-proxy restarts meanwhile (nothing cached in
+    its memory: no address, no connection): a cached image whose tag is due
+    for revalidation comes byte for byte the same, in both modes; one never
+    cached fails naming the reason."""
+    trust = trust_dir(bed, tmp_path)
+    online = skopeo(bed, "proxy", IMAGE, tmp_path / "online", trust)
+    assert online.returncode == 0, online.stderr
+    blobs = layout_blobs(tmp_path / "online")
+    stale_tags(bed)
+    bed.net.dns_out()
+    try:
+        bed.cr.stop()
+        bed.cr.start()
+        for mode in ("mirror", "proxy"):
+            offline = skopeo(bed, mode, IMAGE, tmp_path / f"offline-{mode}", trust)
+            assert offline.returncode == 0, offline.stderr + bed.cr.log_text()[-3000:]
+            assert layout_blobs(tmp_path / f"offline-{mode}") == blobs
+            never = skopeo(bed, mode, NEVER, tmp_path / f"never-{mode}", trust)
+            assert never.returncode != 0
+            assert f"manifest unknown: {REASON}" in never.stderr, (
+                never.stderr + bed.cr.log_text()[-3000:])
     finally:
-        bed.net.cable_in()
+        bed.net.dns_in()

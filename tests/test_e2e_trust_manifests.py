@@ -173,6 +173,28 @@ def test_bad_tag_lists_are_502_and_never_stored(
     assert stored_lists(cr, "listing") == []
 
 
+def test_a_redirected_tag_list_names_the_repository_it_was_sent_to(
+    cr: CrProxy, fake: ScriptedRegistry
+) -> None:
+    """registry.k8s.io redirects tags/list to Artifact Registry, whose list
+    names the repository there: followed, checked against the last hop's
+    path, served and stored under the name asked for."""
+    fake.script("/v2/k8s/pause/tags/list", Script(b"", status=307, headers={
+        "Location": "/v2/mirror/images/pause/tags/list"}))
+    fake.script("/v2/mirror/images/pause/tags/list",
+                Script(b'{"name": "mirror/images/pause", "tags": ["3.9"]}'))
+    reply = get(cr, Door.MIRROR_HTTP, "/v2/k8s/pause/tags/list")
+    assert reply.status == 200, reply
+    assert json.loads(reply.body) == {"name": "k8s/pause", "tags": ["3.9"]}
+    # Where it was sent, the list must name that repository.
+    fake.script("/v2/k8s/liar/tags/list", Script(b"", status=307, headers={
+        "Location": "/v2/mirror/liar/tags/list"}))
+    fake.script("/v2/mirror/liar/tags/list",
+                Script(b'{"name": "mirror/images/pause", "tags": ["3.9"]}'))
+    assert_refused(get(cr, Door.MIRROR_HTTP, "/v2/k8s/liar/tags/list"), "redirected",
+                   code="UPSTREAM_ERROR")
+
+
 def test_an_upstream_link_is_made_again_on_the_clients_path(
     cr: CrProxy, fake: ScriptedRegistry
 ) -> None:

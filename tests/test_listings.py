@@ -19,7 +19,14 @@ from cr_proxy.oci.referrers import (
     referrers_body,
     tag_schema_tag,
 )
-from cr_proxy.oci.tags import MAX_TAGS_N, TagQuery, next_page, parse_stored, parse_tag_list
+from cr_proxy.oci.tags import (
+    MAX_TAGS_N,
+    TagQuery,
+    listed_name,
+    next_page,
+    parse_stored,
+    parse_tag_list,
+)
 
 
 @pytest.mark.parametrize("n, last, name", [
@@ -148,3 +155,11 @@ def test_listings_live_where_no_repository_can() -> None:
         == Path("/c/lists/r.test/a/b/_tags/list,n=5,last=v1")
     assert tree.listing("r.test", "a", Kind.REFERRERS, tag_schema_tag(DIGEST)) \
         == Path(f"/c/lists/r.test/a/_referrers/sha256-{'a' * 64}")
+
+
+@pytest.mark.parametrize("path, name", [
+    ("/v2/a/b/tags/list", "a/b"), ("/v2/tags/list", None), ("/v2/A/tags/list", None),
+    ("/v2/a/tags/list/x", None), ("/x/a/tags/list", None), ("/v2/../tags/list", None),
+])
+def test_a_redirect_target_names_its_repository(path: str, name: str | None) -> None:
+    assert listed_name(path) == name

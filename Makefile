@@ -71,6 +71,13 @@ bench-doc: deps-test
 # Profiles of the cases where the bench misses its bar (bench/profile.py):
 # perf over the whole machine and py-spy on `cr-proxy serve`, written to
 # docs/profiles.md; about 2 minutes. Needs root (perf -a).
+# nginx instructions per hit under valgrind, cr-proxy's configuration beside
+# plain nginx (bench/instructions.py): steady on a busy machine; ~1 minute.
+.PHONY: bench-instructions
+bench-instructions: deps-test
+	@scripts/apt-ensure apache2-utils valgrind
+	$(BIN)/python -m bench.instructions
+
 .PHONY: profile
 profile: deps-test
 	@scripts/apt-ensure apache2-utils linux-perf

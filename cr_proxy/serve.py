@@ -25,6 +25,7 @@ from aiohttp import web
 
 from cr_proxy import nginx, privsep
 from cr_proxy.cache.evict import evict_loop
+from cr_proxy.cache.scrub import scrub_manifest_sidecars
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Address, Config
 from cr_proxy.fetch.app import make_app
@@ -137,6 +138,8 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
     config = nginx.with_front_port(config)
     store = Store(config.cache_dir)
     store.prepare()
+    # Before nginx: a hit replays the stored headers unchecked (cache/scrub.py).
+    scrub_manifest_sidecars(store.tree)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     ca = certs.ensure_ca(config.certs_dir)
     leaf = certs.ensure_mirror_leaf(ca, config.certs_dir, config.mirror_names)

@@ -26,12 +26,22 @@ from testbed.ports import free_ports
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+COMMIT_TIMEOUT = 30.0  # seconds for a finished download to be in the tree
 
 
 class CrProxy:
-    def __init__(self, workdir: Path, endpoints: dict[str, str], *, embedded_default: bool = False,
+    def __init__(self, workdir: Path, endpoints: dict[str, str] | None, *,
+                 embedded_default: bool = False, address: str = "127.0.0.1",
+                 prefix: list[str] | None = None, env: dict[str, str] | None = None,
                  **settings: Any) -> None:
+        """`endpoints` None: no override at all (names resolve as they do
+        where serve runs). `address`: where every listener binds; `prefix`
+        runs serve under a wrapper (`ip netns exec NS`), with `env` added to
+        its environment."""
         self.dir = workdir
+        self.address = address
+        self.prefix = list(prefix or [])
+        self.extra_env = dict(env or {})
         self.dir.mkdir(parents=True, exist_ok=True)
         self.http_port, self.https_port, self.metrics_port = free_ports(3)
         self.config: dict[str, Any] = {
@@ -40,14 +50,15 @@ class CrProxy:
             "run_dir": str(self.dir / "run"),
             "listen": {
                 "proxy": 0,
-                "mirror_http": f"127.0.0.1:{self.http_port}",
-                "mirror_https": f"127.0.0.1:{self.https_port}",
-                "metrics": f"127.0.0.1:{self.metrics_port}",
+                "mirror_http": f"{address}:{self.http_port}",
+                "mirror_https": f"{address}:{self.https_port}",
+                "metrics": f"{address}:{self.metrics_port}",
             },
-            "endpoints": dict(endpoints),
             "timeouts": {"connect": 2, "read": 10, "down_host": 5},
             "log_level": "debug",
         }
+        if endpoints is not None:
+            self.config["endpoints"] = dict(endpoints)
         self.proxy_port = 0
         if "listen_proxy" in settings:
             self.config["listen"]["proxy"] = settings.pop("listen_proxy")
@@ -80,11 +91,11 @@ class CrProxy:
 
     @property
     def http(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self.address}:{self.http_port}"
 
     @property
     def https(self) -> str:
-        return f"127.0.0.1:{self.https_port}"
+        return f"{self.address}:{self.https_port}"
 
     @property
     def access_log(self) -> Path:
@@ -112,27 +123,47 @@ class CrProxy:
                     f"lines matching {match!r}")
             tick.wait(0.1)
 
+    def wait_committed(self, domain: str, repo: str, *digests: str,
+                       timeout: float = COMMIT_TIMEOUT) -> list[Path]:
+        """Until each blob is in the digest store and linked where it was
+        asked for, content/<domain>/v2/<repo>/blobs/<digest> (after the
+        redirect target's name and record: the commit's last link); returns
+        the stored files. A client has the last verified byte before the
+        fetcher fsyncs, renames and links it, so a tree check right after a
+        pull waits here first (polled, bounded)."""
+        stored = [self.cache / "blobs/sha256" / digest.split(":", 1)[1] for digest in digests]
+        links = [self.cache / f"content/{domain}/v2/{repo}/blobs/{digest}" for digest in digests]
+        deadline = time.monotonic() + timeout
+        tick = threading.Event()
+        while not all(path.is_file() for path in stored + links):
+            if time.monotonic() > deadline:
+                absent = [str(path) for path in stored + links if not path.is_file()]
+                raise AssertionError(f"not committed after {timeout:.0f}s: {absent}")
+            tick.wait(0.05)
+        return stored
+
     # --- life --------------------------------------------------------------------
 
     def environment(self) -> dict[str, str]:
         """The CR_PROXY_* variables an embedded-default serve is given."""
         env = {f"CR_PROXY_LISTEN__{key.upper()}": str(value)
                for key, value in self.config["listen"].items()}
-        env["CR_PROXY_ENDPOINTS"] = json.dumps(self.config["endpoints"])  # JSON is YAML
+        if "endpoints" in self.config:
+            env["CR_PROXY_ENDPOINTS"] = json.dumps(self.config["endpoints"])  # JSON is YAML
         return env
 
     def start(self) -> None:
         self.output = []
         if self.embedded_default:
             command = [str(Path(sys.executable).with_name("cr-proxy")), "serve"]
-            env: dict[str, str] | None = {**os.environ, **self.environment()}
+            env: dict[str, str] | None = {**os.environ, **self.environment(), **self.extra_env}
         else:
             self.config_path.write_text(yaml.safe_dump(self.config))
             command = [sys.executable, "-m", "cr_proxy", "serve", "--config",
                        str(self.config_path)]
-            env = None
+            env = {**os.environ, **self.extra_env} if self.extra_env else None
         self.proc = subprocess.Popen(
-            command,
+            [*self.prefix, *command],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

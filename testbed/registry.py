@@ -49,6 +49,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Coroutine, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -534,6 +535,8 @@ def _registry_config(
 # The CDN's second port: the same files at about 1 Gbit/s per connection, an
 # upstream reached over a real link rather than at memory speed (bench).
 LINK_RATE = "119m"  # nginx limit_rate, bytes/s: 119 MiB/s ~ 1 Gbit/s
+CDN_STATUS = "/_status"  # the CDN's stub_status
+CDN_IDLE = re.compile(r"Reading: 0 Writing: 1 ")  # no request but the status one
 
 
 def _nginx_config(port: int, link_port: int, root: Path, state: Path) -> str:
@@ -559,6 +562,8 @@ http {{
         server_name {CDN_NAME};
         root {root};
         location /docker/registry/v2/blobs/ {{ }}
+        # Requests in progress, both ports (Upstream.cdn_settled); not logged.
+        location = {CDN_STATUS} {{ stub_status; access_log off; }}
         location / {{ return 404; }}
     }}
     server {{
@@ -653,21 +658,51 @@ class Upstream:
         """GETs of this blob the CDN has logged.
 
         nginx writes the line after sending the last byte, so a client can finish
-        reading a moment before it appears: poll if exactness right after a read matters.
+        reading a moment before it appears: count with cdn_blob_gets_settled
+        right after a read.
         """
         pattern = re.compile(rf'"GET {re.escape(self.cdn_blob_path(digest))}[ ?]')
         if not self.cdn_access_log.exists():
             return 0
         return sum(1 for line in self.cdn_access_log.open() if pattern.search(line))
 
-    def cdn_blob_gets_once(self, digest: str, at_least: int, timeout: float = 10.0) -> int:
-        """cdn_blob_gets once it reaches `at_least` (or the timeout has passed):
-        the count to assert on right after a client finished. Polled, bounded."""
+    def registry_requests(self, path: str) -> int:
+        """GET and HEAD requests for `path` the registry has received, each
+        counted once (by its request id). distribution logs a request as its
+        handler starts ("authorized request", or the 401's "error authorizing
+        context"), before it answers: a request a client's answer waited for
+        is already counted when the answer arrives."""
+        pattern = re.compile(r"http\.request\.id=(\S+) http\.request\.method=(?:GET|HEAD) "
+                             rf".*http\.request\.uri={re.escape(path)} ")
+        with self.registry_log.open(errors="replace") as log:
+            return len({match[1] for line in log if (match := pattern.search(line))})
+
+    def cdn_settled(self, timeout: float = 10.0) -> None:
+        """Wait (polled, bounded) until the CDN has no request in progress:
+        every GET it has begun is then finished and in its access log. Its
+        one worker writes a request's line as it finishes it, in the same
+        step that takes it off stub_status's Writing count, so once the
+        status request is the only one being written, no earlier request's
+        line is still to come: a count taken now cannot miss a second GET
+        that was under way or just done when the client finished."""
         deadline = time.monotonic() + timeout
         tick = threading.Event()
-        while (count := self.cdn_blob_gets(digest)) < at_least and time.monotonic() < deadline:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        while True:
+            with opener.open(f"{self.cdn_url}{CDN_STATUS}", timeout=timeout) as response:
+                status = response.read().decode()
+            if CDN_IDLE.search(status):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the CDN still busy after {timeout:.0f}s: {status}")
             tick.wait(0.05)
-        return count
+
+    def cdn_blob_gets_settled(self, digest: str) -> int:
+        """cdn_blob_gets once the CDN has settled: the count to assert on
+        right after a client finished ("exactly one GET" must not pass
+        because a second one was still being sent or logged)."""
+        self.cdn_settled()
+        return self.cdn_blob_gets(digest)
 
     def _blobs_dir(self) -> Path:
         return self.storage_root / "docker" / "registry" / "v2" / "blobs"

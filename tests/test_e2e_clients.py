@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -71,16 +72,20 @@ def test_podman_pulls_through_proxy_then_offline(
     work = tmp_path / "podman"
     image = "registry.test/other/app:v1"
     url = proxy_url(https_proxy)
-    pulled = podman(work, url, trust, "pull", image)
-    assert pulled.returncode == 0, pulled.stderr
-    image_id = podman(work, url, trust, "image", "inspect", "--format", "{{.Id}}", image)
-    assert f"sha256:{image_id.stdout.strip()}" == images.other.config_digest
+
+    def pull_and_check() -> None:
+        """A pull, and the image it made: the config's digest is its id."""
+        pulled = podman(work, url, trust, "pull", image)
+        assert pulled.returncode == 0, pulled.stderr
+        image_id = podman(work, url, trust, "image", "inspect", "--format", "{{.Id}}", image)
+        assert f"sha256:{image_id.stdout.strip()}" == images.other.config_digest, image_id
+
+    pull_and_check()
     assert podman(work, url, trust, "rmi", image).returncode == 0
 
     stop_upstream(upstream)
     try:
-        pulled = podman(work, url, trust, "pull", image)
-        assert pulled.returncode == 0, pulled.stderr
+        pull_and_check()
         never = podman(work, url, trust, "pull", "registry.test/never-cached:v1")
         assert never.returncode != 0
         assert NEVER_REASON in never.stderr, never.stderr
@@ -95,43 +100,76 @@ def test_podman_pulls_through_proxy_then_offline(
 def test_containerd_mirror_via_hosts_toml_uses_ns_and_works_offline(
     images: Images, upstream: Upstream, tmp_path: Path
 ) -> None:
-    """containerd's hosts.toml mirror adds ?ns=docker.io to each request;
-    cr-proxy maps it to registry-1.docker.io (an endpoint override here)."""
+    """containerd's hosts.toml mirror adds ?ns=<registry> to each request;
+    cr-proxy maps docker.io to registry-1.docker.io (an endpoint override
+    here) and takes any other registry from ns= as it is."""
     assert available("containerd"), "containerd is missing: make test installs docker.io"
     with CrProxy(tmp_path / "crproxy", proxy_endpoints(upstream)) as proxy:
         containerd_round_trip(proxy, images, upstream, tmp_path)
 
 
+# (image containerd pulls, the tree its manifest must land in): docker.io,
+# and a registry other than the default, whose name only ?ns= carries (the
+# same upstream serves other/app as registry-1.docker.io too, so a mirror
+# that ignored ns= would fetch it from there, and file it there).
+CONTAINERD_PULLS = [
+    ("docker.io/library/small:v1", "registry-1.docker.io/v2/library/small/manifests/v1"),
+    ("registry.test/other/app:v1", "registry.test/v2/other/app/manifests/v1"),
+]
+
+
 def containerd_round_trip(
     proxy: CrProxy, images: Images, upstream: Upstream, tmp_path: Path
 ) -> None:
-    hosts = tmp_path / "certs.d/docker.io"
-    hosts.mkdir(parents=True)
-    (hosts / "hosts.toml").write_text(
-        'server = "https://registry-1.docker.io"\n'
-        f'[host."http://{proxy.http}"]\n  capabilities = ["pull", "resolve"]\n'
-    )
-    image = "docker.io/library/small:v1"
+    hosts_dir = tmp_path / "certs.d"
+    for registry in ("docker.io", "registry.test"):
+        hosts = hosts_dir / registry
+        hosts.mkdir(parents=True)
+        # server: where containerd falls back if the mirror fails; a closed
+        # local port, so a failing mirror fails the test rather than sending
+        # it off this machine.
+        (hosts / "hosts.toml").write_text(
+            'server = "http://127.0.0.1:9"\n'
+            f'[host."http://{proxy.http}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+    digests = {"docker.io/library/small:v1": images.small.manifest_digest,
+               "registry.test/other/app:v1": images.other.manifest_digest}
     with Containerd(tmp_path / "containerd") as daemon:
-        pull = ["images", "pull", "--hosts-dir", str(tmp_path / "certs.d"), image]
-        result = daemon.ctr(*pull)
-        assert result.returncode == 0, result.stderr
+        for image, stored in CONTAINERD_PULLS:
+            result = daemon.ctr("images", "pull", "--hosts-dir", str(hosts_dir), image)
+            assert result.returncode == 0, result.stderr
+            assert (proxy.cache / "content" / stored).is_file()
+        assert not (proxy.cache / "content/registry-1.docker.io/v2/other").exists()
         listed = daemon.ctr("images", "ls", "-q").stdout.split()
-        assert image in listed
-        check = daemon.ctr("images", "check")
-        assert images.small.manifest_digest in check.stdout
-        assert "complete" in check.stdout
-        assert daemon.ctr("images", "rm", image).returncode == 0
+        assert {image for image, _ in CONTAINERD_PULLS} <= set(listed)
+        assert_complete(daemon, digests)
+        # What reached nginx: containerd's own requests, the tag's and the
+        # blobs', ns= in each.
+        for registry, repo in (("docker.io", "library/small"), ("registry.test", "other/app")):
+            ns = re.escape(f"?ns={registry} ")
+            proxy.access_lines(re.compile(rf'"(HEAD|GET) /v2/{repo}/manifests/v1{ns}'), 1)
+            proxy.access_lines(re.compile(rf'"GET /v2/{repo}/blobs/sha256:[0-9a-f]{{64}}{ns}'), 1)
+        for image, _ in CONTAINERD_PULLS:
+            assert daemon.ctr("images", "rm", image).returncode == 0
         assert daemon.ctr("content", "prune", "references").returncode == 0
 
         stop_upstream(upstream)
         try:
-            # Stale the tag so the fetcher, not nginx, answers it.
+            # Stale the tags so the fetcher, not nginx, answers them.
             for digest_file in (proxy.cache / "docker-content-digest").rglob("*"):
                 if digest_file.is_file():
                     os.utime(digest_file, (1, 1))
-            result = daemon.ctr(*pull)
-            assert result.returncode == 0, result.stderr
+            for image, _ in CONTAINERD_PULLS:
+                result = daemon.ctr("images", "pull", "--hosts-dir", str(hosts_dir), image)
+                assert result.returncode == 0, result.stderr
+            assert_complete(daemon, digests)
         finally:
             start_upstream(upstream)
-    assert (proxy.cache / "content/registry-1.docker.io/v2/library/small/manifests/v1").is_file()
+
+
+def assert_complete(daemon: Containerd, digests: dict[str, str]) -> None:
+    """`ctr images check`: each image at its digest, with all its content."""
+    check = daemon.ctr("images", "check").stdout
+    for image, digest in digests.items():
+        line = next((line for line in check.splitlines() if line.startswith(image + " ")), "")
+        assert digest in line and "complete" in line, check

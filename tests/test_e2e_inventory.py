@@ -63,6 +63,8 @@ def test_ls_du_rm_on_a_live_cache(proxy: CrProxy, images: Images, tmp_path: Path
     for ref in (SMALL, OTHER):
         result = skopeo_pull(f"{proxy.http}/{ref}", tmp_path / ref.replace("/", "_"))
         assert result.returncode == 0, result.stderr
+    for repo, image in (("small", images.small), ("other/app", images.other)):
+        proxy.wait_committed("registry.test", repo, image.config_digest, *image.layer_digests)
 
     listed = {image["key"]: image for image in cr_proxy_json(proxy, "ls")["images"]}
     small = listed[SMALL]

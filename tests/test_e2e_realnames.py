@@ -1,0 +1,112 @@
+"""skopeo through cr-proxy in the production-like bed (testbed/realnames.py):
+Docker Hub by its real names over TLS on 443, no `endpoints`, everything in
+namespaces of the test's own. Online, then with the cable out (packets
+dropped: connect timeouts, not refusals), bytes verified each time."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from testbed.crproxy import layout_blobs
+from testbed.netns import in_netns
+from testbed.realnames import ADDRESSES, REGISTRY
+from tests.conftest import Bed
+from tests.test_e2e_mirror import expected_digests
+
+IMAGE = "docker.io/library/app:v1"
+NEVER = "docker.io/library/never:v1"
+REASON = f"library/never:v1 is not in the cache, and {REGISTRY} is unreachable"
+
+
+def trust_dir(bed: Bed, tmp_path: Path) -> Path:
+    """A cert dir holding cr-proxy's CA (never the bed's root)."""
+    certs = tmp_path / "trust"
+    certs.mkdir(exist_ok=True)
+    (certs / "ca.crt").write_bytes(bed.cr.ca_cert.read_bytes())
+    return certs
+
+
+def skopeo(bed: Bed, mode: str, image: str, dest: Path, trust: Path
+           ) -> subprocess.CompletedProcess[str]:
+    """skopeo copy in the clients' namespace: `mirror` names the image
+    with cr-proxy's plain-HTTP mirror as a path prefix, `proxy` names it
+    unchanged and goes through the https_proxy."""
+    args = ["skopeo", "copy", "--preserve-digests", "--retry-times", "0"]
+    env: dict[str, str] = {}
+    if mode == "mirror":
+        args += ["--src-tls-verify=false", f"docker://{bed.mirror}/{image}"]
+    else:
+        args += ["--src-cert-dir", str(trust), f"docker://{image}"]
+        env = {"HTTPS_PROXY": bed.proxy_url, "HTTP_PROXY": bed.proxy_url, "NO_PROXY": ""}
+    return bed.net.client(*args, f"oci:{dest}:pulled", env=env)
+
+
+def stale_tags(bed: Bed) -> None:
+    """Every cached tag due for revalidation: the fetcher, not nginx,
+    answers it, and must reach the upstream or fall back."""
+    for digest_file in (bed.cr.cache / "docker-content-digest").rglob("*"):
+        if digest_file.is_file():
+            os.utime(digest_file, (1, 1))
+
+
+def connect_from(ns: str, address: str) -> str:
+    """What a TCP connect from namespace `ns` to address:443 meets."""
+    def attempt() -> str:
+        with socket.socket() as sock:
+            sock.settimeout(1.0)
+            try:
+                sock.connect((address, 443))
+            except TimeoutError:
+                return "timeout"
+            except ConnectionRefusedError:
+                return "refused"
+            return "connected"
+    return in_netns(ns, attempt)
+
+
+def test_the_bed_is_sealed_and_the_cable_drops(bed: Bed) -> None:
+    """The clients cannot reach the upstream (no route, no resolver), and
+    cable_out drops the upstream's packets: a connect times out."""
+    direct = bed.net.client("skopeo", "inspect", "--retry-times", "0", f"docker://{IMAGE}")
+    assert direct.returncode != 0
+    cr = bed.net.cr.name
+    assert connect_from(cr, ADDRESSES[REGISTRY]) == "connected"
+    bed.net.cable_out()
+    try:
+        assert connect_from(cr, ADDRESSES[REGISTRY]) == "timeout"
+    finally:
+        bed.net.cable_in()
+    assert connect_from(cr, ADDRESSES[REGISTRY]) == "connected"
+
+
+@pytest.mark.parametrize("mode", ["mirror", "proxy"])
+def test_skopeo_online_then_cable_out(bed: Bed, mode: str, tmp_path: Path) -> None:
+    """Online, then the cable out (cr-proxy's connections from before the
+    cut gone: each request connects, and the connect times out): the cached
+    image, its tag due for revalidation, comes byte for byte the same; an
+    image never cached fails with a 404 whose message skopeo prints."""
+    trust = trust_dir(bed, tmp_path)
+    online = skopeo(bed, mode, IMAGE, tmp_path / "online", trust)
+    assert online.returncode == 0, online.stderr + bed.cr.log_text()[-3000:]
+    blobs = layout_blobs(tmp_path / "online")
+    assert expected_digests(bed.image) <= set(blobs)
+    assert (bed.cr.cache / f"content/{REGISTRY}/v2/library/app/manifests/v1").is_file()
+
+    stale_tags(bed)
+    bed.net.cable_out()
+    try:
+        bed.net.forget_connections()
+        offline = skopeo(bed, mode, IMAGE, tmp_path / "offline", trust)
+        assert offline.returncode == 0, offline.stderr + bed.cr.log_text()[-3000:]
+        assert layout_blobs(tmp_path / "offline") == blobs
+        never = skopeo(bed, mode, NEVER, tmp_path / "never", trust)
+        assert never.returncode != 0
+        assert f"manifest unknown: {REASON}" in never.stderr, (
+            never.stderr + bed.cr.log_text()[-3000:])
+    finally:
+        bed.net.cable_in()

@@ -55,7 +55,7 @@ class CrProxy:
                 "mirror_https": f"{address}:{self.https_port}",
                 "metrics": f"{address}:{self.metrics_port}",
             },
-            "timeouts": {"connect": 2, "read": 10, "down_host": 5},
+            "timeouts": {"connect": 2, "read": 10, "down_host": 1},
             "log_level": "debug",
         }
         if endpoints is not None:

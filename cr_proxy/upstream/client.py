@@ -501,9 +501,11 @@ class Upstream:
         *,
         headers: Mapping[str, str] | None = None,
         client_auth: str | None = None,
+        query: str = "",
     ) -> Opened:
         """registry() and then any redirects, followed without credentials."""
-        response = await self.registry(method, target, headers=headers, client_auth=client_auth)
+        response = await self.registry(method, target, headers=headers, client_auth=client_auth,
+                                       query=query)
         opened = Opened(response)
         domain, path = target.domain, "/" + target.rpath.path
         url = f"https://{domain}{path}"

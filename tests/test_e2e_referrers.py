@@ -46,6 +46,7 @@ from tests.referrers_front import (
     push_manifest,
     push_tag_schema,
 )
+from tests.test_e2e_tags import stale_served
 
 REPO = "signed/app"
 FRONT = "refs.test"
@@ -183,7 +184,9 @@ def test_referrers_by_api_and_by_tag_schema_online_then_offline(
                 if path.is_file():
                     os.utime(path, (1, 1))  # stale: the fetcher must fall back
         for registry in ("registry.test", FRONT):
+            before = stale_served(cr, registry)
             stale = mirror(cr, registry, f"referrers/{subject}")
+            assert stale_served(cr, registry) == before + 1  # counted per registry
             assert (referrers(stale), stale.header("X-Cache")) == (both, "STALE"), registry
             assert int(stale.header("Age") or 0) > 10**9
             assert referrers(mirror(cr, registry, f"referrers/{subject}{sig_only}")) \
@@ -208,7 +211,7 @@ def test_referrers_by_api_and_by_tag_schema_online_then_offline(
         assert never.status == 404, never
         assert never.json_errors()[0] == {
             "code": "MANIFEST_UNKNOWN",
-            "message": f"the referrers of {REPO}@{other} is not in the cache, and "
+            "message": f"the referrers index of {REPO}@{other} is not in the cache, and "
                        f"{FRONT} is unreachable"}
     finally:
         upstream.start_registry()

@@ -71,7 +71,7 @@ class Referrers:
         artifact_type = check_artifact_type(request.query.get("artifactType"))
         rpath = target.rpath
         listing = Listing(target.domain, rpath.name, Kind.REFERRERS, stored_name(rpath.ref),
-                          f"the referrers of {rpath.name}@{rpath.ref}", "MANIFEST_UNKNOWN")
+                          f"the referrers index of {rpath.name}@{rpath.ref}", "MANIFEST_UNKNOWN")
         auth = client_auth(request)
         try:
             listed = await self.listings.get(
@@ -169,9 +169,7 @@ class Referrers:
             answer = await self._tag_index(request, target)
         except (NotFound, UpstreamError):
             raise err from None
-        cache = answer.headers.get("X-Cache", STALE)
-        if cache == STALE:
-            self.ctx.metrics.stale_served.labels(
-                registry=self.ctx.upstream.registry_label(target.domain)).inc()
+        # A stale tag is counted (crproxy_stale_served) by manifests.py.
         age = int(answer.headers.get("Age", "0"))
+        cache = answer.headers.get("X-Cache", STALE)
         return Listed(answer.body, time.time() - age, cache)  # type: ignore[arg-type]

@@ -6,9 +6,13 @@ dropped: connect timeouts, not refusals), bytes verified each time."""
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +23,7 @@ from testbed.crproxy import layout_blobs
 from testbed.netns import in_netns
 from testbed.realnames import ADDRESSES, REGISTRY
 from tests.conftest import Bed
+from tests.faulty import wait_until
 from tests.test_e2e_mirror import expected_digests
 
 IMAGE = "docker.io/library/app:v1"
@@ -167,3 +172,118 @@ def test_skopeo_with_the_names_gone(bed: Bed, tmp_path: Path) -> None:
                 never.stderr + bed.cr.log_text()[-3000:])
     finally:
         bed.net.dns_in()
+
+
+def list_tags(bed: Bed, mode: str, trust: Path) -> subprocess.CompletedProcess[str]:
+    """skopeo list-tags of docker.io/library/app, as skopeo() pulls."""
+    args = ["skopeo", "list-tags", "--retry-times", "0"]
+    env: dict[str, str] = {}
+    if mode == "mirror":
+        args += ["--tls-verify=false", f"docker://{bed.mirror}/library/app"]
+    else:
+        args += ["--cert-dir", str(trust), "docker://docker.io/library/app"]
+        env = {"HTTPS_PROXY": bed.proxy_url, "HTTP_PROXY": bed.proxy_url, "NO_PROXY": ""}
+    return bed.net.client(*args, env=env)
+
+
+def test_tag_lists_and_referrers_online_then_cable_out(bed: Bed, tmp_path: Path) -> None:
+    """Issue 13: `skopeo list-tags` in both modes and a referrers query
+    (Docker Hub's distribution has no API: the tag schema, here no tag, so
+    an empty index) online, then with the cable out (connect timeouts):
+    the same answers, stale and saying so."""
+    trust = trust_dir(bed, tmp_path)
+    # A case before may have left the upstream remembered as down
+    # (timeouts.down_host): wait until cr-proxy reaches it again.
+    probe = ["curl", "-sS", "--max-time", "60",
+             f"http://{bed.mirror}/v2/library/never/manifests/v1"]
+    wait_until(lambda: "unreachable" not in bed.net.client(*probe).stdout, 60,
+               "cr-proxy reaching the upstream again")
+    referrers = ["curl", "-sS", "-i", "--max-time", "60",
+                 f"http://{bed.mirror}/v2/library/app/referrers/{bed.image.manifest_digest}"]
+    answers = {}
+    for mode in ("mirror", "proxy"):
+        online = list_tags(bed, mode, trust)
+        assert online.returncode == 0, online.stderr + bed.cr.log_text()[-3000:]
+        answers[mode] = json.loads(online.stdout)["Tags"]
+        assert answers[mode] == ["v1"]
+    empty = bed.net.client(*referrers)
+    assert "HTTP/1.1 200" in empty.stdout and '"manifests": []' in empty.stdout, empty
+
+    for tree in ("lists", "docker-content-digest"):
+        for path in (bed.cr.cache / tree).rglob("*"):
+            if path.is_file():
+                os.utime(path, (1, 1))
+    bed.net.cable_out()
+    try:
+        bed.net.forget_connections()
+        for mode in ("mirror", "proxy"):
+            offline = list_tags(bed, mode, trust)
+            assert offline.returncode == 0, offline.stderr + bed.cr.log_text()[-3000:]
+            assert json.loads(offline.stdout)["Tags"] == answers[mode]
+        stale = bed.net.client(*referrers)
+        assert "HTTP/1.1 200" in stale.stdout and '"manifests": []' in stale.stdout, stale
+        assert "X-Cache: STALE" in stale.stdout and "Age: " in stale.stdout, stale
+    finally:
+        bed.net.cable_in()
+
+
+DOWN_LINE = re.compile(rf"WARNING .*upstream {re.escape(REGISTRY)} unreachable \(")
+UP_LINE = re.compile(rf"WARNING .*upstream {re.escape(REGISTRY)} reachable again")
+RECOVERY = 60.0  # seconds: a bound on the probe's finding the upstream back (1 s apart here)
+
+
+def said(bed: Bed, pattern: re.Pattern[str], since: int = 0) -> list[str]:
+    return [line for line in bed.cr.output[since:] if pattern.search(line)]
+
+
+def wait_up(bed: Bed) -> None:
+    """Until every outage serve warned of has its "reachable again" (the
+    background probe's), bounded: the next case starts with the upstream up."""
+    deadline = time.monotonic() + RECOVERY
+    while len(said(bed, UP_LINE)) < len(said(bed, DOWN_LINE)):
+        assert time.monotonic() < deadline, bed.cr.log_text()[-3000:]
+        threading.Event().wait(0.1)
+
+
+@pytest.mark.parametrize("outage", ["cable", "dns"])
+def test_an_outage_is_one_warning_and_the_stale_pull_comes_from_the_cache(
+    bed: Bed, outage: str, tmp_path: Path
+) -> None:
+    """Fast offline (issue 12): the tag due for revalidation, the cable out
+    (packets dropped, cr-proxy's open connections gone) or the names no
+    longer resolving (cr-proxy restarted meanwhile, so nothing is cached in
+    its resolver: every lookup goes to a resolver that never answers), a
+    skopeo pull through the mirror comes from the cache byte for byte; the
+    registry's outage is one warning, however many of its hosts a pull
+    would use, and the probe brings it back with one more once the upstream
+    answers."""
+    trust = trust_dir(bed, tmp_path)
+    wait_up(bed)
+    online = skopeo(bed, "mirror", IMAGE, tmp_path / "online", trust)
+    assert online.returncode == 0, online.stderr + bed.cr.log_text()[-3000:]
+    stale_tags(bed)
+    if outage == "cable":
+        bed.net.cable_out()
+        bed.net.forget_connections()
+    else:
+        bed.net.dns_out()
+        bed.cr.stop()
+        bed.cr.start()
+    mark = len(bed.cr.output)
+    try:
+        offline = skopeo(bed, "mirror", IMAGE, tmp_path / "offline", trust)
+        assert offline.returncode == 0, offline.stderr + bed.cr.log_text()[-3000:]
+        assert layout_blobs(tmp_path / "offline") == layout_blobs(tmp_path / "online")
+        bed.cr.wait_for_output(f"upstream {REGISTRY} unreachable (", RECOVERY)
+        again = skopeo(bed, "mirror", IMAGE, tmp_path / "again", trust)
+        assert again.returncode == 0, again.stderr
+    finally:
+        if outage == "cable":
+            bed.net.cable_in()
+        else:
+            bed.net.dns_in()
+    wait_up(bed)
+    warnings = [line for line in bed.cr.output[mark:] if " WARNING " in line]
+    assert len(said(bed, DOWN_LINE, mark)) == 1, warnings
+    assert len(said(bed, UP_LINE, mark)) == 1, warnings
+    assert all(DOWN_LINE.search(w) or UP_LINE.search(w) for w in warnings), warnings

@@ -37,6 +37,7 @@ from tests.hostile_manifests import (
     manifest_body,
 )
 
+MT_INDEX = "application/vnd.oci.image.index.v1+json"
 INJECTED = "application/vnd.oci.image.manifest.v1+json\r\nSet-Cookie: x=y"
 SCRIPT_TAG = b"<script>alert(document.cookie)</script>"
 
@@ -150,9 +151,10 @@ def test_docker_schema1_manifest_is_refused(cr: CrProxy, fake: ScriptedRegistry)
     assert cached(cr, "old/app") == {}
 
 
-def stored_lists(cr: CrProxy) -> list[str]:
+def stored_lists(cr: CrProxy, repo: str) -> list[str]:
+    """What lists/ holds for faulty.test's repository `repo`."""
     return sorted(p.relative_to(cr.cache).as_posix()
-                  for p in (cr.cache / "lists").rglob("*") if p.is_file())
+                  for p in (cr.cache / "lists" / FAKE / repo).rglob("*") if p.is_file())
 
 
 @pytest.mark.parametrize("what, script", [
@@ -173,7 +175,29 @@ def test_bad_tag_lists_are_502_and_never_stored(
         reply = get(cr, door, "/v2/listing/tags/list")
         assert_refused(reply, (what, door), code="UPSTREAM_ERROR"
                        if what != "oversized" else "SIZE_INVALID")
-    assert stored_lists(cr) == []
+    assert stored_lists(cr, "listing") == []
+
+
+def test_a_redirected_tag_list_names_the_repository_it_was_sent_to(
+    cr: CrProxy, fake: ScriptedRegistry
+) -> None:
+    """registry.k8s.io redirects tags/list to Artifact Registry, whose list
+    names the repository there: followed, checked against the last hop's
+    path, served and stored under the name asked for."""
+    fake.script("/v2/k8s/pause/tags/list", Script(b"", status=307, headers={
+        "Location": "/v2/mirror/images/pause/tags/list"}))
+    fake.script("/v2/mirror/images/pause/tags/list",
+                Script(b'{"name": "mirror/images/pause", "tags": ["3.9"]}'))
+    reply = get(cr, Door.MIRROR_HTTP, "/v2/k8s/pause/tags/list")
+    assert reply.status == 200, reply
+    assert json.loads(reply.body) == {"name": "k8s/pause", "tags": ["3.9"]}
+    # Where it was sent, the list must name that repository.
+    fake.script("/v2/k8s/liar/tags/list", Script(b"", status=307, headers={
+        "Location": "/v2/mirror/liar/tags/list"}))
+    fake.script("/v2/mirror/liar/tags/list",
+                Script(b'{"name": "mirror/images/pause", "tags": ["3.9"]}'))
+    assert_refused(get(cr, Door.MIRROR_HTTP, "/v2/k8s/liar/tags/list"), "redirected",
+                   code="UPSTREAM_ERROR")
 
 
 def test_an_upstream_link_is_made_again_on_the_clients_path(
@@ -194,6 +218,53 @@ def test_an_upstream_link_is_made_again_on_the_clients_path(
         "Link": '</v2/paged/tags/list?n=2&last=../../x>; rel="next"'}))
     reply = get(cr, Door.MIRROR_HTTP, "/v2/paged/tags/list?n=3")
     assert (reply.status, reply.all("Link")) == (200, [])
+
+
+SUBJECT = "sha256:" + "5" * 64
+GOOD_DESCRIPTOR = {"mediaType": MT_OCI, "digest": "sha256:" + "6" * 64, "size": 10,
+                   "artifactType": "application/vnd.example+json"}
+
+
+def referrers_index(*descriptors: object) -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX,
+                       "manifests": list(descriptors)}).encode()
+
+
+@pytest.mark.parametrize("what, script, code", [
+    ("an image manifest", Script(manifest_body()), "UPSTREAM_ERROR"),
+    ("HTML", Script(b"<html>" + SCRIPT_TAG, content_type="text/html"), "UPSTREAM_ERROR"),
+    ("a bad digest", Script(referrers_index({**GOOD_DESCRIPTOR, "digest": "sha256:../x"}),
+                            content_type=MT_INDEX), "UPSTREAM_ERROR"),
+    ("a negative size", Script(referrers_index({**GOOD_DESCRIPTOR, "size": -1}),
+                               content_type=MT_INDEX), "UPSTREAM_ERROR"),
+    ("a bad artifactType", Script(referrers_index(
+        {**GOOD_DESCRIPTOR, "artifactType": "text/html\r\nX: y"}), content_type=MT_INDEX),
+     "UPSTREAM_ERROR"),
+    ("oversized", Script(b"", endless=True, content_type=MT_INDEX), "SIZE_INVALID"),
+])
+def test_bad_referrers_are_502_and_never_stored(
+    cr: CrProxy, fake: ScriptedRegistry, what: str, script: Script, code: str
+) -> None:
+    """A referrers answer is stored and served only as a checked OCI index
+    (oci/referrers.py); anything else is a 502 in every door, and the
+    registry's tag schema (no such tag here) does not stand in for it."""
+    fake.script(f"/v2/evil/referrers/{SUBJECT}", script)
+    for door in Door:
+        reply = get(cr, door, f"/v2/evil/referrers/{SUBJECT}")
+        assert_refused(reply, (what, door), code=code)
+    assert stored_lists(cr, "evil") == []
+
+
+def test_a_good_referrers_answer_is_rebuilt_from_its_checked_fields(
+    cr: CrProxy, fake: ScriptedRegistry
+) -> None:
+    body = referrers_index({**GOOD_DESCRIPTOR, "extra": "<script>", "annotations": {"a": "b"}})
+    fake.script(f"/v2/good/referrers/{SUBJECT}", Script(body, content_type=MT_INDEX))
+    reply = get(cr, Door.PROXY_TLS, f"/v2/good/referrers/{SUBJECT}")
+    assert reply.status == 200, reply
+    assert reply.all("Content-Type") == [MT_INDEX]
+    assert json.loads(reply.body)["manifests"] == [{**GOOD_DESCRIPTOR, "annotations": {"a": "b"}}]
+    assert stored_lists(cr, "good") == [f"lists/{FAKE}/good/_referrers/sha256-{'5' * 64}"]
 
 
 def test_every_answer_of_a_normal_pull_says_nosniff(

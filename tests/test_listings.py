@@ -4,11 +4,29 @@ oci/referrers.py): pure checks, no I/O."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from cr_proxy.cache.layout import Kind, RegistryPath, Tree, parse_v2_path
 from cr_proxy.errors import BadRequest, UpstreamError
-from cr_proxy.oci.tags import MAX_TAGS_N, TagQuery, next_page, parse_stored, parse_tag_list
+from cr_proxy.oci.reference import is_tag
+from cr_proxy.oci.referrers import (
+    INDEX_TYPE,
+    MAX_REFERRERS,
+    check_artifact_type,
+    parse_referrers,
+    referrers_body,
+    tag_schema_tag,
+)
+from cr_proxy.oci.tags import (
+    MAX_TAGS_N,
+    TagQuery,
+    listed_name,
+    next_page,
+    parse_stored,
+    parse_tag_list,
+)
 
 
 @pytest.mark.parametrize("n, last, name", [
@@ -61,3 +79,87 @@ def test_a_bad_page_is_an_upstream_error(body: bytes) -> None:
 ])
 def test_a_link_we_would_refuse_ends_paging(link: str | None) -> None:
     assert next_page(link) is None
+
+
+DIGEST = "sha256:" + "a" * 64
+GOOD = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": DIGEST,
+        "size": 5, "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json"}
+
+
+def index(*descriptors: object, **extra: object) -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": INDEX_TYPE,
+                       "manifests": list(descriptors), **extra}).encode()
+
+
+def test_the_tag_schema_tag_is_at_most_a_tag_long() -> None:
+    assert tag_schema_tag(DIGEST) == "sha256-" + "a" * 64
+    long_one = tag_schema_tag("sha512:" + "b" * 128)
+    assert long_one == "sha512-" + "b" * 64 and is_tag(long_one)
+
+
+def test_referrers_are_rebuilt_and_filtered() -> None:
+    other = {**GOOD, "digest": "sha256:" + "c" * 64, "artifactType": "application/x+json",
+             "annotations": {"k": "v"}, "urls": ["http://evil"]}
+    descriptors = parse_referrers(index(GOOD, other, annotations={"x": "y"}), "r")
+    assert descriptors == [GOOD, {k: v for k, v in other.items() if k != "urls"}]
+    assert json.loads(referrers_body(descriptors, GOOD["artifactType"]))["manifests"] == [GOOD]
+    assert json.loads(referrers_body([]))["manifests"] == []
+    assert parse_referrers(index(), "r") == []
+
+
+@pytest.mark.parametrize("body", [
+    b"[]", b"<html>", json.dumps({"schemaVersion": 2, "manifests": []}).encode(),
+    json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "manifests": []}).encode(),
+    index(manifests="x"), index("x"), index({**GOOD, "digest": "sha256:x"}),
+    index({**GOOD, "size": -1}), index({**GOOD, "size": True}), index({**GOOD, "size": 1.5}),
+    index({**GOOD, "mediaType": "x"}), index({**GOOD, "artifactType": "a b/c"}),
+    index({**GOOD, "annotations": {"a": 1}}), b" " * (MAX_REFERRERS + 1),
+])
+def test_a_bad_referrers_index_is_an_upstream_error(body: bytes) -> None:
+    with pytest.raises(UpstreamError):
+        parse_referrers(body, "r")
+
+
+@pytest.mark.parametrize("value", ["", "a", "a/b/c", "a b/c", "/b", "text/html\r\nX: y"])
+def test_a_bad_artifact_type_filter_is_a_400(value: str) -> None:
+    with pytest.raises(BadRequest):
+        check_artifact_type(value)
+    assert check_artifact_type(None) is None
+    assert check_artifact_type("application/vnd.in-toto+json") == "application/vnd.in-toto+json"
+
+
+def test_a_referrers_path_parses_and_round_trips() -> None:
+    rpath = parse_v2_path(f"/v2/a/b/referrers/{DIGEST}")
+    assert rpath == RegistryPath(Kind.REFERRERS, "a/b", DIGEST)
+    assert rpath.path == f"v2/a/b/referrers/{DIGEST}"
+    with pytest.raises(BadRequest):
+        parse_v2_path("/v2/a/referrers/latest")
+
+
+@pytest.mark.parametrize("name, kind, query", [
+    ("a", Kind.TAGS, ".."), ("a", Kind.TAGS, ".x"), ("a", Kind.TAGS, ""),
+    ("a", Kind.TAGS, "a/b"), ("a", Kind.MANIFEST, "list"), ("../a", Kind.TAGS, "list"),
+    ("A", Kind.REFERRERS, "sha256-aa"),
+])
+def test_a_listing_path_takes_checked_names_only(
+    tmp_path: Path, name: str, kind: Kind, query: str
+) -> None:
+    with pytest.raises(BadRequest):
+        Tree(tmp_path).listing("registry.test", name, kind, query)
+
+
+def test_listings_live_where_no_repository_can() -> None:
+    tree = Tree(Path("/c"))
+    assert tree.listing("r.test", "a/b", Kind.TAGS, TagQuery(5, "v1").file_name) \
+        == Path("/c/lists/r.test/a/b/_tags/list,n=5,last=v1")
+    assert tree.listing("r.test", "a", Kind.REFERRERS, tag_schema_tag(DIGEST)) \
+        == Path(f"/c/lists/r.test/a/_referrers/sha256-{'a' * 64}")
+
+
+@pytest.mark.parametrize("path, name", [
+    ("/v2/a/b/tags/list", "a/b"), ("/v2/tags/list", None), ("/v2/A/tags/list", None),
+    ("/v2/a/tags/list/x", None), ("/x/a/tags/list", None), ("/v2/../tags/list", None),
+])
+def test_a_redirect_target_names_its_repository(path: str, name: str | None) -> None:
+    assert listed_name(path) == name

@@ -48,6 +48,7 @@ class Listing:
     kind: Kind
     query: str  # the file name under lists/<domain>/<name>/_<kind>/
     what: str  # "the tag list of <name>", in errors
+    unknown: str = "NAME_UNKNOWN"  # the error code when it cannot be had at all
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +115,7 @@ class Listings:
             return Listed(stored[0], stored[1], "HIT")
         key = (kind, listing.domain, listing.name, listing.query)
         try:
-            with offline_miss("NAME_UNKNOWN", listing.what, listing.domain):
+            with offline_miss(listing.unknown, listing.what, listing.domain):
                 body, fetched_at = await self.shared.run(key, lambda: self._fetch(listing, fetch))
         except STALE_OK_ERRORS as err:
             if stored is None:

@@ -44,8 +44,10 @@ def check_artifact_type(value: str | None) -> str | None:
 
 def tag_schema_tag(subject: str) -> str:
     """The tag holding a subject's referrers index on a registry without the
-    API: `sha256-<hex>` (the spec's "referrers tag schema")."""
-    return check_digest(subject).replace(":", "-")
+    API: `<alg>-<hex>`, the algorithm cut to 32 characters and the hex to 64
+    (the spec's "referrers tag schema"; a tag has at most 128)."""
+    algorithm, hexpart = check_digest(subject).split(":", 1)
+    return f"{algorithm[:32]}-{hexpart[:64]}"
 
 
 def stored_name(subject: str) -> str:

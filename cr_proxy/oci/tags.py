@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from cr_proxy.errors import BadRequest, UpstreamError
-from cr_proxy.oci.reference import is_tag
+from cr_proxy.oci.reference import is_name, is_tag
 
 MAX_TAGS_N = 10000  # a page size beyond any registry's (distribution v3 caps at 1000)
 MAX_TAG_LIST = 4 << 20  # bytes of one tag list page (MAX_MANIFEST's bound)
@@ -114,6 +114,16 @@ def _checked(body: bytes, name: str) -> dict:
     if not isinstance(tags, list) or not all(isinstance(t, str) and is_tag(t) for t in tags):
         raise UpstreamError(message=f"the tag list of {name} holds something not a tag")
     return doc
+
+
+def listed_name(path: str) -> str | None:
+    """The repository of a `/v2/<name>/tags/list` URL path (a redirect's
+    target), or None when the path is not one."""
+    prefix, suffix = "/v2/", "/tags/list"
+    if not (path.startswith(prefix) and path.endswith(suffix)):
+        return None
+    name = path[len(prefix):-len(suffix)]
+    return name if is_name(name) else None
 
 
 def next_page(link: str | None) -> TagQuery | None:

@@ -73,7 +73,8 @@ def cmd_warm(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     platforms = [Platform.parse(p) for p in args.platform or ()]
     progress = make_progress(sys.stderr, len(wanted))
     try:
-        summary = asyncio.run(warm(conf, wanted, platforms, args.jobs, progress=progress))
+        summary = asyncio.run(warm(conf, wanted, platforms, args.jobs, progress=progress,
+                                   referrers=args.referrers))
     finally:
         progress.close()
     print(json.dumps(summary.as_dict(), indent=2) if args.json else summary.text(), flush=True)
@@ -87,6 +88,9 @@ def _warm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
                    help="only this platform of an index (repeatable; default: all)")
     p.add_argument("--jobs", type=int, default=4, help="requests in flight (default 4)")
+    p.add_argument("--referrers", action="store_true",
+                   help="also each manifest's referrers (signatures, attestations) and their "
+                   "artifacts, recursively and bounded")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 

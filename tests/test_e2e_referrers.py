@@ -11,6 +11,10 @@ client installs in `make test`) and skopeo for the legacy cosign tag:
 - then with the registry, its token server, its CDN and the front all
   stopped: both answer from the cache (stale, saying so), each referrer
   artifact pulls, and so does the legacy `sha256-<hex>.sig` tag.
+- issue 13's acceptance: a cache filled by `cr-proxy warm --referrers`
+  alone (no client asked anything), then the upstream gone: `skopeo
+  list-tags`, the referrers by the API and by the tag schema, a pull of
+  each referrer artifact and of the legacy signature tag.
 
 Before: mirror mode answered `404 UNSUPPORTED`; https_proxy mode relayed the
 upstream's 404 uncached, and nothing answered offline.
@@ -46,6 +50,7 @@ from tests.referrers_front import (
     push_manifest,
     push_tag_schema,
 )
+from tests.test_e2e_pins import cr_proxy
 from tests.test_e2e_tags import stale_served
 
 REPO = "signed/app"
@@ -229,3 +234,50 @@ def test_a_bad_artifact_type_is_a_400(cr: CrProxy, signed: Signed, query: str) -
     answer = mirror(cr, "registry.test", f"referrers/{signed.subject}{query}")
     assert answer.status == 400, answer
     assert answer.json_errors()[0]["code"] == "UNSUPPORTED"
+
+
+def test_warm_referrers_then_the_cable_out(
+    upstream: Upstream, front: ReferrersFront, signed: Signed, tmp_path: Path
+) -> None:
+    """Issue 13's acceptance, on a cache nothing but `warm --referrers`
+    filled: registry.test has no referrers API (the tag schema is used),
+    refs.test is the front (the API)."""
+    both = [(signed.signature.digest, SIGNATURE_TYPE),
+            (signed.attestation.digest, ATTESTATION_TYPE)]
+    images = [f"{registry}/{REPO}:v1" for registry in ("registry.test", FRONT)]
+    endpoints = {**proxy_endpoints(upstream), FRONT: front.url}
+    with CrProxy(tmp_path / "crproxy", endpoints) as cr:
+        warmed = cr_proxy(cr, "warm", "--referrers", "--json", *images)
+        assert warmed.returncode == 0, warmed.stderr
+        # Per image: two referrers and the legacy .sig tag's artifact.
+        assert json.loads(warmed.stdout)["referrers"] == 6, warmed.stdout
+        upstream.stop_registry()
+        upstream.stop_auth()
+        upstream.stop_cdn()
+        front.stop()
+        try:
+            for tree in ("lists", "docker-content-digest"):
+                for path in (cr.cache / tree).rglob("*"):
+                    if path.is_file():
+                        os.utime(path, (1, 1))  # stale: the upstream must be tried
+            tags = subprocess.run(
+                ["skopeo", "list-tags", "--retry-times", "0", "--tls-verify=false",
+                 f"docker://{cr.http}/registry.test/{REPO}"],
+                capture_output=True, text=True, env=clean_env(), timeout=120)
+            assert tags.returncode == 0, tags.stderr
+            assert {"v1", signed.tag, f"{signed.tag}.sig"} <= set(json.loads(tags.stdout)["Tags"])
+            for registry in ("registry.test", FRONT):
+                answer = mirror(cr, registry, f"referrers/{signed.subject}")
+                assert (referrers(answer), answer.header("X-Cache")) == (both, "STALE"), registry
+                for artifact in (signed.signature, signed.attestation):
+                    dest = tmp_path / f"{registry}-{artifact.digest[7:19]}"
+                    pulled = skopeo_copy(f"{cr.http}/{registry}/{REPO}@{artifact.digest}", dest)
+                    assert pulled.returncode == 0, pulled.stderr
+            legacy = skopeo_copy(f"{cr.http}/registry.test/{REPO}:{signed.tag}.sig",
+                                 tmp_path / "legacy")
+            assert legacy.returncode == 0, legacy.stderr
+        finally:
+            upstream.start_registry()
+            upstream.start_auth()
+            upstream.start_cdn()
+            front.start()

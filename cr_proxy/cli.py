@@ -184,7 +184,7 @@ def cmd_check(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     from cr_proxy.ops import report
 
     wanted = [Platform.parse(p) for p in args.platform or ()]
-    checked = inventory.Inventory.from_config(conf).check(args.images, wanted)
+    checked = inventory.Inventory.from_config(conf).check(args.images, wanted, args.referrers)
     doc, text = report.check_document(checked), report.check_text(checked)
     print(report.output(doc, text, args.json))
     return ExitStatus.OK if all(c.complete for c in checked) else ExitStatus.ERROR
@@ -200,6 +200,9 @@ def _inventory_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
                        help="check this platform of an index (repeatable; default: every "
                        "platform pulled)")
+        p.add_argument("--referrers", action="store_true",
+                       help="also each manifest's stored referrers and their artifacts "
+                       "(what warm --referrers fetches)")
     p.add_argument("--json", action="store_true", help="print JSON (keys in ops/report.py)")
 
 

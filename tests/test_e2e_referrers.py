@@ -14,7 +14,9 @@ client installs in `make test`) and skopeo for the legacy cosign tag:
 - issue 13's acceptance: a cache filled by `cr-proxy warm --referrers`
   alone (no client asked anything), then the upstream gone: `skopeo
   list-tags`, the referrers by the API and by the tag schema, a pull of
-  each referrer artifact and of the legacy signature tag.
+  each referrer artifact and of the legacy signature tag; `cr-proxy check
+  --referrers` (no network) says complete, then names a referrer's blob
+  and an image layer removed from blobs/.
 
 Before: mirror mode answered `404 UNSUPPORTED`; https_proxy mode relayed the
 upstream's 404 uncached, and nothing answered offline.
@@ -50,6 +52,7 @@ from tests.referrers_front import (
     push_manifest,
     push_tag_schema,
 )
+from tests.test_e2e_ls_complete import in_no_network
 from tests.test_e2e_pins import cr_proxy
 from tests.test_e2e_tags import stale_served
 
@@ -276,6 +279,27 @@ def test_warm_referrers_then_the_cable_out(
             legacy = skopeo_copy(f"{cr.http}/registry.test/{REPO}:{signed.tag}.sig",
                                  tmp_path / "legacy")
             assert legacy.returncode == 0, legacy.stderr
+
+            checked = in_no_network(cr, "check", "--referrers", *images)
+            assert (checked.returncode, checked.stderr) == (0, ""), checked.stdout
+            assert checked.stdout.count("complete    ") == 2, checked.stdout
+            # refs.test answered by the API: its stored answer is all there is.
+            (cr.cache / f"lists/{FRONT}/{REPO}/_referrers/{signed.tag}").unlink()
+            checked = in_no_network(cr, "check", "--referrers", images[1])
+            assert checked.returncode == 1, checked.stdout
+            assert f"referrers {signed.subject}: no referrers answer stored" in checked.stdout
+            signature_layer = json.loads(signed.signature.manifest)["layers"][0]["digest"]
+            image_layer = signed.image.layer_digests[0]
+            for removed in (signature_layer, image_layer):
+                (cr.cache / "blobs" / removed.replace(":", "/")).unlink()
+                checked = in_no_network(cr, "check", "--referrers", images[0])
+                assert checked.returncode == 1, checked.stdout
+                assert f"blob {removed}: not in the cache" in checked.stdout, checked.stdout
+            # Without --referrers only the image's own layer is missed.
+            plain = in_no_network(cr, "check", "--json", images[0])
+            assert plain.returncode == 1, plain.stdout
+            assert [(m["what"], m["name"]) for m in json.loads(plain.stdout)["images"][0]
+                    ["missing"]] == [("blob", image_layer)]
         finally:
             upstream.start_registry()
             upstream.start_auth()

@@ -37,6 +37,7 @@ from cr_proxy.metrics import make_app as metrics_app
 from cr_proxy.ops import logs, usage
 from cr_proxy.ops.pin_warm import warm_pins
 from cr_proxy.ops.refresh import refresh_loop
+from cr_proxy.ops.status import ImageStatus
 
 log = logging.getLogger("cr_proxy.serve")
 
@@ -382,7 +383,9 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
 async def _start_metrics(
     stack: contextlib.AsyncExitStack, config: Config, metrics: Metrics
 ) -> None:
-    runner = web.AppRunner(metrics_app(metrics), access_log=None, handle_signals=False)
+    status = ImageStatus(config)
+    runner = web.AppRunner(metrics_app(metrics, status.rows), access_log=None,
+                           handle_signals=False)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     address = config.listen.metrics

@@ -16,7 +16,9 @@ client installs in `make test`) and skopeo for the legacy cosign tag:
   list-tags`, the referrers by the API and by the tag schema, a pull of
   each referrer artifact and of the legacy signature tag; `cr-proxy check
   --referrers` (no network) says complete, then names a referrer's blob
-  and an image layer removed from blobs/.
+  and an image layer removed from blobs/; the status page names the image
+  incomplete and stale; `cr-proxy du` counts the stored listings, and `rm`
+  of a repository's last image removes them.
 
 Before: mirror mode answered `404 UNSUPPORTED`; https_proxy mode relayed the
 upstream's 404 uncached, and nothing answered offline.
@@ -24,8 +26,10 @@ upstream's 404 uncached, and nothing answered offline.
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import ssl
 import subprocess
 import urllib.error
@@ -300,6 +304,24 @@ def test_warm_referrers_then_the_cable_out(
             assert plain.returncode == 1, plain.stdout
             assert [(m["what"], m["name"]) for m in json.loads(plain.stdout)["images"][0]
                     ["missing"]] == [("blob", image_layer)]
+
+            status = http(f"http://127.0.0.1:{cr.metrics_port}/").body.decode()
+            name = html.escape(f"registry.test/{REPO}:v1")
+            assert f"<th>incomplete</th><td>{name}: 1 missing</td>" in status, status
+            assert re.search(f"<th>stale</th><td>{re.escape(name)}: validated [0-9]+ s ago",
+                             status), status
+            listed = [p for p in (cr.cache / "lists" / FRONT).rglob("*") if p.is_file()]
+            assert listed  # refs.test's tag list and referrers answers
+            du = json.loads(cr_proxy(cr, "du", "--json").stdout)
+            assert du["lists"]["files"] >= len(listed)
+            front_row = next(d for d in du["domains"] if d["domain"] == FRONT)
+            assert front_row["bytes"] >= sum(p.stat().st_size for p in listed)
+            ls = json.loads(cr_proxy(cr, "ls", "--json").stdout)["images"]
+            front_images = [i["name"] for i in ls if i["key"].startswith(f"{FRONT}/")]
+            removed = cr_proxy(cr, "rm", *front_images)
+            assert removed.returncode == 0, removed.stderr
+            assert not [p for p in (cr.cache / "lists" / FRONT).rglob("*") if p.is_file()]
+            assert any((cr.cache / "lists/registry.test").rglob("_tags/*"))  # not its own
         finally:
             upstream.start_registry()
             upstream.start_auth()

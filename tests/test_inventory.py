@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from cr_proxy import cli
+from cr_proxy.cache.diskuse import Usage
 from cr_proxy.cache.inventory import Inventory
+from cr_proxy.cache.layout import Kind
 from cr_proxy.cache.removal import chain_order
 from cr_proxy.cache.scan import Link, Redirect
 from cr_proxy.cache.store import Store
@@ -304,6 +306,21 @@ def test_du_per_domain_overlaps_and_reports_unlinked_blobs(
     assert layer in inventory.blob_refs()
 
 
+def test_du_counts_stored_listings_in_their_domain_and_the_total(
+    store: Store, inventory: Inventory
+) -> None:
+    small = cache_image(store, "small", "v1", [SHARED])
+    store.write_listing(REG, "small", Kind.TAGS, "list", b'{"tags": ["v1"]}', 1.0)
+    store.write_listing("other.test", "x", Kind.REFERRERS, "sha256-" + "a" * 64, b"{}", 1.0)
+    usage = inventory.usage()
+    by_domain = {d.domain: d.usage for d in usage.domains}
+    assert by_domain[REG] == Usage(2 + len(small.layers) + 1,
+                                   small.size + len(b'{"tags": ["v1"]}'))
+    assert by_domain["other.test"] == Usage(1, 2)
+    assert usage.lists == Usage(2, len(b'{"tags": ["v1"]}') + 2)
+    assert usage.total.bytes == small.size + usage.lists.bytes
+
+
 # --- rm ----------------------------------------------------------------------------------
 
 
@@ -525,7 +542,7 @@ def test_ls_and_du_json_parse_and_tables_align(
     code, out, _ = run_cli(capsys, "du", "--config", conf, "--json")
     assert code == 0
     doc = json.loads(out)
-    assert set(doc) == {"domains", "total", "unlinked"}
+    assert set(doc) == {"domains", "total", "unlinked", "lists"}
     assert doc["domains"][0] == {"domain": REG, "registry": REG, **doc["total"]}
 
     code, out, _ = run_cli(capsys, "ls", "--config", conf)
@@ -643,3 +660,24 @@ def test_a_lost_platform_manifest_is_missing_not_unpulled(
     [_, image] = inventory.images()
     assert image.key == f"{REG}/other:v1"
     assert image.lost == {other.digest}
+
+
+def test_rm_of_a_repositorys_last_image_removes_its_listings(
+    store: Store, inventory: Inventory
+) -> None:
+    cache_image(store, "small", "v1", [SHARED])
+    cache_image(store, "small", "v2", [b"two"])
+    cache_image(store, "small/below", "v1", [b"below"])
+    subject = "sha256-" + "a" * 64
+    for name in ("small", "small/below"):
+        store.write_listing(REG, name, Kind.TAGS, "list", b"{}", 1.0)
+        store.write_listing(REG, name, Kind.REFERRERS, subject, b"{}", 1.0)
+    listed = store.tree.listing(REG, "small", Kind.TAGS, "list")
+    inventory.remove(*inventory.find(f"{REG}/small:v1"))
+    assert listed.is_file()  # small:v2 is still cached
+    removed = inventory.remove(*inventory.find(f"{REG}/small:v2"))
+    assert not listed.exists()
+    assert not store.tree.listing(REG, "small", Kind.REFERRERS, subject).exists()
+    assert removed.files >= 2
+    # A repository below it is another repository: its listings stay.
+    assert store.tree.listing(REG, "small/below", Kind.REFERRERS, subject).is_file()

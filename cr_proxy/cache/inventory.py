@@ -278,7 +278,7 @@ class Inventory:
     # --- du, rm, verify (one module each) -------------------------------------------------
 
     def usage(self) -> DiskUsage:
-        return disk_usage(self._scan(), self._registry_of)
+        return disk_usage(self._scan(), self._registry_of, self.store.listing_bytes())
 
     def remove(self, *images: Image) -> Removed:
         """Remove images (by key, as listed now) and whatever only they used

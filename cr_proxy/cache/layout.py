@@ -32,7 +32,8 @@ The tree (seed 001, plus a digest store for one copy per digest):
                                              its mtime is when it was fetched
       lists/<domain>/<name>/_referrers/<alg>-<hex>
                                              the referrers of a subject (an OCI index,
-                                             unfiltered; mtime as for tags)
+                                             unfiltered; mtime as for tags); a
+                                             repository's go with its last image
       temp/                                  downloads in progress, and links and
                                              small files about to be renamed
                                              (link.*); emptied at start-up

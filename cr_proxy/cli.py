@@ -137,10 +137,28 @@ def cmd_verify(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     return ExitStatus.ERROR if result.failures else ExitStatus.OK
 
 
+def cmd_check(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
+    """Would each image pull from the cache alone, right now? Exit 1 unless
+    every one would (cache/check.py); no network is used."""
+    from cr_proxy.cache import inventory
+    from cr_proxy.oci.manifest import Platform
+    from cr_proxy.ops import report
+
+    wanted = [Platform.parse(p) for p in args.platform or ()]
+    checked = inventory.Inventory.from_config(conf).check(args.images, wanted)
+    doc, text = report.check_document(checked), report.check_text(checked)
+    print(report.output(doc, text, args.json))
+    return ExitStatus.OK if all(c.complete for c in checked) else ExitStatus.ERROR
+
+
 def _inventory_arguments(name: str, p: argparse.ArgumentParser) -> None:
-    if name == "rm":
+    if name in ("rm", "check"):
         p.add_argument("images", nargs="+", metavar="IMAGE",
                        help="image references (Docker's rules): name:tag or name@digest")
+    if name == "check":
+        p.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
+                       help="check this platform of an index (repeatable; default: every "
+                       "platform pulled)")
     p.add_argument("--json", action="store_true", help="print JSON (keys in ops/report.py)")
 
 
@@ -154,6 +172,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "du": (cmd_du, "disk use per registry and in total, shared blobs once"),
     "rm": (cmd_rm, "remove images and the blobs no other cached image uses"),
     "verify": (cmd_verify, "re-hash every blob; quarantine corrupt ones"),
+    "check": (cmd_check, "say whether images would pull from the cache alone (no network)"),
 }
 
 
@@ -168,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--check", action="store_true", help="also render and nginx -t")
         if name == "warm":
             _warm_arguments(p)
-        if name in ("ls", "du", "rm", "verify"):
+        if name in ("ls", "du", "rm", "verify", "check"):
             _inventory_arguments(name, p)
     return top
 

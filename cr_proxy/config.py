@@ -79,8 +79,9 @@ class Listen:
 class Timeouts:
     connect: float
     read: float
-    down_host: float
+    down_host: float  # seconds between probes of a registry that is down
     pool: float
+    stale_budget: float = 0.3  # seconds a stale tag waits for its revalidation
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,8 +283,9 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
         timeouts=Timeouts(
             connect=_seconds(timeouts, "timeouts.connect"),
             read=_seconds(timeouts, "timeouts.read"),
-            down_host=_seconds(timeouts, "timeouts.down_host", allow_zero=True),
+            down_host=_seconds(timeouts, "timeouts.down_host"),
             pool=_seconds(timeouts, "timeouts.pool"),
+            stale_budget=_seconds(timeouts, "timeouts.stale_budget", allow_zero=True),
         ),
         tag_ttl=_seconds(data, "tag_ttl", allow_zero=True),
         cache=_cache_limit(_mapping(data, "cache")),

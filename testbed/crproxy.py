@@ -8,6 +8,7 @@ stop() (SIGTERM, then SIGKILL).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -54,7 +55,7 @@ class CrProxy:
                 "mirror_https": f"{address}:{self.https_port}",
                 "metrics": f"{address}:{self.metrics_port}",
             },
-            "timeouts": {"connect": 2, "read": 10, "down_host": 5},
+            "timeouts": {"connect": 2, "read": 10, "down_host": 1},
             "log_level": "debug",
         }
         if endpoints is not None:
@@ -71,6 +72,9 @@ class CrProxy:
         # the upstream's endpoints come in through CR_PROXY_* variables.
         self.embedded_default = embedded_default
         self.proc: subprocess.Popen[str] | None = None
+        # nginx processes stop() found still running after serve had exited
+        # (and killed): serve should never leave any.
+        self.strays: list[int] = []
         self.output: list[str] = []
         self._output_changed = threading.Condition()
         self._reader: threading.Thread | None = None
@@ -191,6 +195,9 @@ class CrProxy:
             raise RuntimeError(f"cr-proxy serve did not start:\n{tail}")
 
     def stop(self) -> int | None:
+        """SIGTERM serve (SIGKILL after STOP_TIMEOUT), then SIGKILL any nginx
+        of ours still running, noted in `strays`: whatever a test did to
+        serve or nginx, and however it failed, no process is left behind."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -204,7 +211,30 @@ class CrProxy:
             self._reader.join(5)
         code = self.proc.returncode
         self.proc = None
+        for pid in self.nginx_processes():
+            self.strays.append(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         return code
+
+    def nginx_processes(self) -> list[int]:
+        """This cr-proxy's running nginx processes, master and workers. Found
+        by their working directory (serve's, self.dir, which nginx keeps),
+        not by the pid file or parentage: a worker whose master died is
+        found too, and another cr-proxy's nginx never is."""
+        here = str(self.dir.resolve())
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                # (A zombie has no command line and no cwd left: not listed.)
+                if ((entry / "cmdline").read_bytes().startswith(b"nginx")
+                        and os.readlink(entry / "cwd") == here):
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                continue
+        return found
 
     def __enter__(self) -> Self:
         self.start()

@@ -63,6 +63,16 @@ class Netns:
         """Prepend to a command to run it in here (with the /etc/netns files)."""
         return ["ip", "netns", "exec", self.name]
 
+    def prefix_keep_sys(self) -> list[str]:
+        """prefix() for a daemon that needs the host's /sys (dockerd reads
+        its cgroups there, and `ip netns exec` mounts a fresh sysfs over /sys):
+        a mount namespace of its own with the same /etc/netns files bound,
+        then only the network namespace entered."""
+        script = (f'for f in {self.etc}/*; do t="/etc/${{f##*/}}"; '
+                  '[ -e "$t" ] && mount --bind "$f" "$t"; done; '
+                  f'exec nsenter --net={NETNS_RUN / self.name} -- "$@"')
+        return ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script, "sh"]
+
     def exec(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run(*self.prefix(), *args, check=check)
 

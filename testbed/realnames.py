@@ -38,6 +38,7 @@ back to the real Docker Hub fails on the spot instead of reaching it.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import itertools
 import json
@@ -230,6 +231,8 @@ class RealNamesBed:
         self.stop()
 
     def start(self) -> None:
+        # A test process that dies without stop() must not leave namespaces.
+        atexit.register(self.stop)
         self._network()
         self.root = TestRoot(self.dir / "pki")
         self._names_online()
@@ -242,6 +245,7 @@ class RealNamesBed:
         self._start_cdn()
 
     def stop(self) -> None:
+        atexit.unregister(self.stop)
         for proxy in self.proxies:
             proxy.stop()
         _terminate(self._registry)

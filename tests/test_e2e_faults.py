@@ -367,6 +367,8 @@ def test_sigkill_mid_download_leaves_nothing_visible_and_restart_recovers(
     repo = "killed"
     (digest,) = fake.add_image(repo, "v1", [data]).layer_digests
     hex_part = digest.split(":")[1]
+    # stop() in the finally kills whatever nginx of it is left, should it
+    # outlive serve's SIGKILL.
     cr = CrProxy(tmp_path / "crproxy", fake.endpoints)
     cr.start()
     try:
@@ -429,25 +431,12 @@ def test_racing_links_of_one_name_leave_nothing_in_temp(
 # --- nginx crashes under serve ---------------------------------------------------------------
 
 
-def kill_if_nginx_worker(pid: int) -> None:
-    """SIGKILL a leftover nginx worker this test started (checked by name:
-    a pid is never reused while its process lives)."""
-    try:
-        name = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return
-    if name.startswith(b"nginx: worker") and alive(pid):
-        os.kill(pid, signal.SIGKILL)
-
-
 def test_nginx_crash_leaves_no_orphan_workers(fake: FaultyRegistry, tmp_path: Path) -> None:
     """When the nginx master dies, serve exits 1 and nginx's workers go too:
     no orphan keeps the mirror's listening sockets, answering hits with no
     fetcher behind it."""
-    cr = CrProxy(tmp_path / "crproxy", fake.endpoints)
-    cr.start()
-    workers: list[int] = []
-    try:
+    # (stop(), at the with's end, kills whatever nginx of it is left.)
+    with CrProxy(tmp_path / "crproxy", fake.endpoints) as cr:
         master = int((cr.run_dir / "nginx.pid").read_text())
         workers = children(master)
         assert workers, "nginx has workers"
@@ -456,7 +445,3 @@ def test_nginx_crash_leaves_no_orphan_workers(fake: FaultyRegistry, tmp_path: Pa
         assert cr.proc.wait(30) == 1
         wait_until(lambda: not any(alive(pid) for pid in workers), 10,
                    "nginx's workers to exit with their master")
-    finally:
-        cr.stop()
-        for pid in workers:
-            kill_if_nginx_worker(pid)

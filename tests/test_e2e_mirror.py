@@ -369,26 +369,26 @@ def test_serve_starts_without_upstream_and_fails_fast(tmp_path: Path) -> None:
 
 
 def test_serve_exits_non_zero_when_nginx_dies(tmp_path: Path) -> None:
-    running = CrProxy(tmp_path / "crproxy", {})
-    running.start()
-    try:
+    # (stop(), at the with's end, kills any nginx worker left behind.)
+    with CrProxy(tmp_path / "crproxy", {}) as running:
         pid = int((running.run_dir / "nginx.pid").read_text())
         os.kill(pid, signal.SIGKILL)
         assert running.proc is not None
         code = running.proc.wait(30)
-    finally:
-        running.stop()
     assert code == 1
     assert "nginx exited" in running.log_text()
 
 
 def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    running = CrProxy(tmp_path / "crproxy", {})
-    running.start()
-    pid = int((running.run_dir / "nginx.pid").read_text())
-    assert running.stop() == 0
+    with CrProxy(tmp_path / "crproxy", {}) as running:
+        master = int((running.run_dir / "nginx.pid").read_text())
+        assert master in running.nginx_processes()
+        assert len(running.nginx_processes()) >= 2, "nginx master and at least one worker"
+        assert running.stop() == 0
+    # serve waited for nginx, workers included: nothing left for stop() to kill.
+    assert running.strays == []
     with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+        os.kill(master, 0)
 
 
 def test_https_mirror_rejects_clients_without_the_ca(proxy: CrProxy) -> None:

@@ -5,10 +5,16 @@ dropped: connect timeouts, not refusals), bytes verified each time."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import socket
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -56,6 +62,21 @@ def stale_tags(bed: Bed) -> None:
             os.utime(digest_file, (1, 1))
 
 
+@contextmanager
+def outage(bed: Bed) -> Iterator[None]:
+    """The cable out, cached tags due for revalidation (the fetcher, not
+    nginx, answers them and must fall back), and cr-proxy's connections from
+    before the cut gone (each request connects, and the connect times out:
+    RealNamesBed.forget_connections); the cable back in afterwards."""
+    stale_tags(bed)
+    bed.net.cable_out()
+    try:
+        bed.net.forget_connections()
+        yield
+    finally:
+        bed.net.cable_in()
+
+
 def connect_from(ns: str, address: str) -> str:
     """What a TCP connect from namespace `ns` to address:443 meets."""
     def attempt() -> str:
@@ -67,16 +88,26 @@ def connect_from(ns: str, address: str) -> str:
                 return "timeout"
             except ConnectionRefusedError:
                 return "refused"
+            except OSError as err:
+                if err.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+                    return "unreachable"
+                raise
             return "connected"
     return in_netns(ns, attempt)
 
 
 def test_the_bed_is_sealed_and_the_cable_drops(bed: Bed) -> None:
-    """The clients cannot reach the upstream (no route, no resolver), and
-    cable_out drops the upstream's packets: a connect times out."""
+    """The clients cannot reach the upstream (no route, a resolver that
+    refuses at once), nothing in the bed reaches beyond it, and cable_out
+    drops the upstream's packets: a connect times out, it is not refused."""
     direct = bed.net.client("skopeo", "inspect", "--retry-times", "0", f"docker://{IMAGE}")
     assert direct.returncode != 0
-    cr = bed.net.cr.name
+    assert "lookup registry-1.docker.io on 127.0.0.1:53" in direct.stderr, direct.stderr
+    cl, cr = bed.net.cl.name, bed.net.cr.name
+    assert connect_from(cl, ADDRESSES[REGISTRY]) == "unreachable"
+    public = "9.9.9.9"  # any global address: the bed has no way out
+    assert connect_from(cl, public) == "unreachable"
+    assert connect_from(cr, public) == "unreachable"
     assert connect_from(cr, ADDRESSES[REGISTRY]) == "connected"
     bed.net.cable_out()
     try:
@@ -88,21 +119,25 @@ def test_the_bed_is_sealed_and_the_cable_drops(bed: Bed) -> None:
 
 @pytest.mark.parametrize("mode", ["mirror", "proxy"])
 def test_skopeo_online_then_cable_out(bed: Bed, mode: str, tmp_path: Path) -> None:
-    """Online, then the cable out (cr-proxy's connections from before the
-    cut gone: each request connects, and the connect times out): the cached
+    """Online, then the cable out (`outage`): the cached
     image, its tag due for revalidation, comes byte for byte the same; an
     image never cached fails with a 404 whose message skopeo prints."""
     trust = trust_dir(bed, tmp_path)
+    if mode == "proxy":  # without cr-proxy's CA: the system's roots only
+        (tmp_path / "no-trust").mkdir()
+        refused = skopeo(bed, mode, IMAGE, tmp_path / "refused", tmp_path / "no-trust")
+        assert refused.returncode != 0
+        # skopeo logs through logrus: the quotes come escaped.
+        assert ('pinging container registry registry-1.docker.io: Get '
+                '\\"https://registry-1.docker.io/v2/\\": x509: certificate signed by unknown '
+                'authority') in refused.stderr, refused.stderr
     online = skopeo(bed, mode, IMAGE, tmp_path / "online", trust)
     assert online.returncode == 0, online.stderr + bed.cr.log_text()[-3000:]
     blobs = layout_blobs(tmp_path / "online")
     assert expected_digests(bed.image) <= set(blobs)
     assert (bed.cr.cache / f"content/{REGISTRY}/v2/library/app/manifests/v1").is_file()
 
-    stale_tags(bed)
-    bed.net.cable_out()
-    try:
-        bed.net.forget_connections()
+    with outage(bed):
         offline = skopeo(bed, mode, IMAGE, tmp_path / "offline", trust)
         assert offline.returncode == 0, offline.stderr + bed.cr.log_text()[-3000:]
         assert layout_blobs(tmp_path / "offline") == blobs
@@ -110,8 +145,33 @@ def test_skopeo_online_then_cable_out(bed: Bed, mode: str, tmp_path: Path) -> No
         assert never.returncode != 0
         assert f"manifest unknown: {REASON}" in never.stderr, (
             never.stderr + bed.cr.log_text()[-3000:])
+
+
+def test_skopeo_with_the_names_gone(bed: Bed, tmp_path: Path) -> None:
+    """Names stop resolving (dns_out: no hosts entry, a resolver that
+    drops every query) and cr-proxy restarts meanwhile (nothing cached in
+    its memory: no address, no connection): a cached image whose tag is due
+    for revalidation comes byte for byte the same, in both modes; one never
+    cached fails naming the reason."""
+    trust = trust_dir(bed, tmp_path)
+    online = skopeo(bed, "proxy", IMAGE, tmp_path / "online", trust)
+    assert online.returncode == 0, online.stderr
+    blobs = layout_blobs(tmp_path / "online")
+    stale_tags(bed)
+    bed.net.dns_out()
+    try:
+        bed.cr.stop()
+        bed.cr.start()
+        for mode in ("mirror", "proxy"):
+            offline = skopeo(bed, mode, IMAGE, tmp_path / f"offline-{mode}", trust)
+            assert offline.returncode == 0, offline.stderr + bed.cr.log_text()[-3000:]
+            assert layout_blobs(tmp_path / f"offline-{mode}") == blobs
+            never = skopeo(bed, mode, NEVER, tmp_path / f"never-{mode}", trust)
+            assert never.returncode != 0
+            assert f"manifest unknown: {REASON}" in never.stderr, (
+                never.stderr + bed.cr.log_text()[-3000:])
     finally:
-        bed.net.cable_in()
+        bed.net.dns_in()
 
 
 def list_tags(bed: Bed, mode: str, trust: Path) -> subprocess.CompletedProcess[str]:
@@ -165,3 +225,65 @@ def test_tag_lists_and_referrers_online_then_cable_out(bed: Bed, tmp_path: Path)
         assert "X-Cache: STALE" in stale.stdout and "Age: " in stale.stdout, stale
     finally:
         bed.net.cable_in()
+
+
+DOWN_LINE = re.compile(rf"WARNING .*upstream {re.escape(REGISTRY)} unreachable \(")
+UP_LINE = re.compile(rf"WARNING .*upstream {re.escape(REGISTRY)} reachable again")
+RECOVERY = 60.0  # seconds: a bound on the probe's finding the upstream back (1 s apart here)
+
+
+def said(bed: Bed, pattern: re.Pattern[str], since: int = 0) -> list[str]:
+    return [line for line in bed.cr.output[since:] if pattern.search(line)]
+
+
+def wait_up(bed: Bed) -> None:
+    """Until every outage serve warned of has its "reachable again" (the
+    background probe's), bounded: the next case starts with the upstream up."""
+    deadline = time.monotonic() + RECOVERY
+    while len(said(bed, UP_LINE)) < len(said(bed, DOWN_LINE)):
+        assert time.monotonic() < deadline, bed.cr.log_text()[-3000:]
+        threading.Event().wait(0.1)
+
+
+@pytest.mark.parametrize("outage", ["cable", "dns"])
+def test_an_outage_is_one_warning_and_the_stale_pull_comes_from_the_cache(
+    bed: Bed, outage: str, tmp_path: Path
+) -> None:
+    """Fast offline (issue 12): the tag due for revalidation, the cable out
+    (packets dropped, cr-proxy's open connections gone) or the names no
+    longer resolving (cr-proxy restarted meanwhile, so nothing is cached in
+    its resolver: every lookup goes to a resolver that never answers), a
+    skopeo pull through the mirror comes from the cache byte for byte; the
+    registry's outage is one warning, however many of its hosts a pull
+    would use, and the probe brings it back with one more once the upstream
+    answers."""
+    trust = trust_dir(bed, tmp_path)
+    wait_up(bed)
+    online = skopeo(bed, "mirror", IMAGE, tmp_path / "online", trust)
+    assert online.returncode == 0, online.stderr + bed.cr.log_text()[-3000:]
+    stale_tags(bed)
+    if outage == "cable":
+        bed.net.cable_out()
+        bed.net.forget_connections()
+    else:
+        bed.net.dns_out()
+        bed.cr.stop()
+        bed.cr.start()
+    mark = len(bed.cr.output)
+    try:
+        offline = skopeo(bed, "mirror", IMAGE, tmp_path / "offline", trust)
+        assert offline.returncode == 0, offline.stderr + bed.cr.log_text()[-3000:]
+        assert layout_blobs(tmp_path / "offline") == layout_blobs(tmp_path / "online")
+        bed.cr.wait_for_output(f"upstream {REGISTRY} unreachable (", RECOVERY)
+        again = skopeo(bed, "mirror", IMAGE, tmp_path / "again", trust)
+        assert again.returncode == 0, again.stderr
+    finally:
+        if outage == "cable":
+            bed.net.cable_in()
+        else:
+            bed.net.dns_in()
+    wait_up(bed)
+    warnings = [line for line in bed.cr.output[mark:] if " WARNING " in line]
+    assert len(said(bed, DOWN_LINE, mark)) == 1, warnings
+    assert len(said(bed, UP_LINE, mark)) == 1, warnings
+    assert all(DOWN_LINE.search(w) or UP_LINE.search(w) for w in warnings), warnings

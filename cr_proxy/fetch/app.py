@@ -212,10 +212,11 @@ def make_app(
     async def lifecycle(app: web.Application):
         await in_thread(store.prepare, clean_temp)
         session = Upstream.make_session(config)
-        upstream = Upstream(config, session, Challenges(store))
-        fetcher = Fetcher.of(config, store, upstream, metrics)
+        upstream = Upstream(config, session, Challenges(store), metrics)
+        fetcher = Fetcher.of(config, store, upstream, upstream.metrics)
         app["fetcher"] = fetcher
         yield
+        await upstream.close()
         await fetcher.close()
         await session.close()
 

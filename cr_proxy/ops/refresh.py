@@ -37,7 +37,7 @@ async def refresh_once(fetcher: Fetcher) -> RefreshResult:
     for domain, name, tag in await in_thread(fetcher.ctx.store.cached_tags):
         if not wanted(tag, patterns):
             continue
-        if fetcher.ctx.upstream.is_down(domain):
+        if fetcher.ctx.upstream.skips(domain):
             failed += 1
             continue
         checked += 1

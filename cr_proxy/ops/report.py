@@ -1,4 +1,4 @@
-"""What `cr-proxy ls|du|rm|verify` print: a JSON document (`--json`) or a
+"""What `cr-proxy ls|du|rm|verify|check` print: a JSON document (`--json`) or a
 table for people, from the cache's results (cache/inventory.py and the
 modules it calls).
 
@@ -22,6 +22,10 @@ JSON (`--json`; keys are stable, new ones may be added):
     rm      {"images": [key], "blobs": [digest], "files", "bytes"}
     verify  {"checked", "bytes", "failures": [{"digest", "actual" (null if
              unreadable), "quarantined" (path or null), "removed": [path]}]}
+    check   {"images": [{"image" (as given), "name", "digest" (null: not
+             cached), "complete": bool, "platforms": [str],
+             "missing": [{"what" ("manifest", "blob", "platform"), "name",
+             "reason"}]}], "complete": bool}
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from cr_proxy.cache.check import Checked
 from cr_proxy.cache.diskuse import DiskUsage, Usage
 from cr_proxy.cache.image import Image
 from cr_proxy.cache.removal import Removed
@@ -139,6 +144,29 @@ def verification_text(result: Verification) -> str:
     ]
     lines.append(f"checked {result.checked} blobs ({human_size(result.bytes)}): "
                  f"{len(result.failures) or 'none'} corrupt")
+    return "\n".join(lines)
+
+
+def check_document(checked: Iterable[Checked]) -> dict[str, Any]:
+    images = [
+        {"image": c.image, "name": c.name, "digest": c.digest, "complete": c.complete,
+         "platforms": list(c.platforms),
+         "missing": [{"what": m.what, "name": m.name, "reason": m.reason} for m in c.missing]}
+        for c in checked
+    ]
+    return {"images": images, "complete": all(i["complete"] for i in images)}
+
+
+def check_text(checked: Iterable[Checked]) -> str:
+    """One line per image, `complete` or `INCOMPLETE`, then what is missing."""
+    lines = []
+    for c in checked:
+        platforms = f" ({', '.join(c.platforms)})" if c.platforms else ""
+        if c.complete:
+            lines.append(f"complete    {c.name}{platforms}")
+            continue
+        lines.append(f"INCOMPLETE  {c.name}{platforms}: {len(c.missing)} missing")
+        lines += [f"  {m}" for m in c.missing]
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ from cr_proxy.front.stamp import FrontStamp
 from cr_proxy.metrics import Metrics
 from cr_proxy.metrics import make_app as metrics_app
 from cr_proxy.ops import logs, usage
+from cr_proxy.ops.pin_warm import warm_pins
 from cr_proxy.ops.refresh import refresh_loop
 
 log = logging.getLogger("cr_proxy.serve")
@@ -209,6 +210,8 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
                 config.access_log_path, config.access_log_max_size, reopen_logs)))
         if config.refresh.interval > 0:
             tasks.append(asyncio.create_task(refresh_loop(fetcher)))
+        if config.cache.pins:
+            tasks.append(asyncio.create_task(warm_pins(config)))
         if config.cache.max_size:
             wake = asyncio.Event()
             fetcher.ctx.fill.on_full = wake.set

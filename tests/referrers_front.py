@@ -9,7 +9,8 @@ loopback front that adds the referrers API, and only it, to that registry.
   `artifactType`, an empty config and `subject`), as pushed.
 - `ReferrersFront`: answers `GET /v2/<name>/referrers/<digest>` from what
   the test registered (the spec's answer: an index, `artifactType`
-  filtered with OCI-Filters-Applied), relays anything else to the
+  filtered with OCI-Filters-Applied, in pages with a Link when
+  `page_size` is set), relays anything else to the
   registry as it is (its 401 and challenge included, so clients log in
   with the registry's own token server).
 """
@@ -21,7 +22,7 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urlencode, urljoin
 
 import aiohttp
 from aiohttp import web
@@ -118,6 +119,7 @@ class ReferrersFront:
         (self.port,) = free_ports(1)
         self.referrers: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self.asked: Counter[str] = Counter()  # referrers requests, by subject
+        self.page_size = 0  # > 0: answers in pages of that many descriptors
         self._loop: LoopThread | None = None
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -172,6 +174,15 @@ class ReferrersFront:
         if wanted is not None:
             found = [d for d in found if d.get("artifactType") == wanted]
             headers["OCI-Filters-Applied"] = "artifactType"
+        if self.page_size:
+            # In pages (the spec's Link), each after the last digest sent.
+            last = request.query.get("last")
+            start = next((i + 1 for i, d in enumerate(found) if d["digest"] == last), 0)
+            found, more = found[start:start + self.page_size], found[start + self.page_size:]
+            if more:
+                params = urlencode({"last": found[-1]["digest"],
+                                    **({"artifactType": wanted} if wanted else {})})
+                headers["Link"] = f'<{request.path}?{params}>; rel="next"'
         body = json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": found})
         return web.Response(text=body, content_type=MT_INDEX, headers=headers)
 

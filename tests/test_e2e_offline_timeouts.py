@@ -117,7 +117,7 @@ def test_cable_out_stale_at_once_no_dial_while_down_and_the_probe_brings_it_back
         # Due for revalidation, the upstream silent: the stale copy comes
         # while the revalidation still waits for its connect...
         assert get(proxy, "small/manifests/v1")[:2] == (200, "STALE")
-        proxy.wait_for_output(DOWN, WAIT)
+        wait_lines(proxy, start, DOWN, 1)
         late = proxy.output.index(next(line for line in proxy.output[start:] if LATE in line))
         down = proxy.output.index(next(line for line in proxy.output[start:] if DOWN in line))
         assert late < down, "the stale answer waited for the connect timeout"
@@ -150,7 +150,7 @@ def test_cable_out_stale_at_once_no_dial_while_down_and_the_probe_brings_it_back
         mark = len(proxy.output)
     # The servers are back: the probe finds them before any client asks,
     # and the next revalidation goes upstream (no retry, no wait).
-    proxy.wait_for_output(UP, WAIT)
+    wait_lines(proxy, start, UP, 1)
     heads = registry_saw(upstream, "HEAD", "/v2/small/manifests/v1")
     assert get(proxy, "small/manifests/v1")[:2] == (200, "REVALIDATED")
     assert registry_saw_at_least(upstream, "HEAD", "/v2/small/manifests/v1", heads + 1) == heads + 1

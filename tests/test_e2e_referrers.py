@@ -6,7 +6,8 @@ client installs in `make test`) and skopeo for the legacy cosign tag:
   distribution 2.8 has no referrers API: it answers 404), the
   `sha256-<hex>` index tag pushed as the spec says;
 - by the API against tests/referrers_front.py, the real registry plus the
-  referrers endpoint;
+  referrers endpoint (answering in pages: cr-proxy follows the Link and
+  keeps the answer whole);
 - then with the registry, its token server, its CDN and the front all
   stopped: both answer from the cache (stale, saying so), each referrer
   artifact pulls, and so does the legacy `sha256-<hex>.sig` tag.
@@ -45,6 +46,7 @@ from tests.referrers_front import (
     push_manifest,
     push_tag_schema,
 )
+from tests.test_e2e_tags import stale_served
 
 REPO = "signed/app"
 FRONT = "refs.test"
@@ -87,6 +89,7 @@ def front(upstream: Upstream, signed: Signed) -> Iterator[ReferrersFront]:
     with ReferrersFront(upstream) as running:
         running.referrers[(REPO, signed.subject)] = [
             signed.signature.descriptor(), signed.attestation.descriptor()]
+        running.page_size = 1  # two pages: cr-proxy follows the Link
         yield running
 
 
@@ -156,7 +159,7 @@ def test_referrers_by_api_and_by_tag_schema_online_then_offline(
     by_api = mirror(cr, FRONT, f"referrers/{subject}")
     assert (referrers(by_api), by_api.header("X-Cache")) == (both, "MISS")
     assert mirror(cr, FRONT, f"referrers/{subject}").header("X-Cache") == "HIT"
-    assert front.asked[subject] == 1
+    assert front.asked[subject] == 2  # one answer, in two pages
     # The https_proxy: the same answers, no client login needed.
     assert referrers(proxied(cr, "registry.test", f"referrers/{subject}")) == both
     assert referrers(proxied(cr, FRONT, f"referrers/{subject}{sig_only}")) == both[:1]
@@ -181,7 +184,9 @@ def test_referrers_by_api_and_by_tag_schema_online_then_offline(
                 if path.is_file():
                     os.utime(path, (1, 1))  # stale: the fetcher must fall back
         for registry in ("registry.test", FRONT):
+            before = stale_served(cr, registry)
             stale = mirror(cr, registry, f"referrers/{subject}")
+            assert stale_served(cr, registry) == before + 1  # counted per registry
             assert (referrers(stale), stale.header("X-Cache")) == (both, "STALE"), registry
             assert int(stale.header("Age") or 0) > 10**9
             assert referrers(mirror(cr, registry, f"referrers/{subject}{sig_only}")) \
@@ -206,7 +211,7 @@ def test_referrers_by_api_and_by_tag_schema_online_then_offline(
         assert never.status == 404, never
         assert never.json_errors()[0] == {
             "code": "MANIFEST_UNKNOWN",
-            "message": f"the referrers of {REPO}@{other} is not in the cache, and "
+            "message": f"the referrers index of {REPO}@{other} is not in the cache, and "
                        f"{FRONT} is unreachable"}
     finally:
         upstream.start_registry()

@@ -103,12 +103,13 @@ def age_everything(cr: CrProxy) -> None:
                 os.utime(path, (1, 1))
 
 
-def stale_served(cr: CrProxy) -> float:
+def stale_served(cr: CrProxy, registry: str = "registry.test") -> float:
+    """crproxy_stale_served for one registry, scraped."""
     url = f"http://127.0.0.1:{cr.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=30) as answer:
         text = answer.read().decode()
-    match = re.search(r'^crproxy_stale_served_total\{registry="registry.test"\} (\S+)$', text,
-                      re.MULTILINE)
+    pattern = rf'^crproxy_stale_served_total\{{registry="{re.escape(registry)}"\}} (\S+)$'
+    match = re.search(pattern, text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 

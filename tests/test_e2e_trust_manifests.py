@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from cr_proxy.oci.referrers import MAX_PAGES
 from testbed.crproxy import CrProxy
 from testbed.ports import free_ports
 from tests.faulty import sha256, wait_until
@@ -253,6 +254,25 @@ def test_bad_referrers_are_502_and_never_stored(
         reply = get(cr, door, f"/v2/evil/referrers/{SUBJECT}")
         assert_refused(reply, (what, door), code=code)
     assert stored_lists(cr, "evil") == []
+
+
+def test_referrers_pages_are_followed_within_bounds(
+    cr: CrProxy, fake: ScriptedRegistry
+) -> None:
+    """An upstream whose Link always names a next page is asked MAX_PAGES
+    times, then refused; a Link to another path is not followed."""
+    path = f"/v2/loop/referrers/{SUBJECT}"
+    fake.script(path, Script(referrers_index(GOOD_DESCRIPTOR), content_type=MT_INDEX,
+                             headers={"Link": f'<{path}?last=x>; rel="next"'}))
+    assert_refused(get(cr, Door.MIRROR_HTTP, path), "endless pages", code="UPSTREAM_ERROR")
+    assert fake.count("GET", path) == MAX_PAGES
+    assert stored_lists(cr, "loop") == []
+    elsewhere = f"/v2/away/referrers/{SUBJECT}"
+    fake.script(elsewhere, Script(referrers_index(GOOD_DESCRIPTOR), content_type=MT_INDEX,
+                                  headers={"Link": f'<{path}?last=x>; rel="next"'}))
+    reply = get(cr, Door.MIRROR_HTTP, elsewhere)
+    assert json.loads(reply.body)["manifests"] == [GOOD_DESCRIPTOR]
+    assert fake.count("GET", elsewhere) == 1
 
 
 def test_a_good_referrers_answer_is_rebuilt_from_its_checked_fields(

@@ -198,3 +198,21 @@ async def test_close_stops_every_probe(health: Health, probe: FakeProbe) -> None
     await health.close()
     tasks = [o.task for o in health._outages.values()] + list(health._suspects.values())
     assert all(task is None or task.done() for task in tasks)
+
+
+async def test_the_down_gauge_goes_back_under_the_label_it_went_up_with(
+    probe: FakeProbe, metrics: Metrics
+) -> None:
+    """A registry first counted as "other" that answers meanwhile gets its
+    own label (upstream.registry_label): its gauge must not end at -1 there
+    and +1 under "other"."""
+    known: set[str] = set()
+    health = Health(60, probe, metrics, lambda r: r if r in known else "other")
+    try:
+        health.failed("new.test", "https", REFUSED)
+        known.add("new.test")
+        health.answered("new.test")
+        assert sample(metrics, "crproxy_upstream_down", "other") == 0
+        assert sample(metrics, "crproxy_upstream_down", "new.test") == 0
+    finally:
+        await health.close()

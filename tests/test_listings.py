@@ -15,6 +15,7 @@ from cr_proxy.oci.referrers import (
     INDEX_TYPE,
     MAX_REFERRERS,
     check_artifact_type,
+    next_query,
     parse_referrers,
     referrers_body,
     tag_schema_tag,
@@ -163,3 +164,16 @@ def test_listings_live_where_no_repository_can() -> None:
 ])
 def test_a_redirect_target_names_its_repository(path: str, name: str | None) -> None:
     assert listed_name(path) == name
+
+
+@pytest.mark.parametrize("link, query", [
+    (f'</v2/a/referrers/{DIGEST}?last=sha256:x&n=2>; rel="next"', "last=sha256:x&n=2"),
+    (f'<https://r.test/v2/a/referrers/{DIGEST}?t=abc%3D>; rel="next"', "t=abc%3D"),
+    (f'</v2/b/referrers/{DIGEST}?last=x>; rel="next"', None),
+    (f'</v2/a/referrers/{DIGEST}>; rel="next"', None),
+    (f'</v2/a/referrers/{DIGEST}?a=b c>; rel="next"', None),
+    (f'</v2/a/referrers/{DIGEST}?a=b>; rel="prev"', None),
+    (None, None),
+])
+def test_only_this_paths_next_page_is_followed(link: str | None, query: str | None) -> None:
+    assert next_query(link, f"/v2/a/referrers/{DIGEST}") == query

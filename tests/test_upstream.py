@@ -275,3 +275,45 @@ async def test_the_probe_answers_for_any_http_answer_and_fails_on_a_refused_conn
         await upstream.close()
         await session.close()
         await runner.cleanup()
+
+
+async def test_a_request_hung_past_the_budget_is_given_up_when_its_registry_is_found_down(
+) -> None:
+    """A kept-alive connection into a cut cable: the server took the request
+    and says nothing. Past timeouts.stale_budget the registry is suspect;
+    its probe (a new connection: here a fake that cannot connect) marks it
+    down, and the waiting request ends then, UpstreamUnreachable, not at
+    timeouts.read (60 s here) as UpstreamTimeout."""
+    hang = asyncio.Event()
+
+    async def silent(_: web.Request) -> web.Response:
+        await hang.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", silent)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    (port,) = free_ports(1)
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    conf = make_config(ENDPOINTS=f"{{hung.test: 'http://127.0.0.1:{port}'}}",
+                       TIMEOUTS__READ="60", TIMEOUTS__STALE_BUDGET="0.05")
+    session = Upstream.make_session(conf)
+    upstream = Upstream(conf, session)
+    probed: list[str] = []
+
+    async def cannot_connect(host: str, scheme: str) -> BaseException | None:
+        probed.append(host)
+        return ConnectionRefusedError("cut")
+
+    upstream.health._probe = cannot_connect
+    try:
+        with pytest.raises(UpstreamUnreachable, match="went down while this request waited"):
+            await upstream.send("GET", "hung.test", "/v2/a", {})
+        assert probed[0] == "hung.test"
+        assert upstream.is_down("hung.test")
+    finally:
+        hang.set()
+        await upstream.close()
+        await session.close()
+        await runner.cleanup()

@@ -40,6 +40,7 @@ The tree (seed 001, plus a digest store for one copy per digest):
                                              a post-mortem; nothing serves them
       usage.json                             last use per (domain, path), saved by
                                              `serve` from nginx's access log
+      pins.json                              images `cr-proxy pin` pinned (pins.py)
 
 `<domain>` is the host that really serves the path (registry-1.docker.io,
 not docker.io; a CDN host for redirect targets), `<path>` the URL path
@@ -79,6 +80,7 @@ TEMP = "temp"
 QUARANTINE = "quarantine"
 LISTS = "lists"
 USES_FILE = "usage.json"
+PINS_FILE = "pins.json"
 # Made by Store.prepare; quarantine/ when needed.
 TOP_DIRS = (CONTENT, BLOBS, TEMP, LISTS, *SIDECARS)
 # A generic URL path segment we are willing to store (CDN paths, auth paths):
@@ -439,6 +441,10 @@ class Tree:
     @property
     def uses_file(self) -> Path:
         return self.root / USES_FILE
+
+    @property
+    def pins_file(self) -> Path:
+        return self.root / PINS_FILE
 
     def parse_content(self, path: Path) -> tuple[str, str]:
         """Inverse of content(): a file under content/ -> (domain, path)."""

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,6 +240,10 @@ class Store:
     def save_uses(self, uses: dict[tuple[str, str], float]) -> None:
         data = json.dumps({f"{d} {p}": t for (d, p), t in uses.items()})
         self._replace_with(self.tree.uses_file, lambda tmp: tmp.write_text(data))
+
+    def save_pins(self, keys: Iterable[str]) -> None:
+        data = json.dumps({"pins": sorted(keys)}, indent=1) + "\n"
+        self._replace_with(self.tree.pins_file, lambda tmp: tmp.write_text(data))
 
     def blob_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self.tree.temp, digest)

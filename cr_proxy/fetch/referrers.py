@@ -23,7 +23,7 @@ import time
 from aiohttp import web
 
 from cr_proxy.cache.layout import Kind, RegistryPath, Target
-from cr_proxy.errors import NotCached, NotFound, UpstreamError
+from cr_proxy.errors import NotCached, NotFound, TooLarge, UpstreamError
 from cr_proxy.fetch.context import (
     API_HEADERS,
     STALE,
@@ -44,8 +44,11 @@ from cr_proxy.fetch.manifests import Manifests
 from cr_proxy.oci.referrers import (
     FILTER_HEADER,
     INDEX_TYPE,
+    MAX_PAGES,
     MAX_REFERRERS,
+    Descriptor,
     check_artifact_type,
+    next_query,
     parse_referrers,
     referrers_body,
     stored_name,
@@ -68,7 +71,7 @@ class Referrers:
         artifact_type = check_artifact_type(request.query.get("artifactType"))
         rpath = target.rpath
         listing = Listing(target.domain, rpath.name, Kind.REFERRERS, stored_name(rpath.ref),
-                          f"the referrers of {rpath.name}@{rpath.ref}", "MANIFEST_UNKNOWN")
+                          f"the referrers index of {rpath.name}@{rpath.ref}", "MANIFEST_UNKNOWN")
         auth = client_auth(request)
         try:
             listed = await self.listings.get(
@@ -90,33 +93,62 @@ class Referrers:
     ) -> bytes:
         """The upstream's answer by the API, else by the tag schema; checked
         and rebuilt, as it is stored."""
+        by_api = await self._by_api(target, listing, auth)
+        if by_api is not None:
+            return by_api
+        try:
+            answer = await self._tag_index(request, target)
+        except NotCached:
+            raise
+        except NotFound:
+            return referrers_body([])  # no tag: no referrers
+        if answer.headers.get("X-Cache") == STALE:
+            # The tag's revalidation failed: this is not a fresh answer.
+            raise UpstreamError(message=f"{target.domain}: the tag schema index of "
+                                f"{listing.what} could not be revalidated")
+        assert isinstance(answer.body, bytes)
+        return referrers_body(await in_thread(parse_referrers, answer.body, listing.what))
+
+    async def _by_api(self, target: Target, listing: Listing, auth: str | None) -> bytes | None:
+        """The API's answer, its pages followed (at most MAX_PAGES, whole at
+        most MAX_REFERRERS bytes); None when the upstream has no API."""
+        descriptors: list[Descriptor] = []
+        query = ""
+        for _ in range(MAX_PAGES):
+            page = await self._page(target, listing, auth, query)
+            if page is None:
+                return None
+            body, link = page
+            descriptors += await in_thread(parse_referrers, body, listing.what)
+            following = next_query(link, "/" + target.rpath.path)
+            if following is None:
+                whole = referrers_body(descriptors)
+                if len(whole) > MAX_REFERRERS:
+                    raise TooLarge(message=f"{target.domain}: {listing.what} larger than "
+                                   f"{MAX_REFERRERS} bytes")
+                return whole
+            query = following
+        raise UpstreamError(message=f"{target.domain}: {listing.what} in more than "
+                            f"{MAX_PAGES} pages")
+
+    async def _page(
+        self, target: Target, listing: Listing, auth: str | None, query: str
+    ) -> tuple[bytes, str | None] | None:
+        """One page of the upstream's answer by the API and its Link; None
+        when the first page is a 404 (no API)."""
         upstream = self.ctx.upstream
         response = await upstream.registry(
-            "GET", target, headers={"Accept": INDEX_TYPE}, client_auth=auth)
+            "GET", target, headers={"Accept": INDEX_TYPE}, client_auth=auth, query=query)
         async with response:
             # A registry with the API never answers 404 (the spec): this one
             # has none.
-            if response.status == 404:
-                body = None
-            else:
-                check_status(response, target, NotFound("MANIFEST_UNKNOWN", listing.what))
-                with upstream.rate_guard(response.content):
-                    body = await read_bounded(
-                        response, MAX_REFERRERS, f"{target.domain}: {listing.what}")
-        if body is None:
-            try:
-                answer = await self._tag_index(request, target)
-            except NotCached:
-                raise
-            except NotFound:
-                return referrers_body([])  # no tag: no referrers
-            if answer.headers.get("X-Cache") == STALE:
-                # The tag's revalidation failed: this is not a fresh answer.
-                raise UpstreamError(message=f"{target.domain}: the tag schema index of "
-                                    f"{listing.what} could not be revalidated")
-            body = answer.body
-        descriptors = await in_thread(parse_referrers, body, listing.what)
-        return referrers_body(descriptors)
+            if response.status == 404 and not query:
+                return None
+            check_status(response, target, NotFound("MANIFEST_UNKNOWN", listing.what))
+            with upstream.rate_guard(response.content):
+                body = await read_bounded(
+                    response, MAX_REFERRERS, f"{target.domain}: {listing.what}")
+            return body, response.headers.get("Link")
 
     async def _tag_index(self, request: web.Request, target: Target) -> web.Response:
         """The `<alg>-<hex>` tag's index through manifests.py: cached, and
@@ -137,9 +169,7 @@ class Referrers:
             answer = await self._tag_index(request, target)
         except (NotFound, UpstreamError):
             raise err from None
-        cache = answer.headers.get("X-Cache", STALE)
-        if cache == STALE:
-            self.ctx.metrics.stale_served.labels(
-                registry=self.ctx.upstream.registry_label(target.domain)).inc()
+        # A stale tag is counted (crproxy_stale_served) by manifests.py.
         age = int(answer.headers.get("Age", "0"))
+        cache = answer.headers.get("X-Cache", STALE)
         return Listed(answer.body, time.time() - age, cache)  # type: ignore[arg-type]

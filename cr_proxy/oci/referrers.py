@@ -7,7 +7,9 @@ same index on a registry without the API (the "referrers tag schema",
 An index is stored and served only as checked here: JSON, `mediaType` the
 OCI index, at most MAX_REFERRERS bytes, every descriptor well formed (a
 media type, a digest, a size; an `artifactType` a media type, annotations
-strings). What is served is rebuilt from those checked fields alone.
+strings). What is served is rebuilt from those checked fields alone. An
+answer in pages (`Link: <...>; rel="next"`) is followed for at most
+MAX_PAGES pages of this very path, and kept whole.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import json
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from cr_proxy.errors import BadRequest, UpstreamError
 from cr_proxy.oci.manifest import MAX_MANIFEST
 from cr_proxy.oci.reference import check_digest, is_digest
+from cr_proxy.oci.tags import LINK_RE
 
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 MAX_REFERRERS = MAX_MANIFEST  # the index is a manifest on registries without the API
@@ -27,6 +31,12 @@ FILTER_HEADER = "OCI-Filters-Applied"
 # RFC 6838 type "/" subtype, restricted-name each (what a media type may be).
 MEDIA_TYPE_RE = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+
+# The pages of one answer followed at most (each at most MAX_REFERRERS).
+MAX_PAGES = 16
+# A next page's query as we send it on: what registries put there (n, last,
+# opaque tokens), nothing that could end the request line or a header.
+QUERY_RE = re.compile(r"[A-Za-z0-9._~%=&+:-]{1,1024}")
 
 Descriptor = dict[str, Any]
 
@@ -98,6 +108,19 @@ def _descriptor(entry: object, what: str) -> Descriptor:
 def _strings(value: object) -> bool:
     return isinstance(value, Mapping) and all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def next_query(link: str | None, path: str) -> str | None:
+    """The query of the next page an upstream's `Link` names, when it is
+    this very referrers path (`path`, with its leading slash) and a plain
+    query string; None otherwise (no more pages are asked for)."""
+    match = LINK_RE.fullmatch(link or "")
+    if match is None:
+        return None
+    url = urlsplit(match.group(1))
+    if url.path != path or not QUERY_RE.fullmatch(url.query):
+        return None
+    return url.query
 
 
 def referrers_body(descriptors: list[Descriptor], artifact_type: str | None = None) -> bytes:

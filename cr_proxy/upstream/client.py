@@ -32,7 +32,7 @@ import asyncio
 import functools
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from urllib.parse import urljoin
@@ -92,6 +92,17 @@ class Opened:
 
 class PrivateAddress(OSError):
     """A name resolved only to addresses the policy refuses."""
+
+
+def _abandon(task: asyncio.Future[aiohttp.ClientResponse]) -> None:
+    """A request no one waits for: cancelled, and its response, should one
+    come all the same, released (its connection back to the pool)."""
+    def release(done: asyncio.Future[aiohttp.ClientResponse]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().release()
+
+    task.cancel()
+    task.add_done_callback(release)
 
 
 def _private(err: BaseException) -> bool:
@@ -327,10 +338,10 @@ class Upstream:
             self._check_destination(host, base)
             try:
                 wait = PoolWait()
-                response = await self.session.request(
+                response = await self._answer(host, scheme, self.session.request(
                     method, base + path, headers=headers, allow_redirects=False, data=data,
                     trace_request_ctx=wait,
-                )
+                ))
             except PrivateAddress as err:
                 raise DestinationRefused(message=str(err)) from err
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as err:
@@ -358,6 +369,33 @@ class Upstream:
         assert last_error is not None
         self.health.failed(host, scheme, last_error)
         raise UpstreamUnreachable(message=f"{host} is unreachable: {last_error}") from last_error
+
+    async def _answer(
+        self, host: str, scheme: str, request: Awaitable[aiohttp.ClientResponse]
+    ) -> aiohttp.ClientResponse:
+        """The request's response. One not there within timeouts.stale_budget
+        makes host's registry suspect (health.suspect: a probe on a new
+        connection); if the registry goes down meanwhile, the request is
+        given up at once rather than left on a kept-alive connection into a
+        cut cable, which only timeouts.read would end."""
+        task = asyncio.ensure_future(request)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.config.timeouts.stale_budget)
+            if not done:
+                self.health.suspect(host, scheme)
+            while not task.done():
+                went_down = asyncio.ensure_future(self.health.went_down.wait())
+                try:
+                    await asyncio.wait({task, went_down}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    went_down.cancel()
+                if not task.done() and self.health.is_down(host):
+                    raise UpstreamUnreachable(message=f"{host} is unreachable (its registry "
+                                              "went down while this request waited)")
+            return task.result()
+        except BaseException:
+            _abandon(task)
+            raise
 
     def _prober(self) -> aiohttp.ClientSession:
         """The probes' own pool: a new connection each (a kept-alive one

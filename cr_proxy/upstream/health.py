@@ -14,9 +14,11 @@
   reachable), so no client pays for finding out. A registry nobody asked
   for in IDLE_PROBES probes is no longer probed (dormant): its next request
   dials again, as one would without this memory.
-- suspect(): a request that outran its budget (a tag's stale answer) may be
-  stuck on a kept-alive connection into a cut cable, which only a read
-  timeout would end: one probe on a new connection tells, at once.
+- suspect(): a request that outran its budget (`timeouts.stale_budget`)
+  may be stuck on a kept-alive connection into a cut cable, which only a
+  read timeout would end: one probe on a new connection tells, in a connect
+  timeout; if the registry is down, the requests still waiting for it give
+  up then (`went_down`), so nothing waits for `timeouts.read`.
 - Quiet: one WARNING when a registry goes down, one when it answers again;
   the rest is counted (metrics: outages, skipped requests, registries down)
   or logged at debug. The tables are bounded (clients name hosts).
@@ -50,6 +52,7 @@ class Outage:
     """A registry that failed to connect, until each failed host answers."""
 
     hosts: dict[str, str]  # host that failed -> the scheme it was dialled with
+    label: str  # its metrics label when it went down (the gauge goes back down under it)
     task: asyncio.Task[None] | None = None  # the probe loop; None: dormant
     wanted: int = field(default=0)  # requests skipped since the last probe
 
@@ -60,7 +63,7 @@ class Outage:
 
 class Health:
     __slots__ = ("_hosts", "_interval", "_label", "_metrics", "_outages", "_probe",
-                 "_suspects")
+                 "_suspects", "went_down")
 
     def __init__(self, interval: float, probe: Probe, metrics: Metrics, label: Label) -> None:
         self._interval = interval
@@ -70,6 +73,9 @@ class Health:
         self._hosts: dict[str, str] = {}  # learned host -> its registry, oldest first
         self._outages: dict[str, Outage] = {}  # registry -> its outage, oldest first
         self._suspects: dict[str, asyncio.Task[None]] = {}
+        # Set when any registry goes down (then replaced by a fresh one):
+        # requests still waiting for an answer from it give up (client.py).
+        self.went_down = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"<Health down={self.down_registries()} suspect={sorted(self._suspects)}>"
@@ -124,7 +130,9 @@ class Health:
             while len(self._outages) >= MAX_OUTAGES:
                 oldest = next(iter(self._outages))
                 self._end(oldest, self._outages[oldest])
-            outage = self._outages[registry] = Outage({})
+            outage = self._outages[registry] = Outage({}, label)
+            self.went_down.set()
+            self.went_down = asyncio.Event()
         else:
             log.debug("upstream %s still unreachable (%s: %s; %s)", registry, host, err, by)
         outage.hosts[host] = scheme
@@ -146,7 +154,7 @@ class Health:
 
     def _end(self, registry: str, outage: Outage) -> None:
         del self._outages[registry]
-        self._metrics.upstream_down.labels(registry=self._label(registry)).dec()
+        self._metrics.upstream_down.labels(registry=outage.label).dec()
         task, outage.task = outage.task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()

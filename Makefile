@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_RUN := nginx libnginx-mod-http-js
-APT_TEST := docker-registry skopeo curl wrk docker-compose systemd docker.io podman
+APT_TEST := docker-registry skopeo curl wrk docker-compose systemd docker.io podman buildah iproute2 iptables
 PYTEST_ARGS ?=
 
 .PHONY: serve test test-unit test-e2e lint deps deps-run deps-test bench clean
@@ -71,6 +71,13 @@ bench-doc: deps-test
 # Profiles of the cases where the bench misses its bar (bench/profile.py):
 # perf over the whole machine and py-spy on `cr-proxy serve`, written to
 # docs/profiles.md; about 2 minutes. Needs root (perf -a).
+# nginx instructions per hit under valgrind, cr-proxy's configuration beside
+# plain nginx (bench/instructions.py): steady on a busy machine; ~1 minute.
+.PHONY: bench-instructions
+bench-instructions: deps-test
+	@scripts/apt-ensure apache2-utils valgrind
+	$(BIN)/python -m bench.instructions
+
 .PHONY: profile
 profile: deps-test
 	@scripts/apt-ensure apache2-utils linux-perf

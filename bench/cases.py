@@ -102,6 +102,8 @@ class Series(Enum):
     WARM_CURL_PEER = SECS
     ONLINE_STALE = SECS
     OFFLINE_STALE = SECS
+    OFFLINE_DROP_FIRST = SECS  # the first pull after the cable went: pays the stale budget
+    OFFLINE_DROP = SECS  # the next: the registry is known down, nothing dialled
 
 
 @dataclass
@@ -151,6 +153,9 @@ class Judged:
     met: bool | None
 
 
+NOT_RUN = Judged("-", "no samples (case not run)", None)
+
+
 @dataclass(frozen=True)
 class Absolute:
     """A row judging a tally against a fixed bar ("(info)": none)."""
@@ -161,6 +166,8 @@ class Absolute:
 
     def row(self, results: Results, mib: int) -> Row:
         judged = self.judge(results)
+        if judged is NOT_RUN:  # as a Ratio row without samples (bench.run --only)
+            return Row(self.case, "-", judged.context, "-", self.bar, "n/a (no samples)")
         if judged.met is None:
             return Row(self.case, judged.value, judged.context, "-", self.bar, "-")
         return absolute(self.case, judged.value, judged.context, judged.met, self.bar)
@@ -168,17 +175,22 @@ class Absolute:
 
 def _upstream_gets(r: Results) -> Judged:
     gets = r.upstream_gets
-    return Judged(", ".join(str(g) for g in gets) or "-", "-",
-                  bool(gets) and all(g == 1 for g in gets))
+    if not gets:
+        return NOT_RUN
+    return Judged(", ".join(str(g) for g in gets), "-", all(g == 1 for g in gets))
 
 
 def _peak_rss(r: Results) -> Judged:
-    peak = max((v for vs in r.rss.values() for v in vs), default=0)
-    worst = max(r.rss, key=lambda k: max(r.rss[k]), default="-")
+    if not r.rss:
+        return NOT_RUN
+    peak = max(v for vs in r.rss.values() for v in vs)
+    worst = max(r.rss, key=lambda k: max(r.rss[k]))
     return Judged(fmt_mib(peak), f"worst in: {worst}", 0 < peak <= RSS_LIMIT)
 
 
 def _front_cpu_per_gib(r: Results) -> Judged:
+    if not r.front_cpu:
+        return NOT_RUN
     cpu = sum(c for c, _ in r.front_cpu)
     moved = sum(b for _, b in r.front_cpu) / GIB
     per_gib = cpu / moved if moved else float("nan")
@@ -231,6 +243,10 @@ CASES: tuple[Ratio | Absolute, ...] = (
           f"{CLIENTS} clients, plain nginx hits", None),
     Ratio("offline pull (stale tag, upstream stopped)", S.OFFLINE_STALE, S.ONLINE_STALE,
           "same pull online", Bar("<=", 1.1)),
+    Ratio("offline pull, timeouts (stale tag, upstream drops packets)", S.OFFLINE_DROP,
+          S.ONLINE_STALE, "same pull online", Bar("<=", 1.1)),
+    Ratio("first offline pull, timeouts (waits timeouts.stale_budget once)",
+          S.OFFLINE_DROP_FIRST, S.ONLINE_STALE, "same pull online", None),
     Absolute("fetcher peak RSS (cold + concurrent)", f"<= {RSS_LIMIT // MIB} MiB", _peak_rss),
     Ratio("blob hit through https_proxy (CONNECT front, curl, {mib} MiB)", S.HIT_FRONT_OURS,
           S.HIT_HTTPS_PLAIN, "plain nginx TLS", Bar(">=", 0.85)),

@@ -52,6 +52,7 @@ from bench import cases, measure
 from bench.cases import CLIENTS, CONN_WORKERS, LINK_NAME, Results, Series
 from bench.procs import PeerRegistry, PlainNginx
 from bench.report import MIB, Row, markdown_table, text_table
+from testbed.blackhole import cable_out
 from testbed.crproxy import CrProxy, layout_blobs
 from testbed.oci_layout import big_file_layer, build_image, tar_layer
 from testbed.ports import free_ports
@@ -68,6 +69,13 @@ HIT_SETTINGS = {"tag_ttl": 3600, "log_level": "info"}
 # upstream (a HEAD), and, the upstream gone, fall back to the stale copy:
 # the path an offline pull takes once a tag has aged.
 STALE_SETTINGS = {"tag_ttl": 0, "log_level": "info"}
+# What it says when the upstream goes and comes back (upstream/health.py).
+WENT_DOWN = "upstream registry.test unreachable ("
+UP_AGAIN = "upstream registry.test reachable again"
+# The round's cases, in order; --only picks some (the set-up then starts
+# only what they need).
+CASE_NAMES = ("blob_hits", "small_hits", "new_connections", "concurrent", "cold_curl",
+              "over_link", "cold_skopeo", "warm", "offline")
 
 
 @dataclass
@@ -77,6 +85,7 @@ class Plan:
     hit_inner: int  # blob-hit downloads per side per round (each is short)
     wrk_seconds: float
     conn_count: int  # new-connection requests per side per round
+    cases: tuple[str, ...] = CASE_NAMES  # Bench methods each round runs
 
     @classmethod
     def make(cls, args: argparse.Namespace) -> Plan:
@@ -88,7 +97,14 @@ class Plan:
             plan.reps = args.reps
         if args.blob_mib is not None:
             plan.blob_mib = args.blob_mib
+        if args.only:
+            plan.cases = tuple(name for name in CASE_NAMES if name in args.only)
         return plan
+
+    @property
+    def hits_and_peers(self) -> bool:
+        """Whether any case needs the warm cr-proxy, plain nginx and the peer."""
+        return any(name != "offline" for name in self.cases)
 
 
 @dataclass
@@ -186,14 +202,18 @@ class Bench:
                            {info.manifest_digest, info.config_digest, *info.layer_digests})
         shutil.rmtree(layout)
 
-        say("cr-proxy: warm instance (hits, and the CONNECT front), and a stale-tag one "
-            "(offline case)")
+        say("cr-proxy: a stale-tag instance (offline case)")
+        self.stale = self._crproxy("stale", STALE_SETTINGS)
+        self._verified_pull(f"{self.stale.http}/registry.test/{REPO}:{TAG}")
+        if plan.hits_and_peers:
+            self._setup_hits_and_peers()
+
+    def _setup_hits_and_peers(self) -> None:
+        say("cr-proxy: warm instance (hits, and the CONNECT front)")
         (front_port,) = free_ports(1)
         self.hot = self._crproxy("hot", {**HIT_SETTINGS,
                                          "listen_proxy": f"127.0.0.1:{front_port}"})
-        self.stale = self._crproxy("stale", STALE_SETTINGS)
-        for proxy in (self.hot, self.stale):
-            self._verified_pull(f"{proxy.http}/registry.test/{REPO}:{TAG}")
+        self._verified_pull(f"{self.hot.http}/registry.test/{REPO}:{TAG}")
         self._check_hits()
         self._fill_front()
 
@@ -317,15 +337,8 @@ class Bench:
 
     def round(self, n: int) -> None:
         t0 = time.monotonic()
-        self.blob_hits()
-        self.small_hits()
-        self.new_connections()
-        self.concurrent()
-        self.cold_curl()
-        self.over_link()
-        self.cold_skopeo()
-        self.warm()
-        self.offline()
+        for name in self.plan.cases:
+            getattr(self, name)()
         self.round_loads.append(load())
         say(f"round {n}/{self.plan.reps} done in {time.monotonic() - t0:.0f} s, "
             f"load {self.round_loads[-1]}")
@@ -490,8 +503,15 @@ class Bench:
         self.results.add(Series.WARM_CURL_PEER, measure.curl(peer_blob, expect_size=size).wall)
 
     def offline(self) -> None:
+        """A pull by stale tag online, then offline: with the upstream
+        stopped (connects refused at once), and with its ports dropping
+        packets (connects time out, a cut cable): the first pull after the
+        cable went (it waits timeouts.stale_budget for the tag), and one
+        once the registry is known down (nothing is dialled). After each
+        outage, the upstream answers again before anything else runs."""
         source = f"{self.stale.http}/registry.test/{REPO}:{TAG}"
         self.results.add(Series.ONLINE_STALE, self._timed_pull(source))
+        mark = len(self.stale.output)
         self.up.stop_registry()
         self.up.stop_auth()
         self.up.stop_cdn()
@@ -501,6 +521,22 @@ class Bench:
             self.up.start_registry()
             self.up.start_auth()
             self.up.start_cdn()
+        self._stale_says(mark, UP_AGAIN)
+        mark = len(self.stale.output)
+        with cable_out(self.up):
+            self.results.add(Series.OFFLINE_DROP_FIRST, self._timed_pull(source))
+            self._stale_says(mark, WENT_DOWN)
+            self.results.add(Series.OFFLINE_DROP, self._timed_pull(source))
+        self._stale_says(mark, UP_AGAIN)
+
+    def _stale_says(self, mark: int, needle: str, timeout: float = 60.0) -> None:
+        """Wait (bounded, outside every timed span) until the stale-tag
+        cr-proxy has printed `needle` since output line `mark`."""
+        deadline = time.monotonic() + timeout
+        while not any(needle in line for line in self.stale.output[mark:]):
+            if time.monotonic() > deadline:
+                raise measure.BenchError(f"the stale-tag cr-proxy never said {needle!r}")
+            time.sleep(0.1)
 
 
 def settle_disk() -> None:
@@ -587,8 +623,13 @@ def markdown(plan: Plan, bench: Bench, rows: list[Row], facts: dict[str, str], s
         "one GET of the image's manifest with `Connection: close`; "
         f"{CONN_WORKERS} threads for {plan.conn_count} requests per side per round, then "
         f"{CONN_SERIAL} one at a time for the latency row; the reference is the same driver "
-        "against plain nginx's TLS port. The offline row pulls through a "
-        "cr-proxy with `tag_ttl: 0`, so the tag is stale and the upstream would be asked; "
+        "against plain nginx's TLS port. The offline rows pull through a "
+        "cr-proxy with `tag_ttl: 0`, so the tag is stale and the upstream would be asked: "
+        "with the upstream stopped (connects refused), and with its ports dropping packets "
+        "(`testbed.blackhole`: a full accept queue, connects time out as with a cut cable), "
+        "the first pull after the cable went (it waits `timeouts.stale_budget` for the tag, "
+        "then gets the stale copy) and the next, once the registry is known down; after "
+        "each outage the bench waits for the probe to find the upstream back; "
         "the other hit rows use a cr-proxy whose tags stay fresh for the whole run. "
         "Wall times include the client's process start; curl byte rates are curl's own "
         "`speed_download`. Before each timed pull or cold download the bench runs `sync`, "
@@ -610,6 +651,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--blob-mib", type=int, help="size of the big layer (default 256)")
     parser.add_argument("--write", metavar="FILE", help="also write the table as Markdown")
     parser.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
+    parser.add_argument("--only", nargs="+", choices=CASE_NAMES, metavar="CASE",
+                        help=f"run only these cases of each round ({', '.join(CASE_NAMES)}); "
+                             "the other rows show no samples")
     parser.add_argument("--work", metavar="DIR", default=str(DEFAULT_WORK),
                         help="work directory, emptied first (default bench-work/; give "
                              "another one to run two benches side by side)")

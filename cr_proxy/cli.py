@@ -91,14 +91,49 @@ def _warm_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_ls(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
-    """List cached images: digest, platforms, size, last use."""
+    """List cached images: digest, platforms, size, state, last use."""
     from cr_proxy.cache import inventory
+    from cr_proxy.cache.pins import Pins
     from cr_proxy.ops import report
 
     images = inventory.Inventory.from_config(conf).images()
-    doc, text = report.images_document(images), report.images_table(images)
+    pinned = Pins.from_config(conf).keys()
+    if args.pinned:
+        images = [image for image in images if image.key in pinned]
+    doc, text = report.images_document(images, pinned), report.images_table(images, pinned)
     print(report.output(doc, text, args.json))
     return ExitStatus.OK
+
+
+def cmd_pin(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
+    """Pin images: never evicted, refreshed whatever their tag (cache/pins.py).
+    A serve running picks the pins up at its next pass; an image not cached
+    yet is pinned all the same (`cr-proxy warm` fetches it)."""
+    from cr_proxy.cache.pins import Pins
+    from cr_proxy.cache.store import Store
+    from cr_proxy.ops import report
+
+    store = Store(conf.cache_dir)
+    store.prepare(clean_temp=False)
+    keys = Pins.from_config(conf, store).pin(args.images)
+    print(report.output({"pinned": keys}, "\n".join(f"pinned {k}" for k in keys), args.json))
+    return ExitStatus.OK
+
+
+def cmd_unpin(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
+    """Unpin images; one the configuration pins (cache.pins) stays pinned
+    (exit status 1, naming it)."""
+    from cr_proxy.cache.pins import Pins
+    from cr_proxy.ops import report
+
+    done = Pins.from_config(conf).unpin(args.images)
+    doc = {"unpinned": list(done.removed), "declared": list(done.declared),
+           "not_pinned": list(done.absent)}
+    lines = [f"unpinned {k}" for k in done.removed]
+    lines += [f"still pinned {k}: cache.pins in the configuration names it" for k in done.declared]
+    lines += [f"{k} was not pinned" for k in done.absent]
+    print(report.output(doc, "\n".join(lines), args.json))
+    return ExitStatus.ERROR if done.declared else ExitStatus.OK
 
 
 def cmd_du(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
@@ -137,10 +172,30 @@ def cmd_verify(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     return ExitStatus.ERROR if result.failures else ExitStatus.OK
 
 
+def cmd_check(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
+    """Would each image pull from the cache alone, right now? Exit 1 unless
+    every one would (cache/check.py); no network is used."""
+    from cr_proxy.cache import inventory
+    from cr_proxy.oci.manifest import Platform
+    from cr_proxy.ops import report
+
+    wanted = [Platform.parse(p) for p in args.platform or ()]
+    checked = inventory.Inventory.from_config(conf).check(args.images, wanted)
+    doc, text = report.check_document(checked), report.check_text(checked)
+    print(report.output(doc, text, args.json))
+    return ExitStatus.OK if all(c.complete for c in checked) else ExitStatus.ERROR
+
+
 def _inventory_arguments(name: str, p: argparse.ArgumentParser) -> None:
-    if name == "rm":
+    if name == "ls":
+        p.add_argument("--pinned", action="store_true", help="only pinned images")
+    if name in ("rm", "check", "pin", "unpin"):
         p.add_argument("images", nargs="+", metavar="IMAGE",
                        help="image references (Docker's rules): name:tag or name@digest")
+    if name == "check":
+        p.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
+                       help="check this platform of an index (repeatable; default: every "
+                       "platform pulled)")
     p.add_argument("--json", action="store_true", help="print JSON (keys in ops/report.py)")
 
 
@@ -154,6 +209,9 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "du": (cmd_du, "disk use per registry and in total, shared blobs once"),
     "rm": (cmd_rm, "remove images and the blobs no other cached image uses"),
     "verify": (cmd_verify, "re-hash every blob; quarantine corrupt ones"),
+    "pin": (cmd_pin, "pin images: never evicted, refreshed whatever their tag"),
+    "unpin": (cmd_unpin, "unpin images (those cache.pins names stay pinned)"),
+    "check": (cmd_check, "say whether images would pull from the cache alone (no network)"),
 }
 
 
@@ -168,7 +226,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--check", action="store_true", help="also render and nginx -t")
         if name == "warm":
             _warm_arguments(p)
-        if name in ("ls", "du", "rm", "verify"):
+        if name in ("ls", "du", "rm", "verify", "check", "pin", "unpin"):
             _inventory_arguments(name, p)
     return top
 

@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from cr_proxy.errors import ConfigError
+from cr_proxy.errors import BadRequest, ConfigError
 from cr_proxy.net.policy import parse_rule
-from cr_proxy.oci.reference import is_host
+from cr_proxy.oci.reference import is_host, parse_reference
 
 ENV_PREFIX = "CR_PROXY_"
 # Upstream connections open at once, all hosts together (the fetcher's
@@ -79,8 +79,9 @@ class Listen:
 class Timeouts:
     connect: float
     read: float
-    down_host: float
+    down_host: float  # seconds between probes of a registry that is down
     pool: float
+    stale_budget: float = 0.3  # seconds a stale tag waits for its revalidation
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,7 @@ class CacheLimit:
     low_water: float
     min_age: float
     check_interval: float
+    pins: tuple[str, ...] = ()  # image references never evicted, refreshed, warmed at start
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,8 +284,9 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
         timeouts=Timeouts(
             connect=_seconds(timeouts, "timeouts.connect"),
             read=_seconds(timeouts, "timeouts.read"),
-            down_host=_seconds(timeouts, "timeouts.down_host", allow_zero=True),
+            down_host=_seconds(timeouts, "timeouts.down_host"),
             pool=_seconds(timeouts, "timeouts.pool"),
+            stale_budget=_seconds(timeouts, "timeouts.stale_budget", allow_zero=True),
         ),
         tag_ttl=_seconds(data, "tag_ttl", allow_zero=True),
         cache=_cache_limit(_mapping(data, "cache")),
@@ -447,7 +450,22 @@ def _cache_limit(data: Mapping[str, Any]) -> CacheLimit:
         low_water=float(low_water),
         min_age=_seconds(data, "cache.min_age", allow_zero=True),
         check_interval=_seconds(data, "cache.check_interval"),
+        pins=_references(data.get("pins"), "cache.pins"),
     )
+
+
+def _references(value: object, key: str) -> tuple[str, ...]:
+    """A list of image references, each checked by Docker's rules."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(message=f"{key}: expected a list of image references, got {value!r}")
+    for text in value:
+        try:
+            parse_reference(text)
+        except BadRequest as err:
+            raise ConfigError(message=f"{key}: {err.message}") from None
+    return tuple(value)
 
 
 def _limits(data: Mapping[str, Any]) -> Limits:

@@ -3,7 +3,9 @@ shows them: `/metrics` for Prometheus and `/` a read-only status page, on
 `listen.metrics` (loopback by default: only local clients reach it).
 
 Who feeds what: the fetcher counts misses, revalidations, stale answers,
-bytes fetched, upstream errors and coalesced requests; hits are served by
+bytes fetched, upstream errors and coalesced requests; the upstream side
+(upstream/health.py) registries going down, down now, and the requests
+their outage saved; hits are served by
 nginx, which the fetcher never sees, so they come from nginx's access log
 through the usage feed (usage.py); cache size and evictions from the
 evictor.
@@ -25,7 +27,8 @@ class Metrics:
     __slots__ = (
         "bytes_fetched", "bytes_served", "cache_bytes", "coalesced", "dummy_tokens",
         "evictions", "hits", "misses", "registry", "requests", "revalidations",
-        "stale_served", "upstream_errors",
+        "stale_served", "upstream_down", "upstream_errors", "upstream_outages",
+        "upstream_skipped",
     )
 
     def __init__(self) -> None:
@@ -40,7 +43,8 @@ class Metrics:
         )
         self.stale_served = Counter(
             "crproxy_stale_served",
-            "Stale tags served because the upstream failed (registry: as upstream_errors)",
+            "Stale tags, tag lists and referrers served because the upstream failed "
+            "(registry: as upstream_errors)",
             ["registry"], registry=r,
         )
         self.bytes_served = Counter(
@@ -53,6 +57,19 @@ class Metrics:
             "crproxy_upstream_errors",
             "Upstream failures (registry: a configured or answering one, else \"other\")",
             ["registry", "code"], registry=r,
+        )
+        # Registries down (upstream/health.py); registry: as upstream_errors.
+        self.upstream_outages = Counter(
+            "crproxy_upstream_outages", "Times a registry went down (a connect to one of its "
+            "hosts failed)", ["registry"], registry=r,
+        )
+        self.upstream_down = Gauge(
+            "crproxy_upstream_down", "Registries down now, probed in the background",
+            ["registry"], registry=r,
+        )
+        self.upstream_skipped = Counter(
+            "crproxy_upstream_skipped", "Upstream requests not made because their registry "
+            "is down", ["registry"], registry=r,
         )
         self.coalesced = Counter(
             "crproxy_coalesced", "Misses that joined a download already running", registry=r
@@ -107,6 +124,7 @@ def make_app(metrics: Metrics, extra: StatusExtra | None = None) -> web.Applicat
             ("bytes served from cache", f"{metrics.total(metrics.bytes_served):.0f}"),
             ("bytes fetched upstream", f"{metrics.total(metrics.bytes_fetched):.0f}"),
             ("coalesced requests", f"{metrics.total(metrics.coalesced):.0f}"),
+            ("stale answers served", f"{metrics.total(metrics.stale_served):.0f}"),
             ("cache size (bytes)", f"{metrics.cache_size():.0f}"),
             ("evictions", f"{metrics.total(metrics.evictions):.0f}"),
             *(extra() if extra else []),

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from cr_proxy import nginx, privsep
 from cr_proxy.cache.evict import evict_loop
+from cr_proxy.cache.scrub import scrub_manifest_sidecars
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Address, Config
 from cr_proxy.fetch.app import make_app
@@ -34,6 +35,7 @@ from cr_proxy.front.stamp import FrontStamp
 from cr_proxy.metrics import Metrics
 from cr_proxy.metrics import make_app as metrics_app
 from cr_proxy.ops import logs, usage
+from cr_proxy.ops.pin_warm import warm_pins
 from cr_proxy.ops.refresh import refresh_loop
 
 log = logging.getLogger("cr_proxy.serve")
@@ -137,6 +139,8 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
     config = nginx.with_front_port(config)
     store = Store(config.cache_dir)
     store.prepare()
+    # Before nginx: a hit replays the stored headers unchecked (cache/scrub.py).
+    scrub_manifest_sidecars(store.tree)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     ca = certs.ensure_ca(config.certs_dir)
     leaf = certs.ensure_mirror_leaf(ca, config.certs_dir, config.mirror_names)
@@ -206,6 +210,8 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
                 config.access_log_path, config.access_log_max_size, reopen_logs)))
         if config.refresh.interval > 0:
             tasks.append(asyncio.create_task(refresh_loop(fetcher)))
+        if config.cache.pins:
+            tasks.append(asyncio.create_task(warm_pins(config)))
         if config.cache.max_size:
             wake = asyncio.Event()
             fetcher.ctx.fill.on_full = wake.set

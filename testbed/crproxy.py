@@ -31,9 +31,18 @@ COMMIT_TIMEOUT = 30.0  # seconds for a finished download to be in the tree
 
 
 class CrProxy:
-    def __init__(self, workdir: Path, endpoints: dict[str, str], *, embedded_default: bool = False,
+    def __init__(self, workdir: Path, endpoints: dict[str, str] | None, *,
+                 embedded_default: bool = False, address: str = "127.0.0.1",
+                 prefix: list[str] | None = None, env: dict[str, str] | None = None,
                  **settings: Any) -> None:
+        """`endpoints` None: no override at all (names resolve as they do
+        where serve runs). `address`: where every listener binds; `prefix`
+        runs serve under a wrapper (`ip netns exec NS`), with `env` added to
+        its environment."""
         self.dir = workdir
+        self.address = address
+        self.prefix = list(prefix or [])
+        self.extra_env = dict(env or {})
         self.dir.mkdir(parents=True, exist_ok=True)
         self.http_port, self.https_port, self.metrics_port = free_ports(3)
         self.config: dict[str, Any] = {
@@ -42,14 +51,15 @@ class CrProxy:
             "run_dir": str(self.dir / "run"),
             "listen": {
                 "proxy": 0,
-                "mirror_http": f"127.0.0.1:{self.http_port}",
-                "mirror_https": f"127.0.0.1:{self.https_port}",
-                "metrics": f"127.0.0.1:{self.metrics_port}",
+                "mirror_http": f"{address}:{self.http_port}",
+                "mirror_https": f"{address}:{self.https_port}",
+                "metrics": f"{address}:{self.metrics_port}",
             },
-            "endpoints": dict(endpoints),
-            "timeouts": {"connect": 2, "read": 10, "down_host": 5},
+            "timeouts": {"connect": 2, "read": 10, "down_host": 1},
             "log_level": "debug",
         }
+        if endpoints is not None:
+            self.config["endpoints"] = dict(endpoints)
         self.proxy_port = 0
         if "listen_proxy" in settings:
             self.config["listen"]["proxy"] = settings.pop("listen_proxy")
@@ -85,11 +95,11 @@ class CrProxy:
 
     @property
     def http(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self.address}:{self.http_port}"
 
     @property
     def https(self) -> str:
-        return f"127.0.0.1:{self.https_port}"
+        return f"{self.address}:{self.https_port}"
 
     @property
     def access_log(self) -> Path:
@@ -142,21 +152,22 @@ class CrProxy:
         """The CR_PROXY_* variables an embedded-default serve is given."""
         env = {f"CR_PROXY_LISTEN__{key.upper()}": str(value)
                for key, value in self.config["listen"].items()}
-        env["CR_PROXY_ENDPOINTS"] = json.dumps(self.config["endpoints"])  # JSON is YAML
+        if "endpoints" in self.config:
+            env["CR_PROXY_ENDPOINTS"] = json.dumps(self.config["endpoints"])  # JSON is YAML
         return env
 
     def start(self) -> None:
         self.output = []
         if self.embedded_default:
             command = [str(Path(sys.executable).with_name("cr-proxy")), "serve"]
-            env: dict[str, str] | None = {**os.environ, **self.environment()}
+            env: dict[str, str] | None = {**os.environ, **self.environment(), **self.extra_env}
         else:
             self.config_path.write_text(yaml.safe_dump(self.config))
             command = [sys.executable, "-m", "cr_proxy", "serve", "--config",
                        str(self.config_path)]
-            env = None
+            env = {**os.environ, **self.extra_env} if self.extra_env else None
         self.proc = subprocess.Popen(
-            command,
+            [*self.prefix, *command],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

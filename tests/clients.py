@@ -7,6 +7,7 @@ SSL_CERT_FILE / --cert-dir."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -28,8 +29,11 @@ class Daemon:
 
     name = "daemon"
 
-    def __init__(self, workdir: Path, prefix: str) -> None:
+    def __init__(self, workdir: Path, prefix: str, netns: list[str] | None = None) -> None:
+        """`netns`: a command prefix (testbed.netns.Netns.prefix()) that runs
+        the daemon in a network namespace."""
         self.dir = workdir
+        self.netns = list(netns or [])
         # Socket paths stop at 108 bytes and pytest's tmp paths are long:
         # sockets live under a short directory of their own.
         self.short = Path(tempfile.mkdtemp(prefix=prefix))
@@ -42,8 +46,8 @@ class Daemon:
         time, the daemon dead, the wait interrupted), stops what it began."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen([*self.netns, *args], env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._wait_ready(self.proc, ready_check)
         except BaseException:
@@ -92,24 +96,36 @@ class Daemon:
 
 
 class Dockerd(Daemon):
-    """`dockerd` as root on vfs, no networking of its own, private paths."""
+    """`dockerd` as root on vfs, no networking of its own, private paths;
+    through an https_proxy (`proxy_url`, with `ca_file` as SSL_CERT_FILE)
+    or not (None), with a daemon.json of the test's (`config`)."""
 
     name = "dockerd"
 
-    def __init__(self, workdir: Path, proxy_url: str, ca_file: Path) -> None:
-        super().__init__(workdir, "crdk-")
+    def __init__(self, workdir: Path, proxy_url: str | None, ca_file: Path | None, *,
+                 netns: list[str] | None = None, config: dict[str, object] | None = None
+                 ) -> None:
+        super().__init__(workdir, "crdk-", netns)
         self.socket = self.short / "docker.sock"
         self.proxy_url = proxy_url
         self.ca_file = ca_file
+        self.config = config
 
     def start(self) -> None:
-        env = {**clean_env(), "HTTPS_PROXY": self.proxy_url, "HTTP_PROXY": self.proxy_url,
-               "NO_PROXY": "", "SSL_CERT_FILE": str(self.ca_file)}
+        env = clean_env()
+        if self.proxy_url is not None:
+            env.update(HTTPS_PROXY=self.proxy_url, HTTP_PROXY=self.proxy_url, NO_PROXY="")
+        if self.ca_file is not None:
+            env["SSL_CERT_FILE"] = str(self.ca_file)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = self.dir / "daemon.json"
+        config.write_text(json.dumps(self.config or {}))
         args = [
             "dockerd", "--storage-driver", "vfs", "--iptables=false", "--ip6tables=false",
             "--ip-masq=false", "--bridge=none",
             "--data-root", str(self.dir / "data"), "--exec-root", str(self.short / "x"),
             "--pidfile", str(self.dir / "dockerd.pid"), "-H", f"unix://{self.socket}",
+            "--config-file", str(config),
         ]
         self._spawn(args, env, f"docker -H unix://{self.socket} version")
 
@@ -146,20 +162,26 @@ def unmount_below(path: Path) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
-def podman(workdir: Path, proxy_url: str, cert_dir: Path, *args: str
-           ) -> subprocess.CompletedProcess[str]:
-    """One podman command with private storage, through the proxy. Its
-    runroot must be under 50 characters: a short path derived from workdir."""
-    env = {**clean_env(), "HTTPS_PROXY": proxy_url, "HTTP_PROXY": proxy_url, "NO_PROXY": "",
-           "CONTAINERS_REGISTRIES_CONF": str(_empty_registries_conf(workdir))}
+def podman(workdir: Path, proxy_url: str | None, cert_dir: Path, *args: str,
+           netns: list[str] | None = None, registries_conf: Path | None = None,
+           tool: str = "podman") -> subprocess.CompletedProcess[str]:
+    """One podman (or buildah: `tool`) command with private storage, through
+    the proxy (None: none), with a registries.conf (default: an empty one).
+    Its runroot must be under 50 characters: a short path derived from
+    workdir."""
+    env = {**clean_env(), "CONTAINERS_REGISTRIES_CONF": str(
+        registries_conf or _empty_registries_conf(workdir))}
+    if proxy_url is not None:
+        env.update(HTTPS_PROXY=proxy_url, HTTP_PROXY=proxy_url, NO_PROXY="")
     runroot = workdir / "runroot"
     if not runroot.exists():
         workdir.mkdir(parents=True, exist_ok=True)
         short = Path(tempfile.mkdtemp(prefix="crpm-"))
         runroot.symlink_to(short)
-    base = ["podman", "--root", str(workdir / "root"), "--runroot", os.readlink(runroot),
-            "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
-            "--events-backend", "file"]
+    base = [*(netns or []), tool, "--root", str(workdir / "root"),
+            "--runroot", os.readlink(runroot), "--storage-driver", "vfs"]
+    if tool == "podman":
+        base += ["--cgroup-manager", "cgroupfs", "--events-backend", "file"]
     command = [*base, *args]
     if args and args[0] == "pull":
         command = [*base, "pull", "--cert-dir", str(cert_dir), *args[1:]]
@@ -183,8 +205,8 @@ class Containerd(Daemon):
 
     name = "containerd"
 
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir, "crct-")
+    def __init__(self, workdir: Path, netns: list[str] | None = None) -> None:
+        super().__init__(workdir, "crct-", netns)
         self.address = self.short / "containerd.sock"
 
     def start(self) -> None:
@@ -197,6 +219,7 @@ class Containerd(Daemon):
 
     def ctr(self, *args: str, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ctr", "--address", str(self.address), *args],
+        # In the daemon's namespace: ctr fetches images itself.
+        return subprocess.run([*self.netns, "ctr", "--address", str(self.address), *args],
                               capture_output=True, text=True, timeout=300,
                               env=env or clean_env())

@@ -18,6 +18,7 @@ import pytest
 
 from testbed.crproxy import CrProxy
 from testbed.oci_layout import ImageInfo, big_file_layer, build_image, build_index, tar_layer
+from testbed.realnames import CRPROXY_NAME, RealNamesBed
 from testbed.registry import Upstream
 
 BIG_LAYER = 100 * 1024 * 1024
@@ -103,3 +104,40 @@ def upstream_down(upstream: Upstream) -> Iterator[Upstream]:
         upstream.start_registry()
         upstream.start_auth()
         upstream.start_cdn()
+
+
+@dataclass
+class Bed:
+    """The production-like bed (testbed/realnames.py) with one small image
+    pushed as docker.io/library/app:v1, and a cr-proxy serving in it."""
+
+    net: RealNamesBed
+    image: ImageInfo
+    cr: CrProxy
+
+    @property
+    def mirror(self) -> str:
+        return f"{CRPROXY_NAME}:{self.cr.http_port}"
+
+    @property
+    def mirror_tls(self) -> str:
+        return f"{CRPROXY_NAME}:{self.cr.https_port}"
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{CRPROXY_NAME}:{self.cr.proxy_port}"
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    """Module-scoped: one bed (namespaces, upstream, cr-proxy) shared by a
+    module's cases; every case must leave the cable in."""
+    work = tmp_path_factory.mktemp("bed")
+    with RealNamesBed(work) as net:
+        image = build_image(work / "layout", layers=[
+            tar_layer({"etc/bed-base.txt": b"the bed's base layer\n" * 64}),
+            tar_layer({"app/bed.txt": b"bed\n" * 1000}),
+        ], tag="v1")
+        net.push(work / "layout", "v1", "library/app", "v1")
+        with net.crproxy(work / "crproxy") as cr:
+            yield Bed(net, image, cr)

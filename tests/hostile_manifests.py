@@ -25,7 +25,7 @@ import json
 import socket
 import ssl
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from testbed.crproxy import CrProxy
@@ -46,6 +46,7 @@ class Script:
     pieces: int = 1  # >1: chunked, in this many pieces
     gated: bool = False  # pieces after the first wait for release()
     endless: bool = False
+    headers: dict[str, str] = field(default_factory=dict)  # more header lines
 
 
 def manifest_body(media_type: object = MT_OCI, **extra: object) -> bytes:
@@ -107,6 +108,7 @@ class ScriptedRegistry(FaultyRegistry):
                    "Docker-Distribution-API-Version": "registry/2.0", "Connection": "close"}
         if not headers["Docker-Content-Digest"]:
             del headers["Docker-Content-Digest"]
+        headers.update(script.headers)
         chunked = script.endless or script.pieces > 1
         if chunked:
             headers["Transfer-Encoding"] = "chunked"

@@ -72,7 +72,8 @@ def test_defaults_without_a_file_are_the_documented_ones(tmp_path):
     assert conf.listen.mirror_https == Address("0.0.0.0", 5443)
     assert conf.listen.mirror_http == Address("0.0.0.0", 5000)
     assert conf.mirror_names == ()
-    assert conf.timeouts == Timeouts(connect=3.0, read=30.0, down_host=30.0, pool=60.0)
+    assert conf.timeouts == Timeouts(connect=3.0, read=30.0, down_host=5.0, pool=60.0,
+                                     stale_budget=0.3)
     assert conf.limits.upstream_connections_per_host == 64
     assert conf.limits.min_rate == 4096
     assert conf.tag_ttl == 300.0
@@ -120,7 +121,8 @@ def test_a_file_merges_over_the_defaults(tmp_path):
             "log_level": "debug",
         },
     )
-    assert conf.timeouts == Timeouts(connect=1.0, read=30.0, down_host=30.0, pool=60.0)
+    assert conf.timeouts == Timeouts(connect=1.0, read=30.0, down_host=5.0, pool=60.0,
+                                     stale_budget=0.3)
     assert conf.tag_ttl == 0.0
     assert conf.listen.mirror_http == Address("127.0.0.1", 5001)
     assert conf.listen.proxy == Address("0.0.0.0", 3128)  # untouched sibling
@@ -158,9 +160,11 @@ def test_a_missing_file_raises_config_error(tmp_path):
 @pytest.mark.parametrize(
     ("environ", "attribute", "expected"),
     [
-        ({"CR_PROXY_TIMEOUTS__CONNECT": "2"}, "timeouts", Timeouts(2.0, 30.0, 30.0, 60.0)),
-        ({"CR_PROXY_TIMEOUTS__READ": "2.5"}, "timeouts", Timeouts(3.0, 2.5, 30.0, 60.0)),
-        ({"CR_PROXY_TIMEOUTS__POOL": "5"}, "timeouts", Timeouts(3.0, 30.0, 30.0, 5.0)),
+        ({"CR_PROXY_TIMEOUTS__CONNECT": "2"}, "timeouts", Timeouts(2.0, 30.0, 5.0, 60.0, 0.3)),
+        ({"CR_PROXY_TIMEOUTS__READ": "2.5"}, "timeouts", Timeouts(3.0, 2.5, 5.0, 60.0, 0.3)),
+        ({"CR_PROXY_TIMEOUTS__POOL": "5"}, "timeouts", Timeouts(3.0, 30.0, 5.0, 5.0, 0.3)),
+        ({"CR_PROXY_TIMEOUTS__STALE_BUDGET": "0"}, "timeouts",
+         Timeouts(3.0, 30.0, 5.0, 60.0, 0.0)),
         ({"CR_PROXY_TAG_TTL": "0"}, "tag_ttl", 0.0),
         ({"cr_proxy_tag_ttl": "1"}, "tag_ttl", 300.0),  # prefix is case-sensitive
         ({"CR_PROXY_tag_ttl": "7"}, "tag_ttl", 7.0),
@@ -267,6 +271,8 @@ def test_environment_beats_the_file(tmp_path):
         ({"timeouts": {"connect": 0}}, "timeouts.connect"),
         ({"timeouts": {"read": -1}}, "timeouts.read"),
         ({"timeouts": {"down_host": True}}, "timeouts.down_host"),
+        ({"timeouts": {"down_host": 0}}, "timeouts.down_host"),  # probes need a pause
+        ({"timeouts": {"stale_budget": -1}}, "timeouts.stale_budget"),
         ({"timeouts": None}, "timeouts.connect"),
         ({"timeouts": {"pool": 0}}, "timeouts.pool"),
         ({"limits": {"upstream_connections_per_host": 0}},

@@ -1,5 +1,6 @@
 """`cr-proxy ls` says whether each cached image is complete (issue 12, item
-5), on a cr-proxy of its own filled by real skopeo pulls through `serve`:
+5), and `cr-proxy check` whether it would pull with no network (issue 13,
+item 6), on a cr-proxy of its own filled by real skopeo pulls through `serve`:
 an image pulled whole says `complete`; one platform pulled of a two-platform
 index says `complete, 1 of 2 platforms` (a mirror holds what its clients
 asked for); a layer `cr-proxy verify` quarantined, or a blob file removed
@@ -56,6 +57,17 @@ def blob_file(proxy: CrProxy, digest: str) -> Path:
     return proxy.cache / "blobs/sha256" / digest.split(":")[1]
 
 
+def wait_pulled(proxy: CrProxy, wanted: dict[str, set[str]]) -> None:
+    """A finished pull's last blob may still be committing: wait until each
+    image's pulled digests are all in blobs/."""
+    def committed() -> bool:
+        now = listed(proxy)
+        return all(key in now and not digests & set(now[key]["missing"])
+                   for key, digests in wanted.items())
+
+    wait_until(committed, COMMIT_WAIT, "the pulls' commits")
+
+
 @pytest.fixture
 def own_proxy(upstream: Upstream, tmp_path: Path) -> Iterator[CrProxy]:
     """A cache of this test's alone: it damages blobs the session's shares."""
@@ -75,14 +87,7 @@ def test_ls_says_complete_then_missing(own_proxy: CrProxy, images: Images, tmp_p
         MULTI: {images.multi.digest, amd64.manifest_digest, amd64.config_digest,
                 *amd64.layer_digests},
     }
-    # A finished pull's last blob may still be committing: wait until each
-    # image's pulled digests are all in blobs/.
-    def committed() -> bool:
-        now = listed(proxy)
-        return all(key in now and not digests & set(now[key]["missing"])
-                   for key, digests in wanted.items())
-
-    wait_until(committed, COMMIT_WAIT, "the pulls' commits")
+    wait_pulled(proxy, wanted)
 
     assert states(proxy) == {
         SMALL: "complete", OTHER: "complete", MULTI: "complete, 1 of 2 platforms",
@@ -113,3 +118,65 @@ def test_ls_says_complete_then_missing(own_proxy: CrProxy, images: Images, tmp_p
     assert after[SMALL]["missing_bytes"] == small.sizes[own]
     assert after[SMALL]["size"] == sum(small.sizes.values()) - small.sizes[own]
     assert after[MULTI]["complete"]
+
+
+def in_no_network(proxy: CrProxy, *args: str) -> subprocess.CompletedProcess[str]:
+    """`cr-proxy ARGS` in a network namespace of its own with nothing in
+    it: whatever it says, it said from the disk alone."""
+    return subprocess.run(
+        ["unshare", "--net", sys.executable, "-m", "cr_proxy", *args,
+         "--config", str(proxy.config_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_check_says_what_would_pull_with_the_cable_out(
+    own_proxy: CrProxy, images: Images, tmp_path: Path
+) -> None:
+    """Issue 13, item 6: `cr-proxy check` with no network at all."""
+    proxy = own_proxy
+    for ref in (SMALL, MULTI):  # multi: linux/amd64 only
+        result = skopeo_pull(f"{proxy.http}/{ref}", tmp_path / ref.replace("/", "_"))
+        assert result.returncode == 0, result.stderr
+    small, amd64 = images.small, images.multi.platforms[("linux", "amd64")]
+    wait_pulled(proxy, {SMALL: set(small.sizes), MULTI: {
+        amd64.manifest_digest, amd64.config_digest, *amd64.layer_digests}})
+    proxy.stop()  # the cache alone
+
+    result = in_no_network(proxy, "check", SMALL, MULTI)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert result.stdout.splitlines() == [f"complete    {SMALL} (linux/amd64)",
+                                          f"complete    {MULTI} (linux/amd64)"]
+    result = in_no_network(proxy, "check", "--json", MULTI, "--platform", "linux/amd64")
+    doc = json.loads(result.stdout)
+    assert result.returncode == 0 and doc["complete"], doc
+    assert doc["images"][0]["digest"] == images.multi.digest
+
+    arm64 = images.multi.platforms[("linux", "arm64")].manifest_digest
+    result = in_no_network(proxy, "check", "--json", MULTI, "--platform", "linux/arm64",
+                           "--platform", "windows/amd64")
+    assert result.returncode == 1, result.stdout
+    assert json.loads(result.stdout)["images"][0]["missing"] == [
+        {"what": "platform", "name": "windows/amd64", "reason": "not in the index"},
+        {"what": "platform", "name": "linux/arm64", "reason": f"never pulled (manifest {arm64})"},
+    ]
+    result = in_no_network(proxy, "check", "registry.test/never:v1", SMALL)
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[:2] == [
+        "INCOMPLETE  registry.test/never:v1: 1 missing",
+        "  manifest registry.test/never:v1: registry.test/never:v1 is not in the cache",
+    ]
+
+    # small's layers: one removed from blobs/, one cut short on disk.
+    removed, cut = small.layer_digests[1], small.layer_digests[0]
+    blob_file(proxy, removed).unlink()
+    with blob_file(proxy, cut).open("r+b") as f:
+        f.truncate(small.sizes[cut] - 1)
+    result = in_no_network(proxy, "check", SMALL)
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"INCOMPLETE  {SMALL} (linux/amd64): 2 missing",
+        f"  blob {cut}: {small.sizes[cut] - 1} bytes stored, the manifest states "
+        f"{small.sizes[cut]}",
+        f"  blob {removed}: not in the cache",
+    ]

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from cr_proxy.oci.referrers import MAX_PAGES
 from testbed.crproxy import CrProxy
 from testbed.ports import free_ports
 from tests.faulty import sha256, wait_until
@@ -37,6 +38,7 @@ from tests.hostile_manifests import (
     manifest_body,
 )
 
+MT_INDEX = "application/vnd.oci.image.index.v1+json"
 INJECTED = "application/vnd.oci.image.manifest.v1+json\r\nSet-Cookie: x=y"
 SCRIPT_TAG = b"<script>alert(document.cookie)</script>"
 
@@ -98,14 +100,19 @@ def test_media_type_with_crlf_is_refused_and_never_replayed(
 def test_unsafe_sidecars_of_an_older_cache_are_never_replayed(
     cr: CrProxy, fake: ScriptedRegistry, door: Door
 ) -> None:
-    """A cache an older cr-proxy poisoned: nginx (cr.js) does not replay its
-    sidecars, the fetcher fetches the manifest again and stores clean ones."""
+    """A cache an older cr-proxy poisoned, served by this one: serve takes
+    the manifest off the hit path at start-up (cache/scrub.py; nginx replays
+    stored headers unchecked), and the fetcher fetches it again and stores
+    clean headers."""
     repo = f"older/{door.name.lower()}"
     image = fake.add_image(repo, "v1", [os.urandom(500)])
     path = f"/v2/{repo}/manifests/v1"
     assert get(cr, door, path).status == 200
     content_type = cr.cache / f"content-type/{FAKE}{path}"
     content_type.write_text(INJECTED + "\n")
+    cr.stop()
+    cr.start()
+    cr.wait_for_output("with unsafe stored headers", 10)
     for attempt in ("first", "second"):
         reply = get(cr, door, path)
         assert (reply.status, reply.body) == (200, image.manifest), (attempt, reply)
@@ -145,18 +152,139 @@ def test_docker_schema1_manifest_is_refused(cr: CrProxy, fake: ScriptedRegistry)
     assert cached(cr, "old/app") == {}
 
 
-def test_mirror_relays_upstream_listings_as_json_only(
+def stored_lists(cr: CrProxy, repo: str) -> list[str]:
+    """What lists/ holds for faulty.test's repository `repo`."""
+    return sorted(p.relative_to(cr.cache).as_posix()
+                  for p in (cr.cache / "lists" / FAKE / repo).rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("what, script", [
+    ("HTML", Script(b"<html>" + SCRIPT_TAG, content_type="text/html")),
+    ("not JSON", Script(b'{"name": "listing", "tags": [', content_type="application/json")),
+    ("another name", Script(b'{"name": "other", "tags": ["v1"]}')),
+    ("not tags", Script(b'{"name": "listing", "tags": ["../x", "a b"]}')),
+    ("oversized", Script(b"", endless=True, content_type="application/json")),
+])
+def test_bad_tag_lists_are_502_and_never_stored(
+    cr: CrProxy, fake: ScriptedRegistry, what: str, script: Script
+) -> None:
+    """An upstream's tags/list is served (and stored) only as the registry
+    JSON of the name asked for: HTML from the mirror's origin, another
+    repository's list, a body past MAX_TAG_LIST are a 502 in every door."""
+    fake.script("/v2/listing/tags/list", script)
+    for door in Door:
+        reply = get(cr, door, "/v2/listing/tags/list")
+        assert_refused(reply, (what, door), code="UPSTREAM_ERROR"
+                       if what != "oversized" else "SIZE_INVALID")
+    assert stored_lists(cr, "listing") == []
+
+
+def test_a_redirected_tag_list_names_the_repository_it_was_sent_to(
     cr: CrProxy, fake: ScriptedRegistry
 ) -> None:
-    """An upstream's tags/list in text/html would run as a page of the
-    mirror's origin; the mirror relays registry JSON only."""
-    fake.script("/v2/listing/tags/list",
-                Script(b"<html>" + SCRIPT_TAG, content_type="text/html"))
-    for door in (Door.MIRROR_HTTP, Door.MIRROR_TLS):
-        reply = get(cr, door, "/v2/listing/tags/list")
-        assert reply.status == 200, (door, reply)
-        assert reply.all("Content-Type") == ["application/json"], (door, reply)
-        assert reply.all("X-Content-Type-Options") == ["nosniff"], (door, reply)
+    """registry.k8s.io redirects tags/list to Artifact Registry, whose list
+    names the repository there: followed, checked against the last hop's
+    path, served and stored under the name asked for."""
+    fake.script("/v2/k8s/pause/tags/list", Script(b"", status=307, headers={
+        "Location": "/v2/mirror/images/pause/tags/list"}))
+    fake.script("/v2/mirror/images/pause/tags/list",
+                Script(b'{"name": "mirror/images/pause", "tags": ["3.9"]}'))
+    reply = get(cr, Door.MIRROR_HTTP, "/v2/k8s/pause/tags/list")
+    assert reply.status == 200, reply
+    assert json.loads(reply.body) == {"name": "k8s/pause", "tags": ["3.9"]}
+    # Where it was sent, the list must name that repository.
+    fake.script("/v2/k8s/liar/tags/list", Script(b"", status=307, headers={
+        "Location": "/v2/mirror/liar/tags/list"}))
+    fake.script("/v2/mirror/liar/tags/list",
+                Script(b'{"name": "mirror/images/pause", "tags": ["3.9"]}'))
+    assert_refused(get(cr, Door.MIRROR_HTTP, "/v2/k8s/liar/tags/list"), "redirected",
+                   code="UPSTREAM_ERROR")
+
+
+def test_an_upstream_link_is_made_again_on_the_clients_path(
+    cr: CrProxy, fake: ScriptedRegistry
+) -> None:
+    """The next page's query is kept (checked); its URL is ours, never the
+    upstream's; a Link naming parameters we would refuse is dropped."""
+    body = b'{"name": "paged", "tags": ["a", "b"]}'
+    fake.script("/v2/paged/tags/list", Script(body, headers={
+        "Link": '<https://evil.test/v2/x/tags/list?n=2&last=b&x=1>; rel="next"'}))
+    reply = get(cr, Door.MIRROR_HTTP, "/v2/paged/tags/list?n=2")
+    assert reply.status == 200, reply
+    assert json.loads(reply.body) == {"name": "paged", "tags": ["a", "b"]}
+    assert reply.all("Link") == ['</v2/faulty.test/paged/tags/list?n=2&last=b>; rel="next"']
+    reply = get(cr, Door.PROXY_TLS, "/v2/paged/tags/list?n=2")
+    assert reply.all("Link") == ['</v2/paged/tags/list?n=2&last=b>; rel="next"']
+    fake.script("/v2/paged/tags/list", Script(body, headers={
+        "Link": '</v2/paged/tags/list?n=2&last=../../x>; rel="next"'}))
+    reply = get(cr, Door.MIRROR_HTTP, "/v2/paged/tags/list?n=3")
+    assert (reply.status, reply.all("Link")) == (200, [])
+
+
+SUBJECT = "sha256:" + "5" * 64
+GOOD_DESCRIPTOR = {"mediaType": MT_OCI, "digest": "sha256:" + "6" * 64, "size": 10,
+                   "artifactType": "application/vnd.example+json"}
+
+
+def referrers_index(*descriptors: object) -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX,
+                       "manifests": list(descriptors)}).encode()
+
+
+@pytest.mark.parametrize("what, script, code", [
+    ("an image manifest", Script(manifest_body()), "UPSTREAM_ERROR"),
+    ("HTML", Script(b"<html>" + SCRIPT_TAG, content_type="text/html"), "UPSTREAM_ERROR"),
+    ("a bad digest", Script(referrers_index({**GOOD_DESCRIPTOR, "digest": "sha256:../x"}),
+                            content_type=MT_INDEX), "UPSTREAM_ERROR"),
+    ("a negative size", Script(referrers_index({**GOOD_DESCRIPTOR, "size": -1}),
+                               content_type=MT_INDEX), "UPSTREAM_ERROR"),
+    ("a bad artifactType", Script(referrers_index(
+        {**GOOD_DESCRIPTOR, "artifactType": "text/html\r\nX: y"}), content_type=MT_INDEX),
+     "UPSTREAM_ERROR"),
+    ("oversized", Script(b"", endless=True, content_type=MT_INDEX), "SIZE_INVALID"),
+])
+def test_bad_referrers_are_502_and_never_stored(
+    cr: CrProxy, fake: ScriptedRegistry, what: str, script: Script, code: str
+) -> None:
+    """A referrers answer is stored and served only as a checked OCI index
+    (oci/referrers.py); anything else is a 502 in every door, and the
+    registry's tag schema (no such tag here) does not stand in for it."""
+    fake.script(f"/v2/evil/referrers/{SUBJECT}", script)
+    for door in Door:
+        reply = get(cr, door, f"/v2/evil/referrers/{SUBJECT}")
+        assert_refused(reply, (what, door), code=code)
+    assert stored_lists(cr, "evil") == []
+
+
+def test_referrers_pages_are_followed_within_bounds(
+    cr: CrProxy, fake: ScriptedRegistry
+) -> None:
+    """An upstream whose Link always names a next page is asked MAX_PAGES
+    times, then refused; a Link to another path is not followed."""
+    path = f"/v2/loop/referrers/{SUBJECT}"
+    fake.script(path, Script(referrers_index(GOOD_DESCRIPTOR), content_type=MT_INDEX,
+                             headers={"Link": f'<{path}?last=x>; rel="next"'}))
+    assert_refused(get(cr, Door.MIRROR_HTTP, path), "endless pages", code="UPSTREAM_ERROR")
+    assert fake.count("GET", path) == MAX_PAGES
+    assert stored_lists(cr, "loop") == []
+    elsewhere = f"/v2/away/referrers/{SUBJECT}"
+    fake.script(elsewhere, Script(referrers_index(GOOD_DESCRIPTOR), content_type=MT_INDEX,
+                                  headers={"Link": f'<{path}?last=x>; rel="next"'}))
+    reply = get(cr, Door.MIRROR_HTTP, elsewhere)
+    assert json.loads(reply.body)["manifests"] == [GOOD_DESCRIPTOR]
+    assert fake.count("GET", elsewhere) == 1
+
+
+def test_a_good_referrers_answer_is_rebuilt_from_its_checked_fields(
+    cr: CrProxy, fake: ScriptedRegistry
+) -> None:
+    body = referrers_index({**GOOD_DESCRIPTOR, "extra": "<script>", "annotations": {"a": "b"}})
+    fake.script(f"/v2/good/referrers/{SUBJECT}", Script(body, content_type=MT_INDEX))
+    reply = get(cr, Door.PROXY_TLS, f"/v2/good/referrers/{SUBJECT}")
+    assert reply.status == 200, reply
+    assert reply.all("Content-Type") == [MT_INDEX]
+    assert json.loads(reply.body)["manifests"] == [{**GOOD_DESCRIPTOR, "annotations": {"a": "b"}}]
+    assert stored_lists(cr, "good") == [f"lists/{FAKE}/good/_referrers/sha256-{'5' * 64}"]
 
 
 def test_every_answer_of_a_normal_pull_says_nosniff(

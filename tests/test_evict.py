@@ -13,6 +13,7 @@ import yaml
 
 from cr_proxy.cache.evict import evict_once
 from cr_proxy.cache.inventory import Inventory
+from cr_proxy.cache.pins import Pins
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Config, load
 from tests.test_inventory import REG, Cached, cache_image
@@ -30,11 +31,12 @@ def store(tmp_path: Path) -> Store:
 
 
 def config(tmp_path: Path, store: Store, max_size: int, low_water: float = 0.9,
-           min_age: float = 300) -> Config:
+           min_age: float = 300, pins: tuple[str, ...] = ()) -> Config:
     path = tmp_path / "cr-proxy.yml"
     path.write_text(yaml.safe_dump({
         "cache_dir": str(store.root),
-        "cache": {"max_size": max_size, "low_water": low_water, "min_age": min_age},
+        "cache": {"max_size": max_size, "low_water": low_water, "min_age": min_age,
+                  "pins": list(pins)},
     }))
     return load(path, environ={})
 
@@ -146,3 +148,29 @@ def test_an_image_the_feed_never_saw_falls_back_to_the_tree_times(
     conf = config(tmp_path, store, max_size=store.blob_bytes() - 1, low_water=0.9, min_age=0)
     result = evict_once(conf, store, {(REG, "v2/seen/manifests/v1"): time.time() - HOUR})
     assert result.images == keys("seen")
+
+
+def test_pinned_images_stay_whoever_pinned_them(tmp_path: Path, store: Store) -> None:
+    """Pinned by the configuration (cache.pins) or by `cr-proxy pin` (the
+    file, read at each pass): never evicted, however long unused; the next
+    least recently used go instead."""
+    for name in ("old", "mid", "new", "newest"):
+        image(store, name)
+    total = store.blob_bytes()
+    conf = config(tmp_path, store, max_size=total - 1, low_water=0.6,
+                  pins=(f"{REG}/old:v1",))
+    Pins.from_config(conf, store).pin([f"{REG}/mid:v1"])
+    uses = used(("old", 4 * HOUR), ("mid", 3 * HOUR), ("new", 2 * HOUR), ("newest", HOUR))
+    result = evict_once(conf, store, uses, now=NOW)
+    assert result.images == keys("new", "newest")
+    assert cached_names(store) == {"old", "mid"}
+
+
+def test_all_pinned_is_over_the_limit_and_says_so(
+    tmp_path: Path, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    image(store, "old")
+    conf = config(tmp_path, store, max_size=1, min_age=0, pins=(f"{REG}/old:v1",))
+    with caplog.at_level(logging.WARNING):
+        assert evict_once(conf, store, used(("old", HOUR)), now=NOW).images == ()
+    assert "or is pinned" in caplog.text

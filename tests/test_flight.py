@@ -5,6 +5,7 @@ Also cr_proxy.fetch.flight.Shared, the same idea for awaited results."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from unittest import mock
 
@@ -13,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cr_proxy.cache.store import Store
-from cr_proxy.errors import DigestMismatch, NotFound, Truncated
+from cr_proxy.errors import DigestMismatch, NotFound, Truncated, UpstreamTimeout
 from cr_proxy.fetch import flight as flight_mod
-from cr_proxy.fetch.flight import Flight, Flights, Shared
+from cr_proxy.fetch.flight import Flight, Flights, Shared, StillRunning
 from cr_proxy.oci.reference import digest_of
 
 DATA = bytes(range(256)) * 64  # 16 KiB
@@ -390,6 +391,9 @@ def test_readers_get_exactly_the_body_whatever_the_chunking(
 # --- flight.Shared ---------------------------------------------------------------------
 
 
+WAIT = 10.0  # seconds: a bound never reached when all is well
+
+
 class Work:
     def __init__(self, result: object = "result", error: BaseException | None = None) -> None:
         self.calls = 0
@@ -460,3 +464,44 @@ async def test_shared_work_survives_a_caller_that_goes_away():
     work.gate.set()
     assert await stayer == "result"
     assert work.calls == 1
+
+
+async def test_shared_past_its_budget_leaves_the_work_running_for_the_next_caller():
+    """Stale-while-revalidate: a caller whose budget runs out gets
+    StillRunning (budget 0: at once), the work goes on; a caller meanwhile
+    joins it (one revalidation per tag), and its result is the work's."""
+    shared, work = Shared(), Work()
+    with pytest.raises(StillRunning):
+        await shared.run("key", work, within=0)
+    with pytest.raises(StillRunning):
+        await shared.run("key", work, within=0)
+    joined = asyncio.ensure_future(shared.run("key", work, within=WAIT))
+    await asyncio.sleep(0)
+    work.gate.set()
+    assert await joined == "result"
+    assert work.calls == 1
+
+
+async def test_shared_within_a_budget_gives_the_works_own_timeout_as_it_is():
+    """An upstream timeout from the work is the work's error, not the budget's."""
+    shared, work = Shared(), Work(error=UpstreamTimeout(message="slow"))
+    work.gate.set()
+    with pytest.raises(UpstreamTimeout):
+        await shared.run("key", work, within=WAIT)
+
+
+async def test_a_late_works_error_reaches_no_one_and_is_not_reported_as_unretrieved():
+    shared, work = Shared(), Work(error=NotFound("MANIFEST_UNKNOWN"))
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict] = []
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    try:
+        with pytest.raises(StillRunning):
+            await shared.run("key", work, within=0)
+        work.gate.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        gc.collect()
+        assert unretrieved == []
+    finally:
+        loop.set_exception_handler(None)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from cr_proxy import nginx
-from cr_proxy.oci import manifest, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "nginx"
@@ -123,12 +122,3 @@ def test_fetch_conf_overrides_every_internal_header() -> None:
     overridden = set(re.findall(r"proxy_set_header\s+(X-CR-[A-Za-z-]+)\s", fetch))
     assert names <= overridden, names - overridden
     assert "proxy_pass_request_headers off" not in fetch  # the override is what protects
-
-
-def test_cr_js_replays_only_what_the_fetcher_stores() -> None:
-    js = (TEMPLATES / "cr.js").read_text()
-    types = re.search(r"MANIFEST_TYPES = \[(.*?)\];", js, re.S)
-    assert types is not None
-    assert re.findall(r"'([^']+)'", types.group(1)) == list(manifest.MANIFEST_MEDIA_TYPES)
-    digest = re.search(r"const DIGEST = /\^(.*)\$/;", js)
-    assert digest is not None and digest.group(1) == reference.DIGEST_RE.pattern

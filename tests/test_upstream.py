@@ -1,4 +1,5 @@
-"""cr_proxy.upstream: where hosts are reached, and the down-host memory."""
+"""cr_proxy.upstream: where hosts are reached, and the down-registry memory
+(its state machine alone: test_health.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,8 @@ from aiohttp.base_protocol import BaseProtocol
 from cr_proxy import config as config_mod
 from cr_proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
 from cr_proxy.net.address import is_loopback, split_url
-from cr_proxy.upstream import client as upstream_mod
 from cr_proxy.upstream.client import (
     MAX_ANSWERED_HOSTS,
-    MAX_DOWN_HOSTS,
     OTHER_REGISTRIES,
     RateGuard,
     Upstream,
@@ -73,6 +72,7 @@ async def test_unreachable_host_is_remembered_and_skipped() -> None:
                 await upstream.send("GET", "dead.test", "/v2/", {})
         assert attempts == 1  # ten more requests, no more connection attempts
     finally:
+        await upstream.close()
         await session.close()
 
 
@@ -98,33 +98,6 @@ def test_is_loopback(host: str, loopback: bool) -> None:
 
 
 # --- bounds on what clients can make the upstream side hold (issue 10) ------------------
-
-
-async def test_the_down_host_table_is_bounded_and_drops_expired_entries(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    conf = make_config(TIMEOUTS__DOWN_HOST="60")
-    session = Upstream.make_session(conf)
-    upstream = Upstream(conf, session)
-    now = [1000.0]
-    monkeypatch.setattr(upstream_mod.time, "monotonic", lambda: now[0])
-    try:
-        for i in range(MAX_DOWN_HOSTS + 500):
-            upstream._mark_down(f"r{i}.invalid", OSError("refused"))
-        assert len(upstream._down_until) == MAX_DOWN_HOSTS
-        # The newest are kept, the oldest dropped.
-        assert upstream.is_down(f"r{MAX_DOWN_HOSTS + 499}.invalid")
-        assert not upstream.is_down("r0.invalid")
-        # Once they expire, the next mark drops them all.
-        now[0] += 61
-        upstream._mark_down("late.invalid", OSError("refused"))
-        assert list(upstream._down_until) == ["late.invalid"]
-        # Marking a host again keeps one entry, with the later deadline.
-        now[0] += 1
-        upstream._mark_down("late.invalid", OSError("refused"))
-        assert upstream._down_until == {"late.invalid": now[0] + 60}
-    finally:
-        await session.close()
 
 
 async def test_registry_labels_are_configured_or_answered_names_else_other() -> None:
@@ -245,3 +218,102 @@ async def test_a_token_realm_naming_no_host_is_refused_before_any_request(realm:
         assert attempts == 0
     finally:
         await session.close()
+
+
+# --- one notion of down per registry (issue 12) ------------------------------------------
+
+
+async def test_a_name_that_does_not_resolve_takes_its_registry_and_realm_down() -> None:
+    """DNS failure counts as down (RFC 6761: .invalid never resolves), for
+    the registry that named the host too: its next token request and its own
+    requests fail at once, without a lookup or a connect."""
+    conf = make_config(TIMEOUTS__DOWN_HOST="60")
+    session = Upstream.make_session(conf)
+    upstream = Upstream(conf, session)
+    attempts = 0
+    original = session._request
+
+    async def counting(*args, **kwargs):
+        nonlocal attempts
+        attempts += 1
+        return await original(*args, **kwargs)
+
+    session._request = counting  # type: ignore[method-assign]
+    try:
+        with pytest.raises(UpstreamUnreachable):
+            await upstream.get_json("https://auth.invalid/token", {}, registry="registry.invalid")
+        assert attempts == 1
+        for host in ("auth.invalid", "registry.invalid"):
+            assert upstream.is_down(host), host
+        with pytest.raises(UpstreamUnreachable, match="remembered"):
+            await upstream.send("GET", "registry.invalid", "/v2/", {})
+        assert attempts == 1
+        assert upstream.metrics.registry.get_sample_value(
+            "crproxy_upstream_skipped_total", {"registry": "other"}) == 1
+    finally:
+        await upstream.close()
+        await session.close()
+
+
+async def test_the_probe_answers_for_any_http_answer_and_fails_on_a_refused_connect() -> None:
+    (port,) = free_ports(1)
+    conf = make_config(ENDPOINTS=f"{{gone.test: 'http://127.0.0.1:{port}'}}")
+    session = Upstream.make_session(conf)
+    upstream = Upstream(conf, session)
+    async def not_found(_: web.Request) -> web.Response:
+        return web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", not_found)
+    runner = web.AppRunner(app, access_log=None)
+    try:
+        assert isinstance(await upstream._probe("gone.test", "https"), aiohttp.ClientError)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        assert await upstream._probe("gone.test", "https") is None
+    finally:
+        await upstream.close()
+        await session.close()
+        await runner.cleanup()
+
+
+async def test_a_request_hung_past_the_budget_is_given_up_when_its_registry_is_found_down(
+) -> None:
+    """A kept-alive connection into a cut cable: the server took the request
+    and says nothing. Past timeouts.stale_budget the registry is suspect;
+    its probe (a new connection: here a fake that cannot connect) marks it
+    down, and the waiting request ends then, UpstreamUnreachable, not at
+    timeouts.read (60 s here) as UpstreamTimeout."""
+    hang = asyncio.Event()
+
+    async def silent(_: web.Request) -> web.Response:
+        await hang.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", silent)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    (port,) = free_ports(1)
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    conf = make_config(ENDPOINTS=f"{{hung.test: 'http://127.0.0.1:{port}'}}",
+                       TIMEOUTS__READ="60", TIMEOUTS__STALE_BUDGET="0.05")
+    session = Upstream.make_session(conf)
+    upstream = Upstream(conf, session)
+    probed: list[str] = []
+
+    async def cannot_connect(host: str, scheme: str) -> BaseException | None:
+        probed.append(host)
+        return ConnectionRefusedError("cut")
+
+    upstream.health._probe = cannot_connect
+    try:
+        with pytest.raises(UpstreamUnreachable, match="went down while this request waited"):
+            await upstream.send("GET", "hung.test", "/v2/a", {})
+        assert probed[0] == "hung.test"
+        assert upstream.is_down("hung.test")
+    finally:
+        hang.set()
+        await upstream.close()
+        await session.close()
+        await runner.cleanup()

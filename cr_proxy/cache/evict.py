@@ -18,6 +18,8 @@ Policy:
   `min_age` seconds may be in the middle of a pull, and a download in
   progress is in temp/, not in the store. A client already reading a file
   keeps its bytes (an open file outlives its unlink).
+- A pinned image (cache.pins, `cr-proxy pin`: pins.py) is never evicted,
+  and so neither are its blobs; the pins are read at each pass.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 
 from cr_proxy.cache.image import Image, file_times
 from cr_proxy.cache.inventory import Inventory
+from cr_proxy.cache.pins import Pins
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Config
 from cr_proxy.metrics import Metrics
@@ -70,6 +73,7 @@ def evict_once(config: Config, store: Store, uses: Uses, now: float | None = Non
     goal = limit.max_size * limit.low_water
     now = time.time() if now is None else now
     inventory = Inventory.from_config(config, last_used=last_use(uses))
+    pinned = Pins.from_config(config, store).keys()
     evicted: list[str] = []
     freed = 0
     for image in sorted(inventory.images(), key=lambda i: i.last_used):
@@ -77,13 +81,15 @@ def evict_once(config: Config, store: Store, uses: Uses, now: float | None = Non
             break
         if now - image.last_used < limit.min_age:
             continue  # may be in the middle of a pull
+        if image.key in pinned:
+            continue
         removed = inventory.remove(image)
         evicted.append(image.key)
         freed += removed.bytes
         size -= removed.bytes
     if size > limit.max_size:
         log.warning("cache is %d bytes (%d of them downloads in progress), over its limit of "
-                    "%d, and every image left was used in the last %.0f s",
+                    "%d, and every image left was used in the last %.0f s or is pinned",
                     size, downloading, limit.max_size, limit.min_age)
     return Evicted(tuple(evicted), freed, size - downloading)
 

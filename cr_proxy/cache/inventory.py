@@ -43,6 +43,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cr_proxy.cache.check import Checked, Checker, Missing
 from cr_proxy.cache.diskuse import DiskUsage, disk_usage
 from cr_proxy.cache.image import Image, LastUsed, file_times
 from cr_proxy.cache.layout import QUARANTINE, Kind, Sidecar, key_of, resolve_domain
@@ -53,7 +54,7 @@ from cr_proxy.cache.verify import Verification, verify
 from cr_proxy.config import Config
 from cr_proxy.errors import BadRequest, ManifestInvalid, NotFound
 from cr_proxy.oci import manifest
-from cr_proxy.oci.manifest import MAX_INDEX_DEPTH, MAX_MANIFEST, config_platform
+from cr_proxy.oci.manifest import MAX_INDEX_DEPTH, MAX_MANIFEST, Platform, config_platform
 from cr_proxy.oci.reference import (
     DEFAULT_REGISTRY,
     digest_of,
@@ -206,19 +207,42 @@ class Inventory:
     def images(self) -> list[Image]:
         return self._images(self._scan())
 
-    def find(self, text: str) -> list[Image]:
+    def find(self, text: str, images: list[Image] | None = None) -> list[Image]:
         """The cached images a reference names, by Docker's rules: a tag, or
         a digest (the digest-only image, or every tag pointing at it)."""
         ref = parse_reference(text, self.default_registry)
         domain = resolve_domain(ref.registry, self.registry_hosts)
         found = [
-            image for image in self.images()
+            image for image in (self.images() if images is None else images)
             if (image.domain, image.repository) == (domain, ref.name)
             and (image.digest == ref.digest if ref.digest else image.tag == ref.tag)
         ]
         if not found:
             raise NotFound("MANIFEST_UNKNOWN", f"{text} is not in the cache")
         return found
+
+    # --- check ------------------------------------------------------------------------
+
+    def check(self, texts: list[str], wanted: list[Platform]) -> list[Checked]:
+        """Would each image pull from the cache alone (check.py)? An image
+        not in the cache at all is one missing manifest. BadRequest for a
+        reference that is not one, before anything is read."""
+        for text in texts:
+            parse_reference(text, self.default_registry)
+        scan = self._scan()
+        images = self._images(scan)
+        checker = Checker(scan, Reader(), self._pulled(scan))
+        out = []
+        for text in texts:
+            try:
+                found = self.find(text, images)
+            except NotFound as err:
+                out.append(Checked(text, text, None, (), (Missing("manifest", text, err.message),)))
+                continue
+            out += [checker.check(text, image.name, image.digest, wanted,
+                                  self.store.tree.at(image.location),
+                                  image.platforms) for image in found]
+        return out
 
     def blob_refs(self) -> dict[str, set[str]]:
         """Every digest in blobs/ -> keys of the images that use it (empty:
@@ -250,8 +274,7 @@ class Inventory:
     def _images(self, scan: Scan) -> list[Image]:
         reader = Reader()
         repos = group_manifests(scan.links)
-        named = {digest for repo in repos.values() for digest in repo.digests}
-        resolver = Resolver(scan, reader, named | self._quarantined())
+        resolver = Resolver(scan, reader, self._pulled(scan, repos))
         found = []
         for (domain, name), repo in sorted(repos.items()):
             found += self._repo_images(domain, name, repo, scan, resolver)
@@ -329,6 +352,16 @@ class Inventory:
             return sidecar.stat().st_mtime
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def _pulled(
+        self, scan: Scan, repos: dict[tuple[str, str], Repo] | None = None
+    ) -> frozenset[str]:
+        """Manifest digests the tree shows were pulled: in blobs/, named by
+        digest under content/, or quarantined by verify."""
+        if repos is None:
+            repos = group_manifests(scan.links)
+        named = {digest for repo in repos.values() for digest in repo.digests}
+        return frozenset(scan.blobs.keys() | named | self._quarantined())
 
     def _quarantined(self) -> set[str]:
         """Digests verify moved to quarantine/<alg>-<hex>: pulled once."""

@@ -27,6 +27,12 @@ The tree (seed 001, plus a digest store for one copy per digest):
                                              carries the digest, written once that
                                              target is cached
       blobs/<algorithm>/<hex>                the digest store: one file per digest
+      lists/<domain>/<name>/_tags/<query>    a tag list page as the upstream last sent
+                                             it (`list`, `list,n=<n>,last=<tag>`);
+                                             its mtime is when it was fetched
+      lists/<domain>/<name>/_referrers/<alg>-<hex>
+                                             the referrers of a subject (an OCI index,
+                                             unfiltered; mtime as for tags)
       temp/                                  downloads in progress, and links and
                                              small files about to be renamed
                                              (link.*); emptied at start-up
@@ -34,6 +40,7 @@ The tree (seed 001, plus a digest store for one copy per digest):
                                              a post-mortem; nothing serves them
       usage.json                             last use per (domain, path), saved by
                                              `serve` from nginx's access log
+      pins.json                              images `cr-proxy pin` pinned (pins.py)
 
 `<domain>` is the host that really serves the path (registry-1.docker.io,
 not docker.io; a CDN host for redirect targets), `<path>` the URL path
@@ -71,13 +78,19 @@ CONTENT = "content"
 BLOBS = "blobs"
 TEMP = "temp"
 QUARANTINE = "quarantine"
+LISTS = "lists"
 USES_FILE = "usage.json"
-TOP_DIRS = (CONTENT, BLOBS, TEMP, *SIDECARS)  # made by Store.prepare; quarantine/ when needed
+PINS_FILE = "pins.json"
+# Made by Store.prepare; quarantine/ when needed.
+TOP_DIRS = (CONTENT, BLOBS, TEMP, LISTS, *SIDECARS)
 # A generic URL path segment we are willing to store (CDN paths, auth paths):
 # RFC 3986 unreserved characters plus ':' '@' '+' '=' ',' — nothing that a
 # shell, nginx or a filesystem treats specially.
 SEGMENT_RE = re.compile(r"[A-Za-z0-9._~:@+=,-]{1,255}")
 MAX_PATH_LEN = 2048
+# A stored listing's file name (Tree.listing): begins with a word character
+# (never '.' or '..'), then what a tag, a digest's hex and "n=<int>" need.
+LISTING_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=-]{0,200}")
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io"})
 INDEX_FILE = "_index"
@@ -88,10 +101,11 @@ class Kind(Enum):
     MANIFEST = "manifests"
     BLOB = "blobs"
     TAGS = "tags"  # /v2/<name>/tags/list
+    REFERRERS = "referrers"  # /v2/<name>/referrers/<digest> (OCI 1.1)
     OTHER = "other"  # _catalog, uploads, anything else under /v2/
 
 
-NAMED_KINDS = frozenset({Kind.MANIFEST, Kind.BLOB, Kind.TAGS})
+NAMED_KINDS = frozenset({Kind.MANIFEST, Kind.BLOB, Kind.TAGS, Kind.REFERRERS})
 KEY_KINDS = frozenset({Kind.MANIFEST, Kind.BLOB, Kind.OTHER})  # what the cache stores
 
 
@@ -121,6 +135,8 @@ class RegistryPath:
             return f"v2/{self.name}"
         if self.kind is Kind.TAGS:
             return f"v2/{self.name}/tags/list"
+        if self.kind is Kind.REFERRERS:
+            return f"v2/{self.name}/referrers/{self.ref}"
         return v2_path(self.name, self.kind, self.ref)
 
 
@@ -280,6 +296,8 @@ def parse_v2_path(path: str) -> RegistryPath:
         return RegistryPath(Kind.BLOB, name, check_digest(ref))
     if kind == "tags" and ref == "list":
         return RegistryPath(Kind.TAGS, name)
+    if kind == "referrers":
+        return RegistryPath(Kind.REFERRERS, name, check_digest(ref))
     return RegistryPath(Kind.OTHER, path[4:])
 
 
@@ -400,6 +418,16 @@ class Tree:
         """quarantine/<alg>-<hex>: where `verify` moves a corrupt blob."""
         return self._under(QUARANTINE, check_digest(digest).replace(":", "-"))
 
+    def listing(self, domain: str, name: str, kind: Kind, query: str) -> Path:
+        """lists/<domain>/<name>/_<kind>/<query>: one stored answer of a
+        listing (a tag list page, a subject's referrers). `_<kind>` can be
+        no repository component (they begin with [a-z0-9]), so no name
+        shadows another's; `query` is a file name the caller made from
+        checked parts (LISTING_FILE_RE)."""
+        if kind not in (Kind.TAGS, Kind.REFERRERS) or not LISTING_FILE_RE.fullmatch(query):
+            raise BadRequest("NAME_INVALID", f"not a listing file {query[:100]!r}")
+        return self._under(LISTS, check_domain(domain), check_name(name), f"_{kind.value}", query)
+
     def top(self, name: str) -> Path:
         """One of the top directories (TOP_DIRS), to walk it (scan.py)."""
         if name not in TOP_DIRS:
@@ -413,6 +441,10 @@ class Tree:
     @property
     def uses_file(self) -> Path:
         return self.root / USES_FILE
+
+    @property
+    def pins_file(self) -> Path:
+        return self.root / PINS_FILE
 
     def parse_content(self, path: Path) -> tuple[str, str]:
         """Inverse of content(): a file under content/ -> (domain, path)."""

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,6 +193,17 @@ class Store:
         digest = digest_of(body, recorded.split(":", 1)[0])
         return StoredManifest(body, content_type, digest, validated_at)
 
+    def read_listing(
+        self, domain: str, name: str, kind: Kind, query: str
+    ) -> tuple[bytes, float] | None:
+        """A stored listing (Tree.listing) and when it was fetched, or None."""
+        path = self.tree.listing(domain, name, kind, query)
+        try:
+            with path.open("rb") as f:
+                return f.read(), os.fstat(f.fileno()).st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def blob_bytes(self) -> int:
         """Bytes in the digest store (each blob once, whatever its names)."""
         sizes = (lstat(entry) for _, entry in walk_blobs(self.tree))
@@ -228,6 +240,10 @@ class Store:
     def save_uses(self, uses: dict[tuple[str, str], float]) -> None:
         data = json.dumps({f"{d} {p}": t for (d, p), t in uses.items()})
         self._replace_with(self.tree.uses_file, lambda tmp: tmp.write_text(data))
+
+    def save_pins(self, keys: Iterable[str]) -> None:
+        data = json.dumps({"pins": sorted(keys)}, indent=1) + "\n"
+        self._replace_with(self.tree.pins_file, lambda tmp: tmp.write_text(data))
 
     def blob_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self.tree.temp, digest)
@@ -321,6 +337,17 @@ class Store:
             validated = self.tree.sidecar(Sidecar.DOCKER_CONTENT_DIGEST, domain, path)
             os.utime(validated, (validated_at,) * 2)
         self.link(digest, domain, path)
+
+    def write_listing(
+        self, domain: str, name: str, kind: Kind, query: str, body: bytes, fetched_at: float
+    ) -> None:
+        """Replace a listing (the caller checked its body) with a fresh one;
+        its mtime says when it was fetched (tag_ttl counts from there)."""
+        def make(tmp: Path) -> None:
+            tmp.write_bytes(body)
+            os.utime(tmp, (fetched_at,) * 2)
+
+        self._replace_with(self.tree.listing(domain, name, kind, query), make)
 
     def record_redirect(self, domain: str, path: str, status: int, location: str) -> None:
         self.write_sidecar(Sidecar.REDIRECT, domain, path, f"{status} {location}")

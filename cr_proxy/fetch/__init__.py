@@ -1,9 +1,12 @@
 """The fetcher: the aiohttp app nginx hands every miss to, split by concern
 as distribution's registry/proxy. app.py dispatches (make_app, the one
-route, mode and Target, errors); blobs.py, manifests.py and passthrough.py
-each own a kind and state its cache policy; context.py holds what they
-share (FetchContext); flight.py merges duplicate work in flight (one
-download per source and digest, readers tail the growing file).
+route, mode and Target, errors); blobs.py, manifests.py, tags.py,
+referrers.py and passthrough.py each own a kind and state its cache policy
+(tags.py and referrers.py the way of listings.py: stored per query, fresh
+for tag_ttl, stale offline);
+context.py holds what they share (FetchContext); flight.py merges
+duplicate work in flight (one download per source and digest, readers tail
+the growing file).
 
 Policy (as distribution's registry/proxy): blobs and manifests by digest
 are local-first and immutable; tags are upstream-first once stale, with the

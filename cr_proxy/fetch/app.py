@@ -11,6 +11,10 @@ the part that owns its policy, as distribution's registry/proxy:
 - blobs.py: blobs, local-first and immutable;
 - manifests.py: manifests by digest local-first, tags upstream-first once
   stale with a stale fallback;
+- tags.py: tag lists, fetched with our own login, stored per query, the
+  same way as a tag (listings.py);
+- referrers.py: referrers (OCI 1.1), by the upstream's API or its tag
+  schema, stored per subject as tag lists are;
 - passthrough.py: everything else, relayed uncached.
 
 Errors of any part become registry-style JSON answers here.
@@ -38,8 +42,11 @@ from cr_proxy.errors import (
 from cr_proxy.fetch.blobs import Blobs
 from cr_proxy.fetch.context import API_HEADERS, CacheFill, FetchContext, error_response, in_thread
 from cr_proxy.fetch.flight import Flights
+from cr_proxy.fetch.listings import Listings
 from cr_proxy.fetch.manifests import Manifests
 from cr_proxy.fetch.passthrough import Passthrough
+from cr_proxy.fetch.referrers import Referrers
+from cr_proxy.fetch.tags import Tags
 from cr_proxy.front.connect import check_port
 from cr_proxy.metrics import Metrics
 from cr_proxy.net.policy import parse_authority
@@ -52,13 +59,16 @@ log = logging.getLogger("cr_proxy.fetcher")
 class Fetcher:
     """The one route: each request to the part that owns its kind."""
 
-    __slots__ = ("blobs", "ctx", "manifests", "passthrough")
+    __slots__ = ("blobs", "ctx", "manifests", "passthrough", "referrers", "tags")
 
     def __init__(self, ctx: FetchContext) -> None:
         self.ctx = ctx
         self.blobs = Blobs(ctx)
         self.manifests = Manifests(ctx)
         self.passthrough = Passthrough(ctx)
+        listings = Listings(ctx)
+        self.tags = Tags(ctx, listings)
+        self.referrers = Referrers(ctx, listings, self.manifests)
 
     @classmethod
     def of(cls, config: Config, store: Store, upstream: Upstream,
@@ -163,6 +173,10 @@ class Fetcher:
             return await self.blobs.get(request, target)
         if kind is Kind.MANIFEST:
             return await self.manifests.get(request, target)
+        if kind is Kind.TAGS:
+            return await self.tags.get(request, target)
+        if kind is Kind.REFERRERS:
+            return await self.referrers.get(request, target)
         if kind is Kind.PING and mirror:
             return web.json_response({}, headers=API_HEADERS)
         return await self.passthrough.relay(
@@ -198,10 +212,11 @@ def make_app(
     async def lifecycle(app: web.Application):
         await in_thread(store.prepare, clean_temp)
         session = Upstream.make_session(config)
-        upstream = Upstream(config, session, Challenges(store))
-        fetcher = Fetcher.of(config, store, upstream, metrics)
+        upstream = Upstream(config, session, Challenges(store), metrics)
+        fetcher = Fetcher.of(config, store, upstream, upstream.metrics)
         app["fetcher"] = fetcher
         yield
+        await upstream.close()
         await fetcher.close()
         await session.close()
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import aiohttp
 from aiohttp import web
 
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Config
-from cr_proxy.errors import CrProxyError
+from cr_proxy.errors import CrProxyError, TooLarge, Truncated, UpstreamError
 from cr_proxy.fetch.flight import Flights
 from cr_proxy.metrics import Metrics
 from cr_proxy.upstream.client import Upstream
@@ -26,6 +28,7 @@ API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 # Upstream answers that say "not now" rather than "no": a stored copy may
 # stand in (a stale tag, an unnamed blob).
 STALE_OK_STATUSES = frozenset({429, 500, 502, 503, 504})
+STALE = "STALE"  # X-Cache of a stored answer served because the upstream failed
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -36,6 +39,37 @@ def error_response(err: CrProxyError) -> web.Response:
     return web.Response(
         status=err.status, body=err.body(), content_type="application/json", headers=API_HEADERS
     )
+
+
+async def read_bounded(
+    response: aiohttp.ClientResponse, limit: int, what: str,
+    too_large: type[UpstreamError] = TooLarge,
+) -> bytes:
+    """A small upstream body (a manifest, a listing) whole, or an error:
+    read(n) returns only what has arrived, which cut a body sent in two
+    pieces at the first; an endless one ends at `limit`."""
+    if (response.content_length or 0) > limit:
+        raise too_large(message=f"{what} larger than {limit} bytes")
+    body = bytearray()
+    try:
+        async for chunk in response.content.iter_any():
+            body += chunk
+            if len(body) > limit:
+                raise too_large(message=f"{what} larger than {limit} bytes")
+    except aiohttp.ClientPayloadError as err:
+        raise Truncated(message=f"{what} body cut short") from err
+    if response.content_length is not None and len(body) != response.content_length:
+        raise Truncated(message=f"{what} body cut short")
+    return bytes(body)
+
+
+def cache_headers(cache: str, validated_at: float) -> dict[str, str]:
+    """X-Cache; on a stale answer also Age, the seconds since the upstream
+    last confirmed it (RFC 9111), so a client or an operator can tell."""
+    headers = {"X-Cache": cache}
+    if cache == STALE:
+        headers["Age"] = str(max(0, int(time.time() - validated_at)))
+    return headers
 
 
 def client_auth(request: web.Request) -> str | None:

@@ -4,7 +4,8 @@ a dict filled before any await, the work detached from every caller).
 
 - InFlight: the mechanism itself, a value per key while its work runs;
 - Shared: awaited results (a manifest fetch, a tag revalidation): every
-  caller of one key gets the one result or error;
+  caller of one key gets the one result or error, or, past its budget,
+  leaves the work to finish in the background;
 - Flights: one upstream download per key (the fetcher's: a source and a
   digest), however many clients ask at once, described below.
 
@@ -71,9 +72,20 @@ class InFlight(Generic[V]):
         return value
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class StillRunning(Exception):
+    """Shared.run's budget ran out; the work goes on without this caller."""
+
+
 class Shared:
     """Concurrent calls for one key merged into one awaited coroutine; the
-    work is shielded so a caller that goes away does not cancel the others."""
+    work is shielded so a caller that goes away (a client's disconnect, a
+    budget that ran out) does not cancel it: it finishes for the others, or
+    for nobody, in the background."""
 
     __slots__ = ("_running",)
 
@@ -83,12 +95,27 @@ class Shared:
     def __repr__(self) -> str:
         return f"<Shared {self._running!r}>"
 
-    async def run(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> T:
+    async def run(
+        self, key: Hashable, work: Callable[[], Awaitable[T]], within: float | None = None
+    ) -> T:
+        """The work's result (or error); StillRunning after `within`
+        seconds, if given, with the work left running."""
         def start() -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
             future = asyncio.ensure_future(work())
+            # The error of work every caller left is nobody's to hear (and
+            # its cause is counted where it happened): not "never retrieved".
+            future.add_done_callback(_retrieved)
             return future, future
 
-        return await asyncio.shield(self._running.join(key, start))
+        shielded = asyncio.shield(self._running.join(key, start))
+        if within is None:
+            return await shielded
+        try:
+            return await asyncio.wait_for(shielded, within)
+        except TimeoutError:
+            if shielded.cancelled():  # wait_for's own timeout, not the work's error
+                raise StillRunning from None
+            raise
 
 
 class Flight:

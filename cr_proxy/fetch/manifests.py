@@ -5,10 +5,13 @@ by digest is local-first and immutable. A tag is served from the cache
 while fresh (tag_ttl since the upstream last confirmed it), then
 upstream-first: a HEAD compares digests and a moved tag is fetched again;
 when the upstream cannot be reached, answers 5xx or 429, the stale copy is
-served. Concurrent misses and revalidations of one path are merged
-(Shared). A manifest is stored only whole, verified against the digest
-asked for and the one the upstream named, of a known type and at most
-MAX_MANIFEST bytes.
+served, at once while its registry is down (upstream/health.py). A client
+waits `timeouts.stale_budget` for the revalidation, then gets the stale
+copy while it finishes in the background (stale-while-revalidate).
+Concurrent misses and revalidations of one path are merged (Shared: at
+most one revalidation per tag, shielded from the clients that left it).
+A manifest is stored only whole, verified against the digest asked for and
+the one the upstream named, of a known type and at most MAX_MANIFEST bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from cr_proxy.errors import (
     DigestMismatch,
     ManifestInvalid,
     NotFound,
-    Truncated,
     UpstreamError,
     UpstreamUnreachable,
     offline_miss,
@@ -34,10 +36,12 @@ from cr_proxy.fetch.context import (
     API_HEADERS,
     STALE_OK_STATUSES,
     FetchContext,
+    cache_headers,
     client_auth,
     in_thread,
+    read_bounded,
 )
-from cr_proxy.fetch.flight import Shared
+from cr_proxy.fetch.flight import Shared, StillRunning
 from cr_proxy.oci.manifest import MANIFEST_ACCEPT, MAX_MANIFEST, manifest_media_type
 from cr_proxy.oci.reference import digest_of, is_digest
 
@@ -75,20 +79,40 @@ class Manifests:
         if target.rpath.by_digest or fresh_enough:
             ctx.metrics.hits.labels(kind="manifest-fetch").inc()
             return _response(stored, "HIT")
+        if ctx.upstream.skips(domain):
+            # Down: not even a revalidation already running is waited for.
+            return self._stale(stored, target, "failed", f"{domain} is down")
+        # A client waits timeouts.stale_budget for the upstream, then gets
+        # the stale copy while the revalidation finishes in the background
+        # (`cr-proxy warm` waits for the upstream's word).
+        budget = None if forced else ctx.config.timeouts.stale_budget
         try:
             fresh = await self.shared.run(
-                ("revalidate", domain, path), lambda: self._revalidate(target, stored, auth)
+                ("revalidate", domain, path), lambda: self._revalidate(target, stored, auth),
+                within=budget,
             )
+        except StillRunning:
+            # Maybe stuck on a kept-alive connection into a cut cable: a
+            # probe on a new one tells soon (upstream/health.py).
+            ctx.upstream.suspect(domain)
+            return self._stale(stored, target, "late", f"no answer within {budget:g}s; "
+                               "revalidating in the background")
         except (UpstreamUnreachable, UpstreamError) as err:
-            # Counted, not warned: the upstream's outage is warned of once
-            # (upstream/client.py), and one line per stale answer drowned it.
-            log.debug("serving stale %s/%s: %s", domain, path, err.message)
-            ctx.metrics.stale_served.labels(registry=ctx.upstream.registry_label(domain)).inc()
-            ctx.metrics.revalidations.labels(result="failed").inc()
-            return _response(stored, "STALE")
+            return self._stale(stored, target, "failed", err.message)
         changed = "same" if fresh.digest == stored.digest else "changed"
         ctx.metrics.revalidations.labels(result=changed).inc()
         return _response(fresh, "REVALIDATED")
+
+    def _stale(self, stored: StoredManifest, target: Target, result: str,
+               why: str) -> web.Response:
+        """The cached copy of a tag the upstream could not confirm now."""
+        ctx, domain = self.ctx, target.domain
+        # Counted, not warned: the upstream's outage is warned of once
+        # (upstream/health.py), and one line per stale answer drowned it.
+        log.debug("serving stale %s/%s: %s", domain, target.rpath.path, why)
+        ctx.metrics.stale_served.labels(registry=ctx.upstream.registry_label(domain)).inc()
+        ctx.metrics.revalidations.labels(result=result).inc()
+        return _response(stored, "STALE")
 
     async def revalidate_tag(self, domain: str, name: str, tag: str) -> bool:
         """Background refresh of one cached tag; True if it moved upstream."""
@@ -172,27 +196,12 @@ def _response(stored: StoredManifest, cache: str) -> web.Response:
     return web.Response(
         body=stored.body,
         headers={"Content-Type": stored.content_type, "Docker-Content-Digest": stored.digest,
-                 "X-Cache": cache, **API_HEADERS},
+                 **cache_headers(cache, stored.validated_at), **API_HEADERS},
     )
 
 
 async def _read_manifest(response: aiohttp.ClientResponse, domain: str) -> bytes:
-    """The whole body, or an error: read(n) returns only what has arrived,
-    which cut a manifest sent in two pieces at the first."""
-    if (response.content_length or 0) > MAX_MANIFEST:
-        raise ManifestInvalid(message=f"{domain}: manifest larger than {MAX_MANIFEST} bytes")
-    body = bytearray()
-    try:
-        async for chunk in response.content.iter_any():
-            body += chunk
-            if len(body) > MAX_MANIFEST:  # an endless answer ends here
-                raise ManifestInvalid(
-                    message=f"{domain}: manifest larger than {MAX_MANIFEST} bytes")
-    except aiohttp.ClientPayloadError as err:
-        raise Truncated(message=f"{domain}: manifest body cut short") from err
-    if response.content_length is not None and len(body) != response.content_length:
-        raise Truncated(message=f"{domain}: manifest body cut short")
-    return bytes(body)
+    return await read_bounded(response, MAX_MANIFEST, f"{domain}: manifest", ManifestInvalid)
 
 
 def _check_manifest(

@@ -1,5 +1,5 @@
-"""Pass-through: requests this mirror does not cache (tag lists, the
-catalog, token requests, in https_proxy mode pushes and anything outside
+"""Pass-through: requests this mirror does not cache (the catalog, token
+requests, in https_proxy mode pushes and anything outside
 /v2/), relayed to the upstream.
 
 Policy: nothing is stored but what the upstream's /v2/ answered, 200 or

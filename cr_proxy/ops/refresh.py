@@ -1,5 +1,6 @@
 """Background tag refresh (seed 003 refreshes `latest` periodically): every
-`refresh.interval` seconds, cached tags matching `refresh.tags` are
+`refresh.interval` seconds, cached tags matching `refresh.tags`, and pinned
+ones whatever their tag (cache/pins.py), are
 revalidated through the fetcher's own revalidation (the same HEAD and digest
 comparison a stale client request triggers), so an offline site has the
 newest image it could have had. Failures are logged, never fatal; hosts
@@ -13,6 +14,7 @@ import fnmatch
 import logging
 from dataclasses import dataclass
 
+from cr_proxy.cache.pins import Pins
 from cr_proxy.errors import CrProxyError
 from cr_proxy.fetch.app import Fetcher
 from cr_proxy.fetch.context import in_thread
@@ -33,11 +35,13 @@ def wanted(tag: str, patterns: tuple[str, ...]) -> bool:
 
 async def refresh_once(fetcher: Fetcher) -> RefreshResult:
     patterns = fetcher.ctx.config.refresh.tags
+    pins = Pins.from_config(fetcher.ctx.config, fetcher.ctx.store)
+    pinned = await in_thread(pins.keys)
     checked = changed = failed = 0
     for domain, name, tag in await in_thread(fetcher.ctx.store.cached_tags):
-        if not wanted(tag, patterns):
+        if not (wanted(tag, patterns) or f"{domain}/{name}:{tag}" in pinned):
             continue
-        if fetcher.ctx.upstream.is_down(domain):
+        if fetcher.ctx.upstream.skips(domain):
             failed += 1
             continue
         checked += 1

@@ -1,4 +1,4 @@
-"""What `cr-proxy ls|du|rm|verify` print: a JSON document (`--json`) or a
+"""What `cr-proxy ls|du|rm|verify|check` print: a JSON document (`--json`) or a
 table for people, from the cache's results (cache/inventory.py and the
 modules it calls).
 
@@ -11,7 +11,8 @@ JSON (`--json`; keys are stable, new ones may be added):
                          "last_used" (Unix time, float),
                          "complete": bool, "not_pulled": [digest],
                          "cached_platforms": [str],
-                         "missing_bytes" (int, or null if unknown)}]}
+                         "missing_bytes" (int, or null if unknown),
+                         "pinned": bool}]}
 
             `missing`: used digests not in blobs/, the manifests of an
             index's platforms never pulled included (those are also in
@@ -22,6 +23,12 @@ JSON (`--json`; keys are stable, new ones may be added):
     rm      {"images": [key], "blobs": [digest], "files", "bytes"}
     verify  {"checked", "bytes", "failures": [{"digest", "actual" (null if
              unreadable), "quarantined" (path or null), "removed": [path]}]}
+    pin     {"pinned": [key]}      unpin  {"unpinned": [key], "declared": [key],
+                                            "not_pinned": [key]}
+    check   {"images": [{"image" (as given), "name", "digest" (null: not
+             cached), "complete": bool, "platforms": [str],
+             "missing": [{"what" ("manifest", "blob", "platform"), "name",
+             "reason"}]}], "complete": bool}
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
+from cr_proxy.cache.check import Checked
 from cr_proxy.cache.diskuse import DiskUsage, Usage
 from cr_proxy.cache.image import Image
 from cr_proxy.cache.removal import Removed
@@ -40,7 +49,8 @@ from cr_proxy.cache.verify import Verification
 # --- JSON documents -----------------------------------------------------------------
 
 
-def images_document(images: Iterable[Image]) -> dict[str, Any]:
+def images_document(images: Iterable[Image], pinned: AbstractSet[str] = frozenset()
+                    ) -> dict[str, Any]:
     return {"images": [
         {
             "key": i.key, "name": i.name, "registry": i.registry, "domain": i.domain,
@@ -49,6 +59,7 @@ def images_document(images: Iterable[Image]) -> dict[str, Any]:
             "blobs": sorted(i.digests), "missing": sorted(i.missing), "last_used": i.last_used,
             "complete": i.complete, "not_pulled": sorted(i.unpulled),
             "cached_platforms": list(i.cached_platforms), "missing_bytes": i.missing_bytes,
+            "pinned": i.key in pinned,
         }
         for i in images
     ]}
@@ -84,10 +95,10 @@ def _counts(usage: Usage) -> dict[str, int]:
 # --- tables and text ----------------------------------------------------------------
 
 
-def images_table(images: Iterable[Image]) -> str:
+def images_table(images: Iterable[Image], pinned: AbstractSet[str] = frozenset()) -> str:
     rows = [
-        (i.name, short(i.digest), ",".join(i.platforms) or "-", image_size(i), state(i),
-         when(i.last_used))
+        (i.name, short(i.digest), ",".join(i.platforms) or "-", image_size(i),
+         state(i) + (", pinned" if i.key in pinned else ""), when(i.last_used))
         for i in images
     ]
     return table(("IMAGE", "DIGEST", "PLATFORMS", "SIZE", "STATE", "LAST USED"), rows,
@@ -139,6 +150,29 @@ def verification_text(result: Verification) -> str:
     ]
     lines.append(f"checked {result.checked} blobs ({human_size(result.bytes)}): "
                  f"{len(result.failures) or 'none'} corrupt")
+    return "\n".join(lines)
+
+
+def check_document(checked: Iterable[Checked]) -> dict[str, Any]:
+    images = [
+        {"image": c.image, "name": c.name, "digest": c.digest, "complete": c.complete,
+         "platforms": list(c.platforms),
+         "missing": [{"what": m.what, "name": m.name, "reason": m.reason} for m in c.missing]}
+        for c in checked
+    ]
+    return {"images": images, "complete": all(i["complete"] for i in images)}
+
+
+def check_text(checked: Iterable[Checked]) -> str:
+    """One line per image, `complete` or `INCOMPLETE`, then what is missing."""
+    lines = []
+    for c in checked:
+        platforms = f" ({', '.join(c.platforms)})" if c.platforms else ""
+        if c.complete:
+            lines.append(f"complete    {c.name}{platforms}")
+            continue
+        lines.append(f"INCOMPLETE  {c.name}{platforms}: {len(c.missing)} missing")
+        lines += [f"  {m}" for m in c.missing]
     return "\n".join(lines)
 
 

@@ -6,12 +6,14 @@ redirects followed by hand.
   (air-gapped sites, tests); otherwise a host is reached over HTTPS, plain
   HTTP when listed as insecure, and HTTPS-then-HTTP on loopback, as Docker
   does.
-- A connect failure marks the host down for `timeouts.down_host` seconds:
-  requests to it fail at once, so an offline pull of a ten-layer image does
-  not wait for ten connect timeouts. The table is bounded (clients name
-  hosts: MAX_DOWN_HOSTS, oldest dropped first). An outage logs one warning
-  when it starts and one when the host answers again; the stale answers in
-  between are counted (crproxy_stale_served), not logged.
+- A connect failure (refused, timed out, a name that does not resolve)
+  marks the host's registry down (health.py: one notion of down for a
+  registry, its auth realm and its CDN): requests to any of its hosts fail
+  at once until a background probe (`_probe`: `GET /v2/` on a new
+  connection, every `timeouts.down_host` seconds) finds them answering, so
+  an offline pull waits for no connect timeout once the first failed, and
+  no client pays for the probe. An outage logs one warning when it starts
+  and one when the registry answers again; the rest is counted.
 - No host takes more than `limits.upstream_connections_per_host` of the
   pool; a request waits at most `timeouts.pool` for a free connection
   (UpstreamTimeout, the host is not marked down: it is busy, not gone), and
@@ -27,10 +29,10 @@ redirects followed by hand.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
-import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from urllib.parse import urljoin
@@ -40,20 +42,26 @@ from multidict import CIMultiDict
 
 from cr_proxy.cache.layout import Target, check_domain
 from cr_proxy.config import UPSTREAM_CONNECTIONS, Config
-from cr_proxy.errors import DestinationRefused, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from cr_proxy.errors import (
+    CrProxyError,
+    DestinationRefused,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from cr_proxy.metrics import Metrics
 from cr_proxy.net.address import dial_target, is_loopback, split_url
 from cr_proxy.net.policy import Destinations, refusal, resolved_refusal
 from cr_proxy.upstream.auth import Challenge, TokenCache, parse_challenge, pull_scope
 from cr_proxy.upstream.challenges import Challenges
+from cr_proxy.upstream.health import Health
 
 log = logging.getLogger("cr_proxy.upstream")
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 USER_AGENT = "cr-proxy/0.1"
-# Hosts remembered as down at once: clients name hosts, so the table must
-# not grow with every name they invent (each entry lives timeouts.down_host).
-MAX_DOWN_HOSTS = 1024
+PROBE_CONNECTIONS = 16  # probes (health.py) dialling at once, on their own pool
 # Registries that answered, kept as metrics labels besides the configured
 # ones (a hostile wildcard domain answers too: the labels stay bounded).
 MAX_ANSWERED_HOSTS = 256
@@ -84,6 +92,23 @@ class Opened:
 
 class PrivateAddress(OSError):
     """A name resolved only to addresses the policy refuses."""
+
+
+def _abandon(task: asyncio.Future[aiohttp.ClientResponse]) -> None:
+    """A request no one waits for: cancelled, and its response, should one
+    come all the same, released (its connection back to the pool)."""
+    def release(done: asyncio.Future[aiohttp.ClientResponse]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().release()
+
+    task.cancel()
+    task.add_done_callback(release)
+
+
+def _private(err: BaseException) -> bool:
+    """A connect error that is PolicyResolver's refusal, not an outage."""
+    return isinstance(err.__cause__, PrivateAddress) or isinstance(
+        getattr(err, "os_error", None), PrivateAddress)
 
 
 class PolicyResolver(aiohttp.abc.AbstractResolver):
@@ -178,31 +203,36 @@ class RateGuard:
 
 class Upstream:
     __slots__ = (
-        "_answered", "_down_until", "_known", "_outages", "_scheme_ok", "challenges", "config",
-        "destinations", "session", "tokens",
+        "_answered", "_known", "_probes", "_scheme_ok", "challenges", "config", "destinations",
+        "health", "metrics", "session", "tokens",
     )
 
     def __init__(
-        self, config: Config, session: aiohttp.ClientSession, challenges: Challenges | None = None
+        self, config: Config, session: aiohttp.ClientSession, challenges: Challenges | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.destinations = Destinations.of(config)
         self.session = session
         self.tokens = TokenCache()
-        self._down_until: dict[str, float] = {}
-        # Hosts whose outage was logged and not yet its end (an ordered set,
-        # bounded as _down_until is): one warning when a host goes down, one
-        # when it answers again, however many times down_host runs out between.
-        self._outages: dict[str, None] = {}
+        self.metrics = metrics or Metrics()
         self._scheme_ok: dict[str, str] = {}  # loopback host -> scheme that worked
         self._known = configured_hosts(config)
         self._answered: set[str] = set()
         # Every registry 401's challenge is kept, to replay when the host is down.
         self.challenges = challenges or Challenges()
+        self.health = Health(config.timeouts.down_host, self._probe, self.metrics,
+                             self.registry_label)
+        self._probes: aiohttp.ClientSession | None = None  # made at the first probe
 
     def __repr__(self) -> str:
-        down = [h for h, t in self._down_until.items() if t > time.monotonic()]
-        return f"<Upstream down={down} {self.tokens!r}>"
+        return f"<Upstream {self.health!r} {self.tokens!r}>"
+
+    async def close(self) -> None:
+        """Stop the probes and close their pool (the caller closes `session`)."""
+        await self.health.close()
+        if self._probes is not None:
+            await self._probes.close()
 
     @staticmethod
     def make_session(config: Config) -> aiohttp.ClientSession:
@@ -261,20 +291,16 @@ class Upstream:
         return [f"https://{host}"]
 
     def is_down(self, host: str) -> bool:
-        until = self._down_until.get(host)
-        return until is not None and until > time.monotonic()
+        """Whether host's registry is down: requests to it fail at once."""
+        return self.health.is_down(host)
 
-    def _mark_down(self, host: str, err: BaseException) -> None:
-        if host in self._outages:
-            log.debug("upstream %s still unreachable (%s)", host, err)
-        else:
-            log.warning("upstream %s unreachable (%s); skipping it for %.0fs at a time until "
-                        "it answers", host, err, self.config.timeouts.down_host)
-            if len(self._outages) >= MAX_DOWN_HOSTS:
-                del self._outages[next(iter(self._outages))]
-            self._outages[host] = None
-        self._make_room(host)
-        self._down_until[host] = time.monotonic() + self.config.timeouts.down_host
+    def skips(self, host: str) -> bool:
+        """is_down, for a request that is not made because of it (counted)."""
+        return self.health.skip(host)
+
+    def suspect(self, host: str) -> None:
+        """A request to host outran its budget: probe it now (health.py)."""
+        self.health.suspect(host)
 
     def _check_destination(self, host: str, base: str) -> None:
         """An endpoint's URL is the operator's own; any other is checked as
@@ -286,15 +312,6 @@ class Upstream:
         if not self.destinations.host_allowed(hostname, port):
             raise DestinationRefused(message=refusal(hostname, port))
 
-    def _make_room(self, host: str) -> None:
-        """Before host is (re)marked down: it leaves the table, to go back in
-        last (so the table stays in expiry order); expired entries go, then,
-        in a flood of names, the oldest, so it holds MAX_DOWN_HOSTS at most."""
-        now, down = time.monotonic(), self._down_until
-        down.pop(host, None)
-        while down and (len(down) >= MAX_DOWN_HOSTS or next(iter(down.values())) <= now):
-            del down[next(iter(down))]
-
     # --- plain requests -------------------------------------------------------
 
     async def send(
@@ -305,10 +322,15 @@ class Upstream:
         headers: Mapping[str, str],
         scheme: str = "https",
         data: object = None,
+        registry: str | None = None,
     ) -> aiohttp.ClientResponse:
         """One request to host+path (path may carry a query), no auth, no
-        redirects. Raises UpstreamUnreachable when the host cannot be reached."""
-        if self.is_down(host):
+        redirects. `registry`: the registry that sent us to host (its realm,
+        a redirect), whose outage host shares. Raises UpstreamUnreachable
+        when the host cannot be reached, at once while its registry is down."""
+        if registry is not None:
+            self.health.learn(host, registry)
+        if self.health.skip(host):
             raise UpstreamUnreachable(message=f"{host} is unreachable (remembered)")
         bases = self.base_urls(host, scheme)
         last_error: BaseException | None = None
@@ -316,10 +338,10 @@ class Upstream:
             self._check_destination(host, base)
             try:
                 wait = PoolWait()
-                response = await self.session.request(
+                response = await self._answer(host, scheme, self.session.request(
                     method, base + path, headers=headers, allow_redirects=False, data=data,
                     trace_request_ctx=wait,
-                )
+                ))
             except PrivateAddress as err:
                 raise DestinationRefused(message=str(err)) from err
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as err:
@@ -327,9 +349,7 @@ class Upstream:
                     raise UpstreamTimeout(message=(
                         f"no free connection to {host} within {self.config.timeouts.pool:.0f}s "
                         "(limits.upstream_connections_per_host)")) from err
-                if isinstance(err.__cause__, PrivateAddress) or isinstance(
-                    getattr(err, "os_error", None), PrivateAddress
-                ):
+                if _private(err):
                     raise DestinationRefused(message=str(err)) from err
                 last_error = err
                 continue
@@ -344,20 +364,82 @@ class Upstream:
             if len(bases) > 1:
                 self._scheme_ok[host] = base.split(":", 1)[0]
             self._answered_once(host)
-            if host in self._outages:
-                del self._outages[host]
-                log.warning("upstream %s reachable again", host)
+            self.health.answered(host)
             return response
         assert last_error is not None
-        self._mark_down(host, last_error)
+        self.health.failed(host, scheme, last_error)
         raise UpstreamUnreachable(message=f"{host} is unreachable: {last_error}") from last_error
 
-    async def get_json(self, url: str, headers: Mapping[str, str]) -> dict:
+    async def _answer(
+        self, host: str, scheme: str, request: Awaitable[aiohttp.ClientResponse]
+    ) -> aiohttp.ClientResponse:
+        """The request's response. One not there within timeouts.stale_budget
+        makes host's registry suspect (health.suspect: a probe on a new
+        connection); if the registry goes down meanwhile, the request is
+        given up at once rather than left on a kept-alive connection into a
+        cut cable, which only timeouts.read would end."""
+        task = asyncio.ensure_future(request)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.config.timeouts.stale_budget)
+            if not done:
+                self.health.suspect(host, scheme)
+            while not task.done():
+                went_down = asyncio.ensure_future(self.health.went_down.wait())
+                try:
+                    await asyncio.wait({task, went_down}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    went_down.cancel()
+                if not task.done() and self.health.is_down(host):
+                    raise UpstreamUnreachable(message=f"{host} is unreachable (its registry "
+                                              "went down while this request waited)")
+            return task.result()
+        except BaseException:
+            _abandon(task)
+            raise
+
+    def _prober(self) -> aiohttp.ClientSession:
+        """The probes' own pool: a new connection each (a kept-alive one
+        into a cut cable proves nothing), short timeouts, the same policy."""
+        if self._probes is None:
+            short = self.config.timeouts.connect
+            self._probes = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=short, sock_connect=short,
+                                              sock_read=short),
+                connector=aiohttp.TCPConnector(
+                    limit=PROBE_CONNECTIONS, force_close=True,
+                    resolver=PolicyResolver(self.destinations)),
+                auto_decompress=False, headers={"User-Agent": USER_AGENT},
+            )
+        return self._probes
+
+    async def _probe(self, host: str, scheme: str) -> BaseException | None:
+        """health.Probe: `GET /v2/` of host on a new connection; None once it
+        answers anything at all (a 404, a TLS or protocol error: it is
+        reachable, what it says is the requests' business), else the
+        connect error (refused, timed out, not resolved)."""
+        last_error: BaseException | None = None
+        for base in self.base_urls(host, scheme):
+            try:
+                self._check_destination(host, base)
+                async with self._prober().get(base + "/v2/", allow_redirects=False):
+                    return None
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as err:
+                if _private(err):
+                    return None  # the policy's business, not an outage
+                last_error = err
+            except (CrProxyError, aiohttp.ClientError, TimeoutError, OSError):
+                return None
+        return last_error
+
+    async def get_json(
+        self, url: str, headers: Mapping[str, str], registry: str | None = None
+    ) -> dict:
         """GET a token server's JSON; `url` is the upstream's (a challenge's
         realm), so its host is checked here, where it enters."""
         scheme, host, path = split_url(url)
         host = check_domain(host)
-        async with await self.send("GET", host, path, headers, scheme=scheme) as response:
+        async with await self.send("GET", host, path, headers, scheme=scheme,
+                                   registry=registry) as response:
             if response.status != 200:
                 raise UpstreamError(message=f"token server {host} answered {response.status}")
             try:
@@ -376,11 +458,14 @@ class Upstream:
         *,
         headers: Mapping[str, str] | None = None,
         client_auth: str | None = None,
+        query: str = "",
     ) -> aiohttp.ClientResponse:
-        """A request for a registry path, with the token exchange on a 401:
-        the client's own Authorization first, else a token we get (with the
-        registry's credentials, if configured) for the repository."""
+        """A request for a registry path (and a query the caller built from
+        checked parts), with the token exchange on a 401: the client's own
+        Authorization first, else a token we get (with the registry's
+        credentials, if configured) for the repository."""
         domain, path, name = target.domain, "/" + target.rpath.path, target.rpath.name
+        path += f"?{query}" if query else ""
         sent = CIMultiDict(headers or {})
         creds = self.config.credentials(target.registry) or self.config.credentials(domain)
         if client_auth:
@@ -398,12 +483,16 @@ class Upstream:
             return response
         response.release()
         scope = challenge.params.get("scope") or (pull_scope(name) if name else "")
-        token = await self.token(challenge, scope, creds)
+        token = await self.token(challenge, scope, creds, domain)
         sent["Authorization"] = f"Bearer {token}"
         return await self.send(method, domain, path, sent)
 
-    async def token(self, challenge: Challenge, scope: str, creds: object) -> str:
-        return await self.tokens.fetch(challenge, scope, creds, self.get_json)  # type: ignore[arg-type]
+    async def token(
+        self, challenge: Challenge, scope: str, creds: object, registry: str | None = None
+    ) -> str:
+        """A token from the challenge's realm: a host of `registry` (its outage)."""
+        fetch = functools.partial(self.get_json, registry=registry)
+        return await self.tokens.fetch(challenge, scope, creds, fetch)  # type: ignore[arg-type]
 
     async def open(
         self,
@@ -412,9 +501,11 @@ class Upstream:
         *,
         headers: Mapping[str, str] | None = None,
         client_auth: str | None = None,
+        query: str = "",
     ) -> Opened:
         """registry() and then any redirects, followed without credentials."""
-        response = await self.registry(method, target, headers=headers, client_auth=client_auth)
+        response = await self.registry(method, target, headers=headers, client_auth=client_auth,
+                                       query=query)
         opened = Opened(response)
         domain, path = target.domain, "/" + target.rpath.path
         url = f"https://{domain}{path}"
@@ -431,7 +522,8 @@ class Upstream:
             scheme, host, target = split_url(url)
             host = check_domain(host)  # a name from the wire: checked where it enters
             opened.hops.append(Hop(response.status, url, host, target.split("?")[0]))
-            response = await self.send(method, host, target, plain, scheme=scheme)
+            response = await self.send(method, host, target, plain, scheme=scheme,
+                                       registry=domain)
             opened.response = response
         return opened
 

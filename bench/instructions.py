@@ -1,0 +1,156 @@
+"""Instructions nginx spends per hit, counted by valgrind: cr-proxy's nginx
+against plain nginx serving the same files, side by side in one run.
+
+`make bench` measures rates, and on a busy or shared machine those move by
+20-40% from run to run (docs/performance.md), which hides a 10% change of
+the hit path. An instruction count does not move with the machine's load:
+callgrind counts the same total for the same binary, configuration and
+requests. So a change to the hit path (nginx/*.conf, cr.js) is judged here
+first, and by `make bench` for the wall-clock picture.
+
+Each case runs nginx under callgrind with `master_process off` (one process
+doing a worker's job), sends N keep-alive requests with `ab -k -c 1`, and
+subtracts the count of a run that serves none (start-up and shut-down).
+The ratio is plain nginx's instructions per request over cr-proxy's: like
+`make bench`'s ratios, 1.0x is "as cheap as plain nginx", lower is dearer.
+
+Run: `make bench-instructions` (about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.procs import PlainNginx, terminate, wait_listening
+from testbed.crproxy import CrProxy
+
+DOMAIN = "registry-1.docker.io"  # the mirror's default registry: no prefix in the URL
+REPO = "library/bench"
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+TOTALS_RE = re.compile(r"^totals:\s+(\d+)", re.M)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    method: str  # ab: GET, or HEAD with -i
+    path: str  # the same URL path on both servers
+    accept: str
+
+
+def make_cache(cache: Path) -> tuple[str, str]:
+    """One manifest (by tag) and one 64 KiB blob, as the fetcher stores them;
+    their URL paths."""
+    blob = bytes(range(256)) * 256
+    blob_digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": blob_digest, "size": len(blob)},
+        "layers": [],
+    }).encode()
+    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    manifest_path = f"v2/{REPO}/manifests/latest"
+    blob_path = f"v2/{REPO}/blobs/{blob_digest}"
+    files = {
+        f"content/{DOMAIN}/{manifest_path}": manifest,
+        f"content-type/{DOMAIN}/{manifest_path}": f"{MANIFEST_TYPE}\n".encode(),
+        f"docker-content-digest/{DOMAIN}/{manifest_path}": f"{manifest_digest}\n".encode(),
+        f"content/{DOMAIN}/{blob_path}": blob,
+    }
+    for rel, data in files.items():
+        (cache / rel).parent.mkdir(parents=True, exist_ok=True)
+        (cache / rel).write_bytes(data)
+    return f"/{manifest_path}", f"/{blob_path}"
+
+
+def count(conf: Path, port: int, case: Case | None, requests: int, work: Path) -> int:
+    """callgrind's total for nginx (one process) serving `requests` of `case`."""
+    out = work / "callgrind.out"
+    out.unlink(missing_ok=True)
+    log = work / "valgrind.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+             "nginx", "-c", str(conf), "-g", "master_process off;"],
+            stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT)
+    try:
+        wait_listening([port], proc, log)
+        if case is not None and requests:
+            ab = ["ab", "-q", "-k", "-c", "1", "-n", str(requests), "-H", f"Accept: {case.accept}"]
+            if case.method == "HEAD":
+                ab.append("-i")
+            result = subprocess.run([*ab, f"http://127.0.0.1:{port}{case.path}"],
+                                    capture_output=True, text=True, check=True)
+            if re.search(r"^(Non-2xx responses|Failed requests:\s+[1-9])", result.stdout, re.M):
+                raise RuntimeError(f"{case.name}: not every answer was a 2xx:\n{result.stdout}")
+    finally:
+        terminate(proc)
+    found = TOTALS_RE.search(out.read_text())
+    if found is None:
+        raise RuntimeError(f"no callgrind totals in {out}")
+    return int(found.group(1))
+
+
+def per_request(conf: Path, port: int, case: Case, requests: int, work: Path) -> float:
+    idle = count(conf, port, None, 0, work)
+    return (count(conf, port, case, requests, work) - idle) / requests
+
+
+@contextmanager
+def rendered_cr_proxy(work: Path) -> Iterator[tuple[Path, int, Path]]:
+    """cr-proxy's own rendered nginx configuration over a cache made here:
+    serve renders it and is stopped; nginx is then run from it alone (hits
+    never reach the fetcher). (nginx.conf, mirror HTTP port, cache dir)."""
+    cache = work / "crproxy" / "cache"
+    cache.mkdir(parents=True)
+    cr = CrProxy(work / "crproxy", {}, tag_ttl=10**9)  # the tag stays fresh
+    with cr:
+        pass
+    yield cr.dir / "run" / "nginx.conf", cr.http_port, cache
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None or shutil.which("ab") is None:
+        print("needs valgrind and ab (apache2-utils)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="cr-bench-instr-") as tmp:
+        work = Path(tmp)
+        with rendered_cr_proxy(work) as (conf, port, cache):
+            manifest_path, blob_path = make_cache(cache)
+            plain = PlainNginx(work / "plain", cache / "content" / DOMAIN)
+            plain.dir.mkdir()
+            plain.start()  # renders its config and TLS files; it is run alone below
+            plain.stop()
+            cases = [
+                Case("manifest GET", "GET", manifest_path, MANIFEST_TYPE),
+                Case("blob HEAD", "HEAD", blob_path, "*/*"),
+                Case("blob GET (64 KiB)", "GET", blob_path, "*/*"),
+            ]
+            print(f"nginx instructions per request (callgrind, {args.requests} keep-alive "
+                  "requests, one process)")
+            print(f"{'case':<20} {'cr-proxy':>10} {'plain':>10} {'ratio':>7}")
+            for case in cases:
+                ours = per_request(conf, port, case, args.requests, work)
+                base = per_request(plain.dir / "nginx.conf", plain.http_port, case,
+                                   args.requests, work)
+                print(f"{case.name:<20} {ours:>10.0f} {base:>10.0f} {base / ours:>6.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Listings: answers that name no digest and change upstream (a tag list
+page, a subject's referrers), stored per query in lists/ (cache/layout.py).
+
+Policy, as for a tag (manifests.py): served from the store while fresh
+(`tag_ttl` since it was fetched), then fetched again upstream-first; when
+the upstream cannot be reached, answers 5xx, 429 or 401, or sends
+something we refuse, the stored copy is served stale (`X-Cache: STALE`,
+`Age`, counted per registry in crproxy_stale_served). Nothing stored and
+the upstream unreachable: a 404 saying so (errors.offline_miss).
+Concurrent fetches of one listing are merged (Shared). nginx never serves
+these from disk: each answer is checked and rebuilt here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from cr_proxy.cache.layout import Kind, Target
+from cr_proxy.errors import NotFound, UpstreamError, offline_miss
+from cr_proxy.fetch.context import (
+    STALE,
+    STALE_OK_STATUSES,
+    FetchContext,
+    cache_headers,
+    in_thread,
+)
+from cr_proxy.fetch.flight import Shared
+
+log = logging.getLogger("cr_proxy.fetcher")
+
+# What a stored copy stands in for: the upstream down, failing, or sending
+# what we refuse (UpstreamError's leaves), or breaking off mid-answer.
+STALE_OK_ERRORS = (UpstreamError, aiohttp.ClientError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Where one listing is stored, and how it is named in messages."""
+
+    domain: str
+    name: str
+    kind: Kind
+    query: str  # the file name under lists/<domain>/<name>/_<kind>/
+    what: str  # "the tag list of <name>", in errors
+    unknown: str = "NAME_UNKNOWN"  # the error code when it cannot be had at all
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A listing's stored body, when it was fetched, and how it was had."""
+
+    body: bytes
+    fetched_at: float
+    cache: str  # HIT, MISS, REVALIDATED or STALE
+
+    def headers(self) -> dict[str, str]:
+        return cache_headers(self.cache, self.fetched_at)
+
+
+def forced(request: web.Request) -> bool:
+    """`cr-proxy warm` asks for a fetch whatever the listing's age (nginx
+    drops a client's own X-CR-Revalidate)."""
+    return request.headers.get("X-CR-Revalidate") == "1"
+
+
+def check_status(response: aiohttp.ClientResponse, target: Target, unknown: NotFound) -> None:
+    """Raise unless the upstream answered 200: `unknown` for its 404, a
+    stale-able UpstreamError for "not now" (5xx, 429, a 401 after our own
+    login) and for anything else unexpected."""
+    if response.status == 200:
+        return
+    if response.status == 404:
+        raise unknown
+    if response.status in STALE_OK_STATUSES or response.status == 401:
+        raise UpstreamError(message=f"{target.domain} answered {response.status}")
+    raise UpstreamError(message=f"{target.domain} answered {response.status} "
+                        f"for {target.rpath.path}")
+
+
+class Listings:
+    """The store-or-upstream-or-stale way of every listing."""
+
+    __slots__ = ("ctx", "shared")
+
+    def __init__(self, ctx: FetchContext) -> None:
+        self.ctx = ctx
+        self.shared = Shared()
+
+    def __repr__(self) -> str:
+        return f"<Listings {self.shared!r}>"
+
+    async def get(
+        self,
+        listing: Listing,
+        fetch: Callable[[], Awaitable[bytes]],
+        valid: Callable[[bytes], object],
+        force: bool = False,
+    ) -> Listed:
+        """The listing, from the store while fresh, else from `fetch` (the
+        upstream's answer, checked, as it is to be stored), else stale.
+        `valid` checks a stored body again (raises if it is not one: a
+        hand edit, an older format); such a copy is neither served nor
+        kept as a fallback."""
+        ctx = self.ctx
+        stored = await in_thread(self._read, listing, valid)
+        kind = listing.kind.value
+        if stored is not None and not force and time.time() - stored[1] < ctx.config.tag_ttl:
+            ctx.metrics.hits.labels(kind=f"{kind}-fetch").inc()
+            return Listed(stored[0], stored[1], "HIT")
+        key = (kind, listing.domain, listing.name, listing.query)
+        try:
+            with offline_miss(listing.unknown, listing.what, listing.domain):
+                body, fetched_at = await self.shared.run(key, lambda: self._fetch(listing, fetch))
+        except STALE_OK_ERRORS as err:
+            if stored is None:
+                raise
+            # Counted, not warned: the upstream's outage is warned of once
+            # (upstream/client.py).
+            log.debug("serving stale %s of %s/%s: %s", kind, listing.domain, listing.name,
+                      getattr(err, "message", err))
+            ctx.metrics.stale_served.labels(
+                registry=ctx.upstream.registry_label(listing.domain)).inc()
+            ctx.metrics.revalidations.labels(result="failed").inc()
+            return Listed(stored[0], stored[1], STALE)
+        if stored is None:
+            ctx.metrics.misses.labels(kind=kind).inc()
+            return Listed(body, fetched_at, "MISS")
+        ctx.metrics.revalidations.labels(
+            result="same" if body == stored[0] else "changed").inc()
+        return Listed(body, fetched_at, "REVALIDATED")
+
+    def _read(
+        self, listing: Listing, valid: Callable[[bytes], object]
+    ) -> tuple[bytes, float] | None:
+        stored = self.ctx.store.read_listing(
+            listing.domain, listing.name, listing.kind, listing.query)
+        if stored is None:
+            return None
+        try:
+            valid(stored[0])
+        except (UpstreamError, ValueError) as err:
+            log.warning("not serving the stored %s: %s", listing.what, err)
+            return None
+        return stored
+
+    async def _fetch(
+        self, listing: Listing, fetch: Callable[[], Awaitable[bytes]]
+    ) -> tuple[bytes, float]:
+        body = await fetch()
+        now = time.time()
+        try:
+            await in_thread(self.ctx.store.write_listing, listing.domain, listing.name,
+                            listing.kind, listing.query, body, now)
+        except OSError as err:
+            # Still a good answer for this client; the next one fetches again.
+            log.warning("cannot cache %s: %s", listing.what, err)
+        return body, now

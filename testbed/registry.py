@@ -682,9 +682,11 @@ class Upstream:
         counted once (by its request id). distribution logs a request as its
         handler starts ("authorized request", or the 401's "error authorizing
         context"), before it answers: a request a client's answer waited for
-        is already counted when the answer arrives."""
+        is already counted when the answer arrives. (logrus quotes a value
+        with characters such as ':', a digest's: "uri" is matched either way.)"""
+        uri = re.escape(path)
         pattern = re.compile(r"http\.request\.id=(\S+) http\.request\.method=(?:GET|HEAD) "
-                             rf".*http\.request\.uri={re.escape(path)} ")
+                             rf'.*http\.request\.uri=(?:{uri}|"{uri}") ')
         with self.registry_log.open(errors="replace") as log:
             return len({match[1] for line in log if (match := pattern.search(line))})
 

@@ -681,3 +681,49 @@ def test_rm_of_a_repositorys_last_image_removes_its_listings(
     assert removed.files >= 2
     # A repository below it is another repository: its listings stay.
     assert store.tree.listing(REG, "small/below", Kind.REFERRERS, subject).is_file()
+
+
+# --- check --referrers -------------------------------------------------------------------
+
+
+def referrers_index(*digests_and_bodies: tuple[str, bytes]) -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [
+        {"mediaType": MT_MANIFEST, "digest": d, "size": len(b)} for d, b in digests_and_bodies
+    ]}).encode()
+
+
+def test_check_referrers_requires_each_answer_and_every_artifact_whole(
+    store: Store, inventory: Inventory
+) -> None:
+    small = cache_image(store, "small", "v1", [b"layer"])
+    missing = [str(m) for c in inventory.check([f"{REG}/small:v1"], [], referrers=True)
+               for m in c.missing]
+    assert missing == [f"referrers {small.digest}: no referrers answer stored "
+                       "(cr-proxy warm --referrers stores it)"]
+    # An index artifact (a signature of each of two payloads): all its
+    # manifests are needed, pulled or not.
+    payload = b"signature payload"
+    signature = json.dumps({"schemaVersion": 2, "mediaType": MT_MANIFEST,
+                            "config": descriptor(MT_CONFIG, b"{}"),
+                            "layers": [descriptor(MT_LAYER, payload)]}).encode()
+    sig_digest = cache_manifest(store, REG, "small", signature, None, MT_MANIFEST)
+    other = b'{"schemaVersion": 2, "mediaType": "application/x.unknown"}'
+    bundle = json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [
+        descriptor(MT_MANIFEST, signature), descriptor(MT_MANIFEST, other)]}).encode()
+    bundle_digest = cache_manifest(store, REG, "small", bundle, None, MT_INDEX)
+    # The tag schema's index cached as a tag answers for the image.
+    cache_manifest(store, REG, "small", referrers_index((bundle_digest, bundle)),
+                   small.digest.replace(":", "-"), MT_INDEX)
+    [checked] = inventory.check([f"{REG}/small:v1"], [], referrers=True)
+    assert {(m.what, m.name) for m in checked.missing} == {
+        ("manifest", digest_of(other)),  # an entry never fetched
+        ("blob", digest_of(b"{}")), ("blob", digest_of(payload)),
+        ("referrers", bundle_digest), ("referrers", sig_digest),  # the next level's answers
+    }
+    # A stored answer that is not an index is said, not served.
+    store.write_listing(REG, "small", Kind.REFERRERS, sig_digest.replace(":", "-"), b"[", 1.0)
+    [checked] = inventory.check([f"{REG}/small:v1"], [], referrers=True)
+    assert f"referrers {sig_digest}: the stored referrers index of small@{sig_digest}: " \
+        "not JSON" in [str(m) for m in checked.missing]
+    # Without --referrers the image itself is whole.
+    assert inventory.check([f"{REG}/small:v1"], [])[0].complete

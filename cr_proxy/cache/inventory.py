@@ -52,7 +52,7 @@ from cr_proxy.cache.scan import Link, Reader, Scan
 from cr_proxy.cache.store import Store
 from cr_proxy.cache.verify import Verification, verify
 from cr_proxy.config import Config
-from cr_proxy.errors import BadRequest, ManifestInvalid, NotFound
+from cr_proxy.errors import BadRequest, ManifestInvalid, NotFound, UpstreamError
 from cr_proxy.oci import manifest
 from cr_proxy.oci.manifest import MAX_INDEX_DEPTH, MAX_MANIFEST, Platform, config_platform
 from cr_proxy.oci.reference import (
@@ -250,18 +250,28 @@ class Inventory:
 
     def _referrers_of(self, image: Image) -> ReferrersOf:
         """The stored referrers of a subject of `image`'s repository, as the
-        fetcher answers offline (fetch/referrers.py): the stored answer,
-        else the tag schema's index cached as a tag."""
+        fetcher answers offline (fetch/referrers.py): the stored answer
+        (one it would refuse is none), else the tag schema's index cached
+        as a tag."""
 
         def stored(subject: str) -> list[Descriptor] | None:
             what = f"the stored referrers index of {image.repository}@{subject}"
             listing = self.store.read_listing(image.domain, image.repository, Kind.REFERRERS,
                                               stored_name(subject))
+            refused: UpstreamError | None = None
             if listing is not None:
-                return parse_referrers(listing[0], what)
+                try:
+                    return parse_referrers(listing[0], what)
+                except UpstreamError as err:  # the fetcher does not serve it either
+                    refused = err
             tag = self.store.tree.at(image.manifest(tag_schema_tag(subject)))
             body = Reader().read(tag, MAX_MANIFEST)
-            return None if body is None else parse_referrers(body, what)
+            if body is not None:
+                return parse_referrers(body, f"the cached tag schema index of "
+                                       f"{image.repository}@{subject}")
+            if refused is not None:
+                raise refused
+            return None
 
         return stored
 

@@ -31,9 +31,11 @@ Policy:
   MAX_REFERRER_ARTIFACTS artifacts an image (oci/referrers.py; `cr-proxy
   check --referrers` walks the same way). Artifacts over the budget are
   said, not fetched. A referrers answer that cannot be had fails the image.
-  It also fetches cosign's legacy tags of the image's manifests
-  (`sha256-<hex>.sig`, `.att`, `.sbom`: tags, their artifacts warmed too,
-  none is no fault) and the repository's tag list (`skopeo list-tags`
+  It also fetches cosign's legacy tags of the image's own digest (the one
+  a verifier of the image checks: `sha256-<hex>.sig`, `.att`, `.sbom`;
+  tags, their artifacts warmed too, none is no fault; not those of each
+  platform's manifest, three manifest GETs each that Docker Hub would count
+  against its pull limit) and the repository's tag list (`skopeo list-tags`
   offline; an upstream refusing to list is said, not a failure).
 - `--jobs` bounds the requests in flight. A failing image is reported with
   the fetcher's registry error (`CODE: message`) and makes the exit status
@@ -277,7 +279,7 @@ class Warmer:
                 await self.client.tag_list(ref)
         except CrProxyError as err:
             self.progress.note(str(ref), f"tag list not cached: {describe(err)}")
-        tags = [tag for subject in dict.fromkeys(subjects) for tag in legacy_tags(subject)]
+        tags = legacy_tags(subjects[0])  # the image's own digest (module docstring)
         legacy = [f for f in await self._all(self._legacy(ref, t) for t in tags) if f]
         result.referrers += len(legacy)
         expanded = await self._all(

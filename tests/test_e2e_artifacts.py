@@ -170,6 +170,7 @@ def test_an_index_platform_and_any_artifact(edge: Edge) -> None:
     "/artifacts/" + "a" * 3000 + ":v1",  # huge
     "/artifacts/registry.test/wasm/%2e%2e/%2e%2e/etc:v1",
     "/artifacts/registry.test/wasm/../../etc/passwd",
+    "/artifacts/s/abc.def",  # a signed URL, with artifacts.signed_urls off
 ])
 def test_bad_references_get_a_4xx_and_store_nothing(edge: Edge, path: str) -> None:
     before = sorted(p.relative_to(edge.cr.cache) for p in edge.cr.cache.rglob("*"))

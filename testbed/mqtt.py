@@ -129,12 +129,15 @@ class Device:
     """A proplet-like MQTT client (one connection), used as `async with`."""
 
     def __init__(self, broker: Broker, user: str, password: str, domain: str, channel: str,
-                 client_id: str) -> None:
+                 client_id: str, *, persistent: bool = False) -> None:
+        """`persistent`: a session the broker keeps (and queues answers for)
+        while the device is away."""
         self.broker = broker
         self.request_topic = f"m/{domain}/c/{channel}/registry/proplet"
         self.answer_topic = f"m/{domain}/c/{channel}/registry/server"
         self._client = aiomqtt.Client("127.0.0.1", broker.port, username=user,
-                                      password=password, identifier=client_id)
+                                      password=password, identifier=client_id,
+                                      clean_session=not persistent)
 
     async def __aenter__(self) -> Self:
         await self._client.__aenter__()

@@ -9,7 +9,7 @@ import asyncio
 import base64
 import hashlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -169,8 +169,15 @@ async def edge(broker: Broker, tmp_path: Path) -> AsyncIterator[tuple[mqtt.MqttE
             await task
 
 
-def device(broker: Broker, name: str = "dev") -> Device:
-    return Device(broker, DEVICE_USER, DEVICE_PASSWORD, DOMAIN, CHANNEL, name)
+def device(broker: Broker, name: str = "dev", persistent: bool = False) -> Device:
+    return Device(broker, DEVICE_USER, DEVICE_PASSWORD, DOMAIN, CHANNEL, name,
+                  persistent=persistent)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll (bounded by the caller's timeout) for state another task sets."""
+    while not condition():
+        await asyncio.sleep(0.01)
 
 
 async def test_a_device_gets_a_module_and_the_chunks_it_lost(
@@ -254,6 +261,28 @@ async def test_a_request_sent_while_the_broker_was_away_is_answered(
     # for cr-proxy's persistent session.
     async with device(broker) as dev:
         assert (await dev.fetch("small", DEADLINE)).data == b"\0asm\x01\0\0\0"
+
+
+async def test_a_delivery_cut_by_the_broker_going_away_carries_on_when_it_is_back(
+    broker: Broker, edge: tuple[mqtt.MqttEdge, Modules]
+) -> None:
+    runner, modules = edge
+    modules.gate.clear()
+    async with asyncio.timeout(DEADLINE):
+        async with device(broker, "patient", persistent=True) as dev:
+            await dev.ask("odd")
+            await until(lambda: modules.calls == ["odd"])  # resolving: no chunk out yet
+        broker.stop()
+        try:
+            await until(lambda: not runner.link.up.is_set())
+            modules.gate.set()  # the chunks now wait for the broker
+            await until(lambda: len(runner.deliveries["odd"].todo) == 5)  # chunk 0 waits
+        finally:
+            broker.start()
+        # The device's session kept the answers that came while it was away.
+        async with device(broker, "patient", persistent=True) as dev:
+            got = await dev.fetch("odd", DEADLINE, ask=False)
+    assert got.data == modules.known["odd"].path.read_bytes()
 
 
 async def test_an_unanswerable_module_does_not_stop_the_others(

@@ -301,3 +301,17 @@ async def test_an_unanswerable_module_does_not_stop_the_others(
 def test_base64_is_standard_with_padding() -> None:
     assert base64.b64decode(json.loads(mqtt.chunk_message("a", 0, 1, b"\xff\xfe", ""))["data"],
                             validate=True) == b"\xff\xfe"
+
+
+async def test_a_flood_of_bad_requests_queues_a_bounded_number_of_answers() -> None:
+    data = default_data()
+    data["mqtt"].update({"broker": "tcp://127.0.0.1:1", "domain_id": "d", "channel_id": "c"})
+    runner = mqtt.MqttEdge(build(data, {}).mqtt, Modules().resolve)  # never connected
+    for i in range(mqtt.MAX_PENDING_ANSWERS + 50):
+        runner.request(json.dumps({"app_name": f"m{i}", "chunks": []}).encode())
+    assert runner._answering == mqtt.MAX_PENDING_ANSWERS
+    assert len(runner._tasks) == mqtt.MAX_PENDING_ANSWERS
+    for task in list(runner._tasks):
+        task.cancel()
+    await asyncio.gather(*runner._tasks, return_exceptions=True)
+    assert runner._answering == 0

@@ -69,6 +69,9 @@ BACKOFF_MAX = 30.0
 PUBLISH_RETRY = 1.0  # seconds a failed publish waits for a new connection before retrying
 HASH_READ = 1024 * 1024  # bytes read at a time to hash a module with no sha256 digest
 SHOWN_NAME = 200  # characters of a bad app_name that go into the log
+# Error answers waiting for the broker at once; a flood of bad requests
+# beyond it is logged and dropped unanswered, not queued without bound.
+MAX_PENDING_ANSWERS = 1000
 
 
 class Module(Protocol):
@@ -248,7 +251,8 @@ class MqttEdge:
         self.deliveries: dict[str, Delivery] = {}
         self.slots = asyncio.Semaphore(settings.max_deliveries)
         self.max_waiting = settings.max_deliveries * (WAITING_PER_SLOT + 1)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._answering = 0  # error answers being published
 
     def __repr__(self) -> str:
         return f"<MqttEdge {self.settings.broker} {len(self.deliveries)} deliveries>"
@@ -299,7 +303,7 @@ class MqttEdge:
             log.warning("mqtt: bad request%s: %s", f" for {shown!r}" if shown else "",
                         err.reason)
             if err.app_name is not None:
-                self._spawn(self._answer_error(err.app_name, err.reason))
+                self._refuse(err.app_name, err.reason)
             return
         delivery = self.deliveries.get(request.app_name)
         if delivery is not None:
@@ -308,18 +312,31 @@ class MqttEdge:
         if len(self.deliveries) >= self.max_waiting:
             log.warning("mqtt: %d deliveries under way or waiting; refusing %r",
                         len(self.deliveries), request.app_name[:SHOWN_NAME])
-            self._spawn(self._answer_error(
-                request.app_name, "busy: too many modules being delivered; ask again later"))
+            self._refuse(request.app_name,
+                         "busy: too many modules being delivered; ask again later")
             return
         delivery = Delivery(request.app_name,
                             None if request.chunks is None else set(request.chunks))
         self.deliveries[request.app_name] = delivery
         self._spawn(self._deliver(delivery))
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _refuse(self, app_name: str, error: str) -> None:
+        if self._answering >= MAX_PENDING_ANSWERS:
+            log.warning("mqtt: %d error answers pending; %r not answered", self._answering,
+                        app_name[:SHOWN_NAME])
+            return
+        # Counted from now, not from when the task runs: a burst is bounded.
+        self._answering += 1
+        self._spawn(self._answer_error(app_name, error)).add_done_callback(self._answered)
+
+    def _answered(self, _task: asyncio.Future[None]) -> None:
+        self._answering -= 1
 
     async def _answer_error(self, app_name: str, error: str) -> None:
         await self.link.publish(self.answer_topic, error_message(app_name, error))

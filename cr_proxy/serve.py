@@ -29,9 +29,9 @@ from cr_proxy.cache.evict import evict_loop
 from cr_proxy.cache.scrub import scrub_manifest_sidecars
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Address, Config
+from cr_proxy.edge.http import make_app
 from cr_proxy.edge.mqtt import MqttEdge
 from cr_proxy.edge.resolve import resolve
-from cr_proxy.fetch.app import make_app
 from cr_proxy.front import certs
 from cr_proxy.front.server import Front
 from cr_proxy.front.stamp import FrontStamp

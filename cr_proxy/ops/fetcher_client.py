@@ -164,7 +164,7 @@ async def fetcher_socket(config: Config) -> AsyncIterator[tuple[Path, bool]]:
     if await serve_is_running(config.socket_path):
         yield config.socket_path, False
         return
-    from cr_proxy.fetch.app import make_app  # the same app serve runs
+    from cr_proxy.edge.http import make_app  # the same app serve runs
 
     path = config.run_dir / f"warm-{os.getpid()}.sock"
     runner = web.AppRunner(

@@ -18,11 +18,13 @@ proplet's serde decoder reads), `chunk_idx` from 0. Beyond Propeller:
   served (a reference that does not resolve, chunks out of range), instead
   of silence and a device timeout.
 - Coalescing: one delivery per app_name at a time. Requests arriving while
-  it waits for a slot or resolves join it at no cost (one resolution, one
-  upstream fetch, each chunk published once for all of them, since they
-  share the topic); a request arriving while chunks are being published
-  puts the chunks already published back in the queue, once however many
-  such requests come, for a device that was not yet listening.
+  it waits for a slot, resolves, or within GATHER seconds of the first
+  (devices "at once" are a few milliseconds apart, and a cached module
+  resolves faster) join it at no cost: one resolution, one upstream fetch,
+  each chunk published once for all of them, since they share the topic.
+  A request arriving while chunks are being published puts the chunks
+  already published back in the queue, once however many such requests
+  come, for a device that was not yet listening.
 
 Chunks are read from the cached blob one at a time (never the whole module
 in memory: at most max_deliveries chunks at once), so a module in the cache
@@ -68,6 +70,7 @@ BACKOFF_FIRST = 0.5  # seconds before the first reconnection attempt
 BACKOFF_MAX = 30.0
 PUBLISH_RETRY = 1.0  # seconds a failed publish waits for a new connection before retrying
 HASH_READ = 1024 * 1024  # bytes read at a time to hash a module with no sha256 digest
+GATHER = 0.1  # seconds a delivery waits for more devices before its first chunk
 SHOWN_NAME = 200  # characters of a bad app_name that go into the log
 # Error answers waiting for the broker at once; a flood of bad requests
 # beyond it is logged and dropped unanswered, not queued without bound.
@@ -346,7 +349,8 @@ class MqttEdge:
         try:
             async with self.slots:
                 try:
-                    module = await self.resolve(name)
+                    module, _ = await asyncio.gather(self.resolve(name),
+                                                     asyncio.sleep(GATHER))
                     checksum = await asyncio.to_thread(sha256_hex, module)
                 except CrProxyError as err:
                     log.info("mqtt: %r not delivered: %s", name[:SHOWN_NAME], err.message)

@@ -138,6 +138,7 @@ class Device:
         self._client = aiomqtt.Client("127.0.0.1", broker.port, username=user,
                                       password=password, identifier=client_id,
                                       clean_session=not persistent)
+        self.received = 0  # payload bytes the broker delivered to this device
 
     async def __aenter__(self) -> Self:
         await self._client.__aenter__()
@@ -160,6 +161,7 @@ class Device:
         """The answers for app_name, as decoded JSON, as they come."""
         async for message in self._client.messages:
             assert isinstance(message.payload, bytes)
+            self.received += len(message.payload)
             answer = json.loads(message.payload)
             if answer.get("app_name") == app_name:
                 yield answer

@@ -188,6 +188,12 @@ class Mqtt:
 
 
 @dataclass(frozen=True, slots=True)
+class Artifacts:
+    signed_urls: bool  # only /artifacts/s/<token> is served (cr_proxy/edge/signing.py)
+    url_ttl: float  # seconds a signed URL stays valid
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     cache_dir: Path
     certs_dir: Path
@@ -207,6 +213,7 @@ class Config:
     registries: Mapping[str, Credentials]
     proxy: ProxyPolicy
     nginx: NginxSettings
+    artifacts: Artifacts
     access_log_max_size: int  # bytes; 0 = never rotated by serve
     log_level: str
     mqtt: Mqtt
@@ -315,6 +322,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
     proxy = _mapping(data, "proxy")
     timeouts = _mapping(data, "timeouts")
     nginx = _mapping(data, "nginx")
+    artifacts = _mapping(data, "artifacts")
     return Config(
         cache_dir=_path(data, "cache_dir"),
         certs_dir=_path(data, "certs_dir"),
@@ -374,6 +382,10 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             binary=_str(nginx, "nginx.binary"),
             user=_user_name(nginx, "nginx.user"),
             worker_processes=str(nginx.get("worker_processes", "auto")),
+        ),
+        artifacts=Artifacts(
+            signed_urls=_flag(artifacts, "artifacts.signed_urls"),
+            url_ttl=_seconds(artifacts, "artifacts.url_ttl"),
         ),
         access_log_max_size=parse_size(data.get("access_log_max_size", 0),
                                        "access_log_max_size"),
@@ -440,6 +452,13 @@ def _seconds(data: Mapping[str, Any], key: str, allow_zero: bool = False) -> flo
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(message=f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
     return float(value)
+
+
+def _flag(data: Mapping[str, Any], key: str) -> bool:
+    value = data.get(_leaf(key))
+    if not isinstance(value, bool):
+        raise ConfigError(message=f"{key}: expected true or false, got {value!r}")
+    return value
 
 
 def _count(data: Mapping[str, Any], key: str) -> int:

@@ -6,19 +6,22 @@ the upstream stopped. Bad references get a registry-style 4xx and store
 nothing.
 
 The test registry's token server guards every repository with one
-credential or none (testbed/registry.py): it has no per-repository
-authorisation, so "a private repository through `registries:`" is not
-tested here."""
+credential or none (testbed/registry.py), no single repository: the
+private case is a registry whose every repository needs the login, which
+only cr-proxy holds (its `registries:` entry), never the HTTP client."""
 
 from __future__ import annotations
 
 import hashlib
 import http.client
 import json
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -102,6 +105,9 @@ def test_a_wasm_module_by_tag_is_served_by_nginx(edge: Edge) -> None:
     # The bytes came from nginx's internal location, not the fetcher.
     assert headers["x-cr-request-type"] == "artifact"
     assert headers["x-cache"] == "HIT"
+    # Logged as a hit of the module's file (the usage feed: LRU eviction).
+    edge.cr.access_lines(re.compile(r'"GET /artifacts/registry\.test/wasm/hello:v1 HTTP/1\.1" '
+                                    rf'200 {len(SMALL)} \S+ type=artifact cache=HIT'), 1)
 
 
 def test_head_range_and_if_none_match(edge: Edge) -> None:
@@ -170,6 +176,7 @@ def test_an_index_platform_and_any_artifact(edge: Edge) -> None:
     "/artifacts/" + "a" * 3000 + ":v1",  # huge
     "/artifacts/registry.test/wasm/%2e%2e/%2e%2e/etc:v1",
     "/artifacts/registry.test/wasm/../../etc/passwd",
+    "/artifacts/s/abc.def",  # a signed URL, with artifacts.signed_urls off
 ])
 def test_bad_references_get_a_4xx_and_store_nothing(edge: Edge, path: str) -> None:
     before = sorted(p.relative_to(edge.cr.cache) for p in edge.cr.cache.rglob("*"))
@@ -226,3 +233,18 @@ def test_warm_then_offline_serves_every_module_from_the_cache(
     status, _, body = curl(edge.cr, f"{base}/wasm/never:v1")
     assert status == 404
     assert "not in the cache" in json.loads(body)["errors"][0]["message"]
+
+
+def test_a_private_registry_through_the_registries_credentials(tmp_path: Path) -> None:
+    user, secret = "edge", "S3cr3t-" + os.urandom(8).hex()
+    module = wasm_module(1000, seed=41)
+    with Upstream(tmp_path / "private", credentials=(user, secret)) as up:
+        build_artifact(tmp_path / "layout", [(MT_WASM_LAYER, module)], tag="v1")
+        up.push(tmp_path / "layout", "v1", "wasm/private", "v1")
+        with CrProxy(tmp_path / "crproxy", proxy_endpoints(up),
+                     registries={REGISTRY_NAME: {"username": user, "password": secret}}) as cr:
+            status, headers, body = curl(cr, f"/artifacts/{REGISTRY_NAME}/wasm/private:v1")
+            assert (status, body) == (200, module), body
+            assert headers["content-type"] == "application/wasm"
+        assert any(t.user == user and t.status == 200 for t in up.token_log)
+        assert secret.encode() not in cr.log_text().encode()

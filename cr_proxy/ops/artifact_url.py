@@ -3,19 +3,21 @@ credentials (Envoy's remote Wasm source, a device) fetches a module from,
 and the sha256 it checks it against.
 
 The module is resolved by a fetcher (serve's, or one in this process:
-fetcher_client.py) with a GET of its `/artifacts/` route, whose answer
-is nginx's redirect (no body) or a registry error, so the blob is cached
-on the way, through the same path a client's GET takes.
+fetcher_client.py) on its `/artifacts/` route, with `X-CR-Artifact-Url: 1`
+(which nginx never passes on): the fetcher caches the blob through the path
+a client's GET takes and answers with the URL's path, signed when
+artifacts.signed_urls is on (the key never leaves the fetcher's code).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 from cr_proxy.config import Config
 from cr_proxy.edge.http import PREFIX
-from cr_proxy.edge.resolve import parse_module_reference, parse_platform
+from cr_proxy.edge.resolve import parse_module_reference
 from cr_proxy.ops.fetcher_client import (
     MIRROR_HEADERS,
     client_session,
@@ -42,23 +44,19 @@ class ArtifactUrl:
         return f"url: {self.url}\nsha256: {self.sha256}\n"
 
 
-def artifact_path(reference: str, platform: str | None) -> str:
-    """`/artifacts/<registry>/<repository>:<tag>[?platform=...]`, the
-    reference in its canonical form (Docker's rules applied)."""
-    query = f"?{urlencode({'platform': str(parse_platform(platform))})}" if platform else ""
-    return f"{PREFIX}{quote(reference, safe='/:@')}{query}"
-
-
 async def artifact_url(config: Config, text: str, platform: str | None, base: str) -> ArtifactUrl:
     ref = parse_module_reference(text, config.default_registry)
-    path = artifact_path(str(ref), platform)
+    query = f"?{urlencode({'platform': platform})}" if platform else ""
+    path = f"{PREFIX}{quote(str(ref), safe='/:@')}{query}"
     async with (
         fetcher_socket(config) as (socket_path, _),
         client_session(socket_path, config) as session,
-        session.get("http://fetcher" + path, headers=MIRROR_HEADERS) as response,
+        session.get("http://fetcher" + path,
+                    headers={**MIRROR_HEADERS, "X-CR-Artifact-Url": "1"}) as response,
     ):
+        body = await response.read()
         if response.status != 200:
-            raise registry_error(response.status, await response.read())
-        digest = response.headers.get("Docker-Content-Digest", "")
-        content_type = response.headers.get("Content-Type", "")
-    return ArtifactUrl(base.rstrip("/") + path, digest, content_type)
+            raise registry_error(response.status, body)
+    answer = json.loads(body)
+    return ArtifactUrl(base.rstrip("/") + answer["path"], answer["digest"],
+                       answer["content_type"])

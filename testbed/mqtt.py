@@ -148,8 +148,9 @@ class Device:
     async def __aexit__(self, *exc: Any) -> None:
         await self._client.__aexit__(*exc)
 
-    async def send(self, payload: bytes | str) -> None:
-        await self._client.publish(self.request_topic, payload, qos=2)
+    async def send(self, payload: bytes | str, topic: str | None = None) -> None:
+        """Publish on the request topic (or another)."""
+        await self._client.publish(topic or self.request_topic, payload, qos=2)
 
     async def ask(self, app_name: str, chunks: list[int] | None = None) -> None:
         message: dict[str, Any] = {"app_name": app_name}

@@ -315,3 +315,37 @@ async def test_a_flood_of_bad_requests_queues_a_bounded_number_of_answers() -> N
         task.cancel()
     await asyncio.gather(*runner._tasks, return_exceptions=True)
     assert runner._answering == 0
+
+
+async def test_requests_on_an_older_configurations_topic_are_not_answered(
+    broker: Broker, tmp_path: Path
+) -> None:
+    modules = Modules()
+    modules.add(tmp_path / "small", "small", b"\0asm\x01\0\0\0")
+    modules.add(tmp_path / "odd", "odd", bytes(range(256)) * 20)
+    session = f"cr-moved-{tmp_path.name}"
+
+    async def serving(channel: str) -> tuple[mqtt.MqttEdge, asyncio.Task[None]]:
+        runner = mqtt.MqttEdge(settings(broker, client_id=session, channel_id=channel),
+                               modules.resolve)
+        task = asyncio.create_task(runner.run())
+        await runner.link.up.wait()
+        return runner, task
+
+    async with asyncio.timeout(DEADLINE):
+        _, old = await serving("old-channel")  # its subscription stays in the session
+        old.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await old
+        _, new = await serving(CHANNEL)
+        try:
+            async with device(broker) as dev:
+                await dev.send(b'{"app_name": "small"}',
+                               f"m/{DOMAIN}/c/old-channel/registry/proplet")
+                got = await dev.fetch("odd", DEADLINE)
+        finally:
+            new.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await new
+    assert got.total == 6
+    assert modules.calls == ["odd"]

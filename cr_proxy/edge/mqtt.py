@@ -281,6 +281,10 @@ class MqttEdge:
                                  self.settings.broker)
                         backoff = BACKOFF_FIRST
                         async for message in client.messages:
+                            if not message.topic.matches(self.request_topic):
+                                # An older configuration's subscription, kept
+                                # by the persistent session: not ours to answer.
+                                continue
                             payload = message.payload
                             self.request(payload if isinstance(payload, bytes | bytearray)
                                          else str(payload).encode())

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import aiomqtt
+import trustme
 
 from testbed.ports import free_ports
 
@@ -36,17 +37,32 @@ STOP_TIMEOUT = 10.0
 
 
 class Broker:
-    def __init__(self, workdir: Path, users: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, users: dict[str, str], *, tls: bool = False) -> None:
+        """`tls`: the listener speaks TLS only, with a certificate for
+        127.0.0.1 from a CA of its own (`ca_file`)."""
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.port,) = free_ports(1)
         self.users = users
+        self.tls = tls
+        self.ca_file = self.dir / "ca.pem"
         self.log = self.dir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
+        return f"{'ssl' if self.tls else 'tcp'}://127.0.0.1:{self.port}"
+
+    def _tls_lines(self) -> str:
+        if not self.tls:
+            return ""
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(self.ca_file))
+        leaf = ca.issue_cert("127.0.0.1", "localhost")
+        cert, key = self.dir / "broker.pem", self.dir / "broker.key"
+        leaf.private_key_pem.write_to_path(str(key))
+        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        return f"cafile {self.ca_file}\ncertfile {cert}\nkeyfile {key}\n"
 
     def _configure(self) -> Path:
         passwords = self.dir / "passwords"
@@ -58,6 +74,7 @@ class Broker:
         (self.dir / "data").mkdir(exist_ok=True)
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
+            + self._tls_lines() +
             "allow_anonymous false\n"
             f"password_file {passwords}\n"
             "persistence true\n"
@@ -135,9 +152,10 @@ class Device:
         self.broker = broker
         self.request_topic = f"m/{domain}/c/{channel}/registry/proplet"
         self.answer_topic = f"m/{domain}/c/{channel}/registry/server"
+        tls = aiomqtt.TLSParameters(ca_certs=str(broker.ca_file)) if broker.tls else None
         self._client = aiomqtt.Client("127.0.0.1", broker.port, username=user,
                                       password=password, identifier=client_id,
-                                      clean_session=not persistent)
+                                      clean_session=not persistent, tls_params=tls)
         self.received = 0  # payload bytes the broker delivered to this device
 
     async def __aenter__(self) -> Self:

@@ -349,3 +349,22 @@ async def test_requests_on_an_older_configurations_topic_are_not_answered(
                 await new
     assert got.total == 6
     assert modules.calls == ["odd"]
+
+
+async def test_a_tls_broker_is_reached_with_the_ca_of_mqtt_ca_file(tmp_path: Path) -> None:
+    modules = Modules()
+    modules.add(tmp_path / "small", "small", b"\0asm\x01\0\0\0")
+    users = {USER: PASSWORD, DEVICE_USER: DEVICE_PASSWORD}
+    with Broker(tmp_path / "tls-broker", users, tls=True) as broker:
+        assert broker.url.startswith("ssl://")
+        runner = mqtt.MqttEdge(settings(broker, ca_file=str(broker.ca_file)), modules.resolve)
+        task = asyncio.create_task(runner.run())
+        try:
+            async with asyncio.timeout(DEADLINE):
+                await runner.link.up.wait()
+                async with device(broker) as dev:
+                    assert (await dev.fetch("small", DEADLINE)).total == 1
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task

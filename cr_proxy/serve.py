@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -29,6 +30,8 @@ from cr_proxy.cache.scrub import scrub_manifest_sidecars
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Address, Config
 from cr_proxy.edge.http import make_app
+from cr_proxy.edge.mqtt import MqttEdge
+from cr_proxy.edge.resolve import resolve
 from cr_proxy.front import certs
 from cr_proxy.front.server import Front
 from cr_proxy.front.stamp import FrontStamp
@@ -213,6 +216,11 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             tasks.append(asyncio.create_task(refresh_loop(fetcher)))
         if config.cache.pins:
             tasks.append(asyncio.create_task(warm_pins(config)))
+        if config.mqtt.enabled:
+            # Devices ask by reference; modules come through the fetcher's
+            # cached paths (edge/resolve.py), so offline from the cache.
+            edge = MqttEdge(config.mqtt, functools.partial(resolve, fetcher))
+            tasks.append(asyncio.create_task(edge.run()))
         if config.cache.max_size:
             wake = asyncio.Event()
             fetcher.ctx.fill.on_full = wake.set

@@ -4,8 +4,9 @@
 `Range: bytes=N-` with a 206, and a script per blob (`flake()`):
 
     cuts        absolute byte offsets: each answer that would pass the next
-                one stops there (a clean close, or a TCP reset with
-                how="reset"), so [10%, 50%, 99%] breaks one download three
+                one stops there (a clean close, a TCP reset with
+                how="reset", or silence until the peer hangs up with
+                how="stall"), so [10%, 50%, 99%] breaks one download three
                 times, wherever its resumes start
     gated       the first cut waits for release() (the test first sees the
                 download under way, and a second client join it)
@@ -92,7 +93,7 @@ class FlakyRegistry(FaultyRegistry):
             await self._send(writer, method, 307, b"", "text/plain",
                              {"Location": f"http://{self.cdn_name}/cdn/{digest}?sig={signature}"})
             return
-        await self._flaky_blob(writer, digest, flake, head)
+        await self._flaky_blob(reader, writer, digest, flake, head)
 
     async def _cdn(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str,
@@ -104,10 +105,11 @@ class FlakyRegistry(FaultyRegistry):
             await self._send(writer, method, 403, b"<Error>expired</Error>", "application/xml")
             return
         self._used.add(signature)
-        await self._flaky_blob(writer, digest, self.flakes[digest], head)
+        await self._flaky_blob(reader, writer, digest, self.flakes[digest], head)
 
     async def _flaky_blob(
-        self, writer: asyncio.StreamWriter, digest: str, flake: Flake, head: bytes,
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, digest: str,
+        flake: Flake, head: bytes,
     ) -> None:
         data = self.blobs[digest].data
         asked = RANGE.search(head)
@@ -142,7 +144,9 @@ class FlakyRegistry(FaultyRegistry):
             flake.gated = False
             assert self._gate is not None
             await self._gate.wait()
-        if flake.how == "reset":
+        if flake.how == "stall":
+            await self._hold(reader)
+        elif flake.how == "reset":
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()

@@ -17,6 +17,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -159,6 +160,24 @@ def test_a_blob_cut_again_and_again_is_resumed_each_time(
     for start, cut, previous in zip(starts, cuts, [0, *cuts[:-1]], strict=True):
         assert previous < start <= cut
     assert flaky.sent[digest] == SIZE + sum(c - s for c, s in zip(cuts, starts, strict=True))
+
+
+def test_a_silent_upstream_is_resumed_after_timeouts_read(
+    flaky: FlakyRegistry, tmp_path: Path
+) -> None:
+    """Silence at the cut (the connection held open): timeouts.read (2 s
+    here, its own serve) ends the read and the download is resumed."""
+    repo = "silent"
+    digest, data = add_blob(flaky, repo)
+    cut = SIZE // 2
+    flaky.flake(digest, [cut], how="stall")
+    with CrProxy(tmp_path / "silent", flaky.endpoints,
+                 timeouts={"connect": 2, "read": 2, "down_host": 30}) as silent:
+        answer = http(url(silent, repo, digest))
+        assert_served_and_stored(silent, [answer], repo, digest, data)
+    first, resumed = flaky.ranges[digest]
+    assert first is None and resumed is not None and 0 < resumed <= cut
+    assert flaky.sent[digest] == SIZE + (cut - resumed)
 
 
 # --- the CDN URL expires ---------------------------------------------------------------

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import pytest
 
 from cr_proxy.cache.layout import mirror_target
-from cr_proxy.errors import NotFound, UpstreamError
+from cr_proxy.config import Download
+from cr_proxy.errors import NotFound, Truncated, UpstreamError
 from cr_proxy.fetch.resume import Refused, Resume
 
 DIGEST = "sha256:" + "ab" * 32
@@ -68,3 +71,22 @@ def test_a_404_ends_it_and_other_statuses_are_attempts_that_failed() -> None:
     with pytest.raises(UpstreamError) as raised:
         resume()._check(answer(503), 400)
     assert not isinstance(raised.value, Refused)
+
+
+@pytest.mark.parametrize("download", [Download(retries=0), Download(retry_budget=0)],
+                         ids=["no-retries", "no-budget"])
+def test_spent_bounds_give_the_break_as_the_download_error_without_asking(
+    download: Download,
+) -> None:
+    """No attempt at all (nothing is sent: ctx.upstream would fail) when
+    download.retries is 0 or the budget cannot hold the first backoff."""
+    released = []
+    ctx = SimpleNamespace(config=SimpleNamespace(download=download), upstream=None)
+    opened = SimpleNamespace(response=SimpleNamespace(release=lambda: released.append(1)))
+    target = mirror_target(f"/v2/flaky.test/lib/app/blobs/{DIGEST}", None, "docker.io", {})
+    r = Resume(ctx, target, None, opened, TOTAL)  # type: ignore[arg-type]
+    broke = aiohttp.ClientPayloadError("cut")
+    with pytest.raises(Truncated, match="cut short") as raised:
+        asyncio.run(r.reopen(broke, 400))
+    assert raised.value.__cause__ is broke
+    assert (r.attempts, released) == (0, [1])

@@ -106,6 +106,7 @@ class Resume:
             log.info("resuming %s from %s at byte %d (attempt %d of %d): %s",
                      self._target.rpath.ref, self._target.domain, written, self.attempts,
                      config.retries, _reason(error))
+            restarted = self._restarted
             try:
                 skip = await self._ask(written)
             except (UpstreamUnreachable, NotFound, DestinationRefused, Refused):
@@ -114,7 +115,8 @@ class Resume:
                 self._ctx.metrics.resumes.labels(how="failed").inc()
                 error = err
                 continue
-            self._ctx.metrics.resumes.labels(how="restart" if skip else "range").inc()
+            how = "restart" if self._restarted and not restarted else "range"
+            self._ctx.metrics.resumes.labels(how=how).inc()
             return skip
         raise _given_up(error, self._target, self.attempts) from error
 

@@ -129,6 +129,15 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Download:
+    """A blob download whose upstream connection breaks is resumed where it
+    got to (fetch/resume.py), this often at most, within this many seconds."""
+
+    retries: int = 5
+    retry_budget: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Refresh:
     interval: float
     tags: tuple[str, ...]
@@ -217,6 +226,7 @@ class Config:
     access_log_max_size: int  # bytes; 0 = never rotated by serve
     log_level: str
     mqtt: Mqtt
+    download: Download = Download()
 
     @property
     def socket_path(self) -> Path:
@@ -347,6 +357,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
         tag_ttl=_seconds(data, "tag_ttl", allow_zero=True),
         cache=_cache_limit(_mapping(data, "cache")),
         limits=_limits(_mapping(data, "limits")),
+        download=_download(_mapping(data, "download")),
         refresh=Refresh(
             interval=_seconds(_mapping(data, "refresh"), "refresh.interval", allow_zero=True),
             tags=tuple(_str_list(_mapping(data, "refresh"), "refresh.tags")),
@@ -552,6 +563,15 @@ def _limits(data: Mapping[str, Any]) -> Limits:
         upstream_connections_per_host=per_host,
         min_rate=parse_size(data.get("min_rate", 0), "limits.min_rate"),
     )
+
+
+def _download(data: Mapping[str, Any]) -> Download:
+    retries = data.get("retries")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ConfigError(message=f"download.retries: expected a whole number >= 0, "
+                                  f"got {retries!r}")
+    return Download(retries=retries,
+                    retry_budget=_seconds(data, "download.retry_budget", allow_zero=True))
 
 
 def _network(value: str, key: str) -> IPNetwork:

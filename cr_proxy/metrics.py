@@ -4,7 +4,7 @@ and what the caller adds: serve names incomplete and stale images), on
 `listen.metrics` (loopback by default: only local clients reach it).
 
 Who feeds what: the fetcher counts misses, revalidations, stale answers,
-bytes fetched, upstream errors and coalesced requests; the upstream side
+bytes fetched, resumed downloads, upstream errors and coalesced requests; the upstream side
 (upstream/health.py) registries going down, down now, and the requests
 their outage saved; hits are served by
 nginx, which the fetcher never sees, so they come from nginx's access log
@@ -27,7 +27,7 @@ class Metrics:
 
     __slots__ = (
         "bytes_fetched", "bytes_served", "cache_bytes", "coalesced", "dummy_tokens",
-        "evictions", "hits", "misses", "registry", "requests", "revalidations",
+        "evictions", "hits", "misses", "registry", "requests", "resumes", "revalidations",
         "stale_served", "upstream_down", "upstream_errors", "upstream_outages",
         "upstream_skipped",
     )
@@ -74,6 +74,13 @@ class Metrics:
         )
         self.coalesced = Counter(
             "crproxy_coalesced", "Misses that joined a download already running", registry=r
+        )
+        # fetch/resume.py: how="range" continued with a 206, "restart" read a
+        # 200 again from the start (an upstream ignoring Range), "failed" a
+        # resume attempt that brought nothing (an error answer, no connection).
+        self.resumes = Counter(
+            "crproxy_blob_resumes", "Blob downloads asked again after their upstream "
+            "connection broke", ["how"], registry=r,
         )
         self.dummy_tokens = Counter(
             "crproxy_dummy_tokens", "Token requests answered offline", registry=r

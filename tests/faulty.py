@@ -254,6 +254,14 @@ class FaultyRegistry:
         path = target.split("?", 1)[0]
         with self._lock:
             self._requests[(method, path)] += 1
+        await self._dispatch(reader, writer, method, target, head)
+
+    async def _dispatch(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str,
+        target: str, head: bytes,
+    ) -> None:
+        """One request, its head read and counted (a subclass's hook)."""
+        path = target.split("?", 1)[0]
         if path in ("/v2", "/v2/"):
             await self._send(writer, method, 200, b"{}", "application/json")
             return

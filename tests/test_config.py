@@ -76,6 +76,7 @@ def test_defaults_without_a_file_are_the_documented_ones(tmp_path):
                                      stale_budget=0.3)
     assert conf.limits.upstream_connections_per_host == 64
     assert conf.limits.min_rate == 4096
+    assert (conf.download.retries, conf.download.retry_budget) == (5, 60.0)
     assert conf.tag_ttl == 300.0
     assert conf.default_registry == "docker.io"
     assert dict(conf.registry_hosts) == {
@@ -317,6 +318,9 @@ def test_environment_beats_the_file(tmp_path):
         ({"limits": {"max_blob_size": "lots"}}, "limits.max_blob_size"),
         ({"limits": {"max_blob_size": 0}}, "limits.max_blob_size"),
         ({"limits": {"max_blob_size": -1}}, "limits.max_blob_size"),
+        ({"download": {"retries": -1}}, "download.retries"),
+        ({"download": {"retries": "5"}}, "download.retries"),
+        ({"download": {"retry_budget": -1}}, "download.retry_budget"),
     ],
 )
 def test_bad_file_settings_raise_config_error_naming_the_key(tmp_path, data, key):

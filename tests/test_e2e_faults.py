@@ -109,7 +109,10 @@ def test_upstream_dying_mid_blob_leaves_nothing_and_next_pull_succeeds(
     fault: str, cr: CrProxy, fake: FaultyRegistry
 ) -> None:
     """(a) TCP reset, (b) clean close before Content-Length, each after 2 of
-    3 MiB, once the cache's temp file proves the download is under way."""
+    3 MiB, once the cache's temp file proves the download is under way, on
+    every answer: faulty.test ignores Range, so the resume reads it again
+    from the start (once), breaks again, and the download fails (a link
+    that breaks now and then is resumed: tests/test_e2e_resume.py)."""
     data = os.urandom(3 * MIB)
     repo = f"mid-{fault}"
     (digest,) = fake.add_image(repo, "v1", [data]).layer_digests

@@ -46,6 +46,7 @@ from cr_proxy.fetch.context import (
     in_thread,
 )
 from cr_proxy.fetch.flight import Flight
+from cr_proxy.fetch.resume import BREAKS, Resume
 from cr_proxy.upstream.client import Hop
 
 log = logging.getLogger("cr_proxy.fetcher")
@@ -218,11 +219,13 @@ class Blobs:
         return web.Response(status=200, headers=headers)
 
     async def _download(self, target: Target, auth: str | None, flight: Flight) -> None:
-        """The flight's task: upstream -> temp file -> verify -> commit."""
+        """The flight's task: upstream -> temp file -> verify -> commit; a
+        body that breaks is resumed where it got to (resume.py)."""
         ctx = self.ctx
         digest, domain = target.rpath.ref, target.domain
         opened = await ctx.upstream.open("GET", target, client_auth=auth)
         upstream = opened.response
+        resume = Resume(ctx, target, auth, opened, upstream.content_length)
         try:
             if upstream.status == 404:
                 raise NotFound("BLOB_UNKNOWN", f"blob {digest} not found on {domain}")
@@ -232,26 +235,33 @@ class Blobs:
             writer = await in_thread(ctx.store.blob_writer, digest)
             try:
                 flight.started(writer.path, upstream.content_length)
-                try:
-                    await self._write_body(upstream.content, writer, flight, limit)
-                except aiohttp.ClientPayloadError as err:
-                    raise Truncated(message=f"{domain}: body of {digest} cut short") from err
-                await in_thread(writer.verify, upstream.content_length)
+                skip = 0
+                while True:
+                    try:
+                        await self._write_body(resume.opened.response.content, writer, flight,
+                                               limit, skip)
+                        break
+                    except BREAKS as err:
+                        # The readers wait on the file; it goes on growing.
+                        skip = await resume.reopen(err, writer.size)
+                await in_thread(writer.verify, resume.total)
                 # Clients get their last byte now; the fsync and rename follow.
                 await flight.verified_whole()
                 committed = await in_thread(
                     ctx.store.commit_blob, writer, domain, target.rpath.path,
-                    _redirected(opened.hops),
+                    _redirected(resume.opened.hops),
                     ctx.upstream.challenges.for_repository(domain, target.rpath.name),
                 )
             except BaseException:
                 await in_thread(writer.abort)
                 raise
         except DigestMismatch as err:
-            log.error("registry %s sent wrong bytes for %s: %s", domain, digest, err.message)
+            log.error("registry %s sent wrong bytes for %s%s: %s", domain, digest,
+                      f" (after {resume.attempts} resumes)" if resume.attempts else "",
+                      err.message)
             raise
         finally:
-            upstream.release()
+            resume.opened.response.release()
         ctx.metrics.bytes_fetched.inc(writer.size)
         ctx.fill.grew(writer.size)
         await flight.finish(committed, None)
@@ -271,41 +281,64 @@ class Blobs:
         return cap if content_length is None else content_length
 
     async def _write_body(
-        self, body: aiohttp.StreamReader, writer: BlobWriter, flight: Flight, limit: int
+        self, body: aiohttp.StreamReader, writer: BlobWriter, flight: Flight, limit: int,
+        skip: int = 0,
     ) -> None:
         """The upstream body into the writer, pipelined: one batch is hashed
         and written in a thread while the next arrives (awaiting each write
         before reading on made the download half as fast). One write at a
-        time, so the bytes stay in order. Never more than `limit` bytes:
-        past it the download fails before the excess reaches the disk."""
+        time, so the bytes stay in order. Never more than `limit` bytes in
+        the file: past it the download fails before the excess reaches the
+        disk. The body continues the file (a resume); its first `skip` bytes
+        are already there (an upstream that answered a Range with the whole
+        blob). When the body breaks, what came of it is written before the
+        error goes on, so a resume asks only for what is missing."""
         writing: concurrent.futures.Future[None] | None = None
         batch = bytearray()
-        received = 0
+        received = writer.size
         guard = self.ctx.upstream.rate_guard(body)  # limits.min_rate
         try:
-            async for chunk in body.iter_any():
-                received += len(chunk)
-                if received > limit:
-                    raise TooLarge(message=f"{writer.digest}: upstream sent more than "
-                                   f"{limit} bytes")
-                batch += chunk
-                if len(batch) < WRITE_BATCH:
-                    continue
-                if writing is not None:
-                    await asyncio.wrap_future(writing)
-                    await self._progress(flight, writer.size)
-                # A new batch for what comes next: the thread owns this one.
-                writing, batch = self._writes.submit(writer.write, batch), bytearray()
-            if writing is not None:
-                await asyncio.wrap_future(writing)
-            await asyncio.wrap_future(self._writes.submit(writer.write, batch))
-            await self._progress(flight, writer.size)
+            try:
+                async for chunk in body.iter_any():
+                    if skip:
+                        dropped = min(skip, len(chunk))
+                        skip -= dropped
+                        chunk = chunk[dropped:]
+                    received += len(chunk)
+                    if received > limit:
+                        raise TooLarge(message=f"{writer.digest}: upstream sent more than "
+                                       f"{limit} bytes")
+                    batch += chunk
+                    if len(batch) < WRITE_BATCH:
+                        continue
+                    if writing is not None:
+                        await asyncio.wrap_future(writing)
+                        await self._progress(flight, writer.size)
+                    # A new batch for what comes next: the thread owns this one.
+                    writing, batch = self._writes.submit(writer.write, batch), bytearray()
+            except BREAKS:
+                await self._flush(writing, batch, writer, flight)
+                writing = None
+                raise
+            if skip:
+                raise Truncated(message=f"{writer.digest}: the upstream's new answer ended "
+                                "before the bytes already written")
+            await self._flush(writing, batch, writer, flight)
+            writing = None
         finally:
             guard.cancel()
             if writing is not None and not writing.done():
                 # Failed or cancelled mid-body: the caller closes the file
                 # next, so the write in flight must be over first (one batch).
                 concurrent.futures.wait([writing])
+
+    async def _flush(self, writing: concurrent.futures.Future[None] | None, batch: bytearray,
+                     writer: BlobWriter, flight: Flight) -> None:
+        """The write in flight, then the last batch: the file is up to date."""
+        if writing is not None:
+            await asyncio.wrap_future(writing)
+        await asyncio.wrap_future(self._writes.submit(writer.write, batch))
+        await self._progress(flight, writer.size)
 
     async def _progress(self, flight: Flight, written: int) -> None:
         await flight.progress(written)

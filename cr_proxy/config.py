@@ -135,6 +135,14 @@ class Refresh:
 
 
 @dataclass(frozen=True, slots=True)
+class PushPolicy:
+    enabled: bool
+    allow_clients: tuple[IPNetwork, ...]
+    default_target: str  # "" = only pushes naming their registry
+    upload_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
 class NginxSettings:
     binary: str
     user: str
@@ -160,6 +168,7 @@ class Config:
     insecure: frozenset[str]
     registries: Mapping[str, Credentials]
     proxy: ProxyPolicy
+    push: PushPolicy
     nginx: NginxSettings
     access_log_max_size: int  # bytes; 0 = never rotated by serve
     log_level: str
@@ -267,6 +276,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
     proxy = _mapping(data, "proxy")
     timeouts = _mapping(data, "timeouts")
     nginx = _mapping(data, "nginx")
+    push = _mapping(data, "push")
     return Config(
         cache_dir=_path(data, "cache_dir"),
         certs_dir=_path(data, "certs_dir"),
@@ -321,6 +331,14 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
                                 for e in _str_list(proxy, "proxy.allow_private")),
             max_tunnels=int(_seconds(proxy, "proxy.max_tunnels")),
             max_hosts=_count(proxy, "proxy.max_hosts"),
+        ),
+        push=PushPolicy(
+            enabled=_bool(push, "push.enabled"),
+            allow_clients=tuple(_network(n, "push.allow_clients")
+                                for n in _str_list(push, "push.allow_clients")),
+            default_target=(_host(push["default_target"], "push.default_target")
+                            if push.get("default_target") else ""),
+            upload_timeout=_seconds(push, "push.upload_timeout"),
         ),
         nginx=NginxSettings(
             binary=_str(nginx, "nginx.binary"),
@@ -391,6 +409,13 @@ def _seconds(data: Mapping[str, Any], key: str, allow_zero: bool = False) -> flo
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(message=f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
     return float(value)
+
+
+def _bool(data: Mapping[str, Any], key: str) -> bool:
+    value = data.get(_leaf(key))
+    if not isinstance(value, bool):
+        raise ConfigError(message=f"{key}: {value!r} is not true or false")
+    return value
 
 
 def _count(data: Mapping[str, Any], key: str) -> int:

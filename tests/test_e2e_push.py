@@ -32,8 +32,9 @@ def sha256(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def pusher(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrProxy]:
     """A cr-proxy taking pushes from 127.0.0.1 only (the other loopback
-    addresses are clients off push.allow_clients)."""
-    push = {"enabled": True, "allow_clients": ["127.0.0.1/32"]}
+    addresses are clients off push.allow_clients); a push naming no
+    registry goes to registry.test."""
+    push = {"enabled": True, "allow_clients": ["127.0.0.1/32"], "default_target": REGISTRY_NAME}
     with CrProxy(tmp_path_factory.mktemp("pusher"), proxy_endpoints(upstream),
                  push=push) as running:
         yield running
@@ -180,6 +181,21 @@ def test_monolithic_upload_is_stored(pusher: CrProxy) -> None:
     assert stored_blob(pusher, sha256(data)).read_bytes() == data
 
 
+def test_push_without_registry_goes_to_default_target(pusher: CrProxy, upstream: Upstream) -> None:
+    data = os.urandom(10_000)
+    started = call(pusher, "POST", "/v2/plain/app/blobs/uploads/",
+                   headers={"Content-Length": "0"})
+    assert started.status == 202, started.body
+    assert started.headers["Location"].startswith("/v2/plain/app/blobs/uploads/")
+    done = call(pusher, "PUT", with_digest(started.headers["Location"], sha256(data)), data,
+                {"Content-Type": "application/octet-stream"})
+    assert done.status == 201, done.body
+    assert done.headers["Location"] == f"/v2/plain/app/blobs/{sha256(data)}"
+    assert (pusher.cache / f"content/{REGISTRY_NAME}/v2/plain/app/blobs/{sha256(data)}"
+            ).read_bytes() == data
+    assert "/v2/plain/app/blobs/uploads/" in upstream.registry_log.read_text(errors="replace")
+
+
 def test_cancelled_upload_leaves_nothing(pusher: CrProxy) -> None:
     data = os.urandom(20_000)
     started = start_upload(pusher, "cancelled")
@@ -238,6 +254,12 @@ def test_client_off_push_allow_clients_is_refused_before_the_upstream(
     assert "denied-repo" not in upstream.registry_log.read_text(errors="replace")
     # Pulls from there are still the mirror's to answer (mirror_allow_clients).
     assert call(pusher, "GET", "/v2/", source="127.0.0.2").status == 200
+
+
+def test_upstream_unreachable_is_a_clear_503(pusher: CrProxy, upstream_down: Upstream) -> None:
+    answer = start_upload(pusher, "unreachable")
+    assert answer.status == 503, answer.body
+    assert answer.error_code() == "UPSTREAM_UNREACHABLE"
 
 
 def test_push_disabled_is_405_as_before(proxy: CrProxy) -> None:

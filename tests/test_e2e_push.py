@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import pytest
 from testbed.crproxy import CrProxy, clean_env, layout_blobs, skopeo_pull
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
 from testbed.registry import REGISTRY_NAME, Upstream
+from tests.clients import available, podman
 from tests.conftest import proxy_endpoints
 
 PREFIX = f"/v2/{REGISTRY_NAME}"
@@ -267,3 +269,27 @@ def test_push_disabled_is_405_as_before(proxy: CrProxy) -> None:
                   headers={"Content-Length": "0"})
     assert answer.status == 405, answer.body
     assert answer.error_code() == "UNSUPPORTED"
+
+
+def test_podman_push_is_relayed_and_stored(
+    pusher: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    """podman pushes an image from its own storage (layers compressed anew:
+    a new manifest) through the mirror; the upstream's tag and our cached
+    one are the same manifest."""
+    assert available("podman"), "podman is missing: make test installs it"
+    build_image(tmp_path / "layout", layers=[tar_layer({"p.txt": os.urandom(2048)})], tag="v1")
+    work = tmp_path / "podman"
+    try:
+        loaded = podman(work, None, tmp_path, "pull", f"oci:{tmp_path / 'layout'}:v1")
+        assert loaded.returncode == 0, loaded.stderr
+        image_id = loaded.stdout.strip().splitlines()[-1]
+        dest = f"{pusher.http}/{REGISTRY_NAME}/podman-pushed:v1"
+        pushed = podman(work, None, tmp_path, "push", "--tls-verify=false", image_id, dest)
+        assert pushed.returncode == 0, pushed.stderr + pusher.log_text()[-3000:]
+    finally:
+        podman(work, None, tmp_path, "system", "reset", "--force")
+        shutil.rmtree(os.readlink(work / "runroot"), ignore_errors=True)
+    direct = upstream.pull_direct("podman-pushed", "v1", tmp_path / "direct", transport="dir")
+    tag = pusher.cache / f"content/{REGISTRY_NAME}/v2/podman-pushed/manifests/v1"
+    assert tag.read_bytes() == (direct / "manifest.json").read_bytes()

@@ -79,10 +79,13 @@ class PushTarget:
     domain: str  # the host that serves it: the cache's <domain>
     name: str  # the repository upstream
     client_name: str  # the name as the client spelt it, its prefix included
+    what: str  # "blobs/uploads" or "manifests"
     ref: str  # the upload session (may be "") or the manifest reference
 
-    def path(self, what: str) -> str:
-        return f"/v2/{self.name}/{what}/{self.ref}"
+    @property
+    def path(self) -> str:
+        """The path upstream."""
+        return f"/v2/{self.name}/{self.what}/{self.ref}"
 
 
 def push_target(path: str, default_target: str, registry_hosts: dict[str, str]) -> PushTarget:
@@ -103,7 +106,8 @@ def push_target(path: str, default_target: str, registry_hosts: dict[str, str]) 
     check_name(name)
     if match["what"] == "manifests" and not (is_tag(ref) or is_digest(ref)):
         raise BadRequest("TAG_INVALID", f"invalid reference {ref[:140]!r}")
-    return PushTarget(registry, resolve_domain(registry, registry_hosts), name, client_name, ref)
+    return PushTarget(registry, resolve_domain(registry, registry_hosts), name, client_name,
+                      match["what"], ref)
 
 
 @dataclass(slots=True)
@@ -155,7 +159,7 @@ class Pushes:
         self._check_client(request)
         target = push_target(request.path, config.push.default_target,
                              dict(config.registry_hosts))
-        if PUSH_PATH_RE.match(request.path)["what"] == "manifests":  # type: ignore[index]
+        if target.what == "manifests":
             return await self._manifest(request, target)
         return await self._upload(request, target)
 
@@ -193,7 +197,7 @@ class Pushes:
         if auth:
             headers["Authorization"] = auth
         body = self._body(request, upload) if request.can_read_body else None
-        path_qs = target.path("blobs/uploads") + (f"?{urlencode(query)}" if query else "")
+        path_qs = target.path + (f"?{urlencode(query)}" if query else "")
         try:
             answer = await self.ctx.upstream.send(method, target.domain, path_qs, headers,
                                                   data=body)
@@ -303,7 +307,7 @@ class Pushes:
         auth = await self.auth.header(target.registry, target.domain, target.name)
         if auth:
             headers["Authorization"] = auth
-        answer = await self.ctx.upstream.send("PUT", target.domain, target.path("manifests"),
+        answer = await self.ctx.upstream.send("PUT", target.domain, target.path,
                                               headers, data=body)
         status = answer.status
         response = await self._relay(request, answer, target)

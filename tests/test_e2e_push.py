@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from testbed.oci_layout import ImageInfo, build_image, tar_layer
 from testbed.registry import REGISTRY_NAME, Upstream
 from tests.clients import available, podman
 from tests.conftest import proxy_endpoints
+from tests.faulty import wait_until
 
 PREFIX = f"/v2/{REGISTRY_NAME}"
 
@@ -293,3 +295,27 @@ def test_podman_push_is_relayed_and_stored(
     direct = upstream.pull_direct("podman-pushed", "v1", tmp_path / "direct", transport="dir")
     tag = pusher.cache / f"content/{REGISTRY_NAME}/v2/podman-pushed/manifests/v1"
     assert tag.read_bytes() == (direct / "manifest.json").read_bytes()
+
+
+def test_client_gone_mid_chunk_cancels_the_upload_upstream(
+    pusher: CrProxy, upstream: Upstream
+) -> None:
+    started = start_upload(pusher, "aborted")
+    location = our_location(started, "aborted")
+    sent = os.urandom(200_000)
+    with socket.create_connection((pusher.address, pusher.http_port), timeout=30) as sock:
+        sock.sendall(f"PATCH {location} HTTP/1.1\r\nHost: {pusher.http}\r\n"
+                     "Content-Type: application/octet-stream\r\n"
+                     "Content-Length: 1000000\r\n\r\n".encode() + sent)
+    # Gone with 800 KB still to come: the upstream's upload is cancelled
+    # (a DELETE in the registry's log), nothing is kept.
+    session = location.split("?")[0].rsplit("/", 1)[1]
+
+    def cancelled() -> bool:
+        log = upstream.registry_log.read_text(errors="replace")
+        return any("http.request.method=DELETE" in line and session in line
+                   for line in log.splitlines())
+
+    wait_until(cancelled, 30, "the upstream upload cancelled")
+    wait_until(lambda: leftover_uploads(pusher) == [], 30, "the upload's temp file removed")
+    assert not stored_blob(pusher, sha256(sent)).exists()

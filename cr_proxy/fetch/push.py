@@ -24,6 +24,7 @@ relayed, just not stored.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import re
@@ -128,18 +129,21 @@ class Upload:
 
 
 class Pushes:
-    __slots__ = ("auth", "ctx", "uploads")
+    __slots__ = ("auth", "cancels", "ctx", "uploads")
 
     def __init__(self, ctx: FetchContext) -> None:
         self.ctx = ctx
         self.auth = PushAuth(ctx.upstream)
         # (domain, name, upstream session id) -> what we follow of it
         self.uploads: dict[tuple[str, str, str], Upload] = {}
+        self.cancels: set[asyncio.Task[None]] = set()  # uploads being cancelled upstream
 
     def __repr__(self) -> str:
         return f"<Pushes {len(self.uploads)} uploads>"
 
     def close(self) -> None:
+        for task in self.cancels:
+            task.cancel()
         for upload in self.uploads.values():
             upload.drop()
         self.uploads.clear()
@@ -203,6 +207,11 @@ class Pushes:
                                                   data=body)
         except BaseException:
             upload.drop()
+            if body is not None and target.ref:
+                # A body cut short (the client gone mid-chunk, or the
+                # upstream): the session is dead to both; cancel it upstream
+                # rather than leave the registry a half upload.
+                self._cancel_later(target, path_qs)
             raise
         try:
             response = await self._relay(request, answer, target)
@@ -222,6 +231,26 @@ class Pushes:
             else:
                 upload.drop()
         return response
+
+    def _cancel_later(self, target: PushTarget, path_qs: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._cancel(target, path_qs))
+        self.cancels.add(task)
+        task.add_done_callback(self.cancels.discard)
+
+    async def _cancel(self, target: PushTarget, path_qs: str) -> None:
+        """Best effort: DELETE the upload upstream (its upload state as the
+        client last had it)."""
+        try:
+            auth = await self.auth.header(target.registry, target.domain, target.name,
+                                          delete=True)
+            headers = {"Authorization": auth} if auth else {}
+            response = await self.ctx.upstream.send("DELETE", target.domain, path_qs, headers)
+            response.release()
+            log.info("upload %s%s cut short: cancelled upstream (%d)", target.domain,
+                     target.path, response.status)
+        except (CrProxyError, aiohttp.ClientError, OSError, TimeoutError) as err:
+            log.info("upload %s%s cut short, not cancelled upstream: %s", target.domain,
+                     target.path, err)
 
     def _mount_query(
         self, query: list[tuple[str, str]], target: PushTarget

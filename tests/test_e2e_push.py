@@ -266,13 +266,6 @@ def test_upstream_unreachable_is_a_clear_503(pusher: CrProxy, upstream_down: Ups
     assert answer.error_code() == "UPSTREAM_UNREACHABLE"
 
 
-def test_push_disabled_is_405_as_before(proxy: CrProxy) -> None:
-    answer = call(proxy, "POST", f"{PREFIX}/anything/blobs/uploads/",
-                  headers={"Content-Length": "0"})
-    assert answer.status == 405, answer.body
-    assert answer.error_code() == "UNSUPPORTED"
-
-
 def test_podman_push_is_relayed_and_stored(
     pusher: CrProxy, upstream: Upstream, tmp_path: Path
 ) -> None:

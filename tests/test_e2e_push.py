@@ -260,10 +260,25 @@ def test_client_off_push_allow_clients_is_refused_before_the_upstream(
     assert call(pusher, "GET", "/v2/", source="127.0.0.2").status == 200
 
 
-def test_upstream_unreachable_is_a_clear_503(pusher: CrProxy, upstream_down: Upstream) -> None:
-    answer = start_upload(pusher, "unreachable")
-    assert answer.status == 503, answer.body
-    assert answer.error_code() == "UPSTREAM_UNREACHABLE"
+def test_upstream_unreachable_is_a_clear_503(pusher: CrProxy, upstream: Upstream) -> None:
+    def comebacks() -> int:
+        return sum(f"upstream {REGISTRY_NAME} reachable again" in line for line in pusher.output)
+
+    before = comebacks()
+    upstream.stop_registry()
+    upstream.stop_auth()
+    upstream.stop_cdn()
+    try:
+        answer = start_upload(pusher, "unreachable")
+        assert answer.status == 503, answer.body
+        assert answer.error_code() == "UPSTREAM_UNREACHABLE"
+    finally:
+        upstream.start_registry()
+        upstream.start_auth()
+        upstream.start_cdn()
+    # Not upstream_down: the registry is remembered down until a probe finds
+    # it answering, and the next push here must not meet that.
+    wait_until(lambda: comebacks() > before, 30, "the probe finding the registry back")
 
 
 def test_podman_push_is_relayed_and_stored(

@@ -144,6 +144,14 @@ class Refresh:
 
 
 @dataclass(frozen=True, slots=True)
+class PushPolicy:
+    enabled: bool
+    allow_clients: tuple[IPNetwork, ...]
+    default_target: str  # "" = only pushes naming their registry
+    upload_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
 class NginxSettings:
     binary: str
     user: str
@@ -221,6 +229,7 @@ class Config:
     insecure: frozenset[str]
     registries: Mapping[str, Credentials]
     proxy: ProxyPolicy
+    push: PushPolicy
     nginx: NginxSettings
     artifacts: Artifacts
     access_log_max_size: int  # bytes; 0 = never rotated by serve
@@ -333,6 +342,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
     timeouts = _mapping(data, "timeouts")
     nginx = _mapping(data, "nginx")
     artifacts = _mapping(data, "artifacts")
+    push = _mapping(data, "push")
     return Config(
         cache_dir=_path(data, "cache_dir"),
         certs_dir=_path(data, "certs_dir"),
@@ -388,6 +398,14 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
                                 for e in _str_list(proxy, "proxy.allow_private")),
             max_tunnels=int(_seconds(proxy, "proxy.max_tunnels")),
             max_hosts=_count(proxy, "proxy.max_hosts"),
+        ),
+        push=PushPolicy(
+            enabled=_flag(push, "push.enabled"),
+            allow_clients=tuple(_network(n, "push.allow_clients")
+                                for n in _str_list(push, "push.allow_clients")),
+            default_target=(_host(push["default_target"], "push.default_target")
+                            if push.get("default_target") else ""),
+            upload_timeout=_seconds(push, "push.upload_timeout"),
         ),
         nginx=NginxSettings(
             binary=_str(nginx, "nginx.binary"),

@@ -83,6 +83,10 @@ class StoredManifest:
     validated_at: float  # when the upstream last confirmed it (tags)
 
 
+# The placeholder name of an upload's bytes until the client names them.
+UNNAMED_UPLOAD = "sha256:" + "0" * 64
+
+
 class BlobWriter:
     """A temp file that hashes what is written to it."""
 
@@ -99,6 +103,14 @@ class BlobWriter:
 
     def __repr__(self) -> str:
         return f"<BlobWriter {self.digest[:19]} {self.size} bytes open={self._fd >= 0}>"
+
+    def name(self, digest: str) -> None:
+        """Name a pushed blob's bytes (Store.upload_writer) once the client
+        says what they are, at the upload's end; verify() then checks them."""
+        algorithm = check_digest(digest).split(":", 1)[0]
+        if algorithm != self._hash.name:
+            raise DigestMismatch(message=f"{digest[:80]}: uploads are hashed as {self._hash.name}")
+        self.digest = digest
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -249,6 +261,11 @@ class Store:
 
     def blob_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self.tree.temp, digest)
+
+    def upload_writer(self) -> BlobWriter:
+        """A writer for a pushed blob, whose digest comes at the upload's end
+        (BlobWriter.name): sha256, the one every client pushes with."""
+        return BlobWriter(self.tree.temp, UNNAMED_UPLOAD)
 
     def commit(self, writer: BlobWriter, expected_size: int | None) -> Path:
         """Verify, then move into the digest store (a no-op if it is there)."""

@@ -4,8 +4,8 @@ one route, and the way from a request to the part that answers it.
 nginx serves fresh hits itself; what reaches us is a miss, a stale tag, a
 token request or something we do not cache. Dispatch resolves the mode
 (X-CR-Mode: mirror, or https_proxy) and the Target (the registry, the host
-that serves it, the parsed path), enforces the proxy's port rule, refuses
-writes in mirror mode (this mirror is read-only), and hands the request to
+that serves it, the parsed path), enforces the proxy's port rule, hands
+mirror-mode writes to push.py (which refuses them unless push.enabled), and hands the request to
 the part that owns its policy, as distribution's registry/proxy:
 
 - blobs.py: blobs, local-first and immutable;
@@ -15,6 +15,7 @@ the part that owns its policy, as distribution's registry/proxy:
   same way as a tag (listings.py);
 - referrers.py: referrers (OCI 1.1), by the upstream's API or its tag
   schema, stored per subject as tag lists are;
+- push.py: mirror-mode pushes, relayed and written through;
 - passthrough.py: everything else, relayed uncached.
 
 Errors of any part become registry-style JSON answers here.
@@ -36,7 +37,6 @@ from cr_proxy.errors import (
     CrProxyError,
     DestinationRefused,
     NotFound,
-    Unsupported,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -46,6 +46,7 @@ from cr_proxy.fetch.flight import Flights
 from cr_proxy.fetch.listings import Listings
 from cr_proxy.fetch.manifests import Manifests
 from cr_proxy.fetch.passthrough import Passthrough
+from cr_proxy.fetch.push import Pushes
 from cr_proxy.fetch.referrers import Referrers
 from cr_proxy.fetch.tags import Tags
 from cr_proxy.front.connect import check_port
@@ -60,13 +61,14 @@ log = logging.getLogger("cr_proxy.fetcher")
 class Fetcher:
     """The one route: each request to the part that owns its kind."""
 
-    __slots__ = ("blobs", "ctx", "manifests", "passthrough", "referrers", "tags")
+    __slots__ = ("blobs", "ctx", "manifests", "passthrough", "pushes", "referrers", "tags")
 
     def __init__(self, ctx: FetchContext) -> None:
         self.ctx = ctx
         self.blobs = Blobs(ctx)
         self.manifests = Manifests(ctx)
         self.passthrough = Passthrough(ctx)
+        self.pushes = Pushes(ctx)
         listings = Listings(ctx)
         self.tags = Tags(ctx, listings)
         self.referrers = Referrers(ctx, listings, self.manifests)
@@ -85,6 +87,7 @@ class Fetcher:
     async def close(self) -> None:
         await self.ctx.flights.close()
         self.blobs.close()
+        self.pushes.close()
 
     async def revalidate_tag(self, domain: str, name: str, tag: str) -> bool:
         """Background refresh of one cached tag; True if it moved upstream."""
@@ -122,6 +125,8 @@ class Fetcher:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         mode = request.headers.get("X-CR-Mode", "mirror")
         if mode == "mirror":
+            if self.pushes.claims(request):
+                return await self.pushes.handle(request)
             target = mirror_target(
                 request.path,
                 request.query.get("ns") or None,
@@ -172,8 +177,6 @@ class Fetcher:
     ) -> web.StreamResponse:
         kind = target.rpath.kind
         if request.method not in ("GET", "HEAD"):
-            if mirror:
-                raise Unsupported(message="this mirror is read-only: push to the registry itself")
             return await self.passthrough.relay(
                 request, target.domain, self._relayed_path(request, target, mirror)
             )

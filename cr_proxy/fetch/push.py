@@ -1,0 +1,407 @@
+"""Pushes through the mirror (push.enabled): relayed to the registry with
+cr-proxy's own login, and written through to the cache.
+
+A push names its registry as a pull does, by a path prefix
+(`/v2/registry.example/app/blobs/uploads/`), or, with push.default_target
+set, not at all. Every upload form of the distribution spec is relayed as
+it comes (monolithic POST+PUT, chunked PATCH with Content-Range, upload
+status GET, DELETE, cross-repository mount), its body streamed to the
+upstream in the pieces it arrives in, and the upstream's Locations made
+ours again (`/v2/<prefix>/<name>/...`), so the client never learns the
+upstream's host and keeps talking to us.
+
+Write-through: an upload's bytes are hashed into a temp file as they pass
+(Store.upload_writer); once the upstream answered the final PUT with 201
+and the bytes hash to the digest the client named, the file moves into the
+digest store under the repository's blob path. A manifest PUT is read
+whole (MAX_MANIFEST), relayed, and answered only when the upstream has
+answered, with the upstream's status and body: only a 201 stores it (by
+digest, and by tag for a tag PUT). A pushed image is then pulled from the
+cache at once, offline too. An upload we cannot follow byte for byte (one
+begun before a restart, a Content-Range that is not where we are) is still
+relayed, just not stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from cr_proxy.cache.layout import (
+    DOCKER_HUB,
+    Kind,
+    RegistryPath,
+    check_name,
+    check_path,
+    normalise_registry,
+    resolve_domain,
+    split_prefix,
+)
+from cr_proxy.cache.store import BlobWriter
+from cr_proxy.errors import (
+    BadRequest,
+    CrProxyError,
+    DestinationRefused,
+    DigestMismatch,
+    Unsupported,
+    UpstreamError,
+)
+from cr_proxy.fetch.context import FetchContext, in_thread, read_bounded
+from cr_proxy.oci.manifest import MANIFEST_MEDIA_TYPES, MAX_MANIFEST
+from cr_proxy.oci.reference import digest_of, is_digest, is_tag
+from cr_proxy.upstream.uploads import PushAuth
+
+log = logging.getLogger("cr_proxy.push")
+
+# /v2/<name>/blobs/uploads/<session> and /v2/<name>/manifests/<ref>; the
+# name may carry a registry prefix.
+PUSH_PATH_RE = re.compile(r"^/v2/(?P<name>.+)/(?P<what>blobs/uploads|manifests)/(?P<ref>[^/]*)$")
+UPLOAD_PATH_RE = re.compile(r"^/v2/.+/blobs/uploads/[^/]*$")
+SENT_HEADERS = frozenset({"content-type", "content-length", "content-range", "user-agent"})
+RELAYED_HEADERS = frozenset({"content-length", "docker-content-digest", "location", "range",
+                             "docker-upload-uuid", "content-range",
+                             "docker-distribution-api-version", "oci-subject"})
+MAX_ANSWER = 1 << 20  # bytes of an upstream's answer to a push we read (JSON, errors)
+
+
+@dataclass(frozen=True, slots=True)
+class PushTarget:
+    registry: str
+    domain: str  # the host that serves it: the cache's <domain>
+    name: str  # the repository upstream
+    client_name: str  # the name as the client spelt it, its prefix included
+    what: str  # "blobs/uploads" or "manifests"
+    ref: str  # the upload session (may be "") or the manifest reference
+
+    @property
+    def path(self) -> str:
+        """The path upstream."""
+        return f"/v2/{self.name}/{self.what}/{self.ref}"
+
+
+def push_target(path: str, default_target: str, registry_hosts: dict[str, str]) -> PushTarget:
+    """A push request's registry and repository; a name without a registry
+    prefix goes to push.default_target, or is refused."""
+    match = PUSH_PATH_RE.match(path)
+    if match is None:
+        raise Unsupported(message=f"{path[:200]} is not a push path this mirror relays")
+    check_path(path)
+    client_name, ref = match["name"], match["ref"]
+    prefix, name = split_prefix(client_name)
+    if prefix is None and not default_target:
+        raise Unsupported(message="push to <mirror>/<registry>/<repository>: "
+                          "push.default_target is not set")
+    registry = normalise_registry(prefix or default_target)
+    if registry == DOCKER_HUB and "/" not in name:
+        name = f"library/{name}"
+    check_name(name)
+    if match["what"] == "manifests" and not (is_tag(ref) or is_digest(ref)):
+        raise BadRequest("TAG_INVALID", f"invalid reference {ref[:140]!r}")
+    return PushTarget(registry, resolve_domain(registry, registry_hosts), name, client_name,
+                      match["what"], ref)
+
+
+@dataclass(slots=True)
+class Upload:
+    """What we follow of one upload session: its bytes so far, or nothing
+    once it went where we cannot follow (broken: relayed, never stored)."""
+
+    writer: BlobWriter | None = None
+    broken: bool = False
+
+    def size(self) -> int:
+        return self.writer.size if self.writer is not None else 0
+
+    def drop(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
+class Pushes:
+    __slots__ = ("auth", "cancels", "ctx", "uploads")
+
+    def __init__(self, ctx: FetchContext) -> None:
+        self.ctx = ctx
+        self.auth = PushAuth(ctx.upstream)
+        # (domain, name, upstream session id) -> what we follow of it
+        self.uploads: dict[tuple[str, str, str], Upload] = {}
+        self.cancels: set[asyncio.Task[None]] = set()  # uploads being cancelled upstream
+
+    def __repr__(self) -> str:
+        return f"<Pushes {len(self.uploads)} uploads>"
+
+    def close(self) -> None:
+        for task in self.cancels:
+            task.cancel()
+        for upload in self.uploads.values():
+            upload.drop()
+        self.uploads.clear()
+
+    def claims(self, request: web.Request) -> bool:
+        """A mirror request that is ours: every write (refused 405 while
+        push is off), and, push on, an upload's status GET."""
+        if request.method not in ("GET", "HEAD"):
+            return True
+        return self.ctx.config.push.enabled and bool(UPLOAD_PATH_RE.match(request.path))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        config = self.ctx.config
+        if not config.push.enabled:
+            raise Unsupported(message="this mirror is read-only: push to the registry itself "
+                              "(or set push.enabled)")
+        self._check_client(request)
+        target = push_target(request.path, config.push.default_target,
+                             dict(config.registry_hosts))
+        if target.what == "manifests":
+            return await self._manifest(request, target)
+        return await self._upload(request, target)
+
+    def _check_client(self, request: web.Request) -> None:
+        """nginx refuses these first, before the body (mirror-maps.conf);
+        this is the second wall. X-Forwarded-For is nginx's own, never the
+        client's."""
+        try:
+            address = ipaddress.ip_address(request.headers.get("X-Forwarded-For", ""))
+        except ValueError:
+            address = None
+        if address is None or not any(address in net for net in
+                                      self.ctx.config.push.allow_clients):
+            raise DestinationRefused(message="this client address may not push "
+                                     "(push.allow_clients)")
+
+    # --- blobs ---------------------------------------------------------------
+
+    async def _upload(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
+        method = request.method
+        query = list(parse_qsl(request.query_string, keep_blank_values=True))
+        mount_from = None
+        if method == "POST" and request.query.get("mount") and request.query.get("from"):
+            query, mount_from = self._mount_query(query, target)
+        key = (target.domain, target.name, target.ref)
+        upload = self.uploads.pop(key, None) if target.ref else Upload()
+        if upload is None:
+            upload = Upload(broken=True)  # begun before we started: followed no more
+        final = method in ("PUT", "POST") and "digest" in request.query
+        self._check_range(request, upload)
+        headers = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() in SENT_HEADERS)
+        auth = await self.auth.header(target.registry, target.domain, target.name, mount_from,
+                                      delete=method == "DELETE")
+        if auth:
+            headers["Authorization"] = auth
+        body = self._body(request, upload) if request.can_read_body else None
+        path_qs = target.path + (f"?{urlencode(query)}" if query else "")
+        try:
+            answer = await self.ctx.upstream.send(method, target.domain, path_qs, headers,
+                                                  data=body)
+        except BaseException:
+            upload.drop()
+            if body is not None and target.ref:
+                # A body cut short (the client gone mid-chunk, or the
+                # upstream): the session is dead to both; cancel it upstream
+                # rather than leave the registry a half upload.
+                self._cancel_later(target, path_qs)
+            raise
+        try:
+            response = await self._relay(request, answer, target)
+        except BaseException:
+            upload.drop()
+            raise
+        if final:
+            await self._finish(upload, answer.status, request.query["digest"], target)
+        elif method == "POST" and answer.status == 201 and mount_from:
+            await self._mounted(request.query["mount"], target)
+        elif method == "DELETE" or answer.status >= 300:
+            upload.drop()
+        else:
+            session = self._session(answer.headers.get("Location", ""))
+            if session:
+                self.uploads[(target.domain, target.name, session)] = upload
+            else:
+                upload.drop()
+        return response
+
+    def _cancel_later(self, target: PushTarget, path_qs: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._cancel(target, path_qs))
+        self.cancels.add(task)
+        task.add_done_callback(self.cancels.discard)
+
+    async def _cancel(self, target: PushTarget, path_qs: str) -> None:
+        """Best effort: DELETE the upload upstream (its upload state as the
+        client last had it)."""
+        try:
+            auth = await self.auth.header(target.registry, target.domain, target.name,
+                                          delete=True)
+            headers = {"Authorization": auth} if auth else {}
+            response = await self.ctx.upstream.send("DELETE", target.domain, path_qs, headers)
+            response.release()
+            log.info("upload %s%s cut short: cancelled upstream (%d)", target.domain,
+                     target.path, response.status)
+        except (CrProxyError, aiohttp.ClientError, OSError, TimeoutError) as err:
+            log.info("upload %s%s cut short, not cancelled upstream: %s", target.domain,
+                     target.path, err)
+
+    def _mount_query(
+        self, query: list[tuple[str, str]], target: PushTarget
+    ) -> tuple[list[tuple[str, str]], str | None]:
+        """A mount's `from` as the upstream names it; a source in another
+        registry cannot be mounted: the POST then just starts an upload."""
+        source = dict(query)["from"]
+        prefix, name = split_prefix(source)
+        registry = prefix or self.ctx.config.push.default_target
+        hosts = dict(self.ctx.config.registry_hosts)
+        if not registry or resolve_domain(normalise_registry(registry), hosts) != target.domain:
+            return [(k, v) for k, v in query if k not in ("mount", "from")], None
+        registry = normalise_registry(registry)
+        if registry == DOCKER_HUB and "/" not in name:
+            name = f"library/{name}"
+        check_name(name)
+        return [(k, name if k == "from" else v) for k, v in query], name
+
+    @staticmethod
+    def _check_range(request: web.Request, upload: Upload) -> None:
+        """A chunk that does not start where our copy ends (a retried or
+        resumed chunk): the upload is relayed on, not stored."""
+        value = request.headers.get("Content-Range")
+        if value is None or upload.broken:
+            return
+        start = value.removeprefix("bytes=").split("-", 1)[0]
+        if not start.isdigit() or int(start) != upload.size():
+            upload.drop()
+            upload.broken = True
+
+    async def _body(self, request: web.Request, upload: Upload) -> AsyncIterator[bytes]:
+        """The client's body as it arrives, hashed into the upload's temp file."""
+        if not upload.broken and upload.writer is None:
+            upload.writer = self.ctx.store.upload_writer()
+        async for chunk in request.content.iter_any():
+            if upload.writer is not None:
+                upload.writer.write(chunk)
+            yield chunk
+
+    async def _finish(self, upload: Upload, status: int, digest: str,
+                      target: PushTarget) -> None:
+        """The final PUT answered: store the bytes if the upstream took them
+        (201) and they are what the client said."""
+        writer, upload.writer = upload.writer, None
+        if writer is None:
+            return
+        if status != 201 or not is_digest(digest):
+            writer.abort()
+            return
+        store = self.ctx.store
+        path = RegistryPath(Kind.BLOB, target.name, digest).path
+        try:
+            writer.name(digest)
+            writer.verify(None)
+            await in_thread(store.commit_blob, writer, target.domain, path)
+        except DigestMismatch as err:
+            writer.abort()
+            log.warning("pushed blob %s/%s not stored: %s", target.domain, path, err.message)
+            return
+        self.ctx.fill.grew(writer.size)
+
+    async def _mounted(self, digest: str, target: PushTarget) -> None:
+        """A mount the upstream made: our copy, if we have one, is named for
+        the repository too."""
+        if is_digest(digest):
+            path = RegistryPath(Kind.BLOB, target.name, digest).path
+            await in_thread(self.ctx.store.link_if_stored, digest, target.domain, path)
+
+    @staticmethod
+    def _session(location: str) -> str:
+        path = urlsplit(location).path
+        match = PUSH_PATH_RE.match(path)
+        return match["ref"] if match and match["what"] == "blobs/uploads" else ""
+
+    # --- manifests -------------------------------------------------------------
+
+    async def _manifest(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
+        if request.method != "PUT":
+            raise Unsupported(message=f"{request.method} of a manifest is not relayed")
+        body = await _read_request(request, MAX_MANIFEST)
+        content_type = request.headers.get("Content-Type", "")
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        auth = await self.auth.header(target.registry, target.domain, target.name)
+        if auth:
+            headers["Authorization"] = auth
+        answer = await self.ctx.upstream.send("PUT", target.domain, target.path,
+                                              headers, data=body)
+        status = answer.status
+        response = await self._relay(request, answer, target)
+        if status == 201:
+            await self._store_manifest(target, body, content_type)
+        return response
+
+    async def _store_manifest(self, target: PushTarget, body: bytes, content_type: str) -> None:
+        digest = digest_of(body)
+        rpath = RegistryPath(Kind.MANIFEST, target.name, target.ref)
+        if content_type not in MANIFEST_MEDIA_TYPES or (rpath.by_digest and target.ref != digest):
+            log.info("pushed manifest %s/%s not stored: type %r, digest %s", target.domain,
+                     rpath.path, content_type[:80], digest)
+            return
+        try:
+            await in_thread(self.ctx.store.commit_manifest, target.domain, rpath, body, digest,
+                            content_type, time.time())
+        except (CrProxyError, OSError) as err:
+            # Pushed all the same: the cache only misses a copy.
+            log.warning("pushed manifest %s/%s not stored: %s", target.domain, rpath.path, err)
+            return
+        self.ctx.fill.grew(len(body))
+
+    # --- answers -------------------------------------------------------------
+
+    async def _relay(
+        self, request: web.Request, answer: aiohttp.ClientResponse, target: PushTarget
+    ) -> web.Response:
+        """The upstream's answer, whole (a push's answers are small), its
+        Location ours; JSON only, as every mirror answer."""
+        try:
+            body = await read_bounded(answer, MAX_ANSWER, "push answer")
+        finally:
+            answer.release()
+        headers = {k: v for k, v in answer.headers.items() if k.lower() in RELAYED_HEADERS}
+        if "Location" in headers:
+            headers["Location"] = client_location(headers["Location"], target)
+        headers.pop("Content-Length", None)
+        response = web.Response(status=answer.status, body=body, headers=headers)
+        if body:
+            response.content_type = "application/json"
+        return response
+
+
+def client_location(location: str, target: PushTarget) -> str:
+    """An upstream's Location (absolute or not) as the client must follow
+    it: our path for the same repository, the query (upload state) kept.
+    One outside the repository (an upload to another host) is not relayed."""
+    parts = urlsplit(location)
+    own = f"/v2/{target.name}/"
+    if not parts.path.startswith(own):
+        raise UpstreamError(message=f"{target.domain} sent a Location outside /v2/{target.name}/, "
+                            "which this mirror does not relay")
+    path = f"/v2/{target.client_name}/" + parts.path[len(own):]
+    return path + (f"?{parts.query}" if parts.query else "")
+
+
+async def _read_request(request: web.Request, limit: int) -> bytes:
+    if (request.content_length or 0) > limit:
+        raise BadRequest("MANIFEST_INVALID", f"manifest larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest("MANIFEST_INVALID", f"manifest larger than {limit} bytes")
+    if request.content_length is not None and len(body) != request.content_length:
+        raise BadRequest("MANIFEST_INVALID", "manifest body cut short")
+    return bytes(body)

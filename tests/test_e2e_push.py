@@ -1,0 +1,329 @@
+"""Pushes through the mirror (push.enabled), end to end: skopeo and plain
+HTTP clients -> nginx -> the fetcher (fetch/push.py) -> the real test
+registry with token auth, cr-proxy logging in with a push-scoped token of
+its own; what the registry accepted is in the cache at once, and pulls
+with the registry stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from testbed.crproxy import CrProxy, clean_env, layout_blobs, skopeo_pull
+from testbed.oci_layout import ImageInfo, build_image, tar_layer
+from testbed.registry import REGISTRY_NAME, Upstream
+from tests.clients import available, podman
+from tests.conftest import proxy_endpoints
+from tests.faulty import wait_until
+
+PREFIX = f"/v2/{REGISTRY_NAME}"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pusher(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrProxy]:
+    """A cr-proxy taking pushes from 127.0.0.1 only (the other loopback
+    addresses are clients off push.allow_clients); a push naming no
+    registry goes to registry.test."""
+    push = {"enabled": True, "allow_clients": ["127.0.0.1/32"], "default_target": REGISTRY_NAME}
+    with CrProxy(tmp_path_factory.mktemp("pusher"), proxy_endpoints(upstream),
+                 push=push) as running:
+        yield running
+
+
+@dataclass
+class Call:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def error_code(self) -> str:
+        return json.loads(self.body)["errors"][0]["code"]
+
+
+def call(cr: CrProxy, method: str, path: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None, source: str = "127.0.0.1") -> Call:
+    conn = http.client.HTTPConnection(cr.address, cr.http_port, timeout=60,
+                                      source_address=(source, 0))
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        answer = conn.getresponse()
+        return Call(answer.status, answer.headers, answer.read())
+    finally:
+        conn.close()
+
+
+def stored_blob(cr: CrProxy, digest: str) -> Path:
+    return cr.cache / "blobs/sha256" / digest.split(":", 1)[1]
+
+
+def leftover_uploads(cr: CrProxy) -> list[str]:
+    """Upload temp files in the cache's temp/ (named by the unnamed digest)."""
+    return [p.name for p in (cr.cache / "temp").iterdir() if p.name.startswith("sha256-0000")]
+
+
+# --- skopeo: a whole image, then pulled with the registry stopped ------------------
+
+
+@pytest.fixture(scope="module")
+def pushed(pusher: CrProxy, tmp_path_factory: pytest.TempPathFactory) -> ImageInfo:
+    """skopeo copy of a fresh image (random bytes: no registry has its
+    layers) to <mirror>/registry.test/pushed:v1."""
+    work = tmp_path_factory.mktemp("push-layout")
+    image = build_image(work / "layout", layers=[
+        tar_layer({"base.bin": os.urandom(3 << 20)}),
+        tar_layer({"app.txt": os.urandom(4096)}),
+    ], tag="v1")
+    result = subprocess.run(
+        ["skopeo", "copy", "--preserve-digests", "--retry-times", "0",
+         "--dest-tls-verify=false", f"oci:{work / 'layout'}:v1",
+         f"docker://{pusher.http}/{REGISTRY_NAME}/pushed:v1"],
+        capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert result.returncode == 0, result.stderr + pusher.log_text()[-3000:]
+    return image
+
+
+def test_skopeo_push_reaches_the_upstream(
+    pushed: ImageInfo, pusher: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    direct = upstream.pull_direct("pushed", "v1", tmp_path / "direct")
+    index = json.loads((direct / "index.json").read_text())
+    assert index["manifests"][0]["digest"] == pushed.manifest_digest
+    assert {pushed.config_digest, *pushed.layer_digests} <= set(layout_blobs(direct))
+    # Written through: every blob and the manifest, by digest and by tag.
+    for digest in (pushed.config_digest, *pushed.layer_digests):
+        assert stored_blob(pusher, digest).is_file(), digest
+        assert (pusher.cache / f"content/{REGISTRY_NAME}/v2/pushed/blobs/{digest}").is_file()
+    content = pusher.cache / f"content/{REGISTRY_NAME}/v2/pushed/manifests"
+    assert (content / "v1").read_bytes() == pushed.blob_bytes(pushed.manifest_digest)
+    assert (content / pushed.manifest_digest).is_file()
+    assert leftover_uploads(pusher) == []
+
+
+def test_pushed_image_pulls_with_the_upstream_stopped(
+    pushed: ImageInfo, pusher: CrProxy, upstream_down: Upstream, tmp_path: Path
+) -> None:
+    result = skopeo_pull(f"{pusher.http}/{REGISTRY_NAME}/pushed:v1", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((tmp_path / "out/index.json").read_text())
+    assert index["manifests"][0]["digest"] == pushed.manifest_digest
+    assert {pushed.config_digest, *pushed.layer_digests} <= set(layout_blobs(tmp_path / "out"))
+
+
+# --- the upload forms, by hand ---------------------------------------------------------
+
+
+def start_upload(cr: CrProxy, repo: str, query: str = "") -> Call:
+    started = call(cr, "POST", f"{PREFIX}/{repo}/blobs/uploads/{query}",
+                   headers={"Content-Length": "0"})
+    return started
+
+
+def our_location(answer: Call, repo: str, what: str = "blobs/uploads/") -> str:
+    """The Location the mirror gave: its own path for the repository, never
+    the upstream's host or port."""
+    location = answer.headers["Location"]
+    assert location.startswith(f"{PREFIX}/{repo}/{what}"), location
+    assert "://" not in location
+    return location
+
+
+def with_digest(location: str, digest: str) -> str:
+    return location + ("&" if "?" in location else "?") + f"digest={digest}"
+
+
+def test_chunked_upload_with_status_is_stored(pusher: CrProxy) -> None:
+    data = os.urandom(300_000)
+    first, second = data[:100_000], data[100_000:]
+    started = start_upload(pusher, "chunked")
+    assert started.status == 202, started.body
+    location = our_location(started, "chunked")
+    patched = call(pusher, "PATCH", location, first, {
+        "Content-Type": "application/octet-stream", "Content-Range": f"0-{len(first) - 1}"})
+    assert patched.status == 202, patched.body
+    status = call(pusher, "GET", our_location(patched, "chunked"))
+    assert status.status == 204, status.body
+    assert status.headers["Range"] == f"0-{len(first) - 1}"
+    location = our_location(status, "chunked")
+    patched = call(pusher, "PATCH", location, second, {
+        "Content-Type": "application/octet-stream",
+        "Content-Range": f"{len(first)}-{len(data) - 1}"})
+    assert patched.status == 202, patched.body
+    done = call(pusher, "PUT", with_digest(our_location(patched, "chunked"), sha256(data)),
+                headers={"Content-Length": "0"})
+    assert done.status == 201, done.body
+    assert our_location(done, "chunked", "blobs/") == f"{PREFIX}/chunked/blobs/{sha256(data)}"
+    assert stored_blob(pusher, sha256(data)).read_bytes() == data
+    # A cross-repository mount of it: the upstream mounts, our copy is named too.
+    mounted = start_upload(pusher, "mounted",
+                           f"?mount={sha256(data)}&from={REGISTRY_NAME}/chunked")
+    assert mounted.status == 201, mounted.body
+    assert our_location(mounted, "mounted", "blobs/") == f"{PREFIX}/mounted/blobs/{sha256(data)}"
+    assert (pusher.cache / f"content/{REGISTRY_NAME}/v2/mounted/blobs/{sha256(data)}").is_file()
+
+
+def test_monolithic_upload_is_stored(pusher: CrProxy) -> None:
+    data = os.urandom(50_000)
+    started = start_upload(pusher, "mono")
+    assert started.status == 202, started.body
+    done = call(pusher, "PUT", with_digest(our_location(started, "mono"), sha256(data)), data,
+                {"Content-Type": "application/octet-stream"})
+    assert done.status == 201, done.body
+    assert stored_blob(pusher, sha256(data)).read_bytes() == data
+
+
+def test_push_without_registry_goes_to_default_target(pusher: CrProxy, upstream: Upstream) -> None:
+    data = os.urandom(10_000)
+    started = call(pusher, "POST", "/v2/plain/app/blobs/uploads/",
+                   headers={"Content-Length": "0"})
+    assert started.status == 202, started.body
+    assert started.headers["Location"].startswith("/v2/plain/app/blobs/uploads/")
+    done = call(pusher, "PUT", with_digest(started.headers["Location"], sha256(data)), data,
+                {"Content-Type": "application/octet-stream"})
+    assert done.status == 201, done.body
+    assert done.headers["Location"] == f"/v2/plain/app/blobs/{sha256(data)}"
+    assert (pusher.cache / f"content/{REGISTRY_NAME}/v2/plain/app/blobs/{sha256(data)}"
+            ).read_bytes() == data
+    assert "/v2/plain/app/blobs/uploads/" in upstream.registry_log.read_text(errors="replace")
+
+
+def test_cancelled_upload_leaves_nothing(pusher: CrProxy) -> None:
+    data = os.urandom(20_000)
+    started = start_upload(pusher, "cancelled")
+    patched = call(pusher, "PATCH", our_location(started, "cancelled"), data,
+                   {"Content-Type": "application/octet-stream"})
+    assert patched.status == 202, patched.body
+    cancelled = call(pusher, "DELETE", our_location(patched, "cancelled"))
+    assert cancelled.status == 204, cancelled.body
+    assert not stored_blob(pusher, sha256(data)).exists()
+    assert leftover_uploads(pusher) == []
+
+
+# --- faults ------------------------------------------------------------------------------
+
+
+def test_digest_mismatch_is_the_upstreams_400_and_nothing_is_stored(pusher: CrProxy) -> None:
+    data, claimed = os.urandom(30_000), sha256(b"something else")
+    started = start_upload(pusher, "mismatch")
+    done = call(pusher, "PUT", with_digest(our_location(started, "mismatch"), claimed), data,
+                {"Content-Type": "application/octet-stream"})
+    assert done.status == 400, done.body
+    assert done.error_code() == "DIGEST_INVALID"
+    assert not stored_blob(pusher, sha256(data)).exists()
+    assert not stored_blob(pusher, claimed).exists()
+    assert leftover_uploads(pusher) == []
+
+
+def test_manifest_the_upstream_refuses_reaches_the_client_and_is_not_stored(
+    pusher: CrProxy
+) -> None:
+    missing = sha256(b"a blob no one pushed")
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": missing, "size": 20},
+        "layers": [],
+    }).encode()
+    answer = call(pusher, "PUT", f"{PREFIX}/refused/manifests/v1", manifest,
+                  {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+    assert answer.status == 400, answer.body
+    assert answer.error_code() == "MANIFEST_BLOB_UNKNOWN"
+    content = pusher.cache / f"content/{REGISTRY_NAME}/v2/refused/manifests"
+    assert not (content / "v1").exists()
+    assert not stored_blob(pusher, sha256(manifest)).exists()
+
+
+def test_client_off_push_allow_clients_is_refused_before_the_upstream(
+    pusher: CrProxy, upstream: Upstream
+) -> None:
+    answer = call(pusher, "POST", f"{PREFIX}/denied-repo/blobs/uploads/", b"x" * 1000,
+                  source="127.0.0.2")
+    assert answer.status == 403, answer.body
+    assert answer.error_code() == "DENIED"
+    assert b"push.allow_clients" in answer.body
+    # The request never reached the fetcher, let alone the registry.
+    assert "denied-repo" not in upstream.registry_log.read_text(errors="replace")
+    # Pulls from there are still the mirror's to answer (mirror_allow_clients).
+    assert call(pusher, "GET", "/v2/", source="127.0.0.2").status == 200
+
+
+def test_upstream_unreachable_is_a_clear_503(pusher: CrProxy, upstream: Upstream) -> None:
+    def comebacks() -> int:
+        return sum(f"upstream {REGISTRY_NAME} reachable again" in line for line in pusher.output)
+
+    before = comebacks()
+    upstream.stop_registry()
+    upstream.stop_auth()
+    upstream.stop_cdn()
+    try:
+        answer = start_upload(pusher, "unreachable")
+        assert answer.status == 503, answer.body
+        assert answer.error_code() == "UPSTREAM_UNREACHABLE"
+    finally:
+        upstream.start_registry()
+        upstream.start_auth()
+        upstream.start_cdn()
+    # Not upstream_down: the registry is remembered down until a probe finds
+    # it answering, and the next push here must not meet that.
+    wait_until(lambda: comebacks() > before, 30, "the probe finding the registry back")
+
+
+def test_podman_push_is_relayed_and_stored(
+    pusher: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    """podman pushes an image from its own storage (layers compressed anew:
+    a new manifest) through the mirror; the upstream's tag and our cached
+    one are the same manifest."""
+    assert available("podman"), "podman is missing: make test installs it"
+    build_image(tmp_path / "layout", layers=[tar_layer({"p.txt": os.urandom(2048)})], tag="v1")
+    work = tmp_path / "podman"
+    try:
+        loaded = podman(work, None, tmp_path, "pull", f"oci:{tmp_path / 'layout'}:v1")
+        assert loaded.returncode == 0, loaded.stderr
+        image_id = loaded.stdout.strip().splitlines()[-1]
+        dest = f"{pusher.http}/{REGISTRY_NAME}/podman-pushed:v1"
+        pushed = podman(work, None, tmp_path, "push", "--tls-verify=false", image_id, dest)
+        assert pushed.returncode == 0, pushed.stderr + pusher.log_text()[-3000:]
+    finally:
+        podman(work, None, tmp_path, "system", "reset", "--force")
+        shutil.rmtree(os.readlink(work / "runroot"), ignore_errors=True)
+    direct = upstream.pull_direct("podman-pushed", "v1", tmp_path / "direct", transport="dir")
+    tag = pusher.cache / f"content/{REGISTRY_NAME}/v2/podman-pushed/manifests/v1"
+    assert tag.read_bytes() == (direct / "manifest.json").read_bytes()
+
+
+def test_client_gone_mid_chunk_cancels_the_upload_upstream(
+    pusher: CrProxy, upstream: Upstream
+) -> None:
+    started = start_upload(pusher, "aborted")
+    location = our_location(started, "aborted")
+    sent = os.urandom(200_000)
+    with socket.create_connection((pusher.address, pusher.http_port), timeout=30) as sock:
+        sock.sendall(f"PATCH {location} HTTP/1.1\r\nHost: {pusher.http}\r\n"
+                     "Content-Type: application/octet-stream\r\n"
+                     "Content-Length: 1000000\r\n\r\n".encode() + sent)
+    # Gone with 800 KB still to come: the upstream's upload is cancelled
+    # (a DELETE in the registry's log), nothing is kept.
+    session = location.split("?")[0].rsplit("/", 1)[1]
+
+    def cancelled() -> bool:
+        log = upstream.registry_log.read_text(errors="replace")
+        return any("http.request.method=DELETE" in line and session in line
+                   for line in log.splitlines())
+
+    wait_until(cancelled, 30, "the upstream upload cancelled")
+    wait_until(lambda: leftover_uploads(pusher) == [], 30, "the upload's temp file removed")
+    assert not stored_blob(pusher, sha256(sent)).exists()

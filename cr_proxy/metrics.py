@@ -26,7 +26,8 @@ class Metrics:
 
     __slots__ = (
         "bytes_fetched", "bytes_served", "cache_bytes", "coalesced", "dummy_tokens",
-        "evictions", "hits", "misses", "registry", "requests", "revalidations",
+        "evictions", "hits", "misses", "peer_errors", "peer_failovers", "peer_requests",
+        "registry", "requests", "revalidations",
         "stale_served", "upstream_down", "upstream_errors", "upstream_outages",
         "upstream_skipped",
     )
@@ -79,6 +80,23 @@ class Metrics:
         )
         self.requests = Counter(
             "crproxy_requests", "Requests seen by nginx", ["type", "status"], registry=r
+        )
+        # Cluster (cluster.*): misses sent to their owner through nginx's
+        # ring, by the peer that answered; owners skipped on the way (failed,
+        # down or slow: the next on the ring answered); and peers' answers
+        # refused (wrong bytes, a cut body, an error status).
+        self.peer_requests = Counter(
+            "crproxy_peer_requests", "Blob misses answered by their owner node", ["peer"],
+            registry=r,
+        )
+        self.peer_failovers = Counter(
+            "crproxy_peer_failovers", "Owner nodes skipped because they failed; the next "
+            "node on the ring answered", ["peer"], registry=r,
+        )
+        self.peer_errors = Counter(
+            "crproxy_peer_errors", "Peers' answers refused (reason: digest, truncated, "
+            "status, unreachable); the upstream was asked instead", ["peer", "reason"],
+            registry=r,
         )
         self.evictions = Counter("crproxy_evictions", "Images evicted for space", registry=r)
         self.cache_bytes = Gauge("crproxy_cache_bytes", "Bytes in the digest store", registry=r)

@@ -97,7 +97,8 @@ class Blobs:
         # verified copy is stored, the other is dropped at its commit).
         flight = ctx.flights.join(
             f"{domain} {digest}",
-            functools.partial(self._download, target, client_auth(request)),
+            functools.partial(self._download, target, client_auth(request),
+                              bool(request.headers.get("X-CR-Peer"))),
         )
         if ctx.flights.coalesced > joined_before:
             ctx.metrics.coalesced.inc()
@@ -186,43 +187,80 @@ class Blobs:
             headers["Content-Length"] = str(response.content_length)
         return web.Response(status=200, headers=headers)
 
-    async def _download(self, target: Target, auth: str | None, flight: Flight) -> None:
-        """The flight's task: upstream -> temp file -> verify -> commit."""
-        ctx = self.ctx
-        digest, domain = target.rpath.ref, target.domain
-        opened = await ctx.upstream.open("GET", target, client_auth=auth)
-        upstream = opened.response
-        try:
-            if upstream.status == 404:
-                raise NotFound("BLOB_UNKNOWN", f"blob {digest} not found on {domain}")
-            if upstream.status != 200:
-                raise UpstreamError(message=f"{domain} answered {upstream.status} for {digest}")
-            limit = self._size_limit(upstream.content_length, domain, digest)
-            writer = await in_thread(ctx.store.blob_writer, digest)
-            try:
-                flight.started(writer.path, upstream.content_length)
+    async def _download(
+        self, target: Target, auth: str | None, from_peer: bool, flight: Flight
+    ) -> None:
+        """The flight's task: source -> temp file -> verify -> commit. The
+        source is the digest's owner when this node is in a cluster and the
+        request is not a peer's (a peer's miss is filled from the upstream
+        here, never sent on: no loops), else the upstream."""
+        peers = self.ctx.peers
+        if peers is not None and not from_peer:
+            answer = await peers.open_blob(target)
+            if answer is not None:
                 try:
-                    await self._write_body(upstream.content, writer, flight, limit)
-                except aiohttp.ClientPayloadError as err:
-                    raise Truncated(message=f"{domain}: body of {digest} cut short") from err
-                await in_thread(writer.verify, upstream.content_length)
-                # Clients get their last byte now; the fsync and rename follow.
-                await flight.verified_whole()
-                committed = await in_thread(
-                    ctx.store.commit_blob, writer, domain, target.rpath.path,
-                    _redirected(opened.hops),
-                    ctx.upstream.challenges.for_repository(domain, target.rpath.name),
-                )
-            except BaseException:
-                await in_thread(writer.abort)
-                raise
+                    await self._fill(target, answer.response, flight, None, None,
+                                     keep=self.ctx.config.cluster.keep_local)
+                except DigestMismatch as err:
+                    peers.refused(answer, target.rpath.ref, "digest", err.message)
+                    raise
+                except (Truncated, TooLarge, aiohttp.ClientError, TimeoutError) as err:
+                    peers.refused(answer, target.rpath.ref, "truncated", str(err))
+                    raise
+                finally:
+                    answer.response.release()
+                return
+        opened = await self.ctx.upstream.open("GET", target, client_auth=auth)
+        try:
+            await self._fill(
+                target, opened.response, flight, _redirected(opened.hops),
+                self.ctx.upstream.challenges.for_repository(target.domain, target.rpath.name),
+            )
         except DigestMismatch as err:
-            log.error("registry %s sent wrong bytes for %s: %s", domain, digest, err.message)
+            log.error("registry %s sent wrong bytes for %s: %s", target.domain,
+                      target.rpath.ref, err.message)
             raise
         finally:
-            upstream.release()
+            opened.response.release()
+
+    async def _fill(
+        self, target: Target, source: aiohttp.ClientResponse, flight: Flight,
+        redirected: Redirected | None, challenge: str | None, keep: bool = True,
+    ) -> None:
+        """A source's answer into the cache (or, `keep` false, only through
+        a temp file to the flight's readers): checked, verified, committed."""
+        ctx = self.ctx
+        digest, domain = target.rpath.ref, target.domain
+        if source.status == 404:
+            raise NotFound("BLOB_UNKNOWN", f"blob {digest} not found on {domain}")
+        if source.status != 200:
+            raise UpstreamError(message=f"{domain} answered {source.status} for {digest}")
+        limit = self._size_limit(source.content_length, domain, digest)
+        writer = await in_thread(ctx.store.blob_writer, digest)
+        try:
+            flight.started(writer.path, source.content_length)
+            try:
+                await self._write_body(source.content, writer, flight, limit)
+            except aiohttp.ClientPayloadError as err:
+                raise Truncated(message=f"{domain}: body of {digest} cut short") from err
+            await in_thread(writer.verify, source.content_length)
+            # Clients get their last byte now; the fsync and rename follow.
+            await flight.verified_whole()
+            committed = None
+            if keep:
+                committed = await in_thread(
+                    ctx.store.commit_blob, writer, domain, target.rpath.path, redirected,
+                    challenge,
+                )
+            else:
+                # Readers hold their own descriptors: the bytes stay theirs.
+                await in_thread(writer.abort)
+        except BaseException:
+            await in_thread(writer.abort)
+            raise
         ctx.metrics.bytes_fetched.inc(writer.size)
-        ctx.fill.grew(writer.size)
+        if committed is not None:
+            ctx.fill.grew(writer.size)
         await flight.finish(committed, None)
 
     def _size_limit(self, content_length: int | None, domain: str, digest: str) -> int:

@@ -250,6 +250,8 @@ map $cr_peer $cr_peer_self {{
 # written); an owner that fails is skipped for {PEER_FAIL_TIMEOUT}s and the next on the
 # ring takes its keys.
 upstream cr_peers {{
+    # Failures counted once for all workers, not per worker.
+    zone cr_peers 256k;
     hash $http_x_cr_digest consistent;
 {servers}
     keepalive 16;
@@ -393,6 +395,16 @@ def with_front_port(config: Config) -> Config:
         port = probe.getsockname()[1]
     listen = dataclasses.replace(config.listen, front_tls=LoopbackAddress(address.host, port))
     return dataclasses.replace(config, listen=listen)
+
+
+def unix_listeners(config: Config) -> list[Path]:
+    """The unix sockets nginx listens on: a crash (SIGKILL) leaves their
+    files behind, and nginx will not bind over them (EADDRINUSE), so serve
+    removes them before it starts nginx."""
+    found = [config.run_dir / "mitm-http.sock"]
+    if config.cluster.enabled:
+        found.append(config.run_dir / "peers.sock")
+    return found
 
 
 def render(

@@ -188,3 +188,37 @@ def test_a_peer_answering_wrong_bytes_is_caught_counted_and_skipped(cluster: Clu
     status, body = cluster.net.get(cluster.nodes[asker], path)
     assert (status, body) == (200, good)
     assert cluster.net.cdn_gets(digest) == 2  # the owner's fill, then the asker's own
+
+
+def test_without_keep_local_a_node_streams_from_the_owner_every_time(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """cluster.keep_local: false: what a peer owns is verified and passed
+    on, never stored here; the owner is asked again next time (no second
+    upstream GET)."""
+    n = 2
+    node = cluster.nodes[n]
+    node.stop()
+    node.config["cluster"]["keep_local"] = False
+    try:
+        node.start()
+        image = cluster.push("thin", layers=3)
+        owners = cluster.owners(n, "thin", image)
+        remote = [d for d, o in owners.items() if o != node.http]
+        assert remote
+        before = sum(cluster.counter(n, "crproxy_peer_requests", peer=p.http)
+                     for p in cluster.nodes if p is not node)
+        for attempt in range(2):
+            blobs = cluster.pull(n, "thin", tmp_path / f"pull{attempt}")
+            assert expected_digests(image) <= set(blobs)
+        after = sum(cluster.counter(n, "crproxy_peer_requests", peer=p.http)
+                    for p in cluster.nodes if p is not node)
+        assert after - before == 2 * len(remote)
+        for digest in remote:
+            assert not (node.cache / "blobs/sha256" / digest.split(":", 1)[1]).exists()
+        for digest in blob_digests(image):
+            assert cluster.net.cdn_gets(digest) == 1, digest
+    finally:
+        node.stop()
+        node.config["cluster"]["keep_local"] = True
+        node.start()

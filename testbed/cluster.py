@@ -156,3 +156,10 @@ class ClusterBed(RealNamesBed):
         needle = f'"GET /docker/registry/v2/blobs/sha256/{hexdigest[:2]}/{hexdigest}/data '
         text = log.read_text() if log.exists() else ""
         return sum(1 for line in text.splitlines() if needle in line and '" 200 ' in line)
+
+    def registry_gets(self, path: str) -> int:
+        """The upstream registry's answered GETs of one path (its access log)."""
+        log = self.storage_root.parent / "registry.log"
+        needle = f'"GET {path} HTTP/1.1" 200 '
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return sum(1 for line in text.splitlines() if needle in line)

@@ -8,6 +8,7 @@ is caught by the digest check and the upstream is asked instead."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -110,6 +111,18 @@ def test_pulls_through_every_node_cost_one_upstream_get_per_blob(
         asked = sum(cluster.counter(n, "crproxy_peer_requests", peer=peer.http)
                     for peer in cluster.nodes if peer is not node)
         assert asked == remote, (n, owners)
+
+
+def test_a_manifest_by_digest_comes_from_its_owner(cluster: Cluster) -> None:
+    """A manifest asked by digest through every node: the upstream answers
+    it once (to its owner), every node's copy is the digest's bytes."""
+    image = cluster.push("man", layers=1)
+    digest = image.manifest_digest
+    for n, node in enumerate(cluster.nodes):
+        status, body = cluster.net.get(node, f"/v2/{REGISTRY}/library/man/manifests/{digest}")
+        assert status == 200, n
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+    assert cluster.net.registry_gets(f"/v2/library/man/manifests/{digest}") == 1
 
 
 def test_a_node_killed_mid_test_leaves_its_keys_to_the_next_and_rejoins(

@@ -196,7 +196,7 @@ class Blobs:
         here, never sent on: no loops), else the upstream."""
         peers = self.ctx.peers
         if peers is not None and not from_peer:
-            answer = await peers.open_blob(target)
+            answer = await peers.open(target)
             if answer is not None:
                 try:
                     await self._fill(target, answer.response, flight, None, None,

@@ -67,9 +67,10 @@ class Manifests:
         if stored is None:
             rpath = target.rpath
             what = f"{rpath.name}{'@' if rpath.by_digest else ':'}{rpath.ref}"
+            from_peer = bool(request.headers.get("X-CR-Peer"))
             with offline_miss("MANIFEST_UNKNOWN", what, domain):
                 stored = await self.shared.run(
-                    ("manifest", domain, path), lambda: self._fetch(target, auth)
+                    ("manifest", domain, path), lambda: self._fetch(target, auth, from_peer)
                 )
             ctx.metrics.misses.labels(kind="manifest").inc()
             return _response(stored, "MISS")
@@ -158,13 +159,38 @@ class Manifests:
             return StoredManifest(stored.body, stored.content_type, stored.digest, time.time())
         return await self._fetch(target, auth)
 
-    async def _fetch(self, target: Target, auth: str | None) -> StoredManifest:
-        """GET a manifest; stored only whole, verified and of a known kind."""
+    async def _fetch(
+        self, target: Target, auth: str | None, from_peer: bool = False
+    ) -> StoredManifest:
+        """GET a manifest; stored only whole, verified and of a known kind.
+        By digest in a cluster, and not for a peer (a peer's miss is filled
+        here, never sent on), its owner node is asked first; an answer of
+        its that fails the checks is counted and the upstream asked."""
         ctx = self.ctx
-        domain, rpath = target.domain, target.rpath
+        if ctx.peers is not None and not from_peer and target.rpath.by_digest:
+            answer = await ctx.peers.open(target, MANIFEST_ACCEPT)
+            if answer is not None:
+                try:
+                    return await self._store(target, answer.response,
+                                             keep=ctx.config.cluster.keep_local)
+                except DigestMismatch as err:
+                    ctx.peers.refused(answer, target.rpath.ref, "digest", err.message)
+                except (ManifestInvalid, UpstreamError, aiohttp.ClientError, TimeoutError) as err:
+                    ctx.peers.refused(answer, target.rpath.ref, "truncated", str(err))
+                finally:
+                    answer.response.release()
         response = await ctx.upstream.registry(
             "GET", target, headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth
         )
+        return await self._store(target, response)
+
+    async def _store(
+        self, target: Target, response: aiohttp.ClientResponse, keep: bool = True
+    ) -> StoredManifest:
+        """A source's manifest answer checked, and committed unless `keep` is
+        false."""
+        ctx = self.ctx
+        domain, rpath = target.domain, target.rpath
         async with response:
             if response.status == 404:
                 raise NotFound("MANIFEST_UNKNOWN", f"manifest {rpath.name}:{rpath.ref} "
@@ -180,6 +206,8 @@ class Manifests:
             claimed = response.headers.get("Docker-Content-Digest")
         digest, content_type = await in_thread(_check_manifest, body, header_type, target, claimed)
         now = time.time()
+        if not keep:
+            return StoredManifest(body, content_type, digest, now)
         try:
             await in_thread(
                 ctx.store.commit_manifest, domain, rpath, body, digest, content_type, now,

@@ -1,4 +1,5 @@
-"""The cluster's owners (docs/design.md, "Cluster"): a blob miss is asked of
+"""The cluster's owners (docs/design.md, "Cluster"): a blob miss (or a
+manifest's, by digest) is asked of
 nginx's ring (run/peers.sock, `upstream cr_peers` in cluster.conf), which
 picks the digest's owner by consistent hash over cluster.peers, skips an
 owner that fails (max_fails, proxy_next_upstream) and says which peers it
@@ -66,17 +67,20 @@ class Peers:
     async def close(self) -> None:
         await self._session.close()
 
-    async def open_blob(self, target: Target) -> PeerAnswer | None:
-        """GET the blob from its owner, or None when this node owns it, when
-        a peer answered this digest wrongly before, or when no peer gave a
-        usable answer: the caller then fills from the upstream itself."""
+    async def open(self, target: Target, accept: str | None = None) -> PeerAnswer | None:
+        """GET a blob or a manifest by digest from its owner, or None when
+        this node owns it, when a peer answered this digest wrongly before,
+        or when no peer gave a usable answer: the caller then fills from the
+        upstream itself."""
         digest = target.rpath.ref
         if digest in self._distrusted:
             return None
         # The owner's mirror names the registry in the path, as a client
         # would; it maps it to the same cache <domain> as this node.
-        path = f"/v2/{target.registry}/{target.rpath.name}/blobs/{digest}"
+        path = f"/v2/{target.registry}/{target.rpath.path.removeprefix('v2/')}"
         headers = {"X-CR-Peer": self.config.cluster.me, "X-CR-Digest": digest}
+        if accept:
+            headers["Accept"] = accept
         try:
             response = await self._session.get(f"http://cr-peers{path}", headers=headers,
                                                allow_redirects=False)
@@ -109,8 +113,9 @@ class Peers:
         return peers[-1]
 
     def refused(self, answer: PeerAnswer, digest: str, reason: str, why: str) -> None:
-        """A peer's body failed (wrong bytes, cut short): counted, and the
-        digest is fetched from the upstream from now on (bounded memory)."""
+        """A peer's body failed (wrong bytes, cut short, not a manifest):
+        counted, and the digest is fetched from the upstream from now on
+        (bounded memory)."""
         log.error("peer %s sent a bad body for %s (%s): %s; this digest is fetched from "
                   "the upstream from now on", answer.peer, digest, reason, why)
         self.metrics.peer_errors.labels(peer=answer.peer, reason=reason).inc()

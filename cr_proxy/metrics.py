@@ -113,6 +113,34 @@ class Metrics:
             if sample.name.endswith("_total")
         )
 
+    @staticmethod
+    def by_label(metric: Counter, label: str) -> dict[str, float]:
+        """A labelled counter's totals per value of one label."""
+        out: dict[str, float] = {}
+        for family in metric.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = sample.labels.get(label, "")
+                    out[key] = out.get(key, 0.0) + sample.value
+        return out
+
+    def peer_rows(self) -> list[tuple[str, str]]:
+        """The status page's cluster rows: for each peer, the misses it
+        answered as their owner (its share of this node's, seen so far),
+        the failovers from it and its refused answers."""
+        answered = self.by_label(self.peer_requests, "peer")
+        failovers = self.by_label(self.peer_failovers, "peer")
+        refused = self.by_label(self.peer_errors, "peer")
+        total = sum(answered.values())
+        rows = []
+        for peer in sorted(set(answered) | set(failovers) | set(refused)):
+            share = f"{answered.get(peer, 0) / total:.0%}" if total else "n/a"
+            rows.append((f"peer {peer or '(ring unreachable)'}",
+                         f"owned {answered.get(peer, 0):.0f} misses ({share}), "
+                         f"failed over {failovers.get(peer, 0):.0f}, "
+                         f"refused {refused.get(peer, 0):.0f}"))
+        return rows
+
     def cache_size(self) -> float:
         """The cache_bytes gauge, read through the collector's samples (a
         gauge without labels has exactly one)."""
@@ -145,6 +173,7 @@ def make_app(metrics: Metrics, extra: StatusExtra | None = None) -> web.Applicat
             ("stale answers served", f"{metrics.total(metrics.stale_served):.0f}"),
             ("cache size (bytes)", f"{metrics.cache_size():.0f}"),
             ("evictions", f"{metrics.total(metrics.evictions):.0f}"),
+            *metrics.peer_rows(),
             *(extra() if extra else []),
         ]
         body = "".join(

@@ -110,8 +110,9 @@ class ClusterBed(RealNamesBed):
             threading.Event().wait(0.05)
         proxy.stop()  # reaps serve; nothing of it is left to stop
 
-    def metrics(self, index: int, proxy: CrProxy) -> str:
-        url = f"http://{proxy.address}:{proxy.metrics_port}/metrics"
+    def metrics(self, index: int, proxy: CrProxy, path: str = "/metrics") -> str:
+        """A page of the node's metrics listener (/metrics, or / the status page)."""
+        url = f"http://{proxy.address}:{proxy.metrics_port}{path}"
 
         def fetch() -> str:
             with urllib.request.urlopen(url, timeout=10) as response:

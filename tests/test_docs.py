@@ -62,3 +62,16 @@ def test_the_reference_shows_each_plain_default_as_the_code_has_it() -> None:
 def test_the_command_table_lists_every_command() -> None:
     rows = table_rows(section("Commands"))
     assert {cell.split()[1] for cell in rows} == set(cli.COMMANDS)
+
+
+def test_the_client_matrix_names_only_tests_that_exist() -> None:
+    """docs/clients.md is the matrix as the tests produce it: each row's
+    test is one of the bed's tests, and every matrix test has a row."""
+    root = Path(__file__).resolve().parent
+    doc = (root.parent / "docs" / "clients.md").read_text()
+    named = {name.split("[")[0] for name in re.findall(r"`(test_[a-z_]+(?:\[\w+\])?)`", doc)}
+    defined = {name for module in ("test_e2e_matrix.py", "test_e2e_realnames.py")
+               for name in re.findall(r"^def (test_\w+)", (root / module).read_text(), re.M)}
+    matrix = set(re.findall(r"^def (test_\w+)", (root / "test_e2e_matrix.py").read_text(), re.M))
+    assert named <= defined, named - defined
+    assert matrix <= named, matrix - named

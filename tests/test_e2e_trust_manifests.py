@@ -201,6 +201,31 @@ def test_a_redirected_tag_list_names_the_repository_it_was_sent_to(
                    code="UPSTREAM_ERROR")
 
 
+def test_a_slow_upstream_gets_the_stale_tag_list_and_finishes_behind(
+    cr: CrProxy, fake: ScriptedRegistry
+) -> None:
+    """A stored list due for a fetch waits timeouts.stale_budget for the
+    upstream, as a tag does: an upstream that has sent half its answer gets
+    the client the stored copy (STALE), and the fetch, finished in the
+    background, stores the new list."""
+    path = "/v2/slow/tags/list"
+    fake.script(path, Script(b'{"name": "slow", "tags": ["old"]}'))
+    assert get(cr, Door.MIRROR_HTTP, path).header("X-Cache") == "MISS"
+    (stored,) = (cr.cache / "lists" / FAKE / "slow").rglob("list")
+    os.utime(stored, (1, 1))
+    fake.script(path, Script(b'{"name": "slow", "tags": ["new"]}', pieces=2, gated=True))
+    try:
+        # Answered while the upstream's answer is held at its gate.
+        reply = get(cr, Door.MIRROR_HTTP, path)
+        assert (reply.header("X-Cache"), json.loads(reply.body)["tags"]) == ("STALE", ["old"])
+        assert fake.first_piece_sent.wait(30), "the upstream was never asked"
+    finally:
+        fake.release()
+    wait_until(lambda: b"new" in stored.read_bytes(), 30, "the fetch finishing behind")
+    reply = get(cr, Door.MIRROR_HTTP, path)
+    assert (reply.header("X-Cache"), json.loads(reply.body)["tags"]) == ("HIT", ["new"])
+
+
 def test_an_upstream_link_is_made_again_on_the_clients_path(
     cr: CrProxy, fake: ScriptedRegistry
 ) -> None:

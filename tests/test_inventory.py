@@ -519,7 +519,7 @@ def test_ls_and_du_json_parse_and_tables_align(
                                                                    ["linux/amd64"])
     assert set(entry) == {"key", "name", "registry", "domain", "repository", "tag", "digest",
                           "media_type", "platforms", "size", "blobs", "missing", "last_used",
-                          "complete", "not_pulled", "cached_platforms", "missing_bytes"}
+                          "complete", "not_pulled", "cached_platforms", "missing_bytes", "pinned"}
     assert images[f"{REG}/multi:latest"]["digest"] == index
 
     code, out, _ = run_cli(capsys, "du", "--config", conf, "--json")

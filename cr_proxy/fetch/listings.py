@@ -3,9 +3,11 @@ page, a subject's referrers), stored per query in lists/ (cache/layout.py).
 
 Policy, as for a tag (manifests.py): served from the store while fresh
 (`tag_ttl` since it was fetched), then fetched again upstream-first; when
-the upstream cannot be reached, answers 5xx, 429 or 401, or sends
-something we refuse, the stored copy is served stale (`X-Cache: STALE`,
-`Age`, counted per registry in crproxy_stale_served). Nothing stored and
+the upstream is down, cannot be reached, answers 5xx, 429 or 401, sends
+something we refuse, or has not answered within `timeouts.stale_budget`
+(the fetch then finishes in the background), the stored copy is served
+stale (`X-Cache: STALE`, `Age`, counted per registry in
+crproxy_stale_served). Nothing stored and
 the upstream unreachable: a 404 saying so (errors.offline_miss).
 Concurrent fetches of one listing are merged (Shared). nginx never serves
 these from disk: each answer is checked and rebuilt here.
@@ -30,7 +32,7 @@ from cr_proxy.fetch.context import (
     cache_headers,
     in_thread,
 )
-from cr_proxy.fetch.flight import Shared
+from cr_proxy.fetch.flight import Shared, StillRunning
 
 log = logging.getLogger("cr_proxy.fetcher")
 
@@ -113,27 +115,45 @@ class Listings:
         if stored is not None and not force and time.time() - stored[1] < ctx.config.tag_ttl:
             ctx.metrics.hits.labels(kind=f"{kind}-fetch").inc()
             return Listed(stored[0], stored[1], "HIT")
+        if stored is not None and ctx.upstream.skips(listing.domain):
+            # Down: not even a fetch already running is waited for.
+            return self._stale(listing, stored, "failed", f"{listing.domain} is down")
         key = (kind, listing.domain, listing.name, listing.query)
+        # With a copy to fall back on, a client waits timeouts.stale_budget
+        # for the upstream, then gets the copy while the fetch finishes in
+        # the background, as for a tag (`cr-proxy warm` waits).
+        budget = None if force or stored is None else ctx.config.timeouts.stale_budget
         try:
             with offline_miss(listing.unknown, listing.what, listing.domain):
-                body, fetched_at = await self.shared.run(key, lambda: self._fetch(listing, fetch))
+                body, fetched_at = await self.shared.run(
+                    key, lambda: self._fetch(listing, fetch), within=budget)
+        except StillRunning:
+            assert stored is not None
+            ctx.upstream.suspect(listing.domain)
+            return self._stale(listing, stored, "late", f"no answer within {budget:g}s")
         except STALE_OK_ERRORS as err:
             if stored is None:
                 raise
-            # Counted, not warned: the upstream's outage is warned of once
-            # (upstream/client.py).
-            log.debug("serving stale %s of %s/%s: %s", kind, listing.domain, listing.name,
-                      getattr(err, "message", err))
-            ctx.metrics.stale_served.labels(
-                registry=ctx.upstream.registry_label(listing.domain)).inc()
-            ctx.metrics.revalidations.labels(result="failed").inc()
-            return Listed(stored[0], stored[1], STALE)
+            return self._stale(listing, stored, "failed", str(getattr(err, "message", err)))
         if stored is None:
             ctx.metrics.misses.labels(kind=kind).inc()
             return Listed(body, fetched_at, "MISS")
         ctx.metrics.revalidations.labels(
             result="same" if body == stored[0] else "changed").inc()
         return Listed(body, fetched_at, "REVALIDATED")
+
+    def _stale(
+        self, listing: Listing, stored: tuple[bytes, float], result: str, why: str
+    ) -> Listed:
+        """The stored copy of a listing the upstream could not give now."""
+        # Counted, not warned: the upstream's outage is warned of once
+        # (upstream/health.py).
+        log.debug("serving stale %s of %s/%s: %s", listing.kind.value, listing.domain,
+                  listing.name, why)
+        ctx = self.ctx
+        ctx.metrics.stale_served.labels(registry=ctx.upstream.registry_label(listing.domain)).inc()
+        ctx.metrics.revalidations.labels(result=result).inc()
+        return Listed(stored[0], stored[1], STALE)
 
     def _read(
         self, listing: Listing, valid: Callable[[bytes], object]

@@ -3,7 +3,9 @@ shows them: `/metrics` for Prometheus and `/` a read-only status page, on
 `listen.metrics` (loopback by default: only local clients reach it).
 
 Who feeds what: the fetcher counts misses, revalidations, stale answers,
-bytes fetched, upstream errors and coalesced requests; the upstream side
+bytes fetched, upstream errors and coalesced requests, and in a cluster
+the misses each peer answered, failovers and peers' refused answers
+(upstream/peers.py); the upstream side
 (upstream/health.py) registries going down, down now, and the requests
 their outage saved; hits are served by
 nginx, which the fetcher never sees, so they come from nginx's access log

@@ -212,7 +212,7 @@ class Blobs:
                 return
         opened = await self.ctx.upstream.open("GET", target, client_auth=auth)
         try:
-            await self._fill(
+            fetched = await self._fill(
                 target, opened.response, flight, _redirected(opened.hops),
                 self.ctx.upstream.challenges.for_repository(target.domain, target.rpath.name),
             )
@@ -222,13 +222,15 @@ class Blobs:
             raise
         finally:
             opened.response.release()
+        self.ctx.metrics.bytes_fetched.inc(fetched)
 
     async def _fill(
         self, target: Target, source: aiohttp.ClientResponse, flight: Flight,
         redirected: Redirected | None, challenge: str | None, keep: bool = True,
-    ) -> None:
+    ) -> int:
         """A source's answer into the cache (or, `keep` false, only through
-        a temp file to the flight's readers): checked, verified, committed."""
+        a temp file to the flight's readers): checked, verified, committed.
+        Returns its size."""
         ctx = self.ctx
         digest, domain = target.rpath.ref, target.domain
         if source.status == 404:
@@ -258,10 +260,10 @@ class Blobs:
         except BaseException:
             await in_thread(writer.abort)
             raise
-        ctx.metrics.bytes_fetched.inc(writer.size)
         if committed is not None:
             ctx.fill.grew(writer.size)
         await flight.finish(committed, None)
+        return writer.size
 
     def _size_limit(self, content_length: int | None, domain: str, digest: str) -> int:
         """The most bytes this download may write: its Content-Length when

@@ -135,7 +135,8 @@ def test_a_node_killed_mid_test_leaves_its_keys_to_the_next_and_rejoins(
 ) -> None:
     """SIGKILL the node owning most of a new image's blobs: pulls through the
     other two succeed, its keys fetched once from the upstream by the next
-    node on the ring (failovers counted); restarted, it owns its share again."""
+    node on the ring (failovers counted), also through a node started while
+    it is down; restarted, it owns its share again."""
     image = cluster.push("lost", layers=6)
     owners = cluster.owners(0, "lost", image)
     counts = {n: list(owners.values()).count(node.http) for n, node in enumerate(cluster.nodes)}
@@ -156,6 +157,15 @@ def test_a_node_killed_mid_test_leaves_its_keys_to_the_next_and_rejoins(
         moved = cluster.owners(survivors[0], "lost", image)
         assert moved == cluster.owners(survivors[1], "lost", image)
         assert cluster.nodes[victim].http not in moved.values()
+        # A node started while a peer is unreachable serves all the same.
+        late = cluster.nodes[survivors[1]]
+        late.stop()
+        late.start()
+        image = cluster.push("late", layers=4)
+        blobs = cluster.pull(survivors[1], "late", tmp_path / "late")
+        assert expected_digests(image) <= set(blobs)
+        for digest in blob_digests(image):
+            assert cluster.net.cdn_gets(digest) == 1, digest
     finally:
         cluster.nodes[victim].start()
     # Rejoined: once the ring's fail_timeout is over, the survivors send the

@@ -186,14 +186,19 @@ map "$cr_domain|$cr_repo_ok" $cr_mirror_ok {{
 """
 
 
-# A hop to a peer: the owner may take this long to fill from its upstream
-# before it sends a first byte (its own timeouts bound it).
-PEER_READ_TIMEOUT = 600
 # A peer whose connect or answer failed this many times is skipped for
 # PEER_FAIL_TIMEOUT seconds (nginx's failure accounting), its keys going to
 # the next node on the ring.
 PEER_MAX_FAILS = 1
 PEER_FAIL_TIMEOUT = 10
+
+
+def peer_read_timeout(config: Config) -> int:
+    """Seconds a peer may stay silent: the owner waits for a free upstream
+    connection (timeouts.pool), connects and reads its upstream under the
+    same settings as this node (every node should share them)."""
+    timeouts = config.timeouts
+    return int(timeouts.pool + timeouts.connect + timeouts.read) + 1
 
 
 def peer_addresses(peer: str) -> list[str]:
@@ -229,6 +234,7 @@ map $http_x_cr_peer $cr_peer_self { default 0; }
         for peer in cluster.peers
     )
     connect = max(1, int(config.timeouts.connect))
+    read = peer_read_timeout(config)
     return header + f"""# X-CR-Peer (the asking node's cluster.self) marks a request from a
 # peer: its miss is filled from the upstream, never sent on to another peer
 # (no loops). Anyone else's copy of the header is dropped.
@@ -267,12 +273,16 @@ server {{
         proxy_set_header Connection "";
         proxy_next_upstream error timeout http_502 http_503 http_504;
         proxy_connect_timeout {connect}s;
-        proxy_read_timeout {PEER_READ_TIMEOUT}s;
+        # An owner silent longer than its own upstream may keep it waiting
+        # is hung: skipped, the next on the ring asked.
+        proxy_read_timeout {read}s;
         proxy_buffering off;
         proxy_buffer_size 1m;
         proxy_buffers 4 1m;
         proxy_busy_buffers_size 1m;
-        # The peers tried, in order; the fetcher counts them.
+        # The peers tried, in order; the fetcher counts them (a peer's own
+        # copy of the header is dropped).
+        proxy_hide_header X-CR-Peer-Addr;
         add_header X-CR-Peer-Addr $upstream_addr always;
     }}
 }}

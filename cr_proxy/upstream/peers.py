@@ -32,9 +32,6 @@ SELF_OWNS = 421  # what a node's mirror answers its own hop: "you own this diges
 # Digests some peer answered wrongly, fetched from the upstream from then on.
 DISTRUSTED_MAX = 4096
 PEER_CONNECTIONS = 64
-# The owner may fill from its upstream before its first byte (as a miss here
-# would): bounded by its own timeouts, and by nginx's proxy_read_timeout.
-PEER_READ_TIMEOUT = 600.0
 
 
 @dataclass(slots=True)
@@ -56,8 +53,12 @@ class Peers:
         self._distrusted: OrderedDict[str, None] = OrderedDict()
         connector = aiohttp.UnixConnector(path=str(config.run_dir / "peers.sock"),
                                           limit=PEER_CONNECTIONS)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect,
-                                        sock_read=PEER_READ_TIMEOUT)
+        # nginx's proxy_read_timeout towards the peers decides first (it
+        # then fails over); this one only bounds a hung run/peers.sock.
+        timeouts = config.timeouts
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts.connect,
+            sock_read=2 * (timeouts.pool + timeouts.connect + timeouts.read))
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
                                               auto_decompress=False)
 

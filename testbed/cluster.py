@@ -136,14 +136,18 @@ class ClusterBed(RealNamesBed):
     @staticmethod
     def owner(proxy: CrProxy, registry: str, repo: str, digest: str) -> str:
         """The peer nginx's ring on `proxy` sends this digest to (its
-        X-CR-Peer-Addr's last entry), asked with a HEAD."""
+        X-CR-Peer-Addr's last entry), asked with a HEAD of the blob."""
+        return ClusterBed.ring(proxy, f"/v2/{registry}/{repo}/blobs/{digest}", digest)
+
+    @staticmethod
+    def ring(proxy: CrProxy, path: str, key: str) -> str:
+        """The peer nginx's ring on `proxy` sends `key` to, with a HEAD of `path`."""
         connection = http.client.HTTPConnection("cr-peers", timeout=30)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(proxy.run_dir / "peers.sock"))
         connection.sock = sock
         try:
-            connection.request("HEAD", f"/v2/{registry}/{repo}/blobs/{digest}",
-                               headers={"X-CR-Peer": proxy.http, "X-CR-Digest": digest})
+            connection.request("HEAD", path, headers={"X-CR-Peer": proxy.http, "X-CR-Digest": key})
             response = connection.getresponse()
             response.read()
             return response.getheader("X-CR-Peer-Addr", "").split(",")[-1].strip()
@@ -158,9 +162,10 @@ class ClusterBed(RealNamesBed):
         text = log.read_text() if log.exists() else ""
         return sum(1 for line in text.splitlines() if needle in line and '" 200 ' in line)
 
-    def registry_gets(self, path: str) -> int:
-        """The upstream registry's answered GETs of one path (its access log)."""
+    def registry_gets(self, path: str, method: str = "GET") -> int:
+        """The upstream registry's answered GETs (or `method`s) of one path
+        (its access log)."""
         log = self.storage_root.parent / "registry.log"
-        needle = f'"GET {path} HTTP/1.1" 200 '
+        needle = f'"{method} {path} HTTP/1.1" 200 '
         text = log.read_text(errors="replace") if log.exists() else ""
         return sum(1 for line in text.splitlines() if needle in line)

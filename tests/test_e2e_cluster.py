@@ -9,6 +9,7 @@ is caught by the digest check and the upstream is asked instead."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 import time
@@ -62,6 +63,11 @@ class Cluster:
         return {d: self.net.owner(self.nodes[node], REGISTRY, f"library/{name}", d)
                 for d in blobs}
 
+    def tag_owner(self, node: int, name: str) -> str:
+        """The peer node `node`'s ring sends docker.io/library/<name>:v1 to."""
+        return self.net.ring(self.nodes[node], f"/v2/{REGISTRY}/library/{name}/manifests/v1",
+                             f"{DOMAIN}/library/{name}:v1")
+
     def counter(self, node: int, name: str, **labels: str) -> float:
         text = self.net.metrics(node, self.nodes[node])
         want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
@@ -105,7 +111,9 @@ def test_pulls_through_every_node_cost_one_upstream_get_per_blob(
     cluster.pull(1, "app", tmp_path / "again")
     for digest in blob_digests(image):
         assert cluster.net.cdn_gets(digest) == 1, digest
-    # The owners were asked through nginx's ring, and counted by peer.
+    # The owners (of the blobs and the tag) were asked through nginx's ring,
+    # and counted by peer.
+    owners["tag"] = cluster.tag_owner(0, "app")
     for n, node in enumerate(cluster.nodes):
         remote = sum(1 for d, o in owners.items() if o != node.http)
         asked = sum(cluster.counter(n, "crproxy_peer_requests", peer=peer.http)
@@ -116,6 +124,33 @@ def test_pulls_through_every_node_cost_one_upstream_get_per_blob(
     page = cluster.net.metrics(0, cluster.nodes[0], "/")
     for peer in set(owners.values()) - {cluster.nodes[0].http}:
         assert f"<th>peer {peer}</th><td>owned " in page, page
+
+
+def test_a_tag_is_fetched_and_revalidated_by_its_owner_only(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A tag is owned by registry/name:tag: pulls through every node cost
+    the upstream one GET of it; a non-owner whose copy is due for
+    revalidation asks the owner (fresh there), not the upstream."""
+    image = cluster.push("tagged", layers=1)
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda n: cluster.pull(n, "tagged", tmp_path / f"n{n}"), range(3)))
+    tag_path = "/v2/library/tagged/manifests/v1"
+    assert cluster.net.registry_gets(tag_path) == 1
+    key = f"{DOMAIN}/library/tagged:v1"
+    owner = cluster.net.ring(cluster.nodes[0], f"/v2/{REGISTRY}/library/tagged/manifests/v1",
+                             key)
+    other = next(n for n, node in enumerate(cluster.nodes) if node.http != owner)
+    heads = cluster.net.registry_gets(tag_path, "HEAD")
+    sidecar = (cluster.nodes[other].cache / "docker-content-digest" / DOMAIN
+               / "v2/library/tagged/manifests/v1")
+    os.utime(sidecar, (1, 1))  # validated long ago: due for revalidation
+    status, body = cluster.net.get(cluster.nodes[other], f"/v2/{REGISTRY}/library/tagged/"
+                                   "manifests/v1")
+    assert status == 200
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == image.manifest_digest
+    assert cluster.net.registry_gets(tag_path, "HEAD") == heads
+    assert cluster.net.registry_gets(tag_path) == 1
 
 
 def test_a_manifest_by_digest_comes_from_its_owner(cluster: Cluster) -> None:
@@ -185,6 +220,7 @@ def test_a_node_killed_mid_test_leaves_its_keys_to_the_next_and_rejoins(
     blobs = cluster.pull(survivors[0], "back", tmp_path / "back")
     assert expected_digests(fresh) <= set(blobs)
     back_owners = cluster.owners(survivors[0], "back", fresh)
+    back_owners["tag"] = cluster.tag_owner(survivors[0], "back")
     served = sum(1 for o in back_owners.values() if o == cluster.nodes[victim].http)
     after = cluster.counter(survivors[0], "crproxy_peer_requests",
                             peer=cluster.nodes[victim].http)
@@ -234,6 +270,8 @@ def test_without_keep_local_a_node_streams_from_the_owner_every_time(
         owners = cluster.owners(n, "thin", image)
         remote = [d for d, o in owners.items() if o != node.http]
         assert remote
+        # Nor its tag, when another node owns it: asked again each time.
+        tag_remote = int(cluster.tag_owner(n, "thin") != node.http)
         before = sum(cluster.counter(n, "crproxy_peer_requests", peer=p.http)
                      for p in cluster.nodes if p is not node)
         for attempt in range(2):
@@ -241,7 +279,7 @@ def test_without_keep_local_a_node_streams_from_the_owner_every_time(
             assert expected_digests(image) <= set(blobs)
         after = sum(cluster.counter(n, "crproxy_peer_requests", peer=p.http)
                     for p in cluster.nodes if p is not node)
-        assert after - before == 2 * len(remote)
+        assert after - before == 2 * (len(remote) + tag_remote)
         for digest in remote:
             assert not (node.cache / "blobs/sha256" / digest.split(":", 1)[1]).exists()
         for digest in blob_digests(image):

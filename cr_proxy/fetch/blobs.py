@@ -202,10 +202,10 @@ class Blobs:
                     await self._fill(target, answer.response, flight, None, None,
                                      keep=self.ctx.config.cluster.keep_local)
                 except DigestMismatch as err:
-                    peers.refused(answer, target.rpath.ref, "digest", err.message)
+                    peers.refused(answer, target, "digest", err.message)
                     raise
                 except (Truncated, TooLarge, aiohttp.ClientError, TimeoutError) as err:
-                    peers.refused(answer, target.rpath.ref, "truncated", str(err))
+                    peers.refused(answer, target, "truncated", str(err))
                     raise
                 finally:
                     answer.response.release()

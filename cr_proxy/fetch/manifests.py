@@ -34,6 +34,7 @@ from cr_proxy.errors import (
 )
 from cr_proxy.fetch.context import (
     API_HEADERS,
+    STALE,
     STALE_OK_STATUSES,
     FetchContext,
     cache_headers,
@@ -88,8 +89,10 @@ class Manifests:
         # (`cr-proxy warm` waits for the upstream's word).
         budget = None if forced else ctx.config.timeouts.stale_budget
         try:
+            from_peer = bool(request.headers.get("X-CR-Peer"))
             fresh = await self.shared.run(
-                ("revalidate", domain, path), lambda: self._revalidate(target, stored, auth),
+                ("revalidate", domain, path),
+                lambda: self._revalidate(target, stored, auth, from_peer),
                 within=budget,
             )
         except StillRunning:
@@ -138,9 +141,14 @@ class Manifests:
         return domain
 
     async def _revalidate(
-        self, target: Target, stored: StoredManifest, auth: str | None
+        self, target: Target, stored: StoredManifest, auth: str | None, from_peer: bool = False
     ) -> StoredManifest:
-        """Ask upstream whether the tag still points where we have it."""
+        """Ask upstream whether the tag still points where we have it; in a
+        cluster (not for a peer), ask the tag's owner node instead, which
+        answers from its cache while fresh and else asks the upstream."""
+        owned = await self._from_owner(target, from_peer)
+        if owned is not None:
+            return owned
         response = await self.ctx.upstream.registry(
             "HEAD", target, headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth
         )
@@ -167,30 +175,50 @@ class Manifests:
         here, never sent on), its owner node is asked first; an answer of
         its that fails the checks is counted and the upstream asked."""
         ctx = self.ctx
-        if ctx.peers is not None and not from_peer and target.rpath.by_digest:
-            answer = await ctx.peers.open(target, MANIFEST_ACCEPT)
-            if answer is not None:
-                try:
-                    return await self._store(target, answer.response,
-                                             keep=ctx.config.cluster.keep_local)
-                except DigestMismatch as err:
-                    ctx.peers.refused(answer, target.rpath.ref, "digest", err.message)
-                except (ManifestInvalid, UpstreamError, aiohttp.ClientError, TimeoutError) as err:
-                    ctx.peers.refused(answer, target.rpath.ref, "truncated", str(err))
-                finally:
-                    answer.response.release()
+        owned = await self._from_owner(target, from_peer)
+        if owned is not None:
+            return owned
         response = await ctx.upstream.registry(
             "GET", target, headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth
         )
         return await self._store(target, response)
 
+    async def _from_owner(self, target: Target, from_peer: bool) -> StoredManifest | None:
+        """In a cluster, the manifest from its owner node (by digest: the
+        digest's; by tag: the owner of registry/name:tag), checked as an
+        upstream's answer would be and stored; None when this node owns it,
+        for a peer's request (filled here, never sent on), or when the
+        owner's answer failed (counted): the caller asks the upstream. A
+        tag the owner could only answer stale is stored as due for
+        revalidation."""
+        peers = self.ctx.peers
+        if peers is None or from_peer:
+            return None
+        answer = await peers.open(target, MANIFEST_ACCEPT)
+        if answer is None:
+            return None
+        try:
+            return await self._store(target, answer.response,
+                                     keep=self.ctx.config.cluster.keep_local,
+                                     stale_ok=True)
+        except DigestMismatch as err:
+            peers.refused(answer, target, "digest", err.message)
+        except (ManifestInvalid, UpstreamError, aiohttp.ClientError, TimeoutError) as err:
+            peers.refused(answer, target, "truncated", str(err))
+        finally:
+            answer.response.release()
+        return None
+
     async def _store(
-        self, target: Target, response: aiohttp.ClientResponse, keep: bool = True
+        self, target: Target, response: aiohttp.ClientResponse, keep: bool = True,
+        stale_ok: bool = False,
     ) -> StoredManifest:
         """A source's manifest answer checked, and committed unless `keep` is
-        false."""
+        false. `stale_ok`: a peer's answer, whose X-Cache STALE says its
+        upstream could not confirm it: stored as validated long ago."""
         ctx = self.ctx
         domain, rpath = target.domain, target.rpath
+        validated_long_ago = stale_ok and response.headers.get("X-Cache") == STALE
         async with response:
             if response.status == 404:
                 raise NotFound("MANIFEST_UNKNOWN", f"manifest {rpath.name}:{rpath.ref} "
@@ -205,7 +233,7 @@ class Manifests:
             header_type = response.headers.get("Content-Type", "")
             claimed = response.headers.get("Docker-Content-Digest")
         digest, content_type = await in_thread(_check_manifest, body, header_type, target, claimed)
-        now = time.time()
+        now = 0.0 if validated_long_ago else time.time()
         if not keep:
             return StoredManifest(body, content_type, digest, now)
         try:

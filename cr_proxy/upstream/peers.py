@@ -1,5 +1,5 @@
 """The cluster's owners (docs/design.md, "Cluster"): a blob miss (or a
-manifest's, by digest) is asked of
+manifest's, or a tag's) is asked of
 nginx's ring (run/peers.sock, `upstream cr_peers` in cluster.conf), which
 picks the digest's owner by consistent hash over cluster.peers, skips an
 owner that fails (max_fails, proxy_next_upstream) and says which peers it
@@ -32,6 +32,14 @@ SELF_OWNS = 421  # what a node's mirror answers its own hop: "you own this diges
 # Digests some peer answered wrongly, fetched from the upstream from then on.
 DISTRUSTED_MAX = 4096
 PEER_CONNECTIONS = 64
+
+
+def ring_key(target: Target) -> str:
+    """What nginx hashes to find the owner: a digest, or for a tag
+    <domain>/name:tag (the cache's domain: the same for a mirror's and an
+    https_proxy client's request, and on every node)."""
+    rpath = target.rpath
+    return rpath.ref if rpath.by_digest else f"{target.domain}/{rpath.name}:{rpath.ref}"
 
 
 @dataclass(slots=True)
@@ -69,11 +77,11 @@ class Peers:
         await self._session.close()
 
     async def open(self, target: Target, accept: str | None = None) -> PeerAnswer | None:
-        """GET a blob or a manifest by digest from its owner, or None when
-        this node owns it, when a peer answered this digest wrongly before,
-        or when no peer gave a usable answer: the caller then fills from the
-        upstream itself."""
-        digest = target.rpath.ref
+        """GET a blob or a manifest from its owner, or None when this node
+        owns it, when a peer answered this key wrongly before, or when no
+        peer gave a usable answer: the caller then asks the upstream itself.
+        The ring's key is ring_key()."""
+        digest = ring_key(target)
         if digest in self._distrusted:
             return None
         # The owner's mirror names the registry in the path, as a client
@@ -113,10 +121,11 @@ class Peers:
         self.metrics.peer_requests.labels(peer=peers[-1]).inc()
         return peers[-1]
 
-    def refused(self, answer: PeerAnswer, digest: str, reason: str, why: str) -> None:
+    def refused(self, answer: PeerAnswer, target: Target, reason: str, why: str) -> None:
         """A peer's body failed (wrong bytes, cut short, not a manifest):
         counted, and the digest is fetched from the upstream from now on
         (bounded memory)."""
+        digest = ring_key(target)
         log.error("peer %s sent a bad body for %s (%s): %s; this digest is fetched from "
                   "the upstream from now on", answer.peer, digest, reason, why)
         self.metrics.peer_errors.labels(peer=answer.peer, reason=reason).inc()

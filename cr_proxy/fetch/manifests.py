@@ -89,10 +89,12 @@ class Manifests:
         # (`cr-proxy warm` waits for the upstream's word).
         budget = None if forced else ctx.config.timeouts.stale_budget
         try:
-            from_peer = bool(request.headers.get("X-CR-Peer"))
+            # A forced revalidation (warm) wants the upstream's word, not
+            # the owner's cached copy: asked as a peer's would be.
+            direct = forced or bool(request.headers.get("X-CR-Peer"))
             fresh = await self.shared.run(
                 ("revalidate", domain, path),
-                lambda: self._revalidate(target, stored, auth, from_peer),
+                lambda: self._revalidate(target, stored, auth, direct),
                 within=budget,
             )
         except StillRunning:

@@ -34,6 +34,12 @@ LINK_NAME = "~1 Gbit/s"  # testbed.registry.LINK_RATE, the CDN's rate-limited po
 CONN_WORKERS = 8  # bench.connload threads, each one request after another
 RSS_LIMIT = 100 * MIB
 GIB = 1 << 30
+MQTT_DEVICES = 50  # devices asking for one module at once over MQTT
+MQTT_MODULE_MIB = 5
+# Bytes the broker sends the devices, over the floor (the module once per
+# device): base64 is 4/3, the JSON fields and the checksum add little; a
+# chunk sent twice in one wave would show as 2.7x.
+MQTT_BYTES_LIMIT = 1.4
 FRONT_CPU_LIMIT = 0.4  # CPU-seconds of the serve process per GiB through the front
 
 
@@ -116,6 +122,8 @@ class Results:
     rss: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # cold proxies
     front_cpu: list[tuple[float, int]] = field(default_factory=list)  # (CPU-s, bytes) per transfer
     conn_cpu: list[tuple[float, int]] = field(default_factory=list)  # (CPU-s, connections) per run
+    # (wall seconds, payload bytes the devices received, the floor) per MQTT wave
+    mqtt: list[tuple[float, int, int]] = field(default_factory=list)
 
     def add(self, series: Series, value: float) -> None:
         self.samples[series].append(value)
@@ -207,6 +215,24 @@ def _front_cpu_per_connection(r: Results) -> Judged:
     return Judged(f"{conn_ms:.2f} ms", f"over {conns:,} connections", None)
 
 
+def _mqtt_wall(r: Results) -> Judged:
+    if not r.mqtt:
+        return NOT_RUN
+    walls = [w for w, _, _ in r.mqtt]
+    return Judged(fmt_secs(median(walls)), f"median of {len(walls)} waves: "
+                  + ", ".join(fmt_secs(w) for w in walls), None)
+
+
+def _mqtt_bytes(r: Results) -> Judged:
+    if not r.mqtt:
+        return NOT_RUN
+    ratios = [sent / floor for _, sent, floor in r.mqtt]
+    worst = max(ratios)
+    _, sent, floor = r.mqtt[ratios.index(worst)]
+    return Judged(f"{worst:.2f}x", f"{sent / MIB:,.1f} MiB vs {floor / MIB:,.1f} MiB "
+                  f"({MQTT_DEVICES} x the module), worst wave", worst <= MQTT_BYTES_LIMIT)
+
+
 S = Series
 FASTER = Bar("<", 1.0, "< 1x (faster)")
 CASES: tuple[Ratio | Absolute, ...] = (
@@ -258,6 +284,10 @@ CASES: tuple[Ratio | Absolute, ...] = (
           "plain nginx TLS", None),
     Absolute("front CPU per new connection (serve process)", "(info)",
              _front_cpu_per_connection),
+    Absolute(f"{MQTT_DEVICES} devices ask for one {MQTT_MODULE_MIB} MiB module at once "
+             "over MQTT: wall time", "(info)", _mqtt_wall),
+    Absolute(f"{MQTT_DEVICES} devices, one {MQTT_MODULE_MIB} MiB module over MQTT: "
+             "payload bytes the broker sent", f"<= {MQTT_BYTES_LIMIT:g}x the floor", _mqtt_bytes),
 )
 
 

@@ -15,6 +15,10 @@ It starts, and stops again (also on an error, Ctrl-C or SIGTERM):
   over HTTP with sendfile and over TLS: the physical reference;
 * CNCF distribution in proxy mode (bench.procs.PeerRegistry): the peer
   pull-through cache, warm, and fresh (empty storage) for every cold case.
+* for edge devices over MQTT: mosquitto (testbed.mqtt.Broker), a 5 MiB
+  Wasm artifact, and a cr-proxy answering on the broker (the module cached
+  before the rounds); 50 proplet-like devices (testbed.mqtt.Device, aiomqtt,
+  one process) ask for it at once.
 
 Every case runs `--reps` times, interleaved (A B C, A B C, ...); the table
 shows medians and the ratio of medians next to the bar it must meet. What is
@@ -32,6 +36,7 @@ driver for both sides.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -49,12 +54,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import cases, measure
-from bench.cases import CLIENTS, CONN_WORKERS, LINK_NAME, Results, Series
+from bench.cases import (
+    CLIENTS,
+    CONN_WORKERS,
+    LINK_NAME,
+    MQTT_DEVICES,
+    MQTT_MODULE_MIB,
+    Results,
+    Series,
+)
 from bench.procs import PeerRegistry, PlainNginx
 from bench.report import MIB, Row, markdown_table, text_table
 from testbed.blackhole import cable_out
 from testbed.crproxy import CrProxy, layout_blobs
-from testbed.oci_layout import big_file_layer, build_image, tar_layer
+from testbed.mqtt import Broker, Device
+from testbed.oci_layout import (
+    MT_WASM_LAYER,
+    big_file_layer,
+    build_artifact,
+    build_image,
+    tar_layer,
+    wasm_module,
+)
 from testbed.ports import free_ports
 from testbed.registry import Upstream
 
@@ -75,7 +96,14 @@ UP_AGAIN = "upstream registry.test reachable again"
 # The round's cases, in order; --only picks some (the set-up then starts
 # only what they need).
 CASE_NAMES = ("blob_hits", "small_hits", "new_connections", "concurrent", "cold_curl",
-              "over_link", "cold_skopeo", "warm", "offline")
+              "over_link", "cold_skopeo", "warm", "offline", "mqtt_devices")
+# Cases that need neither the warm cr-proxy, plain nginx nor the peer.
+OWN_SETUP = frozenset({"offline", "mqtt_devices"})
+# The edge-over-MQTT case: a broker, a Wasm artifact, a cr-proxy answering on it.
+MQTT_USERS = {"cr-proxy": "bench-broker-key", "device": "bench-device-key"}
+MQTT_IDS = ("bench-domain", "bench-channel")
+MQTT_REF = "registry.test/bench/wasm:v1"
+MQTT_DEADLINE = 120.0
 
 
 @dataclass
@@ -104,7 +132,7 @@ class Plan:
     @property
     def hits_and_peers(self) -> bool:
         """Whether any case needs the warm cr-proxy, plain nginx and the peer."""
-        return any(name != "offline" for name in self.cases)
+        return any(name not in OWN_SETUP for name in self.cases)
 
 
 @dataclass
@@ -207,6 +235,24 @@ class Bench:
         self._verified_pull(f"{self.stale.http}/registry.test/{REPO}:{TAG}")
         if plan.hits_and_peers:
             self._setup_hits_and_peers()
+        if "mqtt_devices" in plan.cases:
+            self._setup_mqtt()
+
+    def _setup_mqtt(self) -> None:
+        say(f"mosquitto, a {MQTT_MODULE_MIB} MiB Wasm artifact ({MQTT_REF}) and a cr-proxy "
+            "answering devices over MQTT (module cached first)")
+        self.broker = self.stack.enter_context(Broker(self.work / "broker", MQTT_USERS))
+        layout = self.work / "wasm"
+        self.module = wasm_module(MQTT_MODULE_MIB * MIB, seed=50)
+        build_artifact(layout, [(MT_WASM_LAYER, self.module)], tag=TAG)
+        self.up.push(layout, TAG, "bench/wasm", TAG)
+        shutil.rmtree(layout)
+        domain, channel = MQTT_IDS
+        self.edge = self._crproxy("edge", {**HIT_SETTINGS, "mqtt": {
+            "broker": self.broker.url, "username": "cr-proxy",
+            "password": MQTT_USERS["cr-proxy"], "domain_id": domain, "channel_id": channel}})
+        self.edge.wait_for_output("mqtt: subscribed", MQTT_DEADLINE)
+        asyncio.run(self._mqtt_wave(1))
 
     def _setup_hits_and_peers(self) -> None:
         say("cr-proxy: warm instance (hits, and the CONNECT front)")
@@ -528,6 +574,30 @@ class Bench:
             self._stale_says(mark, WENT_DOWN)
             self.results.add(Series.OFFLINE_DROP, self._timed_pull(source))
         self._stale_says(mark, UP_AGAIN)
+
+    def mqtt_devices(self) -> None:
+        """MQTT_DEVICES devices, connected and subscribed first, ask for one
+        cached module at the same moment: wall time until the last has it
+        whole (checksum checked), and the payload bytes the broker sent them
+        against the floor, the module once per device."""
+        wall, received = asyncio.run(self._mqtt_wave(MQTT_DEVICES))
+        self.results.mqtt.append((wall, received, MQTT_DEVICES * len(self.module)))
+
+    def _device(self, name: str) -> Device:
+        return Device(self.broker, "device", MQTT_USERS["device"], *MQTT_IDS, name)
+
+    async def _mqtt_wave(self, count: int) -> tuple[float, int]:
+        self._serial += 1
+        devices = [self._device(f"bench-{self._serial}-{i}") for i in range(count)]
+        async with contextlib.AsyncExitStack() as stack:
+            for dev in devices:
+                await stack.enter_async_context(dev)
+            t0 = time.monotonic()
+            got = await asyncio.gather(*(dev.fetch(MQTT_REF, MQTT_DEADLINE) for dev in devices))
+            wall = time.monotonic() - t0
+        if any(g.data != self.module for g in got):
+            raise RuntimeError("a device reassembled another module")
+        return wall, sum(dev.received for dev in devices)
 
     def _stale_says(self, mark: int, needle: str, timeout: float = 60.0) -> None:
         """Wait (bounded, outside every timed span) until the stale-tag

@@ -73,7 +73,8 @@ def cmd_warm(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     platforms = [Platform.parse(p) for p in args.platform or ()]
     progress = make_progress(sys.stderr, len(wanted))
     try:
-        summary = asyncio.run(warm(conf, wanted, platforms, args.jobs, progress=progress))
+        summary = asyncio.run(warm(conf, wanted, platforms, args.jobs, progress=progress,
+                                   referrers=args.referrers))
     finally:
         progress.close()
     print(json.dumps(summary.as_dict(), indent=2) if args.json else summary.text(), flush=True)
@@ -87,7 +88,26 @@ def _warm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
                    help="only this platform of an index (repeatable; default: all)")
     p.add_argument("--jobs", type=int, default=4, help="requests in flight (default 4)")
+    p.add_argument("--referrers", action="store_true",
+                   help="also each manifest's referrers (signatures, attestations) and their "
+                   "artifacts, recursively and bounded")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def cmd_artifact_url(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
+    """Resolve a module (caching it) and print its URL and sha256."""
+    from cr_proxy.ops.artifact_url import artifact_url
+    from cr_proxy.serve import reached_at
+
+    base = args.base
+    if not base:
+        http, https = conf.listen.mirror_http, conf.listen.mirror_https
+        scheme, mirror = ("http", http) if http.enabled else ("https", https)
+        base = f"{scheme}://{reached_at(mirror)}"
+    found = asyncio.run(artifact_url(conf, args.reference, args.platform, base))
+    print(json.dumps(found.as_dict(), indent=2) if args.json else found.text().rstrip(),
+          flush=True)
+    return ExitStatus.OK
 
 
 def cmd_ls(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
@@ -180,7 +200,7 @@ def cmd_check(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
     from cr_proxy.ops import report
 
     wanted = [Platform.parse(p) for p in args.platform or ()]
-    checked = inventory.Inventory.from_config(conf).check(args.images, wanted)
+    checked = inventory.Inventory.from_config(conf).check(args.images, wanted, args.referrers)
     doc, text = report.check_document(checked), report.check_text(checked)
     print(report.output(doc, text, args.json))
     return ExitStatus.OK if all(c.complete for c in checked) else ExitStatus.ERROR
@@ -196,6 +216,9 @@ def _inventory_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
                        help="check this platform of an index (repeatable; default: every "
                        "platform pulled)")
+        p.add_argument("--referrers", action="store_true",
+                       help="also each manifest's stored referrers and their artifacts "
+                       "(what warm --referrers fetches)")
     p.add_argument("--json", action="store_true", help="print JSON (keys in ops/report.py)")
 
 
@@ -205,6 +228,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "config": (cmd_config, "print the effective configuration (secrets masked)"),
     "ca": (cmd_ca, "print the CA certificate that clients must trust"),
     "warm": (cmd_warm, "preload images into the cache (IMAGE... or --from-file)"),
+    "artifact-url": (cmd_artifact_url, "print a module's URL on the mirror and its sha256"),
     "ls": (cmd_ls, "list cached images: digest, platforms, size, complete or N missing, last use"),
     "du": (cmd_du, "disk use per registry and in total, shared blobs once"),
     "rm": (cmd_rm, "remove images and the blobs no other cached image uses"),
@@ -226,6 +250,13 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--check", action="store_true", help="also render and nginx -t")
         if name == "warm":
             _warm_arguments(p)
+        if name == "artifact-url":
+            p.add_argument("reference", metavar="REF", help="registry/repository:tag or @digest")
+            p.add_argument("--platform", metavar="OS/ARCH", help="an index's platform "
+                           "(default: its only wasm one, or its only one)")
+            p.add_argument("--base", metavar="URL", help="the mirror's URL as clients reach "
+                           "it (default: listen.mirror_http's)")
+            p.add_argument("--json", action="store_true", help="print JSON")
         if name in ("ls", "du", "rm", "verify", "check", "pin", "unpin"):
             _inventory_arguments(name, p)
     return top

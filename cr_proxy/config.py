@@ -141,6 +141,58 @@ class NginxSettings:
     worker_processes: str
 
 
+# MQTT brokers' URL schemes (Propeller's and paho's spellings) -> TLS.
+MQTT_SCHEMES = {"tcp": False, "mqtt": False, "ssl": True, "tls": True, "mqtts": True}
+MQTT_QOS = (0, 1, 2)
+MAX_MQTT_CHUNK = 64 * 2**20  # bytes; a chunk is one MQTT message, held in memory while sent
+# A topic level is the operator's id: no separator or wildcard in it.
+TOPIC_LEVEL_RE = re.compile(r"[^/+#\x00]{1,200}")
+
+
+@dataclass(frozen=True, slots=True)
+class Mqtt:
+    """Edge delivery over MQTT (cr_proxy/edge/mqtt.py). broker "" = off.
+    repr() masks the password."""
+
+    broker: str
+    client_id: str
+    username: str
+    password: str = field(repr=False)
+    ca_file: str
+    domain_id: str
+    channel_id: str
+    qos: int
+    chunk_size: int
+    max_deliveries: int
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.broker)
+
+    @property
+    def tls(self) -> bool:
+        return MQTT_SCHEMES[urlsplit(self.broker).scheme]
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.broker).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.broker).port or (8883 if self.tls else 1883)
+
+    def masked(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["password"] = MASK if self.password else ""
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Artifacts:
+    signed_urls: bool  # only /artifacts/s/<token> is served (cr_proxy/edge/signing.py)
+    url_ttl: float  # seconds a signed URL stays valid
+
+
 @dataclass(frozen=True, slots=True)
 class Cluster:
     """Sibling nodes (docs/design.md, "Cluster"). `peers` as written: nginx
@@ -176,8 +228,10 @@ class Config:
     registries: Mapping[str, Credentials]
     proxy: ProxyPolicy
     nginx: NginxSettings
+    artifacts: Artifacts
     access_log_max_size: int  # bytes; 0 = never rotated by serve
     log_level: str
+    mqtt: Mqtt
     cluster: Cluster = Cluster((), "", True)
 
     @property
@@ -195,6 +249,7 @@ class Config:
         """The effective configuration as plain data, secrets masked."""
         data = _plain(self)
         data["registries"] = {k: v.masked() for k, v in self.registries.items()}
+        data["mqtt"] = self.mqtt.masked()
         return data
 
 
@@ -283,6 +338,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
     proxy = _mapping(data, "proxy")
     timeouts = _mapping(data, "timeouts")
     nginx = _mapping(data, "nginx")
+    artifacts = _mapping(data, "artifacts")
     return Config(
         cache_dir=_path(data, "cache_dir"),
         certs_dir=_path(data, "certs_dir"),
@@ -343,9 +399,14 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             user=_user_name(nginx, "nginx.user"),
             worker_processes=str(nginx.get("worker_processes", "auto")),
         ),
+        artifacts=Artifacts(
+            signed_urls=_flag(artifacts, "artifacts.signed_urls"),
+            url_ttl=_seconds(artifacts, "artifacts.url_ttl"),
+        ),
         access_log_max_size=parse_size(data.get("access_log_max_size", 0),
                                        "access_log_max_size"),
         log_level=_choice(data, "log_level", ("debug", "info", "warning", "error")),
+        mqtt=_mqtt(_mapping(data, "mqtt"), environ),
         cluster=_cluster(_mapping(data, "cluster")),
     )
 
@@ -408,6 +469,13 @@ def _seconds(data: Mapping[str, Any], key: str, allow_zero: bool = False) -> flo
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(message=f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
     return float(value)
+
+
+def _flag(data: Mapping[str, Any], key: str) -> bool:
+    value = data.get(_leaf(key))
+    if not isinstance(value, bool):
+        raise ConfigError(message=f"{key}: expected true or false, got {value!r}")
+    return value
 
 
 def _count(data: Mapping[str, Any], key: str) -> int:
@@ -628,3 +696,45 @@ def _secret(value: Mapping[str, Any], name: str, key: str, environ: Mapping[str,
             raise ConfigError(message=f"{key}.{name}_env: variable {var} is not set")
         return environ[var]
     return ""
+
+
+def _mqtt(data: Mapping[str, Any], environ: Mapping[str, str]) -> Mqtt:
+    broker = _str(data, "mqtt.broker", allow_empty=True)
+    qos = data.get("qos")
+    if isinstance(qos, bool) or qos not in MQTT_QOS:
+        raise ConfigError(message=f"mqtt.qos: expected 0, 1 or 2, got {qos!r}")
+    password = _secret(data, "password", "mqtt", environ)
+    settings = Mqtt(
+        broker=broker,
+        client_id=_str(data, "mqtt.client_id"),
+        username=_str(data, "mqtt.username", allow_empty=True),
+        password=password,
+        ca_file=_str(data, "mqtt.ca_file", allow_empty=True),
+        domain_id=_str(data, "mqtt.domain_id", allow_empty=True),
+        channel_id=_str(data, "mqtt.channel_id", allow_empty=True),
+        qos=int(qos),
+        chunk_size=_count(data, "mqtt.chunk_size"),
+        max_deliveries=_count(data, "mqtt.max_deliveries"),
+    )
+    if settings.chunk_size > MAX_MQTT_CHUNK:
+        raise ConfigError(message=f"mqtt.chunk_size: at most {MAX_MQTT_CHUNK} bytes, "
+                                  f"got {settings.chunk_size}")
+    if not broker:
+        return settings
+    parts = urlsplit(broker)
+    try:
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in MQTT_SCHEMES or not parts.hostname or not port_ok or (
+        parts.path not in ("", "/")
+    ):
+        raise ConfigError(message=f"mqtt.broker: {broker!r} is not tcp://host:port or "
+                                  "ssl://host:port")
+    for key in ("domain_id", "channel_id"):
+        if not TOPIC_LEVEL_RE.fullmatch(getattr(settings, key)):
+            raise ConfigError(message=f"mqtt.{key}: needed with mqtt.broker, one topic level "
+                                      f"(no /, + or #), got {getattr(settings, key)!r}")
+    if password and not settings.username:
+        raise ConfigError(message="mqtt: a password needs a username")
+    return settings

@@ -1,5 +1,6 @@
 """Counters and gauges (prometheus_client), and the small HTTP app that
-shows them: `/metrics` for Prometheus and `/` a read-only status page, on
+shows them: `/metrics` for Prometheus and `/` a read-only status page (the counters,
+and what the caller adds: serve names incomplete and stale images), on
 `listen.metrics` (loopback by default: only local clients reach it).
 
 Who feeds what: the fetcher counts misses, revalidations, stale answers,
@@ -16,7 +17,7 @@ evictor.
 from __future__ import annotations
 
 import html
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -153,7 +154,9 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-StatusExtra = Callable[[], list[tuple[str, str]]]
+# More rows for the status page, computed by the caller (serve: the
+# incomplete and stale images, ops/status.py).
+StatusExtra = Callable[[], Awaitable[list[tuple[str, str]]]]
 
 
 def make_app(metrics: Metrics, extra: StatusExtra | None = None) -> web.Application:
@@ -176,7 +179,7 @@ def make_app(metrics: Metrics, extra: StatusExtra | None = None) -> web.Applicat
             ("cache size (bytes)", f"{metrics.cache_size():.0f}"),
             ("evictions", f"{metrics.total(metrics.evictions):.0f}"),
             *metrics.peer_rows(),
-            *(extra() if extra else []),
+            *(await extra() if extra else []),
         ]
         body = "".join(
             f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows

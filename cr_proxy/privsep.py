@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cr_proxy.config import Config
+from cr_proxy.edge.signing import KEY_FILE
 from cr_proxy.errors import CrProxyError
 
 log = logging.getLogger("cr_proxy.privsep")
@@ -45,11 +46,11 @@ log = logging.getLogger("cr_proxy.privsep")
 UMASK = 0o027  # files 0640, directories 0750: nothing for other users
 DIR_MODE = 0o2750  # setgid: files and directories made inside join the group
 FILE_MODE = 0o640
-SECRET_MODE = 0o600  # the CA key, the front's stamp
+SECRET_MODE = 0o600  # the CA key, the front's stamp, the URL-signing key
 AUTO = "auto"
 AUTO_USERS = ("www-data", "nobody")  # Debian's web server user, else the classic
 STAMP_FILE = "front-stamp.conf"
-SECRETS = ("ca.key", STAMP_FILE)  # files kept 0600 wherever a tree is opened to the group
+SECRETS = ("ca.key", STAMP_FILE, KEY_FILE)  # files kept 0600 wherever a tree is opened to the group
 REACH_TIMEOUT = 10.0  # seconds for the reachability probe
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -28,7 +29,9 @@ from cr_proxy.cache.evict import evict_loop
 from cr_proxy.cache.scrub import scrub_manifest_sidecars
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Address, Config
-from cr_proxy.fetch.app import make_app
+from cr_proxy.edge.http import make_app
+from cr_proxy.edge.mqtt import MqttEdge
+from cr_proxy.edge.resolve import resolve
 from cr_proxy.front import certs
 from cr_proxy.front.server import Front
 from cr_proxy.front.stamp import FrontStamp
@@ -37,6 +40,7 @@ from cr_proxy.metrics import make_app as metrics_app
 from cr_proxy.ops import logs, usage
 from cr_proxy.ops.pin_warm import warm_pins
 from cr_proxy.ops.refresh import refresh_loop
+from cr_proxy.ops.status import ImageStatus
 
 log = logging.getLogger("cr_proxy.serve")
 
@@ -215,6 +219,11 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             tasks.append(asyncio.create_task(refresh_loop(fetcher)))
         if config.cache.pins:
             tasks.append(asyncio.create_task(warm_pins(config)))
+        if config.mqtt.enabled:
+            # Devices ask by reference; modules come through the fetcher's
+            # cached paths (edge/resolve.py), so offline from the cache.
+            edge = MqttEdge(config.mqtt, functools.partial(resolve, fetcher))
+            tasks.append(asyncio.create_task(edge.run()))
         if config.cache.max_size:
             wake = asyncio.Event()
             fetcher.ctx.fill.on_full = wake.set
@@ -385,7 +394,9 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
 async def _start_metrics(
     stack: contextlib.AsyncExitStack, config: Config, metrics: Metrics
 ) -> None:
-    runner = web.AppRunner(metrics_app(metrics), access_log=None, handle_signals=False)
+    status = ImageStatus(config)
+    runner = web.AppRunner(metrics_app(metrics, status.rows), access_log=None,
+                           handle_signals=False)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     address = config.listen.metrics

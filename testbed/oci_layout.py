@@ -269,3 +269,80 @@ def ref_descriptor(layout: Path, ref_name: str) -> dict[str, object]:
         if entry.get("annotations", {}).get(REF_NAME_ANNOTATION) == ref_name:
             return entry
     raise KeyError(f"{ref_name!r} not in {layout}/index.json")
+
+
+MT_WASM_CONFIG = "application/vnd.wasm.config.v1+json"
+MT_WASM_LAYER = "application/vnd.wasm.content.layer.v1+wasm"
+
+
+def wasm_module(payload_size: int = 0, seed: int = 0) -> bytes:
+    """A valid WebAssembly module: the header (`\\0asm`, version 1), then,
+    when `payload_size` asks for bulk, one custom section (id 0, which
+    runtimes skip) of pseudo-random bytes, so the file is exactly that much
+    larger."""
+    header = b"\0asm\x01\0\0\0"
+    if not payload_size:
+        return header
+    name = b"bulk"
+    body_len = payload_size - 1 - 5  # section id, then a 5-byte LEB128 length
+    leb = bytearray()
+    for shift in range(5):  # fixed width: 5 bytes whatever the value
+        byte = (body_len >> (7 * shift)) & 0x7F
+        leb.append(byte | (0x80 if shift < 4 else 0))
+    content = bytes([len(name)]) + name
+    content += random.Random(seed).randbytes(body_len - len(content))
+    return header + b"\x00" + bytes(leb) + content
+
+
+def build_artifact(
+    dest: Path,
+    layers: list[tuple[str, bytes]],
+    *,
+    tag: str = "latest",
+    config_media_type: str = MT_WASM_CONFIG,
+    config: bytes = b"{}",
+    platform: tuple[str, str] | None = None,
+) -> ImageInfo:
+    """Add an OCI artifact (an image manifest with a config and layers of
+    any media type, as `oras push` and wasm-to-oci make) tagged `tag`;
+    `layers` are (media type, bytes). `platform` goes into the layout's
+    index entry (for an index of artifacts, built with build_artifact_index)."""
+    _init_layout(dest)
+    sizes: dict[str, int] = {}
+    descs = []
+    for media_type, data in layers:
+        digest = write_blob(dest, data)
+        sizes[digest] = len(data)
+        descs.append(_descriptor(media_type, digest, len(data)))
+    config_digest = write_blob(dest, config)
+    sizes[config_digest] = len(config)
+    manifest = canonical_json({
+        "schemaVersion": 2, "mediaType": MT_MANIFEST,
+        "config": _descriptor(config_media_type, config_digest, len(config)),
+        "layers": descs,
+    })
+    manifest_digest = write_blob(dest, manifest)
+    sizes[manifest_digest] = len(manifest)
+    descriptor = _descriptor(MT_MANIFEST, manifest_digest, len(manifest))
+    if platform is not None:
+        descriptor["platform"] = {"os": platform[0], "architecture": platform[1]}
+    _add_to_index_json(dest, descriptor, tag)
+    return ImageInfo(
+        layout=dest, tag=tag, manifest_digest=manifest_digest, config_digest=config_digest,
+        layer_digests=[str(d["digest"]) for d in descs], sizes=sizes, platform=platform,
+    )
+
+
+def build_artifact_index(dest: Path, artifacts: list[ImageInfo], tag: str) -> str:
+    """An index over artifacts already in the layout (each built with a
+    platform), tagged `tag`; returns its digest."""
+    entries = []
+    for info in artifacts:
+        assert info.platform is not None
+        size = info.sizes[info.manifest_digest]
+        entries.append({**_descriptor(MT_MANIFEST, info.manifest_digest, size),
+                        "platform": {"os": info.platform[0], "architecture": info.platform[1]}})
+    index = canonical_json({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": entries})
+    digest = write_blob(dest, index)
+    _add_to_index_json(dest, _descriptor(MT_INDEX, digest, len(index)), tag)
+    return digest

@@ -76,3 +76,15 @@ def test_sample_lines_show_each_series_in_its_unit_in_measured_order() -> None:
         "hit_http_ours (MiB/s, median 2.00): 2.00",
         "cold_curl_ours (s, median 0.50): 0.50",
     ]
+
+
+def test_the_mqtt_rows_judge_bytes_against_the_floor() -> None:
+    results = Results(mqtt=[(2.0, 70 * MIB, 50 * MIB), (3.0, 67 * MIB, 50 * MIB)])
+    by_case = {row.case: row for row in rows(results, mib=1)}
+    wall, sent = (row for case, row in by_case.items() if "over MQTT" in case)
+    assert (wall.ours, wall.result) == ("2.50 s", "-")
+    assert (sent.ours, sent.result) == ("1.40x", "PASS")
+    results.mqtt.append((2.0, 134 * MIB, 50 * MIB))  # a wave that sent every chunk twice
+    sent = next(row for case, row in {r.case: r for r in rows(results, mib=1)}.items()
+                if "bytes" in case and "MQTT" in case)
+    assert sent.result == "MISS"

@@ -11,6 +11,14 @@ client installs in `make test`) and skopeo for the legacy cosign tag:
 - then with the registry, its token server, its CDN and the front all
   stopped: both answer from the cache (stale, saying so), each referrer
   artifact pulls, and so does the legacy `sha256-<hex>.sig` tag.
+- issue 13's acceptance: a cache filled by `cr-proxy warm --referrers`
+  alone (no client asked anything), then the upstream gone: `skopeo
+  list-tags`, the referrers by the API and by the tag schema, a pull of
+  each referrer artifact and of the legacy signature tag; `cr-proxy check
+  --referrers` (no network) says complete, then names a referrer's blob
+  and an image layer removed from blobs/; the status page names the image
+  incomplete and stale; `cr-proxy du` counts the stored listings, and `rm`
+  of a repository's last image removes them.
 
 Before: mirror mode answered `404 UNSUPPORTED`; https_proxy mode relayed the
 upstream's 404 uncached, and nothing answered offline.
@@ -18,8 +26,10 @@ upstream's 404 uncached, and nothing answered offline.
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import ssl
 import subprocess
 import urllib.error
@@ -46,6 +56,8 @@ from tests.referrers_front import (
     push_manifest,
     push_tag_schema,
 )
+from tests.test_e2e_ls_complete import in_no_network
+from tests.test_e2e_pins import cr_proxy
 from tests.test_e2e_tags import stale_served
 
 REPO = "signed/app"
@@ -229,3 +241,89 @@ def test_a_bad_artifact_type_is_a_400(cr: CrProxy, signed: Signed, query: str) -
     answer = mirror(cr, "registry.test", f"referrers/{signed.subject}{query}")
     assert answer.status == 400, answer
     assert answer.json_errors()[0]["code"] == "UNSUPPORTED"
+
+
+def test_warm_referrers_then_the_cable_out(
+    upstream: Upstream, front: ReferrersFront, signed: Signed, tmp_path: Path
+) -> None:
+    """Issue 13's acceptance, on a cache nothing but `warm --referrers`
+    filled: registry.test has no referrers API (the tag schema is used),
+    refs.test is the front (the API)."""
+    both = [(signed.signature.digest, SIGNATURE_TYPE),
+            (signed.attestation.digest, ATTESTATION_TYPE)]
+    images = [f"{registry}/{REPO}:v1" for registry in ("registry.test", FRONT)]
+    endpoints = {**proxy_endpoints(upstream), FRONT: front.url}
+    with CrProxy(tmp_path / "crproxy", endpoints) as cr:
+        warmed = cr_proxy(cr, "warm", "--referrers", "--json", *images)
+        assert warmed.returncode == 0, warmed.stderr
+        # Per image: two referrers and the legacy .sig tag's artifact.
+        assert json.loads(warmed.stdout)["referrers"] == 6, warmed.stdout
+        upstream.stop_registry()
+        upstream.stop_auth()
+        upstream.stop_cdn()
+        front.stop()
+        try:
+            for tree in ("lists", "docker-content-digest"):
+                for path in (cr.cache / tree).rglob("*"):
+                    if path.is_file():
+                        os.utime(path, (1, 1))  # stale: the upstream must be tried
+            tags = subprocess.run(
+                ["skopeo", "list-tags", "--retry-times", "0", "--tls-verify=false",
+                 f"docker://{cr.http}/registry.test/{REPO}"],
+                capture_output=True, text=True, env=clean_env(), timeout=120)
+            assert tags.returncode == 0, tags.stderr
+            assert {"v1", signed.tag, f"{signed.tag}.sig"} <= set(json.loads(tags.stdout)["Tags"])
+            for registry in ("registry.test", FRONT):
+                answer = mirror(cr, registry, f"referrers/{signed.subject}")
+                assert (referrers(answer), answer.header("X-Cache")) == (both, "STALE"), registry
+                for artifact in (signed.signature, signed.attestation):
+                    dest = tmp_path / f"{registry}-{artifact.digest[7:19]}"
+                    pulled = skopeo_copy(f"{cr.http}/{registry}/{REPO}@{artifact.digest}", dest)
+                    assert pulled.returncode == 0, pulled.stderr
+            legacy = skopeo_copy(f"{cr.http}/registry.test/{REPO}:{signed.tag}.sig",
+                                 tmp_path / "legacy")
+            assert legacy.returncode == 0, legacy.stderr
+
+            checked = in_no_network(cr, "check", "--referrers", *images)
+            assert (checked.returncode, checked.stderr) == (0, ""), checked.stdout
+            assert checked.stdout.count("complete    ") == 2, checked.stdout
+            # refs.test answered by the API: its stored answer is all there is.
+            (cr.cache / f"lists/{FRONT}/{REPO}/_referrers/{signed.tag}").unlink()
+            checked = in_no_network(cr, "check", "--referrers", images[1])
+            assert checked.returncode == 1, checked.stdout
+            assert f"referrers {signed.subject}: no referrers answer stored" in checked.stdout
+            signature_layer = json.loads(signed.signature.manifest)["layers"][0]["digest"]
+            image_layer = signed.image.layer_digests[0]
+            for removed in (signature_layer, image_layer):
+                (cr.cache / "blobs" / removed.replace(":", "/")).unlink()
+                checked = in_no_network(cr, "check", "--referrers", images[0])
+                assert checked.returncode == 1, checked.stdout
+                assert f"blob {removed}: not in the cache" in checked.stdout, checked.stdout
+            # Without --referrers only the image's own layer is missed.
+            plain = in_no_network(cr, "check", "--json", images[0])
+            assert plain.returncode == 1, plain.stdout
+            assert [(m["what"], m["name"]) for m in json.loads(plain.stdout)["images"][0]
+                    ["missing"]] == [("blob", image_layer)]
+
+            status = http(f"http://127.0.0.1:{cr.metrics_port}/").body.decode()
+            name = html.escape(f"registry.test/{REPO}:v1")
+            assert f"<th>incomplete</th><td>{name}: 1 missing</td>" in status, status
+            assert re.search(f"<th>stale</th><td>{re.escape(name)}: validated [0-9]+ s ago",
+                             status), status
+            listed = [p for p in (cr.cache / "lists" / FRONT).rglob("*") if p.is_file()]
+            assert listed  # refs.test's tag list and referrers answers
+            du = json.loads(cr_proxy(cr, "du", "--json").stdout)
+            assert du["lists"]["files"] >= len(listed)
+            front_row = next(d for d in du["domains"] if d["domain"] == FRONT)
+            assert front_row["bytes"] >= sum(p.stat().st_size for p in listed)
+            ls = json.loads(cr_proxy(cr, "ls", "--json").stdout)["images"]
+            front_images = [i["name"] for i in ls if i["key"].startswith(f"{FRONT}/")]
+            removed = cr_proxy(cr, "rm", *front_images)
+            assert removed.returncode == 0, removed.stderr
+            assert not [p for p in (cr.cache / "lists" / FRONT).rglob("*") if p.is_file()]
+            assert any((cr.cache / "lists/registry.test").rglob("_tags/*"))  # not its own
+        finally:
+            upstream.start_registry()
+            upstream.start_auth()
+            upstream.start_cdn()
+            front.start()

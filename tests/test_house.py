@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"upstream"},
     {"front"},
     {"fetch"},
+    {"edge"},
     {"ops"},
     {"privsep"},
     {"nginx"},

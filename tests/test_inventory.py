@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from cr_proxy import cli
+from cr_proxy.cache.diskuse import Usage
 from cr_proxy.cache.inventory import Inventory
+from cr_proxy.cache.layout import Kind
 from cr_proxy.cache.removal import chain_order
 from cr_proxy.cache.scan import Link, Redirect
 from cr_proxy.cache.store import Store
@@ -304,6 +306,21 @@ def test_du_per_domain_overlaps_and_reports_unlinked_blobs(
     assert layer in inventory.blob_refs()
 
 
+def test_du_counts_stored_listings_in_their_domain_and_the_total(
+    store: Store, inventory: Inventory
+) -> None:
+    small = cache_image(store, "small", "v1", [SHARED])
+    store.write_listing(REG, "small", Kind.TAGS, "list", b'{"tags": ["v1"]}', 1.0)
+    store.write_listing("other.test", "x", Kind.REFERRERS, "sha256-" + "a" * 64, b"{}", 1.0)
+    usage = inventory.usage()
+    by_domain = {d.domain: d.usage for d in usage.domains}
+    assert by_domain[REG] == Usage(2 + len(small.layers) + 1,
+                                   small.size + len(b'{"tags": ["v1"]}'))
+    assert by_domain["other.test"] == Usage(1, 2)
+    assert usage.lists == Usage(2, len(b'{"tags": ["v1"]}') + 2)
+    assert usage.total.bytes == small.size + usage.lists.bytes
+
+
 # --- rm ----------------------------------------------------------------------------------
 
 
@@ -525,7 +542,7 @@ def test_ls_and_du_json_parse_and_tables_align(
     code, out, _ = run_cli(capsys, "du", "--config", conf, "--json")
     assert code == 0
     doc = json.loads(out)
-    assert set(doc) == {"domains", "total", "unlinked"}
+    assert set(doc) == {"domains", "total", "unlinked", "lists"}
     assert doc["domains"][0] == {"domain": REG, "registry": REG, **doc["total"]}
 
     code, out, _ = run_cli(capsys, "ls", "--config", conf)
@@ -643,3 +660,70 @@ def test_a_lost_platform_manifest_is_missing_not_unpulled(
     [_, image] = inventory.images()
     assert image.key == f"{REG}/other:v1"
     assert image.lost == {other.digest}
+
+
+def test_rm_of_a_repositorys_last_image_removes_its_listings(
+    store: Store, inventory: Inventory
+) -> None:
+    cache_image(store, "small", "v1", [SHARED])
+    cache_image(store, "small", "v2", [b"two"])
+    cache_image(store, "small/below", "v1", [b"below"])
+    subject = "sha256-" + "a" * 64
+    for name in ("small", "small/below"):
+        store.write_listing(REG, name, Kind.TAGS, "list", b"{}", 1.0)
+        store.write_listing(REG, name, Kind.REFERRERS, subject, b"{}", 1.0)
+    listed = store.tree.listing(REG, "small", Kind.TAGS, "list")
+    inventory.remove(*inventory.find(f"{REG}/small:v1"))
+    assert listed.is_file()  # small:v2 is still cached
+    removed = inventory.remove(*inventory.find(f"{REG}/small:v2"))
+    assert not listed.exists()
+    assert not store.tree.listing(REG, "small", Kind.REFERRERS, subject).exists()
+    assert removed.files >= 2
+    # A repository below it is another repository: its listings stay.
+    assert store.tree.listing(REG, "small/below", Kind.REFERRERS, subject).is_file()
+
+
+# --- check --referrers -------------------------------------------------------------------
+
+
+def referrers_index(*digests_and_bodies: tuple[str, bytes]) -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [
+        {"mediaType": MT_MANIFEST, "digest": d, "size": len(b)} for d, b in digests_and_bodies
+    ]}).encode()
+
+
+def test_check_referrers_requires_each_answer_and_every_artifact_whole(
+    store: Store, inventory: Inventory
+) -> None:
+    small = cache_image(store, "small", "v1", [b"layer"])
+    missing = [str(m) for c in inventory.check([f"{REG}/small:v1"], [], referrers=True)
+               for m in c.missing]
+    assert missing == [f"referrers {small.digest}: no referrers answer stored "
+                       "(cr-proxy warm --referrers stores it)"]
+    # An index artifact (a signature of each of two payloads): all its
+    # manifests are needed, pulled or not.
+    payload = b"signature payload"
+    signature = json.dumps({"schemaVersion": 2, "mediaType": MT_MANIFEST,
+                            "config": descriptor(MT_CONFIG, b"{}"),
+                            "layers": [descriptor(MT_LAYER, payload)]}).encode()
+    sig_digest = cache_manifest(store, REG, "small", signature, None, MT_MANIFEST)
+    other = b'{"schemaVersion": 2, "mediaType": "application/x.unknown"}'
+    bundle = json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [
+        descriptor(MT_MANIFEST, signature), descriptor(MT_MANIFEST, other)]}).encode()
+    bundle_digest = cache_manifest(store, REG, "small", bundle, None, MT_INDEX)
+    # The tag schema's index cached as a tag answers for the image.
+    cache_manifest(store, REG, "small", referrers_index((bundle_digest, bundle)),
+                   small.digest.replace(":", "-"), MT_INDEX)
+    [checked] = inventory.check([f"{REG}/small:v1"], [], referrers=True)
+    assert {(m.what, m.name) for m in checked.missing} == {
+        ("manifest", digest_of(other)),  # an entry never fetched
+        ("blob", digest_of(b"{}")), ("blob", digest_of(payload)),
+        ("referrers", bundle_digest), ("referrers", sig_digest),  # the next level's answers
+    }
+    # A stored answer that is not an index is said, not served.
+    store.write_listing(REG, "small", Kind.REFERRERS, sig_digest.replace(":", "-"), b"[", 1.0)
+    [checked] = inventory.check([f"{REG}/small:v1"], [], referrers=True)
+    assert f"referrers {sig_digest}: the stored referrers index of small@{sig_digest}: " \
+        "not JSON" in [str(m) for m in checked.missing]
+    # Without --referrers the image itself is whole.
+    assert inventory.check([f"{REG}/small:v1"], [])[0].complete

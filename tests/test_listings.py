@@ -15,6 +15,8 @@ from cr_proxy.oci.referrers import (
     INDEX_TYPE,
     MAX_REFERRERS,
     check_artifact_type,
+    legacy_tags,
+    next_artifacts,
     next_query,
     parse_referrers,
     referrers_body,
@@ -177,3 +179,12 @@ def test_a_redirect_target_names_its_repository(path: str, name: str | None) -> 
 ])
 def test_only_this_paths_next_page_is_followed(link: str | None, query: str | None) -> None:
     assert next_query(link, f"/v2/a/referrers/{DIGEST}") == query
+
+
+def test_the_referrers_walk_takes_each_artifact_once_within_its_budget() -> None:
+    a, b, c = ("sha256:" + x * 64 for x in "abc")
+    answers = [[{"digest": a}, {"digest": b}], [{"digest": b}, {"digest": c}]]
+    seen = {c}  # a subject already walked
+    assert next_artifacts(answers, seen, 5) == ([a, b], False)
+    assert next_artifacts(answers, set(), 2) == ([a, b], True)
+    assert legacy_tags(a) == [f"sha256-{'a' * 64}{s}" for s in (".sig", ".att", ".sbom")]

@@ -182,6 +182,10 @@ def manifest_for(*layers: tuple[str, bytes]) -> bytes:
     }).encode()
 
 
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+
+
 class FakeFetcher:
     """Answers like the fetcher: X-Cache on manifests and blobs, registry
     JSON errors, and the misbehaviours we want warm to catch."""
@@ -194,6 +198,9 @@ class FakeFetcher:
         self.wrong: set[str] = set()
         self.gets: list[str] = []
         self.headers: list[dict[str, str]] = []
+        self.referrers: dict[str, list[str]] = {}  # subject -> artifact digests
+        self.asked: list[str] = []  # subjects whose referrers were asked
+        self.manifest_gets: list[str] = []
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -203,7 +210,16 @@ class FakeFetcher:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.headers.append(dict(request.headers))
         tail = request.match_info["tail"]
+        if tail.endswith("/tags/list"):
+            return web.json_response({"name": tail, "tags": ["v1"]})
+        if "/referrers/" in tail:
+            subject = tail.rsplit("/", 1)[1]
+            self.asked.append(subject)
+            return web.json_response({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": [
+                {"mediaType": MANIFEST_TYPE, "digest": d, "size": 1}
+                for d in self.referrers.get(subject, [])]})
         if "/manifests/" in tail:
+            self.manifest_gets.append(tail)
             body = self.manifests.get(tail)
             if body is None:
                 return web.json_response(
@@ -356,3 +372,38 @@ async def test_indexes_nest_three_deep_as_ls_reads_them_and_no_deeper(fake) -> N
     assert [image for image, _ in summary.failures] == ["registry.test/deeper"]
     assert "nested too deep" in summary.failures[0][1]
     assert sorted(fetcher.gets) == sorted([LAYER_A[0], CONFIG[0]])
+
+
+
+def artifact(fetcher: FakeFetcher, repo: str, n: int) -> str:
+    """A signature-like manifest of `repo` (distinct by an annotation)."""
+    body = json.dumps({
+        "schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": "application/x.sig",
+        "config": {"digest": CONFIG[0], "size": len(CONFIG[1])}, "layers": [],
+        "annotations": {"n": str(n)}}).encode()
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    fetcher.manifests[f"registry.test/{repo}/manifests/{digest}"] = body
+    return digest
+
+
+async def test_referrers_are_followed_three_levels_deep_and_64_at_most(fake) -> None:
+    fetcher, conf = fake
+    top = "sha256:" + hashlib.sha256(fetcher.manifests["registry.test/one/manifests/v1"]
+                                     ).hexdigest()
+    chain = [artifact(fetcher, "one", n) for n in range(4)]  # each refers to the one before
+    for subject, referrer in zip([top, *chain], chain, strict=False):
+        fetcher.referrers[subject] = [referrer]
+    summary = await warm(conf, ["registry.test/one:v1"], progress=Quiet(), referrers=True)
+    assert summary.failures == []
+    assert summary.referrers == 3
+    assert fetcher.asked == [top, *chain[:2]]  # the third level's referrers are not asked
+    assert f"registry.test/one/manifests/{chain[2]}" in fetcher.manifest_gets
+    assert f"registry.test/one/manifests/{chain[3]}" not in fetcher.manifest_gets
+    # cosign's legacy tags were asked (none there: no fault).
+    assert f"registry.test/one/manifests/{top.replace(':', '-')}.sig" in fetcher.manifest_gets
+
+    fetcher.asked.clear()
+    fetcher.referrers = {top: [artifact(fetcher, "one", 100 + n) for n in range(70)]}
+    summary = await warm(conf, ["registry.test/one:v1"], progress=Quiet(), referrers=True)
+    assert (summary.failures, summary.referrers) == ([], 64)
+    assert fetcher.asked == [top]  # the budget spent: no next level

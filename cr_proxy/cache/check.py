@@ -11,25 +11,42 @@ Which platforms: those `--platform` names, each of which must be in the
 index and pulled; without it, every platform the cache holds a manifest of
 (what was pulled), and at least one. Index entries never pulled are what a
 mirror never saw, not a fault (inventory.py's "complete").
+
+With `--referrers` (what `cr-proxy warm --referrers` fetched, walked the
+same way, oci/referrers.py's bounds): each checked manifest's referrers
+answer must be stored (the listing in lists/, or the tag schema's index
+cached as a tag: the fetcher answers offline from either), and every
+artifact it lists be whole (its manifest, an index's manifests, their
+blobs), and, level by level, the artifacts' own referrers answers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cr_proxy.cache.scan import Reader, Scan
-from cr_proxy.errors import ManifestInvalid
+from cr_proxy.errors import ManifestInvalid, UpstreamError
 from cr_proxy.oci.manifest import MAX_INDEX_DEPTH, MAX_MANIFEST, Entry, Manifest, Platform
 from cr_proxy.oci.manifest import parse as parse_manifest
+from cr_proxy.oci.referrers import (
+    MAX_REFERRER_ARTIFACTS,
+    MAX_REFERRER_DEPTH,
+    Descriptor,
+    next_artifacts,
+)
+
+# A subject's stored referrers (None: no answer stored); raises
+# UpstreamError for a stored answer that is not a referrers index.
+ReferrersOf = Callable[[str], list[Descriptor] | None]
 
 
 @dataclass(frozen=True, slots=True)
 class Missing:
     """One thing a pull would need and the cache cannot give."""
 
-    what: str  # "manifest", "blob", or "platform"
+    what: str  # "manifest", "blob", "platform" or "referrers"
     name: str  # a digest, or a platform for "platform"
     reason: str
 
@@ -63,17 +80,20 @@ class Checker:
         self.pulled = pulled  # manifest digests the tree shows were pulled
 
     def check(self, image: str, name: str, digest: str, wanted: Sequence[Platform],
-              top_file: Path | None = None, own: Sequence[str] = ()) -> Checked:
+              top_file: Path | None = None, own: Sequence[str] = (),
+              referrers_of: ReferrersOf | None = None) -> Checked:
         """`top_file`: where the tag's manifest is read if blobs/ lacks it
         (its content/ name, which nginx serves); `own`: the platform a
-        single-platform image's config states (inventory.py)."""
+        single-platform image's config states (inventory.py);
+        `referrers_of`: check the referrers too (the module docstring)."""
         missing: list[Missing] = []
         top = self._manifest(digest, missing, top_file)
         checked: list[str] = []
+        walked = [digest]  # the manifests checked: the referrers' subjects
         if top is not None and top.is_index:
             for entry in self._entries(top, wanted, missing):
                 checked.append(str(entry.platform) if entry.platform else entry.digest)
-                self._image_manifest(entry.digest, missing, depth=1)
+                self._image_manifest(entry.digest, missing, 1, walked)
         elif top is not None:
             self._blobs(top, missing)
             checked = [str(p) for p in wanted] or list(own)
@@ -81,6 +101,8 @@ class Checker:
                 if own and not any(platform.matches(Platform.parse(o)) for o in own):
                     missing.append(Missing("platform", str(platform),
                                            f"the image is for {', '.join(own)}"))
+        if referrers_of is not None and top is not None:
+            self._referrers(walked, referrers_of, missing)
         return Checked(image, name, digest, tuple(checked), tuple(missing))
 
     def _entries(self, index: Manifest, wanted: Sequence[Platform],
@@ -100,15 +122,45 @@ class Checker:
             missing.append(Missing("platform", "any", "no platform of the index was pulled"))
         return pulled
 
-    def _image_manifest(self, digest: str, missing: list[Missing], depth: int) -> None:
+    def _image_manifest(self, digest: str, missing: list[Missing], depth: int,
+                        walked: list[str], every: bool = False) -> None:
+        """A manifest and its blobs, an index's pulled entries (`every`:
+        all of them, as warm fetches an artifact's) below it."""
         parsed = self._manifest(digest, missing)
         if parsed is None:
             return
+        walked.append(digest)
         if parsed.is_index and depth < MAX_INDEX_DEPTH:
             for entry in parsed.select():
-                if entry.digest in self.pulled:
-                    self._image_manifest(entry.digest, missing, depth + 1)
+                if every or entry.digest in self.pulled:
+                    self._image_manifest(entry.digest, missing, depth + 1, walked, every)
         self._blobs(parsed, missing)
+
+    def _referrers(self, subjects: list[str], referrers_of: ReferrersOf,
+                   missing: list[Missing]) -> None:
+        """warm's walk (ops/warm.py), over the tree: each level's answers
+        stored, their artifacts whole."""
+        seen, level, count = set(subjects), list(dict.fromkeys(subjects)), 0
+        for _ in range(MAX_REFERRER_DEPTH):
+            answers = []
+            for subject in level:
+                try:
+                    found = referrers_of(subject)
+                except UpstreamError as err:
+                    missing.append(Missing("referrers", subject, err.message))
+                    continue
+                if found is None:
+                    missing.append(Missing("referrers", subject, "no referrers answer stored "
+                                           "(cr-proxy warm --referrers stores it)"))
+                    continue
+                answers.append(found)
+            artifacts, cut = next_artifacts(answers, seen, MAX_REFERRER_ARTIFACTS - count)
+            count += len(artifacts)
+            level = []
+            for artifact in artifacts:
+                self._image_manifest(artifact, missing, 0, level, every=True)
+            if cut or not level:
+                return
 
     def _manifest(self, digest: str, missing: list[Missing],
                   fallback: Path | None = None) -> Manifest | None:

@@ -43,7 +43,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cr_proxy.cache.check import Checked, Checker, Missing
+from cr_proxy.cache.check import Checked, Checker, Missing, ReferrersOf
 from cr_proxy.cache.diskuse import DiskUsage, disk_usage
 from cr_proxy.cache.image import Image, LastUsed, file_times
 from cr_proxy.cache.layout import QUARANTINE, Kind, Sidecar, key_of, resolve_domain
@@ -52,7 +52,7 @@ from cr_proxy.cache.scan import Link, Reader, Scan
 from cr_proxy.cache.store import Store
 from cr_proxy.cache.verify import Verification, verify
 from cr_proxy.config import Config
-from cr_proxy.errors import BadRequest, ManifestInvalid, NotFound
+from cr_proxy.errors import BadRequest, ManifestInvalid, NotFound, UpstreamError
 from cr_proxy.oci import manifest
 from cr_proxy.oci.manifest import MAX_INDEX_DEPTH, MAX_MANIFEST, Platform, config_platform
 from cr_proxy.oci.reference import (
@@ -61,6 +61,7 @@ from cr_proxy.oci.reference import (
     is_digest,
     parse_reference,
 )
+from cr_proxy.oci.referrers import Descriptor, parse_referrers, stored_name, tag_schema_tag
 
 MAX_CONFIG = 8 << 20  # a config blob read for its platform; bigger ones are not configs
 
@@ -223,10 +224,12 @@ class Inventory:
 
     # --- check ------------------------------------------------------------------------
 
-    def check(self, texts: list[str], wanted: list[Platform]) -> list[Checked]:
+    def check(self, texts: list[str], wanted: list[Platform],
+              referrers: bool = False) -> list[Checked]:
         """Would each image pull from the cache alone (check.py)? An image
         not in the cache at all is one missing manifest. BadRequest for a
-        reference that is not one, before anything is read."""
+        reference that is not one, before anything is read. `referrers`:
+        their referrers too."""
         for text in texts:
             parse_reference(text, self.default_registry)
         scan = self._scan()
@@ -240,9 +243,37 @@ class Inventory:
                 out.append(Checked(text, text, None, (), (Missing("manifest", text, err.message),)))
                 continue
             out += [checker.check(text, image.name, image.digest, wanted,
-                                  self.store.tree.at(image.location),
-                                  image.platforms) for image in found]
+                                  self.store.tree.at(image.location), image.platforms,
+                                  self._referrers_of(image) if referrers else None)
+                    for image in found]
         return out
+
+    def _referrers_of(self, image: Image) -> ReferrersOf:
+        """The stored referrers of a subject of `image`'s repository, as the
+        fetcher answers offline (fetch/referrers.py): the stored answer
+        (one it would refuse is none), else the tag schema's index cached
+        as a tag."""
+
+        def stored(subject: str) -> list[Descriptor] | None:
+            what = f"the stored referrers index of {image.repository}@{subject}"
+            listing = self.store.read_listing(image.domain, image.repository, Kind.REFERRERS,
+                                              stored_name(subject))
+            refused: UpstreamError | None = None
+            if listing is not None:
+                try:
+                    return parse_referrers(listing[0], what)
+                except UpstreamError as err:  # the fetcher does not serve it either
+                    refused = err
+            tag = self.store.tree.at(image.manifest(tag_schema_tag(subject)))
+            body = Reader().read(tag, MAX_MANIFEST)
+            if body is not None:
+                return parse_referrers(body, f"the cached tag schema index of "
+                                       f"{image.repository}@{subject}")
+            if refused is not None:
+                raise refused
+            return None
+
+        return stored
 
     def blob_refs(self) -> dict[str, set[str]]:
         """Every digest in blobs/ -> keys of the images that use it (empty:
@@ -257,7 +288,7 @@ class Inventory:
     # --- du, rm, verify (one module each) -------------------------------------------------
 
     def usage(self) -> DiskUsage:
-        return disk_usage(self._scan(), self._registry_of)
+        return disk_usage(self._scan(), self._registry_of, self.store.listing_bytes())
 
     def remove(self, *images: Image) -> Removed:
         """Remove images (by key, as listed now) and whatever only they used

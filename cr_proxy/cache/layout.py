@@ -32,7 +32,8 @@ The tree (seed 001, plus a digest store for one copy per digest):
                                              its mtime is when it was fetched
       lists/<domain>/<name>/_referrers/<alg>-<hex>
                                              the referrers of a subject (an OCI index,
-                                             unfiltered; mtime as for tags)
+                                             unfiltered; mtime as for tags); a
+                                             repository's go with its last image
       temp/                                  downloads in progress, and links and
                                              small files about to be renamed
                                              (link.*); emptied at start-up
@@ -107,6 +108,7 @@ class Kind(Enum):
 
 NAMED_KINDS = frozenset({Kind.MANIFEST, Kind.BLOB, Kind.TAGS, Kind.REFERRERS})
 KEY_KINDS = frozenset({Kind.MANIFEST, Kind.BLOB, Kind.OTHER})  # what the cache stores
+LISTING_KINDS = (Kind.TAGS, Kind.REFERRERS)  # stored in lists/ (Tree.listing)
 
 
 def v2_path(name: str, kind: Kind, ref: str) -> str:
@@ -424,9 +426,16 @@ class Tree:
         no repository component (they begin with [a-z0-9]), so no name
         shadows another's; `query` is a file name the caller made from
         checked parts (LISTING_FILE_RE)."""
-        if kind not in (Kind.TAGS, Kind.REFERRERS) or not LISTING_FILE_RE.fullmatch(query):
+        if not LISTING_FILE_RE.fullmatch(query):
             raise BadRequest("NAME_INVALID", f"not a listing file {query[:100]!r}")
-        return self._under(LISTS, check_domain(domain), check_name(name), f"_{kind.value}", query)
+        return self.listings(domain, name, kind) / query
+
+    def listings(self, domain: str, name: str, kind: Kind) -> Path:
+        """lists/<domain>/<name>/_<kind>: a repository's stored listings of
+        one kind."""
+        if kind not in LISTING_KINDS:
+            raise BadRequest("NAME_INVALID", f"not a listing kind {kind}")
+        return self._under(LISTS, check_domain(domain), check_name(name), f"_{kind.value}")
 
     def top(self, name: str) -> Path:
         """One of the top directories (TOP_DIRS), to walk it (scan.py)."""

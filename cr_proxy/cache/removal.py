@@ -12,6 +12,9 @@ goes before its target; blobs/ last. Blob names of a shared blob in the
 removed image's repository stay: they still serve the right bytes. A pull
 racing the removal may leave a content/ name whose blobs/ file is gone; it
 serves correct bytes, and the next miss of that digest downloads it again.
+When the last image of a repository goes, so do its stored listings (tag
+list pages, referrers answers in lists/): nothing of it is left to list or
+to refer to; `cr-proxy du` counts them meanwhile.
 
 Only unlinks (Store), so nginx and the fetcher see a name whole or not at
 all.
@@ -34,7 +37,7 @@ from cr_proxy.errors import BadRequest
 class Removed:
     images: tuple[str, ...]  # keys
     blobs: tuple[str, ...]  # digests whose blobs/ file was removed
-    files: int  # payloads, sidecars and blobs/ files unlinked
+    files: int  # payloads, sidecars, listings and blobs/ files unlinked
     bytes: int  # freed: the sizes of those blobs
 
 
@@ -50,6 +53,9 @@ def remove_images(
     files = 0
     for image in gone:
         files += _remove_names(store, image, remaining)
+    left = {(i.domain, i.repository) for i in remaining}
+    for domain, repository in sorted({(i.domain, i.repository) for i in gone} - left):
+        files += store.remove_listings(domain, repository)
     freed = sorted((set().union(*(i.digests for i in gone)) - still_used) & scan.blobs.keys())
     redirects = list(scan_redirects(store.tree)) if freed else []
     freed_bytes = 0

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cr_proxy.cache.layout import (
+    LISTING_KINDS,
+    LISTS,
     SIDECARS,
     TOP_DIRS,
     Kind,
@@ -37,7 +39,7 @@ from cr_proxy.cache.layout import (
     digest_url_path,
     key_of,
 )
-from cr_proxy.cache.scan import entries, lstat, walk_blobs, walk_names
+from cr_proxy.cache.scan import entries, lstat, walk_blobs, walk_files, walk_names
 from cr_proxy.errors import BadRequest, DigestMismatch, ManifestInvalid, Truncated, UpstreamError
 from cr_proxy.oci.manifest import MANIFEST_MEDIA_TYPES
 from cr_proxy.oci.reference import check_digest, digest_of, hasher, is_digest
@@ -448,6 +450,27 @@ class Store:
         if self.tree.content(domain, path).exists():
             return 0
         return sum(self.remove_sidecar(kind, domain, path) for kind in SIDECARS)
+
+    def remove_listings(self, domain: str, name: str) -> int:
+        """Remove a repository's stored listings (tag list pages, referrers
+        answers: lists/<domain>/<name>/_<kind>/*), the files only; those of
+        a repository below it (<name>/<more>) stay. The count removed."""
+        removed = 0
+        for kind in LISTING_KINDS:
+            folder = self.tree.listings(domain, name, kind)
+            removed += sum(unlink_if(folder / entry.name) for entry in entries(folder)
+                           if entry.is_file(follow_symlinks=False))
+        return removed
+
+    def listing_bytes(self) -> dict[str, tuple[int, int]]:
+        """Per domain, the (files, bytes) of its stored listings (lists/)."""
+        out: dict[str, tuple[int, int]] = {}
+        top = self.tree.top(LISTS)
+        for domain in entries(top):
+            sizes = [st.st_size for _, entry in walk_files(top / domain.name)
+                     if (st := lstat(entry)) is not None]
+            out[domain.name] = (len(sizes), sum(sizes))
+        return out
 
     def remove_blob(self, digest: str, inode: int | None = None) -> bool:
         """Remove blobs/<alg>/<hex>; call once no content/ name needs it."""

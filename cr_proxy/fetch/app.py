@@ -23,6 +23,7 @@ Errors of any part become registry-style JSON answers here.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlencode
 
 import aiohttp
@@ -93,8 +94,15 @@ class Fetcher:
     # --- the one route --------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        return await self.answer(request, self._dispatch(request))
+
+    async def answer(
+        self, request: web.Request, work: Awaitable[web.StreamResponse]
+    ) -> web.StreamResponse:
+        """`work`'s answer, or its error as a registry-style one (also for
+        the routes of the packages above: cr_proxy/edge)."""
         try:
-            return await self._dispatch(request)
+            return await work
         except (aiohttp.ClientError, TimeoutError) as err:
             # An upstream that broke off or stalled mid-answer.
             wrapped = UpstreamTimeout if isinstance(err, TimeoutError) else UpstreamError
@@ -199,12 +207,18 @@ class Fetcher:
         return "/" + rpath.path + (f"?{urlencode(paging)}" if paging else "")
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 def make_app(
-    config: Config, metrics: Metrics | None = None, clean_temp: bool = True
+    config: Config, metrics: Metrics | None = None, clean_temp: bool = True,
+    routes: Sequence[tuple[str, Handler]] = (),
 ) -> web.Application:
-    """The fetcher's aiohttp application: one catch-all route. Only serve
-    cleans temp/ at start: a warm beside another warm must not delete the
-    other's downloads in progress."""
+    """The fetcher's aiohttp application: one catch-all route, after
+    `routes` (path pattern, handler) of the packages above (cr_proxy/edge),
+    which find the Fetcher in app["fetcher"]. Only serve cleans temp/ at
+    start: a warm beside another warm must not delete the other's downloads
+    in progress."""
     store = Store(config.cache_dir)
     # Request bodies (relayed pushes) are streamed from request.content, so
     # aiohttp's client_max_size, which bounds only read(), does not apply.
@@ -229,6 +243,8 @@ def make_app(
 
     app.cleanup_ctx.append(lifecycle)
     app.on_response_prepare.append(_nosniff)
+    for pattern, handler in routes:
+        app.router.add_route("*", pattern, handler)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 

@@ -61,26 +61,35 @@ class Manifests:
         return f"<Manifests {self.shared!r}>"
 
     async def get(self, request: web.Request, target: Target) -> web.StreamResponse:
+        # `cr-proxy warm` asks for a revalidation whatever the tag's age.
+        forced = request.headers.get("X-CR-Revalidate") == "1"
+        from_peer = bool(request.headers.get("X-CR-Peer"))
+        stored, cache = await self.lookup(target, client_auth(request), forced, from_peer)
+        return _response(stored, cache)
+
+    async def lookup(self, target: Target, auth: str | None,
+                     forced: bool = False, from_peer: bool = False
+                     ) -> tuple[StoredManifest, str]:
+        """The manifest a GET of `target` answers, by the policy above, and
+        its X-Cache (HIT, MISS, STALE, REVALIDATED). Also the way in for
+        callers that are no HTTP client (cr_proxy/edge resolves modules).
+        `from_peer`: a cluster peer asks; filled here, never sent on."""
         ctx = self.ctx
         domain, path = target.domain, target.rpath.path
         stored = await in_thread(ctx.store.read_manifest, domain, path)
-        auth = client_auth(request)
         if stored is None:
             rpath = target.rpath
             what = f"{rpath.name}{'@' if rpath.by_digest else ':'}{rpath.ref}"
-            from_peer = bool(request.headers.get("X-CR-Peer"))
             with offline_miss("MANIFEST_UNKNOWN", what, domain):
                 stored = await self.shared.run(
                     ("manifest", domain, path), lambda: self._fetch(target, auth, from_peer)
                 )
             ctx.metrics.misses.labels(kind="manifest").inc()
-            return _response(stored, "MISS")
-        # `cr-proxy warm` asks for a revalidation whatever the tag's age.
-        forced = request.headers.get("X-CR-Revalidate") == "1"
+            return stored, "MISS"
         fresh_enough = time.time() - stored.validated_at < ctx.config.tag_ttl and not forced
         if target.rpath.by_digest or fresh_enough:
             ctx.metrics.hits.labels(kind="manifest-fetch").inc()
-            return _response(stored, "HIT")
+            return stored, "HIT"
         if ctx.upstream.skips(domain):
             # Down: not even a revalidation already running is waited for.
             return self._stale(stored, target, "failed", f"{domain} is down")
@@ -91,7 +100,7 @@ class Manifests:
         try:
             # A forced revalidation (warm) wants the upstream's word, not
             # the owner's cached copy: asked as a peer's would be.
-            direct = forced or bool(request.headers.get("X-CR-Peer"))
+            direct = forced or from_peer
             fresh = await self.shared.run(
                 ("revalidate", domain, path),
                 lambda: self._revalidate(target, stored, auth, direct),
@@ -107,10 +116,10 @@ class Manifests:
             return self._stale(stored, target, "failed", err.message)
         changed = "same" if fresh.digest == stored.digest else "changed"
         ctx.metrics.revalidations.labels(result=changed).inc()
-        return _response(fresh, "REVALIDATED")
+        return fresh, "REVALIDATED"
 
     def _stale(self, stored: StoredManifest, target: Target, result: str,
-               why: str) -> web.Response:
+               why: str) -> tuple[StoredManifest, str]:
         """The cached copy of a tag the upstream could not confirm now."""
         ctx, domain = self.ctx, target.domain
         # Counted, not warned: the upstream's outage is warned of once
@@ -118,7 +127,7 @@ class Manifests:
         log.debug("serving stale %s/%s: %s", domain, target.rpath.path, why)
         ctx.metrics.stale_served.labels(registry=ctx.upstream.registry_label(domain)).inc()
         ctx.metrics.revalidations.labels(result=result).inc()
-        return _response(stored, "STALE")
+        return stored, "STALE"
 
     async def revalidate_tag(self, domain: str, name: str, tag: str) -> bool:
         """Background refresh of one cached tag; True if it moved upstream."""

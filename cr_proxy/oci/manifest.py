@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cr_proxy.errors import BadRequest, ManifestInvalid
@@ -134,6 +134,8 @@ class Blob:
     digest: str
     size: int | None = None  # as the manifest states it; None if it does not
     foreign: bool = False  # has `urls`: lives outside the registry
+    # The descriptor's mediaType ("" if none); not part of the blob's identity.
+    media_type: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,8 +240,9 @@ def _blob(descriptor: object) -> Blob | None:
         return None
     assert isinstance(descriptor, Mapping)  # _digest found one
     size = descriptor.get("size")
+    media_type = descriptor.get("mediaType")
     return Blob(digest, size if type(size) is int and size >= 0 else None,
-                bool(descriptor.get("urls")))
+                bool(descriptor.get("urls")), media_type if isinstance(media_type, str) else "")
 
 
 # --- the kinds the fetcher stores -------------------------------------------------------

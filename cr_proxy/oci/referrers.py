@@ -32,6 +32,15 @@ FILTER_HEADER = "OCI-Filters-Applied"
 MEDIA_TYPE_RE = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 
+# `cr-proxy warm --referrers` and `check --referrers`: the referrers of an
+# image's manifests are followed this many levels deep (1: the image's
+# signatures and attestations; 2: their own signatures, ...), and at most
+# this many referrer artifacts per image, so a subject with a flood of
+# referrers cannot fill the cache (the same walk, walk_referrers, in both).
+MAX_REFERRER_DEPTH = 3
+MAX_REFERRER_ARTIFACTS = 64
+LEGACY_SUFFIXES = (".sig", ".att", ".sbom")  # cosign's tags before OCI 1.1
+
 # The pages of one answer followed at most (each at most MAX_REFERRERS).
 MAX_PAGES = 16
 # A next page's query as we send it on: what registries put there (n, last,
@@ -58,6 +67,12 @@ def tag_schema_tag(subject: str) -> str:
     (the spec's "referrers tag schema"; a tag has at most 128)."""
     algorithm, hexpart = check_digest(subject).split(":", 1)
     return f"{algorithm[:32]}-{hexpart[:64]}"
+
+
+def legacy_tags(subject: str) -> list[str]:
+    """cosign's tags from before OCI 1.1 for a subject: its signature,
+    attestations and SBOM as plain tags, `sha256-<hex>.sig` and so on."""
+    return [f"{tag_schema_tag(subject)}{suffix}" for suffix in LEGACY_SUFFIXES]
 
 
 def stored_name(subject: str) -> str:
@@ -129,3 +144,22 @@ def referrers_body(descriptors: list[Descriptor], artifact_type: str | None = No
     kept = [d for d in descriptors
             if artifact_type is None or d.get("artifactType") == artifact_type]
     return json.dumps({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": kept}).encode()
+
+
+def next_artifacts(answers: list[list[Descriptor]], seen: set[str],
+                   budget: int) -> tuple[list[str], bool]:
+    """One level of the referrers walk (MAX_REFERRER_DEPTH): the artifact
+    digests the answers name that are not in `seen` yet, in order, each
+    once, at most `budget` of them (added to `seen`); and whether some were
+    left out for the budget. warm and check walk alike through this."""
+    found: list[str] = []
+    for descriptors in answers:
+        for entry in descriptors:
+            digest = entry["digest"]
+            if digest in seen:
+                continue
+            if len(found) >= budget:
+                return found, True
+            seen.add(digest)
+            found.append(digest)
+    return found, False

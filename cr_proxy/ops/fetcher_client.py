@@ -14,6 +14,9 @@ Policy:
   fetcher names; a blob's bytes are hashed and dropped: a cut connection or
   bytes that do not match the digest is an error, even though the fetcher
   verifies too (it can only tell us by cutting the line).
+- A subject's referrers are asked with `X-CR-Revalidate: 1`, so the
+  fetcher asks the upstream (its API, else the tag schema's index tag,
+  itself revalidated) and stores the answer, whatever its age.
 - A fetcher's error answer becomes its registry error (`CODE: message`).
 """
 
@@ -35,6 +38,7 @@ from cr_proxy.errors import CrProxyError, ManifestInvalid
 from cr_proxy.oci import manifest
 from cr_proxy.oci.manifest import MANIFEST_ACCEPT, Manifest
 from cr_proxy.oci.reference import Reference, digest_of, hasher, is_digest, names_registry
+from cr_proxy.oci.referrers import INDEX_TYPE, Descriptor, parse_referrers
 
 CHUNK = 1 << 20
 MIRROR_HEADERS = {"X-CR-Mode": "mirror"}
@@ -75,12 +79,22 @@ class FetcherClient:
 
     async def manifest(self, ref: Reference, target: str, revalidate: bool) -> Fetched:
         """GET a manifest (a tag with `X-CR-Revalidate: 1` when asked)."""
+        fetched = await self.manifest_if_any(ref, target, revalidate, missing_ok=False)
+        assert fetched is not None
+        return fetched
+
+    async def manifest_if_any(self, ref: Reference, target: str, revalidate: bool,
+                              missing_ok: bool = True) -> Fetched | None:
+        """manifest(), but None for a 404 (no such tag upstream, or not
+        cached with the upstream down) when `missing_ok`."""
         headers = {**MIRROR_HEADERS, "Accept": MANIFEST_ACCEPT}
         if revalidate:
             headers["X-CR-Revalidate"] = "1"
         url = "http://fetcher" + mirror_path(ref, "manifests", target)
         async with self.session.get(url, headers=headers) as response:
             body = await response.read()
+            if response.status == 404 and missing_ok:
+                return None
             if response.status != 200:
                 raise registry_error(response.status, body)
             claimed = response.headers.get("Docker-Content-Digest", "")
@@ -92,6 +106,30 @@ class FetcherClient:
         except ManifestInvalid as err:
             raise ManifestInvalid(message=f"manifest {digest} is not a JSON object") from err
         return Fetched(digest, parsed, cache)
+
+    async def referrers(self, ref: Reference, subject: str) -> tuple[list[Descriptor], str]:
+        """The descriptors of `subject`'s referrers (fetched upstream and
+        stored, or the stored answer when the upstream is down), and the
+        fetcher's X-Cache."""
+        headers = {**MIRROR_HEADERS, "Accept": INDEX_TYPE, "X-CR-Revalidate": "1"}
+        url = "http://fetcher" + mirror_path(ref, "referrers", subject)
+        async with self.session.get(url, headers=headers) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise registry_error(response.status, body)
+            cache = response.headers.get("X-Cache", "")
+        return parse_referrers(body, f"the referrers index of {ref.name}@{subject}"), cache
+
+    async def tag_list(self, ref: Reference) -> str:
+        """Fetch and store the repository's tag list (its first page, as a
+        client asks with no `n`); the fetcher's X-Cache."""
+        headers = {**MIRROR_HEADERS, "X-CR-Revalidate": "1"}
+        url = "http://fetcher" + mirror_path(ref, "tags", "list")
+        async with self.session.get(url, headers=headers) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise registry_error(response.status, body)
+            return response.headers.get("X-Cache", "")
 
     async def blob_cached(self, ref: Reference, digest: str) -> bool:
         """HEAD: a HIT costs nothing more. Anything else, an error included,
@@ -164,7 +202,7 @@ async def fetcher_socket(config: Config) -> AsyncIterator[tuple[Path, bool]]:
     if await serve_is_running(config.socket_path):
         yield config.socket_path, False
         return
-    from cr_proxy.fetch.app import make_app  # the same app serve runs
+    from cr_proxy.edge.http import make_app  # the same app serve runs
 
     path = config.run_dir / f"warm-{os.getpid()}.sock"
     runner = web.AppRunner(

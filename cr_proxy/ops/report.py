@@ -71,6 +71,7 @@ def usage_document(usage: DiskUsage) -> dict[str, Any]:
                     for d in usage.domains],
         "total": _counts(usage.total),
         "unlinked": _counts(usage.unlinked),
+        "lists": _counts(usage.lists),
     }
 
 
@@ -130,6 +131,7 @@ def usage_table(usage: DiskUsage) -> str:
     rows = [(d.registry, d.domain, str(d.usage.files), human_size(d.usage.bytes))
             for d in usage.domains]
     rows.append(("unlinked", "blobs/", str(usage.unlinked.files), human_size(usage.unlinked.bytes)))
+    rows.append(("listings", "lists/", str(usage.lists.files), human_size(usage.lists.bytes)))
     rows.append(("total", "(each blob once)", str(usage.total.files),
                  human_size(usage.total.bytes)))
     return table(("REGISTRY", "DOMAIN", "FILES", "SIZE"), rows, right={2, 3})

@@ -31,7 +31,7 @@ from cr_proxy.ops.logs import rotate_if_larger
 
 log = logging.getLogger("cr_proxy.usage")
 
-CACHED_KINDS = frozenset({"blob", "manifest", "other"})
+CACHED_KINDS = frozenset({"blob", "manifest", "other", "artifact"})
 READ_INTERVAL = 1.0  # seconds between reads of the log
 ROTATE_BYTES = 64 << 20
 

@@ -22,6 +22,21 @@ Policy:
   fetcher merges the upstream download of two concurrent GETs too, but
   streams the whole blob to each of them: merging here keeps warm from
   moving it over the socket twice and from counting it fetched twice.
+- `--referrers` also asks the referrers of every manifest warmed (the
+  index, each platform's manifest) through the fetcher, which stores the
+  answer (by the upstream's API, else the tag schema's index tag, cached
+  as a tag), then fetches each referrer artifact (signatures,
+  attestations: a manifest, an index's manifests, their blobs) and, in
+  turn, the artifacts' own referrers: MAX_REFERRER_DEPTH levels, at most
+  MAX_REFERRER_ARTIFACTS artifacts an image (oci/referrers.py; `cr-proxy
+  check --referrers` walks the same way). Artifacts over the budget are
+  said, not fetched. A referrers answer that cannot be had fails the image.
+  It also fetches cosign's legacy tags of the image's own digest (the one
+  a verifier of the image checks: `sha256-<hex>.sig`, `.att`, `.sbom`;
+  tags, their artifacts warmed too, none is no fault; not those of each
+  platform's manifest, three manifest GETs each that Docker Hub would count
+  against its pull limit) and the repository's tag list (`skopeo list-tags`
+  offline; an upstream refusing to list is said, not a failure).
 - `--jobs` bounds the requests in flight. A failing image is reported with
   the fetcher's registry error (`CODE: message`) and makes the exit status
   non-zero; the other images still complete.
@@ -43,6 +58,12 @@ from cr_proxy.errors import CrProxyError
 from cr_proxy.fetch.flight import Shared
 from cr_proxy.oci.manifest import MAX_INDEX_DEPTH, Blob, Platform
 from cr_proxy.oci.reference import Reference, parse_reference
+from cr_proxy.oci.referrers import (
+    MAX_REFERRER_ARTIFACTS,
+    MAX_REFERRER_DEPTH,
+    legacy_tags,
+    next_artifacts,
+)
 from cr_proxy.ops.fetcher_client import (
     Fetched,
     FetcherClient,
@@ -105,6 +126,7 @@ class ImageResult:
     blobs_cached: int = 0
     bytes_fetched: int = 0
     stale: bool = False
+    referrers: int = 0  # referrer artifacts warmed (--referrers)
     error: str | None = None
 
 
@@ -115,6 +137,7 @@ class Summary:
     blobs_cached: int = 0
     bytes_fetched: int = 0
     stale: int = 0
+    referrers: int = 0
     seconds: float = 0.0
     fetcher: str = ""
     started_fetcher: bool = False
@@ -133,6 +156,7 @@ class Summary:
         self.blobs_cached += result.blobs_cached
         self.bytes_fetched += result.bytes_fetched
         self.stale += result.stale
+        self.referrers += result.referrers
         if result.error is not None:
             self.failures.append((result.image, result.error))
 
@@ -154,7 +178,8 @@ class Summary:
             "images": self.images, "images_ok": self.images_ok,
             "images_failed": self.images_failed, "blobs_fetched": self.blobs_fetched,
             "blobs_cached": self.blobs_cached, "bytes_fetched": self.bytes_fetched,
-            "stale": self.stale, "seconds": round(self.seconds, 3), "fetcher": self.fetcher,
+            "stale": self.stale, "referrers": self.referrers,
+            "seconds": round(self.seconds, 3), "fetcher": self.fetcher,
             "started_fetcher": self.started_fetcher,
             "failures": [{"image": i, "error": e} for i, e in self.failures],
         }
@@ -162,8 +187,9 @@ class Summary:
     def text(self) -> str:
         failed = f", {self.images_failed} failed" if self.failures else ""
         stale = f", {self.stale} kept stale (upstream unreachable)" if self.stale else ""
+        referrers = f"; {self.referrers} referrer artifacts" if self.referrers else ""
         return (
-            f"warm: {self.images} images ({self.images_ok} ok{failed}{stale}); "
+            f"warm: {self.images} images ({self.images_ok} ok{failed}{stale}){referrers}; "
             f"blobs: {self.blobs_fetched} fetched ({human_size(self.bytes_fetched)}), "
             f"{self.blobs_cached} already cached; {self.seconds:.1f} s"
         )
@@ -203,8 +229,9 @@ class Warmer:
     `jobs` bounds them all together."""
 
     def __init__(self, client: FetcherClient, jobs: int, platforms: Sequence[Platform],
-                 default_registry: str, progress: Progress) -> None:
+                 default_registry: str, progress: Progress, referrers: bool = False) -> None:
         self.client = client
+        self.referrers = referrers
         self.limit = asyncio.Semaphore(jobs)
         self.platforms = tuple(platforms)
         self.default_registry = default_registry
@@ -216,7 +243,10 @@ class Warmer:
         result = ImageResult(text)
         try:
             ref = parse_reference(text, self.default_registry)
-            manifests = await self._image_manifests(ref, result)
+            walked: list[str] = []  # every manifest digest, indexes too
+            manifests = await self._image_manifests(ref, result, walked)
+            if self.referrers:
+                manifests += await self._closure(ref, walked, result)
             blobs = {b.digest: b for m in manifests for b in m.manifest.blobs}
             await self._all(self._blob(ref, blob, result) for blob in blobs.values())
         except Exception as err:  # one image's failure, whatever it is, stops only that image
@@ -233,30 +263,90 @@ class Warmer:
                 raise outcome
         return outcomes
 
-    async def _image_manifests(self, ref: Reference, result: ImageResult) -> list[Fetched]:
+    async def _image_manifests(self, ref: Reference, result: ImageResult,
+                               walked: list[str]) -> list[Fetched]:
         top = await self._manifest(ref, ref.ref, revalidate=ref.digest is None)
         if top.cache == "STALE":
             result.stale = True
             self.progress.note(str(ref), "upstream unreachable: cached manifest kept (STALE)")
-        return await self._expand(ref, top, str(ref), 0)
+        return await self._expand(ref, top, str(ref), 0, self.platforms, walked)
 
-    async def _expand(self, ref: Reference, fetched: Fetched, where: str,
-                      depth: int) -> list[Fetched]:
-        """The image manifests below `fetched`; depth: the indexes above it."""
+    async def _closure(self, ref: Reference, subjects: list[str],
+                       result: ImageResult) -> list[Fetched]:
+        """--referrers: the tag list, the legacy tags, the referrers walk."""
+        try:
+            async with self.limit:
+                await self.client.tag_list(ref)
+        except CrProxyError as err:
+            self.progress.note(str(ref), f"tag list not cached: {describe(err)}")
+        tags = legacy_tags(subjects[0])  # the image's own digest (module docstring)
+        legacy = [f for f in await self._all(self._legacy(ref, t) for t in tags) if f]
+        result.referrers += len(legacy)
+        expanded = await self._all(
+            self._expand(ref, top, f"{ref}: {top.digest}", 0, (), []) for top in legacy)
+        found = [m for group in expanded for m in group]
+        return found + await self._referrer_manifests(ref, subjects, result)
+
+    async def _legacy(self, ref: Reference, tag: str) -> Fetched | None:
+        async with self.limit:
+            return await self.client.manifest_if_any(ref, tag, revalidate=True)
+
+    async def _referrer_manifests(self, ref: Reference, subjects: list[str],
+                                  result: ImageResult) -> list[Fetched]:
+        """The image manifests of the referrer artifacts of `subjects`, and
+        of theirs, level by level (the module docstring's bounds)."""
+        seen, found = set(subjects), []
+        level = list(dict.fromkeys(subjects))
+        for depth in range(MAX_REFERRER_DEPTH):
+            answers = await self._all(self._referrers_of(ref, s, result) for s in level)
+            budget = MAX_REFERRER_ARTIFACTS - result.referrers
+            artifacts, cut = next_artifacts(answers, seen, budget)
+            if cut:
+                self.progress.note(str(ref), f"more than {MAX_REFERRER_ARTIFACTS} referrer "
+                                   "artifacts: the rest not warmed")
+            result.referrers += len(artifacts)
+            tops = await self._all(self._manifest(ref, a, False) for a in artifacts)
+            level = []  # the artifacts, their index entries too: the next level's subjects
+            expanded = await self._all(
+                self._expand(ref, top, f"{ref}: referrer {top.digest}", 0, (), level)
+                for top in tops)
+            found += [m for group in expanded for m in group]
+            if cut or not level or depth + 1 == MAX_REFERRER_DEPTH:
+                break
+        return found
+
+    async def _referrers_of(self, ref: Reference, subject: str,
+                            result: ImageResult) -> list[dict[str, Any]]:
+        async with self.limit:
+            descriptors, cache = await self.client.referrers(ref, subject)
+        if cache == "STALE":
+            result.stale = True
+            self.progress.note(str(ref), f"upstream unreachable: the cached referrers of "
+                               f"{subject} kept (STALE)")
+        return descriptors
+
+    async def _expand(self, ref: Reference, fetched: Fetched, where: str, depth: int,
+                      platforms: tuple[Platform, ...], walked: list[str]) -> list[Fetched]:
+        """The image manifests below `fetched` (every manifest's digest,
+        indexes too, appended to `walked`); depth: the indexes above it."""
+        walked.append(fetched.digest)
         index = fetched.manifest
         if not index.is_index:
             return [fetched]
         if depth >= MAX_INDEX_DEPTH:
             raise CrProxyError("MANIFEST_INVALID", f"{where}: indexes nested too deep")
-        entries = index.select(self.platforms)
+        entries = index.select(platforms)
+        if not entries and not platforms and not index.entries:
+            return []  # an empty index (an artifact can be one): nothing below it
         if not entries:
-            wanted = ", ".join(map(str, self.platforms)) or "any platform"
+            wanted = ", ".join(map(str, platforms)) or "any platform"
             raise CrProxyError("PLATFORM_UNKNOWN", f"{where}: the index has no manifest for "
                                f"{wanted}")
         self.progress.note(where, f"index: {len(entries)} of {len(index.entries)} manifests")
         children = await self._all(self._manifest(ref, e.digest, False) for e in entries)
         expanded = await self._all(
-            self._expand(ref, child, f"{where}@{child.digest}", depth + 1) for child in children
+            self._expand(ref, child, f"{where}@{child.digest}", depth + 1, platforms, walked)
+            for child in children
         )
         return [m for group in expanded for m in group]
 
@@ -288,7 +378,8 @@ class Warmer:
 
 
 async def warm(config: Config, images: Sequence[str], platforms: Sequence[Platform] = (),
-               jobs: int = DEFAULT_JOBS, *, progress: Progress) -> Summary:
+               jobs: int = DEFAULT_JOBS, *, progress: Progress,
+               referrers: bool = False) -> Summary:
     """Warm every image; never raises for one image's failure."""
     started = time.monotonic()
     async with (
@@ -296,7 +387,7 @@ async def warm(config: Config, images: Sequence[str], platforms: Sequence[Platfo
         client_session(path, config) as session,
     ):
         warmer = Warmer(FetcherClient(session), jobs, platforms, config.default_registry,
-                        progress)
+                        progress, referrers)
         results = await asyncio.gather(*(warmer.image(i) for i in images))
     summary = Summary.of(results, time.monotonic() - started)
     summary.fetcher, summary.started_fetcher = str(path), own

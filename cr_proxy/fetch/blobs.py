@@ -98,7 +98,7 @@ class Blobs:
         flight = ctx.flights.join(
             f"{domain} {digest}",
             functools.partial(self._download, target, client_auth(request),
-                              bool(request.headers.get("X-CR-Peer"))),
+                              from_peer=bool(request.headers.get("X-CR-Peer"))),
         )
         if ctx.flights.coalesced > joined_before:
             ctx.metrics.coalesced.inc()
@@ -151,7 +151,9 @@ class Blobs:
             return stored
         ctx.metrics.misses.labels(kind="blob").inc()
         flight = ctx.flights.join(
-            f"{domain} {digest}", functools.partial(self._download, target, None)
+            # Its caller serves the stored file: kept even without
+            # cluster.keep_local.
+            f"{domain} {digest}", functools.partial(self._download, target, None, keep=True)
         )
         with self._offline_miss(target):
             await flight.wait_started()
@@ -219,19 +221,21 @@ class Blobs:
         return web.Response(status=200, headers=headers)
 
     async def _download(
-        self, target: Target, auth: str | None, from_peer: bool, flight: Flight
+        self, target: Target, auth: str | None, flight: Flight, *,
+        from_peer: bool = False, keep: bool = False,
     ) -> None:
         """The flight's task: source -> temp file -> verify -> commit. The
         source is the digest's owner when this node is in a cluster and the
         request is not a peer's (a peer's miss is filled from the upstream
-        here, never sent on: no loops), else the upstream."""
+        here, never sent on: no loops), else the upstream. What the owner
+        sent is committed with cluster.keep_local (or `keep`)."""
         peers = self.ctx.peers
         if peers is not None and not from_peer:
             answer = await peers.open(target)
             if answer is not None:
                 try:
                     await self._fill(target, answer.response, flight, None, None,
-                                     keep=self.ctx.config.cluster.keep_local)
+                                     keep=keep or self.ctx.config.cluster.keep_local)
                 except DigestMismatch as err:
                     peers.refused(answer, target, "digest", err.message)
                     raise

@@ -211,6 +211,21 @@ class Artifacts:
 
 
 @dataclass(frozen=True, slots=True)
+class Cluster:
+    """Sibling nodes (docs/design.md, "Cluster"). `peers` as written: nginx
+    builds its hash ring from these strings, so every node must list the
+    same ones for all to agree on each digest's owner."""
+
+    peers: tuple[str, ...]  # host:port of every node's mirror_http, self included
+    me: str  # cluster.self: this node's entry in peers
+    keep_local: bool
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.peers)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     cache_dir: Path
     certs_dir: Path
@@ -236,6 +251,7 @@ class Config:
     log_level: str
     mqtt: Mqtt
     download: Download = Download()
+    cluster: Cluster = Cluster((), "", True)
 
     @property
     def socket_path(self) -> Path:
@@ -420,6 +436,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
                                        "access_log_max_size"),
         log_level=_choice(data, "log_level", ("debug", "info", "warning", "error")),
         mqtt=_mqtt(_mapping(data, "mqtt"), environ),
+        cluster=_cluster(_mapping(data, "cluster")),
     )
 
 
@@ -633,6 +650,31 @@ def _address(data: Mapping[str, Any], key: str) -> Address:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(message=f"{key}: {value!r} is not host:port")
     return Address(host, int(port))
+
+
+PEER_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
+
+
+def _cluster(data: Mapping[str, Any]) -> Cluster:
+    """cluster.*: peers are host:port, each once, and self one of them."""
+    peers = _str_list(data, "cluster.peers")
+    for peer in peers:
+        if not PEER_RE.fullmatch(peer) or not 0 < int(peer.rpartition(":")[2]) < 65536:
+            raise ConfigError(message=f"cluster.peers: {peer!r} is not host:port")
+    doubles = sorted({peer for peer in peers if peers.count(peer) > 1})
+    if doubles:
+        raise ConfigError(message=f"cluster.peers: {', '.join(doubles)} listed more than once")
+    me = data.get("self") or ""
+    if not isinstance(me, str):
+        raise ConfigError(message=f"cluster.self: expected host:port, got {me!r}")
+    if peers and me not in peers:
+        raise ConfigError(message=f"cluster.self: {me!r} is not one of cluster.peers")
+    if me and not peers:
+        raise ConfigError(message="cluster.self is set but cluster.peers is empty")
+    keep_local = data.get("keep_local", True)
+    if not isinstance(keep_local, bool):
+        raise ConfigError(message=f"cluster.keep_local: expected true or false, got {keep_local!r}")
+    return Cluster(tuple(peers), me, keep_local)
 
 
 def _loopback_address(data: Mapping[str, Any], key: str) -> LoopbackAddress:

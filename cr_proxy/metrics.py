@@ -4,7 +4,9 @@ and what the caller adds: serve names incomplete and stale images), on
 `listen.metrics` (loopback by default: only local clients reach it).
 
 Who feeds what: the fetcher counts misses, revalidations, stale answers,
-bytes fetched, resumed downloads, upstream errors and coalesced requests; the upstream side
+bytes fetched, resumed downloads, upstream errors and coalesced requests,
+and in a cluster the misses each peer answered, failovers and peers'
+refused answers (upstream/peers.py); the upstream side
 (upstream/health.py) registries going down, down now, and the requests
 their outage saved; hits are served by
 nginx, which the fetcher never sees, so they come from nginx's access log
@@ -27,7 +29,8 @@ class Metrics:
 
     __slots__ = (
         "bytes_fetched", "bytes_served", "cache_bytes", "coalesced", "dummy_tokens",
-        "evictions", "hits", "misses", "registry", "requests", "resumes", "revalidations",
+        "evictions", "hits", "misses", "peer_errors", "peer_failovers", "peer_requests",
+        "registry", "requests", "resumes", "revalidations",
         "stale_served", "upstream_down", "upstream_errors", "upstream_outages",
         "upstream_skipped",
     )
@@ -88,6 +91,23 @@ class Metrics:
         self.requests = Counter(
             "crproxy_requests", "Requests seen by nginx", ["type", "status"], registry=r
         )
+        # Cluster (cluster.*): misses sent to their owner through nginx's
+        # ring, by the peer that answered; owners skipped on the way (failed,
+        # down or slow: the next on the ring answered); and peers' answers
+        # refused (wrong bytes, a cut body, an error status).
+        self.peer_requests = Counter(
+            "crproxy_peer_requests", "Blob misses answered by their owner node", ["peer"],
+            registry=r,
+        )
+        self.peer_failovers = Counter(
+            "crproxy_peer_failovers", "Owner nodes skipped because they failed; the next "
+            "node on the ring answered", ["peer"], registry=r,
+        )
+        self.peer_errors = Counter(
+            "crproxy_peer_errors", "Peers' answers refused (reason: digest, truncated, "
+            "status, unreachable); the upstream was asked instead", ["peer", "reason"],
+            registry=r,
+        )
         self.evictions = Counter("crproxy_evictions", "Images evicted for space", registry=r)
         self.cache_bytes = Gauge("crproxy_cache_bytes", "Bytes in the digest store", registry=r)
 
@@ -102,6 +122,34 @@ class Metrics:
             for sample in family.samples
             if sample.name.endswith("_total")
         )
+
+    @staticmethod
+    def by_label(metric: Counter, label: str) -> dict[str, float]:
+        """A labelled counter's totals per value of one label."""
+        out: dict[str, float] = {}
+        for family in metric.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = sample.labels.get(label, "")
+                    out[key] = out.get(key, 0.0) + sample.value
+        return out
+
+    def peer_rows(self) -> list[tuple[str, str]]:
+        """The status page's cluster rows: for each peer, the misses it
+        answered as their owner (its share of this node's, seen so far),
+        the failovers from it and its refused answers."""
+        answered = self.by_label(self.peer_requests, "peer")
+        failovers = self.by_label(self.peer_failovers, "peer")
+        refused = self.by_label(self.peer_errors, "peer")
+        total = sum(answered.values())
+        rows = []
+        for peer in sorted(set(answered) | set(failovers) | set(refused)):
+            share = f"{answered.get(peer, 0) / total:.0%}" if total else "n/a"
+            rows.append((f"peer {peer or '(ring unreachable)'}",
+                         f"owned {answered.get(peer, 0):.0f} misses ({share}), "
+                         f"failed over {failovers.get(peer, 0):.0f}, "
+                         f"refused {refused.get(peer, 0):.0f}"))
+        return rows
 
     def cache_size(self) -> float:
         """The cache_bytes gauge, read through the collector's samples (a
@@ -137,6 +185,7 @@ def make_app(metrics: Metrics, extra: StatusExtra | None = None) -> web.Applicat
             ("stale answers served", f"{metrics.total(metrics.stale_served):.0f}"),
             ("cache size (bytes)", f"{metrics.cache_size():.0f}"),
             ("evictions", f"{metrics.total(metrics.evictions):.0f}"),
+            *metrics.peer_rows(),
             *(await extra() if extra else []),
         ]
         body = "".join(

@@ -182,6 +182,9 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
         if config.listen.metrics.enabled:
             await _start_metrics(stack, config, metrics)
 
+        # Left by a crash of an earlier run: nginx would not bind over them.
+        for stale in nginx.unix_listeners(config):
+            stale.unlink(missing_ok=True)
         # nginx in a process group of its own: if its master dies, its
         # workers would live on, bound to our ports; _reap ends the group.
         proc = await asyncio.create_subprocess_exec(

@@ -362,10 +362,11 @@ class RealNamesBed:
 
     # ---- cr-proxy and clients
 
-    def crproxy(self, workdir: Path, **settings: Any) -> CrProxy:
-        """A CrProxy in cr-proxy's namespace, listening on its address, that
-        trusts the bed's root and has no `endpoints`. Stopped with the bed
-        (and by the caller's own `with`)."""
+    def crproxy(self, workdir: Path, *, ns: Netns | None = None,
+                address: str = CRPROXY_ADDRESS, **settings: Any) -> CrProxy:
+        """A CrProxy in cr-proxy's namespace (or `ns`), listening on its
+        address (or `address`), that trusts the bed's root and has no
+        `endpoints`. Stopped with the bed (and by the caller's own `with`)."""
         assert self.root is not None
         base: dict[str, Any] = {
             "mirror_names": [CRPROXY_NAME],
@@ -373,9 +374,9 @@ class RealNamesBed:
             "proxy": {"allow_clients": [CLIENT_NET], "allow_private": [UPSTREAM_NET]},
         }
         base.update(settings)
-        proxy = CrProxy(workdir, None, address=CRPROXY_ADDRESS, prefix=self.cr.prefix(),
+        proxy = CrProxy(workdir, None, address=address, prefix=(ns or self.cr).prefix(),
                         env={"SSL_CERT_FILE": str(self.root.bundle)},
-                        listen_proxy=f"{CRPROXY_ADDRESS}:3128", **base)
+                        listen_proxy=f"{address}:3128", **base)
         self.proxies.append(proxy)
         return proxy
 

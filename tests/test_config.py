@@ -507,3 +507,36 @@ def test_proxy_max_hosts_defaults_to_256_and_takes_a_whole_number(tmp_path):
     for bad in (0, -1, 2.5, True, "many", None):
         with pytest.raises(ConfigError, match=r"proxy\.max_hosts"):
             load_data(tmp_path, {"proxy": {"max_hosts": bad}})
+
+
+def test_cluster_defaults_to_one_node_alone(tmp_path: Path) -> None:
+    cluster = load(None, environ={}).cluster
+    assert (cluster.peers, cluster.me, cluster.keep_local, cluster.enabled) == ((), "", True, False)
+
+
+def test_cluster_peers_and_self_are_read_as_written(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {"cluster": {
+        "peers": ["198.51.100.11:5000", "node-b.lan:5000", "[2001:db8::3]:5000"],
+        "self": "node-b.lan:5000", "keep_local": False}})
+    cluster = load(path, environ={}).cluster
+    assert cluster.peers == ("198.51.100.11:5000", "node-b.lan:5000", "[2001:db8::3]:5000")
+    assert (cluster.me, cluster.keep_local, cluster.enabled) == ("node-b.lan:5000", False, True)
+
+
+@pytest.mark.parametrize(("cluster", "message"), [
+    ({"peers": ["10.0.0.1:5000", "10.0.0.1:5000"], "self": "10.0.0.1:5000"},
+     r"cluster\.peers: 10\.0\.0\.1:5000 listed more than once"),
+    ({"peers": ["10.0.0.1:5000", "10.0.0.2:5000"], "self": "10.0.0.3:5000"},
+     r"cluster\.self: '10\.0\.0\.3:5000' is not one of cluster\.peers"),
+    ({"peers": ["10.0.0.1:5000"], "self": ""}, r"cluster\.self: '' is not one"),
+    ({"peers": ["10.0.0.1"], "self": "10.0.0.1"},
+     r"cluster\.peers: '10\.0\.0\.1' is not host:port"),
+    ({"peers": ["10.0.0.1:0"], "self": "10.0.0.1:0"}, r"is not host:port"),
+    ({"peers": ["a b:1"], "self": "a b:1"}, r"is not host:port"),
+    ({"self": "10.0.0.1:5000"}, r"cluster\.self is set but cluster\.peers is empty"),
+    ({"keep_local": "yes"}, r"cluster\.keep_local: expected true or false"),
+])
+def test_bad_cluster_settings_name_the_key(tmp_path: Path, cluster: dict[str, object],
+                                           message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(write_config(tmp_path, {"cluster": cluster}), environ={})

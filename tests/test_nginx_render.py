@@ -30,6 +30,8 @@ CONFIGURATIONS = {
     "aliases-and-clients": {"REGISTRY_HOSTS": '{"hub": "registry-1.docker.io"}',
                             "MIRROR_ALLOW_CLIENTS": '["127.0.0.0/8", "10.0.0.0/8"]',
                             "LISTEN__PROXY": "127.0.0.1:3128"},
+    "cluster": {"CLUSTER__PEERS": '["127.0.0.1:5001", "127.0.0.2:5001", "[::1]:5002"]',
+                "CLUSTER__SELF": "127.0.0.2:5001"},
 }
 
 
@@ -161,3 +163,36 @@ def test_the_locations_take_a_reference_tag_or_sha256_digest(
         served = reference.is_tag(ref) or sha256
         assert (manifest.fullmatch(f"/v2/a/b/manifests/{ref}") is not None) is served, ref
     assert blob.fullmatch(f"/v2/a/b/blobs/{DIGESTS[0]}").group("cr_name") == "a/b"
+
+
+def test_a_cluster_renders_nginx_ring_over_the_peers(tmp_path: Path) -> None:
+    """The ring is nginx's: `hash ... consistent` over every peer as written,
+    this node never skipped by itself (no key sent round a circle), the
+    others by max_fails; peers' addresses may say X-CR-Peer and are mirror
+    clients; this node's own hop comes back as 421."""
+    conf = load(tmp_path, CLUSTER__PEERS='["127.0.0.1:5001", "192.0.2.7:5001"]',
+                CLUSTER__SELF="127.0.0.1:5001",
+                MIRROR_ALLOW_CLIENTS='["127.0.0.0/8"]')
+    text = nginx.cluster_conf(conf)
+    assert "hash $http_x_cr_digest consistent;" in text
+    assert "server 127.0.0.1:5001 max_fails=0;" in text
+    assert (f"server 192.0.2.7:5001 max_fails={nginx.PEER_MAX_FAILS} "
+            f"fail_timeout={nginx.PEER_FAIL_TIMEOUT}s;") in text
+    assert "proxy_next_upstream error timeout http_502 http_503 http_504;" in text
+    assert '"127.0.0.1:5001" 1;' in text  # $cr_peer_self
+    assert re.search(r"geo \$cr_from_peer \{\s*default 0;\s*127\.0\.0\.1 1;\s*192\.0\.2\.7 1;",
+                     text)
+    assert "    192.0.2.7 1;" in nginx.mirror_maps(conf)  # a mirror client, not listed
+
+
+def test_without_peers_no_request_is_a_peers(tmp_path: Path) -> None:
+    text = nginx.cluster_conf(load(tmp_path))
+    assert "upstream" not in text
+    assert 'map $http_x_cr_peer $cr_peer { default ""; }' in text
+
+
+def test_a_peer_that_does_not_resolve_stops_the_render(tmp_path: Path) -> None:
+    conf = load(tmp_path, CLUSTER__PEERS='["127.0.0.1:5001", "nowhere.invalid:5001"]',
+                CLUSTER__SELF="127.0.0.1:5001")
+    with pytest.raises(nginx.NginxError, match=r"nowhere\.invalid:5001 does not resolve"):
+        nginx.cluster_conf(conf)

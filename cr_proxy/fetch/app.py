@@ -54,6 +54,7 @@ from cr_proxy.metrics import Metrics
 from cr_proxy.net.policy import parse_authority
 from cr_proxy.upstream.challenges import Challenges
 from cr_proxy.upstream.client import Upstream
+from cr_proxy.upstream.peers import Peers
 
 log = logging.getLogger("cr_proxy.fetcher")
 
@@ -75,11 +76,11 @@ class Fetcher:
 
     @classmethod
     def of(cls, config: Config, store: Store, upstream: Upstream,
-           metrics: Metrics | None = None) -> Fetcher:
+           metrics: Metrics | None = None, peers: Peers | None = None) -> Fetcher:
         metrics = metrics or Metrics()
         flights = Flights()
         fill = CacheFill(config.cache.max_size, metrics, flights)
-        return cls(FetchContext(config, store, upstream, metrics, flights, fill))
+        return cls(FetchContext(config, store, upstream, metrics, flights, fill, peers))
 
     def __repr__(self) -> str:
         return f"<Fetcher {self.ctx.store!r} {self.ctx.flights!r}>"
@@ -230,9 +231,12 @@ def make_app(
         await in_thread(store.prepare, clean_temp)
         session = Upstream.make_session(config)
         upstream = Upstream(config, session, Challenges(store), metrics)
-        fetcher = Fetcher.of(config, store, upstream, upstream.metrics)
+        peers = Peers(config, upstream.metrics) if config.cluster.enabled else None
+        fetcher = Fetcher.of(config, store, upstream, upstream.metrics, peers)
         app["fetcher"] = fetcher
         yield
+        if peers is not None:
+            await peers.close()
         await upstream.close()
         await fetcher.close()
         await session.close()

@@ -98,7 +98,8 @@ class Blobs:
         # verified copy is stored, the other is dropped at its commit).
         flight = ctx.flights.join(
             f"{domain} {digest}",
-            functools.partial(self._download, target, client_auth(request)),
+            functools.partial(self._download, target, client_auth(request),
+                              from_peer=bool(request.headers.get("X-CR-Peer"))),
         )
         if ctx.flights.coalesced > joined_before:
             ctx.metrics.coalesced.inc()
@@ -151,7 +152,9 @@ class Blobs:
             return stored
         ctx.metrics.misses.labels(kind="blob").inc()
         flight = ctx.flights.join(
-            f"{domain} {digest}", functools.partial(self._download, target, None)
+            # Its caller serves the stored file: kept even without
+            # cluster.keep_local.
+            f"{domain} {digest}", functools.partial(self._download, target, None, keep=True)
         )
         with self._offline_miss(target):
             await flight.wait_started()
@@ -218,53 +221,103 @@ class Blobs:
             headers["Content-Length"] = str(response.content_length)
         return web.Response(status=200, headers=headers)
 
-    async def _download(self, target: Target, auth: str | None, flight: Flight) -> None:
-        """The flight's task: upstream -> temp file -> verify -> commit; a
-        body that breaks is resumed where it got to (resume.py)."""
+    async def _download(
+        self, target: Target, auth: str | None, flight: Flight, *,
+        from_peer: bool = False, keep: bool = False,
+    ) -> None:
+        """The flight's task: source -> temp file -> verify -> commit. The
+        source is the digest's owner when this node is in a cluster and the
+        request is not a peer's (a peer's miss is filled from the upstream
+        here, never sent on: no loops), else the upstream. What the owner
+        sent is committed with cluster.keep_local (or `keep`). An upstream
+        body that breaks is resumed where it got to (resume.py); a peer's is
+        not: the peer is counted as refused and the next try goes upstream."""
         ctx = self.ctx
-        digest, domain = target.rpath.ref, target.domain
+        peers = ctx.peers
+        if peers is not None and not from_peer:
+            answer = await peers.open(target)
+            if answer is not None:
+                try:
+                    await self._fill(target, answer.response, flight, None,
+                                     keep=keep or ctx.config.cluster.keep_local)
+                except DigestMismatch as err:
+                    peers.refused(answer, target, "digest", err.message)
+                    raise
+                except (Truncated, TooLarge, aiohttp.ClientError, TimeoutError) as err:
+                    peers.refused(answer, target, "truncated", str(err))
+                    raise
+                finally:
+                    answer.response.release()
+                return
         opened = await ctx.upstream.open("GET", target, client_auth=auth)
-        upstream = opened.response
-        resume = Resume(ctx, target, auth, opened, upstream.content_length)
+        resume = Resume(ctx, target, auth, opened, opened.response.content_length)
         try:
-            if upstream.status == 404:
-                raise NotFound("BLOB_UNKNOWN", f"blob {digest} not found on {domain}")
-            if upstream.status != 200:
-                raise UpstreamError(message=f"{domain} answered {upstream.status} for {digest}")
-            limit = self._size_limit(upstream.content_length, domain, digest)
-            writer = await in_thread(ctx.store.blob_writer, digest)
-            try:
-                flight.started(writer.path, upstream.content_length)
-                skip = 0
-                while True:
-                    try:
-                        await self._write_body(resume.opened.response.content, writer, flight,
-                                               limit, skip)
-                        break
-                    except BREAKS as err:
-                        # The readers wait on the file; it goes on growing.
-                        skip = await resume.reopen(err, writer.size)
-                await in_thread(writer.verify, resume.total)
-                # Clients get their last byte now; the fsync and rename follow.
-                await flight.verified_whole()
-                committed = await in_thread(
-                    ctx.store.commit_blob, writer, domain, target.rpath.path,
-                    _redirected(resume.opened.hops),
-                    ctx.upstream.challenges.for_repository(domain, target.rpath.name),
-                )
-            except BaseException:
-                await in_thread(writer.abort)
-                raise
+            fetched = await self._fill(
+                target, opened.response, flight,
+                ctx.upstream.challenges.for_repository(target.domain, target.rpath.name),
+                resume=resume,
+            )
         except DigestMismatch as err:
-            log.error("registry %s sent wrong bytes for %s%s: %s", domain, digest,
+            log.error("registry %s sent wrong bytes for %s%s: %s", target.domain,
+                      target.rpath.ref,
                       f" (after {resume.attempts} resumes)" if resume.attempts else "",
                       err.message)
             raise
         finally:
             resume.opened.response.release()
-        ctx.metrics.bytes_fetched.inc(writer.size)
-        ctx.fill.grew(writer.size)
+        ctx.metrics.bytes_fetched.inc(fetched)
+
+    async def _fill(
+        self, target: Target, source: aiohttp.ClientResponse, flight: Flight,
+        challenge: str | None, keep: bool = True, resume: Resume | None = None,
+    ) -> int:
+        """A source's answer into the cache (or, `keep` false, only through
+        a temp file to the flight's readers): checked, verified, committed.
+        With `resume` (the upstream's), a body that breaks is asked again
+        from where it got to; without (a peer's), a break is Truncated.
+        Returns its size."""
+        ctx = self.ctx
+        digest, domain = target.rpath.ref, target.domain
+        if source.status == 404:
+            raise NotFound("BLOB_UNKNOWN", f"blob {digest} not found on {domain}")
+        if source.status != 200:
+            raise UpstreamError(message=f"{domain} answered {source.status} for {digest}")
+        limit = self._size_limit(source.content_length, domain, digest)
+        writer = await in_thread(ctx.store.blob_writer, digest)
+        try:
+            flight.started(writer.path, source.content_length)
+            skip = 0
+            while True:
+                body = resume.opened.response.content if resume else source.content
+                try:
+                    await self._write_body(body, writer, flight, limit, skip)
+                    break
+                except BREAKS as err:
+                    if resume is None:
+                        raise Truncated(message=f"{domain}: body of {digest} cut short") from err
+                    # The readers wait on the file; it goes on growing.
+                    skip = await resume.reopen(err, writer.size)
+            await in_thread(writer.verify, resume.total if resume else source.content_length)
+            # Clients get their last byte now; the fsync and rename follow.
+            await flight.verified_whole()
+            committed = None
+            if keep:
+                # The last answer's hops: a resume may have been redirected anew.
+                redirected = _redirected(resume.opened.hops) if resume else None
+                committed = await in_thread(
+                    ctx.store.commit_blob, writer, domain, target.rpath.path, redirected,
+                    challenge,
+                )
+            else:
+                # Readers hold their own descriptors: the bytes stay theirs.
+                await in_thread(writer.abort)
+        except BaseException:
+            await in_thread(writer.abort)
+            raise
+        if committed is not None:
+            ctx.fill.grew(writer.size)
         await flight.finish(committed, None)
+        return writer.size
 
     def _size_limit(self, content_length: int | None, domain: str, digest: str) -> int:
         """The most bytes this download may write: its Content-Length when

@@ -22,6 +22,7 @@ from cr_proxy.errors import CrProxyError, TooLarge, Truncated, UpstreamError
 from cr_proxy.fetch.flight import Flights
 from cr_proxy.metrics import Metrics
 from cr_proxy.upstream.client import Upstream
+from cr_proxy.upstream.peers import Peers
 
 T = TypeVar("T")
 API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -129,3 +130,4 @@ class FetchContext:
     metrics: Metrics
     flights: Flights
     fill: CacheFill
+    peers: Peers | None = None  # cluster.peers set: the owners, through nginx's ring

@@ -34,6 +34,7 @@ from cr_proxy.errors import (
 )
 from cr_proxy.fetch.context import (
     API_HEADERS,
+    STALE,
     STALE_OK_STATUSES,
     FetchContext,
     cache_headers,
@@ -62,14 +63,17 @@ class Manifests:
     async def get(self, request: web.Request, target: Target) -> web.StreamResponse:
         # `cr-proxy warm` asks for a revalidation whatever the tag's age.
         forced = request.headers.get("X-CR-Revalidate") == "1"
-        stored, cache = await self.lookup(target, client_auth(request), forced)
+        from_peer = bool(request.headers.get("X-CR-Peer"))
+        stored, cache = await self.lookup(target, client_auth(request), forced, from_peer)
         return _response(stored, cache)
 
     async def lookup(self, target: Target, auth: str | None,
-                     forced: bool = False) -> tuple[StoredManifest, str]:
+                     forced: bool = False, from_peer: bool = False
+                     ) -> tuple[StoredManifest, str]:
         """The manifest a GET of `target` answers, by the policy above, and
         its X-Cache (HIT, MISS, STALE, REVALIDATED). Also the way in for
-        callers that are no HTTP client (cr_proxy/edge resolves modules)."""
+        callers that are no HTTP client (cr_proxy/edge resolves modules).
+        `from_peer`: a cluster peer asks; filled here, never sent on."""
         ctx = self.ctx
         domain, path = target.domain, target.rpath.path
         stored = await in_thread(ctx.store.read_manifest, domain, path)
@@ -78,7 +82,7 @@ class Manifests:
             what = f"{rpath.name}{'@' if rpath.by_digest else ':'}{rpath.ref}"
             with offline_miss("MANIFEST_UNKNOWN", what, domain):
                 stored = await self.shared.run(
-                    ("manifest", domain, path), lambda: self._fetch(target, auth)
+                    ("manifest", domain, path), lambda: self._fetch(target, auth, from_peer)
                 )
             ctx.metrics.misses.labels(kind="manifest").inc()
             return stored, "MISS"
@@ -94,8 +98,12 @@ class Manifests:
         # (`cr-proxy warm` waits for the upstream's word).
         budget = None if forced else ctx.config.timeouts.stale_budget
         try:
+            # A forced revalidation (warm) wants the upstream's word, not
+            # the owner's cached copy: asked as a peer's would be.
+            direct = forced or from_peer
             fresh = await self.shared.run(
-                ("revalidate", domain, path), lambda: self._revalidate(target, stored, auth),
+                ("revalidate", domain, path),
+                lambda: self._revalidate(target, stored, auth, direct),
                 within=budget,
             )
         except StillRunning:
@@ -144,9 +152,14 @@ class Manifests:
         return domain
 
     async def _revalidate(
-        self, target: Target, stored: StoredManifest, auth: str | None
+        self, target: Target, stored: StoredManifest, auth: str | None, from_peer: bool = False
     ) -> StoredManifest:
-        """Ask upstream whether the tag still points where we have it."""
+        """Ask upstream whether the tag still points where we have it; in a
+        cluster (not for a peer), ask the tag's owner node instead, which
+        answers from its cache while fresh and else asks the upstream."""
+        owned = await self._from_owner(target, from_peer)
+        if owned is not None:
+            return owned
         response = await self.ctx.upstream.registry(
             "HEAD", target, headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth
         )
@@ -165,13 +178,58 @@ class Manifests:
             return StoredManifest(stored.body, stored.content_type, stored.digest, time.time())
         return await self._fetch(target, auth)
 
-    async def _fetch(self, target: Target, auth: str | None) -> StoredManifest:
-        """GET a manifest; stored only whole, verified and of a known kind."""
+    async def _fetch(
+        self, target: Target, auth: str | None, from_peer: bool = False
+    ) -> StoredManifest:
+        """GET a manifest; stored only whole, verified and of a known kind.
+        By digest in a cluster, and not for a peer (a peer's miss is filled
+        here, never sent on), its owner node is asked first; an answer of
+        its that fails the checks is counted and the upstream asked."""
         ctx = self.ctx
-        domain, rpath = target.domain, target.rpath
+        owned = await self._from_owner(target, from_peer)
+        if owned is not None:
+            return owned
         response = await ctx.upstream.registry(
             "GET", target, headers={"Accept": MANIFEST_ACCEPT}, client_auth=auth
         )
+        return await self._store(target, response)
+
+    async def _from_owner(self, target: Target, from_peer: bool) -> StoredManifest | None:
+        """In a cluster, the manifest from its owner node (by digest: the
+        digest's; by tag: the owner of registry/name:tag), checked as an
+        upstream's answer would be and stored; None when this node owns it,
+        for a peer's request (filled here, never sent on), or when the
+        owner's answer failed (counted): the caller asks the upstream. A
+        tag the owner could only answer stale is stored as due for
+        revalidation."""
+        peers = self.ctx.peers
+        if peers is None or from_peer:
+            return None
+        answer = await peers.open(target, MANIFEST_ACCEPT)
+        if answer is None:
+            return None
+        try:
+            return await self._store(target, answer.response,
+                                     keep=self.ctx.config.cluster.keep_local,
+                                     stale_ok=True)
+        except DigestMismatch as err:
+            peers.refused(answer, target, "digest", err.message)
+        except (ManifestInvalid, UpstreamError, aiohttp.ClientError, TimeoutError) as err:
+            peers.refused(answer, target, "truncated", str(err))
+        finally:
+            answer.response.release()
+        return None
+
+    async def _store(
+        self, target: Target, response: aiohttp.ClientResponse, keep: bool = True,
+        stale_ok: bool = False,
+    ) -> StoredManifest:
+        """A source's manifest answer checked, and committed unless `keep` is
+        false. `stale_ok`: a peer's answer, whose X-Cache STALE says its
+        upstream could not confirm it: stored as validated long ago."""
+        ctx = self.ctx
+        domain, rpath = target.domain, target.rpath
+        validated_long_ago = stale_ok and response.headers.get("X-Cache") == STALE
         async with response:
             if response.status == 404:
                 raise NotFound("MANIFEST_UNKNOWN", f"manifest {rpath.name}:{rpath.ref} "
@@ -186,7 +244,9 @@ class Manifests:
             header_type = response.headers.get("Content-Type", "")
             claimed = response.headers.get("Docker-Content-Digest")
         digest, content_type = await in_thread(_check_manifest, body, header_type, target, claimed)
-        now = time.time()
+        now = 0.0 if validated_long_ago else time.time()
+        if not keep:
+            return StoredManifest(body, content_type, digest, now)
         try:
             await in_thread(
                 ctx.store.commit_manifest, domain, rpath, body, digest, content_type, now,

@@ -158,6 +158,8 @@ class Config:
     registry_hosts: Mapping[str, str]
     endpoints: Mapping[str, str]
     insecure: frozenset[str]
+    parent_mirror: str  # a parent cr-proxy's mirror URL, or ""
+    parent_fallback: str  # direct | fail
     registries: Mapping[str, Credentials]
     proxy: ProxyPolicy
     nginx: NginxSettings
@@ -305,6 +307,8 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             for k, v in _mapping(data, "endpoints").items()
         },
         insecure=frozenset(_host(h, "insecure") for h in _str_list(data, "insecure")),
+        parent_mirror=_parent_mirror(data.get("parent_mirror")),
+        parent_fallback=_choice(data, "parent_fallback", ("direct", "fail")),
         registries={
             _host(k, "registries"): _credentials(v, f"registries.{k}", environ)
             for k, v in _mapping(data, "registries").items()
@@ -420,6 +424,22 @@ def _url(value: Any, key: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(message=f"{key}: {value!r} is not an http(s) URL")
     return value.rstrip("/")
+
+
+def _parent_mirror(value: Any) -> str:
+    """A mirror's base URL: scheme, host and port, nothing after them (the
+    requests' paths and ?ns= are added to it)."""
+    if value == "":
+        return ""
+    url = _url(value, "parent_mirror")
+    parts = urlsplit(url)
+    if parts.path or parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(message=f"parent_mirror: {value!r}: scheme://host[:port] only")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as err:
+        raise ConfigError(message=f"parent_mirror: {value!r}: {err}") from err
+    return url
 
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,

@@ -1,9 +1,12 @@
-"""parent_mirror and parent_fallback: what the configuration accepts, and
+"""parent_mirror, upstream_proxy and parent_fallback: what the configuration accepts, and
 the URLs a site sends its parent (tests/test_e2e_parent.py runs them)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import trustme
 
 from cr_proxy import config
 from cr_proxy.errors import ConfigError
@@ -58,3 +61,37 @@ def test_a_parent_by_name_may_resolve_to_a_private_address() -> None:
     assert destinations.named("parent.corp", 5000)
     assert not destinations.named("parent.corp", 443)
     assert not Destinations.of(load()).named("parent.corp", 5000)
+
+
+def test_upstream_proxy_takes_an_http_proxy_and_its_ca(tmp_path: Path) -> None:
+    ca = tmp_path / "parent-ca.crt"
+    ca.write_bytes(trustme.CA().cert_pem.bytes())
+    conf = load(upstream_proxy="http://parent:3128", upstream_proxy_ca=str(ca))
+    assert (conf.upstream_proxy, conf.upstream_proxy_ca) == ("http://parent:3128", ca)
+    parent = Parent.of(conf)
+    assert parent is not None and parent.proxy and parent.direct_fallback
+    assert parent.request_url("registry.test", "/v2/x/blobs/sha256:1") == (
+        "https://registry.test/v2/x/blobs/sha256:1")
+    assert Destinations.of(conf).named("parent", 3128)
+
+
+@pytest.mark.parametrize(("settings", "refusal"), [
+    ({"upstream_proxy": "https://parent:3128"}, "an http:// proxy URL"),
+    ({"upstream_proxy": "http://parent:3128/x"}, "scheme://host"),
+    ({"upstream_proxy": "http://p:3128", "parent_mirror": "http://p:5000"}, "set one of them"),
+    ({"upstream_proxy_ca": "/etc/ca.crt"}, "upstream_proxy is not"),
+])
+def test_upstream_proxy_refusals(settings: dict[str, str], refusal: str) -> None:
+    with pytest.raises(ConfigError, match=refusal):
+        load(**settings)
+
+
+def test_an_unreadable_upstream_proxy_ca_stops_the_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"upstream_proxy_ca: .* is not a file"):
+        load(upstream_proxy="http://parent:3128",
+             upstream_proxy_ca=str(tmp_path / "missing.crt"))
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_text("not a certificate\n")
+    conf = load(upstream_proxy="http://parent:3128", upstream_proxy_ca=str(garbage))
+    with pytest.raises(ConfigError, match="upstream_proxy_ca: cannot load"):
+        Parent.of(conf)

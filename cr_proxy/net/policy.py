@@ -126,7 +126,7 @@ class Destinations:
 
     @classmethod
     def of(cls, config: Config) -> Destinations:
-        own = [config.parent_mirror] if config.parent_mirror else []
+        own = [url for url in (config.parent_mirror, config.upstream_proxy) if url]
         return cls(config.proxy.allow_private, dict(config.endpoints), own)
 
     def __repr__(self) -> str:

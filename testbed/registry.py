@@ -51,7 +51,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Coroutine, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -121,6 +121,17 @@ def _wait_until_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -
         with suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=0.05)
     raise RuntimeError(f"{proc.args!r} not listening on {port} after {READY_TIMEOUT}s")
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (/proc/<pid>/stat: the ppid is
+    the 4th field, after the command name in parentheses)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
@@ -671,9 +682,11 @@ class Upstream:
         counted once (by its request id). distribution logs a request as its
         handler starts ("authorized request", or the 401's "error authorizing
         context"), before it answers: a request a client's answer waited for
-        is already counted when the answer arrives."""
+        is already counted when the answer arrives. (logrus quotes a value
+        with characters such as ':', a digest's: "uri" is matched either way.)"""
+        uri = re.escape(path)
         pattern = re.compile(r"http\.request\.id=(\S+) http\.request\.method=(?:GET|HEAD) "
-                             rf".*http\.request\.uri={re.escape(path)} ")
+                             rf'.*http\.request\.uri=(?:{uri}|"{uri}") ')
         with self.registry_log.open(errors="replace") as log:
             return len({match[1] for line in log if (match := pattern.search(line))})
 
@@ -796,6 +809,22 @@ class Upstream:
     def stop_cdn(self) -> None:
         _terminate(self._cdn)
         self._cdn = None
+
+    @contextmanager
+    def cdn_paused(self) -> Iterator[None]:
+        """The CDN's worker stopped (SIGSTOP) for the block: a download under
+        way holds still, mid-body, until the block ends (SIGCONT), so a test
+        can make two requests meet in flight without relying on timing."""
+        assert self._cdn is not None
+        workers = [pid for pid in _children(self._cdn.pid)]
+        assert workers, "the CDN has no worker"
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
 
     def start_auth(self) -> None:
         assert self._auth is not None, "start() first"

@@ -6,11 +6,15 @@ SSL_CERT_FILE / --cert-dir."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Self
 
@@ -37,26 +41,43 @@ class Daemon:
         self.log = workdir / f"{self.name}.log"
 
     def _spawn(self, args: list[str], env: dict[str, str], ready_check: str) -> None:
-        """Start it, then wait (bounded) until `ready_check` succeeds."""
+        """Start it in a session of its own, then wait (bounded) until
+        `ready_check` succeeds. A start that fails, however (not ready in
+        time, the daemon dead, the wait interrupted), stops what it began."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen([*self.netns, *args], env=env, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        wait = ["timeout", str(int(READY_TIMEOUT)), "sh", "-c",
-                f"until {ready_check} >/dev/null 2>&1; do "
-                f"[ -e /proc/{self.proc.pid} ] || exit 1; sleep 0.1; done"]
-        if subprocess.run(wait, capture_output=True, env=clean_env()).returncode != 0:
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_ready(self.proc, ready_check)
+        except BaseException:
             self.stop()
-            raise RuntimeError(f"{self.name} did not start:\n{self.log.read_text()[-3000:]}")
+            raise
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], ready_check: str) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        tick = threading.Event()
+        while subprocess.run(["sh", "-c", ready_check], capture_output=True,
+                             env=clean_env()).returncode != 0:
+            # poll(), not /proc: a daemon that died is a zombie until reaped.
+            if proc.poll() is not None or time.monotonic() > deadline:
+                state = f"exited {proc.returncode}" if proc.returncode is not None else "not ready"
+                raise RuntimeError(f"{self.name} did not start ({state}):\n"
+                                   f"{self.log.read_text()[-3000:]}")
+            tick.wait(0.1)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            # What it started and left behind (dockerd's containerd, a
+            # shim, a child of a daemon that died) is still in its session.
+            kill_session(self.proc.pid)
         # dockerd leaves its data root bind-mounted (and may leave netns
         # mounts): unmount what lies below our paths before removing them.
         unmount_below(self.dir)
@@ -115,6 +136,22 @@ class Dockerd(Daemon):
     def stop(self) -> None:
         super().stop()
         shutil.rmtree(self.dir / "data", ignore_errors=True)
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process left in session `sid` (a session's id is not
+    reused while any of its processes lives)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # stat: pid (comm) state ppid pgrp session ...; comm may hold spaces.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def unmount_below(path: Path) -> None:

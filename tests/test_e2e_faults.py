@@ -438,8 +438,9 @@ def test_nginx_crash_leaves_no_orphan_workers(fake: FaultyRegistry, tmp_path: Pa
     # (stop(), at the with's end, kills whatever nginx of it is left.)
     with CrProxy(tmp_path / "crproxy", fake.endpoints) as cr:
         master = int((cr.run_dir / "nginx.pid").read_text())
+        # "ready" is nginx listening, which it does before forking workers.
+        wait_until(lambda: children(master), 10, "nginx's workers")
         workers = children(master)
-        assert workers, "nginx has workers"
         os.kill(master, signal.SIGKILL)
         assert cr.proc is not None
         assert cr.proc.wait(30) == 1

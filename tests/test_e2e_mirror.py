@@ -383,7 +383,8 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     with CrProxy(tmp_path / "crproxy", {}) as running:
         master = int((running.run_dir / "nginx.pid").read_text())
         assert master in running.nginx_processes()
-        assert len(running.nginx_processes()) >= 2, "nginx master and at least one worker"
+        # "ready" is nginx listening, which it does before forking workers.
+        wait_until(lambda: len(running.nginx_processes()) >= 2, 10, "nginx's workers")
         assert running.stop() == 0
     # serve waited for nginx, workers included: nothing left for stop() to kill.
     assert running.strays == []

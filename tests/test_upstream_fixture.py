@@ -243,6 +243,20 @@ async def test_cdn_link_port_serves_the_same_blobs_rate_limited(pushed: Pushed) 
     assert up.cdn_blob_gets_settled(digest) == before + 1
 
 
+async def test_registry_requests_counts_each_get_and_head_once(pushed: Pushed) -> None:
+    """By tag and by digest (a value logrus quotes), answered or refused:
+    each request counted once, and already when its answer arrives."""
+    up = pushed.up
+    digest = pushed.small.layer_digests[1]
+    for path in ("/v2/library/small/manifests/v1", f"/v2/library/small/blobs/{digest}"):
+        before = up.registry_requests(path)
+        async with aiohttp.ClientSession() as session:
+            for method in ("GET", "HEAD"):
+                async with session.request(method, up.registry_url + path) as resp:
+                    assert resp.status == 401  # no token: refused, still a request
+        assert up.registry_requests(path) == before + 2, path
+
+
 def test_cdn_counts_settle_only_once_no_request_is_under_way(pushed: Pushed) -> None:
     """A GET the CDN has begun but not finished is not in its log yet: a
     count taken then would miss it. cdn_blob_gets_settled waits for it (a

@@ -139,3 +139,23 @@ def get(node: CrProxy, path: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
+
+
+def test_a_parent_proxy_not_trusted_is_an_error_not_a_fallback(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """upstream_proxy without the parent's CA: TLS to the parent fails, and
+    parent_fallback: direct must not take that for an outage (a site would
+    silently bypass its parent, or a man in the middle would decide where it
+    goes)."""
+    image = build_image(tmp_path / "img", layers=[tar_layer({"untrusted": os.urandom(40_000)})])
+    upstream.push(image.layout, "latest", "tier-untrusted/app", "v1")
+    endpoints = proxy_endpoints(upstream)
+    (proxy_port,) = free_ports(1)
+    with CrProxy(tmp_path / "parent", endpoints, listen_proxy=f"127.0.0.1:{proxy_port}"), \
+            CrProxy(tmp_path / "site", endpoints, parent_fallback="direct",
+                    upstream_proxy=f"http://127.0.0.1:{proxy_port}") as site:
+        code, body = get(site, "/v2/registry.test/tier-untrusted/app/manifests/v1")
+        assert code >= 500, body
+        site.wait_for_output(f"the parent http://127.0.0.1:{proxy_port}'s TLS", 30)
+        assert upstream.registry_requests("/v2/tier-untrusted/app/manifests/v1") == 0

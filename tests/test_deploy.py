@@ -576,12 +576,35 @@ def test_kubernetes_statefulset_services_volumes_and_probes(tmp_path: Path) -> N
     assert mounts[str(conf.cache_dir)]["name"] == "cache"
     assert [c["metadata"]["name"] for c in spec["volumeClaimTemplates"]] == ["cache"]
     assert "cache" not in volumes
-    for name in ("ca.crt", "ca.key"):
-        mount = mounts[str(conf.certs_dir / name)]
-        assert mount["subPath"] == name
-        assert volumes[mount["name"]]["secret"]["secretName"] == CA_SECRET
-    assert mounts[str(conf.certs_dir)]["name"] in volumes
+    # The Secret is mounted in the init container only, which copies the CA
+    # into the certs volume the server then uses as its own.
+    certs_volume = mounts[str(conf.certs_dir)]["name"]
+    assert "emptyDir" in volumes[certs_volume]
+    assert not any(m.startswith(f"{conf.certs_dir}/") for m in mounts)
+    env, init_mounts = ca_init()
+    assert env["DEST"] == str(conf.certs_dir)
+    assert init_mounts[env["DEST"]] == certs_volume
+    assert volumes[init_mounts[env["SRC"]]]["secret"]["secretName"] == CA_SECRET
     assert mounts[str(conf.run_dir)]["name"] in volumes
+
+
+def ca_init() -> tuple[dict[str, str], dict[str, str]]:
+    """The StatefulSet's init container "ca": its env and its mounts (path ->
+    volume)."""
+    (init,) = pod_spec("StatefulSet", "cr-proxy")["initContainers"]
+    assert init["name"] == "ca" and init["image"] == only_container(
+        "StatefulSet", "cr-proxy")["image"]
+    return ({e["name"]: e["value"] for e in init["env"]},
+            {m["mountPath"]: m["name"] for m in init["volumeMounts"]})
+
+
+def run_ca_init(src: Path, dest: Path) -> None:
+    """The init container's script, run as the pod would run it."""
+    (init,) = pod_spec("StatefulSet", "cr-proxy")["initContainers"]
+    shell, flag, script = init["command"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    subprocess.run(["sh", "-c", script], check=True, timeout=30,
+                   env={"PATH": os.environ["PATH"], "SRC": str(src), "DEST": str(dest)})
 
 
 def node_config() -> tuple[str, dict[str, str]]:
@@ -698,8 +721,14 @@ def test_lab_every_node_has_a_valid_configuration(tmp_path: Path) -> None:
         assert name in conf.mirror_names
         mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
         assert mounts[CONFIG_PATH] == "./cr-proxy.yml"
-        assert mounts[str(conf.certs_dir / "ca.crt")] == "./ca/ca.crt"
-        assert mounts[str(conf.certs_dir / "ca.key")] == "./ca/ca.key"
+        # The CA copied into certs_dir before serve starts (as the
+        # StatefulSet's init container does), then the image's command.
+        assert mounts["/etc/cr-proxy-ca"] == "./ca"
+        shell, flag, script = service["command"]
+        assert (shell, flag) == ("/bin/sh", "-c")
+        for name, mode in (("ca.key", "0600"), ("ca.crt", "0640")):
+            assert f"install -m {mode} /etc/cr-proxy-ca/{name} {conf.certs_dir / name}" in script
+        assert script.endswith(f"&& exec {' '.join(CMD)}")
         assert mounts[str(conf.cache_dir)].startswith("cache")
         inside = {int(p.split(":")[1]) for p in service["ports"]}
         assert inside == {conf.listen.proxy.port, conf.listen.mirror_http.port,

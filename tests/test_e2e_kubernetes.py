@@ -6,14 +6,19 @@ not here; tests/test_deploy.py checks the manifests against its schemas.)"""
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 from testbed.crproxy import CrProxy
 from testbed.registry import Upstream
 from tests.clients import Containerd, available
 from tests.conftest import Images, proxy_endpoints
-from tests.test_deploy import node_config, node_config_running
+from tests.test_deploy import node_config, node_config_running, run_ca_init
 from tests.test_e2e_clients import CONTAINERD_PULLS, assert_complete
 
 # containerd's fallback when the mirror fails: a closed local port, so a
@@ -52,3 +57,31 @@ def test_node_config_hosts_toml_makes_containerd_pull_through_cr_proxy(
         for registry, repo in (("docker.io", "library/small"), ("registry.test", "other/app")):
             ns = re.escape(f"?ns={registry} ")
             proxy.access_lines(re.compile(rf'"GET /v2/{repo}/blobs/sha256:[0-9a-f]{{64}}{ns}'), 1)
+
+
+def test_the_ca_from_the_secret_is_the_one_serve_signs_with(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """README's recipe makes the CA (`cr-proxy ca` into a directory), the
+    Secret holds it (read-only, 0440, as Kubernetes mounts it), the init
+    container copies it into certs_dir, and serve uses it rather than
+    making its own."""
+    secret = tmp_path / "secret"
+    made = subprocess.run([sys.executable, "-m", "cr_proxy", "ca"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "CR_PROXY_CERTS_DIR": str(secret)})
+    assert made.returncode == 0, made.stderr
+    for name in ("ca.crt", "ca.key"):
+        (secret / name).chmod(0o440)
+    secret.chmod(0o555)
+    work = tmp_path / "crproxy"
+    (work / "certs").mkdir(parents=True)  # the pod's emptyDir
+    run_ca_init(secret, work / "certs")
+    with CrProxy(work, proxy_endpoints(upstream)) as proxy:
+        assert proxy.ca_cert.read_bytes() == (secret / "ca.crt").read_bytes()
+        assert made.stdout == (secret / "ca.crt").read_text()
+        # And its mirror's certificate chains to it.
+        context = ssl.create_default_context(cafile=str(secret / "ca.crt"))
+        with socket.create_connection((proxy.address, proxy.https_port), timeout=30) as sock, \
+                context.wrap_socket(sock, server_hostname="localhost") as tls:
+            assert tls.version()

@@ -21,8 +21,11 @@ RUN apt-get update \
 
 # A dedicated user, not root: every port is unprivileged, so nothing needs
 # root, and nginx (started by a non-root cr-proxy) emits no `user` directive:
-# its workers run as cr-proxy too (cr_proxy/nginx.py, user_line).
-RUN useradd --system --user-group --home-dir /var/lib/cr-proxy \
+# its workers run as cr-proxy too (cr_proxy/nginx.py, user_line). A fixed
+# uid/gid, so Kubernetes can name them (deploy/kubernetes: runAsUser, and
+# fsGroup, which makes the cache volume writable).
+RUN groupadd --system --gid 10001 cr-proxy \
+    && useradd --system --uid 10001 --gid cr-proxy --home-dir /var/lib/cr-proxy \
         --shell /usr/sbin/nologin cr-proxy
 
 # The code at /opt/cr-proxy, templates beside the package: cr_proxy/nginx.py

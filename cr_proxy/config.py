@@ -242,6 +242,10 @@ class Config:
     registry_hosts: Mapping[str, str]
     endpoints: Mapping[str, str]
     insecure: frozenset[str]
+    parent_mirror: str  # a parent cr-proxy's mirror URL, or ""
+    upstream_proxy: str  # a parent cr-proxy's https_proxy URL, or ""
+    upstream_proxy_ca: Path | None  # its CA (PEM), added to the system's trust
+    parent_fallback: str  # direct | fail
     registries: Mapping[str, Credentials]
     proxy: ProxyPolicy
     push: PushPolicy
@@ -398,6 +402,10 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             for k, v in _mapping(data, "endpoints").items()
         },
         insecure=frozenset(_host(h, "insecure") for h in _str_list(data, "insecure")),
+        parent_mirror=_parent_url(data.get("parent_mirror"), "parent_mirror"),
+        upstream_proxy=_upstream_proxy(data),
+        upstream_proxy_ca=_upstream_proxy_ca(data),
+        parent_fallback=_choice(data, "parent_fallback", ("direct", "fail")),
         registries={
             _host(k, "registries"): _credentials(v, f"registries.{k}", environ)
             for k, v in _mapping(data, "registries").items()
@@ -534,6 +542,43 @@ def _url(value: Any, key: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(message=f"{key}: {value!r} is not an http(s) URL")
     return value.rstrip("/")
+
+
+def _parent_url(value: Any, key: str) -> str:
+    """A parent's base URL: scheme, host and port, nothing after them (a
+    mirror's request paths and ?ns= are added to it)."""
+    if value == "":
+        return ""
+    url = _url(value, key)
+    parts = urlsplit(url)
+    if parts.path or parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(message=f"{key}: {value!r}: scheme://host[:port] only")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as err:
+        raise ConfigError(message=f"{key}: {value!r}: {err}") from err
+    return url
+
+
+def _upstream_proxy(data: Mapping[str, Any]) -> str:
+    url = _parent_url(data.get("upstream_proxy"), "upstream_proxy")
+    if url and not url.startswith("http://"):
+        raise ConfigError(message=f"upstream_proxy: {url!r}: an http:// proxy URL")
+    if url and data.get("parent_mirror"):
+        raise ConfigError(message="upstream_proxy and parent_mirror: set one of them")
+    return url
+
+
+def _upstream_proxy_ca(data: Mapping[str, Any]) -> Path | None:
+    value = data.get("upstream_proxy_ca")
+    if value in ("", None):
+        return None
+    if not data.get("upstream_proxy"):
+        raise ConfigError(message="upstream_proxy_ca is set but upstream_proxy is not")
+    path = _path(data, "upstream_proxy_ca")
+    if not path.is_file():
+        raise ConfigError(message=f"upstream_proxy_ca: {path} is not a file")
+    return path
 
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,

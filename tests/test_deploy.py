@@ -19,8 +19,13 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
@@ -399,3 +404,335 @@ def test_unit_runs_the_same_command_and_directories_as_the_image() -> None:
     assert conf.run_dir == Path("/run") / service_section["RuntimeDirectory"]
     # And the image reads its configuration from the same place.
     assert ENV_FILE.name == PurePosixPath(service_section["EnvironmentFile"]).name
+
+
+# --- Kubernetes (deploy/kubernetes/) -----------------------------------------------
+
+KUBE_DIR = REPO / "deploy/kubernetes"
+HEADLESS = "cr-proxy-peers"
+CLIENT_SERVICE = "cr-proxy"
+CA_SECRET = "cr-proxy-ca"
+
+
+def kube_objects() -> dict[tuple[str, str], dict]:
+    """Every object in deploy/kubernetes/*.yaml by (kind, name)."""
+    out: dict[tuple[str, str], dict] = {}
+    for path in sorted(KUBE_DIR.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None:
+                key = (doc["kind"], doc["metadata"]["name"])
+                assert key not in out, f"{path.name}: {key} defined twice"
+                out[key] = doc
+    return out
+
+
+def kube(kind: str, name: str) -> dict:
+    return kube_objects()[(kind, name)]
+
+
+def pod_spec(kind: str, name: str) -> dict:
+    return kube(kind, name)["spec"]["template"]["spec"]
+
+
+def only_container(kind: str, name: str) -> dict:
+    (container,) = pod_spec(kind, name)["containers"]
+    return container
+
+
+def cluster_supported() -> bool:
+    # cluster.* arrive with issue 17's siblings (branch s5-cluster); until
+    # they are merged, the rest of the configuration is checked without them.
+    return "cluster" in config.default_data()
+
+
+def statefulset_pod_env(ordinal: int) -> dict[str, str]:
+    """The CR_PROXY_* environment of pod <ordinal>, $(VAR) expanded as the
+    kubelet does (metadata.name is <statefulset>-<ordinal>)."""
+    name = f"{kube('StatefulSet', 'cr-proxy')['metadata']['name']}-{ordinal}"
+    fields = {"metadata.name": name}
+    env: dict[str, str] = {}
+    for item in only_container("StatefulSet", "cr-proxy")["env"]:
+        if "valueFrom" in item:
+            env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], item["value"])
+    return {k: v for k, v in env.items() if k.startswith(config.ENV_PREFIX)}
+
+
+def kube_config(tmp_path: Path, ordinal: int) -> config.Config:
+    data = yaml.safe_load(kube("ConfigMap", "cr-proxy")["data"]["cr-proxy.yml"])
+    env = statefulset_pod_env(ordinal)
+    if not cluster_supported():
+        data.pop("cluster")
+        env = {k: v for k, v in env.items() if not k.startswith("CR_PROXY_CLUSTER__")}
+    path = tmp_path / f"cr-proxy-{ordinal}.yml"
+    path.write_text(yaml.safe_dump(data))
+    return config.load(path, environ=env)
+
+
+def test_kubernetes_manifests_pass_kubernetes_validate_offline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import kubernetes_validate
+    from kubernetes_validate.utils import latest_version
+
+    # The schemas ship with the package: nothing may reach the network.
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"kubernetes-validate tried the network: {args}")
+
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    version = latest_version()
+    assert tuple(map(int, version.split("."))) >= (1, 33), f"schemas for {version}: too old"
+    objects = kube_objects()
+    assert set(objects) == {("ConfigMap", "cr-proxy"), ("Service", HEADLESS),
+                            ("Service", CLIENT_SERVICE), ("StatefulSet", "cr-proxy"),
+                            ("DaemonSet", "cr-proxy-node-config")}
+    for (kind, name), doc in objects.items():
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{kind}/{name}: {err.message} at {list(err.path)}")
+    # The validator does refuse what Kubernetes would: a misspelt field.
+    broken = kube("StatefulSet", "cr-proxy")
+    broken["spec"]["replica"] = broken["spec"].pop("replicas")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+def test_kubernetes_configuration_is_valid_for_every_pod(tmp_path: Path) -> None:
+    sts = kube("StatefulSet", "cr-proxy")
+    replicas = sts["spec"]["replicas"]
+    assert replicas >= 2
+    data = yaml.safe_load(kube("ConfigMap", "cr-proxy")["data"]["cr-proxy.yml"])
+    port = example_config().listen.mirror_http.port
+    # Every pod by its stable name under the headless Service, self once.
+    names = [f"cr-proxy-{i}.{HEADLESS}:{port}" for i in range(replicas)]
+    assert data["cluster"]["peers"] == names
+    for ordinal in range(replicas):
+        assert statefulset_pod_env(ordinal)["CR_PROXY_CLUSTER__SELF"] == names[ordinal]
+        conf = kube_config(tmp_path, ordinal)
+        assert conf.listen.mirror_http.port == port
+        if cluster_supported():
+            assert conf.cluster.me == names[ordinal]  # type: ignore[attr-defined]
+    # Eviction bounds the cache below its volume's size.
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    volume = config.parse_size(claim["spec"]["resources"]["requests"]["storage"]
+                               .replace("Gi", "GiB"), "storage")
+    assert 0 < kube_config(tmp_path, 0).cache.max_size < volume
+
+
+def test_kubernetes_service_links_are_off_since_cr_proxy_reads_them_as_settings() -> None:
+    # The kubelet names a Service's variables after it: cr-proxy ->
+    # CR_PROXY_SERVICE_HOST, CR_PROXY_PORT... which cr-proxy refuses.
+    link = {"CR_PROXY_SERVICE_HOST": "10.96.0.7", "CR_PROXY_PORT": "tcp://10.96.0.7:3128"}
+    with pytest.raises(ConfigError, match="unknown setting"):
+        config.load(None, environ=link)
+    assert pod_spec("StatefulSet", "cr-proxy")["enableServiceLinks"] is False
+
+
+def test_kubernetes_statefulset_services_volumes_and_probes(tmp_path: Path) -> None:
+    conf = kube_config(tmp_path, 0)
+    sts = kube("StatefulSet", "cr-proxy")
+    spec, pod = sts["spec"], pod_spec("StatefulSet", "cr-proxy")
+    container = only_container("StatefulSet", "cr-proxy")
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"] == labels
+    # Peer discovery: the headless Service, its pods published before ready.
+    headless, client = kube("Service", HEADLESS), kube("Service", CLIENT_SERVICE)
+    assert spec["serviceName"] == HEADLESS
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert client["spec"]["type"] == "ClusterIP"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for service in (headless, client):
+        assert service["spec"]["selector"] == labels
+        for port in service["spec"]["ports"]:
+            assert ports[port["targetPort"]] == port["port"]
+    assert ports["mirror-http"] == conf.listen.mirror_http.port
+    assert ports["mirror-https"] == conf.listen.mirror_https.port
+    assert ports["proxy"] == conf.listen.proxy.port
+    assert ports["metrics"] == conf.listen.metrics.port
+    # The image's command, user and stop grace.
+    assert container["args"] == CMD
+    assert instructions("USER") == ["cr-proxy"]
+    uid = re.search(r"useradd [^&]*--uid (\d+)", " ".join(instructions("RUN")))
+    assert uid, "Dockerfile: useradd --uid"
+    context = pod["securityContext"]
+    assert context["runAsUser"] == context["runAsGroup"] == context["fsGroup"] == int(uid[1])
+    assert pod["terminationGracePeriodSeconds"] > serve.STOP_GRACE
+    # Probes: GET /v2/ on the mirror port, which nginx answers itself.
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/v2/", "port": "mirror-http"}
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
+    # Volumes: the configuration where CMD reads it, a persistent cache per
+    # pod, and one CA (the Secret) for every pod.
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts[str(PurePosixPath(CONFIG_PATH).parent)]["name"] == "config"
+    assert volumes["config"]["configMap"]["name"] == "cr-proxy"
+    assert mounts[str(conf.cache_dir)]["name"] == "cache"
+    assert [c["metadata"]["name"] for c in spec["volumeClaimTemplates"]] == ["cache"]
+    assert "cache" not in volumes
+    # The Secret is mounted in the init container only, which copies the CA
+    # into the certs volume the server then uses as its own.
+    certs_volume = mounts[str(conf.certs_dir)]["name"]
+    assert "emptyDir" in volumes[certs_volume]
+    assert not any(m.startswith(f"{conf.certs_dir}/") for m in mounts)
+    env, init_mounts = ca_init()
+    assert env["DEST"] == str(conf.certs_dir)
+    assert init_mounts[env["DEST"]] == certs_volume
+    assert volumes[init_mounts[env["SRC"]]]["secret"]["secretName"] == CA_SECRET
+    assert mounts[str(conf.run_dir)]["name"] in volumes
+
+
+def ca_init() -> tuple[dict[str, str], dict[str, str]]:
+    """The StatefulSet's init container "ca": its env and its mounts (path ->
+    volume)."""
+    (init,) = pod_spec("StatefulSet", "cr-proxy")["initContainers"]
+    assert init["name"] == "ca" and init["image"] == only_container(
+        "StatefulSet", "cr-proxy")["image"]
+    return ({e["name"]: e["value"] for e in init["env"]},
+            {m["mountPath"]: m["name"] for m in init["volumeMounts"]})
+
+
+def run_ca_init(src: Path, dest: Path) -> None:
+    """The init container's script, run as the pod would run it."""
+    (init,) = pod_spec("StatefulSet", "cr-proxy")["initContainers"]
+    shell, flag, script = init["command"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    subprocess.run(["sh", "-c", script], check=True, timeout=30,
+                   env={"PATH": os.environ["PATH"], "SRC": str(src), "DEST": str(dest)})
+
+
+def node_config() -> tuple[str, dict[str, str]]:
+    """The DaemonSet's script and its environment."""
+    container = only_container("DaemonSet", "cr-proxy-node-config")
+    shell, flag, script = container["command"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    return script, {e["name"]: e["value"] for e in container["env"]}
+
+
+@contextmanager
+def node_config_running(env: dict[str, str], expect: list[Path]) -> Iterator[None]:
+    """Run the DaemonSet's script (as the node's pod would, under sh) until
+    the files in `expect` exist; stop it on leaving."""
+    script, _ = node_config()
+    proc = subprocess.Popen(["sh", "-c", script], env={"PATH": os.environ["PATH"], **env},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not all(path.exists() for path in expect):
+            assert proc.poll() is None, f"node-config exited: {proc.stderr.read()}"  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "node-config wrote nothing in 30 s"
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_kubernetes_node_config_writes_containerd_hosts_toml(tmp_path: Path) -> None:
+    _, env = node_config()
+    ds_pod = pod_spec("DaemonSet", "cr-proxy-node-config")
+    container = only_container("DaemonSet", "cr-proxy-node-config")
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in ds_pod["volumes"]}
+    # containerd's directory on the node, and the CA's certificate only.
+    host = volumes[mounts[env["CONFIG_PATH"]]]["hostPath"]
+    assert host == {"path": env["CONFIG_PATH"], "type": "DirectoryOrCreate"}
+    ca_volume = volumes[mounts[str(PurePosixPath(env["CA_FILE"]).parent)]]["secret"]
+    assert ca_volume["secretName"] == CA_SECRET
+    assert ca_volume["items"] == [{"key": "ca.crt", "path": PurePosixPath(env["CA_FILE"]).name}]
+    # The mirror: the client Service's HTTP port.
+    assert env["MIRROR_SERVICE"] == CLIENT_SERVICE
+    client_ports = {p["name"]: p["port"] for p in kube("Service", CLIENT_SERVICE)["spec"]["ports"]}
+    assert int(env["MIRROR_PORT"]) == client_ports[f"mirror-{env['MIRROR_SCHEME']}"]
+
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nAA==\n")
+    registries = env["REGISTRIES"].split()
+    assert "docker.io" in registries
+    for scheme in ("http", "https"):
+        hosts = tmp_path / scheme / "certs.d"
+        run_env = env | {"CONFIG_PATH": str(hosts), "CA_FILE": str(tmp_path / "ca.crt"),
+                         "MIRROR_SERVICE": "localhost", "MIRROR_SCHEME": scheme,
+                         "REGISTRIES": f"{env['REGISTRIES']} lab.test:5000=http://10.0.0.9:5000"}
+        files = [hosts / r / "hosts.toml" for r in [*registries, "lab.test:5000"]]
+        with node_config_running(run_env, files):
+            pass
+        assert (hosts / "cr-proxy-ca.crt").read_text() == (tmp_path / "ca.crt").read_text()
+        for registry, path in zip([*registries, "lab.test:5000"], files, strict=True):
+            parsed = tomllib.loads(path.read_text())
+            server = {"docker.io": "https://registry-1.docker.io",
+                      "lab.test:5000": "http://10.0.0.9:5000"}.get(registry,
+                                                                 f"https://{registry}")
+            assert parsed["server"] == server
+            ((url, entry),) = parsed["host"].items()
+            parts = urlsplit(url)
+            assert parts.scheme == scheme and parts.port == int(env["MIRROR_PORT"])
+            assert parts.hostname in {"127.0.0.1", "::1"}
+            assert entry["capabilities"] == ["pull", "resolve"]
+            if scheme == "https":
+                assert entry["ca"] == str(hosts / "cr-proxy-ca.crt")
+            else:
+                assert "ca" not in entry
+
+
+# --- the three-node lab (deploy/compose/) -------------------------------------------
+
+LAB = REPO / "deploy/compose/docker-compose.yml"
+LAB_CONFIG = REPO / "deploy/compose/cr-proxy.yml"
+
+
+def test_lab_compose_file_is_valid_for_docker_compose() -> None:
+    tool = shutil.which("docker-compose")
+    assert tool, "docker-compose is not installed: run `make test`"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+    result = subprocess.run([tool, "-f", str(LAB), "config"], cwd=LAB.parent, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"docker-compose config: {result.stderr}"
+    services = yaml.safe_load(result.stdout)["services"]
+    assert sorted(services) == ["node1", "node2", "node3"]
+    for service in services.values():
+        assert Path(service["build"]["context"]) == REPO
+
+
+def test_lab_every_node_has_a_valid_configuration(tmp_path: Path) -> None:
+    services = yaml.safe_load(LAB.read_text())["services"]
+    data = yaml.safe_load(LAB_CONFIG.read_text())
+    port = example_config().listen.mirror_http.port
+    assert data["cluster"]["peers"] == [f"{name}:{port}" for name in sorted(services)]
+    if not cluster_supported():
+        data.pop("cluster")
+    path = tmp_path / "cr-proxy.yml"
+    path.write_text(yaml.safe_dump(data))
+    host_ports = set()
+    for name, service in services.items():
+        env = dockerfile_env() | {k: str(v) for k, v in service["environment"].items()}
+        assert env["CR_PROXY_CLUSTER__SELF"] == f"{name}:{port}"
+        if not cluster_supported():
+            env.pop("CR_PROXY_CLUSTER__SELF")
+        conf = config.load(path, environ={k: v for k, v in env.items()
+                                          if k.startswith(config.ENV_PREFIX)})
+        assert name in conf.mirror_names
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+        assert mounts[CONFIG_PATH] == "./cr-proxy.yml"
+        # The CA copied into certs_dir before serve starts (as the
+        # StatefulSet's init container does), then the image's command.
+        assert mounts["/etc/cr-proxy-ca"] == "./ca"
+        shell, flag, script = service["command"]
+        assert (shell, flag) == ("/bin/sh", "-c")
+        for name, mode in (("ca.key", "0600"), ("ca.crt", "0640")):
+            assert f"install -m {mode} /etc/cr-proxy-ca/{name} {conf.certs_dir / name}" in script
+        assert script.endswith(f"&& exec {' '.join(CMD)}")
+        assert mounts[str(conf.cache_dir)].startswith("cache")
+        inside = {int(p.split(":")[1]) for p in service["ports"]}
+        assert inside == {conf.listen.proxy.port, conf.listen.mirror_http.port,
+                          conf.listen.mirror_https.port}
+        for published in service["ports"]:
+            assert published.split(":")[0] not in host_ports, f"{name}: {published} taken"
+            host_ports.add(published.split(":")[0])

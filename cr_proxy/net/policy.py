@@ -107,11 +107,14 @@ class Destinations:
 
     __slots__ = ("_endpoint_hosts", "_rules")
 
-    def __init__(self, allow_private: Iterable[str], endpoints: dict[str, str]) -> None:
+    def __init__(self, allow_private: Iterable[str], endpoints: dict[str, str],
+                 own_urls: Iterable[str] = ()) -> None:
+        """`own_urls`: more URLs the operator named (parent_mirror), reached
+        as endpoints' URLs are."""
         rules = [parse_rule(entry) for entry in allow_private]
         keys = [parse_rule(key) for key in endpoints]
         rules += keys
-        for url in endpoints.values():
+        for url in [*endpoints.values(), *own_urls]:
             host, port = dial_target(url)
             # An endpoint reached by name must resolve even if it is private;
             # one given as an address is dialled as it is: it needs nothing
@@ -123,7 +126,8 @@ class Destinations:
 
     @classmethod
     def of(cls, config: Config) -> Destinations:
-        return cls(config.proxy.allow_private, dict(config.endpoints))
+        own = [url for url in (config.parent_mirror, config.upstream_proxy) if url]
+        return cls(config.proxy.allow_private, dict(config.endpoints), own)
 
     def __repr__(self) -> str:
         return f"<Destinations {self._rules}>"

@@ -55,6 +55,7 @@ from cr_proxy.net.policy import Destinations, refusal, resolved_refusal
 from cr_proxy.upstream.auth import Challenge, TokenCache, parse_challenge, pull_scope
 from cr_proxy.upstream.challenges import Challenges
 from cr_proxy.upstream.health import Health
+from cr_proxy.upstream.parent import Parent
 
 log = logging.getLogger("cr_proxy.upstream")
 
@@ -204,7 +205,7 @@ class RateGuard:
 class Upstream:
     __slots__ = (
         "_answered", "_known", "_probes", "_scheme_ok", "challenges", "config", "destinations",
-        "health", "metrics", "session", "tokens",
+        "health", "metrics", "parent", "session", "tokens",
     )
 
     def __init__(
@@ -224,6 +225,7 @@ class Upstream:
         self.health = Health(config.timeouts.down_host, self._probe, self.metrics,
                              self.registry_label)
         self._probes: aiohttp.ClientSession | None = None  # made at the first probe
+        self.parent = Parent.of(config)
 
     def __repr__(self) -> str:
         return f"<Upstream {self.health!r} {self.tokens!r}>"
@@ -466,6 +468,11 @@ class Upstream:
         credentials, if configured) for the repository."""
         domain, path, name = target.domain, "/" + target.rpath.path, target.rpath.name
         path += f"?{query}" if query else ""
+        if self.parent is not None:
+            # parent_mirror: the parent answers (None: unreachable, go direct).
+            answer = await self.parent.send(self.session, method, domain, path, headers or {})
+            if answer is not None:
+                return answer
         sent = CIMultiDict(headers or {})
         creds = self.config.credentials(target.registry) or self.config.credentials(domain)
         if client_auth:

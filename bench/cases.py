@@ -83,6 +83,7 @@ class Series(Enum):
     HIT_HTTPS_OURS = RATE
     HIT_HTTPS_PLAIN = RATE
     HIT_FRONT_OURS = RATE
+    ARTIFACT_OURS = RATE  # the same layer as a module, /artifacts/ (edge/http.py)
     MANIFEST_OURS = RPS
     MANIFEST_PLAIN = RPS
     HEAD_OURS = RPS
@@ -240,6 +241,8 @@ CASES: tuple[Ratio | Absolute, ...] = (
           "plain nginx sendfile", Bar(">=", 0.95)),
     Ratio("blob hit, mirror over HTTPS (curl, {mib} MiB)", S.HIT_HTTPS_OURS, S.HIT_HTTPS_PLAIN,
           "plain nginx TLS", Bar(">=", 0.95)),
+    Ratio("module over HTTP, /artifacts/<ref> (curl, the {mib} MiB layer)", S.ARTIFACT_OURS,
+          S.HIT_HTTP_PLAIN, "plain nginx sendfile", Bar(">=", 0.95)),
     Ratio("manifest hit (wrk -t2 -c32)", S.MANIFEST_OURS, S.MANIFEST_PLAIN,
           "plain nginx static", Bar(">=", 0.5)),
     Ratio("blob HEAD hit (ab -i -k -c32)", S.HEAD_OURS, S.HEAD_PLAIN,

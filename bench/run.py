@@ -392,9 +392,13 @@ class Bench:
     def blob_hits(self) -> None:
         size = self.image.big_size
         ours, plain = self._mirror_blob(self.hot), f"http://{self.plain.http}{self._plain_path()}"
+        # The layer again as a module (issue 15): the fetcher resolves the
+        # reference, nginx sends the file (X-Accel-Redirect).
+        module = f"http://{self.hot.http}/artifacts/registry.test/{REPO}:{TAG}"
         for _ in range(self.plan.hit_inner):
             self.results.add(Series.HIT_HTTP_OURS, measure.curl(ours, expect_size=size).speed)
             self.results.add(Series.HIT_HTTP_PLAIN, measure.curl(plain, expect_size=size).speed)
+            self.results.add(Series.ARTIFACT_OURS, measure.curl(module, expect_size=size).speed)
         ours = self._mirror_blob(self.hot, https=True)
         plain = f"https://{self.plain.https}{self._plain_path()}"
         ca_ours = ["--cacert", str(self.hot.ca_cert)]

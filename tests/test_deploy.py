@@ -439,12 +439,6 @@ def only_container(kind: str, name: str) -> dict:
     return container
 
 
-def cluster_supported() -> bool:
-    # cluster.* arrive with issue 17's siblings (branch s5-cluster); until
-    # they are merged, the rest of the configuration is checked without them.
-    return "cluster" in config.default_data()
-
-
 def statefulset_pod_env(ordinal: int) -> dict[str, str]:
     """The CR_PROXY_* environment of pod <ordinal>, $(VAR) expanded as the
     kubelet does (metadata.name is <statefulset>-<ordinal>)."""
@@ -462,9 +456,6 @@ def statefulset_pod_env(ordinal: int) -> dict[str, str]:
 def kube_config(tmp_path: Path, ordinal: int) -> config.Config:
     data = yaml.safe_load(kube("ConfigMap", "cr-proxy")["data"]["cr-proxy.yml"])
     env = statefulset_pod_env(ordinal)
-    if not cluster_supported():
-        data.pop("cluster")
-        env = {k: v for k, v in env.items() if not k.startswith("CR_PROXY_CLUSTER__")}
     path = tmp_path / f"cr-proxy-{ordinal}.yml"
     path.write_text(yaml.safe_dump(data))
     return config.load(path, environ=env)
@@ -514,8 +505,7 @@ def test_kubernetes_configuration_is_valid_for_every_pod(tmp_path: Path) -> None
         assert statefulset_pod_env(ordinal)["CR_PROXY_CLUSTER__SELF"] == names[ordinal]
         conf = kube_config(tmp_path, ordinal)
         assert conf.listen.mirror_http.port == port
-        if cluster_supported():
-            assert conf.cluster.me == names[ordinal]  # type: ignore[attr-defined]
+        assert conf.cluster.me == names[ordinal]
     # Eviction bounds the cache below its volume's size.
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     volume = config.parse_size(claim["spec"]["resources"]["requests"]["storage"]
@@ -706,19 +696,16 @@ def test_lab_every_node_has_a_valid_configuration(tmp_path: Path) -> None:
     data = yaml.safe_load(LAB_CONFIG.read_text())
     port = example_config().listen.mirror_http.port
     assert data["cluster"]["peers"] == [f"{name}:{port}" for name in sorted(services)]
-    if not cluster_supported():
-        data.pop("cluster")
     path = tmp_path / "cr-proxy.yml"
     path.write_text(yaml.safe_dump(data))
     host_ports = set()
     for name, service in services.items():
         env = dockerfile_env() | {k: str(v) for k, v in service["environment"].items()}
         assert env["CR_PROXY_CLUSTER__SELF"] == f"{name}:{port}"
-        if not cluster_supported():
-            env.pop("CR_PROXY_CLUSTER__SELF")
         conf = config.load(path, environ={k: v for k, v in env.items()
                                           if k.startswith(config.ENV_PREFIX)})
         assert name in conf.mirror_names
+        assert conf.cluster.me == f"{name}:{port}"
         mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
         assert mounts[CONFIG_PATH] == "./cr-proxy.yml"
         # The CA copied into certs_dir before serve starts (as the

@@ -66,13 +66,8 @@ def last_use(uses: Uses) -> Callable[[Image], float]:
 def evict_once(config: Config, store: Store, uses: Uses, now: float | None = None) -> Evicted:
     """Bring the store under the limit, if it is over. Blocking."""
     limit = config.cache
-    # The store first, then temp/: a download committed between the two
-    # reads (renamed from temp/ into blobs/) is then missed by both rather
-    # than counted twice, which evicted an image too many; the commit wakes
-    # the next pass anyway.
-    stored = store.blob_bytes()
     downloading = store.temp_bytes()
-    size = stored + downloading
+    size = store.blob_bytes() + downloading
     if not limit.max_size or size <= limit.max_size:
         return Evicted((), 0, size - downloading)
     goal = limit.max_size * limit.low_water

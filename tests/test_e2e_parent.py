@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -152,9 +153,17 @@ def test_a_parent_proxy_not_trusted_is_an_error_not_a_fallback(
     upstream.push(image.layout, "latest", "tier-untrusted/app", "v1")
     endpoints = proxy_endpoints(upstream)
     (proxy_port,) = free_ports(1)
-    with CrProxy(tmp_path / "parent", endpoints, listen_proxy=f"127.0.0.1:{proxy_port}"), \
+    with CrProxy(tmp_path / "parent", endpoints,
+                 listen_proxy=f"127.0.0.1:{proxy_port}") as parent, \
             CrProxy(tmp_path / "site", endpoints, parent_fallback="direct",
                     upstream_proxy=f"http://127.0.0.1:{proxy_port}") as site:
+        # The parent settled first: its nginx reloaded with registry.test's
+        # own server (a host's first request starts that), so nothing but
+        # the site's certificate check can fail the site's request.
+        subprocess.run(["curl", "-sk", "-o", "/dev/null", "--max-time", "30", "--proxy",
+                        f"http://127.0.0.1:{proxy_port}", "https://registry.test/v2/"],
+                       check=False, env={**os.environ, "NO_PROXY": ""})
+        parent.wait_for_output("a server of its own for registry.test", 30)
         code, body = get(site, "/v2/registry.test/tier-untrusted/app/manifests/v1")
         assert code >= 500, body
         site.wait_for_output(f"the parent http://127.0.0.1:{proxy_port}'s TLS", 30)

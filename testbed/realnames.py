@@ -47,7 +47,7 @@ import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
 from cryptography import x509
@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from testbed.crproxy import CrProxy, clean_env
+from testbed.lifecycle import Started
 from testbed.netns import Netns, listening_socket, veth, wait_listening
 from testbed.registry import LoopThread, TokenServer, _registry_config, _terminate, signing_material
 
@@ -194,7 +195,7 @@ http {{
 """
 
 
-class RealNamesBed:
+class RealNamesBed(Started):
     """The namespaces, the upstream inside them, and the switches a test
     flips (cable_out/cable_in, dns_out/dns_in). Use as a context manager:
     everything is torn down on exit, whatever happened."""
@@ -218,17 +219,6 @@ class RealNamesBed:
         self.proxies: list[CrProxy] = []
 
     # ---- life
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         # A test process that dies without stop() must not leave namespaces.

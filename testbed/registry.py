@@ -55,7 +55,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -66,6 +66,7 @@ from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 from yarl import URL
 
+from testbed.lifecycle import Started
 from testbed.oci_layout import MT_INDEX, ref_descriptor
 from testbed.ports import free_ports, port_open
 
@@ -589,7 +590,7 @@ http {{
 """
 
 
-class Upstream:
+class Upstream(Started):
     """registry.test + auth.test + cdn.test on loopback; see the module docstring."""
 
     registry_name = REGISTRY_NAME
@@ -721,17 +722,6 @@ class Upstream:
         return self.storage_root / "docker" / "registry" / "v2" / "blobs"
 
     # ---- lifecycle
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         self._prepare_files()

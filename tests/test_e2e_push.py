@@ -10,10 +10,12 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,14 +177,103 @@ def test_chunked_upload_with_status_is_stored(pusher: CrProxy) -> None:
     assert (pusher.cache / f"content/{REGISTRY_NAME}/v2/mounted/blobs/{sha256(data)}").is_file()
 
 
-def test_monolithic_upload_is_stored(pusher: CrProxy) -> None:
-    data = os.urandom(50_000)
-    started = start_upload(pusher, "mono")
+def upload(cr: CrProxy, repo: str, data: bytes) -> None:
+    """A monolithic upload (POST, then PUT with the bytes)."""
+    started = start_upload(cr, repo)
     assert started.status == 202, started.body
-    done = call(pusher, "PUT", with_digest(our_location(started, "mono"), sha256(data)), data,
+    done = call(cr, "PUT", with_digest(our_location(started, repo), sha256(data)), data,
                 {"Content-Type": "application/octet-stream"})
     assert done.status == 201, done.body
+
+
+def test_monolithic_upload_is_stored(pusher: CrProxy) -> None:
+    data = os.urandom(50_000)
+    upload(pusher, "mono", data)
     assert stored_blob(pusher, sha256(data)).read_bytes() == data
+
+
+# --- one upload per layer across images --------------------------------------------
+
+
+def mounts(upstream: Upstream, repo: str, digest: str) -> int:
+    """Cross-repository mounts into `repo` the registry was asked for."""
+    pattern = re.compile(r"http\.request\.id=(\S+) http\.request\.method=POST .*"
+                         rf"http\.request\.uri=\"?/v2/{re.escape(repo)}/blobs/uploads/\?mount="
+                         rf"sha256(?::|%3A){digest.split(':')[1]}&")
+    log = upstream.registry_log.read_text(errors="replace")
+    return len({match[1] for line in log.splitlines() if (match := pattern.search(line))})
+
+
+def probe(cr: CrProxy, repo: str, digest: str) -> Call:
+    return call(cr, "HEAD", f"{PREFIX}/{repo}/blobs/{digest}")
+
+
+def test_probe_of_a_layer_held_in_another_repository_mounts_it(
+    pusher: CrProxy, upstream: Upstream
+) -> None:
+    """A pusher's HEAD for a layer the registry holds in another repository
+    is a mount upstream and a 200: the pusher skips the upload."""
+    data = os.urandom(40_000)
+    digest = sha256(data)
+    upload(pusher, "dedup-a", data)
+    answer = probe(pusher, "dedup-b", digest)
+    assert answer.status == 200, answer.body
+    assert answer.headers["Content-Length"] == str(len(data))
+    assert answer.headers["Docker-Content-Digest"] == digest
+    assert mounts(upstream, "dedup-b", digest) >= 1
+    assert held_upstream(upstream, "dedup-b", digest)
+    # The same repository again: from what we know, no upstream request.
+    before = upstream.registry_requests(f"/v2/dedup-b/blobs/{digest}")
+    assert probe(pusher, "dedup-b", digest).status == 200
+    assert upstream.registry_requests(f"/v2/dedup-b/blobs/{digest}") == before
+
+
+def test_probe_after_a_restart_still_mounts(pusher: CrProxy, upstream: Upstream) -> None:
+    """What the upstream holds survives a restart: the tree's blob names."""
+    data = os.urandom(30_000)
+    digest = sha256(data)
+    upload(pusher, "restart-a", data)
+    pusher.stop()
+    pusher.start()
+    answer = probe(pusher, "restart-b", digest)
+    assert answer.status == 200, answer.body
+    assert mounts(upstream, "restart-b", digest) == 1
+    assert held_upstream(upstream, "restart-b", digest)
+
+
+def test_probe_of_a_layer_being_uploaded_waits_for_the_upload(
+    pusher: CrProxy, upstream: Upstream
+) -> None:
+    """Two pushers of one new layer: the second one's probe waits for the
+    first one's upload, then is a mount; the layer crosses once."""
+    data = os.urandom(60_000)
+    digest = sha256(data)
+    assert probe(pusher, "wait-a", digest).status == 404  # wait-a will upload it
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(probe, pusher, "wait-b", digest)
+        pusher.wait_for_output(f"push probe of {digest} in {REGISTRY_NAME}/wait-b waits", 30)
+        assert not second.done()
+        upload(pusher, "wait-a", data)
+        answer = second.result(timeout=60)
+    assert answer.status == 200, answer.body
+    assert mounts(upstream, "wait-b", digest) == 1
+    assert held_upstream(upstream, "wait-b", digest)
+
+
+def held_upstream(upstream: Upstream, repo: str, digest: str) -> bool:
+    """The registry's own answer: does `repo` hold the blob? (200, or its
+    307 to the CDN.)"""
+    token = upstream.issue_token([f"repository:{repo}:pull"])
+    host, port = upstream.registry_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("HEAD", f"/v2/{repo}/blobs/{digest}",
+                     headers={"Authorization": f"Bearer {token}"})
+        status = conn.getresponse().status
+    finally:
+        conn.close()
+    assert status in (200, 307, 404), status
+    return status != 404
 
 
 def test_push_without_registry_goes_to_default_target(pusher: CrProxy, upstream: Upstream) -> None:

@@ -41,6 +41,7 @@ from cr_proxy.cache.layout import (
     DOCKER_HUB,
     Kind,
     RegistryPath,
+    Target,
     check_name,
     check_path,
     normalise_registry,
@@ -53,10 +54,18 @@ from cr_proxy.errors import (
     CrProxyError,
     DestinationRefused,
     DigestMismatch,
+    NotFound,
     Unsupported,
     UpstreamError,
 )
-from cr_proxy.fetch.context import FetchContext, in_thread, read_bounded
+from cr_proxy.fetch.context import (
+    API_HEADERS,
+    FetchContext,
+    client_auth,
+    in_thread,
+    read_bounded,
+)
+from cr_proxy.fetch.held import Held
 from cr_proxy.oci.manifest import MANIFEST_MEDIA_TYPES, MAX_MANIFEST
 from cr_proxy.oci.reference import digest_of, is_digest, is_tag
 from cr_proxy.upstream.uploads import PushAuth
@@ -65,12 +74,15 @@ log = logging.getLogger("cr_proxy.push")
 
 # /v2/<name>/blobs/uploads/<session> and /v2/<name>/manifests/<ref>; the
 # name may carry a registry prefix.
-PUSH_PATH_RE = re.compile(r"^/v2/(?P<name>.+)/(?P<what>blobs/uploads|manifests)/(?P<ref>[^/]*)$")
+PUSH_PATH_RE = re.compile(
+    r"^/v2/(?P<name>.+)/(?P<what>blobs/uploads|blobs|manifests)/(?P<ref>[^/]*)$")
 UPLOAD_PATH_RE = re.compile(r"^/v2/.+/blobs/uploads/[^/]*$")
+BLOB_PATH_RE = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
 SENT_HEADERS = frozenset({"content-type", "content-length", "content-range", "user-agent"})
 RELAYED_HEADERS = frozenset({"content-length", "docker-content-digest", "location", "range",
                              "docker-upload-uuid", "content-range",
                              "docker-distribution-api-version", "oci-subject"})
+BLOB_TYPE = "application/octet-stream"
 MAX_ANSWER = 1 << 20  # bytes of an upstream's answer to a push we read (JSON, errors)
 
 
@@ -80,8 +92,8 @@ class PushTarget:
     domain: str  # the host that serves it: the cache's <domain>
     name: str  # the repository upstream
     client_name: str  # the name as the client spelt it, its prefix included
-    what: str  # "blobs/uploads" or "manifests"
-    ref: str  # the upload session (may be "") or the manifest reference
+    what: str  # "blobs/uploads", "blobs" (a probe: HEAD) or "manifests"
+    ref: str  # the upload session (may be ""), the blob's digest or the manifest reference
 
     @property
     def path(self) -> str:
@@ -107,6 +119,8 @@ def push_target(path: str, default_target: str, registry_hosts: dict[str, str]) 
     check_name(name)
     if match["what"] == "manifests" and not (is_tag(ref) or is_digest(ref)):
         raise BadRequest("TAG_INVALID", f"invalid reference {ref[:140]!r}")
+    if match["what"] == "blobs" and not is_digest(ref):
+        raise BadRequest("DIGEST_INVALID", f"invalid digest {ref[:140]!r}")
     return PushTarget(registry, resolve_domain(registry, registry_hosts), name, client_name,
                       match["what"], ref)
 
@@ -129,11 +143,12 @@ class Upload:
 
 
 class Pushes:
-    __slots__ = ("auth", "cancels", "ctx", "uploads")
+    __slots__ = ("auth", "cancels", "ctx", "held", "uploads")
 
     def __init__(self, ctx: FetchContext) -> None:
         self.ctx = ctx
         self.auth = PushAuth(ctx.upstream)
+        self.held = Held(ctx.store)
         # (domain, name, upstream session id) -> what we follow of it
         self.uploads: dict[tuple[str, str, str], Upload] = {}
         self.cancels: set[asyncio.Task[None]] = set()  # uploads being cancelled upstream
@@ -150,35 +165,135 @@ class Pushes:
 
     def claims(self, request: web.Request) -> bool:
         """A mirror request that is ours: every write (refused 405 while
-        push is off), and, push on, an upload's status GET."""
+        push is off), and, push on, an upload's status GET and a pusher's
+        HEAD of a blob (a push probe: "must I upload this layer?")."""
         if request.method not in ("GET", "HEAD"):
             return True
-        return self.ctx.config.push.enabled and bool(UPLOAD_PATH_RE.match(request.path))
+        if not self.ctx.config.push.enabled:
+            return False
+        if UPLOAD_PATH_RE.match(request.path):
+            return True
+        # A HEAD from a client that may push: pullers' HEADs (any other
+        # client) keep the pull path's answer, from the cache first.
+        return (request.method == "HEAD" and bool(BLOB_PATH_RE.match(request.path))
+                and self._may_push(request))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         config = self.ctx.config
         if not config.push.enabled:
             raise Unsupported(message="this mirror is read-only: push to the registry itself "
                               "(or set push.enabled)")
-        self._check_client(request)
+        if not self._may_push(request):
+            # nginx refuses these first, before the body (mirror-maps.conf):
+            # this is the second wall.
+            raise DestinationRefused(message="this client address may not push "
+                                     "(push.allow_clients)")
         target = push_target(request.path, config.push.default_target,
                              dict(config.registry_hosts))
-        if target.what == "manifests":
-            return await self._manifest(request, target)
-        return await self._upload(request, target)
+        # A repository with requests in progress has a live pusher: a claim
+        # of its (held.py) is not abandoned.
+        self.held.began(target.domain, target.name)
+        try:
+            if target.what == "manifests":
+                return await self._manifest(request, target)
+            if target.what == "blobs":
+                return await self._probe(request, target)
+            return await self._upload(request, target)
+        finally:
+            self.held.ended(target.domain, target.name)
 
-    def _check_client(self, request: web.Request) -> None:
-        """nginx refuses these first, before the body (mirror-maps.conf);
-        this is the second wall. X-Forwarded-For is nginx's own, never the
-        client's."""
+    def _may_push(self, request: web.Request) -> bool:
+        """X-Forwarded-For is nginx's own, never the client's."""
         try:
             address = ipaddress.ip_address(request.headers.get("X-Forwarded-For", ""))
         except ValueError:
-            address = None
-        if address is None or not any(address in net for net in
-                                      self.ctx.config.push.allow_clients):
-            raise DestinationRefused(message="this client address may not push "
-                                     "(push.allow_clients)")
+            return False
+        return any(address in net for net in self.ctx.config.push.allow_clients)
+
+    # --- probes: one upload per layer across images ----------------------------
+
+    async def _probe(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
+        """A pusher's HEAD of a blob: 200 when the upstream holds it in this
+        repository (as far as we know), or after a mount from another
+        repository of the registry that holds it; while another pusher
+        uploads it, after waiting for that upload; else the upstream's own
+        answer, and a 404 claims the upload for this pusher (held.py)."""
+        domain, name, digest = target.domain, target.name, target.ref
+        held = self.held
+        await held.load(domain)
+        while True:
+            holders = held.holders(domain, digest)
+            if name in holders:
+                return await self._held_answer(request, target)
+            for source in sorted(holders):
+                if await self._mount(target, source):
+                    return await self._held_answer(request, target)
+            if not await held.wait(domain, name, digest):
+                break
+        try:
+            answer = await self._head(request, target)
+        except NotFound:
+            held.claim(domain, name, digest)
+            raise
+        held.add(domain, name, digest, answer.content_length)
+        return answer
+
+    async def _held_answer(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
+        """200 for a blob the upstream holds here, with its size; asked
+        upstream when we never knew it."""
+        size = self.held.size(target.ref)
+        if size is None:
+            return await self._head(request, target)
+        headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": target.ref,
+                   "Content-Length": str(size), **API_HEADERS}
+        return web.Response(status=200, headers=headers)
+
+    async def _head(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
+        """The upstream's answer to the HEAD (its redirects followed, as a
+        client would)."""
+        rtarget = Target(target.registry, target.domain,
+                         RegistryPath(Kind.BLOB, target.name, target.ref))
+        opened = await self.ctx.upstream.open("HEAD", rtarget, client_auth=client_auth(request))
+        response = opened.response
+        response.release()
+        if response.status == 404:
+            raise NotFound("BLOB_UNKNOWN", f"blob {target.ref} not found upstream")
+        if response.status != 200:
+            raise UpstreamError(message=f"{target.domain} answered {response.status} to a HEAD "
+                                f"of {target.ref}")
+        headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": target.ref,
+                   **API_HEADERS}
+        if response.content_length is not None:
+            headers["Content-Length"] = str(response.content_length)
+        return web.Response(status=200, headers=headers)
+
+    async def _mount(self, target: PushTarget, source: str) -> bool:
+        """Mount the digest from `source` into the target repository
+        upstream; True when the upstream did (201)."""
+        digest = target.ref
+        auth = await self.auth.header(target.registry, target.domain, target.name, source)
+        headers = {"Content-Length": "0", **({"Authorization": auth} if auth else {})}
+        path_qs = f"/v2/{target.name}/blobs/uploads/?{urlencode({'mount': digest, 'from': source})}"
+        answer = await self.ctx.upstream.send("POST", target.domain, path_qs, headers, data=b"")
+        answer.release()
+        if answer.status == 201:
+            log.info("mounted %s from %s into %s/%s upstream", digest, source, target.domain,
+                     target.name)
+            await self._mounted(digest, target)
+            return True
+        # The source no longer holds it (or we may not read it there): a 202
+        # is an upload the registry began instead, which nobody will use.
+        self.held.forget(target.domain, source, digest)
+        location = urlsplit(answer.headers.get("Location", ""))
+        session = self._session(location.path) if answer.status == 202 else ""
+        if session:
+            upload = PushTarget(target.registry, target.domain, target.name, target.client_name,
+                                "blobs/uploads", session)
+            self._cancel_later(upload, location.path + (f"?{location.query}"
+                                                        if location.query else ""))
+        log.info("mount of %s from %s into %s/%s refused (%d)", digest, source, target.domain,
+                 target.name, answer.status)
+        return False
 
     # --- blobs ---------------------------------------------------------------
 
@@ -295,6 +410,18 @@ class Pushes:
         """The final PUT answered: store the bytes if the upstream took them
         (201) and they are what the client said."""
         writer, upload.writer = upload.writer, None
+        try:
+            await self._stored(writer, status, digest, target)
+        finally:
+            # Whatever the upstream answered, a pusher waiting for this
+            # digest looks again (held.py).
+            self.held.release(target.domain, digest)
+
+    async def _stored(self, writer: BlobWriter | None, status: int, digest: str,
+                      target: PushTarget) -> None:
+        if status == 201 and is_digest(digest):
+            self.held.add(target.domain, target.name, digest,
+                          writer.size if writer is not None else None)
         if writer is None:
             return
         if status != 201 or not is_digest(digest):
@@ -316,6 +443,9 @@ class Pushes:
         """A mount the upstream made: our copy, if we have one, is named for
         the repository too."""
         if is_digest(digest):
+            self.held.add(target.domain, target.name, digest, None)
+            # A pusher that claimed the upload mounted it instead.
+            self.held.release(target.domain, digest)
             path = RegistryPath(Kind.BLOB, target.name, digest).path
             await in_thread(self.ctx.store.link_if_stored, digest, target.domain, path)
 

@@ -19,8 +19,10 @@ Policy:
   pusher's probe of that digest waits for the claim to end (the first
   upload done: then a mount), as pull misses join one download. A claim
   ends at its final PUT, whatever the upstream answered, or when its
-  repository has seen no push request for CLAIM_IDLE seconds (a pusher
-  that died): the waiter then uploads itself.
+  repository has had no upload or manifest request in progress for
+  CLAIM_IDLE seconds (a pusher that died, or two that each wait for the
+  other's claim): the waiter then uploads itself. Probes are not activity:
+  a probe may itself be waiting.
 """
 
 from __future__ import annotations
@@ -150,7 +152,8 @@ class Held:
         """`name` is about to upload `digest` (its probe found it nowhere)."""
         if (domain, digest) not in self._claims:
             self._claims[(domain, digest)] = Claim(name)
-            self._activity.setdefault((domain, name), Activity())
+        # Its silence is counted from now.
+        self._activity.setdefault((domain, name), Activity()).last = time.monotonic()
 
     def release(self, domain: str, digest: str) -> None:
         """The claim's final PUT answered: its waiters look again."""

@@ -190,14 +190,17 @@ class Pushes:
                                      "(push.allow_clients)")
         target = push_target(request.path, config.push.default_target,
                              dict(config.registry_hosts))
-        # A repository with requests in progress has a live pusher: a claim
-        # of its (held.py) is not abandoned.
+        if target.what == "blobs":
+            # Not counted as the repository's activity: a probe may wait for
+            # another pusher's claim, and two pushers waiting on each other's
+            # claims must both see the other go silent (held.py).
+            return await self._probe(request, target)
+        # A repository with an upload or manifest request in progress has a
+        # live pusher: a claim of its is not abandoned (held.py).
         self.held.began(target.domain, target.name)
         try:
             if target.what == "manifests":
                 return await self._manifest(request, target)
-            if target.what == "blobs":
-                return await self._probe(request, target)
             return await self._upload(request, target)
         finally:
             self.held.ended(target.domain, target.name)

@@ -27,6 +27,7 @@ from testbed.registry import REGISTRY_NAME, Upstream
 from tests.clients import available, podman
 from tests.conftest import proxy_endpoints
 from tests.faulty import wait_until
+from tests.test_e2e_inventory import cr_proxy_json
 
 PREFIX = f"/v2/{REGISTRY_NAME}"
 
@@ -123,6 +124,17 @@ def test_pushed_image_pulls_with_the_upstream_stopped(
     index = json.loads((tmp_path / "out/index.json").read_text())
     assert index["manifests"][0]["digest"] == pushed.manifest_digest
     assert {pushed.config_digest, *pushed.layer_digests} <= set(layout_blobs(tmp_path / "out"))
+
+
+def test_ls_lists_the_pushed_image_as_a_pulled_one(pushed: ImageInfo, pusher: CrProxy) -> None:
+    key = f"{REGISTRY_NAME}/pushed:v1"
+    listed = {image["key"]: image for image in cr_proxy_json(pusher, "ls")["images"]}
+    image = listed[key]
+    assert (image["name"], image["digest"]) == (key, pushed.manifest_digest)
+    assert image["platforms"] == ["linux/amd64"]
+    assert image["size"] == sum(pushed.sizes.values())
+    assert image["missing"] == []
+    assert set(image["blobs"]) >= {pushed.config_digest, *pushed.layer_digests}
 
 
 # --- the upload forms, by hand ---------------------------------------------------------

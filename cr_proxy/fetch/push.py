@@ -128,10 +128,15 @@ def push_target(path: str, default_target: str, registry_hosts: dict[str, str]) 
 @dataclass(slots=True)
 class Upload:
     """What we follow of one upload session: its bytes so far, or nothing
-    once it went where we cannot follow (broken: relayed, never stored)."""
+    once it went where we cannot follow (broken: relayed, never stored);
+    between requests, when it was last used and where it is upstream (to
+    cancel it there once abandoned)."""
 
     writer: BlobWriter | None = None
     broken: bool = False
+    last: float = 0.0  # time.monotonic() of its last answer
+    target: PushTarget | None = None
+    upstream: str = ""  # its upstream path and query (upload state) as last given
 
     def size(self) -> int:
         return self.writer.size if self.writer is not None else 0
@@ -143,7 +148,7 @@ class Upload:
 
 
 class Pushes:
-    __slots__ = ("auth", "cancels", "ctx", "held", "uploads")
+    __slots__ = ("_sweeper", "auth", "cancels", "ctx", "held", "touched", "uploads")
 
     def __init__(self, ctx: FetchContext) -> None:
         self.ctx = ctx
@@ -152,16 +157,64 @@ class Pushes:
         # (domain, name, upstream session id) -> what we follow of it
         self.uploads: dict[tuple[str, str, str], Upload] = {}
         self.cancels: set[asyncio.Task[None]] = set()  # uploads being cancelled upstream
+        # digest -> time.monotonic() a push last stored, mounted or was told
+        # of it: what eviction keeps (pending()).
+        self.touched: dict[str, float] = {}
+        self._sweeper: asyncio.Task[None] | None = None  # cancels abandoned uploads
 
     def __repr__(self) -> str:
         return f"<Pushes {len(self.uploads)} uploads>"
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for task in self.cancels:
             task.cancel()
         for upload in self.uploads.values():
             upload.drop()
         self.uploads.clear()
+
+    def pending(self) -> set[str]:
+        """The digests pushes in progress reference (stored, mounted, or
+        answered held): none is evicted (cache/evict.py). A push's manifest
+        makes them an image's, whose recent use keeps them; a push that
+        never sends one lets go of them after push.upload_timeout."""
+        horizon = time.monotonic() - self.ctx.config.push.upload_timeout
+        for digest in [d for d, at in self.touched.items() if at < horizon]:
+            del self.touched[digest]
+        return set(self.touched)
+
+    def _touch(self, digest: str) -> None:
+        self.touched[digest] = time.monotonic()
+
+    def _keep(self, key: tuple[str, str, str], upload: Upload, target: PushTarget,
+              location: str) -> None:
+        """Follow the session between its requests, until its next request
+        or push.upload_timeout of silence."""
+        parts = urlsplit(location)
+        upload.last = time.monotonic()
+        upload.target = target
+        upload.upstream = parts.path + (f"?{parts.query}" if parts.query else "")
+        self.uploads[key] = upload
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Cancel uploads idle for push.upload_timeout (the client gone
+        between requests): upstream (DELETE), and their temp files here."""
+        timeout = self.ctx.config.push.upload_timeout
+        while self.uploads:
+            await asyncio.sleep(max(0.2, min(timeout / 4, 30.0)))
+            horizon = time.monotonic() - timeout
+            for key, upload in list(self.uploads.items()):
+                if upload.last >= horizon:
+                    continue
+                del self.uploads[key]
+                upload.drop()
+                if upload.target is not None and upload.upstream:
+                    log.info("upload %s/%s idle for %.0f s: cancelled", upload.target.domain,
+                             upload.upstream.split("?")[0], timeout)
+                    self._cancel_later(upload.target, upload.upstream)
 
     def claims(self, request: web.Request) -> bool:
         """A mirror request that is ours: every write (refused 405 while
@@ -239,11 +292,13 @@ class Pushes:
             held.claim(domain, name, digest)
             raise
         held.add(domain, name, digest, answer.content_length)
+        self._touch(digest)
         return answer
 
     async def _held_answer(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
         """200 for a blob the upstream holds here, with its size; asked
         upstream when we never knew it."""
+        self._touch(target.ref)  # the push relies on it: our copy stays too
         size = self.held.size(target.ref)
         if size is None:
             return await self._head(request, target)
@@ -343,9 +398,10 @@ class Pushes:
         elif method == "DELETE" or answer.status >= 300:
             upload.drop()
         else:
-            session = self._session(answer.headers.get("Location", ""))
+            location = answer.headers.get("Location", "")
+            session = self._session(location)
             if session:
-                self.uploads[(target.domain, target.name, session)] = upload
+                self._keep((target.domain, target.name, session), upload, target, location)
             else:
                 upload.drop()
         return response
@@ -425,6 +481,7 @@ class Pushes:
         if status == 201 and is_digest(digest):
             self.held.add(target.domain, target.name, digest,
                           writer.size if writer is not None else None)
+            self._touch(digest)
         if writer is None:
             return
         if status != 201 or not is_digest(digest):
@@ -447,6 +504,7 @@ class Pushes:
         the repository too."""
         if is_digest(digest):
             self.held.add(target.domain, target.name, digest, None)
+            self._touch(digest)
             # A pusher that claimed the upload mounted it instead.
             self.held.release(target.domain, digest)
             path = RegistryPath(Kind.BLOB, target.name, digest).path

@@ -24,7 +24,7 @@ import pytest
 from testbed.crproxy import CrProxy, clean_env, layout_blobs, skopeo_pull
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
 from testbed.registry import REGISTRY_NAME, Upstream
-from tests.clients import available, podman
+from tests.clients import Dockerd, available, podman
 from tests.conftest import proxy_endpoints
 from tests.faulty import wait_until
 from tests.test_e2e_inventory import cr_proxy_json
@@ -384,28 +384,68 @@ def test_upstream_unreachable_is_a_clear_503(pusher: CrProxy, upstream: Upstream
     wait_until(lambda: comebacks() > before, 30, "the probe finding the registry back")
 
 
-def test_podman_push_is_relayed_and_stored(
-    pusher: CrProxy, upstream: Upstream, tmp_path: Path
+@pytest.mark.parametrize("tool", ["podman", "buildah"])
+def test_libpod_push_is_relayed_and_stored(
+    tool: str, pusher: CrProxy, upstream: Upstream, tmp_path: Path
 ) -> None:
-    """podman pushes an image from its own storage (layers compressed anew:
-    a new manifest) through the mirror; the upstream's tag and our cached
-    one are the same manifest."""
-    assert available("podman"), "podman is missing: make test installs it"
+    """podman and buildah push an image from their own storage (layers
+    compressed anew: a new manifest) through the mirror; the upstream's tag
+    and our cached one are the same manifest."""
+    assert available(tool), f"{tool} is missing: make test installs it"
     build_image(tmp_path / "layout", layers=[tar_layer({"p.txt": os.urandom(2048)})], tag="v1")
-    work = tmp_path / "podman"
+    work = tmp_path / tool
+    repo = f"{tool}-pushed"
     try:
-        loaded = podman(work, None, tmp_path, "pull", f"oci:{tmp_path / 'layout'}:v1")
+        loaded = podman(work, None, tmp_path, "pull", f"oci:{tmp_path / 'layout'}:v1",
+                        tool=tool)
         assert loaded.returncode == 0, loaded.stderr
         image_id = loaded.stdout.strip().splitlines()[-1]
-        dest = f"{pusher.http}/{REGISTRY_NAME}/podman-pushed:v1"
-        pushed = podman(work, None, tmp_path, "push", "--tls-verify=false", image_id, dest)
+        dest = f"docker://{pusher.http}/{REGISTRY_NAME}/{repo}:v1"
+        pushed = podman(work, None, tmp_path, "push", "--tls-verify=false", image_id, dest,
+                        tool=tool)
         assert pushed.returncode == 0, pushed.stderr + pusher.log_text()[-3000:]
     finally:
-        podman(work, None, tmp_path, "system", "reset", "--force")
+        if tool == "podman":
+            podman(work, None, tmp_path, "system", "reset", "--force")
+        else:
+            podman(work, None, tmp_path, "rmi", "--all", "--force", tool=tool)
         shutil.rmtree(os.readlink(work / "runroot"), ignore_errors=True)
-    direct = upstream.pull_direct("podman-pushed", "v1", tmp_path / "direct", transport="dir")
-    tag = pusher.cache / f"content/{REGISTRY_NAME}/v2/podman-pushed/manifests/v1"
-    assert tag.read_bytes() == (direct / "manifest.json").read_bytes()
+    assert_pushed_and_stored(pusher, upstream, repo, tmp_path)
+
+
+def assert_pushed_and_stored(cr: CrProxy, upstream: Upstream, repo: str, tmp_path: Path) -> None:
+    """The registry's tag and our cached one are the same manifest, and
+    each of its blobs is in the cache."""
+    direct = upstream.pull_direct(repo, "v1", tmp_path / "direct", transport="dir")
+    tag = cr.cache / f"content/{REGISTRY_NAME}/v2/{repo}/manifests/v1"
+    manifest = (direct / "manifest.json").read_bytes()
+    assert tag.read_bytes() == manifest
+    parsed = json.loads(manifest)
+    for blob in (parsed["config"], *parsed["layers"]):
+        assert stored_blob(cr, blob["digest"]).is_file(), blob
+
+
+def test_docker_push_is_relayed_and_stored(
+    pusher: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    """dockerd pushes an image it loaded (a docker-archive skopeo made)
+    through the mirror's HTTP port (127.0.0.0/8: insecure by default)."""
+    assert available("dockerd"), "dockerd is missing: make test installs it"
+    build_image(tmp_path / "layout", layers=[tar_layer({"d.txt": os.urandom(2048)})], tag="v1")
+    archive = tmp_path / "image.tar"
+    made = subprocess.run(["skopeo", "copy", f"oci:{tmp_path / 'layout'}:v1",
+                           f"docker-archive:{archive}:local/app:v1"],
+                          capture_output=True, text=True, env=clean_env(), timeout=120)
+    assert made.returncode == 0, made.stderr
+    dest = f"{pusher.http}/{REGISTRY_NAME}/docker-pushed:v1"
+    with Dockerd(tmp_path / "docker", None, None) as daemon:
+        loaded = daemon.docker("load", "-i", str(archive))
+        assert loaded.returncode == 0, loaded.stderr
+        assert daemon.docker("tag", "local/app:v1", dest).returncode == 0
+        pushed = daemon.docker("push", dest)
+        assert pushed.returncode == 0, (pushed.stdout + pushed.stderr
+                                        + pusher.log_text()[-3000:])
+    assert_pushed_and_stored(pusher, upstream, "docker-pushed", tmp_path)
 
 
 def test_client_gone_mid_chunk_cancels_the_upload_upstream(

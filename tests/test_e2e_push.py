@@ -23,11 +23,13 @@ import pytest
 
 from testbed.crproxy import CrProxy, clean_env, layout_blobs, skopeo_pull
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
+from testbed.ports import free_ports
 from testbed.registry import REGISTRY_NAME, Upstream
 from tests.clients import Dockerd, available, podman
 from tests.conftest import proxy_endpoints
 from tests.faulty import wait_until
 from tests.test_e2e_inventory import cr_proxy_json
+from tests.test_e2e_proxy import ca_dir, proxied_env
 
 PREFIX = f"/v2/{REGISTRY_NAME}"
 
@@ -42,8 +44,9 @@ def pusher(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iter
     addresses are clients off push.allow_clients); a push naming no
     registry goes to registry.test."""
     push = {"enabled": True, "allow_clients": ["127.0.0.1/32"], "default_target": REGISTRY_NAME}
+    (front,) = free_ports(1)  # the https_proxy front too
     with CrProxy(tmp_path_factory.mktemp("pusher"), proxy_endpoints(upstream),
-                 push=push) as running:
+                 push=push, listen_proxy=f"127.0.0.1:{front}") as running:
         yield running
 
 
@@ -423,6 +426,28 @@ def assert_pushed_and_stored(cr: CrProxy, upstream: Upstream, repo: str, tmp_pat
     parsed = json.loads(manifest)
     for blob in (parsed["config"], *parsed["layers"]):
         assert stored_blob(cr, blob["digest"]).is_file(), blob
+
+
+def test_https_proxy_push_is_written_through(
+    pusher: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    """skopeo pushing to the registry's own name through the https_proxy
+    front, logged in as itself: relayed, and written through under the
+    registry's host, as a mirror push is."""
+    image = build_image(tmp_path / "layout", layers=[tar_layer({"x.bin": os.urandom(200_000)})],
+                        tag="v1")
+    creds = ["--dest-creds", ":".join(upstream.credentials)] if upstream.credentials else []
+    result = subprocess.run(
+        ["skopeo", "copy", "--preserve-digests", "--retry-times", "0", "--dest-cert-dir",
+         str(ca_dir(pusher, tmp_path)), *creds, f"oci:{tmp_path / 'layout'}:v1",
+         f"docker://{REGISTRY_NAME}/proxied-push:v1"],
+        capture_output=True, text=True, env=proxied_env(pusher), timeout=300)
+    assert result.returncode == 0, result.stderr + pusher.log_text()[-3000:]
+    assert_pushed_and_stored(pusher, upstream, "proxied-push", tmp_path)
+    for digest in (image.config_digest, *image.layer_digests):
+        assert (pusher.cache / f"content/{REGISTRY_NAME}/v2/proxied-push/blobs/{digest}"
+                ).is_file(), digest
+    assert leftover_uploads(pusher) == []
 
 
 def test_docker_push_is_relayed_and_stored(

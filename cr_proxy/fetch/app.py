@@ -137,6 +137,9 @@ class Fetcher:
             return await self._registry_request(request, target, mirror=True)
         domain, rpath = proxy_target(request.headers.get("Host", ""), request.path)
         self._check_proxy_port(request, domain)
+        if self.pushes.claims_proxied(request):
+            # Push on: written through as mirror pushes are (push.py).
+            return await self.pushes.handle_proxied(request, domain)
         if rpath is None:
             # The path proxy_target checked, not the raw one.
             query = f"?{request.query_string}" if request.query_string else ""

@@ -94,6 +94,10 @@ class PushTarget:
     client_name: str  # the name as the client spelt it, its prefix included
     what: str  # "blobs/uploads", "blobs" (a probe: HEAD) or "manifests"
     ref: str  # the upload session (may be ""), the blob's digest or the manifest reference
+    # https_proxy mode: the client talks to the registry itself, logged in
+    # as itself; its Authorization is relayed (none of cr-proxy's logins).
+    proxied: bool = False
+    client_auth: str | None = None
 
     @property
     def path(self) -> str:
@@ -123,6 +127,19 @@ def push_target(path: str, default_target: str, registry_hosts: dict[str, str]) 
         raise BadRequest("DIGEST_INVALID", f"invalid digest {ref[:140]!r}")
     return PushTarget(registry, resolve_domain(registry, registry_hosts), name, client_name,
                       match["what"], ref)
+
+
+def proxied_target(path: str, domain: str, client_auth: str | None) -> PushTarget:
+    """An https_proxy client's write to `domain` (the host it asked for)."""
+    match = PUSH_PATH_RE.match(path)
+    if match is None or match["what"] == "blobs":
+        raise Unsupported(message=f"{path[:200]} is not a push path")
+    check_path(path)
+    name, ref = check_name(match["name"]), match["ref"]
+    if match["what"] == "manifests" and not (is_tag(ref) or is_digest(ref)):
+        raise BadRequest("TAG_INVALID", f"invalid reference {ref[:140]!r}")
+    return PushTarget(domain, domain, name, name, match["what"], ref, proxied=True,
+                      client_auth=client_auth)
 
 
 @dataclass(slots=True)
@@ -258,6 +275,38 @@ class Pushes:
         finally:
             self.held.ended(target.domain, target.name)
 
+    def claims_proxied(self, request: web.Request) -> bool:
+        """An https_proxy request that is ours (push on): a write to a push
+        path, or an upload's status GET, from a client on push.allow_clients.
+        Others are relayed as they come, uncached (passthrough.py)."""
+        if not self.ctx.config.push.enabled or not PUSH_PATH_RE.match(request.path):
+            return False
+        if request.method in ("GET", "HEAD") and not UPLOAD_PATH_RE.match(request.path):
+            return False
+        return self._may_push(request)
+
+    async def handle_proxied(self, request: web.Request, domain: str) -> web.StreamResponse:
+        """An https_proxy client's upload or manifest PUT: relayed with its
+        own login and written through as in mirror mode (no probes: the
+        client's token may not reach another repository to mount from)."""
+        target = proxied_target(request.path, domain, request.headers.get("Authorization"))
+        self.held.began(target.domain, target.name)
+        try:
+            if target.what == "manifests":
+                return await self._manifest(request, target)
+            return await self._upload(request, target)
+        finally:
+            self.held.ended(target.domain, target.name)
+
+    async def _login(self, target: PushTarget, mount_from: str | None = None,
+                     delete: bool = False) -> str | None:
+        """The Authorization of a request upstream: the client's own in
+        https_proxy mode, else cr-proxy's (upstream/uploads.py)."""
+        if target.proxied:
+            return target.client_auth
+        return await self.auth.header(target.registry, target.domain, target.name, mount_from,
+                                      delete=delete)
+
     def _may_push(self, request: web.Request) -> bool:
         """X-Forwarded-For is nginx's own, never the client's."""
         try:
@@ -329,7 +378,7 @@ class Pushes:
         """Mount the digest from `source` into the target repository
         upstream; True when the upstream did (201)."""
         digest = target.ref
-        auth = await self.auth.header(target.registry, target.domain, target.name, source)
+        auth = await self._login(target, source)
         headers = {"Content-Length": "0", **({"Authorization": auth} if auth else {})}
         path_qs = f"/v2/{target.name}/blobs/uploads/?{urlencode({'mount': digest, 'from': source})}"
         answer = await self.ctx.upstream.send("POST", target.domain, path_qs, headers, data=b"")
@@ -360,7 +409,10 @@ class Pushes:
         query = list(parse_qsl(request.query_string, keep_blank_values=True))
         mount_from = None
         if method == "POST" and request.query.get("mount") and request.query.get("from"):
-            query, mount_from = self._mount_query(query, target)
+            if target.proxied:  # the registry's own names: within it, as they are
+                mount_from = check_name(request.query["from"])
+            else:
+                query, mount_from = self._mount_query(query, target)
         key = (target.domain, target.name, target.ref)
         upload = self.uploads.pop(key, None) if target.ref else Upload()
         if upload is None:
@@ -369,8 +421,7 @@ class Pushes:
         self._check_range(request, upload)
         headers = CIMultiDict(
             (k, v) for k, v in request.headers.items() if k.lower() in SENT_HEADERS)
-        auth = await self.auth.header(target.registry, target.domain, target.name, mount_from,
-                                      delete=method == "DELETE")
+        auth = await self._login(target, mount_from, delete=method == "DELETE")
         if auth:
             headers["Authorization"] = auth
         body = self._body(request, upload) if request.can_read_body else None
@@ -415,8 +466,7 @@ class Pushes:
         """Best effort: DELETE the upload upstream (its upload state as the
         client last had it)."""
         try:
-            auth = await self.auth.header(target.registry, target.domain, target.name,
-                                          delete=True)
+            auth = await self._login(target, delete=True)
             headers = {"Authorization": auth} if auth else {}
             response = await self.ctx.upstream.send("DELETE", target.domain, path_qs, headers)
             response.release()
@@ -524,7 +574,7 @@ class Pushes:
         body = await _read_request(request, MAX_MANIFEST)
         content_type = request.headers.get("Content-Type", "")
         headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
-        auth = await self.auth.header(target.registry, target.domain, target.name)
+        auth = await self._login(target)
         if auth:
             headers["Authorization"] = auth
         answer = await self.ctx.upstream.send("PUT", target.domain, target.path,
@@ -563,6 +613,9 @@ class Pushes:
         finally:
             answer.release()
         headers = {k: v for k, v in answer.headers.items() if k.lower() in RELAYED_HEADERS}
+        if target.proxied and "WWW-Authenticate" in answer.headers:
+            # The client logs in itself: it must see the registry's challenge.
+            headers["WWW-Authenticate"] = answer.headers["WWW-Authenticate"]
         if "Location" in headers:
             headers["Location"] = client_location(headers["Location"], target)
         headers.pop("Content-Length", None)

@@ -430,7 +430,7 @@ class Pushes:
             answer = await self.ctx.upstream.send(method, target.domain, path_qs, headers,
                                                   data=body)
         except BaseException:
-            upload.drop()
+            self._failed(upload, target, final, request)
             if body is not None and target.ref:
                 # A body cut short (the client gone mid-chunk, or the
                 # upstream): the session is dead to both; cancel it upstream
@@ -440,7 +440,7 @@ class Pushes:
         try:
             response = await self._relay(request, answer, target)
         except BaseException:
-            upload.drop()
+            self._failed(upload, target, final, request)
             raise
         if final:
             await self._finish(upload, answer.status, request.query["digest"], target)
@@ -456,6 +456,14 @@ class Pushes:
             else:
                 upload.drop()
         return response
+
+    def _failed(self, upload: Upload, target: PushTarget, final: bool,
+                request: web.Request) -> None:
+        """An upload request that broke off: nothing kept, and a pusher
+        waiting for this digest looks again at once (held.py)."""
+        upload.drop()
+        if final:
+            self.held.release(target.domain, request.query["digest"])
 
     def _cancel_later(self, target: PushTarget, path_qs: str) -> None:
         task = asyncio.get_running_loop().create_task(self._cancel(target, path_qs))

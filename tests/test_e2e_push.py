@@ -16,6 +16,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +128,19 @@ def test_pushed_image_pulls_with_the_upstream_stopped(
     index = json.loads((tmp_path / "out/index.json").read_text())
     assert index["manifests"][0]["digest"] == pushed.manifest_digest
     assert {pushed.config_digest, *pushed.layer_digests} <= set(layout_blobs(tmp_path / "out"))
+
+
+def test_a_probe_while_the_upstream_is_down_is_the_caches_answer(
+    pushed: ImageInfo, pusher: CrProxy, upstream: Upstream
+) -> None:
+    """A HEAD from a client that may push, for a blob the cache holds
+    (under another repository: not an nginx hit), while the registry is
+    down: answered from the cache, as a puller's is."""
+    layer = pushed.layer_digests[0]
+    with registry_down(pusher, upstream):
+        answer = probe(pusher, "offline-probe", layer)
+    assert answer.status == 200, answer.body
+    assert answer.headers["Content-Length"] == str(pushed.sizes[layer])
 
 
 def test_ls_lists_the_pushed_image_as_a_pulled_one(pushed: ImageInfo, pusher: CrProxy) -> None:
@@ -366,25 +380,33 @@ def test_client_off_push_allow_clients_is_refused_before_the_upstream(
     assert call(pusher, "GET", "/v2/", source="127.0.0.2").status == 200
 
 
-def test_upstream_unreachable_is_a_clear_503(pusher: CrProxy, upstream: Upstream) -> None:
+@contextmanager
+def registry_down(cr: CrProxy, upstream: Upstream) -> Iterator[None]:
+    """The registry, token server and CDN stopped, then started again, and
+    (not upstream_down) waited for until cr-proxy's probe finds the
+    registry answering: it is remembered down meanwhile, and the next push
+    here must not meet that."""
     def comebacks() -> int:
-        return sum(f"upstream {REGISTRY_NAME} reachable again" in line for line in pusher.output)
+        return sum(f"upstream {REGISTRY_NAME} reachable again" in line for line in cr.output)
 
     before = comebacks()
     upstream.stop_registry()
     upstream.stop_auth()
     upstream.stop_cdn()
     try:
-        answer = start_upload(pusher, "unreachable")
-        assert answer.status == 503, answer.body
-        assert answer.error_code() == "UPSTREAM_UNREACHABLE"
+        yield
     finally:
         upstream.start_registry()
         upstream.start_auth()
         upstream.start_cdn()
-    # Not upstream_down: the registry is remembered down until a probe finds
-    # it answering, and the next push here must not meet that.
     wait_until(lambda: comebacks() > before, 30, "the probe finding the registry back")
+
+
+def test_upstream_unreachable_is_a_clear_503(pusher: CrProxy, upstream: Upstream) -> None:
+    with registry_down(pusher, upstream):
+        answer = start_upload(pusher, "unreachable")
+        assert answer.status == 503, answer.body
+        assert answer.error_code() == "UPSTREAM_UNREACHABLE"
 
 
 @pytest.mark.parametrize("tool", ["podman", "buildah"])

@@ -31,6 +31,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import aiohttp
@@ -57,6 +58,8 @@ from cr_proxy.errors import (
     NotFound,
     Unsupported,
     UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
 )
 from cr_proxy.fetch.context import (
     API_HEADERS,
@@ -318,11 +321,28 @@ class Pushes:
     # --- probes: one upload per layer across images ----------------------------
 
     async def _probe(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
-        """A pusher's HEAD of a blob: 200 when the upstream holds it in this
-        repository (as far as we know), or after a mount from another
-        repository of the registry that holds it; while another pusher
-        uploads it, after waiting for that upload; else the upstream's own
-        answer, and a 404 claims the upload for this pusher (held.py)."""
+        """A pusher's HEAD of a blob (_ask_upstream). While the upstream
+        cannot be asked, the cache answers for a blob it holds, as it does
+        a puller's HEAD (the client may be pulling; a push fails at its
+        upload or manifest all the same)."""
+        try:
+            return await self._ask_upstream(request, target)
+        except (UpstreamUnreachable, UpstreamTimeout, aiohttp.ClientError, TimeoutError):
+            stored = self.ctx.store.tree.blob(target.ref)
+            size = await in_thread(_size_of, stored)
+            if size is None:
+                raise
+            log.info("push probe of %s in %s/%s answered from the cache: upstream unreachable",
+                     target.ref, target.domain, target.name)
+            return _blob_head(target.ref, size)
+
+    async def _ask_upstream(self, request: web.Request, target: PushTarget
+                            ) -> web.StreamResponse:
+        """200 when the upstream holds the blob in this repository (as far
+        as we know), or after a mount from another repository of the
+        registry that holds it; while another pusher uploads it, after
+        waiting for that upload; else the upstream's own answer, and a 404
+        claims the upload for this pusher (held.py)."""
         domain, name, digest = target.domain, target.name, target.ref
         held = self.held
         await held.load(domain)
@@ -351,9 +371,7 @@ class Pushes:
         size = self.held.size(target.ref)
         if size is None:
             return await self._head(request, target)
-        headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": target.ref,
-                   "Content-Length": str(size), **API_HEADERS}
-        return web.Response(status=200, headers=headers)
+        return _blob_head(target.ref, size)
 
     async def _head(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
         """The upstream's answer to the HEAD (its redirects followed, as a
@@ -644,6 +662,19 @@ def client_location(location: str, target: PushTarget) -> str:
                             "which this mirror does not relay")
     path = f"/v2/{target.client_name}/" + parts.path[len(own):]
     return path + (f"?{parts.query}" if parts.query else "")
+
+
+def _blob_head(digest: str, size: int) -> web.Response:
+    headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": digest,
+               "Content-Length": str(size), **API_HEADERS}
+    return web.Response(status=200, headers=headers)
+
+
+def _size_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 async def _read_request(request: web.Request, limit: int) -> bytes:

@@ -117,6 +117,8 @@ class Series(Enum):
     OFFLINE_STALE = SECS
     OFFLINE_DROP_FIRST = SECS  # the first pull after the cable went: pays the stale budget
     OFFLINE_DROP = SECS  # the next: the registry is known down, nothing dialled
+    PUSH_FIRST_OURS = SECS  # one image of the batch's shape, alone, through cr-proxy
+    PUSH_FIRST_DIRECT = SECS
     PUSH_BATCH_OURS = SECS  # the push batch through cr-proxy, wall time
     PUSH_BATCH_DIRECT = SECS  # the same batch pushed straight to the registry
     PUSH_BIG_OURS = RATE  # one big layer pushed through cr-proxy: its bytes per second
@@ -312,6 +314,9 @@ CASES: tuple[Ratio | Absolute, ...] = (
              _front_cpu_per_connection),
     Absolute(f"{MQTT_DEVICES} devices ask for one {MQTT_MODULE_MIB} MiB module at once "
              "over MQTT: wall time", "(info)", _mqtt_wall),
+    Ratio(f"push one image (2 x {PUSH_BASE_MIB} MiB base layers + a small one), skopeo: "
+          "wall time", S.PUSH_FIRST_OURS, S.PUSH_FIRST_DIRECT, "pushing directly",
+          Bar("<=", 1.1)),
     Ratio(f"push {PUSH_IMAGES} images sharing 2 x {PUSH_BASE_MIB} MiB base layers, "
           f"{PUSHERS} skopeo pushers: wall time", S.PUSH_BATCH_OURS, S.PUSH_BATCH_DIRECT,
           "pushing directly", FASTER),

@@ -22,7 +22,8 @@ It starts, and stops again (also on an error, Ctrl-C or SIGTERM):
 * for pushes (`push`): a cr-proxy taking pushes, fresh each round, and a
   relay counting the bytes the registry receives (testbed.counting); a
   kolla-like batch (testbed.pushbatch: 20 images sharing two base layers)
-  pushed by 4 skopeo at once, and one big layer, through cr-proxy and
+  pushed by 4 skopeo at once, one image of that shape alone (the first of
+  a build), and one big layer, through cr-proxy and
   straight to the registry (through the upstream's name proxy), new random
   layers for each side.
 
@@ -615,6 +616,10 @@ class Bench:
         n = self._serial
         batches = [build_batch(self.work / f"push-{n}-{side}", PUSH_IMAGES, PUSH_BASE_MIB * MIB,
                                seed=2 * n + side) for side in (0, 1)]
+        # The first image of a build, alone: layers of its own (seeds apart
+        # from the batches'), nothing to share yet.
+        firsts = [build_batch(self.work / f"push-{n}-first-{side}", 1, PUSH_BASE_MIB * MIB,
+                              seed=10_000 + 2 * n + side) for side in (0, 1)]
         bigs = [self._big_layout(f"push-{n}-big-{side}", seed=1000 + 2 * n + side)
                 for side in (0, 1)]
         direct_env = self.up.skopeo_env()
@@ -622,6 +627,9 @@ class Bench:
         try:
             with self._push_crproxy() as proxy:
                 ours = f"{proxy.http}/{REGISTRY_NAME}"
+                first, _ = self._pushed(lambda: push_batch(
+                    firsts[0], lambda _: f"{ours}/push{n}/first-ours:v1", 1))
+                self.results.add(Series.PUSH_FIRST_OURS, first)
                 wall, sent = self._pushed(lambda: push_batch(
                     batches[0], lambda i: f"{ours}/push{n}/ours-{i}:v1", PUSHERS))
                 self.results.add(Series.PUSH_BATCH_OURS, wall)
@@ -629,6 +637,10 @@ class Bench:
                     bigs[0], lambda _: f"{ours}/push{n}/big-ours:v1", 1))
             direct = REGISTRY_NAME
             with self._direct_through_relay():
+                first_direct, _ = self._pushed(lambda: push_batch(
+                    firsts[1], lambda _: f"{direct}/push{n}/first-direct:v1", 1,
+                    env=direct_env, extra=creds))
+                self.results.add(Series.PUSH_FIRST_DIRECT, first_direct)
                 direct_wall, direct_sent = self._pushed(lambda: push_batch(
                     batches[1], lambda i: f"{direct}/push{n}/direct-{i}:v1", PUSHERS,
                     env=direct_env, extra=creds))
@@ -641,7 +653,7 @@ class Bench:
             self.results.add(Series.PUSH_BIG_OURS, size / big_wall)
             self.results.add(Series.PUSH_BIG_DIRECT, size / big_direct)
         finally:
-            for batch in (*batches, *bigs):
+            for batch in (*batches, *firsts, *bigs):
                 shutil.rmtree(batch.layout, ignore_errors=True)
 
     def _big_layout(self, name: str, seed: int) -> Batch:

@@ -152,7 +152,13 @@ class Privacy:
                                     < self.ctx.config.private.verdict_ttl):
             self.ctx.metrics.private_checks.labels(how="cached").inc()
             return self._decided(verdict.allowed, domain, name)
-        if DUMMY_PREFIX not in authorization:
+        dummy = DUMMY_PREFIX in authorization
+        if dummy and not self.ctx.upstream.health.is_down(domain):
+            # Ours, and the registry answers: the client is to get a real token.
+            self._refuse("dummy_token")
+            raise Unauthorized(f"{name} is private: a token cr-proxy handed out offline "
+                               "unlocks nothing", self._challenge(domain, name))
+        if not dummy:
             try:
                 allowed = await accepts(self.ctx.upstream, target, authorization)
             except UpstreamError as err:

@@ -53,7 +53,13 @@ from cr_proxy.errors import (
 from cr_proxy.metrics import Metrics
 from cr_proxy.net.address import dial_target, is_loopback, split_url
 from cr_proxy.net.policy import Destinations, refusal, resolved_refusal
-from cr_proxy.upstream.auth import Challenge, TokenCache, parse_challenge, pull_scope
+from cr_proxy.upstream.auth import (
+    Challenge,
+    TokenCache,
+    parse_challenge,
+    pull_scope,
+    token_url,
+)
 from cr_proxy.upstream.challenges import Challenges
 from cr_proxy.upstream.health import Health
 from cr_proxy.upstream.parent import Parent
@@ -492,7 +498,14 @@ class Upstream:
             return response
         response.release()
         scope = challenge.params.get("scope") or (pull_scope(name) if name else "")
-        token = await self.token(challenge, scope, creds, domain)
+        if client_auth and client_auth[:6].lower() == "basic ":
+            # A client's own Basic credential is exchanged as the client
+            # would, uncached (the cache knows users by name, not password).
+            answer = await self.get_json(token_url(challenge, scope),
+                                         {"Authorization": client_auth}, registry=domain)
+            token = str(answer.get("token") or answer.get("access_token") or "")
+        else:
+            token = await self.token(challenge, scope, creds, domain)
         sent["Authorization"] = f"Bearer {token}"
         return await self.send(method, domain, path, sent)
 

@@ -1,7 +1,7 @@
 """Private content in https_proxy mode (issue 14), end to end: the real
 distribution upstream whose token server lets `testuser` pull
 `private/app` and no one else (anonymous and `other` get tokens that grant
-nothing, so the registry answers 401), skopeo and curl through the CONNECT
+nothing, so the registry answers 401), skopeo, podman and curl through the CONNECT
 front of a real `cr-proxy serve`.
 
 A repository the upstream refuses without a credential is marked private
@@ -23,6 +23,7 @@ from testbed.crproxy import CrProxy, layout_blobs
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
 from testbed.ports import free_ports
 from testbed.registry import Upstream, make_jwt
+from tests.clients import podman, podman_cleanup
 from tests.conftest import proxy_endpoints
 from tests.faulty import wait_until
 from tests.test_e2e_inventory import cr_proxy_json
@@ -132,6 +133,29 @@ def test_only_entitled_credentials_pull_private_content_hit_or_miss(
     metrics = scrape(cr)
     assert metrics[("crproxy_private_denied_total", (("reason", "refused_upstream"),))] >= 2
     assert metrics[("crproxy_private_checks_total", (("how", "upstream"),))] >= 1
+
+
+def test_podman_pulls_private_content_only_with_an_entitled_credential(
+    bed: Bed, cr: CrProxy, tmp_path: Path
+) -> None:
+    work, image = tmp_path / "podman", f"{REGISTRY}/private/app:v1"
+    trust = ca_dir(cr, tmp_path)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return podman(work, f"http://127.0.0.1:{cr.proxy_port}", trust, *args)
+
+    try:
+        pulled = run("pull", "--creds", f"testuser:{USERS['testuser']}", image)
+        assert pulled.returncode == 0, pulled.stderr
+        image_id = run("image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
+        assert f"sha256:{image_id}" == bed.v1.config_digest
+        assert run("rmi", image).returncode == 0
+        for creds in ((), ("--creds", f"other:{USERS['other']}")):
+            refused_pull = run("pull", *creds, image)
+            assert refused_pull.returncode != 0
+            assert "unauthorized" in refused_pull.stderr.lower(), refused_pull.stderr
+    finally:
+        podman_cleanup(work, run)
 
 
 def test_hostile_credentials_are_refused_and_nothing_private_is_served(

@@ -78,7 +78,8 @@ def curl(cr: CrProxy, path: str, authorization: str | None, tmp: Path,
          head: bool = False) -> tuple[int, bytes]:
     """One request through the https_proxy with this Authorization as sent."""
     out = tmp / "curl.out"
-    args = ["curl", "-s", "-o", str(out), "-w", "%{http_code}", "--cacert",
+    args = ["curl", "-s", "-o", str(out), "-D", str(tmp / "curl.headers"), "-w", "%{http_code}",
+            "--cacert",
             str(cr.ca_cert), "--proxy", f"http://127.0.0.1:{cr.proxy_port}",
             "-H", "Accept: application/vnd.oci.image.manifest.v1+json"]
     if authorization is not None:
@@ -123,6 +124,8 @@ def test_only_entitled_credentials_pull_private_content_hit_or_miss(
     assert result.returncode == 0, result.stderr
     assert layout_blobs(tmp_path / "a2") == layout_blobs(tmp_path / "a1")
     assert up.cdn_blob_gets_settled(layer) == before == 1
+    # Never named under its CDN path, which names no repository to check.
+    assert not list((cr.cache / "content" / up.cdn_name).rglob(layer.split(":")[1]))
     # Public content of the same registry: anyone, and never marked.
     result = pull(cr, "public/app:v1", tmp_path / "p1")
     assert result.returncode == 0, result.stderr
@@ -185,6 +188,14 @@ def test_hostile_credentials_are_refused_and_nothing_private_is_served(
             status, body = curl(cr, path, authorization, tmp_path)
             assert status == 401, (what, path, status, body[:200])
             assert b"UNAUTHORIZED" in body and b"private one" not in body, what
+    # The tag list is private too; a refusal carries the registry's challenge.
+    tags = "/v2/private/app/tags/list"
+    assert curl(cr, tags, good, tmp_path)[0] == 200
+    status, body = curl(cr, tags, None, tmp_path)
+    assert status == 401 and b"v1" not in body
+    challenge = (tmp_path / "curl.headers").read_text().lower()
+    assert 'www-authenticate: bearer realm="http://auth.test/token"' in challenge, challenge
+    assert 'scope="repository:private/app:pull"' in challenge, challenge
     # A credential in the query string is no credential.
     status, _ = curl(cr, f"{manifest}?access_token={good.split()[1]}", None, tmp_path)
     assert status == 401

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from cr_proxy import nginx
+from cr_proxy.upstream import members
 from testbed.ports import free_ports
 from tests.test_nginx_render import load, needs_nginx
 
@@ -94,3 +95,23 @@ def test_a_fourth_node_takes_about_a_quarter_of_the_keys_all_from_the_others(
     assert Counter(four.values())[peers[3]] == len(moved)
     # About a quarter (ketama: 160 points per server on the ring).
     assert 0.15 < len(moved) / KEYS < 0.35, (len(moved), shares)
+
+
+@needs_nginx
+def test_the_status_pages_ring_is_nginxs_key_for_key(tmp_path: Path) -> None:
+    """upstream/members.py's ketama (the status page's shares) picks the
+    owner nginx picks for every key, with ring entries as the DNS mode
+    writes them (address:port) and as a list may (names)."""
+    ports = free_ports(3)
+    peers = [f"127.0.0.1:{ports[0]}", f"127.0.0.2:{ports[1]}", f"127.0.0.3:{ports[2]}"]
+    keys = [f"sha256:{i:064x}" for i in range(KEYS)] + [f"registry-1.docker.io/a/b:{i}"
+                                                         for i in range(100)]
+    found = owners(tmp_path / "ring", peers, keys)
+    assert {key: members.owner(peers, key) for key in keys} == found
+    shares = members.shares(peers)
+    assert set(shares) == set(peers)
+    assert abs(sum(shares.values()) - 1) < 1e-9
+    # Each share is what the keys show, within sampling noise.
+    counted = Counter(found.values())
+    for peer, share in shares.items():
+        assert abs(counted[peer] / len(keys) - share) < 0.1, (peer, share, counted)

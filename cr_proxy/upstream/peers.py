@@ -63,10 +63,9 @@ class Peers:
                                           limit=PEER_CONNECTIONS)
         # nginx's proxy_read_timeout towards the peers decides first (it
         # then fails over); this one only bounds a hung run/peers.sock.
-        timeouts = config.timeouts
         timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=timeouts.connect,
-            sock_read=2 * (timeouts.pool + timeouts.connect + timeouts.read))
+            total=None, sock_connect=config.timeouts.connect,
+            sock_read=2 * config.peer_read_timeout + config.cluster.connect_timeout)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
                                               auto_decompress=False)
 

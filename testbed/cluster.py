@@ -144,16 +144,31 @@ class ClusterBed(RealNamesBed):
 
     def get(self, proxy: CrProxy, path: str) -> tuple[int, bytes]:
         """GET from the clients' namespace; a body cut short raises."""
-        def fetch() -> tuple[int, bytes]:
+        status, _, body = self.request(proxy, path)
+        return status, body
+
+    def request(self, proxy: CrProxy, path: str, method: str = "GET"
+                ) -> tuple[int, dict[str, str], bytes]:
+        """One request from the clients' namespace: status, headers, body."""
+        def fetch() -> tuple[int, dict[str, str], bytes]:
             connection = http.client.HTTPConnection(proxy.address, proxy.http_port, timeout=30)
             try:
-                connection.request("GET", path)
+                connection.request(method, path)
                 response = connection.getresponse()
-                return response.status, response.read()
+                return response.status, dict(response.getheaders()), response.read()
             finally:
                 connection.close()
 
         return in_netns(self.cl.name, fetch)
+
+    def upstream_requests(self, digest: str) -> int:
+        """Every request of the upstream's (registry and CDN, any method and
+        status) that names this digest, from their access logs."""
+        hexdigest = digest.split(":", 1)[1]
+        logs = [self.storage_root.parent / "registry.log",
+                self.dir / "upstream" / "cdn" / "access.log"]
+        return sum(log.read_text(errors="replace").count(hexdigest)
+                   for log in logs if log.exists())
 
     @staticmethod
     def owner(proxy: CrProxy, registry: str, repo: str, digest: str) -> str:

@@ -166,6 +166,33 @@ def test_a_manifest_by_digest_comes_from_its_owner(cluster: Cluster) -> None:
     assert cluster.net.registry_gets(f"/v2/library/man/manifests/{digest}") == 1
 
 
+def test_a_blob_head_on_a_non_owner_is_answered_by_the_owner(cluster: Cluster) -> None:
+    """A HEAD of a blob a node has not stored goes to the blob's owner, which
+    has it: answered with its size, counted for that peer, and the upstream
+    sees no request for it (before: a HEAD to the upstream per node)."""
+    image = cluster.push("headed", layers=1)
+    digest = image.layer_digests[0]
+    owner_http = cluster.owners(0, "headed", image)[digest]
+    owner = next(n for n, node in enumerate(cluster.nodes) if node.http == owner_http)
+    asker = (owner + 1) % 3
+    wait_until(lambda: cluster.net.owner(cluster.nodes[asker], REGISTRY, "library/headed",
+                                         digest) == owner_http,
+               REJOIN_TIMEOUT, "the asker's ring sending the digest to its owner")
+    path = f"/v2/{REGISTRY}/library/headed/blobs/{digest}"
+    status, body = cluster.net.get(cluster.nodes[owner], path)
+    assert status == 200
+    cluster.nodes[owner].wait_committed(DOMAIN, "library/headed", digest)
+    upstream = cluster.net.upstream_requests(digest)
+    asked = cluster.counter(asker, "crproxy_peer_requests", peer=owner_http)
+    status, headers, _ = cluster.net.request(cluster.nodes[asker], path, "HEAD")
+    assert status == 200
+    assert headers["Content-Length"] == str(len(body))
+    assert headers["Docker-Content-Digest"] == digest
+    assert cluster.counter(asker, "crproxy_peer_requests", peer=owner_http) == asked + 1
+    assert cluster.net.upstream_requests(digest) == upstream
+    assert not (cluster.nodes[asker].cache / "blobs/sha256" / digest.split(":", 1)[1]).exists()
+
+
 def test_a_node_killed_mid_test_leaves_its_keys_to_the_next_and_rejoins(
     cluster: Cluster, tmp_path: Path
 ) -> None:

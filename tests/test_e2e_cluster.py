@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cr_proxy.upstream import members
 from testbed.cluster import ClusterBed
 from testbed.crproxy import CrProxy, layout_blobs
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
@@ -125,6 +126,15 @@ def test_pulls_through_every_node_cost_one_upstream_get_per_blob(
     page = cluster.net.metrics(0, cluster.nodes[0], "/")
     for peer in set(owners.values()) - {cluster.nodes[0].http}:
         assert f"<th>peer {peer}</th><td>owned " in page, page
+    # And the ring itself: each node's share of the keys, nginx's ketama,
+    # which picked exactly these owners.
+    peers = [node.http for node in cluster.nodes]
+    assert owners == {key: members.owner(peers, f"{DOMAIN}/library/app:v1" if key == "tag"
+                                         else key) for key in owners}
+    for peer, share in members.shares(peers).items():
+        mine = " (this node)" if peer == cluster.nodes[0].http else ""
+        assert f"<th>ring {peer}</th><td>{share:.1%} of the keys{mine}</td>" in page, page
+    assert f"crproxy_cluster_members {len(peers)}.0" in cluster.net.metrics(0, cluster.nodes[0])
 
 
 def test_a_tag_is_fetched_and_revalidated_by_its_owner_only(

@@ -329,7 +329,6 @@ class HostServers:
             self._task = None
 
 
-
 class Reloader:
     """nginx's reloads, one at a time (the hosts' servers and the cluster's
     ring both ask for them): SIGHUP, then wait (bounded) until nginx has

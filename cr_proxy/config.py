@@ -210,6 +210,19 @@ class Artifacts:
     url_ttl: float  # seconds a signed URL stays valid
 
 
+PRIVATE_OFFLINE = ("verified", "deny", "allow")
+
+
+@dataclass(frozen=True, slots=True)
+class Private:
+    """Who may pull a private repository's content in https_proxy mode
+    (cr_proxy/fetch/private.py; README, "Private content")."""
+
+    verdict_ttl: float  # seconds a credential's verdict for a repository is trusted online
+    offline: str  # verified | deny | allow: what an unreachable upstream means
+    offline_grace: float  # seconds a verdict still counts while the upstream is unreachable
+
+
 @dataclass(frozen=True, slots=True)
 class Cluster:
     """Sibling nodes (docs/design.md, "Cluster"). `peers` as written: nginx
@@ -264,6 +277,7 @@ class Config:
     mqtt: Mqtt
     download: Download = Download()
     cluster: Cluster = Cluster((), "", True)
+    private: Private = Private(300, "verified", 86400)
 
     @property
     def socket_path(self) -> Path:
@@ -463,6 +477,15 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
         log_level=_choice(data, "log_level", ("debug", "info", "warning", "error")),
         mqtt=_mqtt(_mapping(data, "mqtt"), environ),
         cluster=_cluster(_mapping(data, "cluster")),
+        private=_private(_mapping(data, "private")),
+    )
+
+
+def _private(private: Mapping[str, Any]) -> Private:
+    return Private(
+        verdict_ttl=_seconds(private, "private.verdict_ttl", allow_zero=True),
+        offline=_choice(private, "private.offline", PRIVATE_OFFLINE),
+        offline_grace=_seconds(private, "private.offline_grace"),
     )
 
 

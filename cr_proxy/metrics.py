@@ -31,6 +31,7 @@ class Metrics:
         "bytes_fetched", "bytes_served", "cache_bytes", "cluster_changes", "cluster_members",
         "coalesced", "dummy_tokens",
         "evictions", "hits", "misses", "peer_errors", "peer_failovers", "peer_requests",
+        "private_checks", "private_denied",
         "registry", "requests", "resumes", "revalidations",
         "stale_served", "upstream_down", "upstream_errors", "upstream_outages",
         "upstream_skipped",
@@ -75,6 +76,15 @@ class Metrics:
         self.upstream_skipped = Counter(
             "crproxy_upstream_skipped", "Upstream requests not made because their registry "
             "is down", ["registry"], registry=r,
+        )
+        # Private content (fetch/private.py).
+        self.private_checks = Counter(
+            "crproxy_private_checks", "Client credentials checked for a private repository "
+            "(how: cached verdict, upstream, offline)", ["how"], registry=r,
+        )
+        self.private_denied = Counter(
+            "crproxy_private_denied", "Requests for private content refused, by reason",
+            ["reason"], registry=r,
         )
         self.coalesced = Counter(
             "crproxy_coalesced", "Misses that joined a download already running", registry=r

@@ -58,6 +58,11 @@ class ServerLocations:
     blob_path: str  # the blob's file under content/<domain>
     manifest_path: str  # the manifest's
     try_path: str  # what try_files looks for (the same file)
+    # The repository's private mark (layout.Tree.private_marker), "" for
+    # none: the hits of a private repository are the fetcher's, which checks
+    # the client's credential first (fetch/private.py). Only https_proxy
+    # clients bring a credential; the mirror ports serve their clients all.
+    private_mark: str = ""
 
     def values(self) -> dict[str, str]:
         return {
@@ -75,7 +80,7 @@ MIRROR_LOCATIONS = ServerLocations(
 )
 PROXY_LOCATIONS = ServerLocations(
     name_ok="$cr_name_ok", domain="$cr_proxy_domain", blob_path="$uri", manifest_path="$uri",
-    try_path="$uri",
+    try_path="$uri", private_mark="lists/$cr_proxy_domain/$cr_name/_private",
 )
 LOCATION_FILES = {"mirror-locations.conf": MIRROR_LOCATIONS,
                   "proxy-locations.conf": PROXY_LOCATIONS}
@@ -507,7 +512,10 @@ def render_cluster(config: Config) -> None:
 def locations(server: ServerLocations, cache_dir: Path) -> str:
     """nginx/locations.conf rendered for one server."""
     text = Template((TEMPLATE_DIR / "locations.conf").read_text())
-    return text.substitute(server.values(), cache_dir=str(cache_dir))
+    private_check = (f"if (-f {cache_dir}/{server.private_mark}) {{ return 418; }}"
+                     if server.private_mark else "# (no private repositories on this server)")
+    return text.substitute(server.values(), cache_dir=str(cache_dir),
+                           private_check=private_check)
 
 
 def command(config: Config, conf: Path) -> list[str]:

@@ -94,15 +94,23 @@ def test_the_mirror_and_proxy_servers_share_one_location_template(tmp_path: Path
     for server in ("mirror.conf", "proxy-server.conf"):  # no location of their own
         heads = re.findall(r"(?m)^\s*location\b.*", (run / server).read_text())
         assert not [head for head in heads if "/blobs/" in head or "/manifests/" in head]
-    directives = []
+    directives, private_checks = [], []
     for name, server in nginx.LOCATION_FILES.items():
         text = (run / name).read_text()
         assert text == nginx.locations(server, conf.cache_dir)
-        directives.append([line.split()[0] for line in text.splitlines()
-                           if line.strip() and not line.lstrip().startswith("#")])
+        lines = [line for line in text.splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")]
+        private_checks.append([line.strip() for line in lines if "/_private)" in line])
+        directives.append([line.split()[0] for line in lines if "/_private)" not in line])
     mirror, proxy = directives
     assert mirror == proxy  # the same directives, in the same order
     assert mirror.count("location") == 2 and mirror.count("if") == 5
+    # Only the https_proxy server checks a private repository's mark, in
+    # both locations (the mirror's clients bring no credential to check).
+    assert private_checks[0] == []
+    assert private_checks[1] == [
+        f"if (-f {conf.cache_dir}/lists/$cr_proxy_domain/$cr_name/_private) {{ return 418; }}"
+    ] * 2
 
 
 def python_regex(nginx_regex: str) -> re.Pattern[str]:

@@ -314,6 +314,12 @@ class Blobs:
             if keep:
                 # The last answer's hops: a resume may have been redirected anew.
                 redirected = _redirected(resume.opened.hops) if resume else None
+                if redirected is not None and await in_thread(
+                        ctx.store.is_private, domain, target.rpath.name):
+                    # A CDN path holds no repository name to check a client
+                    # against: a private repository's blob is named only
+                    # under it (fetch/private.py).
+                    redirected = None
                 committed = await in_thread(
                     ctx.store.commit_blob, writer, domain, target.rpath.path, redirected,
                     challenge,

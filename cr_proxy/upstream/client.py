@@ -45,6 +45,7 @@ from cr_proxy.config import UPSTREAM_CONNECTIONS, Config
 from cr_proxy.errors import (
     CrProxyError,
     DestinationRefused,
+    TokenRefused,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -443,7 +444,8 @@ class Upstream:
         async with await self.send("GET", host, path, headers, scheme=scheme,
                                    registry=registry) as response:
             if response.status != 200:
-                raise UpstreamError(message=f"token server {host} answered {response.status}")
+                refused = TokenRefused if response.status in (401, 403) else UpstreamError
+                raise refused(message=f"token server {host} answered {response.status}")
             try:
                 # The registry names the token server: it may trickle too.
                 with self.rate_guard(response.content):

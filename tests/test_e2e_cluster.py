@@ -29,7 +29,7 @@ from tests.test_e2e_mirror import expected_digests
 
 REGISTRY = "docker.io"
 DOMAIN = "registry-1.docker.io"
-REJOIN_TIMEOUT = 60.0  # > the ring's fail_timeout (nginx.PEER_FAIL_TIMEOUT)
+REJOIN_TIMEOUT = 60.0  # > the ring's fail_timeout (cluster.fail_timeout, 10 s)
 
 
 @dataclass

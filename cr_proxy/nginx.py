@@ -505,8 +505,13 @@ def render_cluster(config: Config) -> None:
     serve rewrites them and reloads nginx when a DNS name's addresses
     change (upstream/members.py)."""
     run = config.run_dir
-    (run / "mirror-maps.conf").write_text(mirror_maps(config))
-    (run / "cluster.conf").write_text(cluster_conf(config))
+    for name, text in (("mirror-maps.conf", mirror_maps(config)),
+                       ("cluster.conf", cluster_conf(config))):
+        # Renamed into place: a reload asked meanwhile for another reason
+        # (a host's server) reads the old file or the new, never half of one.
+        partial = run / f".{name}.new"
+        partial.write_text(text)
+        partial.replace(run / name)
 
 
 def locations(server: ServerLocations, cache_dir: Path) -> str:

@@ -4,7 +4,8 @@ address the name resolves to is a node. Three nodes in network namespaces
 start with the name naming them; a third is started and published, and
 the two others' rings take it in without a restart (serve resolves the
 name every cluster.resolve_interval, renders the ring again and reloads
-nginx); unpublished, it leaves their rings again."""
+nginx); unpublished, it leaves their rings again; a name that stops
+resolving leaves the rings as they were."""
 
 from __future__ import annotations
 
@@ -145,3 +146,22 @@ def test_a_node_leaving_the_name_leaves_the_ring(bed: Bed, tmp_path: Path) -> No
     for digest in blobs(image):
         assert bed.net.cdn_gets(digest) == 1, digest
     assert bed.metric(1, "crproxy_cluster_members") == 2
+
+
+def test_a_name_that_stops_resolving_leaves_the_ring_as_it_was(bed: Bed) -> None:
+    """The name's answer lost (a DNS outage): the nodes keep their ring,
+    they do not shrink it to themselves; the name back, nothing changes."""
+    first, second = bed.nodes[0].http, bed.nodes[1].http
+    changes = bed.metric(0, "crproxy_cluster_changes_total")
+    bed.net.publish(NAME, [])
+    try:
+        bed.nodes[0].wait_for_output(f"{NAME}:{bed.nodes[0].http_port} did not resolve",
+                                     CHANGE_TIMEOUT)
+        image = bed.push("kept", [first, second])
+        assert bed.owners(0, "kept", image) == {d: members.owner([first, second], d)
+                                                for d in blobs(image)}
+        assert bed.metric(0, "crproxy_cluster_members") == 2
+    finally:
+        bed.net.publish(NAME, [0, 1])
+    # No change of the ring all along (the outage shrank nothing).
+    assert bed.metric(0, "crproxy_cluster_changes_total") == changes

@@ -598,15 +598,8 @@ class Bench:
         source = f"{self.stale.http}/registry.test/{REPO}:{TAG}"
         self.results.add(Series.ONLINE_STALE, self._timed_pull(source))
         mark = len(self.stale.output)
-        self.up.stop_registry()
-        self.up.stop_auth()
-        self.up.stop_cdn()
-        try:
+        with self.up.stopped():
             self.results.add(Series.OFFLINE_STALE, self._timed_pull(source))
-        finally:
-            self.up.start_registry()
-            self.up.start_auth()
-            self.up.start_cdn()
         self._stale_says(mark, UP_AGAIN)
         mark = len(self.stale.output)
         with cable_out(self.up):

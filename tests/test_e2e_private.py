@@ -231,17 +231,10 @@ def test_offline_the_policy_decides(bed: Bed, tmp_path: Path, policy: str) -> No
     with bed.proxy(f"offline-{policy}", private={"offline": policy}) as cr:
         result = pull(cr, "private/app:v1", tmp_path / "online", "testuser")
         assert result.returncode == 0, result.stderr
-        up.stop_registry()
-        up.stop_auth()
-        up.stop_cdn()
-        try:
+        with up.stopped():
             entitled = pull(cr, "private/app:v1", tmp_path / "a", "testuser")
             anonymous = pull(cr, "private/app:v1", tmp_path / "b")
             other = pull(cr, "private/app:v1", tmp_path / "c", "other")
-        finally:
-            up.start_registry()
-            up.start_auth()
-            up.start_cdn()
     outcome = (entitled.returncode == 0, anonymous.returncode == 0, other.returncode == 0)
     # verified: only the credential the upstream said yes to (its dummy
     # token, asked for with it, stands for it); deny: no one; allow: any

@@ -123,6 +123,11 @@ class Series(Enum):
     PUSH_BATCH_DIRECT = SECS  # the same batch pushed straight to the registry
     PUSH_BIG_OURS = RATE  # one big layer pushed through cr-proxy: its bytes per second
     PUSH_BIG_DIRECT = RATE
+    # Manifest hits through the front, one kept-alive tunnel (issue 14): of a
+    # private repository (the fetcher checks the credential: a cached verdict),
+    # and of a public one (nginx alone).
+    PRIVATE_HIT = MS
+    PUBLIC_HIT = MS
 
 
 @dataclass
@@ -312,6 +317,8 @@ CASES: tuple[Ratio | Absolute, ...] = (
           "plain nginx TLS", None),
     Absolute("front CPU per new connection (serve process)", "(info)",
              _front_cpu_per_connection),
+    Ratio("private manifest hit through https_proxy, verdict cached: latency", S.PRIVATE_HIT,
+          S.PUBLIC_HIT, "public manifest hit, same tunnel", None),
     Absolute(f"{MQTT_DEVICES} devices ask for one {MQTT_MODULE_MIB} MiB module at once "
              "over MQTT: wall time", "(info)", _mqtt_wall),
     Ratio(f"push one image (2 x {PUSH_BASE_MIB} MiB base layers + a small one), skopeo: "

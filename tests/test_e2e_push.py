@@ -390,15 +390,8 @@ def registry_down(cr: CrProxy, upstream: Upstream) -> Iterator[None]:
         return sum(f"upstream {REGISTRY_NAME} reachable again" in line for line in cr.output)
 
     before = comebacks()
-    upstream.stop_registry()
-    upstream.stop_auth()
-    upstream.stop_cdn()
-    try:
+    with upstream.stopped():
         yield
-    finally:
-        upstream.start_registry()
-        upstream.start_auth()
-        upstream.start_cdn()
     wait_until(lambda: comebacks() > before, 30, "the probe finding the registry back")
 
 

@@ -363,7 +363,8 @@ class Inventory:
         blob = scan.blobs.get(image.digest)
         stored_at = blob.mtime if blob else 0.0
         read_at = blob.atime if blob and atime_trusted else None
-        image = dataclasses.replace(image, stored_at=stored_at, read_at=read_at)
+        image = dataclasses.replace(image, stored_at=stored_at, read_at=read_at,
+                                    private=self.store.is_private(image.domain, image.repository))
         return dataclasses.replace(image, last_used=self.last_used(image))
 
     def _link_digest(self, scan: Scan, link: Link) -> str:

@@ -69,6 +69,7 @@ from cr_proxy.fetch.context import (
     read_bounded,
 )
 from cr_proxy.fetch.held import Held
+from cr_proxy.fetch.private import Privacy
 from cr_proxy.oci.manifest import MANIFEST_MEDIA_TYPES, MAX_MANIFEST
 from cr_proxy.oci.reference import digest_of, is_digest, is_tag
 from cr_proxy.upstream.uploads import PushAuth
@@ -168,10 +169,13 @@ class Upload:
 
 
 class Pushes:
-    __slots__ = ("_sweeper", "auth", "cancels", "ctx", "held", "touched", "uploads")
+    __slots__ = ("_sweeper", "auth", "cancels", "ctx", "held", "privacy", "touched", "uploads")
 
-    def __init__(self, ctx: FetchContext) -> None:
+    def __init__(self, ctx: FetchContext, privacy: Privacy | None = None) -> None:
         self.ctx = ctx
+        # What is pushed to a private repository is marked so before it is
+        # named in the tree, as what is pulled (private.py).
+        self.privacy = privacy
         self.auth = PushAuth(ctx.upstream)
         self.held = Held(ctx.store)
         # (domain, name, upstream session id) -> what we follow of it
@@ -568,6 +572,7 @@ class Pushes:
         try:
             writer.name(digest)
             writer.verify(None)
+            await self._learn_privacy(target, RegistryPath(Kind.BLOB, target.name, digest))
             await in_thread(store.commit_blob, writer, target.domain, path)
         except DigestMismatch as err:
             writer.abort()
@@ -583,8 +588,17 @@ class Pushes:
             self._touch(digest)
             # A pusher that claimed the upload mounted it instead.
             self.held.release(target.domain, digest)
-            path = RegistryPath(Kind.BLOB, target.name, digest).path
-            await in_thread(self.ctx.store.link_if_stored, digest, target.domain, path)
+            rpath = RegistryPath(Kind.BLOB, target.name, digest)
+            await self._learn_privacy(target, rpath)
+            await in_thread(self.ctx.store.link_if_stored, digest, target.domain, rpath.path)
+
+    async def _learn_privacy(self, target: PushTarget, rpath: RegistryPath) -> None:
+        """Before a pushed object is named: whether its repository is
+        private (the upstream, which has just accepted it, refuses it
+        without a credential), asked as for a pull."""
+        if self.privacy is not None:
+            await self.privacy.learn(Target(target.registry, target.domain, rpath),
+                                     target.client_auth, pushed=True)
 
     @staticmethod
     def _session(location: str) -> str:
@@ -608,6 +622,8 @@ class Pushes:
         status = answer.status
         response = await self._relay(request, answer, target)
         if status == 201:
+            if self.privacy is not None and target.client_auth:
+                self.privacy.granted(target.domain, target.name, target.client_auth)
             await self._store_manifest(target, body, content_type)
         return response
 
@@ -619,6 +635,7 @@ class Pushes:
                      rpath.path, content_type[:80], digest)
             return
         try:
+            await self._learn_privacy(target, rpath)
             await in_thread(self.ctx.store.commit_manifest, target.domain, rpath, body, digest,
                             content_type, time.time())
         except (CrProxyError, OSError) as err:

@@ -257,6 +257,26 @@ def test_probe_of_a_layer_held_in_another_repository_mounts_it(
     assert upstream.registry_requests(f"/v2/dedup-b/blobs/{digest}") == before
 
 
+def test_a_client_mount_of_a_blob_not_cached_is_fetched_so_the_image_is_whole(
+    pusher: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    """A client's own cross-repository mount (skopeo mounts layers it saw
+    elsewhere) of a layer cr-proxy never had: the mount is relayed, then the
+    layer fetched in the background, so the pushed image pulls offline."""
+    image = build_image(tmp_path / "layout", layers=[tar_layer({"m": os.urandom(30_000)})],
+                        tag="v1")
+    upstream.push(tmp_path / "layout", "v1", "mount-src", "v1")  # not through cr-proxy
+    digest = image.layer_digests[0]
+    mounted = call(pusher, "POST", f"{PREFIX}/mount-dst/blobs/uploads/?mount={digest}"
+                   f"&from={REGISTRY_NAME}/mount-src")
+    assert mounted.status == 201, mounted.body
+    named = pusher.cache / f"content/{REGISTRY_NAME}/v2/mount-dst/blobs/{digest}"
+    wait_until(named.is_file, 60, "the mounted layer in the cache")
+    with upstream.stopped():
+        got = call(pusher, "GET", f"{PREFIX}/mount-dst/blobs/{digest}")
+    assert got.status == 200 and sha256(got.body) == digest
+
+
 def test_probe_after_a_restart_still_mounts(pusher: CrProxy, upstream: Upstream) -> None:
     """What the upstream holds survives a restart: the tree's blob names."""
     data = os.urandom(30_000)

@@ -29,7 +29,7 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -168,11 +168,20 @@ class Upload:
             self.writer = None
 
 
-class Pushes:
-    __slots__ = ("_sweeper", "auth", "cancels", "ctx", "held", "privacy", "touched", "uploads")
+FillBlob = Callable[[Target], Awaitable[Path]]
 
-    def __init__(self, ctx: FetchContext, privacy: Privacy | None = None) -> None:
+
+class Pushes:
+    __slots__ = ("_sweeper", "auth", "cancels", "ctx", "fill_blob", "fills", "held", "privacy",
+                 "touched", "uploads")
+
+    def __init__(self, ctx: FetchContext, privacy: Privacy | None = None,
+                 fill_blob: FillBlob | None = None) -> None:
         self.ctx = ctx
+        # A blob the upstream mounted that we have no copy of is fetched
+        # (Blobs.ensure), so the pushed image is whole in the cache.
+        self.fill_blob = fill_blob
+        self.fills: set[asyncio.Task[None]] = set()
         # What is pushed to a private repository is marked so before it is
         # named in the tree, as what is pulled (private.py).
         self.privacy = privacy
@@ -192,7 +201,7 @@ class Pushes:
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for task in self.cancels:
+        for task in (*self.cancels, *self.fills):
             task.cancel()
         for upload in self.uploads.values():
             upload.drop()
@@ -590,7 +599,27 @@ class Pushes:
             self.held.release(target.domain, digest)
             rpath = RegistryPath(Kind.BLOB, target.name, digest)
             await self._learn_privacy(target, rpath)
-            await in_thread(self.ctx.store.link_if_stored, digest, target.domain, rpath.path)
+            named = await in_thread(self.ctx.store.link_if_stored, digest, target.domain,
+                                    rpath.path)
+            if named is None and self.fill_blob is not None:
+                self._fill_later(Target(target.registry, target.domain, rpath))
+
+    def _fill_later(self, target: Target) -> None:
+        """Fetch a mounted blob we hold no copy of, in the background (the
+        client's mount is answered already), as a client's miss would."""
+        fill_blob = self.fill_blob
+        assert fill_blob is not None
+
+        async def fill() -> None:
+            try:
+                await fill_blob(target)
+            except (CrProxyError, aiohttp.ClientError, OSError, TimeoutError) as err:
+                log.warning("mounted blob %s/%s not cached: %s", target.domain,
+                            target.rpath.path, getattr(err, "message", err))
+
+        task = asyncio.create_task(fill())
+        self.fills.add(task)
+        task.add_done_callback(self.fills.discard)
 
     async def _learn_privacy(self, target: PushTarget, rpath: RegistryPath) -> None:
         """Before a pushed object is named: whether its repository is

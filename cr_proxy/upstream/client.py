@@ -490,6 +490,18 @@ class Upstream:
             return response
         response.release()
         scope = challenge.params.get("scope") or (pull_scope(name) if name else "")
+        key = TokenCache.key(challenge, scope, creds)
+        cached = self.tokens.get(key)
+        token = await self.token(challenge, scope, creds, domain)
+        sent["Authorization"] = f"Bearer {token}"
+        response = await self.send(method, domain, path, sent)
+        if response.status != 401 or cached is None:
+            return response
+        # A cached token refused: it expired before its expires_in said (a
+        # registry's clock, a rolled key, a revoked grant). One fresh token;
+        # a fresh one refused is the registry's answer.
+        response.release()
+        self.tokens.discard(key)
         token = await self.token(challenge, scope, creds, domain)
         sent["Authorization"] = f"Bearer {token}"
         return await self.send(method, domain, path, sent)

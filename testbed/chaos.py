@@ -23,7 +23,8 @@ The faults, by kind (`counts` has how many of each were injected):
                  redirects are signed here (`?sig=N` added to the Location),
                  and a signed URL asked again (a resume) is expired more often
 
-Body faults fall at a random offset. The rng is drawn from on the relay's
+Body faults fall at a random offset; `flipped` has the digests whose bytes
+a `wrong` fault changed. The rng is drawn from on the relay's
 one event loop thread, so a seed replays the same faults for the same order
 of requests (concurrent clients may order them differently from run to run).
 """
@@ -35,6 +36,7 @@ import contextlib
 import itertools
 import json
 import random
+import re
 import socket
 import struct
 from collections import Counter, deque
@@ -62,6 +64,7 @@ RATES: dict[str, dict[str, float]] = {
     "cdn": {"reset": 0.03, "5xx": 0.03, "429": 0.02, "stall": 0.03, "cdn_expired": 0.04,
             "cut": 0.06, "reset_body": 0.05, "wrong": 0.05},
 }
+DIGEST_IN_PATH = re.compile(r"sha256:([a-f0-9]{64})|/sha256/../([a-f0-9]{64})/data")
 BODY_FAULTS = frozenset({"cut", "reset_body", "wrong", "stall_body"})
 KINDS = ("reset", "reset_body", "cut", "wrong", "stall", "5xx", "429", "token", "cdn_expired")
 
@@ -89,6 +92,9 @@ class Chaos(Started):
                        upstream.cdn_name: "cdn"}
         self._targets = {kind: upstream.endpoints[name] for name, kind in self._hosts.items()}
         self.ports = dict(zip(self._hosts.values(), free_ports(3), strict=True))
+        # Digests whose bytes a `wrong` fault flipped on the way (by the
+        # path asked: a registry's blob or manifest path, the CDN's .../data).
+        self.flipped: set[str] = set()
         self._good_tokens: set[str] = set()
         self._signatures = itertools.count(1)
         self._signed_used: set[str] = set()
@@ -224,6 +230,8 @@ class Chaos(Started):
             return response
         self.counts["stall" if fault == "stall_body" else fault] += 1
         if fault == "wrong":
+            if found := DIGEST_IN_PATH.search(request.path):
+                self.flipped.add(f"sha256:{found[1] or found[2]}")
             at = self.rng.randrange(len(payload))
             flipped = payload[:at] + bytes([payload[at] ^ 0xFF]) + payload[at + 1:]
             await response.write(flipped)

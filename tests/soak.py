@@ -18,8 +18,12 @@ pull's outcome is its first failure, or ok:
              when the download fails after the head was sent: no digest
              can be checked, a client throws it away)
     wrong    a complete body whose digest is not the one asked for
-    unclean  an error answer without a registry's JSON errors body, or an
-             answer no registry gives (a 200 to a HEAD-less surprise...)
+    unclean  an error answer without a registry's JSON errors body, or a
+             status no registry gives there (a 2xx or 3xx where a 200 is due)
+
+skopeo's failures are sorted by its message (it names the registry's error
+code, or the broken transfer; "did not match" is its digest check): it does
+not show the body, so only the raw clients check that errors are JSON.
 
 `wrong` and `unclean` must be 0. A cut body is also compared with the right
 bytes: `cut_wrong` counts those that held a wrong byte before the cut (a
@@ -350,6 +354,10 @@ class Supervisor:
         self.kills = 0
         self.resumes: Counter[str] = Counter()
         self.strays: list[str] = []  # temp/ files found right after a restart
+        # serve found exited on its own (a crash: its exit status and log),
+        # and what went wrong restarting it: the test fails on either.
+        self.crashes: list[str] = []
+        self.errors: list[str] = []
         self.serving = asyncio.Event()
         self.serving.set()
 
@@ -366,9 +374,16 @@ class Supervisor:
     def restart(self) -> None:
         """Blocking: run in a thread. Clients already in flight lose their
         connections; new pulls wait for `serving`."""
-        self.count_resumes()
-        self.cr.kill()
-        self.save_log()
+        assert self.cr.proc is not None
+        crashed = self.cr.proc.poll() is not None
+        if crashed:  # it died by itself: no metrics to read, a crash to report
+            status = self.cr.stop()
+        else:
+            self.count_resumes()
+            self.cr.kill()
+        log = self.save_log()
+        if crashed:
+            self.crashes.append(f"serve exited by itself (status {status}): {log}")
         self.kills += 1
         self.cr.start()
         # Before any client is let in: what the killed serve left in temp/
@@ -410,6 +425,8 @@ async def run(supervisor: Supervisor, upstream: Upstream, flipped: set[str], pul
                     await raw.pull(pull)
             except Failed as failed:
                 tally.record(pull, failed.outcome, str(failed))
+            except Exception as exc:  # an answer the client could not take in
+                tally.record(pull, "unclean", f"client: {exc!r}")
             else:
                 tally.record(pull, "ok", "")
             async with progress:
@@ -425,6 +442,9 @@ async def run(supervisor: Supervisor, upstream: Upstream, flipped: set[str], pul
             supervisor.serving.clear()
             try:
                 await asyncio.to_thread(supervisor.restart)
+            except Exception as exc:  # reported: the test fails on it
+                supervisor.errors.append(repr(exc))
+                return  # no more kills; the clients go on to the end
             finally:
                 supervisor.serving.set()
 

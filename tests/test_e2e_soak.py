@@ -77,6 +77,7 @@ def test_chaos_soak(upstream: Upstream, tmp_path: Path) -> None:
     assert tally.outcomes["unclean"] == 0, replay
     assert tally.outcomes["ok"] > 0, replay
     assert supervisor.strays == [], replay
+    assert supervisor.crashes == [] and supervisor.errors == [], replay
     checked = verify(cr)
     print(f"cr-proxy verify: {checked.stdout.strip()}")
     assert checked.returncode == 0, f"{checked.stdout}\n{checked.stderr}\n{replay}"
@@ -154,3 +155,4 @@ def test_a_miss_with_no_fetcher_to_answer_is_a_registry_error(
         assert answer.json_errors()[0]["code"] == "UNAVAILABLE"
     assert [(a.status, a.body) for a in again] == [(200, image.blobs[config]),
                                                     (200, image.manifest)]
+

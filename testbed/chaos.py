@@ -77,11 +77,15 @@ class Chaos(Started):
     """See the module docstring. Use as a context manager."""
 
     def __init__(self, upstream: Upstream, seed: int,
-                 rates: dict[str, dict[str, float]] | None = None) -> None:
+                 rates: dict[str, dict[str, float]] | None = None,
+                 stall: tuple[float, float] = STALL) -> None:
+        """`rates`: RATES' shape; a case that wants a stall mid-body for
+        sure names `stall_body` there."""
         self.upstream = upstream
         self.seed = seed
         self.rng = random.Random(seed)
         self.rates = rates or RATES
+        self.stall = stall
         self.counts: Counter[str] = Counter()
         self.requests: Counter[str] = Counter()  # relayed or broken, by host kind
         # (host kind, method, path, fault drawn, token tail) of the last requests: what
@@ -195,7 +199,7 @@ class Chaos(Started):
             self.counts[fault] += 1
             fault = "stall_body" if self.rng.random() < 0.5 else None
             if fault is None:
-                await asyncio.sleep(self.rng.uniform(*STALL))
+                await asyncio.sleep(self.rng.uniform(*self.stall))
         body = await request.read() if request.body_exists else None
         target = self._targets[kind] + request.raw_path
         try:
@@ -240,7 +244,7 @@ class Chaos(Started):
         at = self.rng.randrange(len(payload))
         await response.write(payload[:at])
         if fault == "stall_body":
-            await asyncio.sleep(self.rng.uniform(*STALL))
+            await asyncio.sleep(self.rng.uniform(*self.stall))
             await response.write(payload[at:])
             await response.write_eof()
             return response

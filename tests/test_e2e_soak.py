@@ -40,6 +40,7 @@ from tests.soak import (
     table,
     verify,
 )
+from tests.test_e2e_proxy import proxy_request
 
 
 def test_chaos_soak(upstream: Upstream, tmp_path: Path) -> None:
@@ -156,3 +157,31 @@ def test_a_miss_with_no_fetcher_to_answer_is_a_registry_error(
     assert [(a.status, a.body) for a in again] == [(200, image.blobs[config]),
                                                     (200, image.manifest)]
 
+
+def test_a_relay_broken_mid_body_is_cut_not_left_hanging(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """A pass-through answer (a token request through the https_proxy)
+    whose upstream goes silent mid-body past timeouts.read: the client's
+    connection is cut at once. It was left open, its body short of its
+    length, until the client gave up (nginx waits 600 s)."""
+    stalled = {"registry": {}, "auth": {"stall_body": 1.0}, "cdn": {}}
+    (proxy_port,) = free_ports(1)
+    with Chaos(upstream, DEFAULT_SEED, rates=stalled, stall=(4.0, 4.0)) as chaos, CrProxy(
+        tmp_path / "crproxy", chaos.endpoints, listen_proxy=f"127.0.0.1:{proxy_port}",
+        timeouts={"connect": 2, "read": 1, "down_host": 1},
+    ) as cr:
+        # Read until the server closes; a connection left open fails here
+        # with the socket's timeout instead.
+        raw = proxy_request(
+            proxy_port,
+            f"GET {upstream.realm}?service={upstream.service}&scope=repository:x:pull "
+            f"HTTP/1.1\r\nHost: {upstream.auth_name}\r\nConnection: close\r\n\r\n")
+        assert chaos.counts["stall"] == 1
+        cut = [line for line in cr.output if "relay cut short" in line]
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), raw[:300]
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    assert len(body) < length
+    assert len(cut) == 1, cr.log_text()[-2000:]

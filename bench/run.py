@@ -19,6 +19,13 @@ It starts, and stops again (also on an error, Ctrl-C or SIGTERM):
   Wasm artifact, and a cr-proxy answering on the broker (the module cached
   before the rounds); 50 proplet-like devices (testbed.mqtt.Device, aiomqtt,
   one process) ask for it at once.
+* for pushes (`push`): a cr-proxy taking pushes, fresh each round, and a
+  relay counting the bytes the registry receives (testbed.counting); a
+  kolla-like batch (testbed.pushbatch: 20 images sharing two base layers)
+  pushed by 4 skopeo at once, one image of that shape alone (the first of
+  a build), and one big layer, through cr-proxy and
+  straight to the registry (through the upstream's name proxy), new random
+  layers for each side.
 
 Every case runs `--reps` times, interleaved (A B C, A B C, ...); the table
 shows medians and the ratio of medians next to the bar it must meet. What is
@@ -46,10 +53,11 @@ import random
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,15 +68,20 @@ from bench.cases import (
     LINK_NAME,
     MQTT_DEVICES,
     MQTT_MODULE_MIB,
+    PUSH_BASE_MIB,
+    PUSH_IMAGES,
+    PUSHERS,
     Results,
     Series,
 )
 from bench.procs import PeerRegistry, PlainNginx
 from bench.report import MIB, Row, markdown_table, text_table
 from testbed.blackhole import cable_out
+from testbed.counting import CountingRelay
 from testbed.crproxy import CrProxy, layout_blobs
 from testbed.mqtt import Broker, Device
 from testbed.oci_layout import (
+    MT_MANIFEST,
     MT_WASM_LAYER,
     big_file_layer,
     build_artifact,
@@ -77,7 +90,8 @@ from testbed.oci_layout import (
     wasm_module,
 )
 from testbed.ports import free_ports
-from testbed.registry import Upstream
+from testbed.pushbatch import Batch, build_batch, push_batch
+from testbed.registry import REGISTRY_NAME, Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "bench/big"
@@ -96,10 +110,18 @@ UP_AGAIN = "upstream registry.test reachable again"
 # The round's cases, in order; --only picks some (the set-up then starts
 # only what they need).
 CASE_NAMES = ("blob_hits", "small_hits", "new_connections", "concurrent", "cold_curl",
-              "over_link", "cold_skopeo", "warm", "offline", "mqtt_devices")
+              "over_link", "cold_skopeo", "warm", "offline", "mqtt_devices", "private_hits",
+              "push")
 # Cases that need neither the warm cr-proxy, plain nginx nor the peer.
-OWN_SETUP = frozenset({"offline", "mqtt_devices"})
+OWN_SETUP = frozenset({"offline", "mqtt_devices", "push"})
+# cr-proxy for the push case: pushes from loopback, tags fresh.
+PUSH_SETTINGS = {**HIT_SETTINGS, "push": {"enabled": True, "allow_clients": ["127.0.0.1/32"]}}
 # The edge-over-MQTT case: a broker, a Wasm artifact, a cr-proxy answering on it.
+# The private-content case (issue 14): a user of the token server, and the
+# repository only that user may pull.
+PRIVATE_USER, PRIVATE_PASSWORD = "bench", "bench-password"
+PRIVATE_REPO, PUBLIC_REPO = "bench/private", "bench/public"
+PRIVATE_HITS = 200  # manifest requests per sample
 MQTT_USERS = {"cr-proxy": "bench-broker-key", "device": "bench-device-key"}
 MQTT_IDS = ("bench-domain", "bench-channel")
 MQTT_REF = "registry.test/bench/wasm:v1"
@@ -237,6 +259,11 @@ class Bench:
             self._setup_hits_and_peers()
         if "mqtt_devices" in plan.cases:
             self._setup_mqtt()
+        if "push" in plan.cases:
+            # Every push to the registry, ours and direct, crosses this relay:
+            # the bytes it received.
+            host, port = self.up.registry_url.removeprefix("http://").rsplit(":", 1)
+            self.relay = self.stack.enter_context(CountingRelay(host, int(port)))
 
     def _setup_mqtt(self) -> None:
         say(f"mosquitto, a {MQTT_MODULE_MIB} MiB Wasm artifact ({MQTT_REF}) and a cr-proxy "
@@ -262,6 +289,8 @@ class Bench:
         self._verified_pull(f"{self.hot.http}/registry.test/{REPO}:{TAG}")
         self._check_hits()
         self._fill_front()
+        if "private_hits" in self.plan.cases:
+            self._setup_private()
 
         say("plain nginx over the warm cache's files (HTTP sendfile, TLS EC P-256)")
         self.plain = self.stack.enter_context(
@@ -276,6 +305,33 @@ class Bench:
             f"through the name proxy {self.up.proxy_url}")
         self.peer = self.stack.enter_context(self._peer("peer-warm"))
         self._verified_pull(f"{self.peer.http}/{REPO}:{TAG}")
+
+    def _setup_private(self) -> None:
+        """A repository only PRIVATE_USER may pull (the token server's rule),
+        beside a public one holding the same image; both cached through the
+        front with that user's token, so the private one is marked."""
+        say(f"a private repository ({PRIVATE_REPO}) beside a public one, cached through "
+            "the front")
+        tokens = self.up.token_server
+        tokens.users[PRIVATE_USER] = PRIVATE_PASSWORD
+        tokens.private[PRIVATE_REPO] = {PRIVATE_USER}
+        layout = self.work / "private-image"
+        build_image(layout, layers=[tar_layer({"app/private": b"private bench\n" * 4096})],
+                    tag=TAG)
+        for repo in (PRIVATE_REPO, PUBLIC_REPO):
+            self.up.push(layout, TAG, repo, TAG, user=PRIVATE_USER)
+        shutil.rmtree(layout)
+        self.private_urls = {}
+        for repo in (PRIVATE_REPO, PUBLIC_REPO):
+            token = self.up.issue_token([f"repository:{repo}:pull"], PRIVATE_USER)
+            url = f"https://{Upstream.registry_name}/v2/{repo}/manifests/{TAG}"
+            extra = ["--cacert", str(self.hot.ca_cert), "-H", f"Authorization: Bearer {token}",
+                     "-H", f"Accept: {MT_MANIFEST}"]
+            measure.curl_latencies(url, 2, *extra, proxy=self.front)  # the miss, then a hit
+            self.private_urls[repo] = (url, extra)
+        if not (self.hot.cache / "lists" / Upstream.registry_name / PRIVATE_REPO
+                / "_private").is_file():
+            raise measure.BenchError(f"{PRIVATE_REPO} was not marked private")
 
     def _crproxy(self, name: str, settings: dict[str, object]) -> CrProxy:
         proxy = CrProxy(self.work / name, self.endpoints, certs_dir=str(self.certs), **settings)
@@ -562,15 +618,8 @@ class Bench:
         source = f"{self.stale.http}/registry.test/{REPO}:{TAG}"
         self.results.add(Series.ONLINE_STALE, self._timed_pull(source))
         mark = len(self.stale.output)
-        self.up.stop_registry()
-        self.up.stop_auth()
-        self.up.stop_cdn()
-        try:
+        with self.up.stopped():
             self.results.add(Series.OFFLINE_STALE, self._timed_pull(source))
-        finally:
-            self.up.start_registry()
-            self.up.start_auth()
-            self.up.start_cdn()
         self._stale_says(mark, UP_AGAIN)
         mark = len(self.stale.output)
         with cable_out(self.up):
@@ -579,6 +628,15 @@ class Bench:
             self.results.add(Series.OFFLINE_DROP, self._timed_pull(source))
         self._stale_says(mark, UP_AGAIN)
 
+    def private_hits(self) -> None:
+        """PRIVATE_HITS manifest hits over one tunnel, of the private
+        repository (through the fetcher: its verdict for this token is
+        cached after the first) and of the public one (nginx alone)."""
+        for repo, series in ((PRIVATE_REPO, Series.PRIVATE_HIT), (PUBLIC_REPO, Series.PUBLIC_HIT)):
+            url, extra = self.private_urls[repo]
+            times = measure.curl_latencies(url, PRIVATE_HITS, *extra, proxy=self.front)
+            self.results.add(series, statistics.median(times[1:]))  # the first opens the tunnel
+
     def mqtt_devices(self) -> None:
         """MQTT_DEVICES devices, connected and subscribed first, ask for one
         cached module at the same moment: wall time until the last has it
@@ -586,6 +644,94 @@ class Bench:
         against the floor, the module once per device."""
         wall, received = asyncio.run(self._mqtt_wave(MQTT_DEVICES))
         self.results.mqtt.append((wall, received, MQTT_DEVICES * len(self.module)))
+
+    def push(self) -> None:
+        """Pushes through cr-proxy (a fresh one: it knows nothing the
+        registry holds) against straight to the registry, each side with
+        new random layers (nothing the registry or skopeo's blob cache has
+        seen): the kolla-like batch, PUSHERS at a time (wall time, and the
+        bytes the registry received), then one big layer (its rate)."""
+        self._serial += 1
+        n = self._serial
+        batches = [build_batch(self.work / f"push-{n}-{side}", PUSH_IMAGES, PUSH_BASE_MIB * MIB,
+                               seed=2 * n + side) for side in (0, 1)]
+        # The first image of a build, alone: layers of its own (seeds apart
+        # from the batches'), nothing to share yet.
+        firsts = [build_batch(self.work / f"push-{n}-first-{side}", 1, PUSH_BASE_MIB * MIB,
+                              seed=10_000 + 2 * n + side) for side in (0, 1)]
+        bigs = [self._big_layout(f"push-{n}-big-{side}", seed=1000 + 2 * n + side)
+                for side in (0, 1)]
+        direct_env = self.up.skopeo_env()
+        creds = ("--dest-creds", ":".join(self.up.credentials)) if self.up.credentials else ()
+        try:
+            with self._push_crproxy() as proxy:
+                ours = f"{proxy.http}/{REGISTRY_NAME}"
+                first, _ = self._pushed(lambda: push_batch(
+                    firsts[0], lambda _: f"{ours}/push{n}/first-ours:v1", 1))
+                self.results.add(Series.PUSH_FIRST_OURS, first)
+                wall, sent = self._pushed(lambda: push_batch(
+                    batches[0], lambda i: f"{ours}/push{n}/ours-{i}:v1", PUSHERS))
+                self.results.add(Series.PUSH_BATCH_OURS, wall)
+                big_wall, _ = self._pushed(lambda: push_batch(
+                    bigs[0], lambda _: f"{ours}/push{n}/big-ours:v1", 1))
+            direct = REGISTRY_NAME
+            with self._direct_through_relay():
+                first_direct, _ = self._pushed(lambda: push_batch(
+                    firsts[1], lambda _: f"{direct}/push{n}/first-direct:v1", 1,
+                    env=direct_env, extra=creds))
+                self.results.add(Series.PUSH_FIRST_DIRECT, first_direct)
+                direct_wall, direct_sent = self._pushed(lambda: push_batch(
+                    batches[1], lambda i: f"{direct}/push{n}/direct-{i}:v1", PUSHERS,
+                    env=direct_env, extra=creds))
+                big_direct, _ = self._pushed(lambda: push_batch(
+                    bigs[1], lambda _: f"{direct}/push{n}/big-direct:v1", 1,
+                    env=direct_env, extra=creds))
+            self.results.add(Series.PUSH_BATCH_DIRECT, direct_wall)
+            self.results.push_bytes.append((sent, direct_sent, batches[0].distinct_bytes))
+            size = self.plan.blob_mib * MIB
+            self.results.add(Series.PUSH_BIG_OURS, size / big_wall)
+            self.results.add(Series.PUSH_BIG_DIRECT, size / big_direct)
+        finally:
+            for batch in (*batches, *firsts, *bigs):
+                shutil.rmtree(batch.layout, ignore_errors=True)
+
+    def _big_layout(self, name: str, seed: int) -> Batch:
+        layout = self.work / name
+        info = build_image(layout, layers=[big_layer(self.plan.blob_mib * MIB, seed=seed)],
+                           tag="i0")
+        return Batch(layout, [info], 0)
+
+    def _pushed(self, push: Callable[[], None]) -> tuple[float, int]:
+        """(wall seconds, bytes the registry received) of a push."""
+        settle_disk()
+        before = self.relay.sent
+        t0 = time.perf_counter()
+        push()
+        return time.perf_counter() - t0, self.relay.sent - before
+
+    @contextlib.contextmanager
+    def _direct_through_relay(self) -> Iterator[None]:
+        """skopeo straight to the registry goes through the upstream's name
+        proxy: for a while, it maps registry.test to the counting relay."""
+        real = self.up.endpoints[REGISTRY_NAME]
+        self.up.endpoints[REGISTRY_NAME] = self.relay.url
+        try:
+            yield
+        finally:
+            self.up.endpoints[REGISTRY_NAME] = real
+
+    @contextlib.contextmanager
+    def _push_crproxy(self) -> Iterator[CrProxy]:
+        self._serial += 1
+        endpoints = {**self.endpoints, REGISTRY_NAME: self.relay.url}
+        proxy = CrProxy(self.work / f"push-{self._serial}", endpoints,
+                        certs_dir=str(self.certs), **PUSH_SETTINGS)
+        proxy.start()
+        try:
+            yield proxy
+        finally:
+            proxy.stop()
+            shutil.rmtree(proxy.dir, ignore_errors=True)
 
     def _device(self, name: str) -> Device:
         return Device(self.broker, "device", MQTT_USERS["device"], *MQTT_IDS, name)
@@ -707,7 +853,12 @@ def markdown(plan: Plan, bench: Bench, rows: list[Row], facts: dict[str, str], s
         "the other hit rows use a cr-proxy whose tags stay fresh for the whole run. "
         "Wall times include the client's process start; curl byte rates are curl's own "
         "`speed_download`. Before each timed pull or cold download the bench runs `sync`, "
-        "so no case pays for the disk writes of the one before.",
+        "so no case pays for the disk writes of the one before. The push rows push new "
+        "random layers on each side (nothing the registry or skopeo's blob cache has "
+        "seen) through a fresh cr-proxy and straight to the registry; skopeo's direct "
+        "pushes pass through the test upstream's name-mapping proxy (Python), cr-proxy's "
+        "through its `endpoints`; a relay in front of the registry counts the bytes it "
+        "received.",
         "",
         "## Samples",
         "",

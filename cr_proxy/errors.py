@@ -44,11 +44,36 @@ class Unsupported(CrProxyError):
     code = "UNSUPPORTED"
 
 
+class Unauthorized(CrProxyError):
+    """A private repository asked for without a credential the upstream
+    accepts (fetch/private.py): 401 with the upstream's challenge, so the
+    client gets a token and asks again, as it would of the upstream."""
+
+    status = 401
+    code = "UNAUTHORIZED"
+
+    def __init__(self, message: str, challenge: str | None) -> None:
+        super().__init__(message=message)
+        self.challenge = challenge
+
+
+class Denied(CrProxyError, PermissionError):
+    """Refused whatever the credential (a private repository offline under
+    private.offline)."""
+
+    status = 403
+    code = "DENIED"
+
+
 class UpstreamError(CrProxyError):
     """The upstream answered, but not with what we need."""
 
     status = 502
     code = "UPSTREAM_ERROR"
+
+
+class TokenRefused(UpstreamError):
+    """A token server answered 401 or 403: the credential (or none) is refused."""
 
 
 class UpstreamUnreachable(UpstreamError, ConnectionError):

@@ -28,8 +28,10 @@ class Metrics:
     """One registry per instance, so tests can run several side by side."""
 
     __slots__ = (
-        "bytes_fetched", "bytes_served", "cache_bytes", "coalesced", "dummy_tokens",
+        "bytes_fetched", "bytes_served", "cache_bytes", "cluster_changes", "cluster_members",
+        "coalesced", "dummy_tokens",
         "evictions", "hits", "misses", "peer_errors", "peer_failovers", "peer_requests",
+        "private_checks", "private_denied",
         "registry", "requests", "resumes", "revalidations",
         "stale_served", "upstream_down", "upstream_errors", "upstream_outages",
         "upstream_skipped",
@@ -75,6 +77,15 @@ class Metrics:
             "crproxy_upstream_skipped", "Upstream requests not made because their registry "
             "is down", ["registry"], registry=r,
         )
+        # Private content (fetch/private.py).
+        self.private_checks = Counter(
+            "crproxy_private_checks", "Client credentials checked for a private repository "
+            "(how: cached verdict, upstream, offline)", ["how"], registry=r,
+        )
+        self.private_denied = Counter(
+            "crproxy_private_denied", "Requests for private content refused, by reason",
+            ["reason"], registry=r,
+        )
         self.coalesced = Counter(
             "crproxy_coalesced", "Misses that joined a download already running", registry=r
         )
@@ -107,6 +118,16 @@ class Metrics:
             "crproxy_peer_errors", "Peers' answers refused (reason: digest, truncated, "
             "status, unreachable); the upstream was asked instead", ["peer", "reason"],
             registry=r,
+        )
+        # The ring's members (cluster.peers, or a DNS name's addresses now),
+        # and how often a DNS name's answer changed the ring (a reload each).
+        self.cluster_members = Gauge(
+            "crproxy_cluster_members", "Nodes on the cluster's ring, this one included",
+            registry=r,
+        )
+        self.cluster_changes = Counter(
+            "crproxy_cluster_changes", "Times the ring was rendered again because "
+            "cluster.peers' DNS name resolved to other addresses", registry=r,
         )
         self.evictions = Counter("crproxy_evictions", "Images evicted for space", registry=r)
         self.cache_bytes = Gauge("crproxy_cache_bytes", "Bytes in the digest store", registry=r)

@@ -333,14 +333,40 @@ class TokenRequest:
 
 @dataclass
 class TokenServer:
-    """Docker token-auth endpoint. State (counters, refresh tokens) survives restarts."""
+    """Docker token-auth endpoint. State (counters, refresh tokens) survives restarts.
+
+    Two kinds of login: `credentials`, one user every token request needs
+    (a registry whose every repository is private), or `users` with
+    `private`, repositories only the users named for each may pull or push
+    (Docker Hub's way: anyone may ask, and a token for a scope it may not
+    have grants no action, so the registry answers 401 insufficient_scope).
+    `revoke` takes a user's access away at once, for the tokens it asks for
+    from then on."""
 
     service: str
     credentials: tuple[str, str] | None = None
     ttl: int = 300
+    users: dict[str, str] = field(default_factory=dict)
+    private: dict[str, set[str]] = field(default_factory=dict)
     log: list[TokenRequest] = field(default_factory=list)
     _refresh_tokens: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def revoke(self, user: str) -> None:
+        """`user` may no longer pull any private repository."""
+        with self._lock:
+            for allowed in self.private.values():
+                allowed.discard(user)
+
+    def _granted(self, subject: str, scope: str) -> str:
+        """The scope as granted to `subject`: a private repository's actions
+        only for the users allowed it."""
+        entry = parse_scope(scope)
+        if entry["type"] != "repository" or entry["name"] not in self.private:
+            return scope
+        with self._lock:
+            allowed = subject in self.private[entry["name"]]
+        return scope if allowed else f"repository:{entry['name']}:"
 
     @property
     def request_count(self) -> int:
@@ -358,6 +384,8 @@ class TokenServer:
             self.log.append(entry)
 
     def _check(self, user: str | None, password: str | None) -> bool:
+        if user is not None and user in self.users:
+            return self.users[user] == password
         return self.credentials is None or (user, password) == self.credentials
 
     async def _get(self, request: web.Request) -> web.Response:
@@ -415,6 +443,7 @@ class TokenServer:
         offline: bool,
         refresh: str | None = None,
     ) -> web.Response:
+        scopes = [self._granted(subject, scope) for scope in scopes]
         token = make_jwt(
             service=str(service or self.service), subject=subject, scopes=scopes, ttl=self.ttl
         )
@@ -606,6 +635,8 @@ class Upstream(Started):
         *,
         credentials: tuple[str, str] | None = None,
         token_ttl: int = 300,
+        users: dict[str, str] | None = None,
+        private: dict[str, set[str]] | None = None,
     ) -> None:
         self.dir = Path(workdir) / "upstream"
         self.storage_root = self.dir / "storage"
@@ -620,7 +651,9 @@ class Upstream(Started):
             AUTH_NAME: f"http://127.0.0.1:{self.auth_port}",
             CDN_NAME: f"http://127.0.0.1:{self.cdn_port}",
         }
-        self.token_server = TokenServer(REGISTRY_NAME, credentials, token_ttl)
+        self.token_server = TokenServer(REGISTRY_NAME, credentials, token_ttl,
+                                        dict(users or {}), {repo: set(allowed) for repo, allowed
+                                                            in (private or {}).items()})
         self._loop: LoopThread | None = None
         self._auth: AioServer | None = None
         self._proxy: AioServer | None = None
@@ -801,6 +834,20 @@ class Upstream(Started):
         self._cdn = None
 
     @contextmanager
+    def stopped(self) -> Iterator[None]:
+        """Registry, token server and CDN all stopped for the block (every
+        connect refused: the upstream is gone), started again after it."""
+        self.stop_registry()
+        self.stop_auth()
+        self.stop_cdn()
+        try:
+            yield
+        finally:
+            self.start_registry()
+            self.start_auth()
+            self.start_cdn()
+
+    @contextmanager
     def cdn_paused(self) -> Iterator[None]:
         """The CDN's worker stopped (SIGSTOP) for the block: a download under
         way holds still, mid-body, until the block ends (SIGCONT), so a test
@@ -856,7 +903,9 @@ class Upstream(Started):
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
         return result
 
-    def _creds(self, flag: str) -> list[str]:
+    def _creds(self, flag: str, user: str | None = None) -> list[str]:
+        if user is not None:
+            return [flag, f"{user}:{self.token_server.users[user]}"]
         return [flag, ":".join(self.credentials)] if self.credentials else []
 
     def push(
@@ -866,17 +915,18 @@ class Upstream(Started):
         repo: str,
         tag: str,
         fmt: Literal["v2s2", "oci"] | None = None,
+        user: str | None = None,
     ) -> str:
         """Push `oci:layout_dir:ref_name` to `registry.test/repo:tag`; return its digest.
 
         Digests are preserved, so the ImageInfo from testbed.oci_layout stays valid;
         fmt="v2s2" converts the manifest (new manifest digest; with uncompressed layers,
         new layer digests too, so build such images with compress=True).
-        An image index is pushed whole (`--all`).
+        An image index is pushed whole (`--all`). `user`: as that one of `users`.
         """
         digest_file = self.dir / f"push-{secrets.token_hex(4)}.digest"
         args = ["copy", "--dest-tls-verify=false", "--digestfile", str(digest_file)]
-        args += self._creds("--dest-creds")
+        args += self._creds("--dest-creds", user)
         if fmt == "v2s2":
             args += ["--format", "v2s2"]
         else:
@@ -896,22 +946,33 @@ class Upstream(Started):
         *,
         all_platforms: bool = False,
         transport: Literal["oci", "dir"] = "oci",
+        user: str | None = None,
     ) -> Path:
         """Copy `registry.test/repo:ref` (or `@sha256:...`) straight from the upstream.
 
         Digests are preserved (skopeo fails rather than convert), so the result can be
         compared byte for byte. `transport="dir"` keeps any manifest type as-is; "oci"
         needs an OCI image. In an oci layout the image is named by the tag (or "pulled").
+        `user`: as that one of `users` (else `credentials`, else anonymous).
         """
         src = f"docker://{REGISTRY_NAME}/{repo}" + (f"@{ref}" if ":" in ref else f":{ref}")
         ref_name = "pulled" if ":" in ref else ref
         dest = f"oci:{dest_dir}:{ref_name}" if transport == "oci" else f"dir:{dest_dir}"
         args = ["copy", "--src-tls-verify=false", "--preserve-digests"]
-        args += self._creds("--src-creds")
+        args += self._creds("--src-creds", user)
         if all_platforms:
             args.append("--all")
         self.skopeo(*args, src, dest)
         return Path(dest_dir)
+
+    def refuses(self, repo: str, ref: str, dest_dir: Path, user: str | None = None) -> bool:
+        """Whether the upstream refuses `user` (None: anonymous) a pull of
+        `repo:ref` as unauthorized: a private repository's proof."""
+        try:
+            self.pull_direct(repo, ref, dest_dir, user=user)
+        except RuntimeError as error:
+            return re.search(r"(?i)unauthorized|denied", str(error)) is not None
+        return False
 
     # ---- misc for tests
 

@@ -5,10 +5,9 @@ and by a Python client that resumes with Range after a cut, online and with
 the upstream stopped. Bad references get a registry-style 4xx and store
 nothing.
 
-The test registry's token server guards every repository with one
-credential or none (testbed/registry.py), no single repository: the
-private case is a registry whose every repository needs the login, which
-only cr-proxy holds (its `registries:` entry), never the HTTP client."""
+The private case (item 6) is a repository of the test registry that only
+one user may pull, beside public ones: that user's login is only
+cr-proxy's (its `registries:` entry), never the HTTP client's."""
 
 from __future__ import annotations
 
@@ -235,16 +234,24 @@ def test_warm_then_offline_serves_every_module_from_the_cache(
     assert "not in the cache" in json.loads(body)["errors"][0]["message"]
 
 
-def test_a_private_registry_through_the_registries_credentials(tmp_path: Path) -> None:
+def test_a_private_repository_through_the_registries_credentials(tmp_path: Path) -> None:
+    """A repository only `edge` may pull, beside a public one of the same
+    registry: the device holds no credential, cr-proxy's `registries:` do."""
     user, secret = "edge", "S3cr3t-" + os.urandom(8).hex()
     module = wasm_module(1000, seed=41)
-    with Upstream(tmp_path / "private", credentials=(user, secret)) as up:
+    with Upstream(tmp_path / "private", users={user: secret, "other": "other-pw"},
+                  private={"wasm/private": {user}}) as up:
         build_artifact(tmp_path / "layout", [(MT_WASM_LAYER, module)], tag="v1")
-        up.push(tmp_path / "layout", "v1", "wasm/private", "v1")
+        up.push(tmp_path / "layout", "v1", "wasm/private", "v1", user=user)
+        up.push(tmp_path / "layout", "v1", "wasm/public", "v1", user=user)
+        # The upstream refuses the repository to anyone but `edge`.
+        assert all(up.refuses("wasm/private", "v1", tmp_path / f"direct-{who}", who)
+                   for who in (None, "other"))
         with CrProxy(tmp_path / "crproxy", proxy_endpoints(up),
                      registries={REGISTRY_NAME: {"username": user, "password": secret}}) as cr:
-            status, headers, body = curl(cr, f"/artifacts/{REGISTRY_NAME}/wasm/private:v1")
-            assert (status, body) == (200, module), body
-            assert headers["content-type"] == "application/wasm"
+            for repo in ("wasm/private", "wasm/public"):
+                status, headers, body = curl(cr, f"/artifacts/{REGISTRY_NAME}/{repo}:v1")
+                assert (status, body) == (200, module), body
+                assert headers["content-type"] == "application/wasm"
         assert any(t.user == user and t.status == 200 for t in up.token_log)
         assert secret.encode() not in cr.log_text().encode()

@@ -1,6 +1,6 @@
 """Edge devices over MQTT, the whole way: a proplet-like device (aiomqtt)
 asks a real mosquitto for a module by reference; `cr-proxy serve` resolves
-it through its cache from a private registry (the real distribution
+it through its cache from private repositories (the real distribution
 upstream, credentials in cr-proxy's `registries:` only) and sends it in
 chunks. The modules are OCI artifacts with Wasm media types, a small valid
 module and a 5 MiB one."""
@@ -46,7 +46,7 @@ class Site:
     def push(self, name: str, data: bytes) -> str:
         """A Wasm artifact at registry.test/wasm/<name>:v1; its layer digest."""
         info = build_artifact(self.work / name, [(MT_WASM_LAYER, data)], tag="v1")
-        self.upstream.push(self.work / name, "v1", f"wasm/{name}", "v1")
+        self.upstream.push(self.work / name, "v1", f"wasm/{name}", "v1", user="edge")
         return info.layer_digests[0]
 
 
@@ -55,7 +55,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     work = tmp_path_factory.mktemp("edge-mqtt")
     registry_secret = "reg-" + os.urandom(8).hex()
     broker_secret, device_secret = "mq-" + os.urandom(8).hex(), "dev-" + os.urandom(8).hex()
-    with Upstream(work / "private", credentials=("edge", registry_secret)) as up, Broker(
+    # wasm/small and wasm/big only `edge` may pull; anonymous and `other` may not.
+    with Upstream(work / "private", users={"edge": registry_secret, "other": "other-pw"},
+                  private={"wasm/small": {"edge"}, "wasm/big": {"edge"}}) as up, Broker(
         work / "broker", {BOT: broker_secret, DEVICE: device_secret}
     ) as broker:
         small, big = wasm_module(), wasm_module(BIG, seed=5)
@@ -92,7 +94,11 @@ async def fetch_both(site: Site, drop: frozenset[int] = frozenset()) -> None:
         assert big.asked_again == [sorted(drop)]
 
 
-def test_a_device_without_credentials_gets_modules_from_a_private_registry(site: Site) -> None:
+def test_a_device_without_credentials_gets_modules_from_a_private_repository(
+    site: Site,
+) -> None:
+    assert all(site.upstream.refuses("wasm/small", "v1", site.work / f"direct-{who}", who)
+               for who in (None, "other"))
     run(fetch_both(site, drop=frozenset({2, 5})))
     assert any(t.user == "edge" and t.status == 200 for t in site.upstream.token_log)
 
@@ -140,10 +146,7 @@ def test_bad_requests_get_error_answers_and_serve_lives_on(site: Site) -> None:
 
 def test_modules_are_delivered_from_the_cache_offline(site: Site) -> None:
     up = site.upstream
-    up.stop_registry()
-    up.stop_auth()
-    up.stop_cdn()
-    try:
+    with up.stopped():
         run(fetch_both(site, drop=frozenset({0})))
 
         async def uncached() -> None:
@@ -152,10 +155,6 @@ def test_modules_are_delivered_from_the_cache_offline(site: Site) -> None:
                     await dev.fetch("registry.test/wasm/never:v1", DEADLINE)
 
         run(uncached())
-    finally:
-        up.start_registry()
-        up.start_auth()
-        up.start_cdn()
 
 
 def test_a_request_sent_as_the_broker_comes_back_is_answered(site: Site) -> None:

@@ -536,7 +536,8 @@ def test_ls_and_du_json_parse_and_tables_align(
                                                                    ["linux/amd64"])
     assert set(entry) == {"key", "name", "registry", "domain", "repository", "tag", "digest",
                           "media_type", "platforms", "size", "blobs", "missing", "last_used",
-                          "complete", "not_pulled", "cached_platforms", "missing_bytes", "pinned"}
+                          "complete", "not_pulled", "cached_platforms", "missing_bytes", "pinned",
+                          "private"}
     assert images[f"{REG}/multi:latest"]["digest"] == index
 
     code, out, _ = run_cli(capsys, "du", "--config", conf, "--json")

@@ -94,15 +94,23 @@ def test_the_mirror_and_proxy_servers_share_one_location_template(tmp_path: Path
     for server in ("mirror.conf", "proxy-server.conf"):  # no location of their own
         heads = re.findall(r"(?m)^\s*location\b.*", (run / server).read_text())
         assert not [head for head in heads if "/blobs/" in head or "/manifests/" in head]
-    directives = []
+    directives, private_checks = [], []
     for name, server in nginx.LOCATION_FILES.items():
         text = (run / name).read_text()
         assert text == nginx.locations(server, conf.cache_dir)
-        directives.append([line.split()[0] for line in text.splitlines()
-                           if line.strip() and not line.lstrip().startswith("#")])
+        lines = [line for line in text.splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")]
+        private_checks.append([line.strip() for line in lines if "/_private)" in line])
+        directives.append([line.split()[0] for line in lines if "/_private)" not in line])
     mirror, proxy = directives
     assert mirror == proxy  # the same directives, in the same order
     assert mirror.count("location") == 2 and mirror.count("if") == 5
+    # Only the https_proxy server checks a private repository's mark, in
+    # both locations (the mirror's clients bring no credential to check).
+    assert private_checks[0] == []
+    assert private_checks[1] == [
+        f"if (-f {conf.cache_dir}/lists/$cr_proxy_domain/$cr_name/_private) {{ return 418; }}"
+    ] * 2
 
 
 def python_regex(nginx_regex: str) -> re.Pattern[str]:
@@ -176,13 +184,29 @@ def test_a_cluster_renders_nginx_ring_over_the_peers(tmp_path: Path) -> None:
     text = nginx.cluster_conf(conf)
     assert "hash $http_x_cr_digest consistent;" in text
     assert "server 127.0.0.1:5001 max_fails=0;" in text
-    assert (f"server 192.0.2.7:5001 max_fails={nginx.PEER_MAX_FAILS} "
-            f"fail_timeout={nginx.PEER_FAIL_TIMEOUT}s;") in text
+    assert "server 192.0.2.7:5001 max_fails=1 fail_timeout=10s;" in text
+    assert "proxy_connect_timeout 3000ms;" in text
+    # timeouts.pool + connect + read + 1 (default.yml): what the owner's upstream may cost it.
+    assert "proxy_read_timeout 94000ms;" in text
     assert "proxy_next_upstream error timeout http_502 http_503 http_504;" in text
     assert '"127.0.0.1:5001" 1;' in text  # $cr_peer_self
     assert re.search(r"geo \$cr_from_peer \{\s*default 0;\s*127\.0\.0\.1 1;\s*192\.0\.2\.7 1;",
                      text)
     assert "    192.0.2.7 1;" in nginx.mirror_maps(conf)  # a mirror client, not listed
+
+
+def test_the_rings_failure_accounting_is_configured(tmp_path: Path) -> None:
+    """cluster.max_fails, fail_timeout, connect_timeout and read_timeout
+    become the ring's server parameters and its proxy timeouts."""
+    conf = load(tmp_path, CLUSTER__PEERS='["127.0.0.1:5001", "192.0.2.7:5001"]',
+                CLUSTER__SELF="127.0.0.1:5001", CLUSTER__MAX_FAILS="3",
+                CLUSTER__FAIL_TIMEOUT="2.5", CLUSTER__CONNECT_TIMEOUT="0.5",
+                CLUSTER__READ_TIMEOUT="7")
+    text = nginx.cluster_conf(conf)
+    assert "server 192.0.2.7:5001 max_fails=3 fail_timeout=3s;" in text
+    assert "server 127.0.0.1:5001 max_fails=0;" in text
+    assert "proxy_connect_timeout 500ms;" in text
+    assert "proxy_read_timeout 7000ms;" in text
 
 
 def test_without_peers_no_request_is_a_peers(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from testbed.oci_layout import (
     tar_layer,
 )
 from testbed.ports import port_open
-from testbed.registry import Upstream, decode_jwt_claims, skopeo_available
+from testbed.registry import TokenServer, Upstream, decode_jwt_claims, skopeo_available
 
 pytestmark = pytest.mark.skipif(
     not skopeo_available(), reason="needs skopeo, docker-registry and nginx"
@@ -368,3 +368,16 @@ def test_big_layer_round_trip(tmp_path: Path) -> None:
         pulled = dest / "blobs" / "sha256" / digest.split(":")[1]
         assert sha256(pulled.read_bytes()) == digest
         assert up.cdn_blob_gets_settled(digest) == 1
+
+
+def test_a_private_repository_grants_only_its_users_and_revoke_takes_it_away() -> None:
+    server = TokenServer("registry.test", users={"a": "pw-a", "b": "pw-b"},
+                         private={"private/app": {"a"}})
+    assert server._granted("a", "repository:private/app:pull") == "repository:private/app:pull"
+    assert server._granted("b", "repository:private/app:pull") == "repository:private/app:"
+    assert server._granted("", "repository:private/app:pull") == "repository:private/app:"
+    assert server._granted("b", "repository:public/app:pull") == "repository:public/app:pull"
+    assert server._check("a", "pw-a") and not server._check("a", "pw-b")
+    assert server._check(None, None)  # anonymous may ask (and gets no private action)
+    server.revoke("a")
+    assert server._granted("a", "repository:private/app:pull") == "repository:private/app:"

@@ -47,6 +47,7 @@ class Image:
     unpulled: frozenset[str] = frozenset()  # index entries never pulled: missing, not lost
     cached_platforms: tuple[str, ...] = ()  # the platforms pulled (all of a plain manifest's)
     missing_bytes: int | None = 0  # sizes the manifests state for `lost`; None: not all known
+    private: bool = False  # its repository is marked private (fetch/private.py)
 
     @property
     def lost(self) -> frozenset[str]:

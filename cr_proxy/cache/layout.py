@@ -34,6 +34,11 @@ The tree (seed 001, plus a digest store for one copy per digest):
                                              the referrers of a subject (an OCI index,
                                              unfiltered; mtime as for tags); a
                                              repository's go with its last image
+      lists/<domain>/<name>/_private         present when the repository is private:
+                                             the upstream refused it to an anonymous
+                                             client (fetch/private.py); nginx sends
+                                             its hits to the fetcher, which checks
+                                             the client's credential first
       temp/                                  downloads in progress, and links and
                                              small files about to be renamed
                                              (link.*); emptied at start-up
@@ -95,6 +100,7 @@ LISTING_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=-]{0,200}")
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io"})
 INDEX_FILE = "_index"
+PRIVATE_MARK = "_private"  # lists/<domain>/<name>/_private (Tree.private_marker)
 
 
 class Kind(Enum):
@@ -436,6 +442,11 @@ class Tree:
         if kind not in LISTING_KINDS:
             raise BadRequest("NAME_INVALID", f"not a listing kind {kind}")
         return self._under(LISTS, check_domain(domain), check_name(name), f"_{kind.value}")
+
+    def private_marker(self, domain: str, name: str) -> Path:
+        """lists/<domain>/<name>/_private: the mark of a private repository
+        (nginx tests it by this path: nginx/locations.conf)."""
+        return self._under(LISTS, check_domain(domain), check_name(name), PRIVATE_MARK)
 
     def top(self, name: str) -> Path:
         """One of the top directories (TOP_DIRS), to walk it (scan.py)."""

@@ -368,6 +368,19 @@ class Store:
 
         self._replace_with(self.tree.listing(domain, name, kind, query), make)
 
+    def is_private(self, domain: str, name: str) -> bool:
+        return self.tree.private_marker(domain, name).is_file()
+
+    def mark_private(self, domain: str, name: str, private: bool) -> None:
+        """Mark a repository private (its marker made whole by a rename,
+        before any of its content is named) or public again."""
+        marker = self.tree.private_marker(domain, name)
+        if private:
+            if not marker.is_file():
+                self._replace_with(marker, lambda tmp: tmp.write_text("private\n"))
+        else:
+            marker.unlink(missing_ok=True)
+
     def record_redirect(self, domain: str, path: str, status: int, location: str) -> None:
         self.write_sidecar(Sidecar.REDIRECT, domain, path, f"{status} {location}")
 

@@ -16,6 +16,8 @@ the part that owns its policy, as distribution's registry/proxy:
 - referrers.py: referrers (OCI 1.1), by the upstream's API or its tag
   schema, stored per subject as tag lists are;
 - push.py: mirror-mode pushes, relayed and written through;
+- private.py: which repositories are private, and (https_proxy mode) whether
+  the client's own credential may read one, before any part answers;
 - passthrough.py: everything else, relayed uncached.
 
 Errors of any part become registry-style JSON answers here.
@@ -41,11 +43,19 @@ from cr_proxy.errors import (
     UpstreamTimeout,
 )
 from cr_proxy.fetch.blobs import Blobs
-from cr_proxy.fetch.context import API_HEADERS, CacheFill, FetchContext, error_response, in_thread
+from cr_proxy.fetch.context import (
+    API_HEADERS,
+    CacheFill,
+    FetchContext,
+    client_auth,
+    error_response,
+    in_thread,
+)
 from cr_proxy.fetch.flight import Flights
 from cr_proxy.fetch.listings import Listings
 from cr_proxy.fetch.manifests import Manifests
 from cr_proxy.fetch.passthrough import Passthrough
+from cr_proxy.fetch.private import Privacy
 from cr_proxy.fetch.push import Pushes
 from cr_proxy.fetch.referrers import Referrers
 from cr_proxy.fetch.tags import Tags
@@ -58,17 +68,22 @@ from cr_proxy.upstream.peers import Peers
 
 log = logging.getLogger("cr_proxy.fetcher")
 
+# What a private repository guards (fetch/private.py): its content and listings.
+PRIVATE_KINDS = frozenset({Kind.BLOB, Kind.MANIFEST, Kind.TAGS, Kind.REFERRERS})
+
 
 class Fetcher:
     """The one route: each request to the part that owns its kind."""
 
-    __slots__ = ("blobs", "ctx", "manifests", "passthrough", "pushes", "referrers", "tags")
+    __slots__ = ("blobs", "ctx", "manifests", "passthrough", "privacy", "pushes", "referrers",
+                 "tags")
 
     def __init__(self, ctx: FetchContext) -> None:
         self.ctx = ctx
+        self.privacy = Privacy(ctx)
         self.blobs = Blobs(ctx)
         self.manifests = Manifests(ctx)
-        self.passthrough = Passthrough(ctx)
+        self.passthrough = Passthrough(ctx, self.privacy)
         self.pushes = Pushes(ctx)
         listings = Listings(ctx)
         self.tags = Tags(ctx, listings)
@@ -137,6 +152,9 @@ class Fetcher:
             return await self._registry_request(request, target, mirror=True)
         domain, rpath = proxy_target(request.headers.get("Host", ""), request.path)
         self._check_proxy_port(request, domain)
+        if self.pushes.claims_proxied(request):
+            # Push on: written through as mirror pushes are (push.py).
+            return await self.pushes.handle_proxied(request, domain)
         if rpath is None:
             # The path proxy_target checked, not the raw one.
             query = f"?{request.query_string}" if request.query_string else ""
@@ -181,6 +199,9 @@ class Fetcher:
             return await self.passthrough.relay(
                 request, target.domain, self._relayed_path(request, target, mirror)
             )
+        if kind in PRIVATE_KINDS and await self.privacy.learn(target, client_auth(request)) \
+                and not mirror:
+            await self.privacy.admit(request, target)
         if kind is Kind.BLOB:
             return await self.blobs.get(request, target)
         if kind is Kind.MANIFEST:

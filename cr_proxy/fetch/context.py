@@ -18,9 +18,10 @@ from aiohttp import web
 
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Config
-from cr_proxy.errors import CrProxyError, TooLarge, Truncated, UpstreamError
+from cr_proxy.errors import CrProxyError, TooLarge, Truncated, Unauthorized, UpstreamError
 from cr_proxy.fetch.flight import Flights
 from cr_proxy.metrics import Metrics
+from cr_proxy.upstream.auth import DUMMY_PREFIX
 from cr_proxy.upstream.client import Upstream
 from cr_proxy.upstream.peers import Peers
 
@@ -37,8 +38,11 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 def error_response(err: CrProxyError) -> web.Response:
+    headers = dict(API_HEADERS)
+    if isinstance(err, Unauthorized) and err.challenge:
+        headers["WWW-Authenticate"] = err.challenge
     return web.Response(
-        status=err.status, body=err.body(), content_type="application/json", headers=API_HEADERS
+        status=err.status, body=err.body(), content_type="application/json", headers=headers
     )
 
 
@@ -77,7 +81,7 @@ def client_auth(request: web.Request) -> str | None:
     """A client's own bearer token is forwarded (https_proxy mode); our dummy
     tokens are not, they mean nothing upstream."""
     value = request.headers.get("Authorization")
-    if not value or "cr-proxy-offline-" in value:
+    if not value or DUMMY_PREFIX in value:
         return None
     return value
 

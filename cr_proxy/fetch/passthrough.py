@@ -12,6 +12,7 @@ browser there gets JSON.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import aiohttp
@@ -19,7 +20,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from cr_proxy.errors import CrProxyError, UpstreamUnreachable
-from cr_proxy.fetch.context import API_HEADERS, FetchContext, in_thread
+from cr_proxy.fetch.context import API_HEADERS, FetchContext, in_thread, read_bounded
+from cr_proxy.fetch.private import Privacy
 from cr_proxy.upstream.auth import dummy_token
 
 log = logging.getLogger("cr_proxy.fetcher")
@@ -31,11 +33,15 @@ RELAYED_RESPONSE = frozenset({"content-type", "content-length", "docker-content-
                               "link", "range", "docker-upload-uuid", "content-range"})
 
 
-class Passthrough:
-    __slots__ = ("ctx",)
+TOKEN_ANSWER_LIMIT = 1 << 20  # bytes of a token server's answer read to bind its token
 
-    def __init__(self, ctx: FetchContext) -> None:
+
+class Passthrough:
+    __slots__ = ("ctx", "privacy")
+
+    def __init__(self, ctx: FetchContext, privacy: Privacy | None = None) -> None:
         self.ctx = ctx
+        self.privacy = privacy
 
     def __repr__(self) -> str:
         return f"<Passthrough {self.ctx.upstream.challenges!r}>"
@@ -58,7 +64,9 @@ class Passthrough:
         except UpstreamUnreachable:
             if token_ok and request.method in ("GET", "POST") and _looks_like_token(request):
                 self.ctx.metrics.dummy_tokens.inc()
-                return web.json_response(dummy_token())
+                dummy = dummy_token()
+                self._bind(request, str(dummy["token"]))
+                return web.json_response(dummy)
             if _is_ping(path_qs):
                 return await self._replay_ping(host)
             raise
@@ -73,6 +81,9 @@ class Passthrough:
         if mirror:
             relayed = {k: v for k, v in relayed.items() if k.lower() != "content-type"}
             relayed["Content-Type"] = "application/json"
+        if token_ok and answer.status == 200 and self._basic(request):
+            # A token got with a Basic credential: bound to it (private.py).
+            return await self._relay_token(request, answer, relayed)
         response = web.StreamResponse(status=answer.status, headers=relayed)
         try:
             await response.prepare(request)
@@ -92,6 +103,38 @@ class Passthrough:
             answer.release()
         await response.write_eof()
         return response
+
+    def _basic(self, request: web.Request) -> str | None:
+        """The Basic credential of a token request, when private.py binds tokens."""
+        value = request.headers.get("Authorization", "")
+        if self.privacy is None or value[:6].lower() != "basic " or not _looks_like_token(request):
+            return None
+        return value
+
+    def _bind(self, request: web.Request, token: str) -> None:
+        basic = self._basic(request)
+        if basic is not None and self.privacy is not None:
+            self.privacy.bind(token, basic)
+
+    async def _relay_token(
+        self, request: web.Request, answer: aiohttp.ClientResponse, relayed: dict[str, str]
+    ) -> web.Response:
+        """A token server's answer, read whole (it is small) to bind its token
+        to the Basic credential that got it, then sent as it came."""
+        try:
+            body = await read_bounded(answer, TOKEN_ANSWER_LIMIT, "token answer")
+        finally:
+            answer.release()
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            for field in ("token", "access_token"):
+                if isinstance(parsed.get(field), str) and parsed[field]:
+                    self._bind(request, parsed[field])
+        relayed = {k: v for k, v in relayed.items() if k.lower() != "content-length"}
+        return web.Response(status=answer.status, body=body, headers=relayed)
 
     async def _replay_ping(self, host: str) -> web.Response:
         """The host's /v2/ answer as it was: 200, or 401 with its challenge

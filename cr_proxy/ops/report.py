@@ -12,7 +12,7 @@ JSON (`--json`; keys are stable, new ones may be added):
                          "complete": bool, "not_pulled": [digest],
                          "cached_platforms": [str],
                          "missing_bytes" (int, or null if unknown),
-                         "pinned": bool}]}
+                         "pinned": bool, "private": bool}]}
 
             `missing`: used digests not in blobs/, the manifests of an
             index's platforms never pulled included (those are also in
@@ -59,7 +59,7 @@ def images_document(images: Iterable[Image], pinned: AbstractSet[str] = frozense
             "blobs": sorted(i.digests), "missing": sorted(i.missing), "last_used": i.last_used,
             "complete": i.complete, "not_pulled": sorted(i.unpulled),
             "cached_platforms": list(i.cached_platforms), "missing_bytes": i.missing_bytes,
-            "pinned": i.key in pinned,
+            "pinned": i.key in pinned, "private": i.private,
         }
         for i in images
     ]}
@@ -99,7 +99,8 @@ def _counts(usage: Usage) -> dict[str, int]:
 def images_table(images: Iterable[Image], pinned: AbstractSet[str] = frozenset()) -> str:
     rows = [
         (i.name, short(i.digest), ",".join(i.platforms) or "-", image_size(i),
-         state(i) + (", pinned" if i.key in pinned else ""), when(i.last_used))
+         state(i) + (", pinned" if i.key in pinned else "") + (", private" if i.private else ""),
+         when(i.last_used))
         for i in images
     ]
     return table(("IMAGE", "DIGEST", "PLATFORMS", "SIZE", "STATE", "LAST USED"), rows,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ SCHEME_RE = re.compile(rf"\s*({TOKEN})(?:\s+|$)")
 DEFAULT_TOKEN_LIFETIME = 60  # seconds, the spec's default for expires_in
 EXPIRY_MARGIN = 10  # seconds before expiry a cached token is dropped
 DUMMY_LIFETIME = 300
+DUMMY_PREFIX = "cr-proxy-offline-"  # every dummy token begins so; none is a real token
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +108,10 @@ def dummy_token() -> dict[str, object]:
     """What a token request gets when its auth server is unreachable: enough
     for a client to go on and pull what is cached."""
     issued = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    token = "cr-proxy-offline-" + base64.urlsafe_b64encode(issued.encode()).decode().rstrip("=")
+    # Unique: a dummy handed out for a Basic credential stands for it
+    # (fetch/private.py binds them); no other client may hold the same one.
+    token = (DUMMY_PREFIX + base64.urlsafe_b64encode(issued.encode()).decode().rstrip("=")
+             + "." + secrets.token_urlsafe(16))
     return {
         "token": token,
         "access_token": token,

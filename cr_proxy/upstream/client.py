@@ -45,6 +45,7 @@ from cr_proxy.config import UPSTREAM_CONNECTIONS, Config
 from cr_proxy.errors import (
     CrProxyError,
     DestinationRefused,
+    TokenRefused,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -52,7 +53,13 @@ from cr_proxy.errors import (
 from cr_proxy.metrics import Metrics
 from cr_proxy.net.address import dial_target, is_loopback, split_url
 from cr_proxy.net.policy import Destinations, refusal, resolved_refusal
-from cr_proxy.upstream.auth import Challenge, TokenCache, parse_challenge, pull_scope
+from cr_proxy.upstream.auth import (
+    Challenge,
+    TokenCache,
+    parse_challenge,
+    pull_scope,
+    token_url,
+)
 from cr_proxy.upstream.challenges import Challenges
 from cr_proxy.upstream.health import Health
 from cr_proxy.upstream.parent import Parent
@@ -443,7 +450,8 @@ class Upstream:
         async with await self.send("GET", host, path, headers, scheme=scheme,
                                    registry=registry) as response:
             if response.status != 200:
-                raise UpstreamError(message=f"token server {host} answered {response.status}")
+                refused = TokenRefused if response.status in (401, 403) else UpstreamError
+                raise refused(message=f"token server {host} answered {response.status}")
             try:
                 # The registry names the token server: it may trickle too.
                 with self.rate_guard(response.content):
@@ -490,6 +498,14 @@ class Upstream:
             return response
         response.release()
         scope = challenge.params.get("scope") or (pull_scope(name) if name else "")
+        if client_auth and client_auth[:6].lower() == "basic ":
+            # A client's own Basic credential is exchanged as the client
+            # would, uncached (the cache knows users by name, not password).
+            answer = await self.get_json(token_url(challenge, scope),
+                                         {"Authorization": client_auth}, registry=domain)
+            sent["Authorization"] = "Bearer " + str(
+                answer.get("token") or answer.get("access_token") or "")
+            return await self.send(method, domain, path, sent)
         key = TokenCache.key(challenge, scope, creds)
         cached = self.tokens.get(key)
         token = await self.token(challenge, scope, creds, domain)

@@ -1,0 +1,222 @@
+"""Private content (issue 14): no one pulls from the cache what they could
+not pull from the upstream.
+
+A repository is private when the upstream refuses it to a client with no
+credential, asked once a credential fetched something of it (ours from
+`registries:`, or a client's own): upstream/entitlement.py puts the
+question, the cache keeps the answer as a mark (lists/<domain>/<name>/
+_private, layout.Tree.private_marker) before any of its content is named,
+and nginx sends every hit under a marked repository here instead of
+serving it (nginx/locations.conf, https_proxy server only).
+
+In https_proxy mode a client brings its own Authorization. For a private
+repository it is checked with the upstream (a HEAD of what it asked for)
+and the verdict kept per (repository, credential) for
+`private.verdict_ttl`; the credential itself is never kept, only an HMAC
+of it under a key made at start. With the upstream unreachable,
+`private.offline` decides: `verified` serves a credential whose last
+verdict was a yes younger than `private.offline_grace`, `deny` serves no
+one, `allow` serves any credential but an unbound dummy token.
+
+Offline, a client asking for a token gets cr-proxy's dummy one
+(passthrough.py). A dummy token stands for nothing, so it never unlocks
+private content by itself; but a client that asked for it with its Basic
+credential is that credential: the dummy is bound to it (`bind`), as a
+real token obtained online with a Basic credential is, so the
+credential's verdicts count for both. Mirror clients bring no credential
+(containerd does not send pull secrets to mirrors): the mirror ports
+serve their clients everything, as before (README, "Private content").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from aiohttp import web
+
+from cr_proxy.cache.layout import Target
+from cr_proxy.errors import Denied, Unauthorized, UpstreamError
+from cr_proxy.fetch.context import FetchContext, in_thread
+from cr_proxy.upstream.auth import DUMMY_PREFIX
+from cr_proxy.upstream.challenges import Challenges
+from cr_proxy.upstream.entitlement import accepts, refused_anonymously
+
+log = logging.getLogger("cr_proxy.private")
+
+MAX_REMEMBERED = 50_000  # verdicts, bindings and public repositories kept (least recent go)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    at: float  # time.monotonic() of the upstream's answer
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Remembered(Generic[K, V]):
+    """A bounded mapping: the least recently set entries go first."""
+
+    __slots__ = ("_items", "_limit")
+
+    def __init__(self, limit: int = MAX_REMEMBERED) -> None:
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._limit = limit
+
+    def __repr__(self) -> str:
+        return f"<Remembered {len(self._items)}/{self._limit}>"
+
+    def get(self, key: K) -> V | None:
+        return self._items.get(key)
+
+    def set(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self._limit:
+            self._items.popitem(last=False)
+
+
+class Privacy:
+    """Which repositories are private, and who may read them."""
+
+    __slots__ = ("_bound", "_key", "_public", "_verdicts", "ctx")
+
+    def __init__(self, ctx: FetchContext) -> None:
+        self.ctx = ctx
+        # Credentials are known here only by this HMAC; the key dies with us.
+        self._key = secrets.token_bytes(32)
+        self._verdicts: Remembered[tuple[str, str, str], Verdict] = Remembered()
+        self._bound: Remembered[str, str] = Remembered()  # token's id -> Basic credential's
+        self._public: Remembered[tuple[str, str], float] = Remembered()  # probed public, when
+
+    def __repr__(self) -> str:
+        return f"<Privacy verdicts={self._verdicts!r}>"
+
+    def _id(self, authorization: str) -> str:
+        return hmac.new(self._key, authorization.encode(), hashlib.sha256).hexdigest()
+
+    # --- which repositories are private -------------------------------------
+
+    async def learn(self, target: Target, client_auth: str | None) -> bool:
+        """Whether `target`'s repository is private: its mark, else (when
+        some credential will fetch it) the upstream asked without one, at
+        most once per private.verdict_ttl for a public repository. A
+        repository fetched with no credential at all is public."""
+        domain, name = target.domain, target.rpath.name
+        store, upstream = self.ctx.store, self.ctx.upstream
+        if await in_thread(store.is_private, domain, name):
+            return True
+        credentialed = client_auth or self.ctx.config.credentials(target.registry) \
+            or self.ctx.config.credentials(domain)
+        # A parent (parent_mirror) fetches for us: it is not ours to probe around it.
+        if not credentialed or upstream.parent is not None:
+            return False
+        probed = self._public.get((domain, name))
+        if probed is not None and time.monotonic() - probed < self.ctx.config.private.verdict_ttl:
+            return False
+        try:
+            private = await refused_anonymously(upstream, target)
+        except UpstreamError:
+            return False  # not answerable now; the fetch that follows fails the same way
+        if private:
+            log.info("private: %s/%s is private (refused without a credential)", domain, name)
+            await in_thread(store.mark_private, domain, name, True)
+        else:
+            self._public.set((domain, name), time.monotonic())
+        return private
+
+    # --- who may read them (https_proxy mode) --------------------------------
+
+    async def admit(self, request: web.Request, target: Target) -> None:
+        """Return if the client may read `target` of a private repository;
+        raise Unauthorized (401, with the challenge) or Denied otherwise."""
+        domain, name = target.domain, target.rpath.name
+        authorization = request.headers.get("Authorization", "")
+        if not authorization:
+            self._refuse("no_credential")
+            raise Unauthorized(f"{name} is private: authentication required",
+                               self._challenge(domain, name))
+        credential = self._id(authorization)
+        key = (domain, name, credential)
+        verdict = self._verdicts.get(key)
+        if verdict is not None and (time.monotonic() - verdict.at
+                                    < self.ctx.config.private.verdict_ttl):
+            self.ctx.metrics.private_checks.labels(how="cached").inc()
+            return self._decided(verdict.allowed, domain, name)
+        dummy = DUMMY_PREFIX in authorization
+        if dummy and not self.ctx.upstream.health.is_down(domain):
+            # Ours, and the registry answers: the client is to get a real token.
+            self._refuse("dummy_token")
+            raise Unauthorized(f"{name} is private: a token cr-proxy handed out offline "
+                               "unlocks nothing", self._challenge(domain, name))
+        if not dummy:
+            try:
+                allowed = await accepts(self.ctx.upstream, target, authorization)
+            except UpstreamError as err:
+                log.info("private: cannot check a credential for %s/%s (%s): private.offline "
+                         "decides", domain, name, err.message)
+            else:
+                self.ctx.metrics.private_checks.labels(how="upstream").inc()
+                self._remember(domain, name, credential, allowed)
+                return self._decided(allowed, domain, name)
+        self.ctx.metrics.private_checks.labels(how="offline").inc()
+        self._offline(domain, name, authorization, credential)
+
+    def bind(self, token: str, basic: str) -> None:
+        """`token` was handed out for the Basic credential `basic` (by the
+        upstream's token server, or as our dummy offline): verdicts for
+        either count for the other."""
+        self._bound.set(self._id(f"Bearer {token}"), self._id(basic))
+
+    def _remember(self, domain: str, name: str, credential: str, allowed: bool) -> None:
+        verdict = Verdict(allowed, time.monotonic())
+        self._verdicts.set((domain, name, credential), verdict)
+        basic = self._bound.get(credential)
+        if basic is not None:
+            self._verdicts.set((domain, name, basic), verdict)
+
+    def _decided(self, allowed: bool, domain: str, name: str) -> None:
+        if not allowed:
+            self._refuse("refused_upstream")
+            raise Unauthorized(f"{name} is private: the upstream does not accept this "
+                               "credential for it", self._challenge(domain, name))
+
+    def _offline(self, domain: str, name: str, authorization: str, credential: str) -> None:
+        """The upstream cannot be asked: private.offline decides."""
+        policy = self.ctx.config.private.offline
+        basic = self._bound.get(credential)
+        if policy == "deny":
+            self._refuse("offline_deny")
+            raise Denied(message=f"{name} is private and its registry is unreachable "
+                         "(private.offline: deny)")
+        if policy == "allow":
+            if DUMMY_PREFIX in authorization and basic is None:
+                self._refuse("dummy_token")
+                raise Denied(message=f"{name} is private: a token cr-proxy handed out "
+                             "offline without a credential unlocks nothing")
+            return None
+        grace = self.ctx.config.private.offline_grace
+        now = time.monotonic()
+        for who in (credential, basic):
+            verdict = self._verdicts.get((domain, name, who)) if who else None
+            if verdict is not None and verdict.allowed and now - verdict.at < grace:
+                return None
+        self._refuse("offline_unverified")
+        raise Denied(message=f"{name} is private and its registry is unreachable: this "
+                     "credential was not verified for it within private.offline_grace")
+
+    def _refuse(self, reason: str) -> None:
+        self.ctx.metrics.private_denied.labels(reason=reason).inc()
+
+    def _challenge(self, domain: str, name: str) -> str | None:
+        challenges: Challenges = self.ctx.upstream.challenges
+        return challenges.for_repository(domain, name)

@@ -283,6 +283,13 @@ map $remote_user $cr_auth_realm {{
     "" off;
     default "{MIRROR_AUTH_REALM}";
 }}
+# A user name outside that grammar (CR/LF, the maps' separator) is refused
+# before auth_basic would write it raw into nginx's error log.
+map $remote_user $cr_bad_user {{
+    "" 0;
+    "~^{IDENTITY}$" 0;
+    default 1;
+}}
 ''' if auth.htpasswd_file else "map $remote_user $cr_basic_user { default \"\"; }\n")
     anonymous = "" if auth.anonymous == "pull-public" else "no_identity"
     # The ping asks for a password, so that clients that have one send it
@@ -377,7 +384,8 @@ def mirror_auth_server(config: Config) -> str:
                   f"ssl_client_certificate {auth.client_ca};", "ssl_verify_client optional;"]
     if auth.htpasswd_file:
         lines += ["# Read at each check: a changed file counts without a reload.",
-                  "auth_basic $cr_auth_realm;", f"auth_basic_user_file {auth.htpasswd_file};"]
+                  "auth_basic $cr_auth_realm;", f"auth_basic_user_file {auth.htpasswd_file};",
+                  "if ($cr_bad_user) {", "    rewrite ^ /_cr/unauthorized last;", "}"]
     unauthorized = json_error("UNAUTHORIZED", "authentication required (mirror_auth)")
     denied = json_error("DENIED", "mirror_auth refuses this request ($cr_auth_reason)")
     forbidden = "|".join(reason for reason in DENY_REASONS if reason != "no_identity")

@@ -249,6 +249,14 @@ def test_hostile_credentials_and_paths_get_nothing_private(
             assert status == 401, (label, path, status, body[:200])
             assert "x-injected" not in head.lower() and body != secret, label
             assert bed.image.layer_digests[0].encode() not in body or path != layer, label
+    # A public manifest, which anonymous clients may pull: a user name
+    # that is no identity is refused all the same, and never reaches a log
+    # raw (auth_basic would write it to nginx's error log, serve's output).
+    for label in ("injected", "separator"):
+        status, _, _ = curl(cr, f"/v2/{REGISTRY}/public/app/manifests/v1", tmp_path,
+                            hostile[label])
+        assert status == 401, label
+    assert "\nX-Injected" not in cr.log_text() + cr.access_log.read_text()
     # A credential in the query string is no credential.
     user, password = "alice", CLIENTS["alice"]
     status, _, _ = curl(cr, f"{manifest}?user={user}&password={password}", tmp_path)

@@ -14,6 +14,7 @@ registry.test/public/*; `bob` and the certificate `outsider` have no rule."""
 from __future__ import annotations
 
 import base64
+import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import trustme
 from testbed.crproxy import CrProxy, clean_env, layout_blobs
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
 from testbed.registry import Upstream
+from tests.clients import Containerd, podman
 from tests.conftest import proxy_endpoints
 from tests.faulty import wait_until
 from tests.test_e2e_metrics import scrape, value
@@ -284,3 +286,53 @@ def test_anonymous_none_serves_only_identities(bed: Bed, tmp_path: Path) -> None
         assert pulled(result, tmp_path / "bob", bed.image), result.stderr
         assert refused(pull(cr, "public/app:v1", tmp_path / "anon-hit"), "unauthorized")
         assert curl(cr, "/v2/_catalog", tmp_path)[0] == 401
+
+
+def test_containerd_hosts_toml_client_certificate(bed: Bed, cr: CrProxy, tmp_path: Path) -> None:
+    """containerd is given no password for a mirror: its hosts.toml
+    `client = [[cert, key]]` is how it authenticates. registry.test's
+    own server does not resolve here, so a refused mirror fails the pull."""
+    def hosts(name: str, cn: str | None) -> Path:
+        certs = cert_dir(cr, tmp_path / f"{name}-certs", bed.client_ca if cn else None,
+                         cn or "")
+        client = (f'  client = [["{certs / "client.cert"}", "{certs / "client.key"}"]]\n'
+                  if cn else "")
+        where = tmp_path / name / REGISTRY
+        where.mkdir(parents=True)
+        (where / "hosts.toml").write_text(
+            f'server = "https://{REGISTRY}"\n[host."https://{cr.https}"]\n'
+            f'  capabilities = ["pull", "resolve"]\n  ca = "{certs / "ca.crt"}"\n{client}')
+        return where.parent
+
+    image = f"{REGISTRY}/private/app:v1"
+    with Containerd(tmp_path / "containerd") as daemon:
+        refused_pull = daemon.ctr("images", "pull", "--hosts-dir", str(hosts("anon", None)),
+                                  image)
+        assert refused_pull.returncode != 0
+        assert "401 Unauthorized" in refused_pull.stderr, refused_pull.stderr
+        pulled_ = daemon.ctr("images", "pull", "--hosts-dir", str(hosts("ci-bot", "ci-bot")),
+                             image)
+        assert pulled_.returncode == 0, pulled_.stderr
+        listed = daemon.ctr("images", "ls", "-q").stdout.split()
+        assert listed == [image]
+    assert cr.access_lines(re.compile(r"/v2/private/app/manifests/v1\?ns=registry\.test .* "
+                                      r"200 .* user=ci-bot$"), 1)
+
+
+def test_podman_with_a_password_and_with_a_certificate(
+    bed: Bed, cr: CrProxy, tmp_path: Path
+) -> None:
+    image = f"{cr.https}/{REGISTRY}/private/app:v1"
+    plain = cert_dir(cr, tmp_path / "plain")
+    refused_pull = podman(tmp_path / "anon", None, plain, "pull", image)
+    assert refused(refused_pull, "unauthorized"), refused_pull.stderr
+    by_password = podman(tmp_path / "alice", None, plain, "pull", "--creds",
+                         f"alice:{CLIENTS['alice']}", image)
+    assert by_password.returncode == 0, by_password.stderr
+    by_certificate = podman(tmp_path / "ci-bot", None,
+                            cert_dir(cr, tmp_path / "ci-bot-certs", bed.client_ca, "ci-bot"),
+                            "pull", image)
+    assert by_certificate.returncode == 0, by_certificate.stderr
+    for who in ("alice", "ci-bot"):
+        listed = podman(tmp_path / who, None, plain, "images", "--format", "{{.Digest}}")
+        assert listed.stdout.split() == [bed.image.manifest_digest], (who, listed.stdout)

@@ -273,6 +273,7 @@ def mirror_auth_maps(config: Config) -> str:
     cache = config.cache_dir
     # Without password users a Basic credential names no one.
     basic_user = (f'''map $remote_user $cr_basic_user {{
+    "" "";
     "~^(?<cr_bu>{IDENTITY})$" $cr_bu;
     default "";
 }}
@@ -313,12 +314,15 @@ map $uri $cr_auth_kind {{
 # order: the CN most tools put last) when it is a CN of plain characters,
 # and only when nginx verified the certificate against mirror_auth.client_ca.
 map "$ssl_client_verify|$ssl_client_s_dn" $cr_cert_user {{
+    "|" "";
+    "NONE|" "";
     "~^SUCCESS\\|CN=(?<cr_cn>{IDENTITY})(?:,|$)" $cr_cn;
     default "";
 }}
 {basic_user}# The identity: the certificate's CN, else the password user; "" for none.
 # Never a secret; in the access log (user=).
 map "$cr_mode|$cr_cert_user|$cr_basic_user" $cr_user {{
+    "mirror||" "";
     "~^mirror\\|(?<cr_u>[^|]+)\\|" $cr_u;
     "~^mirror\\|\\|(?<cr_u>.+)$" $cr_u;
     default "";
@@ -343,6 +347,11 @@ map $cr_peer $cr_auth_peer {{
 # The verdict over "<peer>|<kind>|<private>|<rule>|<identity>": "" serves,
 # ping answers the ping after the password check, a reason refuses.
 map "$cr_auth_peer|$cr_auth_kind|$cr_private|$cr_auth_rule|$cr_user" $cr_auth_verdict {{
+    # No identity, the common case: exact keys (a hash lookup, no regex).
+    "0|repo|0||" "{anonymous}";
+    "0|repo|1||" no_identity;
+    "0|ping|0||" {ping};
+    "0|other|0||" no_identity;
     "~^1\\|" "";
     "~^0\\|(?:internal|signed)\\|" "";
     "~^0\\|artifact\\|" unsigned_artifact;

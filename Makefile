@@ -68,6 +68,17 @@ bench-doc: deps-test
 	@scripts/apt-ensure apache2-utils
 	$(BIN)/python -m bench.run --write docs/benchmarks.md $(BENCH_ARGS)
 
+# The cluster (bench/cluster.py): 48 skopeo clients pulling one image
+# through three sibling nodes against through one node, each in a network
+# namespace of its own (needs root); aggregate throughput and the
+# upstream's GETs per blob (exactly one, cold). BENCH_CLUSTER_ARGS, e.g.
+# --clients 12 --layer-mib 2 for a smoke run.
+.PHONY: bench-cluster
+BENCH_CLUSTER_ARGS ?=
+
+bench-cluster: deps-test
+	$(BIN)/python -m bench.cluster $(BENCH_CLUSTER_ARGS)
+
 # Profiles of the cases where the bench misses its bar (bench/profile.py):
 # perf over the whole machine and py-spy on `cr-proxy serve`, written to
 # docs/profiles.md; about 2 minutes. Needs root (perf -a).

@@ -111,6 +111,11 @@ class Series(Enum):
     OFFLINE_STALE = SECS
     OFFLINE_DROP_FIRST = SECS  # the first pull after the cable went: pays the stale budget
     OFFLINE_DROP = SECS  # the next: the registry is known down, nothing dialled
+    # Manifest hits through the front, one kept-alive tunnel (issue 14): of a
+    # private repository (the fetcher checks the credential: a cached verdict),
+    # and of a public one (nginx alone).
+    PRIVATE_HIT = MS
+    PUBLIC_HIT = MS
 
 
 @dataclass
@@ -287,6 +292,8 @@ CASES: tuple[Ratio | Absolute, ...] = (
           "plain nginx TLS", None),
     Absolute("front CPU per new connection (serve process)", "(info)",
              _front_cpu_per_connection),
+    Ratio("private manifest hit through https_proxy, verdict cached: latency", S.PRIVATE_HIT,
+          S.PUBLIC_HIT, "public manifest hit, same tunnel", None),
     Absolute(f"{MQTT_DEVICES} devices ask for one {MQTT_MODULE_MIB} MiB module at once "
              "over MQTT: wall time", "(info)", _mqtt_wall),
     Absolute(f"{MQTT_DEVICES} devices, one {MQTT_MODULE_MIB} MiB module over MQTT: "

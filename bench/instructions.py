@@ -11,6 +11,10 @@ first, and by `make bench` for the wall-clock picture.
 Each case runs nginx under callgrind with `master_process off` (one process
 doing a worker's job), sends N keep-alive requests with `ab -k -c 1`, and
 subtracts the count of a run that serves none (start-up and shut-down).
+Each cr-proxy case runs twice: on the mirror port, and as an https_proxy
+client's request reaches nginx from the CONNECT front (its plain HTTP
+socket, after the front's PROXY line), whose locations also test a
+private repository's mark.
 The ratio is plain nginx's instructions per request over cr-proxy's: like
 `make bench`'s ratios, 1.0x is "as cheap as plain nginx", lower is dearer.
 
@@ -24,6 +28,7 @@ import hashlib
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.procs import PlainNginx, terminate, wait_listening
+from cr_proxy.privsep import STAMP_FILE
 from testbed.crproxy import CrProxy
+from testbed.ports import free_ports
 
 DOMAIN = "registry-1.docker.io"  # the mirror's default registry: no prefix in the URL
 REPO = "library/bench"
@@ -75,10 +82,41 @@ def make_cache(cache: Path) -> tuple[str, str]:
     return f"/{manifest_path}", f"/{blob_path}"
 
 
-def count(conf: Path, port: int, case: Case | None, requests: int, work: Path) -> int:
+def proxy_requests(sock: Path, stamp_file: Path, case: Case, requests: int) -> None:
+    """`requests` keep-alive requests of `case` as an https_proxy client's
+    plain HTTP reaches nginx: on the front's unix socket, after the PROXY
+    line with the front's stamp (what the CONNECT front sends; ab cannot)."""
+    found = re.search(r'"([0-9.]+) (\d+)" 1;', stamp_file.read_text())
+    if found is None:
+        raise RuntimeError(f"no IPv4 stamp in {stamp_file}")
+    stamp, port = found.groups()
+    head = (f"{case.method} {case.path} HTTP/1.1\r\nHost: {DOMAIN}\r\n"
+            f"Accept: {case.accept}\r\n\r\n").encode()
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(str(sock))
+        conn.sendall(f"PROXY TCP4 127.0.0.1 {stamp} {port} 80\r\n".encode())
+        reader = conn.makefile("rb")
+        for _ in range(requests):
+            conn.sendall(head)
+            status = reader.readline()
+            if b" 200 " not in status:
+                raise RuntimeError(f"{case.name} (https_proxy): {status!r}")
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            if case.method != "HEAD":
+                reader.read(length)
+
+
+def count(conf: Path, port: int, case: Case | None, requests: int, work: Path,
+          proxy: tuple[Path, Path] | None = None) -> int:
     """callgrind's total for nginx (one process) serving `requests` of `case`."""
     out = work / "callgrind.out"
     out.unlink(missing_ok=True)
+    for sock in conf.parent.glob("*.sock"):  # left by the last nginx: it would not bind
+        sock.unlink()
     log = work / "valgrind.log"
     with log.open("wb") as err:
         proc = subprocess.Popen(
@@ -87,7 +125,9 @@ def count(conf: Path, port: int, case: Case | None, requests: int, work: Path) -
             stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT)
     try:
         wait_listening([port], proc, log)
-        if case is not None and requests:
+        if proxy is not None and case is not None and requests:
+            proxy_requests(*proxy, case, requests)
+        elif case is not None and requests:
             ab = ["ab", "-q", "-k", "-c", "1", "-n", str(requests), "-H", f"Accept: {case.accept}"]
             if case.method == "HEAD":
                 ab.append("-i")
@@ -103,9 +143,10 @@ def count(conf: Path, port: int, case: Case | None, requests: int, work: Path) -
     return int(found.group(1))
 
 
-def per_request(conf: Path, port: int, case: Case, requests: int, work: Path) -> float:
+def per_request(conf: Path, port: int, case: Case, requests: int, work: Path,
+                proxy: tuple[Path, Path] | None = None) -> float:
     idle = count(conf, port, None, 0, work)
-    return (count(conf, port, case, requests, work) - idle) / requests
+    return (count(conf, port, case, requests, work, proxy) - idle) / requests
 
 
 # --mirror-auth: client authentication on (a rule, no password users), the
@@ -122,8 +163,10 @@ def rendered_cr_proxy(work: Path, mirror_auth: bool = False
     never reach the fetcher). (nginx.conf, mirror HTTP port, cache dir)."""
     cache = work / "crproxy" / "cache"
     cache.mkdir(parents=True)
+    (proxy_port,) = free_ports(1)  # the front is rendered too: its nginx servers are measured
     settings = {"mirror_auth": MIRROR_AUTH} if mirror_auth else {}
-    cr = CrProxy(work / "crproxy", {}, tag_ttl=10**9, **settings)  # the tag stays fresh
+    cr = CrProxy(work / "crproxy", {}, tag_ttl=10**9,  # the tag stays fresh
+                 listen_proxy=f"127.0.0.1:{proxy_port}", **settings)
     with cr:
         pass
     yield cr.dir / "run" / "nginx.conf", cr.http_port, cache
@@ -153,12 +196,18 @@ def main(argv: list[str] | None = None) -> int:
             ]
             print(f"nginx instructions per request (callgrind, {args.requests} keep-alive "
                   "requests, one process)")
-            print(f"{'case':<20} {'cr-proxy':>10} {'plain':>10} {'ratio':>7}")
+            print(f"{'case':<28} {'cr-proxy':>10} {'plain':>10} {'ratio':>7}")
+            # The same hits as an https_proxy client's (the front's plain HTTP
+            # socket): the server that checks a private repository's mark.
+            run = conf.parent
+            proxy = (run / "mitm-http.sock", run / STAMP_FILE)
             for case in cases:
-                ours = per_request(conf, port, case, args.requests, work)
                 base = per_request(plain.dir / "nginx.conf", plain.http_port, case,
                                    args.requests, work)
-                print(f"{case.name:<20} {ours:>10.0f} {base:>10.0f} {base / ours:>6.2f}x")
+                for mode, via in (("", None), (" (proxy)", proxy)):
+                    ours = per_request(conf, port, case, args.requests, work, via)
+                    name = case.name + mode
+                    print(f"{name:<28} {ours:>10.0f} {base:>10.0f} {base / ours:>6.2f}x")
     return 0
 
 

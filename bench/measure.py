@@ -131,6 +131,20 @@ def headers(url: str, *extra: str, proxy: str | None = None) -> dict[str, str]:
     return out
 
 
+def curl_latencies(url: str, count: int, *extra: str, proxy: str | None = None) -> list[float]:
+    """`count` GETs of url by one curl, which keeps its connection (its
+    CONNECT tunnel too) between them: each one's seconds. Each must be a 200."""
+    cmd = ["curl", "-s", *_route(proxy), "-w", "%{http_code} %{time_total}\n", *extra]
+    for _ in range(count):
+        cmd += ["-o", "/dev/null", url]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CURL_TIMEOUT,
+                          env=clean_env(), stdin=subprocess.DEVNULL, check=False)
+    answers = [line.split() for line in proc.stdout.splitlines()]
+    if len(answers) != count or any(status != "200" for status, _ in answers):
+        raise BenchError(f"curl {url} x{count}: {proc.stdout[-300:]!r} {proc.stderr.strip()}")
+    return [float(seconds) for _, seconds in answers]
+
+
 def bearer_token(token_url: str, repo: str) -> str:
     """An anonymous pull token from the upstream's token server (loopback)."""
     query = urllib.parse.urlencode({"service": "registry.test", "scope": f"repository:{repo}:pull"})

@@ -46,6 +46,7 @@ import random
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -69,6 +70,7 @@ from testbed.blackhole import cable_out
 from testbed.crproxy import CrProxy, layout_blobs
 from testbed.mqtt import Broker, Device
 from testbed.oci_layout import (
+    MT_MANIFEST,
     MT_WASM_LAYER,
     big_file_layer,
     build_artifact,
@@ -96,10 +98,15 @@ UP_AGAIN = "upstream registry.test reachable again"
 # The round's cases, in order; --only picks some (the set-up then starts
 # only what they need).
 CASE_NAMES = ("blob_hits", "small_hits", "new_connections", "concurrent", "cold_curl",
-              "over_link", "cold_skopeo", "warm", "offline", "mqtt_devices")
+              "over_link", "cold_skopeo", "warm", "offline", "mqtt_devices", "private_hits")
 # Cases that need neither the warm cr-proxy, plain nginx nor the peer.
 OWN_SETUP = frozenset({"offline", "mqtt_devices"})
 # The edge-over-MQTT case: a broker, a Wasm artifact, a cr-proxy answering on it.
+# The private-content case (issue 14): a user of the token server, and the
+# repository only that user may pull.
+PRIVATE_USER, PRIVATE_PASSWORD = "bench", "bench-password"
+PRIVATE_REPO, PUBLIC_REPO = "bench/private", "bench/public"
+PRIVATE_HITS = 200  # manifest requests per sample
 MQTT_USERS = {"cr-proxy": "bench-broker-key", "device": "bench-device-key"}
 MQTT_IDS = ("bench-domain", "bench-channel")
 MQTT_REF = "registry.test/bench/wasm:v1"
@@ -262,6 +269,8 @@ class Bench:
         self._verified_pull(f"{self.hot.http}/registry.test/{REPO}:{TAG}")
         self._check_hits()
         self._fill_front()
+        if "private_hits" in self.plan.cases:
+            self._setup_private()
 
         say("plain nginx over the warm cache's files (HTTP sendfile, TLS EC P-256)")
         self.plain = self.stack.enter_context(
@@ -276,6 +285,33 @@ class Bench:
             f"through the name proxy {self.up.proxy_url}")
         self.peer = self.stack.enter_context(self._peer("peer-warm"))
         self._verified_pull(f"{self.peer.http}/{REPO}:{TAG}")
+
+    def _setup_private(self) -> None:
+        """A repository only PRIVATE_USER may pull (the token server's rule),
+        beside a public one holding the same image; both cached through the
+        front with that user's token, so the private one is marked."""
+        say(f"a private repository ({PRIVATE_REPO}) beside a public one, cached through "
+            "the front")
+        tokens = self.up.token_server
+        tokens.users[PRIVATE_USER] = PRIVATE_PASSWORD
+        tokens.private[PRIVATE_REPO] = {PRIVATE_USER}
+        layout = self.work / "private-image"
+        build_image(layout, layers=[tar_layer({"app/private": b"private bench\n" * 4096})],
+                    tag=TAG)
+        for repo in (PRIVATE_REPO, PUBLIC_REPO):
+            self.up.push(layout, TAG, repo, TAG, user=PRIVATE_USER)
+        shutil.rmtree(layout)
+        self.private_urls = {}
+        for repo in (PRIVATE_REPO, PUBLIC_REPO):
+            token = self.up.issue_token([f"repository:{repo}:pull"], PRIVATE_USER)
+            url = f"https://{Upstream.registry_name}/v2/{repo}/manifests/{TAG}"
+            extra = ["--cacert", str(self.hot.ca_cert), "-H", f"Authorization: Bearer {token}",
+                     "-H", f"Accept: {MT_MANIFEST}"]
+            measure.curl_latencies(url, 2, *extra, proxy=self.front)  # the miss, then a hit
+            self.private_urls[repo] = (url, extra)
+        if not (self.hot.cache / "lists" / Upstream.registry_name / PRIVATE_REPO
+                / "_private").is_file():
+            raise measure.BenchError(f"{PRIVATE_REPO} was not marked private")
 
     def _crproxy(self, name: str, settings: dict[str, object]) -> CrProxy:
         proxy = CrProxy(self.work / name, self.endpoints, certs_dir=str(self.certs), **settings)
@@ -562,15 +598,8 @@ class Bench:
         source = f"{self.stale.http}/registry.test/{REPO}:{TAG}"
         self.results.add(Series.ONLINE_STALE, self._timed_pull(source))
         mark = len(self.stale.output)
-        self.up.stop_registry()
-        self.up.stop_auth()
-        self.up.stop_cdn()
-        try:
+        with self.up.stopped():
             self.results.add(Series.OFFLINE_STALE, self._timed_pull(source))
-        finally:
-            self.up.start_registry()
-            self.up.start_auth()
-            self.up.start_cdn()
         self._stale_says(mark, UP_AGAIN)
         mark = len(self.stale.output)
         with cable_out(self.up):
@@ -578,6 +607,15 @@ class Bench:
             self._stale_says(mark, WENT_DOWN)
             self.results.add(Series.OFFLINE_DROP, self._timed_pull(source))
         self._stale_says(mark, UP_AGAIN)
+
+    def private_hits(self) -> None:
+        """PRIVATE_HITS manifest hits over one tunnel, of the private
+        repository (through the fetcher: its verdict for this token is
+        cached after the first) and of the public one (nginx alone)."""
+        for repo, series in ((PRIVATE_REPO, Series.PRIVATE_HIT), (PUBLIC_REPO, Series.PUBLIC_HIT)):
+            url, extra = self.private_urls[repo]
+            times = measure.curl_latencies(url, PRIVATE_HITS, *extra, proxy=self.front)
+            self.results.add(series, statistics.median(times[1:]))  # the first opens the tunnel
 
     def mqtt_devices(self) -> None:
         """MQTT_DEVICES devices, connected and subscribed first, ask for one

@@ -19,6 +19,7 @@ from cr_proxy import config as config_mod
 from cr_proxy import nginx, privsep
 from cr_proxy.errors import CrProxyError
 from cr_proxy.front import certs
+from cr_proxy.upstream import members
 
 
 class ExitStatus(IntEnum):
@@ -42,6 +43,7 @@ def cmd_config(conf: config_mod.Config, args: argparse.Namespace) -> ExitStatus:
         leaf = certs.ensure_mirror_leaf(ca, conf.certs_dir, conf.mirror_names)
         conf.run_dir.mkdir(parents=True, exist_ok=True)
         conf = nginx.with_front_port(conf)
+        conf, _ = members.first(conf)  # cluster.peers as a DNS name: its addresses now
         workers = privsep.pick_workers(conf)
         nginx.check(conf, nginx.render(conf, leaf.cert, leaf.key, workers=workers))
         print("# nginx configuration OK", file=sys.stderr)

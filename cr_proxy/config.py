@@ -264,15 +264,23 @@ class MirrorAuth:
 class Cluster:
     """Sibling nodes (docs/design.md, "Cluster"). `peers` as written: nginx
     builds its hash ring from these strings, so every node must list the
-    same ones for all to agree on each digest's owner."""
+    same ones for all to agree on each digest's owner. With `service` (the
+    peers given as one DNS name), `peers` is empty here: serve resolves the
+    name to the ring's members (cluster/members.py) and puts them in."""
 
     peers: tuple[str, ...]  # host:port of every node's mirror_http, self included
     me: str  # cluster.self: this node's entry in peers
     keep_local: bool
+    service: str = ""  # cluster.peers as one name:port, resolved to every address
+    resolve_interval: float = 30.0  # seconds between resolutions of `service`
+    max_fails: int = 1  # failures of a peer before it is skipped (nginx's max_fails)
+    fail_timeout: float = 10.0  # seconds a failed peer is skipped (nginx's fail_timeout)
+    connect_timeout: float = 3.0  # seconds to connect to a peer
+    read_timeout: float = 0.0  # seconds a peer may stay silent; 0: from timeouts
 
     @property
     def enabled(self) -> bool:
-        return bool(self.peers)
+        return bool(self.peers or self.service)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +320,16 @@ class Config:
     @property
     def socket_path(self) -> Path:
         return self.run_dir / "fetcher.sock"
+
+    @property
+    def peer_read_timeout(self) -> float:
+        """Seconds a cluster peer may stay silent (cluster.read_timeout): by
+        default the owner waits for a free upstream connection
+        (timeouts.pool), connects and reads its upstream under the same
+        settings as this node (every node should share them)."""
+        if self.cluster.read_timeout:
+            return self.cluster.read_timeout
+        return int(self.timeouts.pool + self.timeouts.connect + self.timeouts.read) + 1
 
     @property
     def access_log_path(self) -> Path:
@@ -818,26 +836,56 @@ def _address(data: Mapping[str, Any], key: str) -> Address:
 PEER_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
 
 
+def _peer(value: str, key: str) -> str:
+    if not PEER_RE.fullmatch(value) or not 0 < int(value.rpartition(":")[2]) < 65536:
+        raise ConfigError(message=f"{key}: {value!r} is not host:port")
+    return value
+
+
 def _cluster(data: Mapping[str, Any]) -> Cluster:
-    """cluster.*: peers are host:port, each once, and self one of them."""
-    peers = _str_list(data, "cluster.peers")
-    for peer in peers:
-        if not PEER_RE.fullmatch(peer) or not 0 < int(peer.rpartition(":")[2]) < 65536:
-            raise ConfigError(message=f"cluster.peers: {peer!r} is not host:port")
+    """cluster.*: peers are host:port, each once, and self one of them; or
+    peers is one name:port (a headless Service), and self this node's
+    address (or name) on that port."""
+    service = ""
+    if isinstance(data.get("peers"), str):
+        service = _peer(data["peers"], "cluster.peers") if data["peers"] else ""
+        peers: list[str] = []
+    else:
+        peers = [_peer(peer, "cluster.peers") for peer in _str_list(data, "cluster.peers")]
     doubles = sorted({peer for peer in peers if peers.count(peer) > 1})
     if doubles:
         raise ConfigError(message=f"cluster.peers: {', '.join(doubles)} listed more than once")
     me = data.get("self") or ""
     if not isinstance(me, str):
         raise ConfigError(message=f"cluster.self: expected host:port, got {me!r}")
-    if peers and me not in peers:
+    if service:
+        # Its address is matched against the name's at each resolution.
+        _peer(me, "cluster.self")
+        if me.rpartition(":")[2] != service.rpartition(":")[2]:
+            raise ConfigError(message=f"cluster.self: {me!r} is not on the port of "
+                              f"cluster.peers ({service})")
+    elif peers and me not in peers:
         raise ConfigError(message=f"cluster.self: {me!r} is not one of cluster.peers")
-    if me and not peers:
+    if me and not (peers or service):
         raise ConfigError(message="cluster.self is set but cluster.peers is empty")
     keep_local = data.get("keep_local", True)
     if not isinstance(keep_local, bool):
         raise ConfigError(message=f"cluster.keep_local: expected true or false, got {keep_local!r}")
-    return Cluster(tuple(peers), me, keep_local)
+    max_fails = data.get("max_fails", 1)
+    if isinstance(max_fails, bool) or not isinstance(max_fails, int) or max_fails < 0:
+        raise ConfigError(message=f"cluster.max_fails: expected a whole number >= 0, "
+                          f"got {max_fails!r}")
+    defaults = {"resolve_interval": 30, "fail_timeout": 10, "connect_timeout": 3,
+                "read_timeout": 0}
+    given = {**defaults, **{k: data[k] for k in defaults if k in data}}
+    return Cluster(
+        tuple(peers), me, keep_local, service,
+        resolve_interval=_seconds(given, "cluster.resolve_interval"),
+        max_fails=max_fails,
+        fail_timeout=_seconds(given, "cluster.fail_timeout"),
+        connect_timeout=_seconds(given, "cluster.connect_timeout"),
+        read_timeout=_seconds(given, "cluster.read_timeout", allow_zero=True),
+    )
 
 
 def _loopback_address(data: Mapping[str, Any], key: str) -> LoopbackAddress:

@@ -28,7 +28,8 @@ class Metrics:
     """One registry per instance, so tests can run several side by side."""
 
     __slots__ = (
-        "bytes_fetched", "bytes_served", "cache_bytes", "coalesced", "dummy_tokens",
+        "bytes_fetched", "bytes_served", "cache_bytes", "cluster_changes", "cluster_members",
+        "coalesced", "dummy_tokens",
         "evictions", "hits", "mirror_auth_denied", "misses", "peer_errors", "peer_failovers",
         "peer_requests",
         "private_checks", "private_denied",
@@ -124,6 +125,16 @@ class Metrics:
             "crproxy_peer_errors", "Peers' answers refused (reason: digest, truncated, "
             "status, unreachable); the upstream was asked instead", ["peer", "reason"],
             registry=r,
+        )
+        # The ring's members (cluster.peers, or a DNS name's addresses now),
+        # and how often a DNS name's answer changed the ring (a reload each).
+        self.cluster_members = Gauge(
+            "crproxy_cluster_members", "Nodes on the cluster's ring, this one included",
+            registry=r,
+        )
+        self.cluster_changes = Counter(
+            "crproxy_cluster_changes", "Times the ring was rendered again because "
+            "cluster.peers' DNS name resolved to other addresses", registry=r,
         )
         self.evictions = Counter("crproxy_evictions", "Images evicted for space", registry=r)
         self.cache_bytes = Gauge("crproxy_cache_bytes", "Bytes in the digest store", registry=r)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import math
 import os
 import re
 import shutil
@@ -323,6 +324,7 @@ map "$ssl_client_verify|$ssl_client_s_dn" $cr_cert_user {{
 # Never a secret; in the access log (user=).
 map "$cr_mode|$cr_cert_user|$cr_basic_user" $cr_user {{
     "mirror||" "";
+    "proxy||" "";
     "~^mirror\\|(?<cr_u>[^|]+)\\|" $cr_u;
     "~^mirror\\|\\|(?<cr_u>.+)$" $cr_u;
     default "";
@@ -448,19 +450,9 @@ def json_error(code: str, message: str) -> str:
     return json.dumps({"errors": [{"code": code, "message": message}]}, separators=(",", ":"))
 
 
-# A peer whose connect or answer failed this many times is skipped for
-# PEER_FAIL_TIMEOUT seconds (nginx's failure accounting), its keys going to
-# the next node on the ring.
-PEER_MAX_FAILS = 1
-PEER_FAIL_TIMEOUT = 10
-
-
-def peer_read_timeout(config: Config) -> int:
-    """Seconds a peer may stay silent: the owner waits for a free upstream
-    connection (timeouts.pool), connects and reads its upstream under the
-    same settings as this node (every node should share them)."""
-    timeouts = config.timeouts
-    return int(timeouts.pool + timeouts.connect + timeouts.read) + 1
+def _ms(seconds: float) -> str:
+    """A time for nginx, to the millisecond (cluster.* may be fractions)."""
+    return f"{max(1, round(seconds * 1000))}ms"
 
 
 def peer_addresses(peer: str) -> list[str]:
@@ -488,15 +480,17 @@ map $http_x_cr_peer $cr_peer_self { default 0; }
 """
     addresses = sorted({a for peer in cluster.peers for a in peer_addresses(peer)})
     geo = "\n".join(f"    {address} 1;" for address in addresses)
+    # nginx takes fail_timeout in whole seconds only.
+    fail_timeout = f"{max(1, math.ceil(cluster.fail_timeout))}s"
     servers = "\n".join(
         # This node never skips itself: a node that did could send a key
         # round a circle of nodes each thinking the next one owns it.
         f"    server {peer} max_fails=0;" if peer == cluster.me else
-        f"    server {peer} max_fails={PEER_MAX_FAILS} fail_timeout={PEER_FAIL_TIMEOUT}s;"
+        f"    server {peer} max_fails={cluster.max_fails} fail_timeout={fail_timeout};"
         for peer in cluster.peers
     )
-    connect = max(1, int(config.timeouts.connect))
-    read = peer_read_timeout(config)
+    connect = _ms(cluster.connect_timeout)
+    read = _ms(config.peer_read_timeout)
     return header + f"""# X-CR-Peer (the asking node's cluster.self) marks a request from a
 # peer: its miss is filled from the upstream, never sent on to another peer
 # (no loops). Anyone else's copy of the header is dropped.
@@ -515,8 +509,8 @@ map $cr_peer $cr_peer_self {{
     default 0;
 }}
 # The ring: every peer, each digest owned by one (ketama over the entries as
-# written); an owner that fails is skipped for {PEER_FAIL_TIMEOUT}s and the next on the
-# ring takes its keys.
+# written); an owner that fails cluster.max_fails times is skipped for
+# {fail_timeout} and the next on the ring takes its keys.
 upstream cr_peers {{
     # Failures counted once for all workers, not per worker.
     zone cr_peers 256k;
@@ -534,10 +528,10 @@ server {{
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_next_upstream error timeout http_502 http_503 http_504;
-        proxy_connect_timeout {connect}s;
+        proxy_connect_timeout {connect};
         # An owner silent longer than its own upstream may keep it waiting
         # is hung: skipped, the next on the ring asked.
-        proxy_read_timeout {read}s;
+        proxy_read_timeout {read};
         proxy_buffering off;
         proxy_buffer_size 1m;
         proxy_buffers 4 1m;
@@ -745,9 +739,23 @@ def render(
     shutil.copyfile(TEMPLATE_DIR / "cr.js", run / "cr.js")
     for name, server in LOCATION_FILES.items():
         (run / name).write_text(locations(server, config.cache_dir))
-    (run / "mirror-maps.conf").write_text(mirror_maps(config) + mirror_auth_maps(config))
-    (run / "cluster.conf").write_text(cluster_conf(config))
+    render_cluster(config)
     return run / "nginx.conf"
+
+
+def render_cluster(config: Config) -> None:
+    """The files that follow the cluster's members: the ring (cluster.conf)
+    and the mirror's clients, which include every peer (mirror-maps.conf).
+    serve rewrites them and reloads nginx when a DNS name's addresses
+    change (upstream/members.py)."""
+    run = config.run_dir
+    for name, text in (("mirror-maps.conf", mirror_maps(config) + mirror_auth_maps(config)),
+                       ("cluster.conf", cluster_conf(config))):
+        # Renamed into place: a reload asked meanwhile for another reason
+        # (a host's server) reads the old file or the new, never half of one.
+        partial = run / f".{name}.new"
+        partial.write_text(text)
+        partial.replace(run / name)
 
 
 def locations(server: ServerLocations, cache_dir: Path) -> str:

@@ -35,12 +35,13 @@ from cr_proxy.edge.resolve import resolve
 from cr_proxy.front import certs
 from cr_proxy.front.server import Front
 from cr_proxy.front.stamp import FrontStamp
-from cr_proxy.metrics import Metrics
+from cr_proxy.metrics import Metrics, StatusExtra
 from cr_proxy.metrics import make_app as metrics_app
 from cr_proxy.ops import logs, usage
 from cr_proxy.ops.pin_warm import warm_pins
 from cr_proxy.ops.refresh import refresh_loop
 from cr_proxy.ops.status import ImageStatus
+from cr_proxy.upstream import members
 
 log = logging.getLogger("cr_proxy.serve")
 
@@ -141,6 +142,8 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
     """Run until signalled (exit 0) or until nginx dies (exit 1)."""
     _name_process()
     config = nginx.with_front_port(config)
+    # cluster.peers as a DNS name: the ring's members, followed while serving.
+    config, found = members.first(config)
     store = Store(config.cache_dir)
     store.prepare()
     # Before nginx: a hit replays the stored headers unchecked (cache/scrub.py).
@@ -179,8 +182,9 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
         _warn_if_backlog_capped()
         # nginx's workers connect to it, maybe as another user (nginx.user).
         privsep.share_socket(config.socket_path, workers)
+        ring = Ring(config, found, metrics)
         if config.listen.metrics.enabled:
-            await _start_metrics(stack, config, metrics)
+            await _start_metrics(stack, config, metrics, ring.rows)
 
         # Left by a crash of an earlier run: nginx would not bind over them.
         for stale in nginx.unix_listeners(config):
@@ -194,9 +198,10 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
         if not await _listening(config, proc):
             say(f"cr-proxy: nginx exited with status {proc.returncode} before listening")
             return 1
+        reloader = Reloader(proc)
         if config.listen.proxy.enabled:
             front = Front(config, leaves, stamp)
-            servers = HostServers(config, proc, leaves.remove)
+            servers = HostServers(config, reloader, leaves.remove)
             front.on_host = servers.saw
             leaves.on_drop = servers.drop
             # nginx makes its unix listeners 0666; only the front uses this one.
@@ -224,6 +229,8 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             # cached paths (edge/resolve.py), so offline from the cache.
             edge = MqttEdge(config.mqtt, functools.partial(resolve, fetcher))
             tasks.append(asyncio.create_task(edge.run()))
+        if found is not None:
+            tasks.append(asyncio.create_task(ring.follow(reloader)))
         if config.cache.max_size:
             wake = asyncio.Event()
             fetcher.ctx.fill.on_full = wake.set
@@ -258,18 +265,16 @@ class HostServers:
     has reloaded without its server: a reload still reading the old servers
     would fail on a missing leaf and keep the old configuration."""
 
-    __slots__ = ("_config", "_done", "_dropped", "_pending", "_proc", "_remove", "_stale",
+    __slots__ = ("_config", "_done", "_dropped", "_pending", "_reloader", "_remove", "_stale",
                  "_task")
 
     RELOAD_DELAY = 0.2  # seconds: hosts first seen within it share a reload
-    RELOAD_WAIT = 30.0  # seconds a reload may take to start new workers (4.4 s at 1,000 servers)
-    RELOAD_POLL = 0.05
 
     def __init__(
-        self, config: Config, proc: asyncio.subprocess.Process, remove: Callable[[str], None]
+        self, config: Config, reloader: Reloader, remove: Callable[[str], None]
     ) -> None:
         self._config = config
-        self._proc = proc
+        self._reloader = reloader
         self._remove = remove  # deletes a dropped host's leaf
         self._done = {p.stem for p in (config.run_dir / "hosts").glob("*.conf")}
         self._pending: set[str] = set()
@@ -310,9 +315,9 @@ class HostServers:
                 for host in hosts:
                     nginx.write_host_server(self._config, host)
                 self._done.update(hosts)
-                if (hosts or self._stale) and self._proc.returncode is None:
+                if hosts or self._stale:
                     self._stale = False
-                    await self._reload()
+                    await self._reloader.reload()
                     if hosts:
                         log.info("nginx reloaded: a server of its own for %s", ", ".join(hosts))
                 if dropped:
@@ -323,18 +328,96 @@ class HostServers:
         finally:
             self._task = None
 
-    async def _reload(self) -> None:
-        """SIGHUP, then wait (bounded) until nginx has read its configuration:
-        it starts new workers only after."""
-        before = nginx_children(self._proc.pid)
-        self._proc.send_signal(signal.SIGHUP)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.RELOAD_WAIT
-        while self._proc.returncode is None and loop.time() < deadline:
-            if nginx_children(self._proc.pid) - before:
+
+class Reloader:
+    """nginx's reloads, one at a time (the hosts' servers and the cluster's
+    ring both ask for them): SIGHUP, then wait (bounded) until nginx has
+    read its configuration: it starts new workers only after."""
+
+    __slots__ = ("_lock", "_proc")
+
+    RELOAD_WAIT = 30.0  # seconds a reload may take to start new workers (4.4 s at 1,000 servers)
+    RELOAD_POLL = 0.05
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self._proc = proc
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Reloader nginx {self._proc.pid}>"
+
+    async def reload(self) -> None:
+        async with self._lock:
+            if self._proc.returncode is not None:
                 return
-            await asyncio.sleep(self.RELOAD_POLL)
-        log.warning("nginx started no new workers within %.0f s of a reload", self.RELOAD_WAIT)
+            before = nginx_children(self._proc.pid)
+            self._proc.send_signal(signal.SIGHUP)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.RELOAD_WAIT
+            while self._proc.returncode is None and loop.time() < deadline:
+                if nginx_children(self._proc.pid) - before:
+                    return
+                await asyncio.sleep(self.RELOAD_POLL)
+            log.warning("nginx started no new workers within %.0f s of a reload",
+                        self.RELOAD_WAIT)
+
+
+class Ring:
+    """The cluster's members as nginx's ring has them: with cluster.peers a
+    DNS name, `follow()` resolves it every cluster.resolve_interval and,
+    when its addresses change, renders the ring again and reloads nginx
+    (nginx 1.22 resolves an upstream's names only when it loads). A name
+    that fails to resolve keeps the ring as it is: a DNS outage must not
+    shrink it. `rows()` is the status page's ring: each member's share."""
+
+    __slots__ = ("config", "members", "metrics")
+
+    def __init__(self, config: Config, found: members.Members | None, metrics: Metrics) -> None:
+        self.config = config
+        self.members = found
+        self.metrics = metrics
+        metrics.cluster_members.set(len(config.cluster.peers))
+
+    def __repr__(self) -> str:
+        return f"<Ring {len(self.config.cluster.peers)} members>"
+
+    async def follow(self, reloader: Reloader) -> None:
+        loop = asyncio.get_running_loop()
+        cluster = self.config.cluster
+        while True:
+            await asyncio.sleep(cluster.resolve_interval)
+            try:
+                found = await loop.run_in_executor(None, members.resolve, cluster)
+            except OSError as err:
+                log.warning("cluster.peers: %s did not resolve (%s); the ring stays as it is",
+                            cluster.service, err)
+                continue
+            if self.members is not None and found.peers == self.members.peers:
+                continue
+            before = set(self.config.cluster.peers)
+            self.config = members.with_members(self.config, found)
+            self.members = found
+            await loop.run_in_executor(None, nginx.render_cluster, self.config)
+            await reloader.reload()
+            self.metrics.cluster_members.set(len(found.peers))
+            self.metrics.cluster_changes.inc()
+            added, removed = sorted(set(found.peers) - before), sorted(before - set(found.peers))
+            log.info("cluster: the ring is now %s (added %s, removed %s)",
+                     ", ".join(found.peers), ", ".join(added) or "none",
+                     ", ".join(removed) or "none")
+            if not found.listed:
+                log.warning("cluster: %s does not list this node (%s) yet: the other nodes "
+                            "send it no keys", cluster.service, found.me)
+
+    async def rows(self) -> list[tuple[str, str]]:
+        """Each member's share of the keys (nginx's ketama, recomputed), when
+        no member is skipped."""
+        cluster = self.config.cluster
+        if not cluster.enabled:
+            return []
+        return [(f"ring {peer}", f"{share:.1%} of the keys"
+                 + (" (this node)" if peer == cluster.me else ""))
+                for peer, share in members.shares(cluster.peers).items()]
 
 
 def nginx_children(pid: int) -> set[int]:
@@ -392,10 +475,15 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
 
 
 async def _start_metrics(
-    stack: contextlib.AsyncExitStack, config: Config, metrics: Metrics
+    stack: contextlib.AsyncExitStack, config: Config, metrics: Metrics,
+    ring: StatusExtra,
 ) -> None:
     status = ImageStatus(config)
-    runner = web.AppRunner(metrics_app(metrics, status.rows), access_log=None,
+
+    async def rows() -> list[tuple[str, str]]:
+        return [*await ring(), *await status.rows()]
+
+    runner = web.AppRunner(metrics_app(metrics, rows), access_log=None,
                            handle_signals=False)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)

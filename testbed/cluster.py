@@ -10,7 +10,10 @@ router's cr-proxy side turned into a bridge that every node hangs on.
                       |-- node 2                 198.51.100.12
 
 Nodes reach each other over the bridge and the upstream through the
-router; nothing leaves the machine. `kill_node()` SIGKILLs everything
+router; nothing leaves the machine. `publish()` makes a name resolve to
+some nodes' addresses in every node's hosts file (written in place, read
+again at each lookup), as a Kubernetes headless Service's DNS name does
+for its pods. `kill_node()` SIGKILLs everything
 running in a node's namespace (serve, nginx, fetcher: the node is gone at
 once, as a crashed machine); `CrProxy.start()` brings it back. `owner()`
 asks a node's nginx ring which peer owns a digest (a HEAD through
@@ -48,6 +51,7 @@ class ClusterBed(RealNamesBed):
         self.node_ns = [self.cr, *(Netns(f"{tag}-n{i}") for i in range(1, nodes))]
         self.node_addresses = [CRPROXY_ADDRESS,
                                *(f"198.51.100.{10 + i}" for i in range(1, nodes))]
+        self.published: dict[str, list[int]] = {}  # name -> the nodes it resolves to
 
     def _network(self) -> None:
         super()._network()
@@ -73,9 +77,19 @@ class ClusterBed(RealNamesBed):
 
     def _names_online(self) -> None:
         super()._names_online()
-        for ns in self.node_ns[1:]:
-            for name in ("hosts", "resolv.conf"):
-                ns.write_etc(name, (self.cr.etc / name).read_text())
+        hosts = (self.cr.etc / "hosts").read_text()
+        published = "".join(f"{self.node_addresses[i]} {name}\n"
+                            for name, nodes in self.published.items() for i in nodes)
+        for ns in self.node_ns:
+            ns.write_etc("hosts", hosts + published)
+            if ns is not self.cr:
+                ns.write_etc("resolv.conf", (self.cr.etc / "resolv.conf").read_text())
+
+    def publish(self, name: str, nodes: list[int]) -> None:
+        """`name` resolves to these nodes' addresses, in every node, from
+        now on (the next lookup reads the hosts files again)."""
+        self.published[name] = list(nodes)
+        self._names_online()
 
     def stop(self) -> None:
         super().stop()
@@ -84,13 +98,21 @@ class ClusterBed(RealNamesBed):
 
     # ---- the nodes
 
-    def nodes(self, workdir: Path, **settings: Any) -> list[CrProxy]:
+    def nodes(self, workdir: Path, *, dns_name: str = "", **settings: Any) -> list[CrProxy]:
         """One CrProxy per namespace (not started), all listing each other's
-        mirror_http as cluster.peers; the peers' network is a mirror client."""
+        mirror_http as cluster.peers; the peers' network is a mirror client.
+        With `dns_name`, cluster.peers is that name on one port that every
+        node's mirror_http listens on (see publish())."""
         pairs = zip(self.node_ns, self.node_addresses, strict=True)
         proxies = [self.crproxy(workdir / f"node{i}", ns=ns, address=address, **settings)
                    for i, (ns, address) in enumerate(pairs)]
-        peers = [proxy.http for proxy in proxies]
+        peers: list[str] | str = [proxy.http for proxy in proxies]
+        if dns_name:
+            port = proxies[0].http_port
+            for proxy in proxies:  # each in a namespace of its own: the port is free
+                proxy.http_port = port
+                proxy.config["listen"]["mirror_http"] = proxy.http
+            peers = f"{dns_name}:{port}"
         for proxy in proxies:
             proxy.config["cluster"] = {"peers": peers, "self": proxy.http}
             proxy.config["mirror_allow_clients"] = [*proxy.config["mirror_allow_clients"],
@@ -122,16 +144,31 @@ class ClusterBed(RealNamesBed):
 
     def get(self, proxy: CrProxy, path: str) -> tuple[int, bytes]:
         """GET from the clients' namespace; a body cut short raises."""
-        def fetch() -> tuple[int, bytes]:
+        status, _, body = self.request(proxy, path)
+        return status, body
+
+    def request(self, proxy: CrProxy, path: str, method: str = "GET"
+                ) -> tuple[int, dict[str, str], bytes]:
+        """One request from the clients' namespace: status, headers, body."""
+        def fetch() -> tuple[int, dict[str, str], bytes]:
             connection = http.client.HTTPConnection(proxy.address, proxy.http_port, timeout=30)
             try:
-                connection.request("GET", path)
+                connection.request(method, path)
                 response = connection.getresponse()
-                return response.status, response.read()
+                return response.status, dict(response.getheaders()), response.read()
             finally:
                 connection.close()
 
         return in_netns(self.cl.name, fetch)
+
+    def upstream_requests(self, digest: str) -> int:
+        """Every request of the upstream's (registry and CDN, any method and
+        status) that names this digest, from their access logs."""
+        hexdigest = digest.split(":", 1)[1]
+        logs = [self.storage_root.parent / "registry.log",
+                self.dir / "upstream" / "cdn" / "access.log"]
+        return sum(log.read_text(errors="replace").count(hexdigest)
+                   for log in logs if log.exists())
 
     @staticmethod
     def owner(proxy: CrProxy, registry: str, repo: str, digest: str) -> str:

@@ -39,22 +39,18 @@ back to the real Docker Hub fails on the spot instead of reaching it.
 from __future__ import annotations
 
 import atexit
-import datetime as dt
 import itertools
 import json
 import os
 import ssl
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cr_proxy.front.certs import CertPair as Leaf
+from cr_proxy.front.certs import ensure_ca, issue_leaf
 from testbed.crproxy import CrProxy, clean_env
 from testbed.lifecycle import Started
 from testbed.netns import Netns, listening_socket, veth, wait_listening
@@ -82,56 +78,19 @@ _beds = itertools.count()
 # --------------------------------------------------------------------------- certificates
 
 
-@dataclass(frozen=True)
-class Leaf:
-    cert: Path
-    key: Path
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
 class TestRoot:
-    """A root CA of the bed's own (EC P-256, like cr-proxy's CA) and leaves
-    it signs for host names, as a public CA would for Docker Hub."""
+    """A root CA of the bed's own and leaves it signs for host names, as a
+    public CA would for Docker Hub: made by cr-proxy's own certificate code
+    (cr_proxy/front/certs.py), in a directory of its own, so it is another
+    root than the CA of the cr-proxy under test."""
 
     __test__ = False  # not a pytest class
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
-        self._cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name("cr-proxy test bed root CA"))
-            .issuer_name(_name("cr-proxy test bed root CA"))
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True,
-                    content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()),
-                           critical=False)
-            .sign(self._key, hashes.SHA256())
-        )
-        self.pem = self._cert.public_bytes(serialization.Encoding.PEM)
-        self.cert = self.dir / "root.crt"
-        self.cert.write_bytes(self.pem)
+        self._ca = ensure_ca(directory)
+        self.cert = self._ca.cert
+        self.pem = self.cert.read_bytes()
         # What an operator hands cr-proxy in SSL_CERT_FILE: the system's
         # roots and this one.
         self.bundle = self.dir / "bundle.crt"
@@ -139,29 +98,8 @@ class TestRoot:
         self.bundle.write_bytes(system + self.pem)
 
     def leaf(self, host: str) -> Leaf:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(host))
-            .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                self._key.public_key()), critical=False)
-            .sign(self._key, hashes.SHA256())
-        )
-        leaf = Leaf(self.dir / f"{host}.crt", self.dir / f"{host}.key")
-        leaf.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        leaf.key.write_bytes(_pem_key(key))
-        leaf.key.chmod(0o600)
-        return leaf
+        return issue_leaf(self._ca, [host], Leaf(self.dir / f"{host}.crt",
+                                                 self.dir / f"{host}.key"))
 
 
 # --------------------------------------------------------------------------- the bed

@@ -834,6 +834,20 @@ class Upstream(Started):
         self._cdn = None
 
     @contextmanager
+    def stopped(self) -> Iterator[None]:
+        """Registry, token server and CDN all stopped for the block (every
+        connect refused: the upstream is gone), started again after it."""
+        self.stop_registry()
+        self.stop_auth()
+        self.stop_cdn()
+        try:
+            yield
+        finally:
+            self.start_registry()
+            self.start_auth()
+            self.start_cdn()
+
+    @contextmanager
     def cdn_paused(self) -> Iterator[None]:
         """The CDN's worker stopped (SIGSTOP) for the block: a download under
         way holds still, mid-body, until the block ends (SIGCONT), so a test

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
@@ -186,6 +187,19 @@ def podman(workdir: Path, proxy_url: str | None, cert_dir: Path, *args: str,
     if args and args[0] == "pull":
         command = [*base, "pull", "--cert-dir", str(cert_dir), *args[1:]]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def podman_cleanup(workdir: Path, run: Callable[..., subprocess.CompletedProcess[str]],
+                   tool: str = "podman") -> None:
+    """After podman()/buildah commands in workdir: their storage reset and
+    every file gone, the short runroot outside workdir included. `run`
+    runs one command as the test did (its proxy, netns, registries.conf)."""
+    if tool == "podman":
+        run("system", "reset", "--force")
+    runroot = workdir / "runroot"
+    if runroot.is_symlink():
+        shutil.rmtree(os.readlink(runroot), ignore_errors=True)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _empty_registries_conf(workdir: Path) -> Path:

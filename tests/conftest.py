@@ -95,15 +95,8 @@ def proxy(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def upstream_down(upstream: Upstream) -> Iterator[Upstream]:
     """The upstream's registry, token server and CDN all stopped for one
     test, and started again after it."""
-    upstream.stop_registry()
-    upstream.stop_auth()
-    upstream.stop_cdn()
-    try:
+    with upstream.stopped():
         yield upstream
-    finally:
-        upstream.start_registry()
-        upstream.start_auth()
-        upstream.start_cdn()
 
 
 @dataclass

@@ -534,7 +534,38 @@ def test_cluster_peers_and_self_are_read_as_written(tmp_path: Path) -> None:
     assert (cluster.me, cluster.keep_local, cluster.enabled) == ("node-b.lan:5000", False, True)
 
 
+def test_cluster_peers_as_one_dns_name(tmp_path: Path) -> None:
+    """A headless Service: one name:port, resolved by serve; self is this
+    node's address (or name) on that port."""
+    path = write_config(tmp_path, {"cluster": {
+        "peers": "cr-proxy-peers.default.svc:5000", "self": "10.1.2.3:5000",
+        "resolve_interval": 5}})
+    cluster = load(path, environ={}).cluster
+    assert (cluster.service, cluster.peers, cluster.me) == (
+        "cr-proxy-peers.default.svc:5000", (), "10.1.2.3:5000")
+    assert (cluster.enabled, cluster.resolve_interval) == (True, 5.0)
+
+
+def test_the_rings_failure_settings(tmp_path: Path) -> None:
+    cluster = load(None, environ={}).cluster
+    assert (cluster.max_fails, cluster.fail_timeout, cluster.connect_timeout,
+            cluster.read_timeout) == (1, 10.0, 3.0, 0.0)
+    assert load(None, environ={}).peer_read_timeout == 60 + 3 + 30 + 1  # from timeouts.*
+    path = write_config(tmp_path, {"cluster": {"max_fails": 0, "read_timeout": 2.5}})
+    conf = load(path, environ={})
+    assert (conf.cluster.max_fails, conf.peer_read_timeout) == (0, 2.5)
+
+
 @pytest.mark.parametrize(("cluster", "message"), [
+    ({"peers": "peers.lan", "self": "10.0.0.1:5000"}, r"cluster\.peers: 'peers\.lan' is not"),
+    ({"peers": "peers.lan:5000", "self": "10.0.0.1:6000"},
+     r"cluster\.self: '10\.0\.0\.1:6000' is not on the port of cluster\.peers"),
+    ({"peers": "peers.lan:5000", "self": ""}, r"cluster\.self: '' is not host:port"),
+    ({"resolve_interval": 0}, r"cluster\.resolve_interval: must be > 0"),
+    ({"max_fails": -1}, r"cluster\.max_fails: expected a whole number >= 0"),
+    ({"fail_timeout": "10s"}, r"cluster\.fail_timeout: expected a number of seconds"),
+    ({"connect_timeout": 0}, r"cluster\.connect_timeout: must be > 0"),
+    ({"read_timeout": -1}, r"cluster\.read_timeout: must be >= 0"),
     ({"peers": ["10.0.0.1:5000", "10.0.0.1:5000"], "self": "10.0.0.1:5000"},
      r"cluster\.peers: 10\.0\.0\.1:5000 listed more than once"),
     ({"peers": ["10.0.0.1:5000", "10.0.0.2:5000"], "self": "10.0.0.3:5000"},

@@ -439,11 +439,16 @@ def only_container(kind: str, name: str) -> dict:
     return container
 
 
+def pod_ip(ordinal: int) -> str:
+    """The address the kubelet would give pod <ordinal> (a pod network)."""
+    return f"10.244.{ordinal}.7"
+
+
 def statefulset_pod_env(ordinal: int) -> dict[str, str]:
     """The CR_PROXY_* environment of pod <ordinal>, $(VAR) expanded as the
     kubelet does (metadata.name is <statefulset>-<ordinal>)."""
     name = f"{kube('StatefulSet', 'cr-proxy')['metadata']['name']}-{ordinal}"
-    fields = {"metadata.name": name}
+    fields = {"metadata.name": name, "status.podIP": pod_ip(ordinal)}
     env: dict[str, str] = {}
     for item in only_container("StatefulSet", "cr-proxy")["env"]:
         if "valueFrom" in item:
@@ -498,14 +503,14 @@ def test_kubernetes_configuration_is_valid_for_every_pod(tmp_path: Path) -> None
     assert replicas >= 2
     data = yaml.safe_load(kube("ConfigMap", "cr-proxy")["data"]["cr-proxy.yml"])
     port = example_config().listen.mirror_http.port
-    # Every pod by its stable name under the headless Service, self once.
-    names = [f"cr-proxy-{i}.{HEADLESS}:{port}" for i in range(replicas)]
-    assert data["cluster"]["peers"] == names
+    # Every pod through the headless Service's one name (its addresses are
+    # the ring), each pod on it by its own address.
+    assert data["cluster"]["peers"] == f"{HEADLESS}:{port}"
     for ordinal in range(replicas):
-        assert statefulset_pod_env(ordinal)["CR_PROXY_CLUSTER__SELF"] == names[ordinal]
         conf = kube_config(tmp_path, ordinal)
         assert conf.listen.mirror_http.port == port
-        assert conf.cluster.me == names[ordinal]
+        assert conf.cluster.service == f"{HEADLESS}:{port}"
+        assert conf.cluster.me == f"{pod_ip(ordinal)}:{port}"
     # Eviction bounds the cache below its volume's size.
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     volume = config.parse_size(claim["spec"]["resources"]["requests"]["storage"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cr_proxy.upstream import members
 from testbed.cluster import ClusterBed
 from testbed.crproxy import CrProxy, layout_blobs
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
@@ -28,7 +29,7 @@ from tests.test_e2e_mirror import expected_digests
 
 REGISTRY = "docker.io"
 DOMAIN = "registry-1.docker.io"
-REJOIN_TIMEOUT = 60.0  # > the ring's fail_timeout (nginx.PEER_FAIL_TIMEOUT)
+REJOIN_TIMEOUT = 60.0  # > the ring's fail_timeout (cluster.fail_timeout, 10 s)
 
 
 @dataclass
@@ -125,6 +126,15 @@ def test_pulls_through_every_node_cost_one_upstream_get_per_blob(
     page = cluster.net.metrics(0, cluster.nodes[0], "/")
     for peer in set(owners.values()) - {cluster.nodes[0].http}:
         assert f"<th>peer {peer}</th><td>owned " in page, page
+    # And the ring itself: each node's share of the keys, nginx's ketama,
+    # which picked exactly these owners.
+    peers = [node.http for node in cluster.nodes]
+    assert owners == {key: members.owner(peers, f"{DOMAIN}/library/app:v1" if key == "tag"
+                                         else key) for key in owners}
+    for peer, share in members.shares(peers).items():
+        mine = " (this node)" if peer == cluster.nodes[0].http else ""
+        assert f"<th>ring {peer}</th><td>{share:.1%} of the keys{mine}</td>" in page, page
+    assert f"crproxy_cluster_members {len(peers)}.0" in cluster.net.metrics(0, cluster.nodes[0])
 
 
 def test_a_tag_is_fetched_and_revalidated_by_its_owner_only(
@@ -164,6 +174,33 @@ def test_a_manifest_by_digest_comes_from_its_owner(cluster: Cluster) -> None:
         assert status == 200, n
         assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
     assert cluster.net.registry_gets(f"/v2/library/man/manifests/{digest}") == 1
+
+
+def test_a_blob_head_on_a_non_owner_is_answered_by_the_owner(cluster: Cluster) -> None:
+    """A HEAD of a blob a node has not stored goes to the blob's owner, which
+    has it: answered with its size, counted for that peer, and the upstream
+    sees no request for it (before: a HEAD to the upstream per node)."""
+    image = cluster.push("headed", layers=1)
+    digest = image.layer_digests[0]
+    owner_http = cluster.owners(0, "headed", image)[digest]
+    owner = next(n for n, node in enumerate(cluster.nodes) if node.http == owner_http)
+    asker = (owner + 1) % 3
+    wait_until(lambda: cluster.net.owner(cluster.nodes[asker], REGISTRY, "library/headed",
+                                         digest) == owner_http,
+               REJOIN_TIMEOUT, "the asker's ring sending the digest to its owner")
+    path = f"/v2/{REGISTRY}/library/headed/blobs/{digest}"
+    status, body = cluster.net.get(cluster.nodes[owner], path)
+    assert status == 200
+    cluster.nodes[owner].wait_committed(DOMAIN, "library/headed", digest)
+    upstream = cluster.net.upstream_requests(digest)
+    asked = cluster.counter(asker, "crproxy_peer_requests", peer=owner_http)
+    status, headers, _ = cluster.net.request(cluster.nodes[asker], path, "HEAD")
+    assert status == 200
+    assert headers["Content-Length"] == str(len(body))
+    assert headers["Docker-Content-Digest"] == digest
+    assert cluster.counter(asker, "crproxy_peer_requests", peer=owner_http) == asked + 1
+    assert cluster.net.upstream_requests(digest) == upstream
+    assert not (cluster.nodes[asker].cache / "blobs/sha256" / digest.split(":", 1)[1]).exists()
 
 
 def test_a_node_killed_mid_test_leaves_its_keys_to_the_next_and_rejoins(

@@ -12,7 +12,6 @@ this matrix written out. skopeo (both modes) is in test_e2e_realnames.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from testbed.crproxy import clean_env
-from tests.clients import Containerd, Dockerd, podman
+from tests.clients import Containerd, Dockerd, podman, podman_cleanup
 from tests.conftest import Bed
 from tests.test_e2e_realnames import IMAGE, NEVER, REASON, outage, trust_dir
 
@@ -254,12 +253,7 @@ def libpod_round_trip(bed: Bed, tmp_path: Path, tool: str, *, proxy: bool) -> tu
                     assert never.returncode != 0
                     return refused.stderr, never.stderr
     finally:
-        if tool == "podman":
-            run("system", "reset", "--force")
-        runroot = work / "runroot"
-        if runroot.is_symlink():
-            shutil.rmtree(os.readlink(runroot), ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        podman_cleanup(work, run, tool)
     raise AssertionError("unreachable")
 
 

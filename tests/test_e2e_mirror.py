@@ -207,10 +207,7 @@ def test_offline_pull_by_tag_and_digest_gives_identical_bytes(
     multi = f"{own_proxy.http}/registry.test/multi:latest"
     assert skopeo_pull(multi, tmp_path / "online-multi", all_platforms=True).returncode == 0
 
-    upstream.stop_registry()
-    upstream.stop_auth()
-    upstream.stop_cdn()
-    try:
+    with upstream.stopped():
         # Make every cached tag stale, so the fetcher must try the upstream,
         # fail, and serve the stale copy.
         for digest_file in (own_proxy.cache / "docker-content-digest").rglob("*"):
@@ -232,10 +229,6 @@ def test_offline_pull_by_tag_and_digest_gives_identical_bytes(
         error = json.loads(body)["errors"][0]
         assert error == {"code": "MANIFEST_UNKNOWN", "message": (
             "never:v1 is not in the cache, and registry.test is unreachable")}
-    finally:
-        upstream.start_registry()
-        upstream.start_auth()
-        upstream.start_cdn()
 
 
 def test_stale_tag_is_revalidated_and_follows_upstream(

@@ -146,10 +146,7 @@ def test_bad_requests_get_error_answers_and_serve_lives_on(site: Site) -> None:
 
 def test_modules_are_delivered_from_the_cache_offline(site: Site) -> None:
     up = site.upstream
-    up.stop_registry()
-    up.stop_auth()
-    up.stop_cdn()
-    try:
+    with up.stopped():
         run(fetch_both(site, drop=frozenset({0})))
 
         async def uncached() -> None:
@@ -158,10 +155,6 @@ def test_modules_are_delivered_from_the_cache_offline(site: Site) -> None:
                     await dev.fetch("registry.test/wasm/never:v1", DEADLINE)
 
         run(uncached())
-    finally:
-        up.start_registry()
-        up.start_auth()
-        up.start_cdn()
 
 
 def test_a_request_sent_as_the_broker_comes_back_is_answered(site: Site) -> None:

@@ -1,7 +1,7 @@
 """Private content in https_proxy mode (issue 14), end to end: the real
 distribution upstream whose token server lets `testuser` pull
 `private/app` and no one else (anonymous and `other` get tokens that grant
-nothing, so the registry answers 401), skopeo and curl through the CONNECT
+nothing, so the registry answers 401), skopeo, podman and curl through the CONNECT
 front of a real `cr-proxy serve`.
 
 A repository the upstream refuses without a credential is marked private
@@ -23,6 +23,7 @@ from testbed.crproxy import CrProxy, layout_blobs
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
 from testbed.ports import free_ports
 from testbed.registry import Upstream, make_jwt
+from tests.clients import podman, podman_cleanup
 from tests.conftest import proxy_endpoints
 from tests.faulty import wait_until
 from tests.test_e2e_inventory import cr_proxy_json
@@ -77,7 +78,8 @@ def curl(cr: CrProxy, path: str, authorization: str | None, tmp: Path,
          head: bool = False) -> tuple[int, bytes]:
     """One request through the https_proxy with this Authorization as sent."""
     out = tmp / "curl.out"
-    args = ["curl", "-s", "-o", str(out), "-w", "%{http_code}", "--cacert",
+    args = ["curl", "-s", "-o", str(out), "-D", str(tmp / "curl.headers"), "-w", "%{http_code}",
+            "--cacert",
             str(cr.ca_cert), "--proxy", f"http://127.0.0.1:{cr.proxy_port}",
             "-H", "Accept: application/vnd.oci.image.manifest.v1+json"]
     if authorization is not None:
@@ -122,6 +124,8 @@ def test_only_entitled_credentials_pull_private_content_hit_or_miss(
     assert result.returncode == 0, result.stderr
     assert layout_blobs(tmp_path / "a2") == layout_blobs(tmp_path / "a1")
     assert up.cdn_blob_gets_settled(layer) == before == 1
+    # Never named under its CDN path, which names no repository to check.
+    assert not list((cr.cache / "content" / up.cdn_name).rglob(layer.split(":")[1]))
     # Public content of the same registry: anyone, and never marked.
     result = pull(cr, "public/app:v1", tmp_path / "p1")
     assert result.returncode == 0, result.stderr
@@ -132,6 +136,29 @@ def test_only_entitled_credentials_pull_private_content_hit_or_miss(
     metrics = scrape(cr)
     assert metrics[("crproxy_private_denied_total", (("reason", "refused_upstream"),))] >= 2
     assert metrics[("crproxy_private_checks_total", (("how", "upstream"),))] >= 1
+
+
+def test_podman_pulls_private_content_only_with_an_entitled_credential(
+    bed: Bed, cr: CrProxy, tmp_path: Path
+) -> None:
+    work, image = tmp_path / "podman", f"{REGISTRY}/private/app:v1"
+    trust = ca_dir(cr, tmp_path)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return podman(work, f"http://127.0.0.1:{cr.proxy_port}", trust, *args)
+
+    try:
+        pulled = run("pull", "--creds", f"testuser:{USERS['testuser']}", image)
+        assert pulled.returncode == 0, pulled.stderr
+        image_id = run("image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
+        assert f"sha256:{image_id}" == bed.v1.config_digest
+        assert run("rmi", image).returncode == 0
+        for creds in ((), ("--creds", f"other:{USERS['other']}")):
+            refused_pull = run("pull", *creds, image)
+            assert refused_pull.returncode != 0
+            assert "unauthorized" in refused_pull.stderr.lower(), refused_pull.stderr
+    finally:
+        podman_cleanup(work, run)
 
 
 def test_hostile_credentials_are_refused_and_nothing_private_is_served(
@@ -161,6 +188,14 @@ def test_hostile_credentials_are_refused_and_nothing_private_is_served(
             status, body = curl(cr, path, authorization, tmp_path)
             assert status == 401, (what, path, status, body[:200])
             assert b"UNAUTHORIZED" in body and b"private one" not in body, what
+    # The tag list is private too; a refusal carries the registry's challenge.
+    tags = "/v2/private/app/tags/list"
+    assert curl(cr, tags, good, tmp_path)[0] == 200
+    status, body = curl(cr, tags, None, tmp_path)
+    assert status == 401 and b"v1" not in body
+    challenge = (tmp_path / "curl.headers").read_text().lower()
+    assert 'www-authenticate: bearer realm="http://auth.test/token"' in challenge, challenge
+    assert 'scope="repository:private/app:pull"' in challenge, challenge
     # A credential in the query string is no credential.
     status, _ = curl(cr, f"{manifest}?access_token={good.split()[1]}", None, tmp_path)
     assert status == 401
@@ -196,17 +231,10 @@ def test_offline_the_policy_decides(bed: Bed, tmp_path: Path, policy: str) -> No
     with bed.proxy(f"offline-{policy}", private={"offline": policy}) as cr:
         result = pull(cr, "private/app:v1", tmp_path / "online", "testuser")
         assert result.returncode == 0, result.stderr
-        up.stop_registry()
-        up.stop_auth()
-        up.stop_cdn()
-        try:
+        with up.stopped():
             entitled = pull(cr, "private/app:v1", tmp_path / "a", "testuser")
             anonymous = pull(cr, "private/app:v1", tmp_path / "b")
             other = pull(cr, "private/app:v1", tmp_path / "c", "other")
-        finally:
-            up.start_registry()
-            up.start_auth()
-            up.start_cdn()
     outcome = (entitled.returncode == 0, anonymous.returncode == 0, other.returncode == 0)
     # verified: only the credential the upstream said yes to (its dummy
     # token, asked for with it, stands for it); deny: no one; allow: any

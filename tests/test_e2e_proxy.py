@@ -83,10 +83,7 @@ def test_pull_through_https_proxy_then_offline(
     assert (cache / "www-authenticate/registry.test/v2/_index").is_file()
     assert (cache / "content/registry.test/v2/small/manifests/v1").is_file()
 
-    upstream.stop_registry()
-    upstream.stop_auth()
-    upstream.stop_cdn()
-    try:
+    with upstream.stopped():
         for digest_file in (cache / "docker-content-digest").rglob("*"):
             if digest_file.is_file():
                 os.utime(digest_file, (1, 1))  # stale: the fetcher must fall back
@@ -99,10 +96,6 @@ def test_pull_through_https_proxy_then_offline(
         assert result.returncode != 0
         assert ("manifest unknown: never:v1 is not in the cache, and registry.test is "
                 "unreachable") in result.stderr, result.stderr
-    finally:
-        upstream.start_registry()
-        upstream.start_auth()
-        upstream.start_cdn()
 
 
 def test_big_layer_through_the_front_miss_then_hit(

@@ -97,10 +97,7 @@ def test_an_outage_warns_once_per_registry_and_counts_stale_answers(
                            tmp_path / "online").returncode == 0
         assert [line for line in proxy.output if WARNING.search(line)] == []
 
-        upstream.stop_registry()
-        upstream.stop_auth()
-        upstream.stop_cdn()
-        try:
+        with upstream.stopped():
             offline = skopeo_pull(f"{proxy.http}/registry.test/small:v1", tmp_path / "offline")
             assert offline.returncode == 0, offline.stderr
             assert layout_blobs(tmp_path / "offline") == layout_blobs(tmp_path / "online")
@@ -139,10 +136,6 @@ def test_an_outage_warns_once_per_registry_and_counts_stale_answers(
                 counted = [value(samples, "crproxy_stale_served_total", registry=domain)
                            for samples in (before, after)]
                 assert counted[1] - counted[0] == count, (domain, counted)
-        finally:
-            upstream.start_registry()
-            upstream.start_auth()
-            upstream.start_cdn()
 
         # A registry stays down until its background probe (every
         # timeouts.down_host) finds it answering; one line says so, and the

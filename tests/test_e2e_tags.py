@@ -58,15 +58,10 @@ def offline(cr: CrProxy, upstream: Upstream) -> Iterator[None]:
     """The registry, its token server and its CDN stopped; after, started
     again and answering through cr-proxy (whose down-host memory lasts
     timeouts.down_host: polled, bounded)."""
-    upstream.stop_registry()
-    upstream.stop_auth()
-    upstream.stop_cdn()
     try:
-        yield
+        with upstream.stopped():
+            yield
     finally:
-        upstream.start_registry()
-        upstream.start_auth()
-        upstream.start_cdn()
         probe = f"http://{cr.http}/v2/registry.test/{REPO}/manifests/never"
         wait_until(lambda: b"unreachable" not in http(probe).body, 30,
                    "cr-proxy reaching the upstream again")

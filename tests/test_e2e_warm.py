@@ -79,19 +79,12 @@ def test_warm_without_serve_then_offline_pull_of_every_platform(
     assert result.stderr.count(" fetched sha256:") == 4  # plain lines: stderr is no terminal
     assert missing(proxy, image_digests(images.multi)) == set()
 
-    upstream.stop_registry()
-    upstream.stop_auth()
-    upstream.stop_cdn()
-    try:
+    with upstream.stopped():
         with proxy:
             pulled = skopeo_pull(f"{proxy.http}/registry.test/multi:latest", tmp_path / "out",
                                  all_platforms=True)
         assert pulled.returncode == 0, pulled.stderr
         assert image_digests(images.multi) <= set(layout_blobs(tmp_path / "out"))
-    finally:
-        upstream.start_registry()
-        upstream.start_auth()
-        upstream.start_cdn()
 
 
 def test_second_warm_fetches_nothing(upstream: Upstream, images: Images, tmp_path: Path) -> None:

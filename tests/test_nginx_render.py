@@ -185,13 +185,29 @@ def test_a_cluster_renders_nginx_ring_over_the_peers(tmp_path: Path) -> None:
     text = nginx.cluster_conf(conf)
     assert "hash $http_x_cr_digest consistent;" in text
     assert "server 127.0.0.1:5001 max_fails=0;" in text
-    assert (f"server 192.0.2.7:5001 max_fails={nginx.PEER_MAX_FAILS} "
-            f"fail_timeout={nginx.PEER_FAIL_TIMEOUT}s;") in text
+    assert "server 192.0.2.7:5001 max_fails=1 fail_timeout=10s;" in text
+    assert "proxy_connect_timeout 3000ms;" in text
+    # timeouts.pool + connect + read + 1 (default.yml): what the owner's upstream may cost it.
+    assert "proxy_read_timeout 94000ms;" in text
     assert "proxy_next_upstream error timeout http_502 http_503 http_504;" in text
     assert '"127.0.0.1:5001" 1;' in text  # $cr_peer_self
     assert re.search(r"geo \$cr_from_peer \{\s*default 0;\s*127\.0\.0\.1 1;\s*192\.0\.2\.7 1;",
                      text)
     assert "    192.0.2.7 1;" in nginx.mirror_maps(conf)  # a mirror client, not listed
+
+
+def test_the_rings_failure_accounting_is_configured(tmp_path: Path) -> None:
+    """cluster.max_fails, fail_timeout, connect_timeout and read_timeout
+    become the ring's server parameters and its proxy timeouts."""
+    conf = load(tmp_path, CLUSTER__PEERS='["127.0.0.1:5001", "192.0.2.7:5001"]',
+                CLUSTER__SELF="127.0.0.1:5001", CLUSTER__MAX_FAILS="3",
+                CLUSTER__FAIL_TIMEOUT="2.5", CLUSTER__CONNECT_TIMEOUT="0.5",
+                CLUSTER__READ_TIMEOUT="7")
+    text = nginx.cluster_conf(conf)
+    assert "server 192.0.2.7:5001 max_fails=3 fail_timeout=3s;" in text
+    assert "server 127.0.0.1:5001 max_fails=0;" in text
+    assert "proxy_connect_timeout 500ms;" in text
+    assert "proxy_read_timeout 7000ms;" in text
 
 
 def test_without_peers_no_request_is_a_peers(tmp_path: Path) -> None:

@@ -208,6 +208,18 @@ class Blobs:
         raise UpstreamError(message=f"{target.domain} answered {status} for {target.rpath.ref}")
 
     async def _head(self, request: web.Request, target: Target) -> web.StreamResponse:
+        """A HEAD of a blob not stored here: in a cluster (and not a peer's
+        request) its owner's answer, so the upstream sees one HEAD per blob
+        for the whole cluster (none when the owner has it); else the
+        upstream's."""
+        headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": target.rpath.ref,
+                   **API_HEADERS}
+        peers = self.ctx.peers
+        if peers is not None and not request.headers.get("X-CR-Peer"):
+            size = await peers.head(target)
+            if size is not None:
+                return web.Response(status=200, headers={**headers,
+                                                          "Content-Length": str(size)})
         opened = await self.ctx.upstream.open("HEAD", target, client_auth=client_auth(request))
         response = opened.response
         response.release()
@@ -215,8 +227,6 @@ class Blobs:
             raise NotFound("BLOB_UNKNOWN", f"blob {target.rpath.ref} not found upstream")
         if response.status != 200:
             raise UpstreamError(message=f"{target.domain} answered {response.status}")
-        headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": target.rpath.ref,
-                   **API_HEADERS}
         if response.content_length is not None:
             headers["Content-Length"] = str(response.content_length)
         return web.Response(status=200, headers=headers)

@@ -63,10 +63,9 @@ class Peers:
                                           limit=PEER_CONNECTIONS)
         # nginx's proxy_read_timeout towards the peers decides first (it
         # then fails over); this one only bounds a hung run/peers.sock.
-        timeouts = config.timeouts
         timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=timeouts.connect,
-            sock_read=2 * (timeouts.pool + timeouts.connect + timeouts.read))
+            total=None, sock_connect=config.timeouts.connect,
+            sock_read=2 * config.peer_read_timeout + config.cluster.connect_timeout)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
                                               auto_decompress=False)
 
@@ -81,6 +80,21 @@ class Peers:
         owns it, when a peer answered this key wrongly before, or when no
         peer gave a usable answer: the caller then asks the upstream itself.
         The ring's key is ring_key()."""
+        return await self._ask("GET", target, accept)
+
+    async def head(self, target: Target) -> int | None:
+        """HEAD a blob at its owner (which answers from its cache, or asks
+        its upstream: one HEAD for the cluster): the blob's size when the
+        owner has it, None when this node owns it or no peer said 200 (the
+        caller then asks the upstream itself)."""
+        answer = await self._ask("HEAD", target)
+        if answer is None:
+            return None
+        answer.response.release()
+        return answer.response.content_length
+
+    async def _ask(self, method: str, target: Target, accept: str | None = None
+                   ) -> PeerAnswer | None:
         digest = ring_key(target)
         if digest in self._distrusted:
             return None
@@ -91,8 +105,8 @@ class Peers:
         if accept:
             headers["Accept"] = accept
         try:
-            response = await self._session.get(f"http://cr-peers{path}", headers=headers,
-                                               allow_redirects=False)
+            response = await self._session.request(method, f"http://cr-peers{path}",
+                                                   headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, TimeoutError) as err:
             log.warning("the peers' ring (run/peers.sock) failed for %s: %s", digest, err)
             self.metrics.peer_errors.labels(peer="", reason="unreachable").inc()
@@ -103,8 +117,8 @@ class Peers:
             return None
         if response.status != 200:
             response.release()
-            log.warning("peer %s answered %s for %s: asking the upstream", peer,
-                        response.status, digest)
+            log.warning("peer %s answered %s to a %s of %s: asking the upstream", peer,
+                        response.status, method, digest)
             self.metrics.peer_errors.labels(peer=peer, reason="status").inc()
             return None
         return PeerAnswer(response, peer)

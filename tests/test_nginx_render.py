@@ -329,3 +329,18 @@ def test_hostile_rules_never_reach_a_map(tmp_path: Path, users: list[str],
     rules = [{"users": users, "repositories": [repository], "allow": "pull"}]
     with pytest.raises(config_mod.ConfigError, match=r"mirror_auth\.rules\[0\]"):
         load(tmp_path, **auth_settings(tmp_path, rules))
+
+
+@needs_nginx
+def test_mirror_auth_with_a_cluster_keeps_its_maps_when_the_ring_is_rewritten(
+    tmp_path: Path
+) -> None:
+    """serve rewrites mirror-maps.conf when the cluster's members change
+    (render_cluster): mirror_auth's maps go with it; a peer's hop is
+    exempt (its client was checked on the node it came in to)."""
+    settings = {**auth_settings(tmp_path, []), **CONFIGURATIONS["cluster"]}
+    conf, path = rendered(tmp_path / "t", **settings)
+    nginx.render_cluster(conf)
+    maps = (conf.run_dir / "mirror-maps.conf").read_text()
+    assert "$cr_auth_verdict" in maps and 'map $cr_peer $cr_auth_peer' in maps
+    nginx.check(conf, path)

@@ -401,6 +401,12 @@ def mirror_auth_server(config: Config) -> str:
     denied = json_error("DENIED", "mirror_auth refuses this request ($cr_auth_reason)")
     forbidden = "|".join(reason for reason in DENY_REASONS if reason != "no_identity")
     return "\n".join(lines) + f'''
+# An internal redirect to the answers below (or to a module's file) comes
+# from a request decided already, whose verdict nginx keeps: not decided
+# again (it would refuse its own refusal). Clients cannot ask for these.
+if ($uri ~ "^/_cr/(?:unauthorized|denied-auth/|denied-body|ping|artifact/)") {{
+    break;
+}}
 # The kind first: its capture names the repository for the maps after it.
 set $cr_auth_kind_seen $cr_auth_kind;
 set $cr_private 0;
@@ -425,7 +431,15 @@ location = /_cr/unauthorized {{
     add_header X-Content-Type-Options nosniff always;
     return 401 '{unauthorized}';
 }}
+# Refused by the rules, answered after the access phase: a password is
+# checked first, so a wrong one is a 401 whatever the rules say of its user
+# (try_files runs after auth_basic; `return` would run before it).
 location ~ "^/_cr/denied-auth/(?<cr_auth_reason>[a-z_]+)$" {{
+    internal;
+    try_files /.cr-never =403;
+    error_page 403 /_cr/denied-body;
+}}
+location = /_cr/denied-body {{
     internal;
     set $cr_request_type denied-$cr_auth_reason;
     default_type application/json;

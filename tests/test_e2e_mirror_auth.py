@@ -182,10 +182,12 @@ def test_password_users_get_what_a_rule_grants_anonymous_only_public(
         result = pull(cr, "public/app:v1", tmp_path / f"public-{who}", who)
         assert pulled(result, tmp_path / f"public-{who}", image), result.stderr
     assert refused(pull(cr, "public/app:v1", tmp_path / "carol", "carol"), "denied")
-    # A wrong password is refused, public content too.
-    for image_name in ("public/app:v1", "private/app:v1"):
-        result = pull(cr, image_name, tmp_path / f"bad-{image_name[:3]}", "alice", "guess")
-        assert refused(result, "unauthorized"), result.stderr
+    # A wrong password is refused, public content too; for a user the rules
+    # refuse, still 401: the password is checked before the rules answer.
+    for user, image_name in (("alice", "public/app:v1"), ("alice", "private/app:v1"),
+                             ("bob", "private/app:v1"), ("carol", "public/app:v1")):
+        result = pull(cr, image_name, tmp_path / f"bad-{user}-{image_name[:3]}", user, "guess")
+        assert refused(result, "unauthorized"), (user, image_name, result.stderr)
     # The identity in the access log, never a password; denials by reason.
     assert cr.access_lines(f"/v2/{REGISTRY}/private/app/blobs/", 1)
     assert cr.access_lines(" user=alice", 2)

@@ -41,6 +41,12 @@ MQTT_MODULE_MIB = 5
 # chunk sent twice in one wave would show as 2.7x.
 MQTT_BYTES_LIMIT = 1.4
 FRONT_CPU_LIMIT = 0.4  # CPU-seconds of the serve process per GiB through the front
+PUSH_IMAGES = 20  # the kolla-like push batch: images, one repository each...
+PUSHERS = 4  # ...pushed this many at once
+PUSH_BASE_MIB = 32  # each of the two base layers the batch's images share
+# Bytes the registry may receive through cr-proxy over the batch's distinct
+# blobs: request heads and tokens; one base layer sent twice is far more.
+PUSH_BYTES_LIMIT = 1.05
 
 
 def fmt_ms(seconds: float) -> str:
@@ -111,6 +117,12 @@ class Series(Enum):
     OFFLINE_STALE = SECS
     OFFLINE_DROP_FIRST = SECS  # the first pull after the cable went: pays the stale budget
     OFFLINE_DROP = SECS  # the next: the registry is known down, nothing dialled
+    PUSH_FIRST_OURS = SECS  # one image of the batch's shape, alone, through cr-proxy
+    PUSH_FIRST_DIRECT = SECS
+    PUSH_BATCH_OURS = SECS  # the push batch through cr-proxy, wall time
+    PUSH_BATCH_DIRECT = SECS  # the same batch pushed straight to the registry
+    PUSH_BIG_OURS = RATE  # one big layer pushed through cr-proxy: its bytes per second
+    PUSH_BIG_DIRECT = RATE
     # Manifest hits through the front, one kept-alive tunnel (issue 14): of a
     # private repository (the fetcher checks the credential: a cached verdict),
     # and of a public one (nginx alone).
@@ -130,6 +142,9 @@ class Results:
     conn_cpu: list[tuple[float, int]] = field(default_factory=list)  # (CPU-s, connections) per run
     # (wall seconds, payload bytes the devices received, the floor) per MQTT wave
     mqtt: list[tuple[float, int, int]] = field(default_factory=list)
+    # (bytes the registry received through cr-proxy, pushing directly, the
+    # batch's distinct blobs) per push batch
+    push_bytes: list[tuple[int, int, int]] = field(default_factory=list)
 
     def add(self, series: Series, value: float) -> None:
         self.samples[series].append(value)
@@ -239,6 +254,16 @@ def _mqtt_bytes(r: Results) -> Judged:
                   f"({MQTT_DEVICES} x the module), worst wave", worst <= MQTT_BYTES_LIMIT)
 
 
+def _push_bytes(r: Results) -> Judged:
+    if not r.push_bytes:
+        return NOT_RUN
+    ratios = [ours / distinct for ours, _, distinct in r.push_bytes]
+    worst = max(ratios)
+    ours, direct, distinct = r.push_bytes[ratios.index(worst)]
+    return Judged(f"{worst:.3f}x", f"{ours / MIB:,.1f} MiB vs {distinct / MIB:,.1f} MiB distinct "
+                  f"(direct: {direct / MIB:,.1f} MiB), worst batch", worst <= PUSH_BYTES_LIMIT)
+
+
 S = Series
 FASTER = Bar("<", 1.0, "< 1x (faster)")
 CASES: tuple[Ratio | Absolute, ...] = (
@@ -296,6 +321,16 @@ CASES: tuple[Ratio | Absolute, ...] = (
           S.PUBLIC_HIT, "public manifest hit, same tunnel", None),
     Absolute(f"{MQTT_DEVICES} devices ask for one {MQTT_MODULE_MIB} MiB module at once "
              "over MQTT: wall time", "(info)", _mqtt_wall),
+    Ratio(f"push one image (2 x {PUSH_BASE_MIB} MiB base layers + a small one), skopeo: "
+          "wall time", S.PUSH_FIRST_OURS, S.PUSH_FIRST_DIRECT, "pushing directly",
+          Bar("<=", 1.1)),
+    Ratio(f"push {PUSH_IMAGES} images sharing 2 x {PUSH_BASE_MIB} MiB base layers, "
+          f"{PUSHERS} skopeo pushers: wall time", S.PUSH_BATCH_OURS, S.PUSH_BATCH_DIRECT,
+          "pushing directly", FASTER),
+    Absolute(f"push {PUSH_IMAGES} images sharing base layers: bytes the registry received "
+             "through cr-proxy", f"<= {PUSH_BYTES_LIMIT:g}x the distinct blobs", _push_bytes),
+    Ratio("push one {mib} MiB layer, skopeo: throughput", S.PUSH_BIG_OURS, S.PUSH_BIG_DIRECT,
+          "pushing directly", Bar(">=", 0.9)),
     Absolute(f"{MQTT_DEVICES} devices, one {MQTT_MODULE_MIB} MiB module over MQTT: "
              "payload bytes the broker sent", f"<= {MQTT_BYTES_LIMIT:g}x the floor", _mqtt_bytes),
 )

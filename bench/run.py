@@ -19,6 +19,13 @@ It starts, and stops again (also on an error, Ctrl-C or SIGTERM):
   Wasm artifact, and a cr-proxy answering on the broker (the module cached
   before the rounds); 50 proplet-like devices (testbed.mqtt.Device, aiomqtt,
   one process) ask for it at once.
+* for pushes (`push`): a cr-proxy taking pushes, fresh each round, and a
+  relay counting the bytes the registry receives (testbed.counting); a
+  kolla-like batch (testbed.pushbatch: 20 images sharing two base layers)
+  pushed by 4 skopeo at once, one image of that shape alone (the first of
+  a build), and one big layer, through cr-proxy and
+  straight to the registry (through the upstream's name proxy), new random
+  layers for each side.
 
 Every case runs `--reps` times, interleaved (A B C, A B C, ...); the table
 shows medians and the ratio of medians next to the bar it must meet. What is
@@ -50,7 +57,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,12 +68,16 @@ from bench.cases import (
     LINK_NAME,
     MQTT_DEVICES,
     MQTT_MODULE_MIB,
+    PUSH_BASE_MIB,
+    PUSH_IMAGES,
+    PUSHERS,
     Results,
     Series,
 )
 from bench.procs import PeerRegistry, PlainNginx
 from bench.report import MIB, Row, markdown_table, text_table
 from testbed.blackhole import cable_out
+from testbed.counting import CountingRelay
 from testbed.crproxy import CrProxy, layout_blobs
 from testbed.mqtt import Broker, Device
 from testbed.oci_layout import (
@@ -79,7 +90,8 @@ from testbed.oci_layout import (
     wasm_module,
 )
 from testbed.ports import free_ports
-from testbed.registry import Upstream
+from testbed.pushbatch import Batch, build_batch, push_batch
+from testbed.registry import REGISTRY_NAME, Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "bench/big"
@@ -98,9 +110,12 @@ UP_AGAIN = "upstream registry.test reachable again"
 # The round's cases, in order; --only picks some (the set-up then starts
 # only what they need).
 CASE_NAMES = ("blob_hits", "small_hits", "new_connections", "concurrent", "cold_curl",
-              "over_link", "cold_skopeo", "warm", "offline", "mqtt_devices", "private_hits")
+              "over_link", "cold_skopeo", "warm", "offline", "mqtt_devices", "private_hits",
+              "push")
 # Cases that need neither the warm cr-proxy, plain nginx nor the peer.
-OWN_SETUP = frozenset({"offline", "mqtt_devices"})
+OWN_SETUP = frozenset({"offline", "mqtt_devices", "push"})
+# cr-proxy for the push case: pushes from loopback, tags fresh.
+PUSH_SETTINGS = {**HIT_SETTINGS, "push": {"enabled": True, "allow_clients": ["127.0.0.1/32"]}}
 # The edge-over-MQTT case: a broker, a Wasm artifact, a cr-proxy answering on it.
 # The private-content case (issue 14): a user of the token server, and the
 # repository only that user may pull.
@@ -244,6 +259,11 @@ class Bench:
             self._setup_hits_and_peers()
         if "mqtt_devices" in plan.cases:
             self._setup_mqtt()
+        if "push" in plan.cases:
+            # Every push to the registry, ours and direct, crosses this relay:
+            # the bytes it received.
+            host, port = self.up.registry_url.removeprefix("http://").rsplit(":", 1)
+            self.relay = self.stack.enter_context(CountingRelay(host, int(port)))
 
     def _setup_mqtt(self) -> None:
         say(f"mosquitto, a {MQTT_MODULE_MIB} MiB Wasm artifact ({MQTT_REF}) and a cr-proxy "
@@ -625,6 +645,94 @@ class Bench:
         wall, received = asyncio.run(self._mqtt_wave(MQTT_DEVICES))
         self.results.mqtt.append((wall, received, MQTT_DEVICES * len(self.module)))
 
+    def push(self) -> None:
+        """Pushes through cr-proxy (a fresh one: it knows nothing the
+        registry holds) against straight to the registry, each side with
+        new random layers (nothing the registry or skopeo's blob cache has
+        seen): the kolla-like batch, PUSHERS at a time (wall time, and the
+        bytes the registry received), then one big layer (its rate)."""
+        self._serial += 1
+        n = self._serial
+        batches = [build_batch(self.work / f"push-{n}-{side}", PUSH_IMAGES, PUSH_BASE_MIB * MIB,
+                               seed=2 * n + side) for side in (0, 1)]
+        # The first image of a build, alone: layers of its own (seeds apart
+        # from the batches'), nothing to share yet.
+        firsts = [build_batch(self.work / f"push-{n}-first-{side}", 1, PUSH_BASE_MIB * MIB,
+                              seed=10_000 + 2 * n + side) for side in (0, 1)]
+        bigs = [self._big_layout(f"push-{n}-big-{side}", seed=1000 + 2 * n + side)
+                for side in (0, 1)]
+        direct_env = self.up.skopeo_env()
+        creds = ("--dest-creds", ":".join(self.up.credentials)) if self.up.credentials else ()
+        try:
+            with self._push_crproxy() as proxy:
+                ours = f"{proxy.http}/{REGISTRY_NAME}"
+                first, _ = self._pushed(lambda: push_batch(
+                    firsts[0], lambda _: f"{ours}/push{n}/first-ours:v1", 1))
+                self.results.add(Series.PUSH_FIRST_OURS, first)
+                wall, sent = self._pushed(lambda: push_batch(
+                    batches[0], lambda i: f"{ours}/push{n}/ours-{i}:v1", PUSHERS))
+                self.results.add(Series.PUSH_BATCH_OURS, wall)
+                big_wall, _ = self._pushed(lambda: push_batch(
+                    bigs[0], lambda _: f"{ours}/push{n}/big-ours:v1", 1))
+            direct = REGISTRY_NAME
+            with self._direct_through_relay():
+                first_direct, _ = self._pushed(lambda: push_batch(
+                    firsts[1], lambda _: f"{direct}/push{n}/first-direct:v1", 1,
+                    env=direct_env, extra=creds))
+                self.results.add(Series.PUSH_FIRST_DIRECT, first_direct)
+                direct_wall, direct_sent = self._pushed(lambda: push_batch(
+                    batches[1], lambda i: f"{direct}/push{n}/direct-{i}:v1", PUSHERS,
+                    env=direct_env, extra=creds))
+                big_direct, _ = self._pushed(lambda: push_batch(
+                    bigs[1], lambda _: f"{direct}/push{n}/big-direct:v1", 1,
+                    env=direct_env, extra=creds))
+            self.results.add(Series.PUSH_BATCH_DIRECT, direct_wall)
+            self.results.push_bytes.append((sent, direct_sent, batches[0].distinct_bytes))
+            size = self.plan.blob_mib * MIB
+            self.results.add(Series.PUSH_BIG_OURS, size / big_wall)
+            self.results.add(Series.PUSH_BIG_DIRECT, size / big_direct)
+        finally:
+            for batch in (*batches, *firsts, *bigs):
+                shutil.rmtree(batch.layout, ignore_errors=True)
+
+    def _big_layout(self, name: str, seed: int) -> Batch:
+        layout = self.work / name
+        info = build_image(layout, layers=[big_layer(self.plan.blob_mib * MIB, seed=seed)],
+                           tag="i0")
+        return Batch(layout, [info], 0)
+
+    def _pushed(self, push: Callable[[], None]) -> tuple[float, int]:
+        """(wall seconds, bytes the registry received) of a push."""
+        settle_disk()
+        before = self.relay.sent
+        t0 = time.perf_counter()
+        push()
+        return time.perf_counter() - t0, self.relay.sent - before
+
+    @contextlib.contextmanager
+    def _direct_through_relay(self) -> Iterator[None]:
+        """skopeo straight to the registry goes through the upstream's name
+        proxy: for a while, it maps registry.test to the counting relay."""
+        real = self.up.endpoints[REGISTRY_NAME]
+        self.up.endpoints[REGISTRY_NAME] = self.relay.url
+        try:
+            yield
+        finally:
+            self.up.endpoints[REGISTRY_NAME] = real
+
+    @contextlib.contextmanager
+    def _push_crproxy(self) -> Iterator[CrProxy]:
+        self._serial += 1
+        endpoints = {**self.endpoints, REGISTRY_NAME: self.relay.url}
+        proxy = CrProxy(self.work / f"push-{self._serial}", endpoints,
+                        certs_dir=str(self.certs), **PUSH_SETTINGS)
+        proxy.start()
+        try:
+            yield proxy
+        finally:
+            proxy.stop()
+            shutil.rmtree(proxy.dir, ignore_errors=True)
+
     def _device(self, name: str) -> Device:
         return Device(self.broker, "device", MQTT_USERS["device"], *MQTT_IDS, name)
 
@@ -745,7 +853,12 @@ def markdown(plan: Plan, bench: Bench, rows: list[Row], facts: dict[str, str], s
         "the other hit rows use a cr-proxy whose tags stay fresh for the whole run. "
         "Wall times include the client's process start; curl byte rates are curl's own "
         "`speed_download`. Before each timed pull or cold download the bench runs `sync`, "
-        "so no case pays for the disk writes of the one before.",
+        "so no case pays for the disk writes of the one before. The push rows push new "
+        "random layers on each side (nothing the registry or skopeo's blob cache has "
+        "seen) through a fresh cr-proxy and straight to the registry; skopeo's direct "
+        "pushes pass through the test upstream's name-mapping proxy (Python), cr-proxy's "
+        "through its `endpoints`; a relay in front of the registry counts the bytes it "
+        "received.",
         "",
         "## Samples",
         "",

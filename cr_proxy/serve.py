@@ -235,7 +235,8 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             wake = asyncio.Event()
             fetcher.ctx.fill.on_full = wake.set
             tasks.append(asyncio.create_task(
-                evict_loop(config, store, feed.last_used, metrics, wake)))
+                evict_loop(config, store, feed.last_used, metrics, wake,
+                           fetcher.pushes.pending)))
         stack.callback(lambda: [t.cancel() for t in tasks])
 
         for line in client_hints(config):

@@ -217,6 +217,28 @@ class CrProxy:
                 os.kill(pid, signal.SIGKILL)
         return code
 
+    def kill(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGKILL serve, as a crash would: nginx goes with it
+        (PR_SET_PDEATHSIG); returns once serve and every nginx of it are
+        gone (polled, bounded), so start() can listen on the same ports."""
+        assert self.proc is not None, "not running"
+        if self.proc.poll() is not None:
+            raise AssertionError(f"serve had exited ({self.proc.returncode}) before the kill")
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout)
+        if self._reader:
+            self._reader.join(5)
+        self.proc = None
+        deadline = time.monotonic() + timeout
+        tick = threading.Event()
+        while self.nginx_processes():
+            if time.monotonic() > deadline:
+                left = [(pid, Path(f"/proc/{pid}/cmdline").read_bytes())
+                        for pid in self.nginx_processes()]
+                raise AssertionError(f"nginx still running {timeout:.0f}s after serve's "
+                                     f"SIGKILL: {left}")
+            tick.wait(0.05)
+
     def nginx_processes(self) -> list[int]:
         """This cr-proxy's running nginx processes, master and workers. Found
         by their working directory (serve's, self.dir, which nginx keeps),

@@ -12,6 +12,7 @@ that repository. Offline, `private.offline` decides."""
 from __future__ import annotations
 
 import base64
+import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from tests.test_e2e_metrics import scrape
 from tests.test_e2e_proxy import ca_dir, proxied_env, skopeo_via_proxy
 
 USERS = {"testuser": "pw-testuser", "other": "pw-other", "revokee": "pw-revokee"}
-PRIVATE = {"private/app": {"testuser", "revokee"}, "private/other": {"other"}}
+PRIVATE = {"private/app": {"testuser", "revokee"}, "private/other": {"other"},
+           "private/pushed": {"testuser"}}
 REGISTRY = "registry.test"
 
 
@@ -223,6 +225,33 @@ def test_a_revoked_credential_is_refused_once_its_verdict_expires(
         wait_until(lambda: curl(cr, path, revokee, tmp_path)[0] != 200, 30,
                    "the revoked credential to be refused")
         assert curl(cr, path, revokee, tmp_path)[0] == 401
+
+
+def test_an_image_pushed_through_the_front_to_a_private_repository_is_private(
+    bed: Bed, tmp_path: Path
+) -> None:
+    """Written through (push.enabled) and so pullable from the cache at
+    once, but only by those the upstream lets pull it: marked private
+    before any of it is named."""
+    push = {"enabled": True, "allow_clients": ["127.0.0.1/32"]}
+    # Layers of its own: skopeo would mount ones it saw in another repository.
+    image = build_image(tmp_path / "layout", layers=[tar_layer({"pushed": os.urandom(4096)})],
+                        tag="v2")
+    with bed.proxy("pusher", push=push) as cr:
+        pushed = subprocess.run(
+            ["skopeo", "copy", "--preserve-digests", "--retry-times", "0", "--dest-cert-dir",
+             str(ca_dir(cr, tmp_path)), "--dest-creds", f"testuser:{USERS['testuser']}",
+             f"oci:{tmp_path / 'layout'}:v2", f"docker://{REGISTRY}/private/pushed:v2"],
+            capture_output=True, text=True, env=proxied_env(cr), timeout=300)
+        assert pushed.returncode == 0, pushed.stderr + cr.log_text()[-3000:]
+        assert (cr.cache / f"lists/{REGISTRY}/private/pushed/_private").is_file()
+        assert (cr.cache / f"content/{REGISTRY}/v2/private/pushed/manifests/v2").is_file()
+        assert refused(pull(cr, "private/pushed:v2", tmp_path / "anonymous"))
+        assert refused(pull(cr, "private/pushed:v2", tmp_path / "other", "other"))
+        with bed.upstream.stopped():  # from the cache only, as the entitled
+            result = pull(cr, "private/pushed:v2", tmp_path / "testuser", "testuser")
+        assert result.returncode == 0, result.stderr
+        assert image.layer_digests[0] in layout_blobs(tmp_path / "testuser")
 
 
 @pytest.mark.parametrize("policy", ["verified", "deny", "allow"])

@@ -10,10 +10,13 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +24,13 @@ import pytest
 
 from testbed.crproxy import CrProxy, clean_env, layout_blobs, skopeo_pull
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
+from testbed.ports import free_ports
 from testbed.registry import REGISTRY_NAME, Upstream
-from tests.clients import available, podman
+from tests.clients import Dockerd, available, podman
 from tests.conftest import proxy_endpoints
 from tests.faulty import wait_until
+from tests.test_e2e_inventory import cr_proxy_json
+from tests.test_e2e_proxy import ca_dir, proxied_env
 
 PREFIX = f"/v2/{REGISTRY_NAME}"
 
@@ -39,8 +45,9 @@ def pusher(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iter
     addresses are clients off push.allow_clients); a push naming no
     registry goes to registry.test."""
     push = {"enabled": True, "allow_clients": ["127.0.0.1/32"], "default_target": REGISTRY_NAME}
+    (front,) = free_ports(1)  # the https_proxy front too
     with CrProxy(tmp_path_factory.mktemp("pusher"), proxy_endpoints(upstream),
-                 push=push) as running:
+                 push=push, listen_proxy=f"127.0.0.1:{front}") as running:
         yield running
 
 
@@ -123,6 +130,30 @@ def test_pushed_image_pulls_with_the_upstream_stopped(
     assert {pushed.config_digest, *pushed.layer_digests} <= set(layout_blobs(tmp_path / "out"))
 
 
+def test_a_probe_while_the_upstream_is_down_is_the_caches_answer(
+    pushed: ImageInfo, pusher: CrProxy, upstream: Upstream
+) -> None:
+    """A HEAD from a client that may push, for a blob the cache holds
+    (under another repository: not an nginx hit), while the registry is
+    down: answered from the cache, as a puller's is."""
+    layer = pushed.layer_digests[0]
+    with registry_down(pusher, upstream):
+        answer = probe(pusher, "offline-probe", layer)
+    assert answer.status == 200, answer.body
+    assert answer.headers["Content-Length"] == str(pushed.sizes[layer])
+
+
+def test_ls_lists_the_pushed_image_as_a_pulled_one(pushed: ImageInfo, pusher: CrProxy) -> None:
+    key = f"{REGISTRY_NAME}/pushed:v1"
+    listed = {image["key"]: image for image in cr_proxy_json(pusher, "ls")["images"]}
+    image = listed[key]
+    assert (image["name"], image["digest"]) == (key, pushed.manifest_digest)
+    assert image["platforms"] == ["linux/amd64"]
+    assert image["size"] == sum(pushed.sizes.values())
+    assert image["missing"] == []
+    assert set(image["blobs"]) >= {pushed.config_digest, *pushed.layer_digests}
+
+
 # --- the upload forms, by hand ---------------------------------------------------------
 
 
@@ -175,14 +206,123 @@ def test_chunked_upload_with_status_is_stored(pusher: CrProxy) -> None:
     assert (pusher.cache / f"content/{REGISTRY_NAME}/v2/mounted/blobs/{sha256(data)}").is_file()
 
 
-def test_monolithic_upload_is_stored(pusher: CrProxy) -> None:
-    data = os.urandom(50_000)
-    started = start_upload(pusher, "mono")
+def upload(cr: CrProxy, repo: str, data: bytes) -> None:
+    """A monolithic upload (POST, then PUT with the bytes)."""
+    started = start_upload(cr, repo)
     assert started.status == 202, started.body
-    done = call(pusher, "PUT", with_digest(our_location(started, "mono"), sha256(data)), data,
+    done = call(cr, "PUT", with_digest(our_location(started, repo), sha256(data)), data,
                 {"Content-Type": "application/octet-stream"})
     assert done.status == 201, done.body
+
+
+def test_monolithic_upload_is_stored(pusher: CrProxy) -> None:
+    data = os.urandom(50_000)
+    upload(pusher, "mono", data)
     assert stored_blob(pusher, sha256(data)).read_bytes() == data
+
+
+# --- one upload per layer across images --------------------------------------------
+
+
+def mounts(upstream: Upstream, repo: str, digest: str) -> int:
+    """Cross-repository mounts into `repo` the registry was asked for."""
+    pattern = re.compile(r"http\.request\.id=(\S+) http\.request\.method=POST .*"
+                         rf"http\.request\.uri=\"?/v2/{re.escape(repo)}/blobs/uploads/\?mount="
+                         rf"sha256(?::|%3A){digest.split(':')[1]}&")
+    log = upstream.registry_log.read_text(errors="replace")
+    return len({match[1] for line in log.splitlines() if (match := pattern.search(line))})
+
+
+def probe(cr: CrProxy, repo: str, digest: str) -> Call:
+    return call(cr, "HEAD", f"{PREFIX}/{repo}/blobs/{digest}")
+
+
+def test_probe_of_a_layer_held_in_another_repository_mounts_it(
+    pusher: CrProxy, upstream: Upstream
+) -> None:
+    """A pusher's HEAD for a layer the registry holds in another repository
+    is a mount upstream and a 200: the pusher skips the upload."""
+    data = os.urandom(40_000)
+    digest = sha256(data)
+    upload(pusher, "dedup-a", data)
+    answer = probe(pusher, "dedup-b", digest)
+    assert answer.status == 200, answer.body
+    assert answer.headers["Content-Length"] == str(len(data))
+    assert answer.headers["Docker-Content-Digest"] == digest
+    assert mounts(upstream, "dedup-b", digest) >= 1
+    assert held_upstream(upstream, "dedup-b", digest)
+    # The same repository again: from what we know, no upstream request.
+    before = upstream.registry_requests(f"/v2/dedup-b/blobs/{digest}")
+    assert probe(pusher, "dedup-b", digest).status == 200
+    assert upstream.registry_requests(f"/v2/dedup-b/blobs/{digest}") == before
+
+
+def test_a_client_mount_of_a_blob_not_cached_is_fetched_so_the_image_is_whole(
+    pusher: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    """A client's own cross-repository mount (skopeo mounts layers it saw
+    elsewhere) of a layer cr-proxy never had: the mount is relayed, then the
+    layer fetched in the background, so the pushed image pulls offline."""
+    image = build_image(tmp_path / "layout", layers=[tar_layer({"m": os.urandom(30_000)})],
+                        tag="v1")
+    upstream.push(tmp_path / "layout", "v1", "mount-src", "v1")  # not through cr-proxy
+    digest = image.layer_digests[0]
+    mounted = call(pusher, "POST", f"{PREFIX}/mount-dst/blobs/uploads/?mount={digest}"
+                   f"&from={REGISTRY_NAME}/mount-src")
+    assert mounted.status == 201, mounted.body
+    named = pusher.cache / f"content/{REGISTRY_NAME}/v2/mount-dst/blobs/{digest}"
+    wait_until(named.is_file, 60, "the mounted layer in the cache")
+    with upstream.stopped():
+        got = call(pusher, "GET", f"{PREFIX}/mount-dst/blobs/{digest}")
+    assert got.status == 200 and sha256(got.body) == digest
+
+
+def test_probe_after_a_restart_still_mounts(pusher: CrProxy, upstream: Upstream) -> None:
+    """What the upstream holds survives a restart: the tree's blob names."""
+    data = os.urandom(30_000)
+    digest = sha256(data)
+    upload(pusher, "restart-a", data)
+    pusher.stop()
+    pusher.start()
+    answer = probe(pusher, "restart-b", digest)
+    assert answer.status == 200, answer.body
+    assert mounts(upstream, "restart-b", digest) == 1
+    assert held_upstream(upstream, "restart-b", digest)
+
+
+def test_probe_of_a_layer_being_uploaded_waits_for_the_upload(
+    pusher: CrProxy, upstream: Upstream
+) -> None:
+    """Two pushers of one new layer: the second one's probe waits for the
+    first one's upload, then is a mount; the layer crosses once."""
+    data = os.urandom(60_000)
+    digest = sha256(data)
+    assert probe(pusher, "wait-a", digest).status == 404  # wait-a will upload it
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(probe, pusher, "wait-b", digest)
+        pusher.wait_for_output(f"push probe of {digest} in {REGISTRY_NAME}/wait-b waits", 30)
+        assert not second.done()
+        upload(pusher, "wait-a", data)
+        answer = second.result(timeout=60)
+    assert answer.status == 200, answer.body
+    assert mounts(upstream, "wait-b", digest) == 1
+    assert held_upstream(upstream, "wait-b", digest)
+
+
+def held_upstream(upstream: Upstream, repo: str, digest: str) -> bool:
+    """The registry's own answer: does `repo` hold the blob? (200, or its
+    307 to the CDN.)"""
+    token = upstream.issue_token([f"repository:{repo}:pull"])
+    host, port = upstream.registry_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("HEAD", f"/v2/{repo}/blobs/{digest}",
+                     headers={"Authorization": f"Bearer {token}"})
+        status = conn.getresponse().status
+    finally:
+        conn.close()
+    assert status in (200, 307, 404), status
+    return status != 404
 
 
 def test_push_without_registry_goes_to_default_target(pusher: CrProxy, upstream: Upstream) -> None:
@@ -260,49 +400,112 @@ def test_client_off_push_allow_clients_is_refused_before_the_upstream(
     assert call(pusher, "GET", "/v2/", source="127.0.0.2").status == 200
 
 
-def test_upstream_unreachable_is_a_clear_503(pusher: CrProxy, upstream: Upstream) -> None:
+@contextmanager
+def registry_down(cr: CrProxy, upstream: Upstream) -> Iterator[None]:
+    """The registry, token server and CDN stopped, then started again, and
+    (not upstream_down) waited for until cr-proxy's probe finds the
+    registry answering: it is remembered down meanwhile, and the next push
+    here must not meet that."""
     def comebacks() -> int:
-        return sum(f"upstream {REGISTRY_NAME} reachable again" in line for line in pusher.output)
+        return sum(f"upstream {REGISTRY_NAME} reachable again" in line for line in cr.output)
 
     before = comebacks()
-    upstream.stop_registry()
-    upstream.stop_auth()
-    upstream.stop_cdn()
-    try:
-        answer = start_upload(pusher, "unreachable")
-        assert answer.status == 503, answer.body
-        assert answer.error_code() == "UPSTREAM_UNREACHABLE"
-    finally:
-        upstream.start_registry()
-        upstream.start_auth()
-        upstream.start_cdn()
-    # Not upstream_down: the registry is remembered down until a probe finds
-    # it answering, and the next push here must not meet that.
+    with upstream.stopped():
+        yield
     wait_until(lambda: comebacks() > before, 30, "the probe finding the registry back")
 
 
-def test_podman_push_is_relayed_and_stored(
-    pusher: CrProxy, upstream: Upstream, tmp_path: Path
+def test_upstream_unreachable_is_a_clear_503(pusher: CrProxy, upstream: Upstream) -> None:
+    with registry_down(pusher, upstream):
+        answer = start_upload(pusher, "unreachable")
+        assert answer.status == 503, answer.body
+        assert answer.error_code() == "UPSTREAM_UNREACHABLE"
+
+
+@pytest.mark.parametrize("tool", ["podman", "buildah"])
+def test_libpod_push_is_relayed_and_stored(
+    tool: str, pusher: CrProxy, upstream: Upstream, tmp_path: Path
 ) -> None:
-    """podman pushes an image from its own storage (layers compressed anew:
-    a new manifest) through the mirror; the upstream's tag and our cached
-    one are the same manifest."""
-    assert available("podman"), "podman is missing: make test installs it"
+    """podman and buildah push an image from their own storage (layers
+    compressed anew: a new manifest) through the mirror; the upstream's tag
+    and our cached one are the same manifest."""
+    assert available(tool), f"{tool} is missing: make test installs it"
     build_image(tmp_path / "layout", layers=[tar_layer({"p.txt": os.urandom(2048)})], tag="v1")
-    work = tmp_path / "podman"
+    work = tmp_path / tool
+    repo = f"{tool}-pushed"
     try:
-        loaded = podman(work, None, tmp_path, "pull", f"oci:{tmp_path / 'layout'}:v1")
+        loaded = podman(work, None, tmp_path, "pull", f"oci:{tmp_path / 'layout'}:v1",
+                        tool=tool)
         assert loaded.returncode == 0, loaded.stderr
         image_id = loaded.stdout.strip().splitlines()[-1]
-        dest = f"{pusher.http}/{REGISTRY_NAME}/podman-pushed:v1"
-        pushed = podman(work, None, tmp_path, "push", "--tls-verify=false", image_id, dest)
+        dest = f"docker://{pusher.http}/{REGISTRY_NAME}/{repo}:v1"
+        pushed = podman(work, None, tmp_path, "push", "--tls-verify=false", image_id, dest,
+                        tool=tool)
         assert pushed.returncode == 0, pushed.stderr + pusher.log_text()[-3000:]
     finally:
-        podman(work, None, tmp_path, "system", "reset", "--force")
+        if tool == "podman":
+            podman(work, None, tmp_path, "system", "reset", "--force")
+        else:
+            podman(work, None, tmp_path, "rmi", "--all", "--force", tool=tool)
         shutil.rmtree(os.readlink(work / "runroot"), ignore_errors=True)
-    direct = upstream.pull_direct("podman-pushed", "v1", tmp_path / "direct", transport="dir")
-    tag = pusher.cache / f"content/{REGISTRY_NAME}/v2/podman-pushed/manifests/v1"
-    assert tag.read_bytes() == (direct / "manifest.json").read_bytes()
+    assert_pushed_and_stored(pusher, upstream, repo, tmp_path)
+
+
+def assert_pushed_and_stored(cr: CrProxy, upstream: Upstream, repo: str, tmp_path: Path) -> None:
+    """The registry's tag and our cached one are the same manifest, and
+    each of its blobs is in the cache."""
+    direct = upstream.pull_direct(repo, "v1", tmp_path / "direct", transport="dir")
+    tag = cr.cache / f"content/{REGISTRY_NAME}/v2/{repo}/manifests/v1"
+    manifest = (direct / "manifest.json").read_bytes()
+    assert tag.read_bytes() == manifest
+    parsed = json.loads(manifest)
+    for blob in (parsed["config"], *parsed["layers"]):
+        assert stored_blob(cr, blob["digest"]).is_file(), blob
+
+
+def test_https_proxy_push_is_written_through(
+    pusher: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    """skopeo pushing to the registry's own name through the https_proxy
+    front, logged in as itself: relayed, and written through under the
+    registry's host, as a mirror push is."""
+    image = build_image(tmp_path / "layout", layers=[tar_layer({"x.bin": os.urandom(200_000)})],
+                        tag="v1")
+    creds = ["--dest-creds", ":".join(upstream.credentials)] if upstream.credentials else []
+    result = subprocess.run(
+        ["skopeo", "copy", "--preserve-digests", "--retry-times", "0", "--dest-cert-dir",
+         str(ca_dir(pusher, tmp_path)), *creds, f"oci:{tmp_path / 'layout'}:v1",
+         f"docker://{REGISTRY_NAME}/proxied-push:v1"],
+        capture_output=True, text=True, env=proxied_env(pusher), timeout=300)
+    assert result.returncode == 0, result.stderr + pusher.log_text()[-3000:]
+    assert_pushed_and_stored(pusher, upstream, "proxied-push", tmp_path)
+    for digest in (image.config_digest, *image.layer_digests):
+        assert (pusher.cache / f"content/{REGISTRY_NAME}/v2/proxied-push/blobs/{digest}"
+                ).is_file(), digest
+    assert leftover_uploads(pusher) == []
+
+
+def test_docker_push_is_relayed_and_stored(
+    pusher: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    """dockerd pushes an image it loaded (a docker-archive skopeo made)
+    through the mirror's HTTP port (127.0.0.0/8: insecure by default)."""
+    assert available("dockerd"), "dockerd is missing: make test installs it"
+    build_image(tmp_path / "layout", layers=[tar_layer({"d.txt": os.urandom(2048)})], tag="v1")
+    archive = tmp_path / "image.tar"
+    made = subprocess.run(["skopeo", "copy", f"oci:{tmp_path / 'layout'}:v1",
+                           f"docker-archive:{archive}:local/app:v1"],
+                          capture_output=True, text=True, env=clean_env(), timeout=120)
+    assert made.returncode == 0, made.stderr
+    dest = f"{pusher.http}/{REGISTRY_NAME}/docker-pushed:v1"
+    with Dockerd(tmp_path / "docker", None, None) as daemon:
+        loaded = daemon.docker("load", "-i", str(archive))
+        assert loaded.returncode == 0, loaded.stderr
+        assert daemon.docker("tag", "local/app:v1", dest).returncode == 0
+        pushed = daemon.docker("push", dest)
+        assert pushed.returncode == 0, (pushed.stdout + pushed.stderr
+                                        + pusher.log_text()[-3000:])
+    assert_pushed_and_stored(pusher, upstream, "docker-pushed", tmp_path)
 
 
 def test_client_gone_mid_chunk_cancels_the_upload_upstream(

@@ -174,3 +174,15 @@ def test_all_pinned_is_over_the_limit_and_says_so(
     with caplog.at_level(logging.WARNING):
         assert evict_once(conf, store, used(("old", HOUR)), now=NOW).images == ()
     assert "or is pinned" in caplog.text
+
+
+def test_a_blob_a_push_in_progress_references_is_kept(tmp_path: Path, store: Store) -> None:
+    """`keep` (fetch/push.py's pending(): what a push without its manifest
+    yet uploaded) is kept like a blob an image that stays uses."""
+    old = image(store, "old")
+    own = old.layers[0]
+    result = evict_once(config(tmp_path, store, max_size=1), store, used(("old", 3 * HOUR)),
+                        now=NOW, keep=frozenset({own}))
+    assert result.images == keys("old")
+    assert store.has_blob(own)
+    assert not store.has_blob(old.config)

@@ -118,7 +118,7 @@ def test_fetch_conf_overrides_every_internal_header() -> None:
     header the fetcher reads fails here until fetch.conf sets it."""
     names = internal_headers()
     assert {"X-CR-Mode", "X-CR-Scheme", "X-CR-Revalidate", "X-CR-Cache-Only"} <= names
-    ((_, fetch),) = blocks(CONFS["fetch.conf"], "location")
+    fetch = dict(blocks(CONFS["fetch.conf"], "location"))["location @fetch"]
     overridden = set(re.findall(r"proxy_set_header\s+(X-CR-[A-Za-z-]+)\s", fetch))
     assert names <= overridden, names - overridden
     assert "proxy_pass_request_headers off" not in fetch  # the override is what protects

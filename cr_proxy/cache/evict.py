@@ -20,6 +20,10 @@ Policy:
   keeps its bytes (an open file outlives its unlink).
 - A pinned image (cache.pins, `cr-proxy pin`: pins.py) is never evicted,
   and so neither are its blobs; the pins are read at each pass.
+- Nothing a push in progress references is removed (`keep`: the blobs it
+  uploaded, mounted or was told the registry holds, until its manifest
+  makes them an image's; fetch/push.py), even when an evicted image shares
+  them: the pushed image must pull from the cache once its manifest lands.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from cr_proxy.cache.image import Image, file_times
@@ -63,8 +67,10 @@ def last_use(uses: Uses) -> Callable[[Image], float]:
     return newest
 
 
-def evict_once(config: Config, store: Store, uses: Uses, now: float | None = None) -> Evicted:
-    """Bring the store under the limit, if it is over. Blocking."""
+def evict_once(config: Config, store: Store, uses: Uses, now: float | None = None,
+               keep: Collection[str] = frozenset()) -> Evicted:
+    """Bring the store under the limit, if it is over, keeping the digests
+    in `keep`. Blocking."""
     limit = config.cache
     downloading = store.temp_bytes()
     size = store.blob_bytes() + downloading
@@ -83,7 +89,7 @@ def evict_once(config: Config, store: Store, uses: Uses, now: float | None = Non
             continue  # may be in the middle of a pull
         if image.key in pinned:
             continue
-        removed = inventory.remove(image)
+        removed = inventory.remove(image, keep=keep)
         evicted.append(image.key)
         freed += removed.bytes
         size -= removed.bytes
@@ -95,14 +101,17 @@ def evict_once(config: Config, store: Store, uses: Uses, now: float | None = Non
 
 
 async def evict_loop(config: Config, store: Store, uses: Uses, metrics: Metrics,
-                     wake: asyncio.Event) -> None:
-    """Check every check_interval, or at once when a commit passed the limit."""
+                     wake: asyncio.Event,
+                     keep: Callable[[], Collection[str]] = frozenset) -> None:
+    """Check every check_interval, or at once when a commit passed the limit;
+    `keep()`: the digests pushes in progress reference, asked at each pass."""
     loop = asyncio.get_running_loop()
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), config.cache.check_interval)
         wake.clear()
-        result = await loop.run_in_executor(None, evict_once, config, store, dict(uses))
+        result = await loop.run_in_executor(None, evict_once, config, store, dict(uses), None,
+                                            frozenset(keep()))
         metrics.cache_bytes.set(result.size_after)
         if result.images:
             metrics.evictions.inc(len(result.images))

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -290,11 +290,11 @@ class Inventory:
     def usage(self) -> DiskUsage:
         return disk_usage(self._scan(), self._registry_of, self.store.listing_bytes())
 
-    def remove(self, *images: Image) -> Removed:
-        """Remove images (by key, as listed now) and whatever only they used
-        (removal.py)."""
+    def remove(self, *images: Image, keep: Collection[str] = frozenset()) -> Removed:
+        """Remove images (by key, as listed now) and whatever only they used,
+        digests in `keep` excepted (removal.py)."""
         scan = self._scan()
-        return remove_images(self.store, scan, self._images(scan), images)
+        return remove_images(self.store, scan, self._images(scan), images, keep)
 
     def verification(self) -> Verification:
         """Hash every blobs/ file; quarantine those that fail (verify.py)."""

@@ -23,7 +23,7 @@ all.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from cr_proxy.cache.image import Image
@@ -42,14 +42,16 @@ class Removed:
 
 
 def remove_images(
-    store: Store, scan: Scan, current: Sequence[Image], images: Iterable[Image]
+    store: Store, scan: Scan, current: Sequence[Image], images: Iterable[Image],
+    keep: Collection[str] = frozenset(),
 ) -> Removed:
     """Remove images (by key, among `current`: every image of `scan`) and
-    whatever only they used."""
+    whatever only they used, but never a digest in `keep` (what a push in
+    progress uploaded or relies on: no image uses it yet)."""
     keys = {image.key for image in images}
     gone = [image for image in current if image.key in keys]
     remaining = [image for image in current if image.key not in keys]
-    still_used = set().union(*(image.digests for image in remaining))
+    still_used = set().union(*(image.digests for image in remaining), keep)
     files = 0
     for image in gone:
         files += _remove_names(store, image, remaining)

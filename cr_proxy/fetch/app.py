@@ -84,7 +84,7 @@ class Fetcher:
         self.blobs = Blobs(ctx)
         self.manifests = Manifests(ctx)
         self.passthrough = Passthrough(ctx, self.privacy)
-        self.pushes = Pushes(ctx)
+        self.pushes = Pushes(ctx, self.privacy, self.blobs.ensure)
         listings = Listings(ctx)
         self.tags = Tags(ctx, listings)
         self.referrers = Referrers(ctx, listings, self.manifests)
@@ -152,6 +152,9 @@ class Fetcher:
             return await self._registry_request(request, target, mirror=True)
         domain, rpath = proxy_target(request.headers.get("Host", ""), request.path)
         self._check_proxy_port(request, domain)
+        if self.pushes.claims_proxied(request):
+            # Push on: written through as mirror pushes are (push.py).
+            return await self.pushes.handle_proxied(request, domain)
         if rpath is None:
             # The path proxy_target checked, not the raw one.
             query = f"?{request.query_string}" if request.query_string else ""

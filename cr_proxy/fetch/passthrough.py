@@ -13,6 +13,7 @@ browser there gets JSON.
 from __future__ import annotations
 
 import json
+import logging
 
 import aiohttp
 from aiohttp import web
@@ -22,6 +23,8 @@ from cr_proxy.errors import CrProxyError, UpstreamUnreachable
 from cr_proxy.fetch.context import API_HEADERS, FetchContext, in_thread, read_bounded
 from cr_proxy.fetch.private import Privacy
 from cr_proxy.upstream.auth import dummy_token
+
+log = logging.getLogger("cr_proxy.fetcher")
 
 RELAYED_REQUEST = frozenset({"accept", "authorization", "content-type", "content-length", "range",
                              "user-agent"})
@@ -86,9 +89,19 @@ class Passthrough:
             await response.prepare(request)
             async for chunk in answer.content.iter_chunked(64 << 10):
                 await response.write(chunk)
-            await response.write_eof()
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+            # The head is gone already: no error answer can follow, and a
+            # body left short of its length on a kept-alive connection would
+            # hold the client until nginx's proxy_read_timeout. Cutting the
+            # connection is the only way left to tell it the body is not whole.
+            log.warning("%s %s: relay cut short: %s", request.method, path_qs[:200],
+                        err or type(err).__name__)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
         finally:
             answer.release()
+        await response.write_eof()
         return response
 
     def _basic(self, request: web.Request) -> str | None:

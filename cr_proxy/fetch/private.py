@@ -44,15 +44,19 @@ from typing import Generic, TypeVar
 
 from aiohttp import web
 
-from cr_proxy.cache.layout import Target
+from cr_proxy.cache.layout import Kind, Target
 from cr_proxy.config import MIRROR_AUTH_REALM, MIRROR_GRANT_HEADER
-from cr_proxy.errors import Denied, Unauthorized, UpstreamError
+from cr_proxy.errors import Denied, NotFound, Unauthorized, UpstreamError
 from cr_proxy.fetch.context import FetchContext, in_thread
 from cr_proxy.upstream.auth import DUMMY_PREFIX
 from cr_proxy.upstream.challenges import Challenges
 from cr_proxy.upstream.entitlement import accepts, refused_anonymously
 
 log = logging.getLogger("cr_proxy.private")
+
+# A private object the upstream says is not there: the registry's error code.
+_UNKNOWN = {Kind.BLOB: "BLOB_UNKNOWN", Kind.MANIFEST: "MANIFEST_UNKNOWN",
+            Kind.TAGS: "NAME_UNKNOWN", Kind.REFERRERS: "NAME_UNKNOWN"}
 
 MAX_REMEMBERED = 50_000  # verdicts, bindings and public repositories kept (least recent go)
 
@@ -110,16 +114,17 @@ class Privacy:
 
     # --- which repositories are private -------------------------------------
 
-    async def learn(self, target: Target, client_auth: str | None) -> bool:
+    async def learn(self, target: Target, client_auth: str | None, pushed: bool = False) -> bool:
         """Whether `target`'s repository is private: its mark, else (when
-        some credential will fetch it) the upstream asked without one, at
-        most once per private.verdict_ttl for a public repository. A
-        repository fetched with no credential at all is public."""
+        some credential will fetch it, or it was just pushed) the upstream
+        asked without one, at most once per private.verdict_ttl for a
+        public repository. A repository fetched with no credential at all
+        is public."""
         domain, name = target.domain, target.rpath.name
         store, upstream = self.ctx.store, self.ctx.upstream
         if await in_thread(store.is_private, domain, name):
             return True
-        credentialed = client_auth or self.ctx.config.credentials(target.registry) \
+        credentialed = pushed or client_auth or self.ctx.config.credentials(target.registry) \
             or self.ctx.config.credentials(domain)
         # A parent (parent_mirror) fetches for us: it is not ours to probe around it.
         if not credentialed or upstream.parent is not None:
@@ -170,6 +175,12 @@ class Privacy:
                          "decides", domain, name, err.message)
             else:
                 self.ctx.metrics.private_checks.labels(how="upstream").inc()
+                if allowed is None:
+                    # Not there for this credential: the upstream's answer,
+                    # and nothing of ours (a pusher's HEAD before its upload).
+                    self._refuse("not_found_upstream")
+                    raise NotFound(_UNKNOWN[target.rpath.kind],
+                                   f"{target.rpath.path} is not known upstream")
                 self._remember(domain, name, credential, allowed)
                 return self._decided(allowed, domain, name)
         self.ctx.metrics.private_checks.labels(how="offline").inc()
@@ -190,6 +201,11 @@ class Privacy:
                                f'Basic realm="{MIRROR_AUTH_REALM}"')
         self._refuse("mirror_not_granted")
         raise Denied(message=f"{name} is private and no mirror_auth rule grants it this client")
+
+    def granted(self, domain: str, name: str, authorization: str) -> None:
+        """The upstream has just accepted a push to the repository with this
+        credential (push.py): a yes, as if it had been asked."""
+        self._remember(domain, name, self._id(authorization), True)
 
     def bind(self, token: str, basic: str) -> None:
         """`token` was handed out for the Basic credential `basic` (by the

@@ -29,8 +29,9 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import aiohttp
@@ -41,6 +42,7 @@ from cr_proxy.cache.layout import (
     DOCKER_HUB,
     Kind,
     RegistryPath,
+    Target,
     check_name,
     check_path,
     normalise_registry,
@@ -53,10 +55,21 @@ from cr_proxy.errors import (
     CrProxyError,
     DestinationRefused,
     DigestMismatch,
+    NotFound,
     Unsupported,
     UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
 )
-from cr_proxy.fetch.context import FetchContext, in_thread, read_bounded
+from cr_proxy.fetch.context import (
+    API_HEADERS,
+    FetchContext,
+    client_auth,
+    in_thread,
+    read_bounded,
+)
+from cr_proxy.fetch.held import Held
+from cr_proxy.fetch.private import Privacy
 from cr_proxy.oci.manifest import MANIFEST_MEDIA_TYPES, MAX_MANIFEST
 from cr_proxy.oci.reference import digest_of, is_digest, is_tag
 from cr_proxy.upstream.uploads import PushAuth
@@ -65,12 +78,15 @@ log = logging.getLogger("cr_proxy.push")
 
 # /v2/<name>/blobs/uploads/<session> and /v2/<name>/manifests/<ref>; the
 # name may carry a registry prefix.
-PUSH_PATH_RE = re.compile(r"^/v2/(?P<name>.+)/(?P<what>blobs/uploads|manifests)/(?P<ref>[^/]*)$")
+PUSH_PATH_RE = re.compile(
+    r"^/v2/(?P<name>.+)/(?P<what>blobs/uploads|blobs|manifests)/(?P<ref>[^/]*)$")
 UPLOAD_PATH_RE = re.compile(r"^/v2/.+/blobs/uploads/[^/]*$")
+BLOB_PATH_RE = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
 SENT_HEADERS = frozenset({"content-type", "content-length", "content-range", "user-agent"})
 RELAYED_HEADERS = frozenset({"content-length", "docker-content-digest", "location", "range",
                              "docker-upload-uuid", "content-range",
                              "docker-distribution-api-version", "oci-subject"})
+BLOB_TYPE = "application/octet-stream"
 MAX_ANSWER = 1 << 20  # bytes of an upstream's answer to a push we read (JSON, errors)
 
 
@@ -80,8 +96,12 @@ class PushTarget:
     domain: str  # the host that serves it: the cache's <domain>
     name: str  # the repository upstream
     client_name: str  # the name as the client spelt it, its prefix included
-    what: str  # "blobs/uploads" or "manifests"
-    ref: str  # the upload session (may be "") or the manifest reference
+    what: str  # "blobs/uploads", "blobs" (a probe: HEAD) or "manifests"
+    ref: str  # the upload session (may be ""), the blob's digest or the manifest reference
+    # https_proxy mode: the client talks to the registry itself, logged in
+    # as itself; its Authorization is relayed (none of cr-proxy's logins).
+    proxied: bool = False
+    client_auth: str | None = None
 
     @property
     def path(self) -> str:
@@ -107,17 +127,37 @@ def push_target(path: str, default_target: str, registry_hosts: dict[str, str]) 
     check_name(name)
     if match["what"] == "manifests" and not (is_tag(ref) or is_digest(ref)):
         raise BadRequest("TAG_INVALID", f"invalid reference {ref[:140]!r}")
+    if match["what"] == "blobs" and not is_digest(ref):
+        raise BadRequest("DIGEST_INVALID", f"invalid digest {ref[:140]!r}")
     return PushTarget(registry, resolve_domain(registry, registry_hosts), name, client_name,
                       match["what"], ref)
+
+
+def proxied_target(path: str, domain: str, client_auth: str | None) -> PushTarget:
+    """An https_proxy client's write to `domain` (the host it asked for)."""
+    match = PUSH_PATH_RE.match(path)
+    if match is None or match["what"] == "blobs":
+        raise Unsupported(message=f"{path[:200]} is not a push path")
+    check_path(path)
+    name, ref = check_name(match["name"]), match["ref"]
+    if match["what"] == "manifests" and not (is_tag(ref) or is_digest(ref)):
+        raise BadRequest("TAG_INVALID", f"invalid reference {ref[:140]!r}")
+    return PushTarget(domain, domain, name, name, match["what"], ref, proxied=True,
+                      client_auth=client_auth)
 
 
 @dataclass(slots=True)
 class Upload:
     """What we follow of one upload session: its bytes so far, or nothing
-    once it went where we cannot follow (broken: relayed, never stored)."""
+    once it went where we cannot follow (broken: relayed, never stored);
+    between requests, when it was last used and where it is upstream (to
+    cancel it there once abandoned)."""
 
     writer: BlobWriter | None = None
     broken: bool = False
+    last: float = 0.0  # time.monotonic() of its last answer
+    target: PushTarget | None = None
+    upstream: str = ""  # its upstream path and query (upload state) as last given
 
     def size(self) -> int:
         return self.writer.size if self.writer is not None else 0
@@ -128,57 +168,270 @@ class Upload:
             self.writer = None
 
 
-class Pushes:
-    __slots__ = ("auth", "cancels", "ctx", "uploads")
+FillBlob = Callable[[Target], Awaitable[Path]]
 
-    def __init__(self, ctx: FetchContext) -> None:
+
+class Pushes:
+    __slots__ = ("_sweeper", "auth", "cancels", "ctx", "fill_blob", "fills", "held", "privacy",
+                 "touched", "uploads")
+
+    def __init__(self, ctx: FetchContext, privacy: Privacy | None = None,
+                 fill_blob: FillBlob | None = None) -> None:
         self.ctx = ctx
+        # A blob the upstream mounted that we have no copy of is fetched
+        # (Blobs.ensure), so the pushed image is whole in the cache.
+        self.fill_blob = fill_blob
+        self.fills: set[asyncio.Task[None]] = set()
+        # What is pushed to a private repository is marked so before it is
+        # named in the tree, as what is pulled (private.py).
+        self.privacy = privacy
         self.auth = PushAuth(ctx.upstream)
+        self.held = Held(ctx.store)
         # (domain, name, upstream session id) -> what we follow of it
         self.uploads: dict[tuple[str, str, str], Upload] = {}
         self.cancels: set[asyncio.Task[None]] = set()  # uploads being cancelled upstream
+        # digest -> time.monotonic() a push last stored, mounted or was told
+        # of it: what eviction keeps (pending()).
+        self.touched: dict[str, float] = {}
+        self._sweeper: asyncio.Task[None] | None = None  # cancels abandoned uploads
 
     def __repr__(self) -> str:
         return f"<Pushes {len(self.uploads)} uploads>"
 
     def close(self) -> None:
-        for task in self.cancels:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in (*self.cancels, *self.fills):
             task.cancel()
         for upload in self.uploads.values():
             upload.drop()
         self.uploads.clear()
 
+    def pending(self) -> set[str]:
+        """The digests pushes in progress reference (stored, mounted, or
+        answered held): none is evicted (cache/evict.py). A push's manifest
+        makes them an image's, whose recent use keeps them; a push that
+        never sends one lets go of them after push.upload_timeout."""
+        horizon = time.monotonic() - self.ctx.config.push.upload_timeout
+        for digest in [d for d, at in self.touched.items() if at < horizon]:
+            del self.touched[digest]
+        return set(self.touched)
+
+    def _touch(self, digest: str) -> None:
+        self.touched[digest] = time.monotonic()
+
+    def _keep(self, key: tuple[str, str, str], upload: Upload, target: PushTarget,
+              location: str) -> None:
+        """Follow the session between its requests, until its next request
+        or push.upload_timeout of silence."""
+        parts = urlsplit(location)
+        upload.last = time.monotonic()
+        upload.target = target
+        upload.upstream = parts.path + (f"?{parts.query}" if parts.query else "")
+        self.uploads[key] = upload
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Cancel uploads idle for push.upload_timeout (the client gone
+        between requests): upstream (DELETE), and their temp files here."""
+        timeout = self.ctx.config.push.upload_timeout
+        while self.uploads:
+            await asyncio.sleep(max(0.2, min(timeout / 4, 30.0)))
+            horizon = time.monotonic() - timeout
+            for key, upload in list(self.uploads.items()):
+                if upload.last >= horizon:
+                    continue
+                del self.uploads[key]
+                upload.drop()
+                if upload.target is not None and upload.upstream:
+                    log.info("upload %s/%s idle for %.0f s: cancelled", upload.target.domain,
+                             upload.upstream.split("?")[0], timeout)
+                    self._cancel_later(upload.target, upload.upstream)
+
     def claims(self, request: web.Request) -> bool:
         """A mirror request that is ours: every write (refused 405 while
-        push is off), and, push on, an upload's status GET."""
+        push is off), and, push on, an upload's status GET and a pusher's
+        HEAD of a blob (a push probe: "must I upload this layer?")."""
         if request.method not in ("GET", "HEAD"):
             return True
-        return self.ctx.config.push.enabled and bool(UPLOAD_PATH_RE.match(request.path))
+        if not self.ctx.config.push.enabled:
+            return False
+        if UPLOAD_PATH_RE.match(request.path):
+            return True
+        # A HEAD from a client that may push: pullers' HEADs (any other
+        # client) keep the pull path's answer, from the cache first.
+        return (request.method == "HEAD" and bool(BLOB_PATH_RE.match(request.path))
+                and self._may_push(request))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         config = self.ctx.config
         if not config.push.enabled:
             raise Unsupported(message="this mirror is read-only: push to the registry itself "
                               "(or set push.enabled)")
-        self._check_client(request)
+        if not self._may_push(request):
+            # nginx refuses these first, before the body (mirror-maps.conf):
+            # this is the second wall.
+            raise DestinationRefused(message="this client address may not push "
+                                     "(push.allow_clients)")
         target = push_target(request.path, config.push.default_target,
                              dict(config.registry_hosts))
-        if target.what == "manifests":
-            return await self._manifest(request, target)
-        return await self._upload(request, target)
+        if target.what == "blobs":
+            # Not counted as the repository's activity: a probe may wait for
+            # another pusher's claim, and two pushers waiting on each other's
+            # claims must both see the other go silent (held.py).
+            return await self._probe(request, target)
+        # A repository with an upload or manifest request in progress has a
+        # live pusher: a claim of its is not abandoned (held.py).
+        self.held.began(target.domain, target.name)
+        try:
+            if target.what == "manifests":
+                return await self._manifest(request, target)
+            return await self._upload(request, target)
+        finally:
+            self.held.ended(target.domain, target.name)
 
-    def _check_client(self, request: web.Request) -> None:
-        """nginx refuses these first, before the body (mirror-maps.conf);
-        this is the second wall. X-Forwarded-For is nginx's own, never the
-        client's."""
+    def claims_proxied(self, request: web.Request) -> bool:
+        """An https_proxy request that is ours (push on): a write to a push
+        path, or an upload's status GET, from a client on push.allow_clients.
+        Others are relayed as they come, uncached (passthrough.py)."""
+        if not self.ctx.config.push.enabled or not PUSH_PATH_RE.match(request.path):
+            return False
+        if request.method in ("GET", "HEAD") and not UPLOAD_PATH_RE.match(request.path):
+            return False
+        return self._may_push(request)
+
+    async def handle_proxied(self, request: web.Request, domain: str) -> web.StreamResponse:
+        """An https_proxy client's upload or manifest PUT: relayed with its
+        own login and written through as in mirror mode (no probes: the
+        client's token may not reach another repository to mount from)."""
+        target = proxied_target(request.path, domain, request.headers.get("Authorization"))
+        self.held.began(target.domain, target.name)
+        try:
+            if target.what == "manifests":
+                return await self._manifest(request, target)
+            return await self._upload(request, target)
+        finally:
+            self.held.ended(target.domain, target.name)
+
+    async def _login(self, target: PushTarget, mount_from: str | None = None,
+                     delete: bool = False) -> str | None:
+        """The Authorization of a request upstream: the client's own in
+        https_proxy mode, else cr-proxy's (upstream/uploads.py)."""
+        if target.proxied:
+            return target.client_auth
+        return await self.auth.header(target.registry, target.domain, target.name, mount_from,
+                                      delete=delete)
+
+    def _may_push(self, request: web.Request) -> bool:
+        """X-Forwarded-For is nginx's own, never the client's."""
         try:
             address = ipaddress.ip_address(request.headers.get("X-Forwarded-For", ""))
         except ValueError:
-            address = None
-        if address is None or not any(address in net for net in
-                                      self.ctx.config.push.allow_clients):
-            raise DestinationRefused(message="this client address may not push "
-                                     "(push.allow_clients)")
+            return False
+        return any(address in net for net in self.ctx.config.push.allow_clients)
+
+    # --- probes: one upload per layer across images ----------------------------
+
+    async def _probe(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
+        """A pusher's HEAD of a blob (_ask_upstream). While the upstream
+        cannot be asked, the cache answers for a blob it holds, as it does
+        a puller's HEAD (the client may be pulling; a push fails at its
+        upload or manifest all the same)."""
+        try:
+            return await self._ask_upstream(request, target)
+        except (UpstreamUnreachable, UpstreamTimeout, aiohttp.ClientError, TimeoutError):
+            stored = self.ctx.store.tree.blob(target.ref)
+            size = await in_thread(_size_of, stored)
+            if size is None:
+                raise
+            log.info("push probe of %s in %s/%s answered from the cache: upstream unreachable",
+                     target.ref, target.domain, target.name)
+            return _blob_head(target.ref, size)
+
+    async def _ask_upstream(self, request: web.Request, target: PushTarget
+                            ) -> web.StreamResponse:
+        """200 when the upstream holds the blob in this repository (as far
+        as we know), or after a mount from another repository of the
+        registry that holds it; while another pusher uploads it, after
+        waiting for that upload; else the upstream's own answer, and a 404
+        claims the upload for this pusher (held.py)."""
+        domain, name, digest = target.domain, target.name, target.ref
+        held = self.held
+        await held.load(domain)
+        while True:
+            holders = held.holders(domain, digest)
+            if name in holders:
+                return await self._held_answer(request, target)
+            for source in sorted(holders):
+                if await self._mount(target, source):
+                    return await self._held_answer(request, target)
+            if not await held.wait(domain, name, digest):
+                break
+        try:
+            answer = await self._head(request, target)
+        except NotFound:
+            held.claim(domain, name, digest)
+            raise
+        held.add(domain, name, digest, answer.content_length)
+        self._touch(digest)
+        return answer
+
+    async def _held_answer(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
+        """200 for a blob the upstream holds here, with its size; asked
+        upstream when we never knew it."""
+        self._touch(target.ref)  # the push relies on it: our copy stays too
+        size = self.held.size(target.ref)
+        if size is None:
+            return await self._head(request, target)
+        return _blob_head(target.ref, size)
+
+    async def _head(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
+        """The upstream's answer to the HEAD (its redirects followed, as a
+        client would)."""
+        rtarget = Target(target.registry, target.domain,
+                         RegistryPath(Kind.BLOB, target.name, target.ref))
+        opened = await self.ctx.upstream.open("HEAD", rtarget, client_auth=client_auth(request))
+        response = opened.response
+        response.release()
+        if response.status == 404:
+            raise NotFound("BLOB_UNKNOWN", f"blob {target.ref} not found upstream")
+        if response.status != 200:
+            raise UpstreamError(message=f"{target.domain} answered {response.status} to a HEAD "
+                                f"of {target.ref}")
+        headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": target.ref,
+                   **API_HEADERS}
+        if response.content_length is not None:
+            headers["Content-Length"] = str(response.content_length)
+        return web.Response(status=200, headers=headers)
+
+    async def _mount(self, target: PushTarget, source: str) -> bool:
+        """Mount the digest from `source` into the target repository
+        upstream; True when the upstream did (201)."""
+        digest = target.ref
+        auth = await self._login(target, source)
+        headers = {"Content-Length": "0", **({"Authorization": auth} if auth else {})}
+        path_qs = f"/v2/{target.name}/blobs/uploads/?{urlencode({'mount': digest, 'from': source})}"
+        answer = await self.ctx.upstream.send("POST", target.domain, path_qs, headers, data=b"")
+        answer.release()
+        if answer.status == 201:
+            log.info("mounted %s from %s into %s/%s upstream", digest, source, target.domain,
+                     target.name)
+            await self._mounted(digest, target)
+            return True
+        # The source no longer holds it (or we may not read it there): a 202
+        # is an upload the registry began instead, which nobody will use.
+        self.held.forget(target.domain, source, digest)
+        location = urlsplit(answer.headers.get("Location", ""))
+        session = self._session(location.path) if answer.status == 202 else ""
+        if session:
+            upload = PushTarget(target.registry, target.domain, target.name, target.client_name,
+                                "blobs/uploads", session)
+            self._cancel_later(upload, location.path + (f"?{location.query}"
+                                                        if location.query else ""))
+        log.info("mount of %s from %s into %s/%s refused (%d)", digest, source, target.domain,
+                 target.name, answer.status)
+        return False
 
     # --- blobs ---------------------------------------------------------------
 
@@ -187,7 +440,10 @@ class Pushes:
         query = list(parse_qsl(request.query_string, keep_blank_values=True))
         mount_from = None
         if method == "POST" and request.query.get("mount") and request.query.get("from"):
-            query, mount_from = self._mount_query(query, target)
+            if target.proxied:  # the registry's own names: within it, as they are
+                mount_from = check_name(request.query["from"])
+            else:
+                query, mount_from = self._mount_query(query, target)
         key = (target.domain, target.name, target.ref)
         upload = self.uploads.pop(key, None) if target.ref else Upload()
         if upload is None:
@@ -196,8 +452,7 @@ class Pushes:
         self._check_range(request, upload)
         headers = CIMultiDict(
             (k, v) for k, v in request.headers.items() if k.lower() in SENT_HEADERS)
-        auth = await self.auth.header(target.registry, target.domain, target.name, mount_from,
-                                      delete=method == "DELETE")
+        auth = await self._login(target, mount_from, delete=method == "DELETE")
         if auth:
             headers["Authorization"] = auth
         body = self._body(request, upload) if request.can_read_body else None
@@ -206,7 +461,7 @@ class Pushes:
             answer = await self.ctx.upstream.send(method, target.domain, path_qs, headers,
                                                   data=body)
         except BaseException:
-            upload.drop()
+            self._failed(upload, target, final, request)
             if body is not None and target.ref:
                 # A body cut short (the client gone mid-chunk, or the
                 # upstream): the session is dead to both; cancel it upstream
@@ -216,7 +471,7 @@ class Pushes:
         try:
             response = await self._relay(request, answer, target)
         except BaseException:
-            upload.drop()
+            self._failed(upload, target, final, request)
             raise
         if final:
             await self._finish(upload, answer.status, request.query["digest"], target)
@@ -225,12 +480,21 @@ class Pushes:
         elif method == "DELETE" or answer.status >= 300:
             upload.drop()
         else:
-            session = self._session(answer.headers.get("Location", ""))
+            location = answer.headers.get("Location", "")
+            session = self._session(location)
             if session:
-                self.uploads[(target.domain, target.name, session)] = upload
+                self._keep((target.domain, target.name, session), upload, target, location)
             else:
                 upload.drop()
         return response
+
+    def _failed(self, upload: Upload, target: PushTarget, final: bool,
+                request: web.Request) -> None:
+        """An upload request that broke off: nothing kept, and a pusher
+        waiting for this digest looks again at once (held.py)."""
+        upload.drop()
+        if final:
+            self.held.release(target.domain, request.query["digest"])
 
     def _cancel_later(self, target: PushTarget, path_qs: str) -> None:
         task = asyncio.get_running_loop().create_task(self._cancel(target, path_qs))
@@ -241,8 +505,7 @@ class Pushes:
         """Best effort: DELETE the upload upstream (its upload state as the
         client last had it)."""
         try:
-            auth = await self.auth.header(target.registry, target.domain, target.name,
-                                          delete=True)
+            auth = await self._login(target, delete=True)
             headers = {"Authorization": auth} if auth else {}
             response = await self.ctx.upstream.send("DELETE", target.domain, path_qs, headers)
             response.release()
@@ -295,6 +558,19 @@ class Pushes:
         """The final PUT answered: store the bytes if the upstream took them
         (201) and they are what the client said."""
         writer, upload.writer = upload.writer, None
+        try:
+            await self._stored(writer, status, digest, target)
+        finally:
+            # Whatever the upstream answered, a pusher waiting for this
+            # digest looks again (held.py).
+            self.held.release(target.domain, digest)
+
+    async def _stored(self, writer: BlobWriter | None, status: int, digest: str,
+                      target: PushTarget) -> None:
+        if status == 201 and is_digest(digest):
+            self.held.add(target.domain, target.name, digest,
+                          writer.size if writer is not None else None)
+            self._touch(digest)
         if writer is None:
             return
         if status != 201 or not is_digest(digest):
@@ -305,6 +581,7 @@ class Pushes:
         try:
             writer.name(digest)
             writer.verify(None)
+            await self._learn_privacy(target, RegistryPath(Kind.BLOB, target.name, digest))
             await in_thread(store.commit_blob, writer, target.domain, path)
         except DigestMismatch as err:
             writer.abort()
@@ -316,8 +593,41 @@ class Pushes:
         """A mount the upstream made: our copy, if we have one, is named for
         the repository too."""
         if is_digest(digest):
-            path = RegistryPath(Kind.BLOB, target.name, digest).path
-            await in_thread(self.ctx.store.link_if_stored, digest, target.domain, path)
+            self.held.add(target.domain, target.name, digest, None)
+            self._touch(digest)
+            # A pusher that claimed the upload mounted it instead.
+            self.held.release(target.domain, digest)
+            rpath = RegistryPath(Kind.BLOB, target.name, digest)
+            await self._learn_privacy(target, rpath)
+            named = await in_thread(self.ctx.store.link_if_stored, digest, target.domain,
+                                    rpath.path)
+            if named is None and self.fill_blob is not None:
+                self._fill_later(Target(target.registry, target.domain, rpath))
+
+    def _fill_later(self, target: Target) -> None:
+        """Fetch a mounted blob we hold no copy of, in the background (the
+        client's mount is answered already), as a client's miss would."""
+        fill_blob = self.fill_blob
+        assert fill_blob is not None
+
+        async def fill() -> None:
+            try:
+                await fill_blob(target)
+            except (CrProxyError, aiohttp.ClientError, OSError, TimeoutError) as err:
+                log.warning("mounted blob %s/%s not cached: %s", target.domain,
+                            target.rpath.path, getattr(err, "message", err))
+
+        task = asyncio.create_task(fill())
+        self.fills.add(task)
+        task.add_done_callback(self.fills.discard)
+
+    async def _learn_privacy(self, target: PushTarget, rpath: RegistryPath) -> None:
+        """Before a pushed object is named: whether its repository is
+        private (the upstream, which has just accepted it, refuses it
+        without a credential), asked as for a pull."""
+        if self.privacy is not None:
+            await self.privacy.learn(Target(target.registry, target.domain, rpath),
+                                     target.client_auth, pushed=True)
 
     @staticmethod
     def _session(location: str) -> str:
@@ -333,7 +643,7 @@ class Pushes:
         body = await _read_request(request, MAX_MANIFEST)
         content_type = request.headers.get("Content-Type", "")
         headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
-        auth = await self.auth.header(target.registry, target.domain, target.name)
+        auth = await self._login(target)
         if auth:
             headers["Authorization"] = auth
         answer = await self.ctx.upstream.send("PUT", target.domain, target.path,
@@ -341,6 +651,8 @@ class Pushes:
         status = answer.status
         response = await self._relay(request, answer, target)
         if status == 201:
+            if self.privacy is not None and target.client_auth:
+                self.privacy.granted(target.domain, target.name, target.client_auth)
             await self._store_manifest(target, body, content_type)
         return response
 
@@ -352,6 +664,7 @@ class Pushes:
                      rpath.path, content_type[:80], digest)
             return
         try:
+            await self._learn_privacy(target, rpath)
             await in_thread(self.ctx.store.commit_manifest, target.domain, rpath, body, digest,
                             content_type, time.time())
         except (CrProxyError, OSError) as err:
@@ -372,6 +685,9 @@ class Pushes:
         finally:
             answer.release()
         headers = {k: v for k, v in answer.headers.items() if k.lower() in RELAYED_HEADERS}
+        if target.proxied and "WWW-Authenticate" in answer.headers:
+            # The client logs in itself: it must see the registry's challenge.
+            headers["WWW-Authenticate"] = answer.headers["WWW-Authenticate"]
         if "Location" in headers:
             headers["Location"] = client_location(headers["Location"], target)
         headers.pop("Content-Length", None)
@@ -392,6 +708,19 @@ def client_location(location: str, target: PushTarget) -> str:
                             "which this mirror does not relay")
     path = f"/v2/{target.client_name}/" + parts.path[len(own):]
     return path + (f"?{parts.query}" if parts.query else "")
+
+
+def _blob_head(digest: str, size: int) -> web.Response:
+    headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": digest,
+               "Content-Length": str(size), **API_HEADERS}
+    return web.Response(status=200, headers=headers)
+
+
+def _size_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 async def _read_request(request: web.Request, limit: int) -> bytes:

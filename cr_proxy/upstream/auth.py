@@ -148,6 +148,16 @@ class TokenCache:
         self._tokens.pop(key, None)
         return None
 
+    @staticmethod
+    def key(challenge: Challenge, scope: str,
+            credentials: Credentials | None) -> tuple[str, str, str, str]:
+        who = credentials.username if credentials else ""
+        return (challenge.realm, challenge.params.get("service", ""), scope, who)
+
+    def discard(self, key: tuple[str, str, str, str]) -> None:
+        """Forget a token the registry refused before its expires_in said."""
+        self._tokens.pop(key, None)
+
     async def fetch(
         self,
         challenge: Challenge,
@@ -156,8 +166,7 @@ class TokenCache:
         http_get: TokenFetch,
     ) -> str:
         """A token for this challenge and scope, from the cache or the realm."""
-        who = credentials.username if credentials else ""
-        key = (challenge.realm, challenge.params.get("service", ""), scope, who)
+        key = self.key(challenge, scope, credentials)
         token = self.get(key)
         if token:
             return token

@@ -503,9 +503,22 @@ class Upstream:
             # would, uncached (the cache knows users by name, not password).
             answer = await self.get_json(token_url(challenge, scope),
                                          {"Authorization": client_auth}, registry=domain)
-            token = str(answer.get("token") or answer.get("access_token") or "")
-        else:
-            token = await self.token(challenge, scope, creds, domain)
+            sent["Authorization"] = "Bearer " + str(
+                answer.get("token") or answer.get("access_token") or "")
+            return await self.send(method, domain, path, sent)
+        key = TokenCache.key(challenge, scope, creds)
+        cached = self.tokens.get(key)
+        token = await self.token(challenge, scope, creds, domain)
+        sent["Authorization"] = f"Bearer {token}"
+        response = await self.send(method, domain, path, sent)
+        if response.status != 401 or cached is None:
+            return response
+        # A cached token refused: it expired before its expires_in said (a
+        # registry's clock, a rolled key, a revoked grant). One fresh token;
+        # a fresh one refused is the registry's answer.
+        response.release()
+        self.tokens.discard(key)
+        token = await self.token(challenge, scope, creds, domain)
         sent["Authorization"] = f"Bearer {token}"
         return await self.send(method, domain, path, sent)
 

@@ -19,8 +19,7 @@ from cr_proxy.upstream.auth import parse_challenge, pull_scope, token_url
 from cr_proxy.upstream.client import Upstream
 
 REFUSED = frozenset({401, 403})
-# 404 too: a registry may hide a repository from those who may not see it.
-NOT_ACCEPTED = REFUSED | {404}
+NOT_FOUND = 404
 
 
 async def refused_anonymously(upstream: Upstream, target: Target) -> bool:
@@ -28,14 +27,18 @@ async def refused_anonymously(upstream: Upstream, target: Target) -> bool:
     return await _status(upstream, target, None) in REFUSED
 
 
-async def accepts(upstream: Upstream, target: Target, authorization: str) -> bool:
+async def accepts(upstream: Upstream, target: Target, authorization: str) -> bool | None:
     """Whether the upstream lets a client with this Authorization (Bearer,
-    or Basic exchanged for a token as the client would) read `target`.
-    Raises UpstreamUnreachable when it cannot be asked, UpstreamError when
-    its answer says neither yes nor no (a 5xx)."""
+    or Basic exchanged for a token as the client would) read `target`;
+    None when it says the object is not there (404: unknown, deleted, or a
+    registry hiding a repository from those who may not see it), which
+    grants nothing. Raises UpstreamUnreachable when it cannot be asked,
+    UpstreamError when its answer says neither (a 5xx)."""
     status = await _status(upstream, target, authorization)
-    if status in NOT_ACCEPTED:
+    if status in REFUSED:
         return False
+    if status == NOT_FOUND:
+        return None
     if status < 400:
         return True
     raise UpstreamError(message=f"{target.domain} answered {status} to a credential check")

@@ -346,25 +346,32 @@ map $cr_peer $cr_auth_peer {{
     "" 0;
     default 1;
 }}
-# The verdict over "<peer>|<kind>|<private>|<rule>|<identity>": "" serves,
-# ping answers the ping after the password check, a reason refuses.
-map "$cr_auth_peer|$cr_auth_kind|$cr_private|$cr_auth_rule|$cr_user" $cr_auth_verdict {{
+# Writes (pushes) are never anonymous; push.* decides the rest.
+map $request_method $cr_write {{
+    GET 0;
+    HEAD 0;
+    default 1;
+}}
+# The verdict over "<peer>|<write>|<kind>|<private>|<rule>|<identity>": ""
+# serves, ping answers the ping after the password check, a reason refuses.
+map "$cr_auth_peer|$cr_write|$cr_auth_kind|$cr_private|$cr_auth_rule|$cr_user" $cr_auth_verdict {{
     # No identity, the common case: exact keys (a hash lookup, no regex).
-    "0|repo|0||" "{anonymous}";
-    "0|repo|1||" no_identity;
-    "0|ping|0||" {ping};
-    "0|other|0||" no_identity;
+    "0|0|repo|0||" "{anonymous}";
+    "0|0|repo|1||" no_identity;
+    "0|0|ping|0||" {ping};
+    "0|0|other|0||" no_identity;
     "~^1\\|" "";
-    "~^0\\|(?:internal|signed)\\|" "";
-    "~^0\\|artifact\\|" unsigned_artifact;
-    "~^0\\|repo\\|[01]\\|deny\\|" rule_deny;
-    "~^0\\|repo\\|[01]\\|pull\\|" "";
-    "~^0\\|repo\\|1\\|\\|$" no_identity;
-    "~^0\\|repo\\|1\\|" not_granted;
-    "~^0\\|repo\\|0\\|\\|$" "{anonymous}";
-    "~^0\\|ping\\|0\\|\\|$" {ping};
-    "~^0\\|ping\\|" ping;
-    "~^0\\|other\\|0\\|\\|$" no_identity;
+    "~^0\\|[01]\\|(?:internal|signed)\\|" "";
+    "~^0\\|[01]\\|artifact\\|" unsigned_artifact;
+    "~^0\\|1\\|[a-z]+\\|[01]\\|[a-z]*\\|$" no_identity;
+    "~^0\\|[01]\\|repo\\|[01]\\|deny\\|" rule_deny;
+    "~^0\\|[01]\\|repo\\|[01]\\|pull\\|" "";
+    "~^0\\|0\\|repo\\|1\\|\\|$" no_identity;
+    "~^0\\|[01]\\|repo\\|1\\|" not_granted;
+    "~^0\\|0\\|repo\\|0\\|\\|$" "{anonymous}";
+    "~^0\\|0\\|ping\\|0\\|\\|$" {ping};
+    "~^0\\|[01]\\|ping\\|" ping;
+    "~^0\\|0\\|other\\|0\\|\\|$" no_identity;
     default "";
 }}
 # What the fetcher may send upstream: an https_proxy client's own credential;

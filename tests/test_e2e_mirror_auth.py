@@ -137,11 +137,11 @@ def refused(result: subprocess.CompletedProcess[str], how: str) -> bool:
 
 
 def curl(cr: CrProxy, path: str, tmp: Path, *headers: str,
-         certs: Path | None = None) -> tuple[int, str, bytes]:
+         certs: Path | None = None, method: str = "GET") -> tuple[int, str, bytes]:
     """One GET to the mirror's HTTP port, or with `certs` (cert_dir) its
     HTTPS port with that client certificate: (status, headers, body)."""
     out, head = tmp / "curl.body", tmp / "curl.head"
-    args = ["curl", "-s", "-o", str(out), "-D", str(head), "-w", "%{http_code}",
+    args = ["curl", "-s", "-X", method, "-o", str(out), "-D", str(head), "-w", "%{http_code}",
             "-H", "Accept: application/vnd.oci.image.manifest.v1+json"]
     for header in headers:
         args += ["-H", header]
@@ -265,6 +265,10 @@ def test_hostile_credentials_and_paths_get_nothing_private(
     user, password = "alice", CLIENTS["alice"]
     status, _, _ = curl(cr, f"{manifest}?user={user}&password={password}", tmp_path)
     assert status == 401
+    # Writes are never anonymous, to a public repository either.
+    for method, path in (("PUT", f"/v2/{REGISTRY}/public/app/manifests/v9"),
+                         ("POST", f"/v2/{REGISTRY}/public/app/blobs/uploads/")):
+        assert curl(cr, path, tmp_path, method=method)[0] == 401, (method, path)
     # Unsigned module URLs name no checked repository: refused with mirror_auth on.
     status, _, body = curl(cr, f"/artifacts/{REGISTRY}/private/app:v1", tmp_path,
                            basic("alice", CLIENTS["alice"]))

@@ -149,16 +149,24 @@ def per_request(conf: Path, port: int, case: Case, requests: int, work: Path,
     return (count(conf, port, case, requests, work, proxy) - idle) / requests
 
 
+# --mirror-auth: client authentication on (a rule, no password users), the
+# requests anonymous: what a public hit costs with the feature on.
+MIRROR_AUTH = {"anonymous": "pull-public",
+               "rules": [{"users": ["ci"], "repositories": ["docker.io/*"], "allow": "pull"}]}
+
+
 @contextmanager
-def rendered_cr_proxy(work: Path) -> Iterator[tuple[Path, int, Path]]:
+def rendered_cr_proxy(work: Path, mirror_auth: bool = False
+                      ) -> Iterator[tuple[Path, int, Path]]:
     """cr-proxy's own rendered nginx configuration over a cache made here:
     serve renders it and is stopped; nginx is then run from it alone (hits
     never reach the fetcher). (nginx.conf, mirror HTTP port, cache dir)."""
     cache = work / "crproxy" / "cache"
     cache.mkdir(parents=True)
     (proxy_port,) = free_ports(1)  # the front is rendered too: its nginx servers are measured
+    settings = {"mirror_auth": MIRROR_AUTH} if mirror_auth else {}
     cr = CrProxy(work / "crproxy", {}, tag_ttl=10**9,  # the tag stays fresh
-                 listen_proxy=f"127.0.0.1:{proxy_port}")
+                 listen_proxy=f"127.0.0.1:{proxy_port}", **settings)
     with cr:
         pass
     yield cr.dir / "run" / "nginx.conf", cr.http_port, cache
@@ -167,13 +175,15 @@ def rendered_cr_proxy(work: Path) -> Iterator[tuple[Path, int, Path]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--mirror-auth", action="store_true",
+                        help="mirror_auth on (anonymous requests, public content)")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("ab") is None:
         print("needs valgrind and ab (apache2-utils)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="cr-bench-instr-") as tmp:
         work = Path(tmp)
-        with rendered_cr_proxy(work) as (conf, port, cache):
+        with rendered_cr_proxy(work, args.mirror_auth) as (conf, port, cache):
             manifest_path, blob_path = make_cache(cache)
             plain = PlainNginx(work / "plain", cache / "content" / DOMAIN)
             plain.dir.mkdir()

@@ -24,7 +24,7 @@ import yaml
 
 from cr_proxy.errors import BadRequest, ConfigError
 from cr_proxy.net.policy import parse_rule
-from cr_proxy.oci.reference import is_host, parse_reference
+from cr_proxy.oci.reference import is_host, is_name, names_registry, parse_reference
 
 ENV_PREFIX = "CR_PROXY_"
 # Upstream connections open at once, all hosts together (the fetcher's
@@ -223,6 +223,43 @@ class Private:
     offline_grace: float  # seconds a verdict still counts while the upstream is unreachable
 
 
+MIRROR_ANONYMOUS = ("pull-public", "none")
+RULE_ALLOW = ("pull", "deny")
+# Identities nginx takes from a password user or a certificate's CN: no
+# character that could end a map key, a log field or a header.
+IDENTITY_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+MIRROR_AUTH_REALM = "cr-proxy"  # WWW-Authenticate: Basic realm="cr-proxy"
+# nginx's word to the fetcher on a mirror miss (nginx.py, $cr_auth_grant):
+# what mirror_auth would say of this client were the repository private.
+MIRROR_GRANT_HEADER = "X-CR-Mirror-Grant"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRule:
+    """One mirror_auth rule: these identities ("*": any) may pull, or may
+    not, the repositories these patterns name (docs in default.yml)."""
+
+    users: tuple[str, ...]
+    repositories: tuple[str, ...]  # [registry/]name, [registry/]prefix/* or *
+    allow: str  # pull | deny
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorAuth:
+    """Client authentication on the mirror ports (cr_proxy/nginx.py,
+    mirror_auth_maps and MIRROR_AUTH)."""
+
+    htpasswd_file: Path | None
+    client_ca: Path | None
+    anonymous: str  # pull-public | none
+    rules: tuple[AccessRule, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.htpasswd_file or self.client_ca or self.rules
+                    or self.anonymous != "pull-public")
+
+
 @dataclass(frozen=True, slots=True)
 class Cluster:
     """Sibling nodes (docs/design.md, "Cluster"). `peers` as written: nginx
@@ -278,6 +315,7 @@ class Config:
     download: Download = Download()
     cluster: Cluster = Cluster((), "", True)
     private: Private = Private(300, "verified", 86400)
+    mirror_auth: MirrorAuth = MirrorAuth(None, None, "pull-public")
 
     @property
     def socket_path(self) -> Path:
@@ -478,6 +516,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
         mqtt=_mqtt(_mapping(data, "mqtt"), environ),
         cluster=_cluster(_mapping(data, "cluster")),
         private=_private(_mapping(data, "private")),
+        mirror_auth=_mirror_auth(_mapping(data, "mirror_auth"), listen),
     )
 
 
@@ -487,6 +526,62 @@ def _private(private: Mapping[str, Any]) -> Private:
         offline=_choice(private, "private.offline", PRIVATE_OFFLINE),
         offline_grace=_seconds(private, "private.offline_grace"),
     )
+
+
+def _mirror_auth(data: Mapping[str, Any], listen: Mapping[str, Any]) -> MirrorAuth:
+    client_ca = _readable_file(data, "mirror_auth.client_ca")
+    if client_ca and not _address(listen, "listen.mirror_https").enabled:
+        raise ConfigError(message="mirror_auth.client_ca: client certificates are asked for on "
+                                  "listen.mirror_https, which is off")
+    rules = _list(data, "mirror_auth.rules")
+    return MirrorAuth(
+        htpasswd_file=_readable_file(data, "mirror_auth.htpasswd_file"),
+        client_ca=client_ca,
+        anonymous=_choice(data, "mirror_auth.anonymous", MIRROR_ANONYMOUS),
+        rules=tuple(_access_rule(rule, f"mirror_auth.rules[{i}]") for i, rule in enumerate(rules)),
+    )
+
+
+def _readable_file(data: Mapping[str, Any], key: str) -> Path | None:
+    if not _str(data, key, allow_empty=True):
+        return None
+    path = _path(data, key)
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(message=f"{key}: {path} is not a readable file")
+    return path
+
+
+def _access_rule(value: Any, key: str) -> AccessRule:
+    if not isinstance(value, Mapping) or set(value) - {"users", "repositories", "allow"}:
+        raise ConfigError(message=f"{key}: expected {{users: [...], repositories: [...], "
+                                  f"allow: pull|deny}}, got {value!r}")
+    users = tuple(_str_list(value, f"{key}.users"))
+    repositories = tuple(_str_list(value, f"{key}.repositories"))
+    if not users or not repositories:
+        raise ConfigError(message=f"{key}: needs users and repositories")
+    for user in users:
+        if user != "*" and not IDENTITY_RE.fullmatch(user):
+            raise ConfigError(message=f"{key}.users: {user!r} is not a user name "
+                                      "(letters, digits, . _ @ -) or *")
+    for pattern in repositories:
+        if not is_repository_pattern(pattern):
+            raise ConfigError(message=f"{key}.repositories: {pattern!r} is not "
+                                      "[registry/]name, [registry/]prefix/* or *")
+    return AccessRule(users, repositories, _choice(value, f"{key}.allow", RULE_ALLOW))
+
+
+def is_repository_pattern(pattern: str) -> bool:
+    """`*`, `[registry/]name` or `[registry/]prefix/*` by the reference
+    grammar (a registry alone before `/*` too): nothing else reaches the
+    regexes nginx matches them with."""
+    if pattern == "*":
+        return True
+    wildcard = pattern.endswith("/*")
+    base = pattern[:-2] if wildcard else pattern
+    first, sep, rest = base.partition("/")
+    if names_registry(first):
+        return is_host(first) and (is_name(rest) if sep else wildcard)
+    return is_name(base)
 
 
 def _leaf(key: str) -> str:

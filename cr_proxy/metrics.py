@@ -30,7 +30,8 @@ class Metrics:
     __slots__ = (
         "bytes_fetched", "bytes_served", "cache_bytes", "cluster_changes", "cluster_members",
         "coalesced", "dummy_tokens",
-        "evictions", "hits", "misses", "peer_errors", "peer_failovers", "peer_requests",
+        "evictions", "hits", "mirror_auth_denied", "misses", "peer_errors", "peer_failovers",
+        "peer_requests",
         "private_checks", "private_denied",
         "registry", "requests", "resumes", "revalidations",
         "stale_served", "upstream_down", "upstream_errors", "upstream_outages",
@@ -84,6 +85,12 @@ class Metrics:
         )
         self.private_denied = Counter(
             "crproxy_private_denied", "Requests for private content refused, by reason",
+            ["reason"], registry=r,
+        )
+        # Mirror client authentication (nginx.py, mirror_auth), from the usage
+        # feed: nginx's refusals carry their reason as the request type.
+        self.mirror_auth_denied = Counter(
+            "crproxy_mirror_auth_denied", "Mirror requests mirror_auth refused, by reason",
             ["reason"], registry=r,
         )
         self.coalesced = Counter(

@@ -321,6 +321,17 @@ def test_environment_beats_the_file(tmp_path):
         ({"download": {"retries": -1}}, "download.retries"),
         ({"download": {"retries": "5"}}, "download.retries"),
         ({"download": {"retry_budget": -1}}, "download.retry_budget"),
+        ({"mirror_auth": {"htpasswd_file": "/nonexistent/htpasswd"}}, "mirror_auth.htpasswd_file"),
+        ({"mirror_auth": {"client_ca": "/nonexistent/ca.pem"}}, "mirror_auth.client_ca"),
+        ({"mirror_auth": {"anonymous": "everyone"}}, "mirror_auth.anonymous"),
+        ({"mirror_auth": {"rules": {"users": ["a"]}}}, "mirror_auth.rules"),
+        ({"mirror_auth": {"rules": ["a"]}}, "mirror_auth.rules[0]"),
+        ({"mirror_auth": {"rules": [{"users": ["a"], "repositories": ["x/y"], "allow": "push"}]}},
+         "mirror_auth.rules[0].allow"),
+        ({"mirror_auth": {"rules": [{"users": ["a"], "repositories": ["x/y"], "allow": "pull",
+                                     "push": True}]}}, "mirror_auth.rules[0]"),
+        ({"mirror_auth": {"rules": [{"users": [], "repositories": ["x/y"], "allow": "pull"}]}},
+         "mirror_auth.rules[0]"),
     ],
 )
 def test_bad_file_settings_raise_config_error_naming_the_key(tmp_path, data, key):
@@ -571,3 +582,15 @@ def test_bad_cluster_settings_name_the_key(tmp_path: Path, cluster: dict[str, ob
                                            message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load(write_config(tmp_path, {"cluster": cluster}), environ={})
+
+
+def test_mirror_auth_is_off_by_default_and_client_ca_needs_the_https_port(tmp_path):
+    assert not load_data(tmp_path, {}).mirror_auth.enabled
+    ca = tmp_path / "clients.pem"
+    ca.write_text("PEM")
+    on = load_data(tmp_path, {"mirror_auth": {"client_ca": str(ca)}}).mirror_auth
+    assert on.enabled and on.client_ca == ca and on.anonymous == "pull-public"
+    with pytest.raises(ConfigError) as info:
+        load_data(tmp_path, {"mirror_auth": {"client_ca": str(ca)},
+                             "listen": {"mirror_https": "off"}})
+    assert "mirror_auth.client_ca" in info.value.message

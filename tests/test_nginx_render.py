@@ -5,6 +5,7 @@ matches is reference.py's grammar (checked against a table of names)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -220,3 +221,126 @@ def test_a_peer_that_does_not_resolve_stops_the_render(tmp_path: Path) -> None:
                 CLUSTER__SELF="127.0.0.1:5001")
     with pytest.raises(nginx.NginxError, match=r"nowhere\.invalid:5001 does not resolve"):
         nginx.cluster_conf(conf)
+
+
+# --- mirror_auth -------------------------------------------------------------------
+
+AUTH_MARKS = ("auth_basic", "ssl_verify_client", "ssl_client_certificate", "mirror-auth.conf",
+              "$cr_user", "$cr_auth", "_cr/ping", "$cr_fetch_authorization")
+
+
+def rendered_text(conf: config_mod.Config) -> str:
+    return "\n".join(path.read_text() for path in sorted(conf.run_dir.glob("*.conf")))
+
+
+@needs_nginx
+def test_mirror_auth_off_renders_nothing_of_it(tmp_path: Path) -> None:
+    """Off (the default), no directive, variable or log field of it is
+    rendered: the hit path is the one measured without it. Only fetch.conf
+    drops a client's own X-CR-Mirror-Grant, as it drops every X-CR-*."""
+    conf, _ = rendered(tmp_path, **CONFIGURATIONS["mirror-https-and-proxy"])
+    text = rendered_text(conf)
+    assert not [mark for mark in AUTH_MARKS if mark in text]
+    assert 'proxy_set_header X-CR-Mirror-Grant "";' in text
+    assert not (conf.run_dir / nginx.PING_FILE).exists()
+
+
+def auth_settings(tmp_path: Path, rules: list[dict[str, object]]) -> dict[str, str]:
+    htpasswd, ca = tmp_path / "htpasswd", tmp_path / "clients.pem"
+    htpasswd.write_text("alice:$2y$05$Uvwb6kLTYMK/Na/yJFqXJ.KvSWEmL3sv/F1al8GRdPxim1z6cCTbi\n")
+    ca.write_bytes(certs.ensure_ca(tmp_path / "client-ca").cert.read_bytes())
+    settings = {"htpasswd_file": str(htpasswd), "client_ca": str(ca), "anonymous": "pull-public",
+                "rules": rules}
+    return {**CONFIGURATIONS["mirror-https-and-proxy"], "MIRROR_AUTH": json.dumps(settings)}
+
+
+@needs_nginx
+def test_mirror_auth_on_passes_nginx_t(tmp_path: Path) -> None:
+    rules = [{"users": ["alice", "*"], "repositories": ["registry.test/private/*", "*"],
+              "allow": "pull"}]
+    conf, path = rendered(tmp_path / "t", **auth_settings(tmp_path, rules))
+    nginx.check(conf, path)
+    text = rendered_text(conf)
+    assert all(mark in text for mark in AUTH_MARKS)
+    assert "log_format cr " in text and "user=$cr_user" in text
+
+
+def rule_regex(conf: config_mod.Config) -> list[tuple[re.Pattern[str], str]]:
+    entries = re.findall(r'(?m)^    "~(\^.*\$)" (pull|deny);$', nginx.rule_lines(conf))
+    return [(python_regex(pattern.replace("\\\\", "\\")), allow) for pattern, allow in entries]
+
+
+def first_rule(rules: list[tuple[re.Pattern[str], str]], subject: str) -> str:
+    return next((allow for regex, allow in rules if regex.fullmatch(subject)), "")
+
+
+def test_rules_become_escaped_regexes_normalised_as_the_mirror_maps(tmp_path: Path) -> None:
+    rules = [
+        {"users": ["carol"], "repositories": ["registry.test/private/*"], "allow": "deny"},
+        {"users": ["a.b", "ci-bot@x"], "repositories": ["registry.test/private/*",
+                                                        "docker.io/nginx", "ghcr.io/*"],
+         "allow": "pull"},
+        {"users": ["*"], "repositories": ["acme/*", "localhost:5000/exact"], "allow": "pull"},
+    ]
+    conf = load(tmp_path, **auth_settings(tmp_path, rules))
+    compiled = rule_regex(conf)
+    cases = {
+        "a.b|registry.test/private/app": "pull",
+        "a.b|registry.test/private/a/b": "pull",
+        "carol|registry.test/private/app": "deny",  # the first match wins
+        "aXb|registry.test/private/app": "",  # "." is no wildcard
+        "a.b|registryXtest/private/app": "",
+        "a.b|registry.test/privateX/app": "",
+        "a.b|registry.test/private": "",
+        "a.b|registry-1.docker.io/library/nginx": "pull",  # docker.io/nginx, as the maps say
+        "a.b|registry-1.docker.io/nginx": "",
+        "ci-bot@x|ghcr.io/org/app": "pull",
+        "|registry.test/private/app": "",  # no identity: no rule
+        "|registry-1.docker.io/acme/app": "",
+        "anyone|registry-1.docker.io/acme/app": "pull",  # acme/*: the default registry's
+        "anyone|localhost:5000/exact": "pull",
+        "anyone|localhost:5000/exact/more": "",
+        "a.b|x|registry.test/private/app": "",  # a separator in the name
+    }
+    assert {subject: first_rule(compiled, subject) for subject in cases} == cases
+
+
+@pytest.mark.parametrize(
+    ("users", "repository"),
+    [
+        (["alice"], "registry.test/(.*)"),
+        (["alice"], "registry.test/a|b"),
+        (["alice"], 'registry.test/a"; } evil {'),
+        (["alice"], "registry.test/private*"),
+        (["alice"], "registry.test/a/../b"),
+        (["alice"], "Registry.Test/App"),
+        (["alice"], "registry.test"),
+        (["alice"], "registry.test/a/*/b"),
+        (["alice"], "$cr_user/x"),
+        (["al|ice"], "registry.test/a"),
+        (["alice\r\nX: y"], "registry.test/a"),
+        (["al ice"], "registry.test/a"),
+        (["alice$x"], "registry.test/a"),
+        ([""], "registry.test/a"),
+    ],
+)
+def test_hostile_rules_never_reach_a_map(tmp_path: Path, users: list[str],
+                                         repository: str) -> None:
+    rules = [{"users": users, "repositories": [repository], "allow": "pull"}]
+    with pytest.raises(config_mod.ConfigError, match=r"mirror_auth\.rules\[0\]"):
+        load(tmp_path, **auth_settings(tmp_path, rules))
+
+
+@needs_nginx
+def test_mirror_auth_with_a_cluster_keeps_its_maps_when_the_ring_is_rewritten(
+    tmp_path: Path
+) -> None:
+    """serve rewrites mirror-maps.conf when the cluster's members change
+    (render_cluster): mirror_auth's maps go with it; a peer's hop is
+    exempt (its client was checked on the node it came in to)."""
+    settings = {**auth_settings(tmp_path, []), **CONFIGURATIONS["cluster"]}
+    conf, path = rendered(tmp_path / "t", **settings)
+    nginx.render_cluster(conf)
+    maps = (conf.run_dir / "mirror-maps.conf").read_text()
+    assert "$cr_auth_verdict" in maps and 'map $cr_peer $cr_auth_peer' in maps
+    nginx.check(conf, path)

@@ -42,6 +42,19 @@ def test_repeated_lines_count_once_each() -> None:
     assert feed.last_used[("registry.test", "v2/a/blobs/sha256:ab")] == 7.0
 
 
+def test_mirror_auth_refusals_are_counted_by_reason() -> None:
+    """nginx's mirror_auth refusals log denied-<reason> as their request
+    type, no domain or path (nginx.py, mirror_auth_server)."""
+    feed = UsageFeed(Metrics())
+    feed.feed("  401 86 denied-no_identity -\n" * 2 + "  403 90 denied-rule_deny -\n"
+              + HIT + "\n", when=1.0)
+    denied = feed.metrics.mirror_auth_denied
+    counts = {sample.labels["reason"]: sample.value for family in denied.collect()
+              for sample in family.samples if sample.name.endswith("_total")}
+    assert counts == {"no_identity": 2, "rule_deny": 1}
+    assert feed.last_used == {("registry.test", "v2/a/blobs/sha256:ab"): 1.0}
+
+
 def test_tail_returns_whole_lines_once(tmp_path: Path) -> None:
     log = tmp_path / "usage.log"
     tail = LogTail(log)

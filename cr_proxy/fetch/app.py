@@ -199,9 +199,11 @@ class Fetcher:
             return await self.passthrough.relay(
                 request, target.domain, self._relayed_path(request, target, mirror)
             )
-        if kind in PRIVATE_KINDS and await self.privacy.learn(target, client_auth(request)) \
-                and not mirror:
-            await self.privacy.admit(request, target)
+        if kind in PRIVATE_KINDS and await self.privacy.learn(target, client_auth(request)):
+            if not mirror:
+                await self.privacy.admit(request, target)
+            elif self.ctx.config.mirror_auth.enabled:
+                self.privacy.admit_mirror(request, target)
         if kind is Kind.BLOB:
             return await self.blobs.get(request, target)
         if kind is Kind.MANIFEST:

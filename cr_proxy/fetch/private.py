@@ -25,7 +25,10 @@ credential is that credential: the dummy is bound to it (`bind`), as a
 real token obtained online with a Basic credential is, so the
 credential's verdicts count for both. Mirror clients bring no credential
 (containerd does not send pull secrets to mirrors): the mirror ports
-serve their clients everything, as before (README, "Private content").
+serve their clients everything, unless mirror_auth is on; then nginx
+decides who they are and what they may pull (nginx.py), and tells the
+fetcher, for a miss of a repository not yet known private, what it would
+decide if it were (`admit_mirror`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import Generic, TypeVar
 from aiohttp import web
 
 from cr_proxy.cache.layout import Kind, Target
+from cr_proxy.config import MIRROR_AUTH_REALM, MIRROR_GRANT_HEADER
 from cr_proxy.errors import Denied, NotFound, Unauthorized, UpstreamError
 from cr_proxy.fetch.context import FetchContext, in_thread
 from cr_proxy.upstream.auth import DUMMY_PREFIX
@@ -181,6 +185,22 @@ class Privacy:
                 return self._decided(allowed, domain, name)
         self.ctx.metrics.private_checks.labels(how="offline").inc()
         self._offline(domain, name, authorization, credential)
+
+    def admit_mirror(self, request: web.Request, target: Target) -> None:
+        """Mirror mode with mirror_auth on: return if nginx's verdict for this
+        client, had the repository been private, lets it pull; else raise
+        Unauthorized (no identity) or Denied. nginx refuses a marked
+        repository itself: this is the miss that first found it private."""
+        grant = request.headers.get(MIRROR_GRANT_HEADER, "")
+        if grant == "pull":
+            return
+        name = target.rpath.name
+        if grant == "anonymous":
+            self._refuse("mirror_no_identity")
+            raise Unauthorized(f"{name} is private: authentication required (mirror_auth)",
+                               f'Basic realm="{MIRROR_AUTH_REALM}"')
+        self._refuse("mirror_not_granted")
+        raise Denied(message=f"{name} is private and no mirror_auth rule grants it this client")
 
     def granted(self, domain: str, name: str, authorization: str) -> None:
         """The upstream has just accepted a push to the repository with this

@@ -32,6 +32,7 @@ from cr_proxy.ops.logs import rotate_if_larger
 log = logging.getLogger("cr_proxy.usage")
 
 CACHED_KINDS = frozenset({"blob", "manifest", "other", "artifact"})
+DENIED = "denied-"  # nginx's mirror_auth refusals: denied-<reason> (nginx.py)
 READ_INTERVAL = 1.0  # seconds between reads of the log
 ROTATE_BYTES = 64 << 20
 
@@ -75,6 +76,8 @@ class UsageFeed:
     def record(self, use: Use, when: float, times: int = 1) -> None:
         self.lines += times
         self.metrics.requests.labels(type=use.kind or "-", status=str(use.status)).inc(times)
+        if use.kind.startswith(DENIED):
+            self.metrics.mirror_auth_denied.labels(reason=use.kind[len(DENIED):]).inc(times)
         if use.nginx_hit:
             self.metrics.hits.labels(kind=use.kind).inc(times)
             self.metrics.bytes_served.inc(use.size * times)

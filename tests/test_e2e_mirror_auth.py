@@ -1,0 +1,344 @@
+"""Client authentication on the mirror ports (mirror_auth, issue 14 item
+4), end to end: the real distribution upstream whose token server lets
+only `testuser` pull `private/app` (cr-proxy's own `registries:` login),
+a real `cr-proxy serve` with nginx deciding, and skopeo and curl as the
+mirror's clients.
+
+Password users come from an htpasswd file with bcrypt entries of both
+spellings ($2y$ as Apache's htpasswd writes, $2b$ as Python's do); client
+certificates are made here with trustme, under a client CA cr-proxy
+trusts and under one it does not. The rules: `alice` and the certificate
+`ci-bot` may pull registry.test/private/*; `carol` is denied
+registry.test/public/*; `bob` and the certificate `outsider` have no rule."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+from testbed.crproxy import CrProxy, clean_env, layout_blobs
+from testbed.oci_layout import ImageInfo, build_image, tar_layer
+from testbed.registry import Upstream
+from tests.clients import Containerd, podman
+from tests.conftest import proxy_endpoints
+from tests.faulty import wait_until
+from tests.test_e2e_metrics import scrape, value
+
+REGISTRY = "registry.test"
+UPSTREAM_USERS = {"testuser": "pw-testuser"}
+CLIENTS = {"alice": "alice-pw-1", "bob": "bob-pw-2", "carol": "carol-pw-3"}
+RULES = [
+    {"users": ["carol"], "repositories": [f"{REGISTRY}/public/*"], "allow": "deny"},
+    {"users": ["alice", "ci-bot"], "repositories": [f"{REGISTRY}/private/*"], "allow": "pull"},
+]
+
+
+@dataclass
+class Bed:
+    upstream: Upstream
+    image: ImageInfo
+    work: Path
+    htpasswd: Path
+    client_ca: trustme.CA
+    client_ca_pem: Path
+
+    def mirror(self, name: str, anonymous: str) -> CrProxy:
+        return CrProxy(
+            self.work / name, proxy_endpoints(self.upstream),
+            registries={REGISTRY: {"username": "testuser",
+                                   "password": UPSTREAM_USERS["testuser"]}},
+            mirror_auth={"htpasswd_file": str(self.htpasswd),
+                         "client_ca": str(self.client_ca_pem),
+                         "anonymous": anonymous, "rules": RULES},
+        )
+
+
+def htpasswd_lines() -> str:
+    """bcrypt entries by Apache's htpasswd, cost 5 as the README advises
+    (nginx checks one on every request). bob's and carol's in the $2b$
+    spelling (Python's bcrypt, passlib), the same algorithm as $2y$:
+    libcrypt must read both."""
+    lines = []
+    for user, password in CLIENTS.items():
+        line = subprocess.run(["htpasswd", "-nbB", "-C", "5", user, password],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        assert line.startswith(f"{user}:$2y$05$")
+        lines.append(line if user == "alice" else line.replace(":$2y$", ":$2b$", 1))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    work = tmp_path_factory.mktemp("mirror-auth")
+    with Upstream(work / "upstream", users=UPSTREAM_USERS,
+                  private={"private/app": {"testuser"}}) as up:
+        image = build_image(work / "v1", layers=[tar_layer({"app/x": b"mirror auth\n" * 300})],
+                            tag="v1")
+        for repo in ("private/app", "public/app"):
+            up.push(work / "v1", "v1", repo, "v1", user="testuser")
+        htpasswd = work / "htpasswd"
+        htpasswd.write_text(htpasswd_lines())
+        client_ca = trustme.CA()
+        client_ca_pem = work / "client-ca.pem"
+        client_ca.cert_pem.write_to_path(str(client_ca_pem))
+        yield Bed(up, image, work, htpasswd, client_ca, client_ca_pem)
+
+
+@pytest.fixture(scope="module")
+def cr(bed: Bed) -> Iterator[CrProxy]:
+    with bed.mirror("pull-public", "pull-public") as running:
+        yield running
+
+
+def cert_dir(cr: CrProxy, where: Path, ca: trustme.CA | None = None, cn: str = "") -> Path:
+    """skopeo's --src-cert-dir: the mirror's CA (*.crt) and, with `ca`, a
+    client certificate for CN=cn (client.cert, client.key)."""
+    where.mkdir(parents=True)
+    (where / "ca.crt").write_bytes(cr.ca_cert.read_bytes())
+    if ca is not None:
+        leaf = ca.issue_cert(f"{cn}.clients.test", common_name=cn)
+        leaf.cert_chain_pems[0].write_to_path(str(where / "client.cert"))
+        leaf.private_key_pem.write_to_path(str(where / "client.key"))
+    return where
+
+
+def pull(cr: CrProxy, image: str, dest: Path, user: str | None = None,
+         password: str | None = None, certs: Path | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    """skopeo copy from the mirror: its HTTP port, or with `certs` its
+    HTTPS port; with a user, that user's password unless one is given."""
+    args = ["skopeo", "copy", "--preserve-digests", "--retry-times", "0"]
+    if user is not None:
+        args += ["--src-creds", f"{user}:{password or CLIENTS[user]}"]
+    if certs is not None:
+        args += ["--src-cert-dir", str(certs)]
+        host = cr.https
+    else:
+        args.append("--src-tls-verify=false")
+        host = cr.http
+    args += [f"docker://{host}/{REGISTRY}/{image}", f"oci:{dest}:pulled"]
+    return subprocess.run(args, capture_output=True, text=True, env=clean_env(), timeout=120,
+                          check=False)
+
+
+def pulled(result: subprocess.CompletedProcess[str], dest: Path, image: ImageInfo) -> bool:
+    return result.returncode == 0 and set(image.layer_digests) <= set(layout_blobs(dest))
+
+
+def refused(result: subprocess.CompletedProcess[str], how: str) -> bool:
+    return result.returncode != 0 and how in result.stderr.lower()
+
+
+def curl(cr: CrProxy, path: str, tmp: Path, *headers: str,
+         certs: Path | None = None, method: str = "GET") -> tuple[int, str, bytes]:
+    """One GET to the mirror's HTTP port, or with `certs` (cert_dir) its
+    HTTPS port with that client certificate: (status, headers, body)."""
+    out, head = tmp / "curl.body", tmp / "curl.head"
+    args = ["curl", "-s", "-X", method, "-o", str(out), "-D", str(head), "-w", "%{http_code}",
+            "-H", "Accept: application/vnd.oci.image.manifest.v1+json"]
+    for header in headers:
+        args += ["-H", header]
+    url = f"http://{cr.http}{path}"
+    if certs is not None:
+        # curl sends its certificate whatever CAs the server names (Go's
+        # TLS, skopeo's, sends none that the server's list does not name).
+        args += ["--cacert", str(certs / "ca.crt"), "--cert", str(certs / "client.cert"),
+                 "--key", str(certs / "client.key")]
+        url = f"https://{cr.https}{path}"
+    result = subprocess.run([*args, url], capture_output=True, text=True,
+                            env=clean_env(), timeout=60, check=False)
+    return int(result.stdout or 0), head.read_text(), out.read_bytes()
+
+
+def basic(user: str, password: str) -> str:
+    return "Authorization: Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_password_users_get_what_a_rule_grants_anonymous_only_public(
+    bed: Bed, cr: CrProxy, tmp_path: Path
+) -> None:
+    image = bed.image
+    # Anonymous asks first: nginx cannot know yet that private/app is
+    # private; the fetcher finds out, marks it, and refuses (nothing stored).
+    assert refused(pull(cr, "private/app:v1", tmp_path / "anon-miss"), "unauthorized")
+    assert (cr.cache / f"lists/{REGISTRY}/private/app/_private").is_file()
+    assert not (cr.cache / f"content/{REGISTRY}/v2/private/app/manifests/v1").exists()
+    # alice's rule grants it: the miss, then the hit.
+    for attempt in ("miss", "hit"):
+        result = pull(cr, "private/app:v1", tmp_path / f"alice-{attempt}", "alice")
+        assert pulled(result, tmp_path / f"alice-{attempt}", image), result.stderr
+    # Refused from the cache: anonymous (401) and bob, whom no rule grants it (403).
+    assert refused(pull(cr, "private/app:v1", tmp_path / "anon-hit"), "unauthorized")
+    assert refused(pull(cr, "private/app:v1", tmp_path / "bob", "bob"), "denied")
+    # Public content: anonymous and bob; carol's deny rule refuses her.
+    for who in (None, "bob"):
+        result = pull(cr, "public/app:v1", tmp_path / f"public-{who}", who)
+        assert pulled(result, tmp_path / f"public-{who}", image), result.stderr
+    assert refused(pull(cr, "public/app:v1", tmp_path / "carol", "carol"), "denied")
+    # A wrong password is refused, public content too; for a user the rules
+    # refuse, still 401: the password is checked before the rules answer.
+    for user, image_name in (("alice", "public/app:v1"), ("alice", "private/app:v1"),
+                             ("bob", "private/app:v1"), ("carol", "public/app:v1")):
+        result = pull(cr, image_name, tmp_path / f"bad-{user}-{image_name[:3]}", user, "guess")
+        assert refused(result, "unauthorized"), (user, image_name, result.stderr)
+    # The identity in the access log, never a password; denials by reason.
+    assert cr.access_lines(f"/v2/{REGISTRY}/private/app/blobs/", 1)
+    assert cr.access_lines(" user=alice", 2)
+    log = cr.access_log.read_text() + cr.log_text()
+    assert not any(password in log for password in CLIENTS.values())
+    # serve reads nginx's usage log every second: polled, bounded.
+    wait_until(lambda: all(
+        value(scrape(cr), "crproxy_mirror_auth_denied_total", reason=reason) >= 1
+        for reason in ("no_identity", "not_granted", "rule_deny")), 30, "the denial counts")
+    # The first miss, refused by the fetcher once it found the repository private.
+    assert value(scrape(cr), "crproxy_private_denied_total", reason="mirror_no_identity") == 1
+
+
+def test_client_certificates_on_the_https_port(bed: Bed, cr: CrProxy, tmp_path: Path) -> None:
+    image = bed.image
+    trusted = cert_dir(cr, tmp_path / "ci-bot", bed.client_ca, "ci-bot")
+    result = pull(cr, "private/app:v1", tmp_path / "ci-bot-pull", certs=trusted)
+    assert pulled(result, tmp_path / "ci-bot-pull", image), result.stderr
+    assert cr.access_lines(" user=ci-bot", 1)
+    # A certificate of the client CA whose CN no rule grants the repository.
+    outsider = cert_dir(cr, tmp_path / "outsider", bed.client_ca, "outsider")
+    assert refused(pull(cr, "private/app:v1", tmp_path / "o", certs=outsider), "denied")
+    result = pull(cr, "public/app:v1", tmp_path / "o-public", certs=outsider)
+    assert pulled(result, tmp_path / "o-public", image), result.stderr
+    # The same CN from another CA: skopeo does not send it (not of a CA the
+    # server names), so it is anonymous; curl sends it, and nginx refuses
+    # the request (400), public content too.
+    rogue = cert_dir(cr, tmp_path / "rogue", trustme.CA(), "ci-bot")
+    assert refused(pull(cr, "private/app:v1", tmp_path / "rogue", certs=rogue), "unauthorized")
+    for repo in ("private/app", "public/app"):
+        status, _, body = curl(cr, f"/v2/{REGISTRY}/{repo}/manifests/v1", tmp_path, certs=rogue)
+        assert status == 400 and b"schemaVersion" not in body, (repo, status)
+    status, _, body = curl(cr, f"/v2/{REGISTRY}/private/app/manifests/v1", tmp_path,
+                           certs=trusted)
+    assert status == 200 and b"schemaVersion" in body
+    # No certificate at all over TLS: anonymous.
+    plain = cert_dir(cr, tmp_path / "none")
+    assert refused(pull(cr, "private/app:v1", tmp_path / "n", certs=plain), "unauthorized")
+    result = pull(cr, "public/app:v1", tmp_path / "n-public", certs=plain)
+    assert pulled(result, tmp_path / "n-public", image), result.stderr
+
+
+def test_hostile_credentials_and_paths_get_nothing_private(
+    bed: Bed, cr: CrProxy, tmp_path: Path
+) -> None:
+    # The repository cached and marked private by a granted pull.
+    result = pull(cr, "private/app:v1", tmp_path / "fill", "alice")
+    assert pulled(result, tmp_path / "fill", bed.image), result.stderr
+    manifest = f"/v2/{REGISTRY}/private/app/manifests/v1"
+    layer = f"/v2/{REGISTRY}/private/app/blobs/{bed.image.layer_digests[0]}"
+    secret = (cr.cache / f"content/{REGISTRY}/v2/private/app/manifests/v1").read_bytes()
+    hostile = {
+        # A user name that would add a header, or reach past the map's separator.
+        "injected": basic("alice\r\nX-Injected: 1", CLIENTS["alice"]),
+        "separator": basic(f"alice|{REGISTRY}/private/app", CLIENTS["alice"]),
+        "wrong password": basic("alice", "alice-pw-2"),
+        "empty user": basic("", ""),
+        "bearer": "Authorization: Bearer alice",
+    }
+    for label, header in hostile.items():
+        for path in (manifest, layer, f"/v2/{REGISTRY}/private/app/tags/list"):
+            status, head, body = curl(cr, path, tmp_path, header)
+            assert status == 401, (label, path, status, body[:200])
+            assert "x-injected" not in head.lower() and body != secret, label
+            assert bed.image.layer_digests[0].encode() not in body or path != layer, label
+    # A public manifest, which anonymous clients may pull: a user name
+    # that is no identity is refused all the same, and never reaches a log
+    # raw (auth_basic would write it to nginx's error log, serve's output).
+    for label in ("injected", "separator"):
+        status, _, _ = curl(cr, f"/v2/{REGISTRY}/public/app/manifests/v1", tmp_path,
+                            hostile[label])
+        assert status == 401, label
+    assert "\nX-Injected" not in cr.log_text() + cr.access_log.read_text()
+    # A credential in the query string is no credential.
+    user, password = "alice", CLIENTS["alice"]
+    status, _, _ = curl(cr, f"{manifest}?user={user}&password={password}", tmp_path)
+    assert status == 401
+    # Writes are never anonymous, to a public repository either.
+    for method, path in (("PUT", f"/v2/{REGISTRY}/public/app/manifests/v9"),
+                         ("POST", f"/v2/{REGISTRY}/public/app/blobs/uploads/")):
+        assert curl(cr, path, tmp_path, method=method)[0] == 401, (method, path)
+    # Unsigned module URLs name no checked repository: refused with mirror_auth on.
+    status, _, body = curl(cr, f"/artifacts/{REGISTRY}/private/app:v1", tmp_path,
+                           basic("alice", CLIENTS["alice"]))
+    assert status == 403 and b"unsigned_artifact" in body
+    # The challenge names cr-proxy's realm; alice herself gets the manifest.
+    status, head, _ = curl(cr, manifest, tmp_path)
+    assert status == 401 and 'www-authenticate: basic realm="cr-proxy"' in head.lower()
+    status, _, body = curl(cr, manifest, tmp_path, basic("alice", CLIENTS["alice"]))
+    assert (status, body) == (200, secret)
+
+
+def test_anonymous_none_serves_only_identities(bed: Bed, tmp_path: Path) -> None:
+    with bed.mirror("none", "none") as cr:
+        status, head, _ = curl(cr, "/v2/", tmp_path)
+        assert status == 401 and 'www-authenticate: basic realm="cr-proxy"' in head.lower()
+        assert curl(cr, "/v2/", tmp_path, basic("bob", CLIENTS["bob"]))[0] == 200
+        assert curl(cr, "/v2/", tmp_path, basic("bob", "nope"))[0] == 401
+        assert refused(pull(cr, "public/app:v1", tmp_path / "anon"), "unauthorized")
+        assert not (cr.cache / f"content/{REGISTRY}/v2/public/app/manifests/v1").exists()
+        result = pull(cr, "public/app:v1", tmp_path / "bob", "bob")
+        assert pulled(result, tmp_path / "bob", bed.image), result.stderr
+        assert refused(pull(cr, "public/app:v1", tmp_path / "anon-hit"), "unauthorized")
+        assert curl(cr, "/v2/_catalog", tmp_path)[0] == 401
+
+
+def test_containerd_hosts_toml_client_certificate(bed: Bed, cr: CrProxy, tmp_path: Path) -> None:
+    """containerd is given no password for a mirror: its hosts.toml
+    `client = [[cert, key]]` is how it authenticates. registry.test's
+    own server does not resolve here, so a refused mirror fails the pull."""
+    def hosts(name: str, cn: str | None) -> Path:
+        certs = cert_dir(cr, tmp_path / f"{name}-certs", bed.client_ca if cn else None,
+                         cn or "")
+        client = (f'  client = [["{certs / "client.cert"}", "{certs / "client.key"}"]]\n'
+                  if cn else "")
+        where = tmp_path / name / REGISTRY
+        where.mkdir(parents=True)
+        (where / "hosts.toml").write_text(
+            f'server = "https://{REGISTRY}"\n[host."https://{cr.https}"]\n'
+            f'  capabilities = ["pull", "resolve"]\n  ca = "{certs / "ca.crt"}"\n{client}')
+        return where.parent
+
+    image = f"{REGISTRY}/private/app:v1"
+    with Containerd(tmp_path / "containerd") as daemon:
+        refused_pull = daemon.ctr("images", "pull", "--hosts-dir", str(hosts("anon", None)),
+                                  image)
+        assert refused_pull.returncode != 0
+        assert "401 Unauthorized" in refused_pull.stderr, refused_pull.stderr
+        pulled_ = daemon.ctr("images", "pull", "--hosts-dir", str(hosts("ci-bot", "ci-bot")),
+                             image)
+        assert pulled_.returncode == 0, pulled_.stderr
+        listed = daemon.ctr("images", "ls", "-q").stdout.split()
+        assert listed == [image]
+    assert cr.access_lines(re.compile(r"/v2/private/app/manifests/v1\?ns=registry\.test .* "
+                                      r"200 .* user=ci-bot$"), 1)
+
+
+def test_podman_with_a_password_and_with_a_certificate(
+    bed: Bed, cr: CrProxy, tmp_path: Path
+) -> None:
+    image = f"{cr.https}/{REGISTRY}/private/app:v1"
+    plain = cert_dir(cr, tmp_path / "plain")
+    refused_pull = podman(tmp_path / "anon", None, plain, "pull", image)
+    assert refused(refused_pull, "unauthorized"), refused_pull.stderr
+    by_password = podman(tmp_path / "alice", None, plain, "pull", "--creds",
+                         f"alice:{CLIENTS['alice']}", image)
+    assert by_password.returncode == 0, by_password.stderr
+    by_certificate = podman(tmp_path / "ci-bot", None,
+                            cert_dir(cr, tmp_path / "ci-bot-certs", bed.client_ca, "ci-bot"),
+                            "pull", image)
+    assert by_certificate.returncode == 0, by_certificate.stderr
+    for who in ("alice", "ci-bot"):
+        listed = podman(tmp_path / who, None, plain, "images", "--format", "{{.Digest}}")
+        assert listed.stdout.split() == [bed.image.manifest_digest], (who, listed.stdout)

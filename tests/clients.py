@@ -130,9 +130,13 @@ class Dockerd(Daemon):
         ]
         self._spawn(args, env, f"docker -H unix://{self.socket} version")
 
-    def docker(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["docker", "-H", f"unix://{self.socket}", *args],
-                              capture_output=True, text=True, timeout=timeout, env=clean_env())
+    def docker(self, *args: str, timeout: float = 300, stdin: str | None = None
+               ) -> subprocess.CompletedProcess[str]:
+        """The docker CLI on this daemon, with a config directory of its
+        own (`docker login` keeps its credentials there, not in ~/.docker)."""
+        env = {**clean_env(), "DOCKER_CONFIG": str(self.dir / "cli")}
+        return subprocess.run(["docker", "-H", f"unix://{self.socket}", *args], input=stdin,
+                              capture_output=True, text=True, timeout=timeout, env=env)
 
     def stop(self) -> None:
         super().stop()

@@ -14,6 +14,7 @@ registry.test/public/*; `bob` and the certificate `outsider` have no rule."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 import subprocess
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ import trustme
 from testbed.crproxy import CrProxy, clean_env, layout_blobs
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
 from testbed.registry import Upstream
-from tests.clients import Containerd, podman
+from tests.clients import Containerd, Dockerd, podman
 from tests.conftest import proxy_endpoints
 from tests.faulty import wait_until
 from tests.test_e2e_metrics import scrape, value
@@ -323,6 +324,28 @@ def test_containerd_hosts_toml_client_certificate(bed: Bed, cr: CrProxy, tmp_pat
         assert listed == [image]
     assert cr.access_lines(re.compile(r"/v2/private/app/manifests/v1\?ns=registry\.test .* "
                                       r"200 .* user=ci-bot$"), 1)
+
+
+def test_dockerd_with_a_password(bed: Bed, cr: CrProxy, tmp_path: Path) -> None:
+    """dockerd pulls from the mirror by its address (127.0.0.0/8: plain
+    HTTP allowed) once `docker login` gave it a password user; refused
+    before, and for a user no rule grants the repository."""
+    image = f"{cr.http}/{REGISTRY}/private/app:v1"
+    with Dockerd(tmp_path / "docker", None, None) as daemon:
+        anonymous = daemon.docker("pull", image)
+        assert anonymous.returncode != 0
+        assert "no basic auth credentials" in anonymous.stderr, anonymous.stderr
+        for user, allowed in (("bob", False), ("alice", True)):
+            login = daemon.docker("login", cr.http, "-u", user, "--password-stdin",
+                                  stdin=CLIENTS[user])
+            assert login.returncode == 0, login.stderr
+            pulled = daemon.docker("pull", image)
+            assert (pulled.returncode == 0) == allowed, (user, pulled.stderr)
+        info = json.loads(daemon.docker("image", "inspect", image).stdout)[0]
+        assert info["Id"] == bed.image.config_digest
+    assert CLIENTS["alice"] not in cr.log_text()
+    assert cr.access_lines(re.compile(r"/v2/registry\.test/private/app/manifests/v1 .* 200 .* "
+                                      r"user=alice$"), 1)
 
 
 def test_podman_with_a_password_and_with_a_certificate(

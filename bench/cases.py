@@ -128,6 +128,12 @@ class Series(Enum):
     # and of a public one (nginx alone).
     PRIVATE_HIT = MS
     PUBLIC_HIT = MS
+    # Public hits on the mirror port with mirror_auth on (anonymous, a rule
+    # for a user) and off, measured in turn in one case (issue 14).
+    MANIFEST_AUTH_ON = RPS
+    MANIFEST_AUTH_OFF = RPS
+    HEAD_AUTH_ON = RPS
+    HEAD_AUTH_OFF = RPS
 
 
 @dataclass
@@ -317,6 +323,10 @@ CASES: tuple[Ratio | Absolute, ...] = (
           "plain nginx TLS", None),
     Absolute("front CPU per new connection (serve process)", "(info)",
              _front_cpu_per_connection),
+    Ratio("manifest hit, mirror_auth on (anonymous, public; wrk -t2 -c32)", S.MANIFEST_AUTH_ON,
+          S.MANIFEST_AUTH_OFF, "mirror_auth off", Bar(">=", 0.9)),
+    Ratio("blob HEAD hit, mirror_auth on (anonymous, public; ab -i -k -c32)", S.HEAD_AUTH_ON,
+          S.HEAD_AUTH_OFF, "mirror_auth off", Bar(">=", 0.9)),
     Ratio("private manifest hit through https_proxy, verdict cached: latency", S.PRIVATE_HIT,
           S.PUBLIC_HIT, "public manifest hit, same tunnel", None),
     Absolute(f"{MQTT_DEVICES} devices ask for one {MQTT_MODULE_MIB} MiB module at once "

@@ -111,7 +111,7 @@ UP_AGAIN = "upstream registry.test reachable again"
 # only what they need).
 CASE_NAMES = ("blob_hits", "small_hits", "new_connections", "concurrent", "cold_curl",
               "over_link", "cold_skopeo", "warm", "offline", "mqtt_devices", "private_hits",
-              "push")
+              "push", "auth_hits")
 # Cases that need neither the warm cr-proxy, plain nginx nor the peer.
 OWN_SETUP = frozenset({"offline", "mqtt_devices", "push"})
 # cr-proxy for the push case: pushes from loopback, tags fresh.
@@ -291,6 +291,12 @@ class Bench:
         self._fill_front()
         if "private_hits" in self.plan.cases:
             self._setup_private()
+        if "auth_hits" in self.plan.cases:
+            say("cr-proxy: a warm instance with mirror_auth on (a rule, anonymous pull-public)")
+            self.hot_auth = self._crproxy("hot-auth", {**HIT_SETTINGS, "mirror_auth": {
+                "rules": [{"users": ["bench"], "repositories": ["registry.test/bench/*"],
+                           "allow": "pull"}]}})
+            self._verified_pull(f"{self.hot_auth.http}/registry.test/{REPO}:{TAG}")
 
         say("plain nginx over the warm cache's files (HTTP sendfile, TLS EC P-256)")
         self.plain = self.stack.enter_context(
@@ -491,6 +497,22 @@ class Bench:
             if result.bad:
                 raise measure.BenchError(f"{url}: {result.bad} bad answers")
             self.results.add(series, result.rps)
+
+    def auth_hits(self) -> None:
+        """small_hits' manifest and blob HEAD hits on two warm instances, one
+        with mirror_auth on (an anonymous client, public content), in turn."""
+        secs = self.plan.wrk_seconds
+        for proxy, manifest_series, head_series in (
+            (self.hot, Series.MANIFEST_AUTH_OFF, Series.HEAD_AUTH_OFF),
+            (self.hot_auth, Series.MANIFEST_AUTH_ON, Series.HEAD_AUTH_ON),
+        ):
+            manifest = f"http://{proxy.http}/v2/registry.test/{REPO}/manifests/{TAG}"
+            for series, url, tool in ((manifest_series, manifest, measure.wrk),
+                                      (head_series, self._mirror_blob(proxy), measure.ab_head)):
+                result = tool(url, secs)
+                if result.bad:
+                    raise measure.BenchError(f"{url}: {result.bad} bad answers")
+                self.results.add(series, result.rps)
 
     def new_connections(self) -> None:
         """A small manifest GET on a new connection every time (TCP, CONNECT,

@@ -34,9 +34,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from testbed.crproxy import CrProxy
+from testbed.crproxy import CrProxy, layout_blobs
 from testbed.netns import Netns, in_netns, run
-from testbed.realnames import CRPROXY_ADDRESS, CRPROXY_NET, RealNamesBed
+from testbed.realnames import CRPROXY_ADDRESS, CRPROXY_NET, REGISTRY, RealNamesBed
 
 ROUTER_ADDRESS = "198.51.100.1/24"
 KILL_TIMEOUT = 10.0
@@ -141,6 +141,18 @@ class ClusterBed(RealNamesBed):
                 return response.read().decode()
 
         return in_netns(self.node_ns[index].name, fetch)
+
+    def pull(self, proxy: CrProxy, repo: str, dest: Path) -> dict[str, int]:
+        """skopeo in the clients' namespace pulls registry-1.docker.io's
+        `repo:v1` through one node's mirror; every blob it got is hashed
+        against its name (layout_blobs)."""
+        result = self.client(
+            "skopeo", "copy", "--preserve-digests", "--retry-times", "0",
+            "--src-tls-verify=false", f"docker://{proxy.http}/{REGISTRY}/{repo}:v1",
+            f"oci:{dest}:pulled")
+        if result.returncode != 0:
+            raise RuntimeError(f"pull through {proxy.http}: {result.stderr}")
+        return layout_blobs(dest)
 
     def get(self, proxy: CrProxy, path: str) -> tuple[int, bytes]:
         """GET from the clients' namespace; a body cut short raises."""

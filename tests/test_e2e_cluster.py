@@ -22,7 +22,7 @@ import pytest
 
 from cr_proxy.upstream import members
 from testbed.cluster import ClusterBed
-from testbed.crproxy import CrProxy, layout_blobs
+from testbed.crproxy import CrProxy
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
 from tests.faulty import wait_until
 from tests.test_e2e_mirror import expected_digests
@@ -51,13 +51,20 @@ class Cluster:
     def pull(self, node: int, name: str, dest: Path) -> dict[str, int]:
         """skopeo in the clients' namespace through one node's mirror; every
         pulled blob is hashed against its name."""
-        result = self.net.client(
-            "skopeo", "copy", "--preserve-digests", "--retry-times", "0",
-            "--src-tls-verify=false",
-            f"docker://{self.nodes[node].http}/{REGISTRY}/library/{name}:v1",
-            f"oci:{dest}:pulled")
-        assert result.returncode == 0, f"node {node}: {result.stderr}"
-        return layout_blobs(dest)
+        return self.net.pull(self.nodes[node], f"library/{name}", dest)
+
+    def owner_and_asker(self, name: str, image: ImageInfo, digest: str) -> tuple[int, int]:
+        """The node that owns `digest` and the next one, which will ask it,
+        once the asker's ring sends the digest to the owner: a node its ring
+        saw fail (the kill case) is skipped for fail_timeout, and until then
+        the asker would rightly fill from elsewhere."""
+        owner_http = self.owners(0, name, image)[digest]
+        owner = next(n for n, node in enumerate(self.nodes) if node.http == owner_http)
+        asker = (owner + 1) % len(self.nodes)
+        wait_until(lambda: self.net.owner(self.nodes[asker], REGISTRY, f"library/{name}",
+                                          digest) == owner_http,
+                   REJOIN_TIMEOUT, "the asker's ring sending the digest to its owner")
+        return owner, asker
 
     def owners(self, node: int, name: str, image: ImageInfo) -> dict[str, str]:
         """digest -> the peer node `node`'s ring sends it to."""
@@ -182,12 +189,8 @@ def test_a_blob_head_on_a_non_owner_is_answered_by_the_owner(cluster: Cluster) -
     sees no request for it (before: a HEAD to the upstream per node)."""
     image = cluster.push("headed", layers=1)
     digest = image.layer_digests[0]
-    owner_http = cluster.owners(0, "headed", image)[digest]
-    owner = next(n for n, node in enumerate(cluster.nodes) if node.http == owner_http)
-    asker = (owner + 1) % 3
-    wait_until(lambda: cluster.net.owner(cluster.nodes[asker], REGISTRY, "library/headed",
-                                         digest) == owner_http,
-               REJOIN_TIMEOUT, "the asker's ring sending the digest to its owner")
+    owner, asker = cluster.owner_and_asker("headed", image, digest)
+    owner_http = cluster.nodes[owner].http
     path = f"/v2/{REGISTRY}/library/headed/blobs/{digest}"
     status, body = cluster.net.get(cluster.nodes[owner], path)
     assert status == 200
@@ -274,15 +277,8 @@ def test_a_peer_answering_wrong_bytes_is_caught_counted_and_skipped(cluster: Clu
     and asks the upstream for that digest from then on."""
     image = cluster.push("bad", layers=1)
     digest = image.layer_digests[0]
-    owner_http = cluster.owners(0, "bad", image)[digest]
-    owner = next(n for n, node in enumerate(cluster.nodes) if node.http == owner_http)
-    asker = (owner + 1) % 3
-    # A node the asker's ring saw fail (the kill case before) is skipped for
-    # fail_timeout: until its ring sends the digest to the owner again, the
-    # asker would rightly fill from elsewhere.
-    wait_until(lambda: cluster.net.owner(cluster.nodes[asker], REGISTRY, "library/bad",
-                                         digest) == owner_http,
-               REJOIN_TIMEOUT, "the asker's ring sending the digest to its owner again")
+    owner, asker = cluster.owner_and_asker("bad", image, digest)
+    owner_http = cluster.nodes[owner].http
     path = f"/v2/{REGISTRY}/library/bad/blobs/{digest}"
     status, good = cluster.net.get(cluster.nodes[owner], path)
     assert status == 200

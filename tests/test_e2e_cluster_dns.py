@@ -18,7 +18,7 @@ import pytest
 
 from cr_proxy.upstream import members
 from testbed.cluster import ClusterBed
-from testbed.crproxy import CrProxy, layout_blobs
+from testbed.crproxy import CrProxy
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
 from tests.faulty import wait_until
 from tests.test_e2e_mirror import expected_digests
@@ -56,13 +56,7 @@ class Bed:
                 for d in blobs(image)}
 
     def pull(self, node: int, name: str, dest: Path) -> dict[str, int]:
-        result = self.net.client(
-            "skopeo", "copy", "--preserve-digests", "--retry-times", "0",
-            "--src-tls-verify=false",
-            f"docker://{self.nodes[node].http}/{REGISTRY}/library/{name}:v1",
-            f"oci:{dest}:pulled")
-        assert result.returncode == 0, f"node {node}: {result.stderr}"
-        return layout_blobs(dest)
+        return self.net.pull(self.nodes[node], f"library/{name}", dest)
 
     def metric(self, node: int, line: str) -> float:
         text = self.net.metrics(node, self.nodes[node])

@@ -212,24 +212,12 @@ class Blobs:
         request) its owner's answer, so the upstream sees one HEAD per blob
         for the whole cluster (none when the owner has it); else the
         upstream's."""
-        headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": target.rpath.ref,
-                   **API_HEADERS}
         peers = self.ctx.peers
         if peers is not None and not request.headers.get("X-CR-Peer"):
             size = await peers.head(target)
             if size is not None:
-                return web.Response(status=200, headers={**headers,
-                                                          "Content-Length": str(size)})
-        opened = await self.ctx.upstream.open("HEAD", target, client_auth=client_auth(request))
-        response = opened.response
-        response.release()
-        if response.status == 404:
-            raise NotFound("BLOB_UNKNOWN", f"blob {target.rpath.ref} not found upstream")
-        if response.status != 200:
-            raise UpstreamError(message=f"{target.domain} answered {response.status}")
-        if response.content_length is not None:
-            headers["Content-Length"] = str(response.content_length)
-        return web.Response(status=200, headers=headers)
+                return blob_head(target.rpath.ref, size)
+        return await upstream_head(self.ctx, target, client_auth(request))
 
     async def _download(
         self, target: Target, auth: str | None, flight: Flight, *,
@@ -438,3 +426,25 @@ async def _sendfile_ranges(request: web.Request, flight: Flight) -> None:
     async for fd, offset, count in flight.ranges():
         with open(fd, "rb", buffering=0, closefd=False) as file:
             await loop.sendfile(request.transport, file, offset, count)
+
+
+async def upstream_head(ctx: FetchContext, target: Target, auth: str | None) -> web.Response:
+    """The upstream's answer to a HEAD of a blob (its redirects followed, as a
+    client would): 200 with the size, else a registry error."""
+    opened = await ctx.upstream.open("HEAD", target, client_auth=auth)
+    response = opened.response
+    response.release()
+    if response.status == 404:
+        raise NotFound("BLOB_UNKNOWN", f"blob {target.rpath.ref} not found upstream")
+    if response.status != 200:
+        raise UpstreamError(message=f"{target.domain} answered {response.status} to a HEAD "
+                            f"of {target.rpath.ref}")
+    return blob_head(target.rpath.ref, response.content_length)
+
+
+def blob_head(digest: str, size: int | None) -> web.Response:
+    """A blob HEAD's 200: its digest and, when known, its size."""
+    headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": digest, **API_HEADERS}
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    return web.Response(status=200, headers=headers)

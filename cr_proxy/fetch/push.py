@@ -61,8 +61,8 @@ from cr_proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from cr_proxy.fetch.blobs import blob_head, upstream_head
 from cr_proxy.fetch.context import (
-    API_HEADERS,
     FetchContext,
     client_auth,
     in_thread,
@@ -86,7 +86,6 @@ SENT_HEADERS = frozenset({"content-type", "content-length", "content-range", "us
 RELAYED_HEADERS = frozenset({"content-length", "docker-content-digest", "location", "range",
                              "docker-upload-uuid", "content-range",
                              "docker-distribution-api-version", "oci-subject"})
-BLOB_TYPE = "application/octet-stream"
 MAX_ANSWER = 1 << 20  # bytes of an upstream's answer to a push we read (JSON, errors)
 
 
@@ -281,15 +280,7 @@ class Pushes:
             # another pusher's claim, and two pushers waiting on each other's
             # claims must both see the other go silent (held.py).
             return await self._probe(request, target)
-        # A repository with an upload or manifest request in progress has a
-        # live pusher: a claim of its is not abandoned (held.py).
-        self.held.began(target.domain, target.name)
-        try:
-            if target.what == "manifests":
-                return await self._manifest(request, target)
-            return await self._upload(request, target)
-        finally:
-            self.held.ended(target.domain, target.name)
+        return await self._write(request, target)
 
     def claims_proxied(self, request: web.Request) -> bool:
         """An https_proxy request that is ours (push on): a write to a push
@@ -306,6 +297,12 @@ class Pushes:
         own login and written through as in mirror mode (no probes: the
         client's token may not reach another repository to mount from)."""
         target = proxied_target(request.path, domain, request.headers.get("Authorization"))
+        return await self._write(request, target)
+
+    async def _write(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
+        """An upload request or a manifest PUT, in either mode."""
+        # A repository with an upload or manifest request in progress has a
+        # live pusher: a claim of its is not abandoned (held.py).
         self.held.began(target.domain, target.name)
         try:
             if target.what == "manifests":
@@ -347,7 +344,7 @@ class Pushes:
                 raise
             log.info("push probe of %s in %s/%s answered from the cache: upstream unreachable",
                      target.ref, target.domain, target.name)
-            return _blob_head(target.ref, size)
+            return blob_head(target.ref, size)
 
     async def _ask_upstream(self, request: web.Request, target: PushTarget
                             ) -> web.StreamResponse:
@@ -384,26 +381,14 @@ class Pushes:
         size = self.held.size(target.ref)
         if size is None:
             return await self._head(request, target)
-        return _blob_head(target.ref, size)
+        return blob_head(target.ref, size)
 
     async def _head(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
         """The upstream's answer to the HEAD (its redirects followed, as a
         client would)."""
         rtarget = Target(target.registry, target.domain,
                          RegistryPath(Kind.BLOB, target.name, target.ref))
-        opened = await self.ctx.upstream.open("HEAD", rtarget, client_auth=client_auth(request))
-        response = opened.response
-        response.release()
-        if response.status == 404:
-            raise NotFound("BLOB_UNKNOWN", f"blob {target.ref} not found upstream")
-        if response.status != 200:
-            raise UpstreamError(message=f"{target.domain} answered {response.status} to a HEAD "
-                                f"of {target.ref}")
-        headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": target.ref,
-                   **API_HEADERS}
-        if response.content_length is not None:
-            headers["Content-Length"] = str(response.content_length)
-        return web.Response(status=200, headers=headers)
+        return await upstream_head(self.ctx, rtarget, client_auth(request))
 
     async def _mount(self, target: PushTarget, source: str) -> bool:
         """Mount the digest from `source` into the target repository
@@ -708,12 +693,6 @@ def client_location(location: str, target: PushTarget) -> str:
                             "which this mirror does not relay")
     path = f"/v2/{target.client_name}/" + parts.path[len(own):]
     return path + (f"?{parts.query}" if parts.query else "")
-
-
-def _blob_head(digest: str, size: int) -> web.Response:
-    headers = {"Content-Type": BLOB_TYPE, "Docker-Content-Digest": digest,
-               "Content-Length": str(size), **API_HEADERS}
-    return web.Response(status=200, headers=headers)
 
 
 def _size_of(path: Path) -> int | None:

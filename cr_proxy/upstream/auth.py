@@ -99,6 +99,14 @@ def token_url(challenge: Challenge, scope: str) -> str:
     return urlunsplit(parts._replace(query=merged))
 
 
+def token_of(answer: object) -> str:
+    """The token of a token server's JSON answer (`token`, else the OAuth2
+    `access_token`), "" when it has none."""
+    if not isinstance(answer, dict):
+        return ""
+    return str(answer.get("token") or answer.get("access_token") or "")
+
+
 def basic_header(credentials: Credentials) -> str:
     raw = f"{credentials.username}:{credentials.password}".encode()
     return "Basic " + base64.b64encode(raw).decode()
@@ -174,7 +182,7 @@ class TokenCache:
         if credentials and credentials.password:
             headers["Authorization"] = basic_header(credentials)
         answer = await http_get(token_url(challenge, scope), headers)
-        token = str(answer.get("token") or answer.get("access_token") or "")
+        token = token_of(answer)
         lifetime = answer.get("expires_in") or DEFAULT_TOKEN_LIFETIME
         self._tokens[key] = _Cached(token, self._clock() + float(lifetime) - EXPIRY_MARGIN)
         return token

@@ -58,6 +58,7 @@ from cr_proxy.upstream.auth import (
     TokenCache,
     parse_challenge,
     pull_scope,
+    token_of,
     token_url,
 )
 from cr_proxy.upstream.challenges import Challenges
@@ -499,12 +500,8 @@ class Upstream:
         response.release()
         scope = challenge.params.get("scope") or (pull_scope(name) if name else "")
         if client_auth and client_auth[:6].lower() == "basic ":
-            # A client's own Basic credential is exchanged as the client
-            # would, uncached (the cache knows users by name, not password).
-            answer = await self.get_json(token_url(challenge, scope),
-                                         {"Authorization": client_auth}, registry=domain)
-            sent["Authorization"] = "Bearer " + str(
-                answer.get("token") or answer.get("access_token") or "")
+            token = await self.client_token(challenge, scope, client_auth, domain)
+            sent["Authorization"] = f"Bearer {token}"
             return await self.send(method, domain, path, sent)
         key = TokenCache.key(challenge, scope, creds)
         cached = self.tokens.get(key)
@@ -521,6 +518,16 @@ class Upstream:
         token = await self.token(challenge, scope, creds, domain)
         sent["Authorization"] = f"Bearer {token}"
         return await self.send(method, domain, path, sent)
+
+    async def client_token(
+        self, challenge: Challenge, scope: str, basic: str, registry: str
+    ) -> str:
+        """A token for a client's own Basic credential, exchanged as the client
+        would, uncached (the cache knows users by name, not by password).
+        Raises TokenRefused when the realm refuses it."""
+        answer = await self.get_json(token_url(challenge, scope), {"Authorization": basic},
+                                     registry=registry)
+        return token_of(answer)
 
     async def token(
         self, challenge: Challenge, scope: str, creds: object, registry: str | None = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 from cr_proxy.cache.layout import Kind, Target
 from cr_proxy.errors import TokenRefused, UpstreamError
 from cr_proxy.oci.manifest import MANIFEST_ACCEPT
-from cr_proxy.upstream.auth import parse_challenge, pull_scope, token_url
+from cr_proxy.upstream.auth import parse_challenge, pull_scope, token_of, token_url
 from cr_proxy.upstream.client import Upstream
 
 REFUSED = frozenset({401, 403})
@@ -63,21 +63,16 @@ async def _status(upstream: Upstream, target: Target, authorization: str | None)
     if challenge is None or challenge.scheme != "bearer" or not challenge.realm:
         return status
     scope = challenge.params.get("scope") or pull_scope(target.rpath.name)
-    token_headers = {"Authorization": authorization} if basic and authorization else {}
-    token = await _token(upstream, token_url(challenge, scope), token_headers, domain)
-    if token is None:
+    try:
+        if basic and authorization:
+            token = await upstream.client_token(challenge, scope, authorization, domain)
+        else:  # anonymous: a token asked for with no credential
+            token = token_of(await upstream.get_json(token_url(challenge, scope), {},
+                                                     registry=domain))
+    except TokenRefused:
+        return 401
+    if not token:
         return 401
     headers["Authorization"] = f"Bearer {token}"
     async with await upstream.send(method, domain, path, headers) as response:
         return response.status
-
-
-async def _token(upstream: Upstream, url: str, headers: dict[str, str],
-                 registry: str) -> str | None:
-    """A token from the realm, None when it refuses (401/403)."""
-    try:
-        answer = await upstream.get_json(url, headers, registry=registry)
-    except TokenRefused:
-        return None
-    token = answer.get("token") or answer.get("access_token") if isinstance(answer, dict) else None
-    return str(token) if token else None

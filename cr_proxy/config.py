@@ -131,10 +131,13 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class Download:
     """A blob download whose upstream connection breaks is resumed where it
-    got to (fetch/resume.py), this often at most, within this many seconds."""
+    got to (fetch/resume.py), this often at most, within this many seconds;
+    a client's miss waits up to `hold` seconds for the verified file, which
+    nginx then sends (fetch/flight.py), else it is streamed."""
 
     retries: int = 5
     retry_budget: float = 60.0
+    hold: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -787,7 +790,8 @@ def _download(data: Mapping[str, Any]) -> Download:
         raise ConfigError(message=f"download.retries: expected a whole number >= 0, "
                                   f"got {retries!r}")
     return Download(retries=retries,
-                    retry_budget=_seconds(data, "download.retry_budget", allow_zero=True))
+                    retry_budget=_seconds(data, "download.retry_budget", allow_zero=True),
+                    hold=_seconds(data, "download.hold", allow_zero=True))
 
 
 def _network(value: str, key: str) -> IPNetwork:

@@ -44,7 +44,9 @@ class FakeDownload:
         chunks: int = 4,
         size: int | None = None,
         error: BaseException | None = None,
+        hold: bool = False,
     ) -> None:
+        self.hold = hold  # give the verified file a held name, as _fill does
         self.store = store
         self.body = body
         self.digest = digest
@@ -68,6 +70,10 @@ class FakeDownload:
             await self.gate.wait()
             if self.error is not None:
                 raise self.error
+            if self.hold:
+                writer.verify(self.size)
+                flight.held = self.store.hold(writer)
+                await flight.verified_whole()
             committed = self.store.commit(writer, self.size)
         except BaseException:
             writer.abort()
@@ -505,3 +511,53 @@ async def test_a_late_works_error_reaches_no_one_and_is_not_reported_as_unretrie
         assert unretrieved == []
     finally:
         loop.set_exception_handler(None)
+
+
+# --- held: the verified file by a name nginx sends -------------------------------------
+
+
+async def test_a_reader_holding_gets_the_held_name_of_the_verified_file(store):
+    flights, download = Flights(), FakeDownload(store, hold=True)
+    flight = flights.join(DIGEST, download)
+    waiting = asyncio.ensure_future(flight.held_within(3600))
+    await flight.wait_started()
+    assert not waiting.done()  # bytes written, not verified: no name yet
+    download.gate.set()
+    held = await waiting
+    assert held is not None and held == flight.held
+    await flight.task
+    assert (store.tree.held / held).samefile(store.tree.blob(DIGEST))
+    store.drop_held(held)
+    assert list(store.tree.held.iterdir()) == []
+    assert store.tree.blob(DIGEST).read_bytes() == DATA
+
+
+async def test_a_download_outlasting_the_hold_leaves_the_reader_to_stream(store):
+    flights, download = Flights(), FakeDownload(store, hold=True)
+    flight = flights.join(DIGEST, download)
+    assert await flight.held_within(0.01) is None  # the gate stays shut
+    reader, got, _ = start_reader(flight, len(DATA))
+    download.gate.set()
+    await reader
+    assert bytes(got) == DATA
+
+
+async def test_a_download_failing_within_the_hold_gives_no_name(store):
+    flights = Flights()
+    download = FakeDownload(store, b"X" + DATA[1:], hold=True)
+    flight = flights.join(DIGEST, download)
+    waiting = asyncio.ensure_future(flight.held_within(3600))
+    download.gate.set()
+    assert await waiting is None
+    assert isinstance(flight.error, DigestMismatch) and not flight.verified
+    assert list(store.tree.held.iterdir()) == []
+
+
+def test_start_up_empties_held(store):
+    writer = store.blob_writer(DIGEST)
+    writer.write(DATA)
+    held = store.hold(writer)
+    writer.abort()
+    assert (store.tree.held / held).read_bytes() == DATA  # the held name keeps the bytes
+    store.prepare()
+    assert list(store.tree.held.iterdir()) == []

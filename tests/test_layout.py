@@ -707,7 +707,7 @@ def test_key_kinds_are_what_the_cache_stores(kind: Kind) -> None:
 def test_sidecar_kinds_are_the_trees_names() -> None:
     assert SIDECARS == ("content-type", "docker-content-digest", "www-authenticate", "redirect")
     assert tuple(Sidecar) == SIDECARS  # StrEnum: a member is its name
-    assert set(TOP_DIRS) == {"content", "blobs", "temp", "lists", *SIDECARS}
+    assert set(TOP_DIRS) == {"content", "blobs", "temp", "held", "lists", *SIDECARS}
 
 
 def test_tree_names_the_quarantine_and_the_usage_file() -> None:

@@ -105,7 +105,7 @@ def test_the_mirror_and_proxy_servers_share_one_location_template(tmp_path: Path
         directives.append([line.split()[0] for line in lines if "/_private)" not in line])
     mirror, proxy = directives
     assert mirror == proxy  # the same directives, in the same order
-    assert mirror.count("location") == 2 and mirror.count("if") == 5
+    assert mirror.count("location") == 3 and mirror.count("if") == 5  # blob, held, manifest
     # Only the https_proxy server checks a private repository's mark, in
     # both locations (the mirror's clients bring no credential to check).
     assert private_checks[0] == []
@@ -165,13 +165,19 @@ def test_the_locations_take_a_reference_tag_or_sha256_digest(
     server: nginx.ServerLocations,
 ) -> None:
     text = nginx.locations(server, Path("/cache"))
-    blob, manifest = (python_regex(p) for p in re.findall(r'location ~ "([^"]+)"', text))
+    blob, held, manifest = (python_regex(p) for p in re.findall(r'location ~ "([^"]+)"', text))
     for ref in TAGS + DIGESTS:
         sha256 = reference.is_digest(ref) and ref.startswith("sha256:")
         assert (blob.fullmatch(f"/v2/a/b/blobs/{ref}") is not None) is sha256, ref
         served = reference.is_tag(ref) or sha256
         assert (manifest.fullmatch(f"/v2/a/b/manifests/{ref}") is not None) is served, ref
     assert blob.fullmatch(f"/v2/a/b/blobs/{DIGESTS[0]}").group("cr_name") == "a/b"
+    # The held location (internal): the fetcher's held names, nothing else.
+    name = "0123456789abcdef" * 2
+    assert held.fullmatch(f"/_cr/held/sha256:{'a' * 64}/{name}").group("cr_held") == name
+    for uri in (f"/_cr/held/sha256:{'a' * 64}/../{name}", f"/_cr/held/sha256:{'a' * 64}/x",
+                f"/_cr/held/md5:{'a' * 32}/{name}", f"/_cr/held/sha256:{'a' * 64}/{name}/"):
+        assert held.fullmatch(uri) is None, uri
 
 
 def test_a_cluster_renders_nginx_ring_over_the_peers(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ def test_prepare_makes_the_top_directories(tmp_path):
     store = Store(tmp_path / "new" / "cache")
     store.prepare()
     assert sorted(p.name for p in store.root.iterdir()) == sorted(TOP_DIRS)
-    assert set(TOP_DIRS) == {"content", "blobs", "temp", "lists", *SIDECARS}
+    assert set(TOP_DIRS) == {"content", "blobs", "temp", "held", "lists", *SIDECARS}
 
 
 def test_prepare_empties_temp(store):

@@ -42,6 +42,10 @@ The tree (seed 001, plus a digest store for one copy per digest):
       temp/                                  downloads in progress, and links and
                                              small files about to be renamed
                                              (link.*); emptied at start-up
+      held/<hex>                             second names of downloads just verified,
+                                             which nginx sends to the clients that
+                                             waited for them (fetch/flight.py); each
+                                             removed a minute on, all at start-up
       quarantine/<algorithm>-<hex>           blobs `verify` found corrupt, kept for
                                              a post-mortem; nothing serves them
       usage.json                             last use per (domain, path), saved by
@@ -83,12 +87,13 @@ SIDECARS = tuple(kind.value for kind in Sidecar)
 CONTENT = "content"
 BLOBS = "blobs"
 TEMP = "temp"
+HELD = "held"
 QUARANTINE = "quarantine"
 LISTS = "lists"
 USES_FILE = "usage.json"
 PINS_FILE = "pins.json"
 # Made by Store.prepare; quarantine/ when needed.
-TOP_DIRS = (CONTENT, BLOBS, TEMP, LISTS, *SIDECARS)
+TOP_DIRS = (CONTENT, BLOBS, TEMP, HELD, LISTS, *SIDECARS)
 # A generic URL path segment we are willing to store (CDN paths, auth paths):
 # RFC 3986 unreserved characters plus ':' '@' '+' '=' ',' — nothing that a
 # shell, nginx or a filesystem treats specially.
@@ -457,6 +462,10 @@ class Tree:
     @property
     def temp(self) -> Path:
         return self.root / TEMP
+
+    @property
+    def held(self) -> Path:
+        return self.root / HELD
 
     @property
     def uses_file(self) -> Path:

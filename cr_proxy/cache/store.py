@@ -133,6 +133,16 @@ class BlobWriter:
             os.close(self._fd)
             self._fd = -1
 
+    def hold(self, held_dir: Path) -> str:
+        """A second name in held/ for the verified file, which nginx sends on
+        the fetcher's word while the commit fsyncs and renames the first
+        (fetch/flight.py); returns it. The caller removes it
+        (Store.drop_held) once nginx has had time to open it; start-up
+        empties held/."""
+        held = uuid.uuid4().hex
+        os.link(self.path, held_dir / held)
+        return held
+
     def sync_and_close(self) -> None:
         os.fsync(self._fd)
         self.close()
@@ -161,8 +171,9 @@ class Store:
         for name in TOP_DIRS:
             self.tree.top(name).mkdir(parents=True, exist_ok=True)
         if clean_temp:
-            shutil.rmtree(self.tree.temp, ignore_errors=True)
-            self.tree.temp.mkdir(exist_ok=True)
+            for scratch in (self.tree.temp, self.tree.held):
+                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.mkdir(exist_ok=True)
 
     # --- reading -------------------------------------------------------------
 
@@ -228,6 +239,13 @@ class Store:
         short-lived link.* names there are links to stored files: left out)."""
         sizes = (lstat(e) for e in entries(self.tree.temp) if not e.name.startswith(LINK_PREFIX))
         return sum(st.st_size for st in sizes if st is not None)
+
+    def hold(self, writer: BlobWriter) -> str:
+        return writer.hold(self.tree.held)
+
+    def drop_held(self, held: str) -> None:
+        """Remove a held name (BlobWriter.hold); nginx keeps what it opened."""
+        (self.tree.held / held).unlink(missing_ok=True)
 
     def cached_tags(self) -> list[tuple[str, str, str]]:
         """(domain, repository, tag) of every tag manifest in content/."""

@@ -54,6 +54,10 @@ log = logging.getLogger("cr_proxy.fetcher")
 BLOB_TYPE = "application/octet-stream"
 WRITE_BATCH = 1 << 20  # bytes gathered before one executor hop to the disk
 WRITE_THREADS = 4  # downloads hashed and written at once
+# A verified download's held name (flight.py) lives this long: nginx opens
+# it within moments of the fetcher's answer.
+HELD_SECONDS = 60.0
+HELD_URI = "/_cr/held/"  # + <digest>/<held>: nginx/locations.conf
 
 
 class Blobs:
@@ -105,6 +109,12 @@ class Blobs:
             ctx.metrics.coalesced.inc()
         with self._offline_miss(target):
             await flight.wait_started()
+        if request.method == "GET" and ctx.config.download.hold:
+            held = await flight.held_within(ctx.config.download.hold)
+            if held is not None:
+                return _held_response(digest, held)
+            if flight.error and not flight.verified:
+                raise flight.error  # failed before a byte went out: a clean error
         response = web.StreamResponse(
             headers={"Content-Type": BLOB_TYPE, "Docker-Content-Digest": digest,
                      "X-Cache": "MISS", **API_HEADERS}
@@ -296,6 +306,8 @@ class Blobs:
                     # The readers wait on the file; it goes on growing.
                     skip = await resume.reopen(err, writer.size)
             await in_thread(writer.verify, resume.total if resume else source.content_length)
+            if ctx.config.download.hold:
+                self._hold(writer, flight)
             # Clients get their last byte now; the fsync and rename follow.
             await flight.verified_whole()
             committed = None
@@ -322,6 +334,18 @@ class Blobs:
             ctx.fill.grew(writer.size)
         await flight.finish(committed, None)
         return writer.size
+
+    def _hold(self, writer: BlobWriter, flight: Flight) -> None:
+        """The verified file under a name nginx may send (flight.py), for
+        readers that wait; removed HELD_SECONDS later, long after nginx
+        opened it (what it opened stays readable)."""
+        try:
+            flight.held = self.ctx.store.hold(writer)
+        except OSError as err:  # readers tail the file instead
+            log.warning("%s: no held name for nginx: %s", writer.digest, err)
+            return
+        asyncio.get_running_loop().call_later(HELD_SECONDS, self.ctx.store.drop_held,
+                                              flight.held)
 
     def _size_limit(self, content_length: int | None, domain: str, digest: str) -> int:
         """The most bytes this download may write: its Content-Length when
@@ -350,7 +374,11 @@ class Blobs:
         are already there (an upstream that answered a Range with the whole
         blob). When the body breaks, what came of it is written before the
         error goes on, so a resume asks only for what is missing."""
-        writing: concurrent.futures.Future[None] | None = None
+        # The batch in the thread, and the task that awaits it and tells the
+        # readers: they see each batch as soon as it is on disk, not when
+        # the next one fills (a stalled upstream would hide its last MiB).
+        thread_write: concurrent.futures.Future[None] | None = None
+        writing: asyncio.Task[None] | None = None
         batch = bytearray()
         received = writer.size
         guard = self.ctx.upstream.rate_guard(body)  # limits.min_rate
@@ -369,10 +397,11 @@ class Blobs:
                     if len(batch) < WRITE_BATCH:
                         continue
                     if writing is not None:
-                        await asyncio.wrap_future(writing)
-                        await self._progress(flight, writer.size)
+                        await writing
                     # A new batch for what comes next: the thread owns this one.
-                    writing, batch = self._writes.submit(writer.write, batch), bytearray()
+                    thread_write = self._writes.submit(writer.write, batch)
+                    writing = asyncio.ensure_future(self._written(thread_write, writer, flight))
+                    batch = bytearray()
             except BREAKS:
                 await self._flush(writing, batch, writer, flight)
                 writing = None
@@ -384,18 +413,27 @@ class Blobs:
             writing = None
         finally:
             guard.cancel()
-            if writing is not None and not writing.done():
+            if thread_write is not None and not thread_write.done():
                 # Failed or cancelled mid-body: the caller closes the file
                 # next, so the write in flight must be over first (one batch).
-                concurrent.futures.wait([writing])
+                concurrent.futures.wait([thread_write])
+            if writing is not None:
+                if writing.done():
+                    writing.exception()  # the error on its way out is the caller's
+                else:
+                    writing.cancel()
 
-    async def _flush(self, writing: concurrent.futures.Future[None] | None, batch: bytearray,
+    async def _written(self, thread_write: concurrent.futures.Future[None], writer: BlobWriter,
+                       flight: Flight) -> None:
+        await asyncio.wrap_future(thread_write)
+        await self._progress(flight, writer.size)
+
+    async def _flush(self, writing: asyncio.Task[None] | None, batch: bytearray,
                      writer: BlobWriter, flight: Flight) -> None:
         """The write in flight, then the last batch: the file is up to date."""
         if writing is not None:
-            await asyncio.wrap_future(writing)
-        await asyncio.wrap_future(self._writes.submit(writer.write, batch))
-        await self._progress(flight, writer.size)
+            await writing
+        await self._written(self._writes.submit(writer.write, batch), writer, flight)
 
     async def _progress(self, flight: Flight, written: int) -> None:
         await flight.progress(written)
@@ -410,6 +448,12 @@ def _redirected(hops: list[Hop]) -> Redirected | None:
         return None
     final = hops[-1]
     return Redirected(hops[0].status, final.location, final.target_host, final.target_path)
+
+
+def _held_response(digest: str, held: str) -> web.Response:
+    """nginx sends the verified download itself (nginx/locations.conf, the
+    held location), with sendfile and Range, as it sends a hit."""
+    return web.Response(headers={"X-Accel-Redirect": f"{HELD_URI}{digest}/{held}"})
 
 
 def _file_response(path: Path, digest: str) -> web.FileResponse:

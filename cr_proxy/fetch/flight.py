@@ -19,6 +19,12 @@ does not cancel the download (the cache write outlives it).
 A reader is never given the last byte before the download is verified: a
 digest mismatch or a truncated upstream body therefore always reaches the
 client as an incomplete response, never as a complete wrong one.
+
+A download that is verified within a reader's hold (download.hold) is not
+tailed at all: the verified file gets a name of its own in temp/
+(`held`), and nginx sends it (sendfile) on the fetcher's word, as it sends
+a hit; relaying a miss through the fetcher's socket cost nginx a copy of
+every byte for every reader.
 """
 
 from __future__ import annotations
@@ -127,8 +133,8 @@ class Flight:
     """
 
     __slots__ = (
-        "_changed", "_read_fd", "committed_path", "error", "finished", "headers_ready", "key",
-        "size", "task", "verified", "written",
+        "_changed", "_read_fd", "committed_path", "error", "finished", "headers_ready", "held",
+        "key", "size", "task", "verified", "written",
     )
 
     def __init__(self, key: str) -> None:
@@ -142,6 +148,9 @@ class Flight:
         self.finished = False
         self.error: BaseException | None = None
         self.committed_path: Path | None = None
+        # temp/'s name for the verified file that nginx may send (Store.hold):
+        # set before readers learn the download is verified.
+        self.held: str | None = None
         self.headers_ready = asyncio.Event()
         self._changed = asyncio.Condition()
         self.task: asyncio.Task[None] | None = None
@@ -191,6 +200,16 @@ class Flight:
         await self.headers_ready.wait()
         if self.error:
             raise self.error
+
+    async def held_within(self, seconds: float) -> str | None:
+        """The held name of the verified file when the download is verified
+        within `seconds`, else None (still running, failed, or verified
+        without a held name): the reader then tails the file as usual."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.verified or self.finished), seconds)
+        return self.held if self.verified else None
 
     def _open(self) -> int:
         if self._read_fd >= 0:

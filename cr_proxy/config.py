@@ -132,8 +132,9 @@ class Limits:
 class Download:
     """A blob download whose upstream connection breaks is resumed where it
     got to (fetch/resume.py), this often at most, within this many seconds;
-    a client's miss waits up to `hold` seconds for the verified file, which
-    nginx then sends (fetch/flight.py), else it is streamed."""
+    a miss that joins a download under way waits up to `hold` seconds for
+    the verified file, which nginx then sends (fetch/flight.py), else it is
+    streamed."""
 
     retries: int = 5
     retry_budget: float = 60.0

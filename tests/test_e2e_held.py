@@ -1,21 +1,22 @@
-"""A miss whose download is verified while its client waits (download.hold)
-is sent by nginx from the verified file (fetch/flight.py, the held
-location in nginx/locations.conf); a longer one is streamed as it arrives.
+"""A miss that joins a download under way waits for it to be verified
+(download.hold) and is sent the verified file by nginx (fetch/flight.py,
+the held location in nginx/locations.conf); the client that started the
+download, and a joiner of one longer than the hold, are streamed to.
 
-Each case pins the hold so its path does not depend on the machine's speed:
-a long hold (every download here ends within it) or a short one with an
-upstream held mid-body until the client has bytes."""
+The clients are made to meet in flight without timing: the upstream is
+held still (the CDN's worker stopped, or a gated fake registry) until the
+joiners are counted (crproxy_coalesced_total). Each case pins the hold: a
+long one (every download here ends within it) or a short one with an
+upstream that stays held until the client has bytes."""
 
 from __future__ import annotations
 
-import http.client as http_client
 import os
 import re
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -23,18 +24,21 @@ from testbed.crproxy import CrProxy, skopeo_pull
 from testbed.oci_layout import build_image, tar_layer
 from testbed.registry import Upstream
 from tests.conftest import Images, proxy_endpoints
-from tests.faulty import FaultyRegistry, http, wait_until
-from tests.test_e2e_mirror import assert_pulled, expected_digests, request
+from tests.faulty import Answer, FaultyRegistry, http, wait_until
+from tests.test_e2e_metrics import scrape, value
+from tests.test_e2e_mirror import assert_pulled, expected_digests
 
 MIB = 1 << 20
 LONG_HOLD = 120  # seconds: longer than any download of these tests
 SHORT_HOLD = 0.2
+MEET_TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
 def holding(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrProxy]:
     with CrProxy(tmp_path_factory.mktemp("held"), proxy_endpoints(upstream),
-                 download={"hold": LONG_HOLD}) as running:
+                 download={"hold": LONG_HOLD},
+                 timeouts={"connect": 2, "read": 300, "down_host": 1}) as running:
         yield running
 
 
@@ -48,6 +52,10 @@ def held_names(cr: CrProxy) -> set[str]:
     return {entry.name for entry in (cr.cache / "held").iterdir()}
 
 
+def joined(cr: CrProxy) -> float:
+    return value(scrape(cr), "crproxy_coalesced_total")
+
+
 def fresh_layer(upstream: Upstream, work: Path, repo: str, size: int) -> tuple[str, bytes]:
     """A layer no test has pulled: (digest, bytes), pushed to `repo`."""
     image = build_image(work / repo, layers=[tar_layer({"data.bin": os.urandom(size)})],
@@ -57,134 +65,151 @@ def fresh_layer(upstream: Upstream, work: Path, repo: str, size: int) -> tuple[s
     return digest, image.blob_bytes(digest)
 
 
-def test_a_miss_within_the_hold_is_sent_by_nginx_from_the_verified_file(
-    holding: CrProxy, images: Images, tmp_path: Path
-) -> None:
-    digest = images.small.layer_digests[1]
-    data = images.small.blob_bytes(digest)
-    url = f"http://{holding.http}/v2/registry.test/small/blobs/{digest}"
-    status, headers, body = request(url)
-    assert (status, body) == (200, data)
-    assert headers["X-CR-Request-Type"] == "blob-held"  # nginx's file, not the fetcher's relay
-    assert (headers["X-Cache"], headers["Docker-Content-Digest"]) == ("MISS", digest)
-    assert headers["Content-Type"] == "application/octet-stream"
-    assert headers["Content-Length"] == str(len(data))
-    # The held name is a second link of the stored file: the same bytes.
-    (stored,) = holding.wait_committed("registry.test", "small", digest)
-    (name,) = held_names(holding)
-    assert os.path.samefile(holding.cache / "held" / name, stored)
-    # nginx's own Range on a miss: the part asked for, of the verified file.
-    other = images.big.layer_digests[0]
-    big = images.big.blob_bytes(other)
-    status, headers, body = request(
-        f"http://{holding.http}/v2/registry.test/big/blobs/{other}",
-        headers={"Range": "bytes=1000-1999"})
-    assert (status, body, headers["X-CR-Request-Type"]) == (206, big[1000:2000], "blob-held")
-    assert headers["Content-Range"] == f"bytes 1000-1999/{len(big)}"
+def meet(cr: CrProxy, url: str, clients: int, still: Callable[[], AbstractContextManager],
+         headers: dict[str, str] | None = None) -> list[Answer]:
+    """`clients` GETs of one blob, all in flight on one download before the
+    upstream may go on: one starts it, the others join it."""
+    before = joined(cr)
+    with ThreadPoolExecutor(clients) as pool:
+        with still():
+            pending = [pool.submit(http, url, headers=headers) for _ in range(clients)]
+            wait_until(lambda: joined(cr) >= before + clients - 1, MEET_TIMEOUT,
+                       f"{clients - 1} clients joining the download")
+        return [p.result(MEET_TIMEOUT) for p in pending]
 
 
-def test_skopeo_pulls_an_image_of_held_misses(
-    holding: CrProxy, images: Images, tmp_path: Path
-) -> None:
-    result = skopeo_pull(f"{holding.http}/registry.test/other/app:v1", tmp_path / "out")
-    assert_pulled(result, tmp_path / "out", expected_digests(images.other))
-    # Its layers and config were misses (small's shared layer may be a hit).
-    holding.access_lines(re.compile(r"/other/app/blobs/\S+ HTTP/1\.1\" 200 .*type=blob-held"), 1)
+def kind(answer: Answer) -> str | None:
+    return answer.header("X-CR-Request-Type")
 
 
-def test_sixteen_clients_of_one_held_miss_get_it_from_one_download(
+def test_clients_joining_a_download_are_sent_the_verified_file_by_nginx(
     holding: CrProxy, upstream: Upstream, tmp_path: Path
 ) -> None:
+    """One download (one CDN GET); the client that started it is streamed
+    to, the 15 that joined it get nginx's answer from the verified file."""
     digest, data = fresh_layer(upstream, tmp_path, "held/sixteen", 8 * MIB)
     url = f"http://{holding.http}/v2/registry.test/held/sixteen/blobs/{digest}"
     before = upstream.cdn_blob_gets(digest)
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda _: request(url), range(16)))
-    assert all((status, body) == (200, data) for status, _, body in answers)
-    assert {headers["X-CR-Request-Type"] for _, headers, _ in answers} == {"blob-held"}
+    answers = meet(holding, url, 16, upstream.cdn_paused)
+    assert all((a.status, a.body) == (200, data) for a in answers), [a.status for a in answers]
+    assert sorted(kind(a) for a in answers) == ["blob-fetch"] + ["blob-held"] * 15
+    held = [a for a in answers if kind(a) == "blob-held"]
+    assert {(a.header("X-Cache"), a.header("Docker-Content-Digest")) for a in held} == {
+        ("MISS", digest)}
+    assert {a.header("Content-Type") for a in held} == {"application/octet-stream"}
     assert upstream.cdn_blob_gets_settled(digest) == before + 1
+    # The held name is a second link of the stored file: the same bytes.
+    (stored,) = holding.wait_committed("registry.test", "held/sixteen", digest)
+    (name,) = held_names(holding)
+    assert os.path.samefile(holding.cache / "held" / name, stored)
+
+
+def test_a_joining_clients_range_is_answered_by_nginx(
+    holding: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    digest, data = fresh_layer(upstream, tmp_path, "held/range", 2 * MIB)
+    url = f"http://{holding.http}/v2/registry.test/held/range/blobs/{digest}"
+    answers = meet(holding, url, 3, upstream.cdn_paused, headers={"Range": "bytes=1000-1999"})
+    # The starter's miss is the whole blob, as before; the joiners get the part.
+    by_status = sorted((a.status, kind(a)) for a in answers)
+    assert by_status == [(200, "blob-fetch"), (206, "blob-held"), (206, "blob-held")]
+    for answer in answers:
+        expected = data if answer.status == 200 else data[1000:2000]
+        assert answer.complete and answer.body == expected
+    assert {a.header("Content-Range") for a in answers if a.status == 206} == {
+        f"bytes 1000-1999/{len(data)}"}
+
+
+def test_skopeo_pulls_meeting_in_flight_are_served_from_one_download(
+    holding: CrProxy, upstream: Upstream, images: Images, tmp_path: Path
+) -> None:
+    source = f"{holding.http}/registry.test/big:v1"
+    before = joined(holding)
+    with ThreadPoolExecutor(2) as pool:
+        with upstream.cdn_paused():
+            pulls = [pool.submit(skopeo_pull, source, tmp_path / f"out{i}") for i in range(2)]
+            wait_until(lambda: joined(holding) >= before + 1, MEET_TIMEOUT,
+                       "one pull joining the other's download")
+        for i, pull in enumerate(pulls):
+            assert_pulled(pull.result(300), tmp_path / f"out{i}", expected_digests(images.big))
+    holding.access_lines(re.compile(r"/big/blobs/\S+ HTTP/1\.1\" 200 .*type=blob-held"), 1)
 
 
 def test_the_held_location_is_nginx_internal(
     holding: CrProxy, upstream: Upstream, tmp_path: Path
 ) -> None:
     digest, data = fresh_layer(upstream, tmp_path, "held/internal", 4096)
+    url = f"http://{holding.http}/v2/registry.test/held/internal/blobs/{digest}"
     before = held_names(holding)
-    request(f"http://{holding.http}/v2/registry.test/held/internal/blobs/{digest}")
+    meet(holding, url, 2, upstream.cdn_paused)
     names = held_names(holding) - before
     assert len(names) == 1
     for name in names:
         for base in (f"http://{holding.http}", f"http://{holding.http}/v2/registry.test"):
-            status, headers, body = request(f"{base}/_cr/held/{digest}/{name}")
-            assert status >= 400 and body != data, (status, headers)
-            assert headers.get("X-CR-Request-Type") != "blob-held"
+            answer = http(f"{base}/_cr/held/{digest}/{name}")
+            assert answer.status is not None and answer.status >= 400, answer
+            assert answer.body != data and kind(answer) != "blob-held"
 
 
-def test_a_download_failing_within_the_hold_is_a_clean_registry_error(
+def test_a_download_failing_within_the_hold_is_a_clean_error_to_the_joiners(
     fake: FaultyRegistry, tmp_path: Path
 ) -> None:
-    """Before the hold, a download that failed after the client's 200 could
-    only be told by cutting the connection; within it, the client gets the
-    error itself."""
-    data = os.urandom(2 * MIB)
-    (digest,) = fake.add_image("wrong", "v1", [data]).layer_digests
-    fake.set_fault(digest, "wrong")
+    """The starter's 200 went out with the first bytes: a failure can only
+    cut its connection. A joiner still waiting gets the error itself."""
+    data = os.urandom(3 * MIB)
+    (digest,) = fake.add_image("failing", "v1", [data]).layer_digests
+    # Cut after 2 MiB on every answer: faulty.test ignores Range, so the
+    # resume breaks again and the download fails (test_e2e_faults.py).
+    fake.set_fault(digest, "reset", cut_at=2 * MIB, gated=True)
     with CrProxy(tmp_path / "cr", fake.endpoints, download={"hold": LONG_HOLD}) as cr:
-        answer = http(f"http://{cr.http}/v2/faulty.test/wrong/blobs/{digest}")
-        assert answer.status == 502 and answer.complete, answer
-        assert [e["code"] for e in answer.json_errors()] == ["DIGEST_INVALID"]
+        url = f"http://{cr.http}/v2/{FaultyRegistry.name}/failing/blobs/{digest}"
+        answers = meet(cr, url, 3, _released(fake))
+        starter = [a for a in answers if a.status == 200]
+        joiners = [a for a in answers if a.status != 200]
+        assert len(starter) == 1 and not starter[0].complete
+        assert len(joiners) == 2
+        for answer in joiners:
+            assert answer.status == 502 and answer.complete, answer
+            assert [e["code"] for e in answer.json_errors()] == ["UPSTREAM_ERROR"], answer
         assert not (cr.cache / "blobs/sha256" / digest.split(":", 1)[1]).exists()
         assert held_names(cr) == set()
 
 
-class Progress:
-    """A GET read in a thread, its bytes counted as they arrive."""
-
-    def __init__(self, url: str) -> None:
-        self.received = 0
-        self.headers: dict[str, str] = {}
-        self.body = bytearray()
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
-        self._thread.start()
-
-    def _run(self, url: str) -> None:
-        parts = urlsplit(url)
-        conn = http_client.HTTPConnection(parts.hostname, parts.port, timeout=120)
-        try:
-            conn.request("GET", parts.path)
-            response = conn.getresponse()
-            self.headers = dict(response.headers)
-            while chunk := response.read1(64 << 10):
-                self.body += chunk
-                self.received = len(self.body)
-        except (OSError, http_client.HTTPException) as err:
-            self.error = err
-        finally:
-            conn.close()
-
-    def join(self) -> None:
-        self._thread.join(120)
-        assert not self._thread.is_alive()
-
-
-def test_a_download_longer_than_the_hold_is_streamed_as_it_arrives(
+def test_a_download_longer_than_the_hold_is_streamed_to_the_joiners(
     fake: FaultyRegistry, tmp_path: Path
 ) -> None:
-    """The upstream sends half the blob and waits: the client has bytes
-    before the download can end, so it was streamed, not held."""
+    """The upstream sends part of the blob and waits until the joiners have
+    bytes: they were streamed to, not held."""
     data = os.urandom(4 * MIB)
     (digest,) = fake.add_image("slow", "v1", [data]).layer_digests
     fake.set_fault(digest, "hold", cut_at=2 * MIB, gated=True)
     with CrProxy(tmp_path / "cr", fake.endpoints, download={"hold": SHORT_HOLD},
                  timeouts={"connect": 2, "read": 60, "down_host": 1}) as cr:
-        client = Progress(f"http://{cr.http}/v2/faulty.test/slow/blobs/{digest}")
+        url = f"http://{cr.http}/v2/{FaultyRegistry.name}/slow/blobs/{digest}"
+        answers = meet(cr, url, 3, _released(fake, after=lambda: _streaming(cr, 2)))
+        assert all((a.status, a.body) == (200, data) for a in answers)
+        assert {kind(a) for a in answers} == {"blob-fetch"}
+
+
+def _streaming(cr: CrProxy, joiners: int) -> None:
+    """Until `joiners` clients that joined are streamed to (the fetcher says
+    so at debug level, once their hold is over)."""
+    wait_until(lambda: cr.log_text().count("streamed to a client that joined") >= joiners,
+               MEET_TIMEOUT, f"{joiners} joining clients streamed to")
+
+
+class _released(AbstractContextManager):
+    """The fake registry's gate, opened when the block ends (after `after`)."""
+
+    def __init__(self, fake: FaultyRegistry, after: Callable[[], None] | None = None) -> None:
+        self.fake, self.after = fake, after
+
+    def __call__(self) -> _released:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         try:
-            wait_until(lambda: client.received > 0 or client.error is not None, 60,
-                       "the client's first bytes")
+            if self.after is not None and exc[0] is None:
+                self.after()
         finally:
-            fake.release()
-        client.join()
-        assert client.error is None
-        assert bytes(client.body) == data
-        assert client.headers["X-CR-Request-Type"] == "blob-fetch"
+            self.fake.release()

@@ -105,7 +105,7 @@ def test_the_mirror_and_proxy_servers_share_one_location_template(tmp_path: Path
         directives.append([line.split()[0] for line in lines if "/_private)" not in line])
     mirror, proxy = directives
     assert mirror == proxy  # the same directives, in the same order
-    assert mirror.count("location") == 3 and mirror.count("if") == 5  # blob, held, manifest
+    assert mirror.count("location") == 3 and mirror.count("if") == 5  # blob, manifest, held
     # Only the https_proxy server checks a private repository's mark, in
     # both locations (the mirror's clients bring no credential to check).
     assert private_checks[0] == []
@@ -165,7 +165,7 @@ def test_the_locations_take_a_reference_tag_or_sha256_digest(
     server: nginx.ServerLocations,
 ) -> None:
     text = nginx.locations(server, Path("/cache"))
-    blob, held, manifest = (python_regex(p) for p in re.findall(r'location ~ "([^"]+)"', text))
+    blob, manifest, held = (python_regex(p) for p in re.findall(r'location ~ "([^"]+)"', text))
     for ref in TAGS + DIGESTS:
         sha256 = reference.is_digest(ref) and ref.startswith("sha256:")
         assert (blob.fullmatch(f"/v2/a/b/blobs/{ref}") is not None) is sha256, ref

@@ -58,6 +58,7 @@ WRITE_THREADS = 4  # downloads hashed and written at once
 # it within moments of the fetcher's answer.
 HELD_SECONDS = 60.0
 HELD_URI = "/_cr/held/"  # + <digest>/<held>: nginx/locations.conf
+ACCEL_HEADER = "X-CR-Accel"  # "1": nginx asks, and follows X-Accel-Redirect (fetch.conf)
 
 
 class Blobs:
@@ -105,16 +106,20 @@ class Blobs:
             functools.partial(self._download, target, client_auth(request),
                               from_peer=bool(request.headers.get("X-CR-Peer"))),
         )
-        if ctx.flights.coalesced > joined_before:
+        joined = ctx.flights.coalesced > joined_before
+        if joined:
             ctx.metrics.coalesced.inc()
         with self._offline_miss(target):
             await flight.wait_started()
-        if request.method == "GET" and ctx.config.download.hold:
+        if (joined and request.method == "GET" and ctx.config.download.hold
+                and request.headers.get(ACCEL_HEADER) == "1"):
             held = await flight.held_within(ctx.config.download.hold)
             if held is not None:
                 return _held_response(digest, held)
             if flight.error and not flight.verified:
                 raise flight.error  # failed before a byte went out: a clean error
+            log.debug("blob %s from %s: not verified within download.hold, streamed to a "
+                      "client that joined", digest, domain)
         response = web.StreamResponse(
             headers={"Content-Type": BLOB_TYPE, "Docker-Content-Digest": digest,
                      "X-Cache": "MISS", **API_HEADERS}

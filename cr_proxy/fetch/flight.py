@@ -20,11 +20,13 @@ A reader is never given the last byte before the download is verified: a
 digest mismatch or a truncated upstream body therefore always reaches the
 client as an incomplete response, never as a complete wrong one.
 
-A download that is verified within a reader's hold (download.hold) is not
-tailed at all: the verified file gets a name of its own in temp/
-(`held`), and nginx sends it (sendfile) on the fetcher's word, as it sends
-a hit; relaying a miss through the fetcher's socket cost nginx a copy of
-every byte for every reader.
+A reader that joins a download under way may hold (download.hold): if the
+download is verified within the hold, the reader does not tail it at all:
+the verified file gets a name of its own in held/ (`held`), and nginx
+sends it (sendfile) on the fetcher's word, as it sends a hit. Relaying a
+miss through the fetcher's socket costs nginx a copy of every byte for
+every reader; the reader that started the download streams it (its bytes
+arrive as soon as they can), the ones that joined mostly need not.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -133,8 +136,8 @@ class Flight:
     """
 
     __slots__ = (
-        "_changed", "_read_fd", "committed_path", "error", "finished", "headers_ready", "held",
-        "key", "size", "task", "verified", "written",
+        "_changed", "_read_fd", "_started_at", "committed_path", "error", "finished",
+        "headers_ready", "held", "key", "size", "task", "verified", "written",
     )
 
     def __init__(self, key: str) -> None:
@@ -142,6 +145,7 @@ class Flight:
         # Open on the temp file while the download runs; readers dup it, which
         # stays valid when the commit renames or an abort unlinks the file.
         self._read_fd = -1
+        self._started_at = 0.0  # time.monotonic() when the upstream answered
         self.size: int | None = None  # Content-Length from upstream, if any
         self.written = 0
         self.verified = False
@@ -164,6 +168,7 @@ class Flight:
 
     def started(self, temp_path: Path, size: int | None) -> None:
         self._read_fd = os.open(temp_path, os.O_RDONLY)
+        self._started_at = time.monotonic()
         self.size = size
         self.headers_ready.set()
 
@@ -204,12 +209,26 @@ class Flight:
     async def held_within(self, seconds: float) -> str | None:
         """The held name of the verified file when the download is verified
         within `seconds`, else None (still running, failed, or verified
-        without a held name): the reader then tails the file as usual."""
+        without a held name): the reader then tails the file as usual. A
+        download that, at its rate so far, would end after the hold is not
+        waited for: its reader streams at once (a slow link)."""
+        deadline = time.monotonic() + seconds
+
+        def decided() -> bool:
+            return self.verified or self.finished or self._late(deadline)
+
         async with self._changed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.verified or self.finished), seconds)
+                await asyncio.wait_for(self._changed.wait_for(decided), seconds)
         return self.held if self.verified else None
+
+    def _late(self, deadline: float) -> bool:
+        """At the rate so far, the rest would arrive after `deadline`."""
+        if self.size is None or self.written <= 0:
+            return False
+        now = time.monotonic()
+        rest = (now - self._started_at) * (self.size - self.written) / self.written
+        return now + rest > deadline
 
     def _open(self) -> int:
         if self._read_fd >= 0:

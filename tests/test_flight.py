@@ -562,15 +562,3 @@ def test_start_up_empties_held(store):
     store.prepare()
     assert list(store.tree.held.iterdir()) == []
 
-
-async def test_a_download_too_slow_for_the_hold_is_not_waited_for(store):
-    """A quarter written in what counts as 1,000 s: the rest would take 3,000
-    s more, past a hold of 60, so the reader streams at once."""
-    flights, download = Flights(), FakeDownload(store, hold=True)
-    flight = flights.join(DIGEST, download)
-    await flight.wait_started()
-    flight.written = len(DATA) // 4
-    flight._started_at -= 1000
-    assert await asyncio.wait_for(flight.held_within(60), 30) is None  # the gate stays shut
-    download.gate.set()
-    await flight.task

@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -136,8 +135,8 @@ class Flight:
     """
 
     __slots__ = (
-        "_changed", "_read_fd", "_started_at", "committed_path", "error", "finished",
-        "headers_ready", "held", "key", "size", "task", "verified", "written",
+        "_changed", "_read_fd", "committed_path", "error", "finished", "headers_ready", "held",
+        "key", "size", "task", "verified", "written",
     )
 
     def __init__(self, key: str) -> None:
@@ -145,7 +144,6 @@ class Flight:
         # Open on the temp file while the download runs; readers dup it, which
         # stays valid when the commit renames or an abort unlinks the file.
         self._read_fd = -1
-        self._started_at = 0.0  # time.monotonic() when the upstream answered
         self.size: int | None = None  # Content-Length from upstream, if any
         self.written = 0
         self.verified = False
@@ -168,7 +166,6 @@ class Flight:
 
     def started(self, temp_path: Path, size: int | None) -> None:
         self._read_fd = os.open(temp_path, os.O_RDONLY)
-        self._started_at = time.monotonic()
         self.size = size
         self.headers_ready.set()
 
@@ -209,26 +206,17 @@ class Flight:
     async def held_within(self, seconds: float) -> str | None:
         """The held name of the verified file when the download is verified
         within `seconds`, else None (still running, failed, or verified
-        without a held name): the reader then tails the file as usual. A
-        download that, at its rate so far, would end after the hold is not
-        waited for: its reader streams at once (a slow link)."""
-        deadline = time.monotonic() + seconds
-
-        def decided() -> bool:
-            return self.verified or self.finished or self._late(deadline)
-
+        without a held name): the reader then tails the file as usual. Its
+        bytes are on disk by then, so it catches up at local speed and ends
+        when the download does: the hold costs a joiner of a long download
+        its first byte's time, not its last's. (Guessing early from the rate
+        so far whether the download will make it was tried: the first MiB
+        arrive slowly, TCP's slow start, and nearly every joiner streamed.)"""
         async with self._changed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait_for(decided), seconds)
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.verified or self.finished), seconds)
         return self.held if self.verified else None
-
-    def _late(self, deadline: float) -> bool:
-        """At the rate so far, the rest would arrive after `deadline`."""
-        if self.size is None or self.written <= 0:
-            return False
-        now = time.monotonic()
-        rest = (now - self._started_at) * (self.size - self.written) / self.written
-        return now + rest > deadline
 
     def _open(self) -> int:
         if self._read_fd >= 0:

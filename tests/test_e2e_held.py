@@ -146,7 +146,7 @@ def test_the_held_location_is_nginx_internal(
     assert len(names) == 1
     for name in names:
         for base in (f"http://{holding.http}", f"http://{holding.http}/v2/registry.test"):
-            answer = http(f"{base}/_cr/held/{digest}/{name}")
+            answer = http(f"{base}/_cr/held/MISS/{digest}/{name}")
             assert answer.status is not None and answer.status >= 400, answer
             assert answer.body != data and kind(answer) != "blob-held"
 
@@ -213,3 +213,23 @@ class _released(AbstractContextManager):
                 self.after()
         finally:
             self.fake.release()
+
+
+def test_a_digest_stored_under_another_name_is_sent_by_nginx_by_a_held_name(
+    holding: CrProxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    """The fetcher's own hits (here: a layer cached through one repository,
+    asked for through another, which the upstream confirms) go out as
+    nginx's answer from a held name of the stored file, which no eviction
+    can take away meanwhile; the next request is an nginx hit by the link."""
+    digest, data = fresh_layer(upstream, tmp_path, "held/first", 1 * MIB)
+    upstream.push(tmp_path / "held/first", "v1", "held/second", "v1")
+    first = f"http://{holding.http}/v2/registry.test/held/first/blobs/{digest}"
+    second = f"http://{holding.http}/v2/registry.test/held/second/blobs/{digest}"
+    assert http(first).body == data
+    holding.wait_committed("registry.test", "held/first", digest)
+    answer = http(second, headers={"Range": "bytes=10-19"})
+    assert (answer.status, answer.body, kind(answer)) == (206, data[10:20], "blob-held")
+    assert (answer.header("X-Cache"), answer.header("Docker-Content-Digest")) == ("HIT", digest)
+    again = http(second)
+    assert (again.status, again.body, kind(again)) == (200, data, "blob")

@@ -72,7 +72,7 @@ class FakeDownload:
                 raise self.error
             if self.hold:
                 writer.verify(self.size)
-                flight.held = self.store.hold(writer)
+                flight.held = self.store.hold(writer.path)
                 await flight.verified_whole()
             committed = self.store.commit(writer, self.size)
         except BaseException:
@@ -556,7 +556,7 @@ async def test_a_download_failing_within_the_hold_gives_no_name(store):
 def test_start_up_empties_held(store):
     writer = store.blob_writer(DIGEST)
     writer.write(DATA)
-    held = store.hold(writer)
+    held = store.hold(writer.path)
     writer.abort()
     assert (store.tree.held / held).read_bytes() == DATA  # the held name keeps the bytes
     store.prepare()

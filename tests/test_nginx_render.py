@@ -174,9 +174,13 @@ def test_the_locations_take_a_reference_tag_or_sha256_digest(
     assert blob.fullmatch(f"/v2/a/b/blobs/{DIGESTS[0]}").group("cr_name") == "a/b"
     # The held location (internal): the fetcher's held names, nothing else.
     name = "0123456789abcdef" * 2
-    assert held.fullmatch(f"/_cr/held/sha256:{'a' * 64}/{name}").group("cr_held") == name
-    for uri in (f"/_cr/held/sha256:{'a' * 64}/../{name}", f"/_cr/held/sha256:{'a' * 64}/x",
-                f"/_cr/held/md5:{'a' * 32}/{name}", f"/_cr/held/sha256:{'a' * 64}/{name}/"):
+    for cache in ("HIT", "MISS"):
+        found = held.fullmatch(f"/_cr/held/{cache}/sha256:{'a' * 64}/{name}")
+        assert (found.group("cr_held"), found.group("cr_held_cache")) == (name, cache)
+    for uri in (f"/_cr/held/MISS/sha256:{'a' * 64}/../{name}",
+                f"/_cr/held/MISS/sha256:{'a' * 64}/x", f"/_cr/held/MISS/md5:{'a' * 32}/{name}",
+                f"/_cr/held/MISS/sha256:{'a' * 64}/{name}/", f"/_cr/held/sha256:{'a' * 64}/{name}",
+                f"/_cr/held/STALE/sha256:{'a' * 64}/{name}"):
         assert held.fullmatch(uri) is None, uri
 
 

@@ -133,16 +133,6 @@ class BlobWriter:
             os.close(self._fd)
             self._fd = -1
 
-    def hold(self, held_dir: Path) -> str:
-        """A second name in held/ for the verified file, which nginx sends on
-        the fetcher's word while the commit fsyncs and renames the first
-        (fetch/flight.py); returns it. The caller removes it
-        (Store.drop_held) once nginx has had time to open it; start-up
-        empties held/."""
-        held = uuid.uuid4().hex
-        os.link(self.path, held_dir / held)
-        return held
-
     def sync_and_close(self) -> None:
         os.fsync(self._fd)
         self.close()
@@ -240,8 +230,16 @@ class Store:
         sizes = (lstat(e) for e in entries(self.tree.temp) if not e.name.startswith(LINK_PREFIX))
         return sum(st.st_size for st in sizes if st is not None)
 
-    def hold(self, writer: BlobWriter) -> str:
-        return writer.hold(self.tree.held)
+    def hold(self, path: Path) -> str:
+        """A second name in held/ for a verified file (a download's, or a
+        stored blob's), which nginx or the fetcher sends while the first
+        may go: a download's commit renames it, an eviction removes a
+        stored one (fetch/flight.py, fetch/blobs.py); returns it. The
+        caller removes it (drop_held) once it has had time to be opened;
+        start-up empties held/. Raises FileNotFoundError if `path` is gone."""
+        held = uuid.uuid4().hex
+        os.link(path, self.tree.held / held)
+        return held
 
     def drop_held(self, held: str) -> None:
         """Remove a held name (BlobWriter.hold); nginx keeps what it opened."""

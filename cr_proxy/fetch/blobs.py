@@ -81,15 +81,15 @@ class Blobs:
         ctx = self.ctx
         digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
         named = await in_thread(ctx.store.linked, digest, domain, path)
-        if named is not None:
-            ctx.metrics.hits.labels(kind="blob-fetch").inc()
-            return _file_response(named, digest)
+        hit = None if named is None else await self._hit(request, named, digest)
+        if hit is not None:
+            return hit
         if await in_thread(ctx.store.has_blob, digest):
             # Pulled before through another repository or registry: one copy.
             stored = await self._stored_elsewhere(request, target)
-            if stored is not None:
-                ctx.metrics.hits.labels(kind="blob-fetch").inc()
-                return _file_response(stored, digest)
+            hit = None if stored is None else await self._hit(request, stored, digest)
+            if hit is not None:
+                return hit
         if request.method == "HEAD":
             if request.headers.get("X-CR-Cache-Only") == "1":
                 # warm asks "is it here?" without costing an upstream request.
@@ -115,7 +115,7 @@ class Blobs:
                 and request.headers.get(ACCEL_HEADER) == "1"):
             held = await flight.held_within(ctx.config.download.hold)
             if held is not None:
-                return _held_response(digest, held)
+                return _held_response(digest, held)  # a miss's
             if flight.error and not flight.verified:
                 raise flight.error  # failed before a byte went out: a clean error
             log.debug("blob %s from %s: not verified within download.hold, streamed to a "
@@ -146,6 +146,26 @@ class Blobs:
         # confirmed the digest there (the next request asks, _stored_elsewhere).
         await response.write_eof()
         return response
+
+    async def _hit(self, request: web.Request, path: Path, digest: str
+                   ) -> web.StreamResponse | None:
+        """A stored blob's answer (a private repository's hit, or a digest
+        stored under another name), by a held name: an eviction between
+        finding the file and sending it cannot take it away. Through nginx,
+        nginx sends it (the held location); the fetcher's own clients get
+        it from here. None when the file went before it was held (a miss)."""
+        try:
+            held = await in_thread(self.ctx.store.hold, path)
+        except FileNotFoundError:
+            return None
+        self._drop_held_later(held)
+        self.ctx.metrics.hits.labels(kind="blob-fetch").inc()
+        if request.headers.get(ACCEL_HEADER) == "1":
+            return _held_response(digest, held, cache="HIT")
+        return _file_response(self.ctx.store.tree.held / held, digest)
+
+    def _drop_held_later(self, held: str) -> None:
+        asyncio.get_running_loop().call_later(HELD_SECONDS, self.ctx.store.drop_held, held)
 
     async def ensure(self, target: Target) -> Path:
         """The stored file of a blob a verified manifest of `target`'s
@@ -345,12 +365,11 @@ class Blobs:
         readers that wait; removed HELD_SECONDS later, long after nginx
         opened it (what it opened stays readable)."""
         try:
-            flight.held = self.ctx.store.hold(writer)
+            flight.held = self.ctx.store.hold(writer.path)
         except OSError as err:  # readers tail the file instead
             log.warning("%s: no held name for nginx: %s", writer.digest, err)
             return
-        asyncio.get_running_loop().call_later(HELD_SECONDS, self.ctx.store.drop_held,
-                                              flight.held)
+        self._drop_held_later(flight.held)
 
     def _size_limit(self, content_length: int | None, domain: str, digest: str) -> int:
         """The most bytes this download may write: its Content-Length when
@@ -455,10 +474,11 @@ def _redirected(hops: list[Hop]) -> Redirected | None:
     return Redirected(hops[0].status, final.location, final.target_host, final.target_path)
 
 
-def _held_response(digest: str, held: str) -> web.Response:
-    """nginx sends the verified download itself (nginx/locations.conf, the
-    held location), with sendfile and Range, as it sends a hit."""
-    return web.Response(headers={"X-Accel-Redirect": f"{HELD_URI}{digest}/{held}"})
+def _held_response(digest: str, held: str, cache: str = "MISS") -> web.Response:
+    """nginx sends the held file itself (nginx/locations.conf, the held
+    location), with sendfile and Range, as it sends a hit; `cache` is its
+    X-Cache."""
+    return web.Response(headers={"X-Accel-Redirect": f"{HELD_URI}{cache}/{digest}/{held}"})
 
 
 def _file_response(path: Path, digest: str) -> web.FileResponse:

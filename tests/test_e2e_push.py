@@ -14,7 +14,7 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,7 +61,7 @@ class Call:
         return json.loads(self.body)["errors"][0]["code"]
 
 
-def call(cr: CrProxy, method: str, path: str, body: bytes | None = None,
+def call(cr: CrProxy, method: str, path: str, body: bytes | Iterable[bytes] | None = None,
          headers: dict[str, str] | None = None, source: str = "127.0.0.1") -> Call:
     conn = http.client.HTTPConnection(cr.address, cr.http_port, timeout=60,
                                       source_address=(source, 0))
@@ -219,6 +219,45 @@ def test_monolithic_upload_is_stored(pusher: CrProxy) -> None:
     data = os.urandom(50_000)
     upload(pusher, "mono", data)
     assert stored_blob(pusher, sha256(data)).read_bytes() == data
+
+
+def uneven(part: bytes) -> Iterator[bytes]:
+    """`part` in pieces of sizes from 1 byte to about 200 KB, none alike:
+    sent chunked (no Content-Length), each a chunk of its own."""
+    at, size = 0, 1
+    while at < len(part):
+        yield part[at:at + size]
+        at += size
+        size = size * 7 % 200_003 + 1
+
+
+def test_layer_in_uneven_pieces_over_three_requests_is_stored_whole(
+    pusher: CrProxy, upstream: Upstream
+) -> None:
+    """Several MiB (many of the fetcher's write batches, writes.py), in
+    uneven chunked pieces, over two PATCHes and the final PUT's own body:
+    the registry and the cache hold the client's bytes, in order, and the
+    digest check passes on them."""
+    mib = 1 << 20
+    data = os.urandom(5 * mib + 12_345)
+    parts = [data[:2 * mib + 7], data[2 * mib + 7:4 * mib + 100], data[4 * mib + 100:]]
+    location = our_location(start_upload(pusher, "pieces"), "pieces")
+    at = 0
+    for part in parts[:2]:
+        patched = call(pusher, "PATCH", location, uneven(part), {
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"{at}-{at + len(part) - 1}"})
+        assert patched.status == 202, patched.body
+        at += len(part)
+        assert patched.headers["Range"] == f"0-{at - 1}"
+        location = our_location(patched, "pieces")
+    done = call(pusher, "PUT", with_digest(location, sha256(data)),
+                uneven(parts[2]), {"Content-Type": "application/octet-stream"})
+    assert done.status == 201, done.body
+    assert upstream.blob_data_path(sha256(data)).read_bytes() == data
+    assert stored_blob(pusher, sha256(data)).read_bytes() == data
+    assert (pusher.cache / f"content/{REGISTRY_NAME}/v2/pieces/blobs/{sha256(data)}").is_file()
+    assert leftover_uploads(pusher) == []
 
 
 # --- one upload per layer across images --------------------------------------------
@@ -508,17 +547,23 @@ def test_docker_push_is_relayed_and_stored(
     assert_pushed_and_stored(pusher, upstream, "docker-pushed", tmp_path)
 
 
+@pytest.mark.parametrize(("repo", "sent_size", "announced"), [
+    ("aborted", 200_000, 1_000_000),
+    # Past several write batches (writes.py): one may be in flight when the
+    # client goes.
+    ("aborted-big", 3_500_000, 8_000_000),
+])
 def test_client_gone_mid_chunk_cancels_the_upload_upstream(
-    pusher: CrProxy, upstream: Upstream
+    pusher: CrProxy, upstream: Upstream, repo: str, sent_size: int, announced: int
 ) -> None:
-    started = start_upload(pusher, "aborted")
-    location = our_location(started, "aborted")
-    sent = os.urandom(200_000)
+    started = start_upload(pusher, repo)
+    location = our_location(started, repo)
+    sent = os.urandom(sent_size)
     with socket.create_connection((pusher.address, pusher.http_port), timeout=30) as sock:
         sock.sendall(f"PATCH {location} HTTP/1.1\r\nHost: {pusher.http}\r\n"
                      "Content-Type: application/octet-stream\r\n"
-                     "Content-Length: 1000000\r\n\r\n".encode() + sent)
-    # Gone with 800 KB still to come: the upstream's upload is cancelled
+                     f"Content-Length: {announced}\r\n\r\n".encode() + sent)
+    # Gone with the rest still to come: the upstream's upload is cancelled
     # (a DELETE in the registry's log), nothing is kept.
     session = location.split("?")[0].rsplit("/", 1)[1]
 

@@ -84,7 +84,7 @@ class Fetcher:
         self.blobs = Blobs(ctx)
         self.manifests = Manifests(ctx)
         self.passthrough = Passthrough(ctx, self.privacy)
-        self.pushes = Pushes(ctx, self.privacy, self.blobs.ensure)
+        self.pushes = Pushes(ctx, self.blobs.writes, self.privacy, self.blobs.ensure)
         listings = Listings(ctx)
         self.tags = Tags(ctx, listings)
         self.referrers = Referrers(ctx, listings, self.manifests)

@@ -11,9 +11,10 @@ ours again (`/v2/<prefix>/<name>/...`), so the client never learns the
 upstream's host and keeps talking to us.
 
 Write-through: an upload's bytes are hashed into a temp file as they pass
-(Store.upload_writer); once the upstream answered the final PUT with 201
-and the bytes hash to the digest the client named, the file moves into the
-digest store under the repository's blob path. A manifest PUT is read
+(Store.upload_writer), in a thread beside the relay (writes.py); once the
+upstream answered the final PUT with 201 and the bytes hash to the digest
+the client named, the file moves into the digest store under the
+repository's blob path. A manifest PUT is read
 whole (MAX_MANIFEST), relayed, and answered only when the upstream has
 answered, with the upstream's status and body: only a 201 stores it (by
 digest, and by tag for a tag PUT). A pushed image is then pulled from the
@@ -30,6 +31,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -70,6 +72,7 @@ from cr_proxy.fetch.context import (
 )
 from cr_proxy.fetch.held import Held
 from cr_proxy.fetch.private import Privacy
+from cr_proxy.fetch.writes import PipedWrites
 from cr_proxy.oci.manifest import MANIFEST_MEDIA_TYPES, MAX_MANIFEST
 from cr_proxy.oci.reference import digest_of, is_digest, is_tag
 from cr_proxy.upstream.uploads import PushAuth
@@ -152,19 +155,27 @@ class Upload:
     between requests, when it was last used and where it is upstream (to
     cancel it there once abandoned)."""
 
-    writer: BlobWriter | None = None
+    pipe: PipedWrites | None = None  # its bytes so far, into a temp file
     broken: bool = False
     last: float = 0.0  # time.monotonic() of its last answer
     target: PushTarget | None = None
     upstream: str = ""  # its upstream path and query (upload state) as last given
 
     def size(self) -> int:
-        return self.writer.size if self.writer is not None else 0
+        return self.pipe.writer.size if self.pipe is not None else 0
+
+    def take(self) -> BlobWriter | None:
+        """Its bytes so far, no write following (one in flight is waited for)."""
+        pipe, self.pipe = self.pipe, None
+        if pipe is None:
+            return None
+        pipe.close()
+        return pipe.writer
 
     def drop(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
+        writer = self.take()
+        if writer is not None:
+            writer.abort()
 
 
 FillBlob = Callable[[Target], Awaitable[Path]]
@@ -172,11 +183,12 @@ FillBlob = Callable[[Target], Awaitable[Path]]
 
 class Pushes:
     __slots__ = ("_sweeper", "auth", "cancels", "ctx", "fill_blob", "fills", "held", "privacy",
-                 "touched", "uploads")
+                 "touched", "uploads", "writes")
 
-    def __init__(self, ctx: FetchContext, privacy: Privacy | None = None,
+    def __init__(self, ctx: FetchContext, writes: Executor, privacy: Privacy | None = None,
                  fill_blob: FillBlob | None = None) -> None:
         self.ctx = ctx
+        self.writes = writes  # hashes and writes uploads (writes.py), shared with pulls
         # A blob the upstream mounted that we have no copy of is fetched
         # (Blobs.ensure), so the pushed image is whole in the cache.
         self.fill_blob = fill_blob
@@ -530,19 +542,31 @@ class Pushes:
             upload.broken = True
 
     async def _body(self, request: web.Request, upload: Upload) -> AsyncIterator[bytes]:
-        """The client's body as it arrives, hashed into the upload's temp file."""
-        if not upload.broken and upload.writer is None:
-            upload.writer = self.ctx.store.upload_writer()
+        """The client's body as it arrives, on to the upstream, and hashed into
+        the upload's temp file in a thread meanwhile (writes.py). Each piece
+        goes on when the next has come, the last only once the file holds
+        every byte: the upstream cannot answer before it has the last byte,
+        so an answer finds the file whole (_finish, _check_range)."""
+        if not upload.broken and upload.pipe is None:
+            upload.pipe = PipedWrites(self.writes, self.ctx.store.upload_writer())
+        pipe = upload.pipe
+        held: bytes | None = None
         async for chunk in request.content.iter_any():
-            if upload.writer is not None:
-                upload.writer.write(chunk)
-            yield chunk
+            if pipe is not None:
+                await pipe.add(chunk)
+            if held is not None:
+                yield held
+            held = chunk
+        if pipe is not None:
+            await pipe.flush()
+        if held is not None:
+            yield held
 
     async def _finish(self, upload: Upload, status: int, digest: str,
                       target: PushTarget) -> None:
         """The final PUT answered: store the bytes if the upstream took them
         (201) and they are what the client said."""
-        writer, upload.writer = upload.writer, None
+        writer = upload.take()
         try:
             await self._stored(writer, status, digest, target)
         finally:

@@ -1,0 +1,79 @@
+"""A body hashed and written into the cache beside the event loop: what a
+blob download (blobs.py) and a pushed upload (push.py) share.
+
+Policy: the bytes are gathered into batches of WRITE_BATCH and each batch
+is hashed and written in a thread (hashlib and os.write let go of the GIL)
+while the loop reads the next one, with one write in flight at a time, so
+the bytes stay in order and at most two batches are held. Awaiting each
+write before reading on made a download half as fast; hashing and writing
+every small piece on the loop made a push hold up its own relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from concurrent.futures import Executor
+
+from cr_proxy.cache.store import BlobWriter
+
+WRITE_BATCH = 1 << 20  # bytes gathered before one executor hop to the disk
+WRITE_THREADS = 4  # bodies hashed and written at once
+
+
+class PipedWrites:
+    """One body's batches into `writer`, one write in flight at a time."""
+
+    __slots__ = ("_batch", "_closed", "_executor", "_writing", "writer")
+
+    def __init__(self, executor: Executor, writer: BlobWriter) -> None:
+        self.writer = writer
+        self._executor = executor
+        self._batch = bytearray()
+        self._writing: concurrent.futures.Future[None] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<PipedWrites {self.writer!r} batch={len(self._batch)}>"
+
+    async def add(self, chunk: bytes | bytearray | memoryview) -> int | None:
+        """Gather a chunk; once a batch is full, hand it to a thread (after
+        the write before it is done). Returns the bytes in the file when a
+        write was waited for (for a caller that reports progress), else None."""
+        if self._closed:
+            return None
+        self._batch += chunk
+        if len(self._batch) < WRITE_BATCH:
+            return None
+        written = None
+        if self._writing is not None:
+            await asyncio.wrap_future(self._writing)
+            written = self.writer.size
+        if self._closed:  # closed while it waited: the file is the closer's now
+            return None
+        # A new batch for what comes next: the thread owns this one.
+        self._writing = self._executor.submit(self.writer.write, self._batch)
+        self._batch = bytearray()
+        return written
+
+    async def flush(self) -> None:
+        """The write in flight, then the last batch: the file is up to date."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            await asyncio.wrap_future(writing)
+        if self._batch and not self._closed:
+            batch, self._batch = self._batch, bytearray()
+            self._writing = self._executor.submit(self.writer.write, batch)
+            await asyncio.wrap_future(self._writing)
+            self._writing = None
+
+    def close(self) -> None:
+        """No more writes; wait for the one in flight (one batch, blocking),
+        so that the caller may close or abort the file next: a thread still
+        writing to a closed descriptor could write into a file opened since
+        under its number."""
+        self._closed = True
+        self._batch = bytearray()
+        if self._writing is not None and not self._writing.done():
+            concurrent.futures.wait([self._writing])
+        self._writing = None

@@ -276,6 +276,17 @@ def probe(cr: CrProxy, repo: str, digest: str) -> Call:
     return call(cr, "HEAD", f"{PREFIX}/{repo}/blobs/{digest}")
 
 
+def test_a_probe_costs_the_registry_one_head(pusher: CrProxy, upstream: Upstream) -> None:
+    """A pusher's HEAD of a layer the registry lacks goes upstream with
+    cr-proxy's push login: one HEAD there, not a 401 first and then the
+    HEAD again with a pull token (skopeo probes every layer twice)."""
+    digest = sha256(os.urandom(20_000))
+    for count in (1, 2):
+        answer = probe(pusher, "one-head", digest)
+        assert answer.status == 404, answer.body
+        assert upstream.registry_requests(f"/v2/one-head/blobs/{digest}") == count
+
+
 def test_probe_of_a_layer_held_in_another_repository_mounts_it(
     pusher: CrProxy, upstream: Upstream
 ) -> None:

@@ -26,6 +26,7 @@ relayed, just not stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
@@ -58,6 +59,7 @@ from cr_proxy.errors import (
     DestinationRefused,
     DigestMismatch,
     NotFound,
+    TokenRefused,
     Unsupported,
     UpstreamError,
     UpstreamTimeout,
@@ -397,10 +399,18 @@ class Pushes:
 
     async def _head(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
         """The upstream's answer to the HEAD (its redirects followed, as a
-        client would)."""
+        client would), asked with the push's own login: the token the upload
+        takes next covers pull too, so the registry answers at once, not
+        with a 401 first and then to a pull token (a round trip per probe,
+        and a client probes each layer twice)."""
         rtarget = Target(target.registry, target.domain,
                          RegistryPath(Kind.BLOB, target.name, target.ref))
-        return await upstream_head(self.ctx, rtarget, client_auth(request))
+        auth = client_auth(request)
+        if auth is None:
+            # Refused: asked as a pull is; the upload will meet the refusal.
+            with contextlib.suppress(TokenRefused):
+                auth = await self._login(target)
+        return await upstream_head(self.ctx, rtarget, auth)
 
     async def _mount(self, target: PushTarget, source: str) -> bool:
         """Mount the digest from `source` into the target repository

@@ -1,10 +1,11 @@
 """A body hashed and written into the cache beside the event loop: what a
 blob download (blobs.py) and a pushed upload (push.py) share.
 
-Policy: the bytes are gathered into batches of WRITE_BATCH and each batch
-is hashed and written in a thread (hashlib and os.write let go of the GIL)
-while the loop reads the next one, with one write in flight at a time, so
-the bytes stay in order and at most two batches are held. Awaiting each
+Policy: the pieces are gathered (not copied) into batches of WRITE_BATCH
+bytes and each batch is hashed and written (one writev) in a thread
+(hashlib and os.writev let go of the GIL) while the loop reads the next one,
+with one write in flight at a time, so the bytes stay in order and at most
+two batches are held. Awaiting each
 write before reading on made a download half as fast; hashing and writing
 every small piece on the loop made a push hold up its own relay.
 """
@@ -24,26 +25,30 @@ WRITE_THREADS = 4  # bodies hashed and written at once
 class PipedWrites:
     """One body's batches into `writer`, one write in flight at a time."""
 
-    __slots__ = ("_batch", "_closed", "_executor", "_writing", "writer")
+    __slots__ = ("_batch", "_batched", "_closed", "_executor", "_write_back", "_writing",
+                 "writer")
 
-    def __init__(self, executor: Executor, writer: BlobWriter) -> None:
+    def __init__(self, executor: Executor, writer: BlobWriter, write_back: bool = False) -> None:
         self.writer = writer
         self._executor = executor
-        self._batch = bytearray()
+        self._write_back = write_back  # BlobWriter.write_all
+        self._batch: list[bytes] = []
+        self._batched = 0  # bytes in _batch
         self._writing: concurrent.futures.Future[None] | None = None
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"<PipedWrites {self.writer!r} batch={len(self._batch)}>"
+        return f"<PipedWrites {self.writer!r} batch={self._batched}>"
 
-    async def add(self, chunk: bytes | bytearray | memoryview) -> int | None:
+    async def add(self, chunk: bytes) -> int | None:
         """Gather a chunk; once a batch is full, hand it to a thread (after
         the write before it is done). Returns the bytes in the file when a
         write was waited for (for a caller that reports progress), else None."""
         if self._closed:
             return None
-        self._batch += chunk
-        if len(self._batch) < WRITE_BATCH:
+        self._batch.append(chunk)
+        self._batched += len(chunk)
+        if self._batched < WRITE_BATCH:
             return None
         written = None
         if self._writing is not None:
@@ -51,10 +56,16 @@ class PipedWrites:
             written = self.writer.size
         if self._closed:  # closed while it waited: the file is the closer's now
             return None
-        # A new batch for what comes next: the thread owns this one.
-        self._writing = self._executor.submit(self.writer.write, self._batch)
-        self._batch = bytearray()
+        self._writing = self._submit()
         return written
+
+    def _submit(self) -> concurrent.futures.Future[None]:
+        return self._executor.submit(self.writer.write_all, self._take(), self._write_back)
+
+    def _take(self) -> list[bytes]:
+        """The batch, for a thread; a new one for what comes next."""
+        batch, self._batch, self._batched = self._batch, [], 0
+        return batch
 
     async def flush(self) -> None:
         """The write in flight, then the last batch: the file is up to date."""
@@ -62,8 +73,7 @@ class PipedWrites:
             writing, self._writing = self._writing, None
             await asyncio.wrap_future(writing)
         if self._batch and not self._closed:
-            batch, self._batch = self._batch, bytearray()
-            self._writing = self._executor.submit(self.writer.write, batch)
+            self._writing = self._submit()
             await asyncio.wrap_future(self._writing)
             self._writing = None
 
@@ -73,7 +83,7 @@ class PipedWrites:
         writing to a closed descriptor could write into a file opened since
         under its number."""
         self._closed = True
-        self._batch = bytearray()
+        self._take()
         if self._writing is not None and not self._writing.done():
             concurrent.futures.wait([self._writing])
         self._writing = None

@@ -132,25 +132,6 @@ def test_blob_writer_write_all_takes_more_pieces_than_one_writev_may(store):
     writer.abort()
 
 
-def test_blob_writer_write_all_starts_the_disk_write_of_what_it_wrote(store):
-    """write_back: each call's range is handed to sync_file_range(2) (start
-    writing out, do not wait); without it, none is."""
-    calls = []
-    with mock.patch("cr_proxy.cache.store.SYNC_FILE_RANGE",
-                    lambda *args: calls.append(args) or 0):
-        writer = store.blob_writer(DIGEST)
-        writer.write_all([DATA[:100], DATA[100:5000]], write_back=True)
-        writer.write_all([DATA[5000:6000]])
-        writer.write_all([DATA[6000:], b""], write_back=True)
-        writer.write_all([], write_back=True)
-    fd = calls[0][0]
-    assert calls == [(fd, 0, 5000, 2), (fd, 6000, len(DATA) - 6000, 2)]
-    writer.verify(len(DATA))
-    writer.close()
-    assert writer.path.read_bytes() == DATA
-    writer.abort()
-
-
 def test_blob_writer_rejects_an_invalid_digest(store):
     with pytest.raises(BadRequest):
         store.blob_writer("sha256:../../etc/passwd")

@@ -16,7 +16,6 @@ All methods block; async callers run them in an executor.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import logging
@@ -24,7 +23,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,23 +84,6 @@ class StoredManifest:
 
 
 IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev takes (1024 on Linux)
-SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writing the range out, do not wait
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range(2), which Python's os module lacks (Linux
-    only: None elsewhere, and write_all then leaves the writing out to the
-    kernel and the commit's fsync). ctypes lets go of the GIL for the call."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    return function
-
-
-SYNC_FILE_RANGE = _sync_file_range()
 # The placeholder name of an upload's bytes until the client names them.
 UNNAMED_UPLOAD = "sha256:" + "0" * 64
 
@@ -139,14 +121,10 @@ class BlobWriter:
         self._hash.update(data)
         self.size += len(data)
 
-    def write_all(self, chunks: list[bytes], write_back: bool = False) -> None:
+    def write_all(self, chunks: list[bytes]) -> None:
         """write() of each chunk in turn, gathered in as few writev calls as
         the system takes: a batch of a body's pieces is never copied into
-        one buffer first. `write_back`: the disk write of these bytes starts
-        now, not at the commit's fsync, which then finds little left to do
-        (for a push, whose client waits for the commit; the kernel would
-        otherwise hold a whole layer in dirty pages until that fsync)."""
-        start = self.size
+        one buffer first."""
         views = [memoryview(chunk) for chunk in chunks if chunk]
         first = 0
         while first < len(views):
@@ -159,9 +137,6 @@ class BlobWriter:
         for chunk in chunks:
             self._hash.update(chunk)
             self.size += len(chunk)
-        if write_back and SYNC_FILE_RANGE is not None and self.size > start:
-            # Advisory: a failure only leaves the work to the fsync.
-            SYNC_FILE_RANGE(self._fd, start, self.size - start, SYNC_FILE_RANGE_WRITE)
 
     def verify(self, expected_size: int | None) -> None:
         """Raise unless the bytes written are the whole, right content."""

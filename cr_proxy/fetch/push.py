@@ -558,10 +558,7 @@ class Pushes:
         every byte: the upstream cannot answer before it has the last byte,
         so an answer finds the file whole (_finish, _check_range)."""
         if not upload.broken and upload.pipe is None:
-            # Written out to disk as it comes: the final PUT's answer waits
-            # for the commit's fsync, which then has little left to do.
-            upload.pipe = PipedWrites(self.writes, self.ctx.store.upload_writer(),
-                                      write_back=True)
+            upload.pipe = PipedWrites(self.writes, self.ctx.store.upload_writer())
         pipe = upload.pipe
         held: bytes | None = None
         async for chunk in request.content.iter_any():

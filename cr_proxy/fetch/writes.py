@@ -25,13 +25,11 @@ WRITE_THREADS = 4  # bodies hashed and written at once
 class PipedWrites:
     """One body's batches into `writer`, one write in flight at a time."""
 
-    __slots__ = ("_batch", "_batched", "_closed", "_executor", "_write_back", "_writing",
-                 "writer")
+    __slots__ = ("_batch", "_batched", "_closed", "_executor", "_writing", "writer")
 
-    def __init__(self, executor: Executor, writer: BlobWriter, write_back: bool = False) -> None:
+    def __init__(self, executor: Executor, writer: BlobWriter) -> None:
         self.writer = writer
         self._executor = executor
-        self._write_back = write_back  # BlobWriter.write_all
         self._batch: list[bytes] = []
         self._batched = 0  # bytes in _batch
         self._writing: concurrent.futures.Future[None] | None = None
@@ -60,7 +58,7 @@ class PipedWrites:
         return written
 
     def _submit(self) -> concurrent.futures.Future[None]:
-        return self._executor.submit(self.writer.write_all, self._take(), self._write_back)
+        return self._executor.submit(self.writer.write_all, self._take())
 
     def _take(self) -> list[bytes]:
         """The batch, for a thread; a new one for what comes next."""

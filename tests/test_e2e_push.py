@@ -77,6 +77,13 @@ def stored_blob(cr: CrProxy, digest: str) -> Path:
     return cr.cache / "blobs/sha256" / digest.split(":", 1)[1]
 
 
+def committed(path: Path) -> Path:
+    """A pushed blob's file, once its commit is done: the final PUT's 201
+    goes to the client before the fsync and rename (push.py _finish)."""
+    wait_until(path.is_file, 30, f"{path} committed")
+    return path
+
+
 def leftover_uploads(cr: CrProxy) -> list[str]:
     """Upload temp files in the cache's temp/ (named by the unnamed digest)."""
     return [p.name for p in (cr.cache / "temp").iterdir() if p.name.startswith("sha256-0000")]
@@ -197,7 +204,7 @@ def test_chunked_upload_with_status_is_stored(pusher: CrProxy) -> None:
                 headers={"Content-Length": "0"})
     assert done.status == 201, done.body
     assert our_location(done, "chunked", "blobs/") == f"{PREFIX}/chunked/blobs/{sha256(data)}"
-    assert stored_blob(pusher, sha256(data)).read_bytes() == data
+    assert committed(stored_blob(pusher, sha256(data))).read_bytes() == data
     # A cross-repository mount of it: the upstream mounts, our copy is named too.
     mounted = start_upload(pusher, "mounted",
                            f"?mount={sha256(data)}&from={REGISTRY_NAME}/chunked")
@@ -218,7 +225,7 @@ def upload(cr: CrProxy, repo: str, data: bytes) -> None:
 def test_monolithic_upload_is_stored(pusher: CrProxy) -> None:
     data = os.urandom(50_000)
     upload(pusher, "mono", data)
-    assert stored_blob(pusher, sha256(data)).read_bytes() == data
+    assert committed(stored_blob(pusher, sha256(data))).read_bytes() == data
 
 
 def uneven(part: bytes) -> Iterator[bytes]:
@@ -255,8 +262,8 @@ def test_layer_in_uneven_pieces_over_three_requests_is_stored_whole(
                 uneven(parts[2]), {"Content-Type": "application/octet-stream"})
     assert done.status == 201, done.body
     assert upstream.blob_data_path(sha256(data)).read_bytes() == data
-    assert stored_blob(pusher, sha256(data)).read_bytes() == data
-    assert (pusher.cache / f"content/{REGISTRY_NAME}/v2/pieces/blobs/{sha256(data)}").is_file()
+    assert committed(stored_blob(pusher, sha256(data))).read_bytes() == data
+    assert committed(pusher.cache / f"content/{REGISTRY_NAME}/v2/pieces/blobs/{sha256(data)}")
     assert leftover_uploads(pusher) == []
 
 
@@ -385,8 +392,8 @@ def test_push_without_registry_goes_to_default_target(pusher: CrProxy, upstream:
                 {"Content-Type": "application/octet-stream"})
     assert done.status == 201, done.body
     assert done.headers["Location"] == f"/v2/plain/app/blobs/{sha256(data)}"
-    assert (pusher.cache / f"content/{REGISTRY_NAME}/v2/plain/app/blobs/{sha256(data)}"
-            ).read_bytes() == data
+    assert committed(pusher.cache / f"content/{REGISTRY_NAME}/v2/plain/app/blobs/{sha256(data)}"
+                     ).read_bytes() == data
     assert "/v2/plain/app/blobs/uploads/" in upstream.registry_log.read_text(errors="replace")
 
 
@@ -415,6 +422,33 @@ def test_digest_mismatch_is_the_upstreams_400_and_nothing_is_stored(pusher: CrPr
     assert not stored_blob(pusher, sha256(data)).exists()
     assert not stored_blob(pusher, claimed).exists()
     assert leftover_uploads(pusher) == []
+
+
+def test_a_blob_the_cache_cannot_store_is_pushed_all_the_same(
+    pusher: CrProxy, upstream: Upstream
+) -> None:
+    """The upstream took the blob (201) but the cache cannot keep it (its
+    digest store's sha256 directory is a file): the client gets the
+    upstream's 201, the push goes on; the cache logs it and keeps nothing."""
+    digests = pusher.cache / "blobs/sha256"
+    aside = pusher.cache / "blobs/sha256-aside"
+    digests.mkdir(parents=True, exist_ok=True)  # none yet when this test runs alone
+    digests.rename(aside)
+    digests.write_text("not a directory\n")
+    try:
+        data = os.urandom(30_000)
+        started = start_upload(pusher, "unstorable")
+        done = call(pusher, "PUT", with_digest(our_location(started, "unstorable"), sha256(data)),
+                    data, {"Content-Type": "application/octet-stream"})
+        assert done.status == 201, done.body
+        assert held_upstream(upstream, "unstorable", sha256(data))
+        pusher.wait_for_output(f"pushed blob {sha256(data)} of {REGISTRY_NAME}/unstorable "
+                               "not stored", 30)
+        assert leftover_uploads(pusher) == []
+    finally:
+        digests.unlink()
+        aside.rename(digests)
+    assert not stored_blob(pusher, sha256(data)).exists()
 
 
 def test_manifest_the_upstream_refuses_reaches_the_client_and_is_not_stored(

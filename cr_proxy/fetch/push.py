@@ -184,8 +184,8 @@ FillBlob = Callable[[Target], Awaitable[Path]]
 
 
 class Pushes:
-    __slots__ = ("_sweeper", "auth", "cancels", "ctx", "fill_blob", "fills", "held", "privacy",
-                 "touched", "uploads", "writes")
+    __slots__ = ("_sweeper", "auth", "cancels", "commits", "ctx", "fill_blob", "fills", "held",
+                 "privacy", "touched", "uploads", "writes")
 
     def __init__(self, ctx: FetchContext, writes: Executor, privacy: Privacy | None = None,
                  fill_blob: FillBlob | None = None) -> None:
@@ -195,6 +195,9 @@ class Pushes:
         # (Blobs.ensure), so the pushed image is whole in the cache.
         self.fill_blob = fill_blob
         self.fills: set[asyncio.Task[None]] = set()
+        # (domain, digest) -> (repository, the commit of its upload): the
+        # final PUT is answered before its fsync and rename (_finish).
+        self.commits: dict[tuple[str, str], tuple[str, asyncio.Task[None]]] = {}
         # What is pushed to a private repository is marked so before it is
         # named in the tree, as what is pulled (private.py).
         self.privacy = privacy
@@ -214,7 +217,7 @@ class Pushes:
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for task in (*self.cancels, *self.fills):
+        for task in (*self.cancels, *self.fills, *(t for _, t in self.commits.values())):
             task.cancel()
         for upload in self.uploads.values():
             upload.drop()
@@ -575,14 +578,55 @@ class Pushes:
     async def _finish(self, upload: Upload, status: int, digest: str,
                       target: PushTarget) -> None:
         """The final PUT answered: store the bytes if the upstream took them
-        (201) and they are what the client said."""
+        (201) and they are what the client said. A 201 goes to the client at
+        once and the commit (verify, fsync, rename) follows in a task of its
+        own, as a pull's client gets its last byte before the fsync: the
+        fsync of a big layer is a tenth of its push. What needs the blob in
+        the cache waits for it: the repository's manifest PUT (so a pushed
+        image is whole in the cache once its push is done) and a mount of
+        the digest (_committed)."""
         writer = upload.take()
+        if status != 201 or writer is None or not is_digest(digest):
+            try:
+                await self._stored(writer, status, digest, target)
+            finally:
+                # Whatever the upstream answered, a pusher waiting for this
+                # digest looks again (held.py).
+                self.held.release(target.domain, digest)
+            return
+        key = (target.domain, digest)
+        task = asyncio.get_running_loop().create_task(self._commit(writer, digest, target))
+        self.commits[key] = (target.name, task)
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if key in self.commits and self.commits[key][1] is done:
+                del self.commits[key]
+
+        task.add_done_callback(forget)
+
+    async def _commit(self, writer: BlobWriter, digest: str, target: PushTarget) -> None:
+        """A blob the upstream accepted into the cache; a failure here is
+        the cache's alone (the push went through): logged, nothing kept.
+        Its claim ends once it is in the cache (or not): a pusher waiting
+        for it mounts it next, and finds our copy to name (held.py)."""
         try:
-            await self._stored(writer, status, digest, target)
+            await self._stored(writer, 201, digest, target)
+        except (CrProxyError, OSError) as err:
+            writer.abort()
+            log.warning("pushed blob %s of %s/%s not stored: %s", digest, target.domain,
+                        target.name, getattr(err, "message", err))
         finally:
-            # Whatever the upstream answered, a pusher waiting for this
-            # digest looks again (held.py).
             self.held.release(target.domain, digest)
+
+    async def _committed(self, domain: str, name: str | None = None,
+                         digest: str | None = None) -> None:
+        """Wait for the commits in progress of `digest`, or of the uploads
+        to repository `name`."""
+        tasks = [task for (d, g), (n, task) in self.commits.items()
+                 if d == domain and (g == digest or n == name)]
+        if tasks:
+            # asyncio.wait: a caller cancelled (its client gone) leaves them be.
+            await asyncio.wait(tasks)
 
     async def _stored(self, writer: BlobWriter | None, status: int, digest: str,
                       target: PushTarget) -> None:
@@ -616,6 +660,8 @@ class Pushes:
             self._touch(digest)
             # A pusher that claimed the upload mounted it instead.
             self.held.release(target.domain, digest)
+            # Our copy, if its upload's commit is still under way.
+            await self._committed(target.domain, digest=digest)
             rpath = RegistryPath(Kind.BLOB, target.name, digest)
             await self._learn_privacy(target, rpath)
             named = await in_thread(self.ctx.store.link_if_stored, digest, target.domain,
@@ -672,6 +718,9 @@ class Pushes:
         if status == 201:
             if self.privacy is not None and target.client_auth:
                 self.privacy.granted(target.domain, target.name, target.client_auth)
+            # Its blobs' commits first: once the client has this answer, the
+            # image pulls whole from the cache.
+            await self._committed(target.domain, name=target.name)
             await self._store_manifest(target, body, content_type)
         return response
 

@@ -5,6 +5,7 @@ matches is reference.py's grammar (checked against a table of names)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -245,12 +246,14 @@ def test_mirror_auth_off_renders_nothing_of_it(tmp_path: Path) -> None:
     assert not (conf.run_dir / nginx.PING_FILE).exists()
 
 
-def auth_settings(tmp_path: Path, rules: list[dict[str, object]]) -> dict[str, str]:
-    htpasswd, ca = tmp_path / "htpasswd", tmp_path / "clients.pem"
+def auth_settings(tmp_path: Path, rules: list[dict[str, object]],
+                  passwords: bool = True) -> dict[str, str]:
+    htpasswd, ca, tokens = tmp_path / "htpasswd", tmp_path / "clients.pem", tmp_path / "tokens"
     htpasswd.write_text("alice:$2y$05$Uvwb6kLTYMK/Na/yJFqXJ.KvSWEmL3sv/F1al8GRdPxim1z6cCTbi\n")
     ca.write_bytes(certs.ensure_ca(tmp_path / "client-ca").cert.read_bytes())
-    settings = {"htpasswd_file": str(htpasswd), "client_ca": str(ca), "anonymous": "pull-public",
-                "rules": rules}
+    tokens.write_text(f"# ci\nci-bot:{hashlib.sha256(b'a-token').hexdigest()}\n\n")
+    settings = {"htpasswd_file": str(htpasswd) if passwords else "", "client_ca": str(ca),
+                "anonymous": "pull-public", "rules": rules, "tokens_file": str(tokens)}
     return {**CONFIGURATIONS["mirror-https-and-proxy"], "MIRROR_AUTH": json.dumps(settings)}
 
 
@@ -263,6 +266,20 @@ def test_mirror_auth_on_passes_nginx_t(tmp_path: Path) -> None:
     text = rendered_text(conf)
     assert all(mark in text for mark in AUTH_MARKS)
     assert "log_format cr " in text and "user=$cr_user" in text
+    # Password users and token users: the challenge asks for a password.
+    assert "$cr_bearer_js" in text and 'WWW-Authenticate \'Basic realm="cr-proxy"\'' in text
+
+
+@needs_nginx
+def test_mirror_auth_with_tokens_and_no_passwords_challenges_bearer(tmp_path: Path) -> None:
+    """skopeo and docker send a token they were given only to a Bearer
+    challenge; its realm is the mirror's own /_cr/token."""
+    conf, path = rendered(tmp_path / "t", **auth_settings(tmp_path, [], passwords=False))
+    nginx.check(conf, path)
+    text = rendered_text(conf)
+    assert ('WWW-Authenticate \'Bearer realm="$scheme://$http_host/_cr/token",'
+            'service="cr-proxy"\'' in text)
+    assert "auth_basic_user_file" not in text and "location = /_cr/token" in text
 
 
 def rule_regex(conf: config_mod.Config) -> list[tuple[re.Pattern[str], str]]:

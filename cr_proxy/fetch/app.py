@@ -55,7 +55,7 @@ from cr_proxy.fetch.flight import Flights
 from cr_proxy.fetch.listings import Listings
 from cr_proxy.fetch.manifests import Manifests
 from cr_proxy.fetch.passthrough import Passthrough
-from cr_proxy.fetch.private import Privacy
+from cr_proxy.fetch.private import Privacy, user_header
 from cr_proxy.fetch.push import Pushes
 from cr_proxy.fetch.referrers import Referrers
 from cr_proxy.fetch.tags import Tags
@@ -269,6 +269,7 @@ def make_app(
 
     app.cleanup_ctx.append(lifecycle)
     app.on_response_prepare.append(_nosniff)
+    app.on_response_prepare.append(user_header)
     for pattern, handler in routes:
         app.router.add_route("*", pattern, handler)
     app.router.add_route("*", "/{tail:.*}", handle)

@@ -24,6 +24,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -59,7 +60,8 @@ class Bed:
     client_ca_pem: Path
     tokens: Path
 
-    def mirror(self, name: str, anonymous: str, passwords: bool = True) -> CrProxy:
+    def mirror(self, name: str, anonymous: str, passwords: bool = True,
+               **settings: Any) -> CrProxy:
         """A mirror with every kind of identity; without `passwords`, no
         htpasswd file: token users then get a Bearer challenge."""
         return CrProxy(
@@ -69,6 +71,7 @@ class Bed:
             mirror_auth={"htpasswd_file": str(self.htpasswd) if passwords else "",
                          "client_ca": str(self.client_ca_pem), "tokens_file": str(self.tokens),
                          "anonymous": anonymous, "rules": RULES},
+            **settings,
         )
 
 
@@ -492,6 +495,52 @@ def test_dockerd_with_a_password(bed: Bed, cr: CrProxy, tmp_path: Path) -> None:
     assert CLIENTS["alice"] not in cr.log_text()
     assert cr.access_lines(re.compile(r"/v2/registry\.test/private/app/manifests/v1 .* 200 .* "
                                       r"user=alice$"), 1)
+
+
+MIRROR_NAME = "mirror.test"
+
+
+def private_etc(etc_docker: Path, hosts: Path) -> list[str]:
+    """A command prefix: a mount namespace of its own in which /etc/docker
+    (dockerd reads client certificates only from /etc/docker/certs.d) and
+    /etc/hosts are the test's; the host's stay as they are."""
+    script = ('mount --bind "$1" /etc/docker && mount --bind "$2" /etc/hosts '
+              '&& shift 2 && exec "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+            str(etc_docker), str(hosts)]
+
+
+def test_dockerd_with_a_client_certificate(bed: Bed, tmp_path: Path) -> None:
+    """dockerd sends the client certificate of certs.d/<host:port>/
+    (client.cert, client.key; the mirror's CA as ca.crt), and only to a
+    registry it takes for secure: never 127.0.0.0/8, which it always
+    treats as insecure (plain HTTP, no certs.d). So the mirror listens on
+    ::1, called mirror.test through dockerd's own /etc/hosts."""
+    with bed.mirror("dockerd-cert", "pull-public", address="[::1]",
+                    mirror_names=[MIRROR_NAME]) as cr:
+        host = f"{MIRROR_NAME}:{cr.https_port}"
+        etc = tmp_path / "etc-docker"
+        ci_bot = cert_dir(cr, etc / "certs.d" / host, bed.client_ca, "ci-bot")
+        hosts = tmp_path / "hosts"
+        hosts.write_text(f"127.0.0.1 localhost\n::1 {MIRROR_NAME}\n")
+        image = f"{host}/{REGISTRY}/private/app:v1"
+        with Dockerd(tmp_path / "docker", None, None, netns=private_etc(etc, hosts)) as daemon:
+            pulled_ = daemon.docker("pull", image)
+            assert pulled_.returncode == 0, pulled_.stderr
+            info = json.loads(daemon.docker("image", "inspect", image).stdout)[0]
+            assert info["Id"] == bed.image.config_digest
+            # Without the certificate: anonymous, refused the private repository.
+            for name in ("client.cert", "client.key"):
+                (ci_bot / name).unlink()
+            daemon.docker("rmi", image)
+            anonymous = daemon.docker("pull", image)
+            assert anonymous.returncode != 0
+            assert "no basic auth credentials" in anonymous.stderr, anonymous.stderr
+        assert cr.access_lines(re.compile(r"/v2/registry\.test/private/app/manifests/v1 .* 200 .* "
+                                          r"user=ci-bot$"), 1)
+        # The ping asks the certificate-less dockerd for a password; it has none.
+        assert cr.access_lines(re.compile(r'"GET /v2/ HTTP/1\.1" 401 .* type=denied-no_identity '
+                                          r".* user=$"), 1)
 
 
 def test_podman_with_a_password_and_with_a_certificate(

@@ -244,8 +244,10 @@ def test_mirror_auth_off_renders_nothing_of_it(tmp_path: Path) -> None:
     assert not [mark for mark in AUTH_MARKS if mark in text]
     assert 'proxy_set_header X-CR-Mirror-Grant "";' in text
     assert not (conf.run_dir / nginx.PING_FILE).exists()
-    # The https_proxy's own user= field (its clients' identity) is there.
-    assert "user=$cr_log_user" in text and "proxy $cr_proxy_user;" in text
+    # The https_proxy's own user= field (its clients' identity, the
+    # fetcher's word) is there; the mirror's lines have a format of their own.
+    assert "server=$server_name user=$upstream_http_x_cr_user';" in text
+    assert "log_format cr_mirror '" in text and "access_log" in text
 
 
 def auth_settings(tmp_path: Path, rules: list[dict[str, object]],
@@ -267,8 +269,8 @@ def test_mirror_auth_on_passes_nginx_t(tmp_path: Path) -> None:
     nginx.check(conf, path)
     text = rendered_text(conf)
     assert all(mark in text for mark in AUTH_MARKS)
-    assert "log_format cr " in text and "user=$cr_log_user" in text
-    assert "mirror $cr_user;" in text and "proxy $cr_proxy_user;" in text
+    assert "server=$server_name user=$cr_user';" in text
+    assert "server=$server_name user=$upstream_http_x_cr_user';" in text
     # Password users and token users: the challenge asks for a password.
     assert "$cr_bearer_js" in text and 'WWW-Authenticate \'Basic realm="cr-proxy"\'' in text
 

@@ -152,6 +152,9 @@ class Fetcher:
             return await self._registry_request(request, target, mirror=True)
         domain, rpath = proxy_target(request.headers.get("Host", ""), request.path)
         self._check_proxy_port(request, domain)
+        # Who the client is, for nginx's access log (X-CR-User): its Basic
+        # credential's user, or the user its token was got for.
+        self.privacy.identify(request, request.headers.get("Authorization", ""))
         if self.pushes.claims_proxied(request):
             # Push on: written through as mirror pushes are (push.py).
             return await self.pushes.handle_proxied(request, domain)

@@ -30,9 +30,9 @@ decides who they are and what they may pull (nginx.py), and tells the
 fetcher, for a miss of a repository not yet known private, what it would
 decide if it were (`admit_mirror`).
 
-Who a client is, for the access log (never a secret): the user name of its
-Basic credential, or of the one its token was bound to (`bind`); the
-fetcher says it on the answers it decides (X-CR-User, `identify`).
+Who an https_proxy client is, for the access log (never a secret): the
+user name of its Basic credential, or of the one its token was bound to
+(`bind`); the fetcher says it on each answer (X-CR-User, `identify`).
 """
 
 from __future__ import annotations
@@ -158,7 +158,6 @@ class Privacy:
         raise Unauthorized (401, with the challenge) or Denied otherwise."""
         domain, name = target.domain, target.rpath.name
         authorization = request.headers.get("Authorization", "")
-        self.identify(request, authorization)
         if not authorization:
             self._refuse("no_credential")
             raise Unauthorized(f"{name} is private: authentication required",
@@ -226,8 +225,11 @@ class Privacy:
             self._users.set(self._id(f"Bearer {token}"), user)
 
     def identify(self, request: web.Request, authorization: str) -> None:
-        """Note who the client is, for its answer's X-CR-User (`user_header`):
-        its Basic credential's user, or the one its token was bound to."""
+        """Note who an https_proxy client is, for its answer's X-CR-User
+        (`user_header`): its Basic credential's user, or the one its token
+        was bound to."""
+        if not authorization:
+            return
         user = basic_user(authorization) or self._users.get(self._id(authorization))
         if user:
             request[USER_KEY] = user

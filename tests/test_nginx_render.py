@@ -366,3 +366,30 @@ def test_mirror_auth_with_a_cluster_keeps_its_maps_when_the_ring_is_rewritten(
     maps = (conf.run_dir / "mirror-maps.conf").read_text()
     assert "$cr_auth_verdict" in maps and 'map $cr_peer $cr_auth_peer' in maps
     nginx.check(conf, path)
+
+
+DIGEST = "sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize("path", [
+    f"/v2/library/bench/blobs/{DIGEST}",
+    f"/v2/a/blobs/b/blobs/{DIGEST}",
+    f"/v2/blobs/blobs/{DIGEST}",
+    f"/v2/x/manifests/y/blobs/{DIGEST}",
+    "/v2/a/manifests/b/manifests/v1",
+    f"/v2/org/app/manifests/{DIGEST}",
+    "/v2/a/blobs/b/manifests/v1.2-rc_3",
+    f"/v2//blobs/{DIGEST}",
+    "/v2/a/manifests/",
+])
+def test_lazy_name_captures_split_paths_as_the_greedy_ones(tmp_path: Path, path: str) -> None:
+    """The locations' and mirror_auth's names are lazy (.+?) for speed: the
+    last segment holds no "/", so the split is the same as a greedy one's."""
+    for lazy in (nginx.BLOB_LOCATION, nginx.MANIFEST_LOCATION,
+                 "^/v2/(?<cr_name>.+?)/(?:blobs|manifests|referrers)/[^/]+$"):
+        greedy = lazy.replace("(?<cr_name>.+?)", "(?<cr_name>.+)")
+        assert lazy != greedy
+        found, expected = python_regex(lazy).match(path), python_regex(greedy).match(path)
+        assert (found and found.groupdict()) == (expected and expected.groupdict()), (lazy, path)
+    assert "(?<cr_name>.+?)/(?:blobs|manifests|referrers)/[^/]+$" in nginx.mirror_auth_server(
+        load(tmp_path))

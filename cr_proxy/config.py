@@ -562,7 +562,7 @@ def _mirror_auth(data: Mapping[str, Any], listen: Mapping[str, Any]) -> MirrorAu
 def check_tokens_file(path: Path) -> None:
     """Every line of mirror_auth.tokens_file is `<user>:<sha256 hex>`, a
     blank line or a # comment. nginx reads the file at each Bearer request
-    (cr.js, bearerUser) and skips what does not parse: a mistake is said
+    (cr_auth.js, bearerUser) and skips what does not parse: a mistake is said
     here, at start, rather than found as a token that names no one."""
     anonymous = hashlib.sha256(ANONYMOUS_TOKEN.encode()).hexdigest()
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):

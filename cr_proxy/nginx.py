@@ -423,7 +423,7 @@ map "$cr_auth_peer|$cr_auth_rule|$cr_user" $cr_auth_grant {{
 def bearer_user(config: Config) -> str:
     """The maps that name a mirror client by its Bearer token
     (mirror_auth.tokens_file), and the identity ($cr_user) they end in.
-    njs hashes the token and reads the file (cr.js, bearerUser), and only
+    njs hashes the token and reads the file (cr_auth.js, bearerUser), and only
     for a mirror request that carries a Bearer header: maps are evaluated
     when first used, and a map's value only when its key matched, so every
     other request pays two hash lookups."""
@@ -441,8 +441,9 @@ map "$cr_mode|$cr_cert_user|$cr_basic_user" $cr_user {
     return f'''# Bearer tokens: the user whose tokens_file line holds the token's sha256,
 # "!" for a token that names no one (refused: 401). The mirror's own token
 # for anonymous clients (/_cr/token) is no one's: anonymous, no njs.
+js_import cr_auth from cr_auth.js;
 js_var $cr_tokens_file {config.mirror_auth.tokens_file};
-js_set $cr_bearer_js cr.bearerUser;
+js_set $cr_bearer_js cr_auth.bearerUser;
 map $cr_mode $cr_bearer {{
     mirror $cr_bearer_mirror;
     default "";
@@ -888,7 +889,8 @@ def render(
     for name in ("nginx.conf", "mirror.conf", "fetch.conf", "proxy-server.conf"):
         text = Template((TEMPLATE_DIR / name).read_text()).substitute(values)
         (run / name).write_text(text)
-    shutil.copyfile(TEMPLATE_DIR / "cr.js", run / "cr.js")
+    for module in ("cr.js", "cr_auth.js"):
+        shutil.copyfile(TEMPLATE_DIR / module, run / module)
     for name, server in LOCATION_FILES.items():
         (run / name).write_text(locations(server, config.cache_dir))
     render_cluster(config)

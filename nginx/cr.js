@@ -1,9 +1,7 @@
 // njs for cr-proxy's hit path: the headers stored beside a cached manifest,
 // and tag freshness. Blobs never come here (their headers need no lookup).
 // Every name used in a path was checked by nginx's maps (mirror-maps.conf).
-// And mirror_auth's Bearer tokens (bearerUser).
 const fs = require('fs');
-const crypto = require('crypto');
 
 // The stored headers are replayed as they are: the fetcher writes only the
 // four manifest types and digests by the grammar, and serve takes anything
@@ -40,39 +38,4 @@ function manifestMeta(r) {
     }
 }
 
-// mirror_auth.tokens_file: who a mirror client's Bearer token names. nginx
-// calls this only for a mirror request whose Authorization says Bearer
-// (cr_proxy/nginx.py, bearer_user). The file holds `<user>:<sha256 hex>`
-// lines, never a token: the token's hash is looked up, so reading the file
-// tells no one a token. Read at each call: a changed file counts at once.
-// "!" (no identity, refused) for a token no line names, a malformed header,
-// or a file that cannot be read. The user names the same grammar as
-// config.py's IDENTITY_RE, checked again: the file may have changed since
-// serve started.
-const BEARER = /^bearer +([A-Za-z0-9._~+\/-]+=*) *$/i;
-const TOKEN_LINE = /^([A-Za-z0-9._@-]{1,64}):([0-9a-f]{64})$/;
-
-function bearerUser(r) {
-    const found = BEARER.exec(r.variables.http_authorization || '');
-    if (!found) {
-        return '!';
-    }
-    const hash = crypto.createHash('sha256').update(found[1]).digest('hex');
-    let text;
-    try {
-        text = fs.readFileSync(r.variables.cr_tokens_file, 'utf8');
-    } catch (e) {
-        return '!';
-    }
-    // njs 0.7 (Debian 12) has no for...of.
-    const lines = text.split('\n');
-    for (let i = 0; i < lines.length; i++) {
-        const line = TOKEN_LINE.exec(lines[i].trim());
-        if (line && line[2] === hash) {
-            return line[1];
-        }
-    }
-    return '!';
-}
-
-export default { manifestMeta, bearerUser };
+export default { manifestMeta };

@@ -151,6 +151,8 @@ class Results:
     # (bytes the registry received through cr-proxy, pushing directly, the
     # batch's distinct blobs) per push batch
     push_bytes: list[tuple[int, int, int]] = field(default_factory=list)
+    # (CPU-s of the serve process, bytes of the layer) per big-layer push
+    push_cpu: list[tuple[float, int]] = field(default_factory=list)
 
     def add(self, series: Series, value: float) -> None:
         self.samples[series].append(value)
@@ -270,6 +272,15 @@ def _push_bytes(r: Results) -> Judged:
                   f"(direct: {direct / MIB:,.1f} MiB), worst batch", worst <= PUSH_BYTES_LIMIT)
 
 
+def _push_cpu_per_gib(r: Results) -> Judged:
+    if not r.push_cpu:
+        return NOT_RUN
+    cpu = sum(c for c, _ in r.push_cpu)
+    moved = sum(b for _, b in r.push_cpu) / GIB
+    return Judged(f"{cpu / moved:.2f} s/GiB", f"{cpu:.2f} s over {moved:.2f} GiB, "
+                  f"{len(r.push_cpu)} pushes", None)
+
+
 S = Series
 FASTER = Bar("<", 1.0, "< 1x (faster)")
 CASES: tuple[Ratio | Absolute, ...] = (
@@ -341,6 +352,8 @@ CASES: tuple[Ratio | Absolute, ...] = (
              "through cr-proxy", f"<= {PUSH_BYTES_LIMIT:g}x the distinct blobs", _push_bytes),
     Ratio("push one {mib} MiB layer, skopeo: throughput", S.PUSH_BIG_OURS, S.PUSH_BIG_DIRECT,
           "pushing directly", Bar(">=", 0.9)),
+    Absolute("push one big layer: serve process CPU per GiB (utime+stime)", "(info)",
+             _push_cpu_per_gib),
     Absolute(f"{MQTT_DEVICES} devices, one {MQTT_MODULE_MIB} MiB module over MQTT: "
              "payload bytes the broker sent", f"<= {MQTT_BYTES_LIMIT:g}x the floor", _mqtt_bytes),
 )
@@ -361,6 +374,9 @@ def sample_lines(results: Results) -> list[str]:
     if results.front_cpu:
         lines.append("front CPU per transfer (s, serve process): "
                      + ", ".join(f"{c:.2f}" for c, _ in results.front_cpu))
+    if results.push_cpu:
+        lines.append("serve CPU per big-layer push (s, serve process): "
+                     + ", ".join(f"{c:.2f}" for c, _ in results.push_cpu))
     if results.conn_cpu:
         lines.append("front CPU per new-connection run (s / connections): "
                      + ", ".join(f"{c:.2f}/{n}" for c, n in results.conn_cpu))

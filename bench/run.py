@@ -694,8 +694,11 @@ class Bench:
                 wall, sent = self._pushed(lambda: push_batch(
                     batches[0], lambda i: f"{ours}/push{n}/ours-{i}:v1", PUSHERS))
                 self.results.add(Series.PUSH_BATCH_OURS, wall)
+                assert proxy.proc is not None
+                cpu0 = measure.cpu_seconds(proxy.proc.pid)
                 big_wall, _ = self._pushed(lambda: push_batch(
                     bigs[0], lambda _: f"{ours}/push{n}/big-ours:v1", 1))
+                big_cpu = measure.cpu_seconds(proxy.proc.pid) - cpu0
             direct = REGISTRY_NAME
             with self._direct_through_relay():
                 first_direct, _ = self._pushed(lambda: push_batch(
@@ -713,6 +716,7 @@ class Bench:
             size = self.plan.blob_mib * MIB
             self.results.add(Series.PUSH_BIG_OURS, size / big_wall)
             self.results.add(Series.PUSH_BIG_DIRECT, size / big_direct)
+            self.results.push_cpu.append((big_cpu, size))
         finally:
             for batch in (*batches, *firsts, *bigs):
                 shutil.rmtree(batch.layout, ignore_errors=True)

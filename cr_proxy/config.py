@@ -10,6 +10,7 @@ a bad value raises ConfigError naming the key.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import re
@@ -233,9 +234,20 @@ RULE_ALLOW = ("pull", "deny")
 # character that could end a map key, a log field or a header.
 IDENTITY_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 MIRROR_AUTH_REALM = "cr-proxy"  # WWW-Authenticate: Basic realm="cr-proxy"
+# mirror_auth.tokens_file: `<user>:<sha256 hex of the token>` a line; the
+# token itself is never stored.
+TOKEN_LINE_RE = re.compile(rf"({IDENTITY_RE.pattern}):([0-9a-f]{{64}})")
+# What the mirror's own token endpoint (/_cr/token, nginx.py) gives a
+# client that a Bearer challenge sent there: a name for no one, never an
+# identity. A tokens_file line for it is refused.
+ANONYMOUS_TOKEN = "cr-proxy-anonymous"
 # nginx's word to the fetcher on a mirror miss (nginx.py, $cr_auth_grant):
 # what mirror_auth would say of this client were the repository private.
 MIRROR_GRANT_HEADER = "X-CR-Mirror-Grant"
+# The fetcher's word to nginx on an https_proxy answer it decided (private
+# content): the user the client's credential belongs to, for the access
+# log (user=); nginx logs it and never passes it on (fetch.conf).
+USER_HEADER = "X-CR-User"
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,10 +269,11 @@ class MirrorAuth:
     client_ca: Path | None
     anonymous: str  # pull-public | none
     rules: tuple[AccessRule, ...] = ()
+    tokens_file: Path | None = None  # bearer tokens: <user>:<sha256 hex> lines
 
     @property
     def enabled(self) -> bool:
-        return bool(self.htpasswd_file or self.client_ca or self.rules
+        return bool(self.htpasswd_file or self.client_ca or self.rules or self.tokens_file
                     or self.anonymous != "pull-public")
 
 
@@ -538,12 +551,37 @@ def _mirror_auth(data: Mapping[str, Any], listen: Mapping[str, Any]) -> MirrorAu
         raise ConfigError(message="mirror_auth.client_ca: client certificates are asked for on "
                                   "listen.mirror_https, which is off")
     rules = _list(data, "mirror_auth.rules")
+    tokens_file = _readable_file(data, "mirror_auth.tokens_file")
+    if tokens_file is not None:
+        check_tokens_file(tokens_file)
     return MirrorAuth(
         htpasswd_file=_readable_file(data, "mirror_auth.htpasswd_file"),
         client_ca=client_ca,
         anonymous=_choice(data, "mirror_auth.anonymous", MIRROR_ANONYMOUS),
         rules=tuple(_access_rule(rule, f"mirror_auth.rules[{i}]") for i, rule in enumerate(rules)),
+        tokens_file=tokens_file,
     )
+
+
+def check_tokens_file(path: Path) -> None:
+    """Every line of mirror_auth.tokens_file is `<user>:<sha256 hex>`, a
+    blank line or a # comment. nginx reads the file at each Bearer request
+    (cr_auth.js, bearerUser) and skips what does not parse: a mistake is said
+    here, at start, rather than found as a token that names no one."""
+    anonymous = hashlib.sha256(ANONYMOUS_TOKEN.encode()).hexdigest()
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = TOKEN_LINE_RE.fullmatch(line)
+        where = f"mirror_auth.tokens_file: {path} line {number}"
+        # The line is not quoted: it may hold a token pasted by mistake.
+        if match is None:
+            raise ConfigError(message=f"{where} is not <user>:<sha256 hex of the token> "
+                                      "(user: letters, digits, . _ @ -; hex: 64 lower-case)")
+        if match.group(2) == anonymous:
+            raise ConfigError(message=f"{where}: {ANONYMOUS_TOKEN!r} is the mirror's token "
+                                      "for anonymous clients, no user's")
 
 
 def _readable_file(data: Mapping[str, Any], key: str) -> Path | None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 import yaml
 
 from cr_proxy.config import (
+    ANONYMOUS_TOKEN,
     MASK,
     Address,
     Credentials,
@@ -594,3 +596,24 @@ def test_mirror_auth_is_off_by_default_and_client_ca_needs_the_https_port(tmp_pa
         load_data(tmp_path, {"mirror_auth": {"client_ca": str(ca)},
                              "listen": {"mirror_https": "off"}})
     assert "mirror_auth.client_ca" in info.value.message
+
+
+def test_mirror_auth_tokens_file_holds_hashes_of_named_users(tmp_path):
+    """`<user>:<sha256 hex>` lines, comments and blanks; anything else (a
+    token pasted as is, a user name nginx would not take, the anonymous
+    token's hash) is refused at start, without quoting the line."""
+    tokens = tmp_path / "tokens"
+    good = hashlib.sha256(b"t0ken").hexdigest()
+    tokens.write_text(f"# CI\n\nci-bot@acme.example:{good}\n  alice:{good}  \n")
+    on = load_data(tmp_path, {"mirror_auth": {"tokens_file": str(tokens)}}).mirror_auth
+    assert on.enabled and on.tokens_file == tokens
+    anonymous = hashlib.sha256(ANONYMOUS_TOKEN.encode()).hexdigest()
+    for line in ("alice:t0ken-in-clear", f"al ice:{good}", f"alice:{good.upper()}",
+                 f"alice|x:{good}", f"alice:sha256:{good}", f"nobody:{anonymous}"):
+        tokens.write_text(f"{line}\n")
+        with pytest.raises(ConfigError) as info:
+            load_data(tmp_path, {"mirror_auth": {"tokens_file": str(tokens)}})
+        assert "mirror_auth.tokens_file" in info.value.message and "line 1" in info.value.message
+        assert "t0ken-in-clear" not in info.value.message
+    with pytest.raises(ConfigError, match=r"mirror_auth\.tokens_file"):
+        load_data(tmp_path, {"mirror_auth": {"tokens_file": str(tmp_path / "none")}})

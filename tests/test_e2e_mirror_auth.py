@@ -7,26 +7,33 @@ mirror's clients.
 Password users come from an htpasswd file with bcrypt entries of both
 spellings ($2y$ as Apache's htpasswd writes, $2b$ as Python's do); client
 certificates are made here with trustme, under a client CA cr-proxy
-trusts and under one it does not. The rules: `alice` and the certificate
-`ci-bot` may pull registry.test/private/*; `carol` is denied
+trusts and under one it does not. Bearer tokens (tokens_file, their
+sha256 only) name `alice` and `bob`. The rules: `alice` and the
+certificate `ci-bot` may pull registry.test/private/*; `carol` is denied
 registry.test/public/*; `bob` and the certificate `outsider` have no rule."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import subprocess
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
+from cr_proxy.config import ANONYMOUS_TOKEN
+from cr_proxy.upstream.auth import DUMMY_PREFIX
 from testbed.crproxy import CrProxy, clean_env, layout_blobs
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
-from testbed.registry import Upstream
+from testbed.registry import REGISTRY_NAME, Upstream
 from tests.clients import Containerd, Dockerd, podman
 from tests.conftest import proxy_endpoints
 from tests.faulty import wait_until
@@ -35,6 +42,8 @@ from tests.test_e2e_metrics import scrape, value
 REGISTRY = "registry.test"
 UPSTREAM_USERS = {"testuser": "pw-testuser"}
 CLIENTS = {"alice": "alice-pw-1", "bob": "bob-pw-2", "carol": "carol-pw-3"}
+# Bearer tokens of the mirror's clients (mirror_auth.tokens_file keeps their sha256).
+TOKENS = {"alice": "alice-token-" + "a1" * 20, "bob": "bob-token-" + "b2" * 20}
 RULES = [
     {"users": ["carol"], "repositories": [f"{REGISTRY}/public/*"], "allow": "deny"},
     {"users": ["alice", "ci-bot"], "repositories": [f"{REGISTRY}/private/*"], "allow": "pull"},
@@ -49,15 +58,20 @@ class Bed:
     htpasswd: Path
     client_ca: trustme.CA
     client_ca_pem: Path
+    tokens: Path
 
-    def mirror(self, name: str, anonymous: str) -> CrProxy:
+    def mirror(self, name: str, anonymous: str, passwords: bool = True,
+               **settings: Any) -> CrProxy:
+        """A mirror with every kind of identity; without `passwords`, no
+        htpasswd file: token users then get a Bearer challenge."""
         return CrProxy(
             self.work / name, proxy_endpoints(self.upstream),
             registries={REGISTRY: {"username": "testuser",
                                    "password": UPSTREAM_USERS["testuser"]}},
-            mirror_auth={"htpasswd_file": str(self.htpasswd),
-                         "client_ca": str(self.client_ca_pem),
+            mirror_auth={"htpasswd_file": str(self.htpasswd) if passwords else "",
+                         "client_ca": str(self.client_ca_pem), "tokens_file": str(self.tokens),
                          "anonymous": anonymous, "rules": RULES},
+            **settings,
         )
 
 
@@ -89,7 +103,11 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         client_ca = trustme.CA()
         client_ca_pem = work / "client-ca.pem"
         client_ca.cert_pem.write_to_path(str(client_ca_pem))
-        yield Bed(up, image, work, htpasswd, client_ca, client_ca_pem)
+        tokens = work / "tokens"
+        tokens.write_text("# mirror clients' tokens, by sha256\n" + "".join(
+            f"{user}:{hashlib.sha256(token.encode()).hexdigest()}\n"
+            for user, token in TOKENS.items()))
+        yield Bed(up, image, work, htpasswd, client_ca, client_ca_pem, tokens)
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +129,16 @@ def cert_dir(cr: CrProxy, where: Path, ca: trustme.CA | None = None, cn: str = "
 
 
 def pull(cr: CrProxy, image: str, dest: Path, user: str | None = None,
-         password: str | None = None, certs: Path | None = None
+         password: str | None = None, certs: Path | None = None, token: str | None = None
          ) -> subprocess.CompletedProcess[str]:
     """skopeo copy from the mirror: its HTTP port, or with `certs` its
-    HTTPS port; with a user, that user's password unless one is given."""
+    HTTPS port; with a user, that user's password unless one is given;
+    with a token, that Bearer token."""
     args = ["skopeo", "copy", "--preserve-digests", "--retry-times", "0"]
     if user is not None:
         args += ["--src-creds", f"{user}:{password or CLIENTS[user]}"]
+    if token is not None:
+        args += ["--src-registry-token", token]
     if certs is not None:
         args += ["--src-cert-dir", str(certs)]
         host = cr.https
@@ -160,6 +181,10 @@ def curl(cr: CrProxy, path: str, tmp: Path, *headers: str,
 
 def basic(user: str, password: str) -> str:
     return "Authorization: Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def bearer(token: str) -> str:
+    return f"Authorization: Bearer {token}"
 
 
 def test_password_users_get_what_a_rule_grants_anonymous_only_public(
@@ -281,6 +306,104 @@ def test_hostile_credentials_and_paths_get_nothing_private(
     assert (status, body) == (200, secret)
 
 
+def upstream_token(bed: Bed) -> str:
+    """A real token of the upstream's token server: testuser's, for private/app."""
+    query = urllib.parse.urlencode({"service": REGISTRY_NAME,
+                                    "scope": "repository:private/app:pull"})
+    request = urllib.request.Request(f"{bed.upstream.token_url}?{query}", headers={
+        "Authorization": basic("testuser", UPSTREAM_USERS["testuser"]).split(": ", 1)[1]})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return str(json.load(answer)["token"])
+
+
+def test_bearer_tokens_name_their_user_and_nothing_else_does(
+    bed: Bed, cr: CrProxy, tmp_path: Path
+) -> None:
+    """With password users too the challenge is Basic: a token is sent
+    unasked (curl here, containerd's hosts.toml header below)."""
+    result = pull(cr, "private/app:v1", tmp_path / "fill", "alice")
+    assert pulled(result, tmp_path / "fill", bed.image), result.stderr
+    manifest = f"/v2/{REGISTRY}/private/app/manifests/v1"
+    layer = f"/v2/{REGISTRY}/private/app/blobs/{bed.image.layer_digests[0]}"
+    public = f"/v2/{REGISTRY}/public/app/manifests/v1"
+    secret = (cr.cache / f"content/{REGISTRY}/v2/private/app/manifests/v1").read_bytes()
+    # alice's token is alice: her rule grants the private repository (hit).
+    for path in (manifest, layer):
+        status, _, body = curl(cr, path, tmp_path, bearer(TOKENS["alice"]))
+        assert status == 200, (path, status, body[:200])
+    # The scheme's case does not matter (RFC 7235).
+    status, _, body = curl(cr, manifest, tmp_path, f"Authorization: bearer {TOKENS['alice']}")
+    assert (status, body) == (200, secret)
+    assert cr.access_lines(re.compile(r"/private/app/blobs/sha256:\S+ HTTP/1\.1\" 200 .* "
+                                      r"user=alice$"), 1)
+    # bob's token is bob, whom no rule grants it; public content is his.
+    assert curl(cr, manifest, tmp_path, bearer(TOKENS["bob"]))[0] == 403
+    assert curl(cr, public, tmp_path, bearer(TOKENS["bob"]))[0] == 200
+    # Tokens that name no one: 401, public content too (as a wrong password).
+    upstream_jwt = upstream_token(bed)
+    nobody = {
+        "wrong": TOKENS["alice"][:-1] + "x",
+        "the stored hash": hashlib.sha256(TOKENS["alice"].encode()).hexdigest(),
+        "the upstream's own token for the repository": upstream_jwt,
+        "cr-proxy's offline dummy": DUMMY_PREFIX + "MjAyNi0xMS0zMFQwMDowMDowMFo.abc",
+        "two tokens": f"{TOKENS['bob']} {TOKENS['alice']}",
+        "a header in the token": f"{TOKENS['alice']}%0d%0aX-Injected: 1",
+        "empty": "",
+    }
+    for label, token in nobody.items():
+        for path in (manifest, layer, public):
+            status, head, body = curl(cr, path, tmp_path, bearer(token))
+            assert status == 401, (label, path, status)
+            assert body != secret and "x-injected" not in head.lower(), label
+    # The mirror's anonymous token (the Bearer realm's) is no one: anonymous.
+    assert curl(cr, public, tmp_path, bearer(ANONYMOUS_TOKEN))[0] == 200
+    assert curl(cr, manifest, tmp_path, bearer(ANONYMOUS_TOKEN))[0] == 401
+    # Counted; and no token, nor its hash, in a log.
+    wait_until(lambda: value(scrape(cr), "crproxy_mirror_auth_denied_total",
+                             reason="bad_token") >= len(nobody) * 3, 30, "the bad tokens")
+    log = cr.access_log.read_text() + cr.log_text()
+    assert not any(token in log for token in TOKENS.values()) and upstream_jwt not in log
+    # A token's line removed: it names no one at once (the file is read per request).
+    saved = bed.tokens.read_text()
+    try:
+        bed.tokens.write_text("".join(line + "\n" for line in saved.splitlines()
+                                      if not line.startswith("alice:")))
+        assert curl(cr, manifest, tmp_path, bearer(TOKENS["alice"]))[0] == 401
+    finally:
+        bed.tokens.write_text(saved)
+
+
+def test_skopeo_registry_token_on_a_mirror_without_passwords(bed: Bed, tmp_path: Path) -> None:
+    """skopeo sends --src-registry-token only to a Bearer challenge: with
+    token users and no password users the mirror's is Bearer, its realm the
+    mirror's /_cr/token, which gives an anonymous client the anonymous
+    token: public content still pulls."""
+    with bed.mirror("tokens-only", "pull-public", passwords=False) as cr:
+        status, head, _ = curl(cr, "/v2/", tmp_path)
+        assert status == 401
+        assert (f'www-authenticate: bearer realm="http://{cr.http}/_cr/token",'
+                'service="cr-proxy"') in head.lower()
+        # Anonymous first: the fetcher finds private/app private, refuses.
+        assert refused(pull(cr, "private/app:v1", tmp_path / "anon"), "unauthorized")
+        for attempt in ("miss", "hit"):
+            dest = tmp_path / f"alice-{attempt}"
+            result = pull(cr, "private/app:v1", dest, token=TOKENS["alice"])
+            assert pulled(result, dest, bed.image), result.stderr
+        assert refused(pull(cr, "private/app:v1", tmp_path / "bob", token=TOKENS["bob"]),
+                       "denied")
+        assert refused(pull(cr, "private/app:v1", tmp_path / "wrong", token="guess"),
+                       "unauthorized")
+        assert refused(pull(cr, "public/app:v1", tmp_path / "wrong-pub", token="guess"),
+                       "unauthorized")
+        for who, token in (("anon", None), ("bob", TOKENS["bob"])):
+            dest = tmp_path / f"public-{who}"
+            result = pull(cr, "public/app:v1", dest, token=token)
+            assert pulled(result, dest, bed.image), result.stderr
+        assert cr.access_lines(re.compile(r"/private/app/manifests/v1 HTTP/1\.1\" 200 .* "
+                                          r"user=alice$"), 1)
+        assert cr.access_lines(re.compile(r"GET /_cr/token\?.* 200 .* type=token .*user=$"), 1)
+
+
 def test_anonymous_none_serves_only_identities(bed: Bed, tmp_path: Path) -> None:
     with bed.mirror("none", "none") as cr:
         status, head, _ = curl(cr, "/v2/", tmp_path)
@@ -326,6 +449,32 @@ def test_containerd_hosts_toml_client_certificate(bed: Bed, cr: CrProxy, tmp_pat
                                       r"200 .* user=ci-bot$"), 1)
 
 
+def test_containerd_hosts_toml_bearer_header(bed: Bed, cr: CrProxy, tmp_path: Path) -> None:
+    """containerd sends a hosts.toml [host.header] on every request to the
+    mirror, unasked: a token works whatever the challenge."""
+    def hosts(name: str, token: str) -> Path:
+        certs = cert_dir(cr, tmp_path / f"{name}-certs")
+        where = tmp_path / name / REGISTRY
+        where.mkdir(parents=True)
+        (where / "hosts.toml").write_text(
+            f'server = "https://{REGISTRY}"\n[host."https://{cr.https}"]\n'
+            f'  capabilities = ["pull", "resolve"]\n  ca = "{certs / "ca.crt"}"\n'
+            f'  [host."https://{cr.https}".header]\n    Authorization = "Bearer {token}"\n')
+        return where.parent
+
+    image = f"{REGISTRY}/private/app:v1"
+    with Containerd(tmp_path / "containerd") as daemon:
+        for user, allowed in (("bob", False), ("alice", True)):
+            result = daemon.ctr("images", "pull", "--hosts-dir",
+                                str(hosts(user, TOKENS[user])), image)
+            assert (result.returncode == 0) == allowed, (user, result.stderr)
+        assert daemon.ctr("images", "ls", "-q").stdout.split() == [image]
+    assert cr.access_lines(re.compile(r"/v2/private/app/manifests/v1\?ns=registry\.test .* "
+                                      r"403 .* user=bob$"), 1)
+    assert cr.access_lines(re.compile(r"/v2/private/app/manifests/v1\?ns=registry\.test .* "
+                                      r"200 .* user=alice$"), 1)
+
+
 def test_dockerd_with_a_password(bed: Bed, cr: CrProxy, tmp_path: Path) -> None:
     """dockerd pulls from the mirror by its address (127.0.0.0/8: plain
     HTTP allowed) once `docker login` gave it a password user; refused
@@ -346,6 +495,52 @@ def test_dockerd_with_a_password(bed: Bed, cr: CrProxy, tmp_path: Path) -> None:
     assert CLIENTS["alice"] not in cr.log_text()
     assert cr.access_lines(re.compile(r"/v2/registry\.test/private/app/manifests/v1 .* 200 .* "
                                       r"user=alice$"), 1)
+
+
+MIRROR_NAME = "mirror.test"
+
+
+def private_etc(etc_docker: Path, hosts: Path) -> list[str]:
+    """A command prefix: a mount namespace of its own in which /etc/docker
+    (dockerd reads client certificates only from /etc/docker/certs.d) and
+    /etc/hosts are the test's; the host's stay as they are."""
+    script = ('mount --bind "$1" /etc/docker && mount --bind "$2" /etc/hosts '
+              '&& shift 2 && exec "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+            str(etc_docker), str(hosts)]
+
+
+def test_dockerd_with_a_client_certificate(bed: Bed, tmp_path: Path) -> None:
+    """dockerd sends the client certificate of certs.d/<host:port>/
+    (client.cert, client.key; the mirror's CA as ca.crt), and only to a
+    registry it takes for secure: never 127.0.0.0/8, which it always
+    treats as insecure (plain HTTP, no certs.d). So the mirror listens on
+    ::1, called mirror.test through dockerd's own /etc/hosts."""
+    with bed.mirror("dockerd-cert", "pull-public", address="[::1]",
+                    mirror_names=[MIRROR_NAME]) as cr:
+        host = f"{MIRROR_NAME}:{cr.https_port}"
+        etc = tmp_path / "etc-docker"
+        ci_bot = cert_dir(cr, etc / "certs.d" / host, bed.client_ca, "ci-bot")
+        hosts = tmp_path / "hosts"
+        hosts.write_text(f"127.0.0.1 localhost\n::1 {MIRROR_NAME}\n")
+        image = f"{host}/{REGISTRY}/private/app:v1"
+        with Dockerd(tmp_path / "docker", None, None, netns=private_etc(etc, hosts)) as daemon:
+            pulled_ = daemon.docker("pull", image)
+            assert pulled_.returncode == 0, pulled_.stderr
+            info = json.loads(daemon.docker("image", "inspect", image).stdout)[0]
+            assert info["Id"] == bed.image.config_digest
+            # Without the certificate: anonymous, refused the private repository.
+            for name in ("client.cert", "client.key"):
+                (ci_bot / name).unlink()
+            daemon.docker("rmi", image)
+            anonymous = daemon.docker("pull", image)
+            assert anonymous.returncode != 0
+            assert "no basic auth credentials" in anonymous.stderr, anonymous.stderr
+        assert cr.access_lines(re.compile(r"/v2/registry\.test/private/app/manifests/v1 .* 200 .* "
+                                          r"user=ci-bot$"), 1)
+        # The ping asks the certificate-less dockerd for a password; it has none.
+        assert cr.access_lines(re.compile(r'"GET /v2/ HTTP/1\.1" 401 .* type=denied-no_identity '
+                                          r".* user=$"), 1)
 
 
 def test_podman_with_a_password_and_with_a_certificate(

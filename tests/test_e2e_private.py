@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -138,6 +139,47 @@ def test_only_entitled_credentials_pull_private_content_hit_or_miss(
     metrics = scrape(cr)
     assert metrics[("crproxy_private_denied_total", (("reason", "refused_upstream"),))] >= 2
     assert metrics[("crproxy_private_checks_total", (("how", "upstream"),))] >= 1
+
+
+def test_the_access_log_names_the_https_proxy_client(bed: Bed, cr: CrProxy,
+                                                    tmp_path: Path) -> None:
+    """user= in the https_proxy access log, the fetcher's word (X-CR-User,
+    which no client sees): a token request's Basic user; on private
+    content, the user whose Basic credential got the token the client
+    sends; nginx's own answers (hits of public content) name no one (`-`).
+    Never a secret; a user name that is not a plain name is not logged."""
+    result = pull(cr, "private/app:v1", tmp_path / "a", "testuser")
+    assert result.returncode == 0, result.stderr
+    assert cr.access_lines(re.compile(r'"GET http://auth\.test/token\?\S* HTTP/1\.1" 200 .* '
+                                      r"user=testuser$"), 1)
+    assert cr.access_lines(re.compile(r'"GET /v2/private/app/manifests/v1 HTTP/1\.1" 200 .* '
+                                      r"user=testuser$"), 1)
+    layer = bed.v1.layer_digests[0]
+    assert cr.access_lines(re.compile(rf'"GET /v2/private/app/blobs/{layer} HTTP/1\.1" 200 .* '
+                                      r"user=testuser$"), 1)
+    # `other`, refused: named too (a refusal is a client's as much as a pull).
+    assert refused(pull(cr, "private/app:v1", tmp_path / "c", "other"))
+    assert cr.access_lines(re.compile(r'"GET /v2/private/app/manifests/v1 HTTP/1\.1" 401 .* '
+                                      r"user=other$"), 1)
+    # Public hits, anonymous: no one (nginx's own answers name no one: `-`).
+    for attempt in ("miss", "hit"):
+        result = pull(cr, "public/app:v1", tmp_path / f"p-{attempt}")
+        assert result.returncode == 0, result.stderr
+    assert cr.access_lines(re.compile(r'"GET /v2/public/app/manifests/v1 HTTP/1\.1" 200 .* '
+                                      r"cache=HIT .* user=-$"), 1)
+    # A Basic credential on the request itself names its user; the
+    # fetcher's header is nginx's, never the client's.
+    path = "/v2/private/app/manifests/v1"
+    status, _ = curl(cr, path, basic("testuser", USERS["testuser"]), tmp_path)
+    assert status == 200
+    assert "x-cr-user" not in (tmp_path / "curl.headers").read_text().lower()
+    # A user name with CR/LF or a space: not logged, nothing injected.
+    for number, user in enumerate(("evil\r\nX-Injected: 1", "two words")):
+        assert curl(cr, f"{path}?hostile={number}", basic(user, "pw"), tmp_path)[0] == 401
+        cr.access_lines(re.compile(rf"{path}\?hostile={number} HTTP/1\.1\" 401 .* user=-$"), 1)
+    log = cr.access_log.read_text()
+    assert "X-Injected" not in log and "two words" not in log
+    assert not any(password in log + cr.log_text() for password in USERS.values())
 
 
 def test_podman_pulls_private_content_only_with_an_entitled_credential(

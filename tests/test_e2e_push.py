@@ -14,7 +14,7 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,7 +61,7 @@ class Call:
         return json.loads(self.body)["errors"][0]["code"]
 
 
-def call(cr: CrProxy, method: str, path: str, body: bytes | None = None,
+def call(cr: CrProxy, method: str, path: str, body: bytes | Iterable[bytes] | None = None,
          headers: dict[str, str] | None = None, source: str = "127.0.0.1") -> Call:
     conn = http.client.HTTPConnection(cr.address, cr.http_port, timeout=60,
                                       source_address=(source, 0))
@@ -75,6 +75,13 @@ def call(cr: CrProxy, method: str, path: str, body: bytes | None = None,
 
 def stored_blob(cr: CrProxy, digest: str) -> Path:
     return cr.cache / "blobs/sha256" / digest.split(":", 1)[1]
+
+
+def committed(path: Path) -> Path:
+    """A pushed blob's file, once its commit is done: the final PUT's 201
+    goes to the client before the fsync and rename (push.py _finish)."""
+    wait_until(path.is_file, 30, f"{path} committed")
+    return path
 
 
 def leftover_uploads(cr: CrProxy) -> list[str]:
@@ -197,7 +204,7 @@ def test_chunked_upload_with_status_is_stored(pusher: CrProxy) -> None:
                 headers={"Content-Length": "0"})
     assert done.status == 201, done.body
     assert our_location(done, "chunked", "blobs/") == f"{PREFIX}/chunked/blobs/{sha256(data)}"
-    assert stored_blob(pusher, sha256(data)).read_bytes() == data
+    assert committed(stored_blob(pusher, sha256(data))).read_bytes() == data
     # A cross-repository mount of it: the upstream mounts, our copy is named too.
     mounted = start_upload(pusher, "mounted",
                            f"?mount={sha256(data)}&from={REGISTRY_NAME}/chunked")
@@ -218,7 +225,46 @@ def upload(cr: CrProxy, repo: str, data: bytes) -> None:
 def test_monolithic_upload_is_stored(pusher: CrProxy) -> None:
     data = os.urandom(50_000)
     upload(pusher, "mono", data)
-    assert stored_blob(pusher, sha256(data)).read_bytes() == data
+    assert committed(stored_blob(pusher, sha256(data))).read_bytes() == data
+
+
+def uneven(part: bytes) -> Iterator[bytes]:
+    """`part` in pieces of sizes from 1 byte to about 200 KB, none alike:
+    sent chunked (no Content-Length), each a chunk of its own."""
+    at, size = 0, 1
+    while at < len(part):
+        yield part[at:at + size]
+        at += size
+        size = size * 7 % 200_003 + 1
+
+
+def test_layer_in_uneven_pieces_over_three_requests_is_stored_whole(
+    pusher: CrProxy, upstream: Upstream
+) -> None:
+    """Several MiB (many of the fetcher's write batches, writes.py), in
+    uneven chunked pieces, over two PATCHes and the final PUT's own body:
+    the registry and the cache hold the client's bytes, in order, and the
+    digest check passes on them."""
+    mib = 1 << 20
+    data = os.urandom(5 * mib + 12_345)
+    parts = [data[:2 * mib + 7], data[2 * mib + 7:4 * mib + 100], data[4 * mib + 100:]]
+    location = our_location(start_upload(pusher, "pieces"), "pieces")
+    at = 0
+    for part in parts[:2]:
+        patched = call(pusher, "PATCH", location, uneven(part), {
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"{at}-{at + len(part) - 1}"})
+        assert patched.status == 202, patched.body
+        at += len(part)
+        assert patched.headers["Range"] == f"0-{at - 1}"
+        location = our_location(patched, "pieces")
+    done = call(pusher, "PUT", with_digest(location, sha256(data)),
+                uneven(parts[2]), {"Content-Type": "application/octet-stream"})
+    assert done.status == 201, done.body
+    assert upstream.blob_data_path(sha256(data)).read_bytes() == data
+    assert committed(stored_blob(pusher, sha256(data))).read_bytes() == data
+    assert committed(pusher.cache / f"content/{REGISTRY_NAME}/v2/pieces/blobs/{sha256(data)}")
+    assert leftover_uploads(pusher) == []
 
 
 # --- one upload per layer across images --------------------------------------------
@@ -235,6 +281,17 @@ def mounts(upstream: Upstream, repo: str, digest: str) -> int:
 
 def probe(cr: CrProxy, repo: str, digest: str) -> Call:
     return call(cr, "HEAD", f"{PREFIX}/{repo}/blobs/{digest}")
+
+
+def test_a_probe_costs_the_registry_one_head(pusher: CrProxy, upstream: Upstream) -> None:
+    """A pusher's HEAD of a layer the registry lacks goes upstream with
+    cr-proxy's push login: one HEAD there, not a 401 first and then the
+    HEAD again with a pull token (skopeo probes every layer twice)."""
+    digest = sha256(os.urandom(20_000))
+    for count in (1, 2):
+        answer = probe(pusher, "one-head", digest)
+        assert answer.status == 404, answer.body
+        assert upstream.registry_requests(f"/v2/one-head/blobs/{digest}") == count
 
 
 def test_probe_of_a_layer_held_in_another_repository_mounts_it(
@@ -335,8 +392,8 @@ def test_push_without_registry_goes_to_default_target(pusher: CrProxy, upstream:
                 {"Content-Type": "application/octet-stream"})
     assert done.status == 201, done.body
     assert done.headers["Location"] == f"/v2/plain/app/blobs/{sha256(data)}"
-    assert (pusher.cache / f"content/{REGISTRY_NAME}/v2/plain/app/blobs/{sha256(data)}"
-            ).read_bytes() == data
+    assert committed(pusher.cache / f"content/{REGISTRY_NAME}/v2/plain/app/blobs/{sha256(data)}"
+                     ).read_bytes() == data
     assert "/v2/plain/app/blobs/uploads/" in upstream.registry_log.read_text(errors="replace")
 
 
@@ -365,6 +422,33 @@ def test_digest_mismatch_is_the_upstreams_400_and_nothing_is_stored(pusher: CrPr
     assert not stored_blob(pusher, sha256(data)).exists()
     assert not stored_blob(pusher, claimed).exists()
     assert leftover_uploads(pusher) == []
+
+
+def test_a_blob_the_cache_cannot_store_is_pushed_all_the_same(
+    pusher: CrProxy, upstream: Upstream
+) -> None:
+    """The upstream took the blob (201) but the cache cannot keep it (its
+    digest store's sha256 directory is a file): the client gets the
+    upstream's 201, the push goes on; the cache logs it and keeps nothing."""
+    digests = pusher.cache / "blobs/sha256"
+    aside = pusher.cache / "blobs/sha256-aside"
+    digests.mkdir(parents=True, exist_ok=True)  # none yet when this test runs alone
+    digests.rename(aside)
+    digests.write_text("not a directory\n")
+    try:
+        data = os.urandom(30_000)
+        started = start_upload(pusher, "unstorable")
+        done = call(pusher, "PUT", with_digest(our_location(started, "unstorable"), sha256(data)),
+                    data, {"Content-Type": "application/octet-stream"})
+        assert done.status == 201, done.body
+        assert held_upstream(upstream, "unstorable", sha256(data))
+        pusher.wait_for_output(f"pushed blob {sha256(data)} of {REGISTRY_NAME}/unstorable "
+                               "not stored", 30)
+        assert leftover_uploads(pusher) == []
+    finally:
+        digests.unlink()
+        aside.rename(digests)
+    assert not stored_blob(pusher, sha256(data)).exists()
 
 
 def test_manifest_the_upstream_refuses_reaches_the_client_and_is_not_stored(
@@ -508,17 +592,23 @@ def test_docker_push_is_relayed_and_stored(
     assert_pushed_and_stored(pusher, upstream, "docker-pushed", tmp_path)
 
 
+@pytest.mark.parametrize(("repo", "sent_size", "announced"), [
+    ("aborted", 200_000, 1_000_000),
+    # Past several write batches (writes.py): one may be in flight when the
+    # client goes.
+    ("aborted-big", 3_500_000, 8_000_000),
+])
 def test_client_gone_mid_chunk_cancels_the_upload_upstream(
-    pusher: CrProxy, upstream: Upstream
+    pusher: CrProxy, upstream: Upstream, repo: str, sent_size: int, announced: int
 ) -> None:
-    started = start_upload(pusher, "aborted")
-    location = our_location(started, "aborted")
-    sent = os.urandom(200_000)
+    started = start_upload(pusher, repo)
+    location = our_location(started, repo)
+    sent = os.urandom(sent_size)
     with socket.create_connection((pusher.address, pusher.http_port), timeout=30) as sock:
         sock.sendall(f"PATCH {location} HTTP/1.1\r\nHost: {pusher.http}\r\n"
                      "Content-Type: application/octet-stream\r\n"
-                     "Content-Length: 1000000\r\n\r\n".encode() + sent)
-    # Gone with 800 KB still to come: the upstream's upload is cancelled
+                     f"Content-Length: {announced}\r\n\r\n".encode() + sent)
+    # Gone with the rest still to come: the upstream's upload is cancelled
     # (a DELETE in the registry's log), nothing is kept.
     session = location.split("?")[0].rsplit("/", 1)[1]
 

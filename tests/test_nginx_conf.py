@@ -80,7 +80,7 @@ def test_blocks_finds_every_location() -> None:
     found = [head for text in CONFS.values() for head, _ in blocks(text, "location")]
     assert {"location @fetch", "location = /v2/", "location = /_cr/denied",
             "location = /_cr/raw-bytes", 'location ~ "/$"', "location /",
-            'location ~ "^/v2/(?<cr_name>.+)/blobs/(?<cr_digest>sha256:[a-f0-9]{64})$"'
+            'location ~ "^/v2/(?<cr_name>.+?)/blobs/(?<cr_digest>sha256:[a-f0-9]{64})$"'
             } <= set(found), found
     assert found.count("location /") == 2  # the mirror's and the https_proxy's
 

@@ -5,6 +5,7 @@ matches is reference.py's grammar (checked against a table of names)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -253,14 +254,20 @@ def test_mirror_auth_off_renders_nothing_of_it(tmp_path: Path) -> None:
     assert not [mark for mark in AUTH_MARKS if mark in text]
     assert 'proxy_set_header X-CR-Mirror-Grant "";' in text
     assert not (conf.run_dir / nginx.PING_FILE).exists()
+    # The https_proxy's own user= field (its clients' identity, the
+    # fetcher's word) is there; the mirror's lines have a format of their own.
+    assert "server=$server_name user=$upstream_http_x_cr_user';" in text
+    assert "log_format cr_mirror '" in text and "access_log" in text
 
 
-def auth_settings(tmp_path: Path, rules: list[dict[str, object]]) -> dict[str, str]:
-    htpasswd, ca = tmp_path / "htpasswd", tmp_path / "clients.pem"
+def auth_settings(tmp_path: Path, rules: list[dict[str, object]],
+                  passwords: bool = True) -> dict[str, str]:
+    htpasswd, ca, tokens = tmp_path / "htpasswd", tmp_path / "clients.pem", tmp_path / "tokens"
     htpasswd.write_text("alice:$2y$05$Uvwb6kLTYMK/Na/yJFqXJ.KvSWEmL3sv/F1al8GRdPxim1z6cCTbi\n")
     ca.write_bytes(certs.ensure_ca(tmp_path / "client-ca").cert.read_bytes())
-    settings = {"htpasswd_file": str(htpasswd), "client_ca": str(ca), "anonymous": "pull-public",
-                "rules": rules}
+    tokens.write_text(f"# ci\nci-bot:{hashlib.sha256(b'a-token').hexdigest()}\n\n")
+    settings = {"htpasswd_file": str(htpasswd) if passwords else "", "client_ca": str(ca),
+                "anonymous": "pull-public", "rules": rules, "tokens_file": str(tokens)}
     return {**CONFIGURATIONS["mirror-https-and-proxy"], "MIRROR_AUTH": json.dumps(settings)}
 
 
@@ -272,7 +279,22 @@ def test_mirror_auth_on_passes_nginx_t(tmp_path: Path) -> None:
     nginx.check(conf, path)
     text = rendered_text(conf)
     assert all(mark in text for mark in AUTH_MARKS)
-    assert "log_format cr " in text and "user=$cr_user" in text
+    assert "server=$server_name user=$cr_user';" in text
+    assert "server=$server_name user=$upstream_http_x_cr_user';" in text
+    # Password users and token users: the challenge asks for a password.
+    assert "$cr_bearer_js" in text and 'WWW-Authenticate \'Basic realm="cr-proxy"\'' in text
+
+
+@needs_nginx
+def test_mirror_auth_with_tokens_and_no_passwords_challenges_bearer(tmp_path: Path) -> None:
+    """skopeo and docker send a token they were given only to a Bearer
+    challenge; its realm is the mirror's own /_cr/token."""
+    conf, path = rendered(tmp_path / "t", **auth_settings(tmp_path, [], passwords=False))
+    nginx.check(conf, path)
+    text = rendered_text(conf)
+    assert ('WWW-Authenticate \'Bearer realm="$scheme://$http_host/_cr/token",'
+            'service="cr-proxy"\'' in text)
+    assert "auth_basic_user_file" not in text and "location = /_cr/token" in text
 
 
 def rule_regex(conf: config_mod.Config) -> list[tuple[re.Pattern[str], str]]:
@@ -354,3 +376,30 @@ def test_mirror_auth_with_a_cluster_keeps_its_maps_when_the_ring_is_rewritten(
     maps = (conf.run_dir / "mirror-maps.conf").read_text()
     assert "$cr_auth_verdict" in maps and 'map $cr_peer $cr_auth_peer' in maps
     nginx.check(conf, path)
+
+
+DIGEST = "sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize("path", [
+    f"/v2/library/bench/blobs/{DIGEST}",
+    f"/v2/a/blobs/b/blobs/{DIGEST}",
+    f"/v2/blobs/blobs/{DIGEST}",
+    f"/v2/x/manifests/y/blobs/{DIGEST}",
+    "/v2/a/manifests/b/manifests/v1",
+    f"/v2/org/app/manifests/{DIGEST}",
+    "/v2/a/blobs/b/manifests/v1.2-rc_3",
+    f"/v2//blobs/{DIGEST}",
+    "/v2/a/manifests/",
+])
+def test_lazy_name_captures_split_paths_as_the_greedy_ones(tmp_path: Path, path: str) -> None:
+    """The locations' and mirror_auth's names are lazy (.+?) for speed: the
+    last segment holds no "/", so the split is the same as a greedy one's."""
+    for lazy in (nginx.BLOB_LOCATION, nginx.MANIFEST_LOCATION,
+                 "^/v2/(?<cr_name>.+?)/(?:blobs|manifests|referrers)/[^/]+$"):
+        greedy = lazy.replace("(?<cr_name>.+?)", "(?<cr_name>.+)")
+        assert lazy != greedy
+        found, expected = python_regex(lazy).match(path), python_regex(greedy).match(path)
+        assert (found and found.groupdict()) == (expected and expected.groupdict()), (lazy, path)
+    assert "(?<cr_name>.+?)/(?:blobs|manifests|referrers)/[^/]+$" in nginx.mirror_auth_server(
+        load(tmp_path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 from pathlib import Path
 from unittest import mock
@@ -86,6 +87,46 @@ def test_blob_writer_writes_to_temp_and_counts(store):
     writer.write(DATA[:10])
     writer.write(memoryview(DATA)[10:])
     assert writer.size == len(DATA)
+    writer.close()
+    assert writer.path.read_bytes() == DATA
+    writer.abort()
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(DATA)), max_size=40),
+       short=st.lists(st.integers(1, 5000), max_size=6))
+def test_blob_writer_write_all_is_write_of_each_chunk(tmp_path_factory, cuts, short):
+    """Any split of the bytes (empty pieces too), and writev calls that take
+    only part of what they were given (a full disk's, a signal's): the file,
+    size and digest are the bytes in order."""
+    store = Store(tmp_path_factory.mktemp("cache"))
+    store.prepare()
+    edges = [0, *sorted(cuts), len(DATA)]
+    chunks = [DATA[a:b] for a, b in itertools.pairwise(edges)]
+    real_writev, limits = os.writev, list(short)
+
+    def writev(fd: int, buffers: list[memoryview]) -> int:
+        if limits:  # take at most this many bytes of what is offered
+            joined = b"".join(buffers)[:limits.pop(0)]
+            return real_writev(fd, [joined])
+        return real_writev(fd, buffers)
+
+    writer = store.blob_writer(DIGEST)
+    with mock.patch("cr_proxy.cache.store.os.writev", writev):
+        writer.write_all(chunks[:len(chunks) // 2])
+        writer.write_all(chunks[len(chunks) // 2:])
+    assert writer.size == len(DATA)
+    writer.verify(len(DATA))
+    writer.close()
+    assert writer.path.read_bytes() == DATA
+    writer.abort()
+
+
+def test_blob_writer_write_all_takes_more_pieces_than_one_writev_may(store):
+    pieces = [DATA[i:i + 3] for i in range(0, len(DATA), 3)]  # 4,000 pieces
+    writer = store.blob_writer(DIGEST)
+    writer.write_all(pieces)
+    writer.verify(len(DATA))
     writer.close()
     assert writer.path.read_bytes() == DATA
     writer.abort()

@@ -55,7 +55,7 @@ from cr_proxy.fetch.flight import Flights
 from cr_proxy.fetch.listings import Listings
 from cr_proxy.fetch.manifests import Manifests
 from cr_proxy.fetch.passthrough import Passthrough
-from cr_proxy.fetch.private import Privacy
+from cr_proxy.fetch.private import Privacy, user_header
 from cr_proxy.fetch.push import Pushes
 from cr_proxy.fetch.referrers import Referrers
 from cr_proxy.fetch.tags import Tags
@@ -84,7 +84,7 @@ class Fetcher:
         self.blobs = Blobs(ctx)
         self.manifests = Manifests(ctx)
         self.passthrough = Passthrough(ctx, self.privacy)
-        self.pushes = Pushes(ctx, self.privacy, self.blobs.ensure)
+        self.pushes = Pushes(ctx, self.blobs.writes, self.privacy, self.blobs.ensure)
         listings = Listings(ctx)
         self.tags = Tags(ctx, listings)
         self.referrers = Referrers(ctx, listings, self.manifests)
@@ -152,6 +152,9 @@ class Fetcher:
             return await self._registry_request(request, target, mirror=True)
         domain, rpath = proxy_target(request.headers.get("Host", ""), request.path)
         self._check_proxy_port(request, domain)
+        # Who the client is, for nginx's access log (X-CR-User): its Basic
+        # credential's user, or the user its token was got for.
+        self.privacy.identify(request, request.headers.get("Authorization", ""))
         if self.pushes.claims_proxied(request):
             # Push on: written through as mirror pushes are (push.py).
             return await self.pushes.handle_proxied(request, domain)
@@ -269,6 +272,7 @@ def make_app(
 
     app.cleanup_ctx.append(lifecycle)
     app.on_response_prepare.append(_nosniff)
+    app.on_response_prepare.append(user_header)
     for pattern, handler in routes:
         app.router.add_route("*", pattern, handler)
     app.router.add_route("*", "/{tail:.*}", handle)

@@ -15,7 +15,6 @@ committed only verified, with the redirect target that served it.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -47,13 +46,12 @@ from cr_proxy.fetch.context import (
 )
 from cr_proxy.fetch.flight import Flight
 from cr_proxy.fetch.resume import BREAKS, Resume
+from cr_proxy.fetch.writes import WRITE_THREADS, PipedWrites
 from cr_proxy.upstream.client import Hop
 
 log = logging.getLogger("cr_proxy.fetcher")
 
 BLOB_TYPE = "application/octet-stream"
-WRITE_BATCH = 1 << 20  # bytes gathered before one executor hop to the disk
-WRITE_THREADS = 4  # downloads hashed and written at once
 # A verified download's held name (flight.py) lives this long: nginx opens
 # it within moments of the fetcher's answer.
 HELD_SECONDS = 60.0
@@ -62,19 +60,19 @@ ACCEL_HEADER = "X-CR-Accel"  # "1": nginx asks, and follows X-Accel-Redirect (fe
 
 
 class Blobs:
-    __slots__ = ("_writes", "ctx")
+    __slots__ = ("ctx", "writes")
 
     def __init__(self, ctx: FetchContext) -> None:
         self.ctx = ctx
-        # Hashing and writing downloads, beside the event loop (hashlib and
-        # os.write let go of the GIL).
-        self._writes = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="write")
+        # Hashing and writing downloads and pushed uploads, beside the event
+        # loop (writes.py).
+        self.writes = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="write")
 
     def __repr__(self) -> str:
         return f"<Blobs {self.ctx.flights!r}>"
 
     def close(self) -> None:
-        self._writes.shutdown(wait=True)
+        self.writes.shutdown(wait=True)
 
     async def get(self, request: web.Request, target: Target) -> web.StreamResponse:
         """GET or HEAD of a blob: stored, confirmed, or downloaded once."""
@@ -389,21 +387,17 @@ class Blobs:
         self, body: aiohttp.StreamReader, writer: BlobWriter, flight: Flight, limit: int,
         skip: int = 0,
     ) -> None:
-        """The upstream body into the writer, pipelined: one batch is hashed
-        and written in a thread while the next arrives (awaiting each write
-        before reading on made the download half as fast). One write at a
-        time, so the bytes stay in order. Never more than `limit` bytes in
-        the file: past it the download fails before the excess reaches the
-        disk. The body continues the file (a resume); its first `skip` bytes
-        are already there (an upstream that answered a Range with the whole
-        blob). When the body breaks, what came of it is written before the
-        error goes on, so a resume asks only for what is missing."""
-        # The batch in the thread, and the task that awaits it and tells the
-        # readers: they see each batch as soon as it is on disk, not when
-        # the next one fills (a stalled upstream would hide its last MiB).
-        thread_write: concurrent.futures.Future[None] | None = None
-        writing: asyncio.Task[None] | None = None
-        batch = bytearray()
+        """The upstream body into the writer, pipelined (writes.py). Never
+        more than `limit` bytes in the file: past it the download fails
+        before the excess reaches the disk. The body continues the file (a
+        resume); its first `skip` bytes are already there (an upstream that
+        answered a Range with the whole blob). When the body breaks, what
+        came of it is written before the error goes on, so a resume asks
+        only for what is missing."""
+        # Readers see each batch once it is on disk (a stalled upstream must
+        # not hide its last MiB from them); the last one is reported below.
+        pipe = PipedWrites(self.writes, writer,
+                           on_written=functools.partial(self._progress, flight))
         received = writer.size
         guard = self.ctx.upstream.rate_guard(body)  # limits.min_rate
         try:
@@ -417,47 +411,21 @@ class Blobs:
                     if received > limit:
                         raise TooLarge(message=f"{writer.digest}: upstream sent more than "
                                        f"{limit} bytes")
-                    batch += chunk
-                    if len(batch) < WRITE_BATCH:
-                        continue
-                    if writing is not None:
-                        await writing
-                    # A new batch for what comes next: the thread owns this one.
-                    thread_write = self._writes.submit(writer.write, batch)
-                    writing = asyncio.ensure_future(self._written(thread_write, writer, flight))
-                    batch = bytearray()
+                    await pipe.add(chunk)
             except BREAKS:
-                await self._flush(writing, batch, writer, flight)
-                writing = None
+                await pipe.flush()
+                await self._progress(flight, writer.size)
                 raise
             if skip:
                 raise Truncated(message=f"{writer.digest}: the upstream's new answer ended "
                                 "before the bytes already written")
-            await self._flush(writing, batch, writer, flight)
-            writing = None
+            await pipe.flush()
+            await self._progress(flight, writer.size)
         finally:
             guard.cancel()
-            if thread_write is not None and not thread_write.done():
-                # Failed or cancelled mid-body: the caller closes the file
-                # next, so the write in flight must be over first (one batch).
-                concurrent.futures.wait([thread_write])
-            if writing is not None:
-                if writing.done():
-                    writing.exception()  # the error on its way out is the caller's
-                else:
-                    writing.cancel()
-
-    async def _written(self, thread_write: concurrent.futures.Future[None], writer: BlobWriter,
-                       flight: Flight) -> None:
-        await asyncio.wrap_future(thread_write)
-        await self._progress(flight, writer.size)
-
-    async def _flush(self, writing: asyncio.Task[None] | None, batch: bytearray,
-                     writer: BlobWriter, flight: Flight) -> None:
-        """The write in flight, then the last batch: the file is up to date."""
-        if writing is not None:
-            await writing
-        await self._written(self._writes.submit(writer.write, batch), writer, flight)
+            # Failed or cancelled mid-body: the caller closes the file next,
+            # so the write in flight must be over first.
+            pipe.close()
 
     async def _progress(self, flight: Flight, written: int) -> None:
         await flight.progress(written)

@@ -29,10 +29,16 @@ serve their clients everything, unless mirror_auth is on; then nginx
 decides who they are and what they may pull (nginx.py), and tells the
 fetcher, for a miss of a repository not yet known private, what it would
 decide if it were (`admit_mirror`).
+
+Who an https_proxy client is, for the access log (never a secret): the
+user name of its Basic credential, or of the one its token was bound to
+(`bind`); the fetcher says it on each answer (X-CR-User, `identify`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import logging
@@ -45,7 +51,7 @@ from typing import Generic, TypeVar
 from aiohttp import web
 
 from cr_proxy.cache.layout import Kind, Target
-from cr_proxy.config import MIRROR_AUTH_REALM, MIRROR_GRANT_HEADER
+from cr_proxy.config import IDENTITY_RE, MIRROR_AUTH_REALM, MIRROR_GRANT_HEADER, USER_HEADER
 from cr_proxy.errors import Denied, NotFound, Unauthorized, UpstreamError
 from cr_proxy.fetch.context import FetchContext, in_thread
 from cr_proxy.upstream.auth import DUMMY_PREFIX
@@ -59,6 +65,7 @@ _UNKNOWN = {Kind.BLOB: "BLOB_UNKNOWN", Kind.MANIFEST: "MANIFEST_UNKNOWN",
             Kind.TAGS: "NAME_UNKNOWN", Kind.REFERRERS: "NAME_UNKNOWN"}
 
 MAX_REMEMBERED = 50_000  # verdicts, bindings and public repositories kept (least recent go)
+USER_KEY = web.RequestKey("cr_user", str)  # a request's client, as identify() found it
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +103,7 @@ class Remembered(Generic[K, V]):
 class Privacy:
     """Which repositories are private, and who may read them."""
 
-    __slots__ = ("_bound", "_key", "_public", "_verdicts", "ctx")
+    __slots__ = ("_bound", "_key", "_public", "_users", "_verdicts", "ctx")
 
     def __init__(self, ctx: FetchContext) -> None:
         self.ctx = ctx
@@ -105,6 +112,7 @@ class Privacy:
         self._verdicts: Remembered[tuple[str, str, str], Verdict] = Remembered()
         self._bound: Remembered[str, str] = Remembered()  # token's id -> Basic credential's
         self._public: Remembered[tuple[str, str], float] = Remembered()  # probed public, when
+        self._users: Remembered[str, str] = Remembered()  # token's id -> its Basic user's name
 
     def __repr__(self) -> str:
         return f"<Privacy verdicts={self._verdicts!r}>"
@@ -212,6 +220,19 @@ class Privacy:
         upstream's token server, or as our dummy offline): verdicts for
         either count for the other."""
         self._bound.set(self._id(f"Bearer {token}"), self._id(basic))
+        user = basic_user(basic)
+        if user:
+            self._users.set(self._id(f"Bearer {token}"), user)
+
+    def identify(self, request: web.Request, authorization: str) -> None:
+        """Note who an https_proxy client is, for its answer's X-CR-User
+        (`user_header`): its Basic credential's user, or the one its token
+        was bound to."""
+        if not authorization:
+            return
+        user = basic_user(authorization) or self._users.get(self._id(authorization))
+        if user:
+            request[USER_KEY] = user
 
     def _remember(self, domain: str, name: str, credential: str, allowed: bool) -> None:
         verdict = Verdict(allowed, time.monotonic())
@@ -256,3 +277,24 @@ class Privacy:
     def _challenge(self, domain: str, name: str) -> str | None:
         challenges: Challenges = self.ctx.upstream.challenges
         return challenges.for_repository(domain, name)
+
+
+def basic_user(authorization: str) -> str:
+    """The user name of a Basic credential when it is a plain identity
+    (config.IDENTITY_RE: nothing that could end a log field or a header),
+    else ""."""
+    scheme, _, encoded = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return ""
+    try:
+        user = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")[0]
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    return user if IDENTITY_RE.fullmatch(user) else ""
+
+
+async def user_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: the client identify() found, for nginx's access log."""
+    user = request.get(USER_KEY)
+    if user:
+        response.headers[USER_HEADER] = user

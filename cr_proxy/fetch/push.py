@@ -11,9 +11,10 @@ ours again (`/v2/<prefix>/<name>/...`), so the client never learns the
 upstream's host and keeps talking to us.
 
 Write-through: an upload's bytes are hashed into a temp file as they pass
-(Store.upload_writer); once the upstream answered the final PUT with 201
-and the bytes hash to the digest the client named, the file moves into the
-digest store under the repository's blob path. A manifest PUT is read
+(Store.upload_writer), in a thread beside the relay (writes.py); once the
+upstream answered the final PUT with 201 and the bytes hash to the digest
+the client named, the file moves into the digest store under the
+repository's blob path. A manifest PUT is read
 whole (MAX_MANIFEST), relayed, and answered only when the upstream has
 answered, with the upstream's status and body: only a 201 stores it (by
 digest, and by tag for a tag PUT). A pushed image is then pulled from the
@@ -25,11 +26,13 @@ relayed, just not stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -56,6 +59,7 @@ from cr_proxy.errors import (
     DestinationRefused,
     DigestMismatch,
     NotFound,
+    TokenRefused,
     Unsupported,
     UpstreamError,
     UpstreamTimeout,
@@ -70,6 +74,7 @@ from cr_proxy.fetch.context import (
 )
 from cr_proxy.fetch.held import Held
 from cr_proxy.fetch.private import Privacy
+from cr_proxy.fetch.writes import PipedWrites
 from cr_proxy.oci.manifest import MANIFEST_MEDIA_TYPES, MAX_MANIFEST
 from cr_proxy.oci.reference import digest_of, is_digest, is_tag
 from cr_proxy.upstream.uploads import PushAuth
@@ -152,35 +157,47 @@ class Upload:
     between requests, when it was last used and where it is upstream (to
     cancel it there once abandoned)."""
 
-    writer: BlobWriter | None = None
+    pipe: PipedWrites | None = None  # its bytes so far, into a temp file
     broken: bool = False
     last: float = 0.0  # time.monotonic() of its last answer
     target: PushTarget | None = None
     upstream: str = ""  # its upstream path and query (upload state) as last given
 
     def size(self) -> int:
-        return self.writer.size if self.writer is not None else 0
+        return self.pipe.writer.size if self.pipe is not None else 0
+
+    def take(self) -> BlobWriter | None:
+        """Its bytes so far, no write following (one in flight is waited for)."""
+        pipe, self.pipe = self.pipe, None
+        if pipe is None:
+            return None
+        pipe.close()
+        return pipe.writer
 
     def drop(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
+        writer = self.take()
+        if writer is not None:
+            writer.abort()
 
 
 FillBlob = Callable[[Target], Awaitable[Path]]
 
 
 class Pushes:
-    __slots__ = ("_sweeper", "auth", "cancels", "ctx", "fill_blob", "fills", "held", "privacy",
-                 "touched", "uploads")
+    __slots__ = ("_sweeper", "auth", "cancels", "commits", "ctx", "fill_blob", "fills", "held",
+                 "privacy", "touched", "uploads", "writes")
 
-    def __init__(self, ctx: FetchContext, privacy: Privacy | None = None,
+    def __init__(self, ctx: FetchContext, writes: Executor, privacy: Privacy | None = None,
                  fill_blob: FillBlob | None = None) -> None:
         self.ctx = ctx
+        self.writes = writes  # hashes and writes uploads (writes.py), shared with pulls
         # A blob the upstream mounted that we have no copy of is fetched
         # (Blobs.ensure), so the pushed image is whole in the cache.
         self.fill_blob = fill_blob
         self.fills: set[asyncio.Task[None]] = set()
+        # (domain, digest) -> (repository, the commit of its upload): the
+        # final PUT is answered before its fsync and rename (_finish).
+        self.commits: dict[tuple[str, str], tuple[str, asyncio.Task[None]]] = {}
         # What is pushed to a private repository is marked so before it is
         # named in the tree, as what is pulled (private.py).
         self.privacy = privacy
@@ -200,7 +217,7 @@ class Pushes:
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for task in (*self.cancels, *self.fills):
+        for task in (*self.cancels, *self.fills, *(t for _, t in self.commits.values())):
             task.cancel()
         for upload in self.uploads.values():
             upload.drop()
@@ -385,10 +402,18 @@ class Pushes:
 
     async def _head(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
         """The upstream's answer to the HEAD (its redirects followed, as a
-        client would)."""
+        client would), asked with the push's own login: the token the upload
+        takes next covers pull too, so the registry answers at once, not
+        with a 401 first and then to a pull token (a round trip per probe,
+        and a client probes each layer twice)."""
         rtarget = Target(target.registry, target.domain,
                          RegistryPath(Kind.BLOB, target.name, target.ref))
-        return await upstream_head(self.ctx, rtarget, client_auth(request))
+        auth = client_auth(request)
+        if auth is None:
+            # Refused: asked as a pull is; the upload will meet the refusal.
+            with contextlib.suppress(TokenRefused):
+                auth = await self._login(target)
+        return await upstream_head(self.ctx, rtarget, auth)
 
     async def _mount(self, target: PushTarget, source: str) -> bool:
         """Mount the digest from `source` into the target repository
@@ -530,25 +555,78 @@ class Pushes:
             upload.broken = True
 
     async def _body(self, request: web.Request, upload: Upload) -> AsyncIterator[bytes]:
-        """The client's body as it arrives, hashed into the upload's temp file."""
-        if not upload.broken and upload.writer is None:
-            upload.writer = self.ctx.store.upload_writer()
+        """The client's body as it arrives, on to the upstream, and hashed into
+        the upload's temp file in a thread meanwhile (writes.py). Each piece
+        goes on when the next has come, the last only once the file holds
+        every byte: the upstream cannot answer before it has the last byte,
+        so an answer finds the file whole (_finish, _check_range)."""
+        if not upload.broken and upload.pipe is None:
+            upload.pipe = PipedWrites(self.writes, self.ctx.store.upload_writer())
+        pipe = upload.pipe
+        held: bytes | None = None
         async for chunk in request.content.iter_any():
-            if upload.writer is not None:
-                upload.writer.write(chunk)
-            yield chunk
+            if pipe is not None:
+                await pipe.add(chunk)
+            if held is not None:
+                yield held
+            held = chunk
+        if pipe is not None:
+            await pipe.flush()
+        if held is not None:
+            yield held
 
     async def _finish(self, upload: Upload, status: int, digest: str,
                       target: PushTarget) -> None:
         """The final PUT answered: store the bytes if the upstream took them
-        (201) and they are what the client said."""
-        writer, upload.writer = upload.writer, None
+        (201) and they are what the client said. A 201 goes to the client at
+        once and the commit (verify, fsync, rename) follows in a task of its
+        own, as a pull's client gets its last byte before the fsync: the
+        fsync of a big layer is a tenth of its push. What needs the blob in
+        the cache waits for it: the repository's manifest PUT (so a pushed
+        image is whole in the cache once its push is done) and a mount of
+        the digest (_committed)."""
+        writer = upload.take()
+        if status != 201 or writer is None or not is_digest(digest):
+            try:
+                await self._stored(writer, status, digest, target)
+            finally:
+                # Whatever the upstream answered, a pusher waiting for this
+                # digest looks again (held.py).
+                self.held.release(target.domain, digest)
+            return
+        key = (target.domain, digest)
+        task = asyncio.get_running_loop().create_task(self._commit(writer, digest, target))
+        self.commits[key] = (target.name, task)
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if key in self.commits and self.commits[key][1] is done:
+                del self.commits[key]
+
+        task.add_done_callback(forget)
+
+    async def _commit(self, writer: BlobWriter, digest: str, target: PushTarget) -> None:
+        """A blob the upstream accepted into the cache; a failure here is
+        the cache's alone (the push went through): logged, nothing kept.
+        Its claim ends once it is in the cache (or not): a pusher waiting
+        for it mounts it next, and finds our copy to name (held.py)."""
         try:
-            await self._stored(writer, status, digest, target)
+            await self._stored(writer, 201, digest, target)
+        except (CrProxyError, OSError) as err:
+            writer.abort()
+            log.warning("pushed blob %s of %s/%s not stored: %s", digest, target.domain,
+                        target.name, getattr(err, "message", err))
         finally:
-            # Whatever the upstream answered, a pusher waiting for this
-            # digest looks again (held.py).
             self.held.release(target.domain, digest)
+
+    async def _committed(self, domain: str, name: str | None = None,
+                         digest: str | None = None) -> None:
+        """Wait for the commits in progress of `digest`, or of the uploads
+        to repository `name`."""
+        tasks = [task for (d, g), (n, task) in self.commits.items()
+                 if d == domain and (g == digest or n == name)]
+        if tasks:
+            # asyncio.wait: a caller cancelled (its client gone) leaves them be.
+            await asyncio.wait(tasks)
 
     async def _stored(self, writer: BlobWriter | None, status: int, digest: str,
                       target: PushTarget) -> None:
@@ -582,6 +660,8 @@ class Pushes:
             self._touch(digest)
             # A pusher that claimed the upload mounted it instead.
             self.held.release(target.domain, digest)
+            # Our copy, if its upload's commit is still under way.
+            await self._committed(target.domain, digest=digest)
             rpath = RegistryPath(Kind.BLOB, target.name, digest)
             await self._learn_privacy(target, rpath)
             named = await in_thread(self.ctx.store.link_if_stored, digest, target.domain,
@@ -638,6 +718,9 @@ class Pushes:
         if status == 201:
             if self.privacy is not None and target.client_auth:
                 self.privacy.granted(target.domain, target.name, target.client_auth)
+            # Its blobs' commits first: once the client has this answer, the
+            # image pulls whole from the cache.
+            await self._committed(target.domain, name=target.name)
             await self._store_manifest(target, body, content_type)
         return response
 

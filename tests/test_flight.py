@@ -562,3 +562,18 @@ def test_start_up_empties_held(store):
     store.prepare()
     assert list(store.tree.held.iterdir()) == []
 
+
+
+async def test_time_left_is_the_rest_at_the_average_rate_so_far(store):
+    flights, download = Flights(), FakeDownload(store, hold=True)
+    flight = flights.join(DIGEST, download)
+    assert flight.time_left() is None  # no answer yet: no size
+    await flight.wait_started()
+    flight.written = len(DATA) // 4
+    flight._started_at -= 100  # a quarter in (at least) 100 s: about 300 s left
+    assert 300 <= flight.time_left() < 301
+    flight.written = len(DATA)
+    assert flight.time_left() == 0
+    download.gate.set()
+    await flight.task
+

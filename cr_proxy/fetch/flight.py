@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -135,8 +136,8 @@ class Flight:
     """
 
     __slots__ = (
-        "_changed", "_read_fd", "committed_path", "error", "finished", "headers_ready", "held",
-        "key", "size", "task", "verified", "written",
+        "_changed", "_read_fd", "_started_at", "committed_path", "error", "finished",
+        "headers_ready", "held", "key", "size", "task", "verified", "written",
     )
 
     def __init__(self, key: str) -> None:
@@ -144,6 +145,7 @@ class Flight:
         # Open on the temp file while the download runs; readers dup it, which
         # stays valid when the commit renames or an abort unlinks the file.
         self._read_fd = -1
+        self._started_at = 0.0  # time.monotonic() when the upstream answered
         self.size: int | None = None  # Content-Length from upstream, if any
         self.written = 0
         self.verified = False
@@ -166,6 +168,7 @@ class Flight:
 
     def started(self, temp_path: Path, size: int | None) -> None:
         self._read_fd = os.open(temp_path, os.O_RDONLY)
+        self._started_at = time.monotonic()
         self.size = size
         self.headers_ready.set()
 
@@ -209,14 +212,34 @@ class Flight:
         without a held name): the reader then tails the file as usual. Its
         bytes are on disk by then, so it catches up at local speed and ends
         when the download does: the hold costs a joiner of a long download
-        its first byte's time, not its last's. (Guessing early from the rate
-        so far whether the download will make it was tried: the first MiB
-        arrive slowly, TCP's slow start, and nearly every joiner streamed.)"""
+        its first byte's time, not its last's.
+
+        At the end of the hold, a download that at its rate so far will be
+        done within another `seconds` is waited for once more: joiners that
+        gave up just before the end would all be relayed the whole blob at
+        once, the costliest way (measured: 16 clients at ~1 Gbit/s, 1.43x
+        one client's time streamed, 1.87x with a hold that ended 0.1 s
+        early). Judging from the rate earlier was tried: the first MiB
+        arrive slowly (TCP's slow start) and nearly every joiner streamed."""
+        def over() -> bool:
+            return self.verified or self.finished
+
         async with self._changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.verified or self.finished), seconds)
+            for wait in (seconds, seconds):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait_for(over), wait)
+                left = self.time_left()
+                if over() or left is None or left > seconds:
+                    break
         return self.held if self.verified else None
+
+    def time_left(self) -> float | None:
+        """Seconds until the last byte, at the download's average rate so
+        far; None while that cannot be told (no size, nothing written)."""
+        if self.size is None or self.written <= 0:
+            return None
+        elapsed = time.monotonic() - self._started_at
+        return elapsed * max(self.size - self.written, 0) / self.written
 
     def _open(self) -> int:
         if self._read_fd >= 0:

@@ -577,3 +577,16 @@ async def test_time_left_is_the_rest_at_the_average_rate_so_far(store):
     download.gate.set()
     await flight.task
 
+
+
+async def test_a_download_too_slow_for_the_hold_is_streamed_at_once(store):
+    """A quarter written in what counts as 100 s: the rest would take 300 s
+    more, past a hold of 60, so the reader streams at once."""
+    flights, download = Flights(), FakeDownload(store, hold=True)
+    flight = flights.join(DIGEST, download)
+    await flight.wait_started()
+    flight.written = len(DATA) // 4
+    flight._started_at -= 100
+    assert await asyncio.wait_for(flight.held_within(60), 30) is None  # the gate stays shut
+    download.gate.set()
+    await flight.task

@@ -214,24 +214,40 @@ class Flight:
         when the download does: the hold costs a joiner of a long download
         its first byte's time, not its last's.
 
-        At the end of the hold, a download that at its rate so far will be
-        done within another `seconds` is waited for once more: joiners that
-        gave up just before the end would all be relayed the whole blob at
-        once, the costliest way (measured: 16 clients at ~1 Gbit/s, 1.43x
-        one client's time streamed, 1.87x with a hold that ended 0.1 s
-        early). Judging from the rate earlier was tried: the first MiB
-        arrive slowly (TCP's slow start) and nearly every joiner streamed."""
+        Holding pays when the download is quicker than the local delivery
+        (the CPU is the limit: nginx's sendfile instead of a relay); on a
+        slow link, streaming overlaps the delivery with the download and
+        holding only queues it after (16 clients at ~1 Gbit/s: 1.43x one
+        client's time streamed, 1.85x held). So once a quarter of the hold
+        has passed since the upstream answered (the first MiB come slowly,
+        TCP's slow start), a download that at its average rate would end
+        after the hold is streamed at once; and at the end of the hold, one
+        that will be done within another is waited for once more (joiners
+        giving up just before the end would be relayed it all at once)."""
+        deadline = time.monotonic() + seconds
+
         def over() -> bool:
             return self.verified or self.finished
 
+        def decided() -> bool:
+            return over() or self._late(deadline, seconds / 4)
+
         async with self._changed:
-            for wait in (seconds, seconds):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait_for(over), wait)
+            try:
+                await asyncio.wait_for(self._changed.wait_for(decided), seconds)
+            except TimeoutError:
                 left = self.time_left()
-                if over() or left is None or left > seconds:
-                    break
+                if left is not None and left <= seconds:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait_for(over), seconds)
         return self.held if self.verified else None
+
+    def _late(self, deadline: float, observed: float) -> bool:
+        """After `observed` seconds of the download, its average rate says
+        it ends after `deadline`."""
+        now = time.monotonic()
+        left = self.time_left()
+        return now - self._started_at >= observed and left is not None and now + left > deadline
 
     def time_left(self) -> float | None:
         """Seconds until the last byte, at the download's average rate so

@@ -139,7 +139,7 @@ class Download:
 
     retries: int = 5
     retry_budget: float = 60.0
-    hold: float = 2.0
+    hold: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,19 +144,23 @@ def assert_refused(h: Hostile, answer: Answer, what: object) -> None:
         assert marker not in answer.body, (what, marker)
 
 
+UNWATCHED = ("crproxy/run/", "crproxy/cache/held/")
+
+
 class Watch:
     """What must not change while hostile requests are made: every file
-    beside and in the cache (run/ aside: logs), the upstream's requests, the
-    canary listener."""
+    beside and in the cache (run/ aside: logs; and held/, the second names
+    of files being sent, each removed a minute on), the upstream's
+    requests, the canary listener."""
 
     def __init__(self, h: Hostile) -> None:
         self.h = h
-        self.files = tree_snapshot(h.root, skip=("crproxy/run/",))
+        self.files = tree_snapshot(h.root, skip=UNWATCHED)
         self.upstream = h.fake.seen()
         self.canary = h.canary.connections
 
     def assert_untouched(self, upstream_too: bool = True) -> None:
-        assert tree_snapshot(self.h.root, skip=("crproxy/run/",)) == self.files
+        assert tree_snapshot(self.h.root, skip=UNWATCHED) == self.files
         if upstream_too:
             assert self.h.fake.seen() == self.upstream
         assert self.h.canary.connections == self.canary

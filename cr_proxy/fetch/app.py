@@ -102,6 +102,7 @@ class Fetcher:
 
     async def close(self) -> None:
         await self.ctx.flights.close()
+        await self.pushes.finish_commits()
         self.blobs.close()
         self.pushes.close()
 

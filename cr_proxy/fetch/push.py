@@ -214,6 +214,15 @@ class Pushes:
     def __repr__(self) -> str:
         return f"<Pushes {len(self.uploads)} uploads>"
 
+    async def finish_commits(self, grace: float = 10.0) -> None:
+        """Let the commits of blobs the upstream took (its 201 already the
+        client's) finish before a shutdown: cancelled, the cache would lack
+        what the client was told is pushed, and a restart would not know the
+        upstream holds it (no mount from memory)."""
+        tasks = [task for _, task in self.commits.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -233,3 +233,19 @@ def test_a_digest_stored_under_another_name_is_sent_by_nginx_by_a_held_name(
     assert (answer.header("X-Cache"), answer.header("Docker-Content-Digest")) == ("HIT", digest)
     again = http(second)
     assert (again.status, again.body, kind(again)) == (200, data, "blob")
+
+
+def test_held_answers_pass_mirror_auth(upstream: Upstream, tmp_path: Path) -> None:
+    """With mirror_auth on (a rule makes it on; anonymous clients pull public
+    content), nginx decides who may pull before the fetcher is asked; the
+    internal redirect of a held answer is that same, already decided
+    request, and is not refused as a request of its own."""
+    digest, data = fresh_layer(upstream, tmp_path, "held/authed", 1 * MIB)
+    rules = [{"users": ["*"], "repositories": ["registry.test/held/denied"], "allow": "deny"}]
+    with CrProxy(tmp_path / "cr", proxy_endpoints(upstream), download={"hold": LONG_HOLD},
+                 mirror_auth={"anonymous": "pull-public", "rules": rules},
+                 timeouts={"connect": 2, "read": 300, "down_host": 1}) as cr:
+        url = f"http://{cr.http}/v2/registry.test/held/authed/blobs/{digest}"
+        answers = meet(cr, url, 3, upstream.cdn_paused)
+        assert all((a.status, a.body) == (200, data) for a in answers)
+        assert sorted(kind(a) for a in answers) == ["blob-fetch", "blob-held", "blob-held"]

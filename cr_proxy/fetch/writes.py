@@ -46,24 +46,20 @@ class PipedWrites:
     def __repr__(self) -> str:
         return f"<PipedWrites {self.writer!r} batch={self._batched}>"
 
-    async def add(self, chunk: bytes) -> int | None:
+    async def add(self, chunk: bytes) -> None:
         """Gather a chunk; once a batch is full, hand it to a thread (after
-        the write before it is done). Returns the bytes in the file when a
-        write was waited for (for a caller that reports progress), else None."""
+        the write before it is done). Progress goes to `on_written`."""
         if self._closed:
-            return None
+            return
         self._batch.append(chunk)
         self._batched += len(chunk)
         if self._batched < WRITE_BATCH:
-            return None
-        written = None
+            return
         if self._writing is not None:
             await asyncio.wrap_future(self._writing)
-            written = self.writer.size
         if self._closed:  # closed while it waited: the file is the closer's now
-            return None
+            return
         self._writing = self._submit()
-        return written
 
     def _submit(self) -> concurrent.futures.Future[None]:
         writing = self._executor.submit(self.writer.write_all, self._take())

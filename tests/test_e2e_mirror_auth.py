@@ -222,7 +222,8 @@ def test_password_users_get_what_a_rule_grants_anonymous_only_public(
     # serve reads nginx's usage log every second: polled, bounded.
     wait_until(lambda: all(
         value(scrape(cr), "crproxy_mirror_auth_denied_total", reason=reason) >= 1
-        for reason in ("no_identity", "not_granted", "rule_deny")), 30, "the denial counts")
+        for reason in ("no_identity", "not_granted", "rule_deny", "bad_password")),
+        30, "the denial counts")
     # The first miss, refused by the fetcher once it found the repository private.
     assert value(scrape(cr), "crproxy_private_denied_total", reason="mirror_no_identity") == 1
 
@@ -242,10 +243,16 @@ def test_client_certificates_on_the_https_port(bed: Bed, cr: CrProxy, tmp_path: 
     # server names), so it is anonymous; curl sends it, and nginx refuses
     # the request (400), public content too.
     rogue = cert_dir(cr, tmp_path / "rogue", trustme.CA(), "ci-bot")
+    rogue_before = value(scrape(cr), "crproxy_mirror_auth_denied_total", reason="bad_certificate")
     assert refused(pull(cr, "private/app:v1", tmp_path / "rogue", certs=rogue), "unauthorized")
     for repo in ("private/app", "public/app"):
         status, _, body = curl(cr, f"/v2/{REGISTRY}/{repo}/manifests/v1", tmp_path, certs=rogue)
         assert status == 400 and b"schemaVersion" not in body, (repo, status)
+        assert json.loads(body)["errors"][0]["code"] == "DENIED", body
+    # Counted by reason, as mirror_auth's own refusals (nginx's 495 answered 400).
+    wait_until(lambda: value(scrape(cr), "crproxy_mirror_auth_denied_total",
+                             reason="bad_certificate") >= rogue_before + 2,
+               30, "the bad certificates' count")
     status, _, body = curl(cr, f"/v2/{REGISTRY}/private/app/manifests/v1", tmp_path,
                            certs=trusted)
     assert status == 200 and b"schemaVersion" in body
@@ -265,6 +272,7 @@ def test_hostile_credentials_and_paths_get_nothing_private(
     manifest = f"/v2/{REGISTRY}/private/app/manifests/v1"
     layer = f"/v2/{REGISTRY}/private/app/blobs/{bed.image.layer_digests[0]}"
     secret = (cr.cache / f"content/{REGISTRY}/v2/private/app/manifests/v1").read_bytes()
+    wrong_before = value(scrape(cr), "crproxy_mirror_auth_denied_total", reason="bad_password")
     hostile = {
         # A user name that would add a header, or reach past the map's separator.
         "injected": basic("alice\r\nX-Injected: 1", CLIENTS["alice"]),
@@ -278,6 +286,10 @@ def test_hostile_credentials_and_paths_get_nothing_private(
             status, head, body = curl(cr, path, tmp_path, header)
             assert status == 401, (label, path, status, body[:200])
             assert "x-injected" not in head.lower() and body != secret, label
+            # One challenge, a registry's error body (auth_basic's 401 is answered
+            # by /_cr/bad-password, the tag list's from @fetch too).
+            assert head.lower().count("www-authenticate:") == 1, (label, path, head)
+            assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED", (label, path)
             assert bed.image.layer_digests[0].encode() not in body or path != layer, label
     # A public manifest, which anonymous clients may pull: a user name
     # that is no identity is refused all the same, and never reaches a log
@@ -287,6 +299,12 @@ def test_hostile_credentials_and_paths_get_nothing_private(
                             hostile[label])
         assert status == 401, label
     assert "\nX-Injected" not in cr.log_text() + cr.access_log.read_text()
+    # The wrong password's three refusals, counted as such. The instance is
+    # the module's: counted from what it had, at least (the usage feed may
+    # still bring an earlier test's).
+    wait_until(lambda: value(scrape(cr), "crproxy_mirror_auth_denied_total",
+                             reason="bad_password") >= wrong_before + 3,
+               30, "the wrong passwords' count")
     # A credential in the query string is no credential.
     user, password = "alice", CLIENTS["alice"]
     status, _, _ = curl(cr, f"{manifest}?user={user}&password={password}", tmp_path)

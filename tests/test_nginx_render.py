@@ -279,7 +279,7 @@ def test_mirror_auth_on_passes_nginx_t(tmp_path: Path) -> None:
     nginx.check(conf, path)
     text = rendered_text(conf)
     assert all(mark in text for mark in AUTH_MARKS)
-    assert "server=$server_name user=$cr_user';" in text
+    assert "server=$server_name user=$cr_log_user';" in text
     assert "server=$server_name user=$upstream_http_x_cr_user';" in text
     # Password users and token users: the challenge asks for a password.
     assert "$cr_bearer_js" in text and 'WWW-Authenticate \'Basic realm="cr-proxy"\'' in text
@@ -403,3 +403,41 @@ def test_lazy_name_captures_split_paths_as_the_greedy_ones(tmp_path: Path, path:
         assert (found and found.groupdict()) == (expected and expected.groupdict()), (lazy, path)
     assert "(?<cr_name>.+?)/(?:blobs|manifests|referrers)/[^/]+$" in nginx.mirror_auth_server(
         load(tmp_path))
+
+
+def map_block(text: str, variable: str) -> list[tuple[str, str]]:
+    """A rendered map's entries (key as written, value), in order."""
+    found = re.search(r"^map \S+ \$" + variable + r" \{\n(.*?)^\}", text, re.M | re.S)
+    assert found, variable
+    return [(key.strip('"'), value) for key, value in
+            re.findall(r'^\s+("[^"]*"|\S+) ("[^"]*"|[^;]+);$', found.group(1), re.M)]
+
+
+@pytest.mark.parametrize("anonymous", ["pull-public", "none"])
+def test_the_quick_verdict_of_a_read_with_no_credential_is_the_full_maps(
+    tmp_path: Path, anonymous: str
+) -> None:
+    """Reads with no credential are decided by exact keys ($cr_auth_verdict),
+    without the identity's and rules' maps: each must be what the full map
+    ($cr_auth_verdict_full, first matching regex) answers for the same
+    request: no peer, no write, no rule, no identity."""
+    rules = [{"users": ["alice"], "repositories": ["*"], "allow": "pull"}]
+    settings = auth_settings(tmp_path, rules)
+    settings["MIRROR_AUTH"] = json.dumps({**json.loads(settings["MIRROR_AUTH"]),
+                                          "anonymous": anonymous})
+    conf, _ = rendered(tmp_path / "t", **settings)
+    text = (conf.run_dir / "mirror-maps.conf").read_text()
+    full = [(re.compile(key[1:].replace("\\\\", "\\")), value.strip('"'))
+            for key, value in map_block(text, "cr_auth_verdict_full") if key.startswith("~")]
+    quick = [(key, value) for key, value in map_block(text, "cr_auth_verdict")
+             if key != "default"]
+    assert len(quick) == 2 * 7
+    for key, verdict in quick:
+        _, method, kind, private, credential = key.split("|")
+        assert method in ("GET", "HEAD") and credential == "0"
+        full_key = f"0|0|{kind}|{private}||"
+        answer = next(value for pattern, value in full if pattern.search(full_key))
+        assert verdict.strip('"') == answer, (key, full_key)
+    # With no credential an anonymous reader of a public repository gets the policy.
+    expected = "" if anonymous == "pull-public" else "no_identity"
+    assert dict(quick)["|GET|repo|0|0"].strip('"') == expected

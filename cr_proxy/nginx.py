@@ -74,6 +74,8 @@ class ServerLocations:
     # the client's credential first (fetch/private.py). Only https_proxy
     # clients bring a credential; the mirror ports serve their clients all.
     private_mark: str = ""
+    # The mirror's: mirror_auth's check of a fast request (AUTH_FAST) first.
+    mirror_auth: bool = False
 
     def values(self) -> dict[str, str]:
         return {
@@ -87,7 +89,7 @@ class ServerLocations:
 # (mirror-maps.conf); an https_proxy request's path is the upstream's own.
 MIRROR_LOCATIONS = ServerLocations(
     name_ok="$cr_mirror_ok", domain="$cr_domain", blob_path="/v2/$cr_repo/blobs/$cr_digest",
-    manifest_path="/v2/$cr_repo/manifests/$cr_ref", try_path="$cr_path",
+    manifest_path="/v2/$cr_repo/manifests/$cr_ref", try_path="$cr_path", mirror_auth=True,
 )
 PROXY_LOCATIONS = ServerLocations(
     name_ok="$cr_name_ok", domain="$cr_proxy_domain", blob_path="$uri", manifest_path="$uri",
@@ -340,6 +342,18 @@ map $remote_user $cr_bad_user {{
                                for reason in DENY_REASONS if reason != "no_identity")
     full_key = "$cr_auth_peer|$cr_write|$cr_auth_kind|$cr_private|$cr_auth_rule|$cr_user"
     quick_key = "$cr_peer|$request_method|$cr_auth_kind|$cr_private|$cr_credential"
+    # Without a cluster no request is a peer's ($cr_peer is ""): not in the key.
+    peer = "$cr_peer|" if config.cluster.enabled else ""
+    fast_key = f"{peer}$request_method|$ssl_client_verify|$http_authorization"
+    fast_lines = "" if anonymous else "\n".join(
+        f'    "{"|" if peer else ""}{method}|{verify}|" 1;'
+        for method in ("GET", "HEAD") for verify in ("", "NONE"))
+    goto = {"": "", "no_identity": "/_cr/unauthorized", "ping": "/_cr/ping",
+            **{reason: f"/_cr/denied-auth/{reason}" for reason in DENY_REASONS
+               if reason != "no_identity"}}
+    fast_goto_lines = "\n".join(
+        f'    "1|{kind}" {goto[verdict]};' for kind, private, verdict in anonymous_reads("", ping)
+        if kind != "repo" and goto[verdict])
     anonymous_lines = "\n".join(
         f'    "|{method}|{kind}|{private}|0" "{verdict}";' for method in ("GET", "HEAD")
         for kind, private, verdict in anonymous_reads(anonymous, ping))
@@ -423,11 +437,38 @@ map "$ssl_client_verify|$http_authorization" $cr_credential {{
     "NONE|" 0;
     default 1;
 }}
-# The identity for the access log (user=): none without a credential,
-# found without the identity's maps.
-map $cr_credential $cr_log_user {{
-    0 "";
+# A read with no credential, not a peer's hop, under anonymous: pull-public
+# (the common request by far): 1 when the location that serves it decides
+# (AUTH_FAST), with no map of the identity or the rules and no regex of its
+# own; mirror-auth.conf then skips the full decision. Exact keys, the
+# client's header last (as above).
+map "{fast_key}" $cr_auth_fast {{
+{fast_lines}
+    default 0;
+}}
+# The identity for the access log (user=): none for a fast request, found
+# without the identity's maps.
+map $cr_auth_fast $cr_log_user {{
+    1 "";
     default $cr_user;
+}}
+# The private mark a fast request's blob or manifest location tests: its
+# repository's, for a name that passed the grammar; else one never made.
+map "$cr_auth_fast$cr_mirror_ok" $cr_fast_mark {{
+    11 "{cache}/lists/$cr_domain/$cr_repo/{PRIVATE_MARK}";
+    default "{cache}/lists/-/{PRIVATE_MARK}";
+}}
+# The same for any other location's request (a tag list, a referrers
+# list), by the kind's map.
+map "$cr_auth_fast|$cr_auth_kind_rest|$cr_mirror_ok" $cr_fast_rest_mark {{
+    "1|repo|1" "{cache}/lists/$cr_domain/$cr_repo/{PRIVATE_MARK}";
+    default "{cache}/lists/-/{PRIVATE_MARK}";
+}}
+# Where a fast request of another kind goes: what the full map answers a
+# read with no identity (anonymous_reads), "" to be served.
+map "$cr_auth_fast|$cr_auth_kind_rest" $cr_fast_goto {{
+{fast_goto_lines}
+    default "";
 }}
 # The common case first, by exact keys (one hash lookup): a read with no
 # credential that is not a peer's hop. Its verdict needs neither the
@@ -532,6 +573,19 @@ def challenge(config: Config) -> str:
     return f'Basic realm="{MIRROR_AUTH_REALM}"'
 
 
+# What the mirror's locations test of a fast request ($cr_auth_fast), first
+# in their rewrite phase; nothing when mirror_auth is off. Only a
+# repository's request can be private: refused, as the full map refuses
+# no identity there. Each `if` only rewrites: an `if` that matched and fell
+# through would leave the location's try_files behind.
+AUTH_FAST = {
+    "blob_manifest": "if (-f $cr_fast_mark) {\n        rewrite ^ /_cr/unauthorized last;\n    }",
+    "kind": "if ($cr_fast_goto) {\n    rewrite ^ $cr_fast_goto last;\n}",
+    "rest": ("if (-f $cr_fast_rest_mark) {\n    rewrite ^ /_cr/unauthorized last;\n}\n"
+             "if ($cr_fast_goto) {\n    rewrite ^ $cr_fast_goto last;\n}"),
+}
+
+
 def mirror_auth_server(config: Config) -> str:
     """The mirror server's part of mirror_auth (run/mirror-auth.conf)."""
     auth = config.mirror_auth
@@ -569,6 +623,12 @@ def mirror_auth_server(config: Config) -> str:
 # redirect (a held blob, a module's file) was served: its verdict, kept by
 # nginx, serves it again.
 if ($cr_auth_decided) {{
+    break;
+}}
+# A read with no credential (anonymous: pull-public) is decided by the
+# location that serves it (AUTH_FAST): a blob's or manifest's needs no
+# regex here to find its repository, its location's capture names it.
+if ($cr_auth_fast) {{
     break;
 }}
 {bad_token}# The kind first: its capture names the repository for the maps after it.
@@ -935,11 +995,15 @@ def render(
         "mirror_auth": "",
         "mirror_grant": '""',
         "mirror_authorization": "",
+        "auth_fast_kind": "",
+        "auth_fast_rest": "",
     }
     values.update(log_lines(config))
     if config.mirror_auth.enabled:
         values["mirror_auth"] = f"\n        include {run}/mirror-auth.conf;"
         values["mirror_grant"] = "$cr_auth_grant"
+        values["auth_fast_kind"] = "\n    " + AUTH_FAST["kind"].replace("\n", "\n    ")
+        values["auth_fast_rest"] = "\n    " + AUTH_FAST["rest"].replace("\n", "\n    ")
         values["mirror_authorization"] = (
             "\n    # mirror_auth: a mirror client's credential is for cr-proxy, never"
             "\n    # the upstream's (the fetcher would send it on).\n"
@@ -973,7 +1037,8 @@ def render(
     for module in ("cr.js", "cr_auth.js"):
         shutil.copyfile(TEMPLATE_DIR / module, run / module)
     for name, server in LOCATION_FILES.items():
-        (run / name).write_text(locations(server, config.cache_dir))
+        (run / name).write_text(locations(server, config.cache_dir,
+                                          config.mirror_auth.enabled))
     render_cluster(config)
     return run / "nginx.conf"
 
@@ -993,13 +1058,14 @@ def render_cluster(config: Config) -> None:
         partial.replace(run / name)
 
 
-def locations(server: ServerLocations, cache_dir: Path) -> str:
+def locations(server: ServerLocations, cache_dir: Path, mirror_auth: bool = False) -> str:
     """nginx/locations.conf rendered for one server."""
     text = Template((TEMPLATE_DIR / "locations.conf").read_text())
     private_check = (f"if (-f {cache_dir}/{server.private_mark}) {{ return 418; }}"
                      if server.private_mark else "# (no private repositories on this server)")
+    auth_fast = AUTH_FAST["blob_manifest"] if server.mirror_auth and mirror_auth else ""
     return text.substitute(server.values(), cache_dir=str(cache_dir),
-                           private_check=private_check)
+                           private_check=private_check, auth_fast=auth_fast)
 
 
 def command(config: Config, conf: Path) -> list[str]:

@@ -324,6 +324,49 @@ def test_hostile_credentials_and_paths_get_nothing_private(
     assert (status, body) == (200, secret)
 
 
+def test_reads_with_no_credential_are_decided_where_they_are_served(
+    bed: Bed, cr: CrProxy, tmp_path: Path
+) -> None:
+    """A read with no credential skips the full decision (AUTH_FAST): each
+    location that can serve one decides it. Every kind of request, from
+    the cache and not: a private repository's refused (401), a public one's
+    served, the ping asking for a password, other paths refused, unsigned
+    modules 403."""
+    result = pull(cr, "private/app:v1", tmp_path / "fill", "alice")
+    assert pulled(result, tmp_path / "fill", bed.image), result.stderr
+    result = pull(cr, "public/app:v1", tmp_path / "public", None)
+    assert pulled(result, tmp_path / "public", bed.image), result.stderr
+    layer = bed.image.layer_digests[0]
+    expected = {
+        f"/v2/{REGISTRY}/private/app/manifests/v1": 401,
+        f"/v2/{REGISTRY}/private/app/blobs/{layer}": 401,
+        f"/v2/{REGISTRY}/private/app/tags/list": 401,
+        f"/v2/{REGISTRY}/private/app/referrers/{layer}": 401,
+        # Not cached, by tag and by digest: refused before the fetcher.
+        f"/v2/{REGISTRY}/private/app/manifests/v9": 401,
+        f"/v2/{REGISTRY}/private/app/blobs/sha256:{'0' * 64}": 401,
+        "/v2/_catalog": 401,
+        "/v2/": 401,  # password users: the ping asks for one
+        f"/artifacts/{REGISTRY}/public/app:v1": 403,
+        f"/v2/{REGISTRY}/public/app/manifests/v1": 200,
+        f"/v2/{REGISTRY}/public/app/blobs/{layer}": 200,
+    }
+    for path, status in expected.items():
+        got, head, body = curl(cr, path, tmp_path)
+        assert got == status, (path, got, body[:200])
+        if status == 401:
+            assert 'www-authenticate: basic realm="cr-proxy"' in head.lower(), path
+    private = (cr.cache / f"content/{REGISTRY}/v2/private/app/manifests/v1").read_bytes()
+    assert curl(cr, f"/v2/{REGISTRY}/private/app/manifests/v1", tmp_path,
+                basic("alice", CLIENTS["alice"]))[2] == private
+    # nginx's refusals (the fetcher would refuse the tag list too, later),
+    # logged with no identity: user= empty.
+    for kind in ("tags/list", f"blobs/{layer}", f"referrers/{layer}"):
+        lines = cr.access_lines(f'"GET /v2/{REGISTRY}/private/app/{kind} HTTP/1.1" 401', 1)
+        assert all("type=denied-no_identity" in line and line.endswith(" user=")
+                   for line in lines), lines
+
+
 def upstream_token(bed: Bed) -> str:
     """A real token of the upstream's token server: testuser's, for private/app."""
     query = urllib.parse.urlencode({"service": REGISTRY_NAME,

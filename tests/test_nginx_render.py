@@ -99,7 +99,7 @@ def test_the_mirror_and_proxy_servers_share_one_location_template(tmp_path: Path
     directives, private_checks = [], []
     for name, server in nginx.LOCATION_FILES.items():
         text = (run / name).read_text()
-        assert text == nginx.locations(server, conf.cache_dir)
+        assert text == nginx.locations(server, conf.cache_dir, conf.mirror_auth.enabled)
         lines = [line for line in text.splitlines()
                  if line.strip() and not line.lstrip().startswith("#")]
         private_checks.append([line.strip() for line in lines if "/_private)" in line])

@@ -227,6 +227,7 @@ class Bench:
         self.certs = work / "certs"
         (work / "pulled").mkdir(exist_ok=True)
         self._serial = 0
+        self.auth_rounds = 0  # auth_hits' calls: which side goes first
 
     # ---- set-up
 
@@ -500,12 +501,16 @@ class Bench:
 
     def auth_hits(self) -> None:
         """small_hits' manifest and blob HEAD hits on two warm instances, one
-        with mirror_auth on (an anonymous client, public content), in turn."""
+        with mirror_auth on (an anonymous client, public content), in turn:
+        off first in one round, on first in the next, so that a machine
+        slowing down (or warming up) within a round favours neither."""
         secs = self.plan.wrk_seconds
-        for proxy, manifest_series, head_series in (
-            (self.hot, Series.MANIFEST_AUTH_OFF, Series.HEAD_AUTH_OFF),
-            (self.hot_auth, Series.MANIFEST_AUTH_ON, Series.HEAD_AUTH_ON),
-        ):
+        sides = [(self.hot, Series.MANIFEST_AUTH_OFF, Series.HEAD_AUTH_OFF),
+                 (self.hot_auth, Series.MANIFEST_AUTH_ON, Series.HEAD_AUTH_ON)]
+        self.auth_rounds += 1
+        if self.auth_rounds % 2 == 0:
+            sides.reverse()
+        for proxy, manifest_series, head_series in sides:
             manifest = f"http://{proxy.http}/v2/registry.test/{REPO}/manifests/{TAG}"
             for series, url, tool in ((manifest_series, manifest, measure.wrk),
                                       (head_series, self._mirror_blob(proxy), measure.ab_head)):

@@ -441,3 +441,23 @@ def test_the_quick_verdict_of_a_read_with_no_credential_is_the_full_maps(
     # With no credential an anonymous reader of a public repository gets the policy.
     expected = "" if anonymous == "pull-public" else "no_identity"
     assert dict(quick)["|GET|repo|0|0"].strip('"') == expected
+
+
+@needs_nginx
+def test_a_peers_hop_is_never_a_fast_read(tmp_path: Path) -> None:
+    """In a cluster a peer's hop (X-CR-Peer, kept only from a peer's
+    address) goes to the full decision, which serves it (its client was
+    checked where it came in): the fast key names the peer, and its exact
+    keys want none. Without peers the key leaves $cr_peer out (always "")."""
+    rules = [{"users": ["alice"], "repositories": ["*"], "allow": "pull"}]
+    settings = auth_settings(tmp_path, rules)
+    conf, path = rendered(tmp_path / "c", **settings, **CONFIGURATIONS["cluster"])
+    nginx.check(conf, path)
+    maps = (conf.run_dir / "mirror-maps.conf").read_text()
+    key = "$request_method|$ssl_client_verify|$http_authorization"
+    assert f'map "$cr_peer|{key}" $cr_auth_fast' in maps
+    fast = [key for key, _ in map_block(maps, "cr_auth_fast") if key != "default"]
+    assert fast and all(key.startswith("|") for key in fast), fast
+    conf, _ = rendered(tmp_path / "n", **settings)
+    maps = (conf.run_dir / "mirror-maps.conf").read_text()
+    assert f'map "{key}" $cr_auth_fast' in maps

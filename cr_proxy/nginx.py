@@ -338,8 +338,6 @@ map $remote_user $cr_bad_user {{
     # (skopeo, podman, docker send none after a 200 ping); with no password
     # users and anonymous pulls it has nothing to ask.
     ping = "no_identity" if auth.htpasswd_file or auth.tokens_file or anonymous else "ping"
-    refused_lines = "\n".join(f"    {reason} /_cr/denied-auth/{reason};"
-                               for reason in DENY_REASONS if reason != "no_identity")
     full_key = "$cr_auth_peer|$cr_write|$cr_auth_kind|$cr_private|$cr_auth_rule|$cr_user"
     quick_key = "$cr_peer|$request_method|$cr_auth_kind|$cr_private|$cr_credential"
     # Without a cluster no request is a peer's ($cr_peer is ""): not in the key.
@@ -348,9 +346,12 @@ map $remote_user $cr_bad_user {{
     fast_lines = "" if anonymous else "\n".join(
         f'    "{"|" if peer else ""}{method}|{verify}|" 1;'
         for method in ("GET", "HEAD") for verify in ("", "NONE"))
+    # Where each verdict sends a request ("" serves it).
     goto = {"": "", "no_identity": "/_cr/unauthorized", "ping": "/_cr/ping",
             **{reason: f"/_cr/denied-auth/{reason}" for reason in DENY_REASONS
                if reason != "no_identity"}}
+    goto_lines = "\n".join(f"    {verdict} {target};" for verdict, target in goto.items()
+                            if target)
     fast_goto_lines = "\n".join(
         f'    "1|{kind}" {goto[verdict]};' for kind, private, verdict in anonymous_reads("", ping)
         if kind != "repo" and goto[verdict])
@@ -486,10 +487,7 @@ map $cr_mode $cr_auth_decided {{
 }}
 # Where a decided request goes (exact keys: a hash lookup): "" on.
 map $cr_auth_verdict $cr_auth_goto {{
-    "" "";
-    no_identity /_cr/unauthorized;
-    ping /_cr/ping;
-{refused_lines}
+{goto_lines}
     default "";
 }}
 # What the fetcher may send upstream: an https_proxy client's own credential;

@@ -594,6 +594,21 @@ AUTH_FAST = {
 }
 
 
+def refusal(uri: str, reason: str, status: int, body: str, header: str = "") -> str:
+    """An internal location answering a refusal of mirror_auth: a registry
+    error body, the request type denied-<reason> (counted by the usage
+    feed), and `header` (a challenge) if given."""
+    extra = f"\n    add_header {header} always;" if header else ""
+    return f'''location = {uri} {{
+    internal;
+    set $cr_request_type denied-{reason};
+    default_type application/json;{extra}
+    add_header Docker-Distribution-Api-Version registry/2.0 always;
+    add_header X-Content-Type-Options nosniff always;
+    return {status} '{body}';
+}}'''
+
+
 def mirror_auth_server(config: Config) -> str:
     """The mirror server's part of mirror_auth (run/mirror-auth.conf)."""
     auth = config.mirror_auth
@@ -654,15 +669,8 @@ if ($cr_auth_goto) {{
     set $cr_auth_decided 1;
     rewrite ^ $cr_auth_goto last;
 }}
-location = /_cr/unauthorized {{
-    internal;
-    set $cr_request_type denied-$cr_unauthorized;
-    default_type application/json;
-    add_header WWW-Authenticate '{challenge(config)}' always;
-    add_header Docker-Distribution-Api-Version registry/2.0 always;
-    add_header X-Content-Type-Options nosniff always;
-    return 401 '{unauthorized}';
-}}
+{refusal("/_cr/unauthorized", "$cr_unauthorized", 401, unauthorized,
+           f"WWW-Authenticate '{challenge(config)}'")}
 # Refused by the rules, answered after the access phase: a password is
 # checked first, so a wrong one is a 401 whatever the rules say of its user
 # (try_files runs after auth_basic; `return` would run before it).
@@ -671,34 +679,13 @@ location ~ "^/_cr/denied-auth/(?<cr_auth_reason>[a-z_]+)$" {{
     try_files /.cr-never =403;
     error_page 403 /_cr/denied-body;{bad_password_error}
 }}
-location = /_cr/denied-body {{
-    internal;
-    set $cr_request_type denied-$cr_auth_reason;
-    default_type application/json;
-    add_header Docker-Distribution-Api-Version registry/2.0 always;
-    add_header X-Content-Type-Options nosniff always;
-    return 403 '{denied}';
-}}
+{refusal("/_cr/denied-body", "$cr_auth_reason", 403, denied)}
 # nginx's own refusals, counted: a wrong password (auth_basic's 401; the
 # `return` answers in the rewrite phase, before auth_basic would check the
 # password again) and a client certificate that failed verification.
 # (The challenge is auth_basic's own, which the redirect keeps.)
-location = {BAD_PASSWORD_PAGE} {{
-    internal;
-    set $cr_request_type denied-{BAD_PASSWORD};
-    default_type application/json;
-    add_header Docker-Distribution-Api-Version registry/2.0 always;
-    add_header X-Content-Type-Options nosniff always;
-    return 401 '{unauthorized}';
-}}
-location = /_cr/bad-certificate {{
-    internal;
-    set $cr_request_type denied-{BAD_CERTIFICATE};
-    default_type application/json;
-    add_header Docker-Distribution-Api-Version registry/2.0 always;
-    add_header X-Content-Type-Options nosniff always;
-    return 400 '{bad_certificate}';
-}}
+{refusal(BAD_PASSWORD_PAGE, BAD_PASSWORD, 401, unauthorized)}
+{refusal("/_cr/bad-certificate", BAD_CERTIFICATE, 400, bad_certificate)}
 # The realm of the Bearer challenge (token users, no password users): a
 # client with no token of its own asks here, and gets the anonymous one.
 location = /_cr/token {{

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 import re
 import subprocess
@@ -93,10 +94,10 @@ def htpasswd_lines() -> str:
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     work = tmp_path_factory.mktemp("mirror-auth")
     with Upstream(work / "upstream", users=UPSTREAM_USERS,
-                  private={"private/app": {"testuser"}}) as up:
+                  private={"private/app": {"testuser"}, "private/window": {"testuser"}}) as up:
         image = build_image(work / "v1", layers=[tar_layer({"app/x": b"mirror auth\n" * 300})],
                             tag="v1")
-        for repo in ("private/app", "public/app"):
+        for repo in ("private/app", "private/window", "public/app"):
             up.push(work / "v1", "v1", repo, "v1", user="testuser")
         htpasswd = work / "htpasswd"
         htpasswd.write_text(htpasswd_lines())
@@ -368,6 +369,38 @@ def test_reads_with_no_credential_are_decided_where_they_are_served(
         lines = cr.access_lines(f'"GET {path} HTTP/1.1" 401', 1)
         assert all("type=denied-no_identity" in line and line.endswith(" user=")
                    for line in lines), lines
+
+
+def test_a_repository_marked_private_is_refused_by_every_worker_at_once(
+    bed: Bed, cr: CrProxy, tmp_path: Path
+) -> None:
+    """nginx keeps that a repository's private mark is missing for
+    open_file_cache_valid (nginx.MARK_CACHE, the blob hit's speed), so the
+    fetcher names nothing of a repository it has just found private before
+    every worker has looked again (Privacy.learn). On one connection (one
+    worker): an anonymous read of a repository not yet known private (the
+    worker keeps "no mark"), alice fetches another of its blobs, and the
+    anonymous read of that blob, found on disk, is still refused."""
+    config_path = f"/v2/{REGISTRY}/private/window/blobs/{bed.image.config_digest}"
+    layer_path = f"/v2/{REGISTRY}/private/window/blobs/{bed.image.layer_digests[0]}"
+    worker = http.client.HTTPConnection(cr.http, timeout=60)
+    worker.request("HEAD", config_path)
+    first = worker.getresponse()
+    first.read()
+    assert first.status == 401
+    connection = worker.sock
+    status, _, body = curl(cr, layer_path, tmp_path, basic("alice", CLIENTS["alice"]))
+    assert status == 200 and hashlib.sha256(body).hexdigest() == \
+        bed.image.layer_digests[0].removeprefix("sha256:")
+    stored = f"content/{REGISTRY}/v2/private/window/blobs/{bed.image.layer_digests[0]}"
+    # Named after the last byte went out (blobs.py: the fsync and rename follow).
+    wait_until(lambda: (cr.cache / stored).is_file(), 60, "the layer named in the tree")
+    worker.request("HEAD", layer_path)
+    second = worker.getresponse()
+    second.read()
+    assert worker.sock is connection  # the same worker, which kept "no mark"
+    assert second.status == 401, second.getheaders()
+    worker.close()
 
 
 def upstream_token(bed: Bed) -> str:

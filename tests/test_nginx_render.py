@@ -15,6 +15,7 @@ import pytest
 
 from cr_proxy import config as config_mod
 from cr_proxy import nginx
+from cr_proxy.cache import layout
 from cr_proxy.front import certs
 from cr_proxy.front.stamp import FrontStamp
 from cr_proxy.oci import reference
@@ -461,3 +462,22 @@ def test_a_peers_hop_is_never_a_fast_read(tmp_path: Path) -> None:
     conf, _ = rendered(tmp_path / "n", **settings)
     maps = (conf.run_dir / "mirror-maps.conf").read_text()
     assert f'map "{key}" $cr_auth_fast' in maps
+
+
+def test_only_the_blob_location_keeps_a_missing_private_mark(tmp_path: Path) -> None:
+    """With mirror_auth on, the mirror's blob location keeps what it found
+    missing (its repository's private mark) for OPEN_FILE_CACHE_VALID, the
+    time Privacy.learn waits after marking. The manifest location keeps no
+    file at all (a tag's manifest is replaced under its name), and with
+    mirror_auth off nothing missing is kept."""
+    rules = [{"users": ["alice"], "repositories": ["*"], "allow": "pull"}]
+    for name, settings, kept in (("on", auth_settings(tmp_path, rules), True), ("off", {}, False)):
+        conf, path = rendered(tmp_path / name, **settings)
+        nginx.check(conf, path)
+        text = (conf.run_dir / "mirror-locations.conf").read_text()
+        blob, manifest = text.split("# Manifests:", 1)
+        assert f"open_file_cache_valid {layout.OPEN_FILE_CACHE_VALID}s;" in blob
+        assert ("open_file_cache_errors on;" in blob) is kept, name
+        assert "open_file_cache" not in manifest, name
+        proxy = (conf.run_dir / "proxy-locations.conf").read_text()
+        assert "open_file_cache_errors" not in proxy, name

@@ -106,6 +106,11 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io"})
 INDEX_FILE = "_index"
 PRIVATE_MARK = "_private"  # lists/<domain>/<name>/_private (Tree.private_marker)
+# How long nginx's blob location keeps what it found on disk
+# (open_file_cache_valid): a blob's open file, and with mirror_auth that a
+# repository's private mark is missing. A repository newly marked private
+# has nothing of it named before this has passed (fetch/private.py).
+OPEN_FILE_CACHE_VALID = 5
 
 
 class Kind(Enum):

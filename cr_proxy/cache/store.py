@@ -405,6 +405,14 @@ class Store:
     def is_private(self, domain: str, name: str) -> bool:
         return self.tree.private_marker(domain, name).is_file()
 
+    def private_since(self, domain: str, name: str) -> float | None:
+        """When the repository was marked private (its marker's mtime), or
+        None if it is not."""
+        try:
+            return self.tree.private_marker(domain, name).stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def mark_private(self, domain: str, name: str, private: bool) -> None:
         """Mark a repository private (its marker made whole by a rename,
         before any of its content is named) or public again."""

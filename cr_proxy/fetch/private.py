@@ -37,6 +37,7 @@ user name of its Basic credential, or of the one its token was bound to
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -50,7 +51,7 @@ from typing import Generic, TypeVar
 
 from aiohttp import web
 
-from cr_proxy.cache.layout import Kind, Target
+from cr_proxy.cache.layout import OPEN_FILE_CACHE_VALID, Kind, Target
 from cr_proxy.config import IDENTITY_RE, MIRROR_AUTH_REALM, MIRROR_GRANT_HEADER, USER_HEADER
 from cr_proxy.errors import Denied, NotFound, Unauthorized, UpstreamError
 from cr_proxy.fetch.context import FetchContext, in_thread
@@ -130,7 +131,9 @@ class Privacy:
         is public."""
         domain, name = target.domain, target.rpath.name
         store, upstream = self.ctx.store, self.ctx.upstream
-        if await in_thread(store.is_private, domain, name):
+        marked = await in_thread(store.private_since, domain, name)
+        if marked is not None:
+            await self._seen_by_nginx(marked)
             return True
         credentialed = pushed or client_auth or self.ctx.config.credentials(target.registry) \
             or self.ctx.config.credentials(domain)
@@ -147,9 +150,24 @@ class Privacy:
         if private:
             log.info("private: %s/%s is private (refused without a credential)", domain, name)
             await in_thread(store.mark_private, domain, name, True)
+            await self._seen_by_nginx(time.time())
         else:
             self._public.set((domain, name), time.monotonic())
         return private
+
+    async def _seen_by_nginx(self, marked: float) -> None:
+        """Wait until every nginx worker sees a mark made at `marked`. With
+        mirror_auth on, the mirror's blob location keeps that a mark is
+        missing for OPEN_FILE_CACHE_VALID seconds (nginx.MARK_CACHE): were a
+        blob of a newly private repository named sooner, a worker that had
+        just found no mark would serve it to anyone. Once per repository:
+        only its first requests wait (one more second covers nginx's clock,
+        which counts whole seconds)."""
+        if not self.ctx.config.mirror_auth.enabled:
+            return
+        left = marked + OPEN_FILE_CACHE_VALID + 1 - time.time()
+        if left > 0:
+            await asyncio.sleep(left)
 
     # --- who may read them (https_proxy mode) --------------------------------
 

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections import defaultdict
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +233,31 @@ def cpu_seconds(pid: int) -> float:
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text.rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat
+
+
+def nginx_cpu_seconds(serve_pid: int) -> float:
+    """cpu_seconds summed over the nginx processes `cr-proxy serve` (pid)
+    started: its children named nginx and theirs (master and workers)."""
+    children: dict[int, list[int]] = defaultdict(list)
+    names: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # gone meanwhile
+        name = text[text.index("(") + 1:text.rindex(")")]
+        pid, ppid = int(stat.parent.name), int(text.rpartition(")")[2].split()[1])
+        children[ppid].append(pid)
+        names[pid] = name
+    nginx = [pid for pid in children[serve_pid] if names.get(pid) == "nginx"]
+    nginx += [child for pid in nginx for child in children[pid]]
+    total = 0.0
+    for pid in nginx:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            continue
+    return total
 
 
 @dataclass

@@ -505,19 +505,26 @@ class Bench:
         off first in one round, on first in the next, so that a machine
         slowing down (or warming up) within a round favours neither."""
         secs = self.plan.wrk_seconds
-        sides = [(self.hot, Series.MANIFEST_AUTH_OFF, Series.HEAD_AUTH_OFF),
-                 (self.hot_auth, Series.MANIFEST_AUTH_ON, Series.HEAD_AUTH_ON)]
+        sides = [(self.hot, Series.MANIFEST_AUTH_OFF, Series.HEAD_AUTH_OFF,
+                  Series.HEAD_AUTH_OFF_CPU),
+                 (self.hot_auth, Series.MANIFEST_AUTH_ON, Series.HEAD_AUTH_ON,
+                  Series.HEAD_AUTH_ON_CPU)]
         self.auth_rounds += 1
         if self.auth_rounds % 2 == 0:
             sides.reverse()
-        for proxy, manifest_series, head_series in sides:
+        for proxy, manifest_series, head_series, cpu_series in sides:
+            assert proxy.proc is not None
             manifest = f"http://{proxy.http}/v2/registry.test/{REPO}/manifests/{TAG}"
             for series, url, tool in ((manifest_series, manifest, measure.wrk),
                                       (head_series, self._mirror_blob(proxy), measure.ab_head)):
+                cpu0 = measure.nginx_cpu_seconds(proxy.proc.pid)
                 result = tool(url, secs)
+                cpu = measure.nginx_cpu_seconds(proxy.proc.pid) - cpu0
                 if result.bad:
                     raise measure.BenchError(f"{url}: {result.bad} bad answers")
                 self.results.add(series, result.rps)
+                if series is head_series and result.requests:
+                    self.results.add(cpu_series, cpu / result.requests)
 
     def new_connections(self) -> None:
         """A small manifest GET on a new connection every time (TCP, CONNECT,

@@ -30,31 +30,6 @@ from testbed.crproxy import CrProxy
 from testbed.oci_layout import build_image, tar_layer
 from testbed.registry import Upstream
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu(root: int) -> float:
-    """utime + stime of `root` and every live process below it, in seconds."""
-    children: dict[int, list[tuple[int, float]]] = {}
-    own = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        cpu = (int(fields[11]) + int(fields[12])) / TICK
-        if int(entry) == root:
-            own = cpu
-        children.setdefault(int(fields[1]), []).append((int(entry), cpu))
-    total, todo = own, [root]
-    while todo:
-        for pid, cpu in children.get(todo.pop(), []):
-            total += cpu
-            todo.append(pid)
-    return total
-
 
 def answer_types(cr: CrProxy, at_least: int) -> dict[str, int]:
     lines = cr.access_lines("/blobs/", at_least)
@@ -84,10 +59,10 @@ def main() -> None:
                         with cr:
                             assert cr.proc is not None
                             url = f"http://{cr.http}/v2/registry.test/{REPO}/blobs/{big}"
-                            cpu0 = tree_cpu(cr.proc.pid)
+                            cpu0 = measure.tree_cpu(cr.proc.pid)
                             kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                             wall, _ = measure.curl_many(url, clients, info.sizes[big])
-                            cpu = tree_cpu(cr.proc.pid) - cpu0
+                            cpu = measure.tree_cpu(cr.proc.pid) - cpu0
                             kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                             curls = (kids1.ru_utime + kids1.ru_stime
                                      - kids0.ru_utime - kids0.ru_stime)

@@ -235,28 +235,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat
 
 
-def nginx_cpu_seconds(serve_pid: int) -> float:
-    """cpu_seconds summed over the nginx processes `cr-proxy serve` (pid)
-    started: its children named nginx and theirs (master and workers)."""
-    children: dict[int, list[int]] = defaultdict(list)
-    names: dict[int, str] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def tree_cpu(root: int, child: str | None = None) -> float:
+    """utime + stime of `root` and every live process below it, in seconds;
+    with `child`, of root's children of that name (nginx, under `cr-proxy
+    serve`) and every process below them."""
+    children: dict[int, list[tuple[int, str, float]]] = defaultdict(list)
+    own = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
         try:
-            text = stat.read_text()
+            text = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue  # gone meanwhile
-        name = text[text.index("(") + 1:text.rindex(")")]
-        pid, ppid = int(stat.parent.name), int(text.rpartition(")")[2].split()[1])
-        children[ppid].append(pid)
-        names[pid] = name
-    nginx = [pid for pid in children[serve_pid] if names.get(pid) == "nginx"]
-    nginx += [child for pid in nginx for child in children[pid]]
-    total = 0.0
-    for pid in nginx:
-        try:
-            total += cpu_seconds(pid)
-        except OSError:
-            continue
+        name, _, rest = text.partition("(")[2].rpartition(")")
+        fields = rest.split()
+        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        if int(entry) == root:
+            own = cpu
+        children[int(fields[1])].append((int(entry), name, cpu))
+    if child is None:
+        total, todo = own, [root]
+    else:
+        tops = [(pid, cpu) for pid, name, cpu in children[root] if name == child]
+        total, todo = sum(cpu for _, cpu in tops), [pid for pid, _ in tops]
+    while todo:
+        for pid, _, cpu in children.get(todo.pop(), []):
+            total += cpu
+            todo.append(pid)
     return total
 
 

@@ -517,9 +517,9 @@ class Bench:
             manifest = f"http://{proxy.http}/v2/registry.test/{REPO}/manifests/{TAG}"
             for series, url, tool in ((manifest_series, manifest, measure.wrk),
                                       (head_series, self._mirror_blob(proxy), measure.ab_head)):
-                cpu0 = measure.nginx_cpu_seconds(proxy.proc.pid)
+                cpu0 = measure.tree_cpu(proxy.proc.pid, "nginx")
                 result = tool(url, secs)
-                cpu = measure.nginx_cpu_seconds(proxy.proc.pid) - cpu0
+                cpu = measure.tree_cpu(proxy.proc.pid, "nginx") - cpu0
                 if result.bad:
                     raise measure.BenchError(f"{url}: {result.bad} bad answers")
                 self.results.add(series, result.rps)

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -403,15 +404,16 @@ class Store:
         self._replace_with(self.tree.listing(domain, name, kind, query), make)
 
     def is_private(self, domain: str, name: str) -> bool:
-        return self.tree.private_marker(domain, name).is_file()
+        return self.private_since(domain, name) is not None
 
     def private_since(self, domain: str, name: str) -> float | None:
         """When the repository was marked private (its marker's mtime), or
         None if it is not."""
         try:
-            return self.tree.private_marker(domain, name).stat().st_mtime
+            marker = self.tree.private_marker(domain, name).stat()
         except (FileNotFoundError, NotADirectoryError):
             return None
+        return marker.st_mtime if stat.S_ISREG(marker.st_mode) else None
 
     def mark_private(self, domain: str, name: str, private: bool) -> None:
         """Mark a repository private (its marker made whole by a rename,

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_RUN := nginx libnginx-mod-http-js
-APT_TEST := docker-registry skopeo curl wrk docker-compose systemd docker.io podman buildah iproute2 iptables mosquitto
+APT_TEST := docker-registry skopeo curl wrk docker-compose systemd docker.io podman buildah iproute2 iptables mosquitto util-linux-extra
 PYTEST_ARGS ?=
 
 .PHONY: serve test test-unit test-e2e lint deps deps-run deps-test bench clean soak

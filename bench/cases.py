@@ -128,6 +128,11 @@ class Series(Enum):
     PUSH_BATCH_DIRECT = SECS  # the same batch pushed straight to the registry
     PUSH_BIG_OURS = RATE  # one big layer pushed through cr-proxy: its bytes per second
     PUSH_BIG_DIRECT = RATE
+    # The big layer just pushed, pulled back through cr-proxy by curl: the
+    # first hit reads it from the disk (pushes write around the page cache,
+    # cache/direct.py), the next from memory.
+    PUSH_PULLBACK_FIRST = SECS
+    PUSH_PULLBACK_AGAIN = SECS
     # Manifest hits through the front, one kept-alive tunnel (issue 14): of a
     # private repository (the fetcher checks the credential: a cached verdict),
     # and of a public one (nginx alone).
@@ -366,6 +371,9 @@ CASES: tuple[Ratio | Absolute, ...] = (
           "pushing directly", Bar(">=", 0.9)),
     Absolute("push one big layer: serve process CPU per GiB (utime+stime)", "(info)",
              _push_cpu_per_gib),
+    Ratio("pull the just-pushed {mib} MiB layer back, curl: first hit (from the disk)",
+          S.PUSH_PULLBACK_FIRST, S.PUSH_PULLBACK_AGAIN, "the same hit again (page cache)",
+          None),
     Absolute(f"{MQTT_DEVICES} devices, one {MQTT_MODULE_MIB} MiB module over MQTT: "
              "payload bytes the broker sent", f"<= {MQTT_BYTES_LIMIT:g}x the floor", _mqtt_bytes),
 )

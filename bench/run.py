@@ -711,6 +711,7 @@ class Bench:
                 big_wall, _ = self._pushed(lambda: push_batch(
                     bigs[0], lambda _: f"{ours}/push{n}/big-ours:v1", 1))
                 big_cpu = measure.cpu_seconds(proxy.proc.pid) - cpu0
+                self._pull_back(proxy, f"push{n}/big-ours", bigs[0])
             direct = REGISTRY_NAME
             with self._direct_through_relay():
                 first_direct, _ = self._pushed(lambda: push_batch(
@@ -732,6 +733,17 @@ class Bench:
         finally:
             for batch in (*batches, *firsts, *bigs):
                 shutil.rmtree(batch.layout, ignore_errors=True)
+
+    def _pull_back(self, proxy: CrProxy, repository: str, pushed: Batch) -> None:
+        """The big layer just pushed, by curl through cr-proxy: a hit (nginx),
+        first as the push left it, then again."""
+        image = pushed.images[0]
+        digest = image.layer_digests[0]
+        url = f"http://{proxy.http}/v2/{REGISTRY_NAME}/{repository}/blobs/{digest}"
+        size = image.sizes[digest]
+        for series in (Series.PUSH_PULLBACK_FIRST, Series.PUSH_PULLBACK_AGAIN):
+            self.results.add(series, measure.curl(url, expect_size=size,
+                                                  request_type="blob").wall)
 
     def _big_layout(self, name: str, seed: int) -> Batch:
         layout = self.work / name

@@ -299,8 +299,10 @@ class Store:
 
     def upload_writer(self) -> BlobWriter:
         """A writer for a pushed blob, whose digest comes at the upload's end
-        (BlobWriter.name): sha256, the one every client pushes with."""
-        return BlobWriter(self.tree.temp, UNNAMED_UPLOAD)
+        (BlobWriter.name): sha256, the one every client pushes with. Its
+        whole MiBs go around the page cache (direct.py)."""
+        from cr_proxy.cache.direct import DirectWriter  # direct.py builds on BlobWriter
+        return DirectWriter(self.tree.temp, UNNAMED_UPLOAD)
 
     def commit(self, writer: BlobWriter, expected_size: int | None) -> Path:
         """Verify, then move into the digest store (a no-op if it is there)."""

@@ -104,6 +104,18 @@ def test_a_direct_write_refused_after_all_falls_back_to_plain_writes(tmp_path):
     assert refused == [STAGE]
 
 
+def test_einval_from_a_plain_write_reaches_the_caller(tmp_path):
+    """Only a direct write's EINVAL means "write it plainly": one from the
+    plain write after it is an error, not a loop."""
+    writer = DirectWriter(tmp_path, DIGEST)
+    with mock.patch("cr_proxy.cache.direct.os.write",
+                    side_effect=OSError(errno.EINVAL, "Invalid argument")) as write, \
+            pytest.raises(OSError, match="Invalid argument"):
+        writer.write_all([DATA])
+    assert write.call_count == 2  # direct, then plain
+    writer.abort()
+
+
 def test_other_write_errors_reach_the_caller(tmp_path):
     writer = DirectWriter(tmp_path, DIGEST)
     with mock.patch("cr_proxy.cache.direct.os.write",

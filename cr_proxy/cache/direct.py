@@ -76,9 +76,11 @@ class DirectWriter(BlobWriter):
                 try:
                     written = os.write(self._fd, view)
                 except OSError as err:
-                    # EINVAL: no direct write here after all (the
-                    # filesystem, or a short write left the rest unaligned).
-                    if err.errno != errno.EINVAL or not _set_direct(self._fd, False):
+                    # EINVAL on a direct write: none here after all (the
+                    # filesystem, or a short write left the rest unaligned);
+                    # on a plain one it is the caller's.
+                    if err.errno != errno.EINVAL or not _is_direct(self._fd) \
+                            or not _set_direct(self._fd, False):
                         raise
                     continue
                 view = view[written:]
@@ -98,6 +100,10 @@ class DirectWriter(BlobWriter):
         if self._stage is not None:
             self._stage.close()
             self._stage = None
+
+
+def _is_direct(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
 
 
 def _set_direct(fd: int, on: bool) -> bool:

@@ -23,6 +23,7 @@ import errno
 import fcntl
 import mmap
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from cr_proxy.cache.store import BlobWriter
@@ -46,12 +47,9 @@ class DirectWriter(BlobWriter):
     def direct(self) -> bool:
         return self._stage is not None
 
-    def write(self, data: bytes | memoryview) -> None:
-        self.write_all([bytes(data)])
-
-    def write_all(self, chunks: list[bytes]) -> None:
+    def _put(self, chunks: Sequence[bytes | memoryview]) -> None:
         if self._stage is None:
-            super().write_all(chunks)
+            super()._put(chunks)
             return
         stage = self._stage
         for chunk in chunks:
@@ -63,8 +61,6 @@ class DirectWriter(BlobWriter):
                 view = view[taken:]
                 if self._staged == STAGE:
                     self._write_stage()
-            self._hash.update(chunk)
-            self.size += len(chunk)
 
     def _write_stage(self) -> None:
         """The stage's bytes to the disk (direct, unless the tail or a

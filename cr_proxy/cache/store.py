@@ -24,7 +24,7 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,17 +115,19 @@ class BlobWriter:
         self.digest = digest
 
     def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        self._hash.update(data)
-        self.size += len(data)
+        self.write_all([data])
 
-    def write_all(self, chunks: list[bytes]) -> None:
-        """write() of each chunk in turn, gathered in as few writev calls as
-        the system takes: a batch of a body's pieces is never copied into
-        one buffer first."""
+    def write_all(self, chunks: Sequence[bytes | memoryview]) -> None:
+        """The chunks in turn, to the file and the hash."""
+        self._put(chunks)
+        for chunk in chunks:
+            self._hash.update(chunk)
+            self.size += len(chunk)
+
+    def _put(self, chunks: Sequence[bytes | memoryview]) -> None:
+        """The chunks to the file, in as few writev calls as the system
+        takes: a batch of a body's pieces is never copied into one buffer
+        first. (direct.py writes them otherwise.)"""
         views = [memoryview(chunk) for chunk in chunks if chunk]
         first = 0
         while first < len(views):
@@ -135,9 +137,6 @@ class BlobWriter:
                 first += 1
             if written:  # a short write: the rest of that chunk next
                 views[first] = views[first][written:]
-        for chunk in chunks:
-            self._hash.update(chunk)
-            self.size += len(chunk)
 
     def verify(self, expected_size: int | None) -> None:
         """Raise unless the bytes written are the whole, right content."""

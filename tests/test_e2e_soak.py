@@ -178,6 +178,9 @@ def test_a_relay_broken_mid_body_is_cut_not_left_hanging(
             f"GET {upstream.realm}?service={upstream.service}&scope=repository:x:pull "
             f"HTTP/1.1\r\nHost: {upstream.auth_name}\r\nConnection: close\r\n\r\n")
         assert chaos.counts["stall"] == 1
+        # The warning may reach serve's output just after the cut reached
+        # the client: wait for it (the reader thread wakes us), then count.
+        cr.wait_for_output("relay cut short", 10)
         cut = [line for line in cr.output if "relay cut short" in line]
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), raw[:300]

@@ -13,7 +13,9 @@ import pytest
 from cr_proxy.cache.layout import mirror_target
 from cr_proxy.config import Download
 from cr_proxy.errors import NotFound, Truncated, UpstreamError
+from cr_proxy.fetch.blobs import received_before_the_break
 from cr_proxy.fetch.resume import Refused, Resume
+from cr_proxy.upstream.client import BODY_READ_BUFFER
 
 DIGEST = "sha256:" + "ab" * 32
 TOTAL = 1000
@@ -90,3 +92,48 @@ def test_spent_bounds_give_the_break_as_the_download_error_without_asking(
         asyncio.run(r.reopen(broke, 400))
     assert raised.value.__cause__ is broke
     assert (r.attempts, released) == (0, [1])
+
+
+# --- what a broken body had received (fetch/blobs.py) --------------------------------
+
+
+class _Protocol:
+    """What aiohttp's StreamReader asks of its protocol: flow control."""
+
+    def __init__(self) -> None:
+        self._reading_paused = False
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+
+
+async def test_bytes_received_before_a_break_are_handed_over_once() -> None:
+    """aiohttp's reads raise a body's error ahead of its buffer; the bytes it
+    holds (up to 2 MiB with BODY_READ_BUFFER) are still the download's, and
+    the error stays for every later read."""
+    body = aiohttp.StreamReader(_Protocol(), BODY_READ_BUFFER,  # type: ignore[arg-type]
+                                loop=asyncio.get_running_loop())
+    body.feed_data(b"first ")
+    assert await body.readany() == b"first "
+    body.feed_data(b"held ")
+    body.feed_data(b"back")
+    cut = aiohttp.ClientPayloadError("cut short")
+    body.set_exception(cut)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await body.readany()
+    assert received_before_the_break(body) == b"held back"
+    assert received_before_the_break(body) == b""
+    assert body.exception() is cut
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await body.readany()
+
+
+async def test_a_body_that_did_not_break_gives_nothing_back() -> None:
+    body = aiohttp.StreamReader(_Protocol(), 2**16,  # type: ignore[arg-type]
+                                loop=asyncio.get_running_loop())
+    body.feed_data(b"unread")
+    assert received_before_the_break(body) == b""
+    assert await body.readany() == b"unread"

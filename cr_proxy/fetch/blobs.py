@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -57,6 +58,12 @@ BLOB_TYPE = "application/octet-stream"
 HELD_SECONDS = 60.0
 HELD_URI = "/_cr/held/"  # + <digest>/<held>: nginx/locations.conf
 ACCEL_HEADER = "X-CR-Accel"  # "1": nginx asks, and follows X-Accel-Redirect (fetch.conf)
+# The send buffer of a connection a miss is streamed to nginx on: a 1 MiB
+# range of the growing file (one write batch) then goes in one sendfile.
+# With the default (about 200 KiB) each range took several sendfiles, each
+# after an epoll round on the event loop. The kernel caps it at
+# net.core.wmem_max (docs/operations.md, "Memory and kernel settings").
+STREAM_SEND_BUFFER = 4 << 20
 
 
 class Blobs:
@@ -399,20 +406,26 @@ class Blobs:
         pipe = PipedWrites(self.writes, writer,
                            on_written=functools.partial(self._progress, flight))
         received = writer.size
+
+        async def add(chunk: bytes) -> None:
+            nonlocal received, skip
+            if skip:
+                dropped = min(skip, len(chunk))
+                skip -= dropped
+                chunk = chunk[dropped:]
+            received += len(chunk)
+            if received > limit:
+                raise TooLarge(message=f"{writer.digest}: upstream sent more than "
+                               f"{limit} bytes")
+            await pipe.add(chunk)
+
         guard = self.ctx.upstream.rate_guard(body)  # limits.min_rate
         try:
             try:
                 async for chunk in body.iter_any():
-                    if skip:
-                        dropped = min(skip, len(chunk))
-                        skip -= dropped
-                        chunk = chunk[dropped:]
-                    received += len(chunk)
-                    if received > limit:
-                        raise TooLarge(message=f"{writer.digest}: upstream sent more than "
-                                       f"{limit} bytes")
-                    await pipe.add(chunk)
+                    await add(chunk)
             except BREAKS:
+                await add(received_before_the_break(body))
                 await pipe.flush()
                 await self._progress(flight, writer.size)
                 raise
@@ -431,6 +444,29 @@ class Blobs:
         await flight.progress(written)
         # Downloads in progress count toward cache.max_size.
         self.ctx.fill.downloading()
+
+
+def received_before_the_break(body: aiohttp.StreamReader) -> bytes:
+    """The bytes a broken body had received that no read handed out yet.
+    aiohttp's reads raise a body's error ahead of its buffer, which holds up
+    to twice BODY_READ_BUFFER (upstream/client.py) while the write before
+    is on its way to the disk: without this, a resume would ask the
+    upstream for them again. aiohttp has no read for them: its error is set
+    aside for the one public read that takes the buffer (read_nowait, which
+    keeps its accounting), then put back. An aiohttp without that attribute
+    gives nothing back: the resume then asks for more, no byte is wrong
+    (tests/test_e2e_resume.py checks that each resume starts where the cut
+    was)."""
+    error = body.exception()
+    if error is None or getattr(body, "_exception", None) is not error:
+        return b""
+    body._exception = None
+    try:
+        return body.read_nowait()
+    except RuntimeError:  # a read is waiting on it: not ours to take
+        return b""
+    finally:
+        body._exception = error
 
 
 def _redirected(hops: list[Hop]) -> Redirected | None:
@@ -460,6 +496,9 @@ async def _sendfile_ranges(request: web.Request, flight: Flight) -> None:
     """Zero-copy from the growing file to nginx's socket: a reader costs the
     event loop a syscall per range, not the bytes."""
     loop = asyncio.get_running_loop()
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
     async for fd, offset, count in flight.ranges():
         with open(fd, "rb", buffering=0, closefd=False) as file:
             await loop.sendfile(request.transport, file, offset, count)

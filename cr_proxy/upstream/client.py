@@ -75,6 +75,13 @@ PROBE_CONNECTIONS = 16  # probes (health.py) dialling at once, on their own pool
 # ones (a hostile wildcard domain answers too: the labels stay bounded).
 MAX_ANSWERED_HOSTS = 256
 OTHER_REGISTRIES = "other"  # the label of every other registry name
+# aiohttp's body buffer per connection (read_bufsize; its default is 64 KiB).
+# A body is paused at twice this and resumed below it: at 64 KiB a layer's
+# download paused and resumed the socket at every recv, two epoll calls and
+# their Python each time. At 1 MiB (the write batch, fetch/writes.py) the
+# cold blob miss took 6-8% less wall and CPU, side by side
+# (bench.miss_ab; docs/performance.md, "Session 11").
+BODY_READ_BUFFER = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +272,7 @@ class Upstream:
             timeout=timeout,
             connector=connector,
             auto_decompress=False,
+            read_bufsize=1 << 20,
             headers={"User-Agent": USER_AGENT},
             trace_configs=[pool],
         )

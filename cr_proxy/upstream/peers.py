@@ -25,6 +25,7 @@ import aiohttp
 from cr_proxy.cache.layout import Target
 from cr_proxy.config import Config
 from cr_proxy.metrics import Metrics
+from cr_proxy.upstream.client import BODY_READ_BUFFER
 
 log = logging.getLogger("cr_proxy.peers")
 
@@ -67,7 +68,8 @@ class Peers:
             total=None, sock_connect=config.timeouts.connect,
             sock_read=2 * config.peer_read_timeout + config.cluster.connect_timeout)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                              auto_decompress=False)
+                                              auto_decompress=False,
+                                              read_bufsize=BODY_READ_BUFFER)
 
     def __repr__(self) -> str:
         return f"<Peers {len(self.config.cluster.peers)} distrusted={len(self._distrusted)}>"

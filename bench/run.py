@@ -227,6 +227,7 @@ class Bench:
         self.certs = work / "certs"
         (work / "pulled").mkdir(exist_ok=True)
         self._serial = 0
+        self._round = 1  # round() sets it
         self.auth_rounds = 0  # auth_hits' calls: which side goes first
 
     # ---- set-up
@@ -440,6 +441,7 @@ class Bench:
     # ---- the cases, one round each
 
     def round(self, n: int) -> None:
+        self._round = n
         t0 = time.monotonic()
         for name in self.plan.cases:
             getattr(self, name)()
@@ -571,12 +573,27 @@ class Bench:
             wall, _ = measure.curl_many(plain, CLIENTS, self.image.big_size)
             self.results.add(Series.CONCURRENT_PLAIN_HIT_WALL, wall)
 
+    def _in_turn(self, *sides: Callable[[], None]) -> None:
+        """The sides of a cold case, their order reversed every other round:
+        the first to write 256 MiB after another case pays for the memory
+        that case left (docs/performance.md, "Session 10"), and no side
+        should always be that one."""
+        for side in sides if self._round % 2 else reversed(sides):
+            side()
+
     def cold_curl(self) -> None:
+        self._in_turn(self._cold_curl_ours, self._cold_curl_direct, self._cold_curl_peer)
+
+    def _cold_curl_ours(self) -> None:
         with self._cold_crproxy("cold curl") as proxy:
             settle_disk()
             self.results.add(Series.COLD_CURL_OURS, measure.curl(
                 self._mirror_blob(proxy), expect_size=self.image.big_size).wall)
+
+    def _cold_curl_direct(self) -> None:
         self.results.add(Series.COLD_CURL_DIRECT, self._direct_blob(self.up.cdn_port))
+
+    def _cold_curl_peer(self) -> None:
         with self._cold_peer() as peer:
             url = f"http://{peer.http}/v2/{REPO}/blobs/{self.image.big}"
             settle_disk()
@@ -610,9 +627,14 @@ class Bench:
         self.concurrent(link=True)
 
     def cold_skopeo(self) -> None:
+        self._in_turn(self._cold_skopeo_ours, self._cold_skopeo_direct, self._cold_skopeo_peer)
+
+    def _cold_skopeo_ours(self) -> None:
         with self._cold_crproxy("cold skopeo") as proxy:
             self.results.add(Series.COLD_SKOPEO_OURS,
                              self._timed_pull(f"{proxy.http}/registry.test/{REPO}:{TAG}"))
+
+    def _cold_skopeo_direct(self) -> None:
         dest = self._dest()
         settle_disk()
         t0 = time.perf_counter()
@@ -621,6 +643,8 @@ class Bench:
             self.results.add(Series.COLD_SKOPEO_DIRECT, time.perf_counter() - t0)
         finally:
             shutil.rmtree(dest, ignore_errors=True)
+
+    def _cold_skopeo_peer(self) -> None:
         with self._cold_peer() as peer:
             self.results.add(Series.COLD_SKOPEO_PEER,
                              self._timed_pull(f"{peer.http}/{REPO}:{TAG}"))

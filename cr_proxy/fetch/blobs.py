@@ -62,7 +62,7 @@ ACCEL_HEADER = "X-CR-Accel"  # "1": nginx asks, and follows X-Accel-Redirect (fe
 # range of the growing file (one write batch) then goes in one sendfile.
 # With the default (about 200 KiB) each range took several sendfiles, each
 # after an epoll round on the event loop. The kernel caps it at
-# net.core.wmem_max (docs/operations.md, "Memory and kernel settings").
+# net.core.wmem_max (docs/operations.md, "Kernel settings for misses").
 STREAM_SEND_BUFFER = 4 << 20
 
 

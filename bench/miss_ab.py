@@ -30,7 +30,7 @@ from bench import measure
 from bench.procs import PeerRegistry
 from bench.push_ab import export
 from bench.report import MIB
-from bench.run import REPO, TAG, big_layer, settle_cold
+from bench.run import REPO, TAG, big_layer, settle_disk
 from testbed.crproxy import CrProxy
 from testbed.oci_layout import build_image, tar_layer
 from testbed.registry import Upstream
@@ -69,7 +69,7 @@ class Rounds:
 
     def miss(self, side: str) -> None:
         with self._server(side) as (url, pid):
-            settle_cold()
+            settle_disk()
             cpu = measure.tree_cpu(pid)
             wall, _ = measure.curl_many(url, self.clients, self.size)
             self.cpus[side].append(measure.tree_cpu(pid) - cpu)

@@ -31,7 +31,7 @@ from pathlib import Path
 from bench.cases import PUSH_BASE_MIB
 from bench.measure import cpu_seconds
 from bench.report import MIB
-from bench.run import ROOT, big_layer, settle_cold
+from bench.run import ROOT, big_layer, settle_disk
 from testbed.counting import CountingRelay
 from testbed.crproxy import CrProxy
 from testbed.oci_layout import build_image
@@ -70,7 +70,7 @@ class Rounds:
     def push(self, side: str, round_: int, up: Upstream, relay: CountingRelay,
              proxies: dict[str, CrProxy]) -> None:
         batch = self.image(seed=1000 * round_ + SIDES.index(side))
-        settle_cold()
+        settle_disk()
         try:
             if side == "direct":
                 with _through_relay(up, relay):

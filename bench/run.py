@@ -359,12 +359,9 @@ class Bench:
             raise measure.BenchError(f"pull of {source} lacks {missing}")
         shutil.rmtree(dest)
 
-    def _timed_pull(self, source: str, cold: bool = False) -> float:
+    def _timed_pull(self, source: str) -> float:
         dest = self._dest()
-        if cold:
-            settle_cold()
-        else:
-            settle_disk()
+        settle_disk()
         try:
             return measure.skopeo_time(source, dest)
         finally:
@@ -563,7 +560,7 @@ class Bench:
         label = "concurrent, link" if link else "concurrent"
         with self._cold_crproxy(label, link) as proxy:
             before = up.cdn_blob_gets(digest)
-            settle_cold()
+            settle_disk()
             wall, _ = measure.curl_many(self._mirror_blob(proxy), CLIENTS, self.image.big_size)
             series = Series.LINK_CONCURRENT_WALL if link else Series.CONCURRENT_WALL
             self.results.add(series, wall)
@@ -589,7 +586,7 @@ class Bench:
 
     def _cold_curl_ours(self) -> None:
         with self._cold_crproxy("cold curl") as proxy:
-            settle_cold()
+            settle_disk()
             self.results.add(Series.COLD_CURL_OURS, measure.curl(
                 self._mirror_blob(proxy), expect_size=self.image.big_size).wall)
 
@@ -599,7 +596,7 @@ class Bench:
     def _cold_curl_peer(self) -> None:
         with self._cold_peer() as peer:
             url = f"http://{peer.http}/v2/{REPO}/blobs/{self.image.big}"
-            settle_cold()
+            settle_disk()
             self.results.add(Series.COLD_CURL_PEER,
                              measure.curl(url, expect_size=self.image.big_size).wall)
 
@@ -607,7 +604,7 @@ class Bench:
         """Seconds to get the big blob from the upstream directly, as a client
         does: a token, then the registry, following its redirect to the CDN
         (cdn.test pinned to the given loopback port)."""
-        settle_cold()
+        settle_disk()
         t0 = time.perf_counter()
         token = measure.bearer_token(self.up.token_url, REPO)
         measure.curl(
@@ -623,7 +620,7 @@ class Bench:
         limit_rate), the way a mirror meets a real upstream: one client
         through a cold cr-proxy, the same directly, and 16 clients at once."""
         with self._cold_crproxy("cold curl, link", link=True) as proxy:
-            settle_cold()
+            settle_disk()
             self.results.add(Series.LINK_COLD_OURS, measure.curl(
                 self._mirror_blob(proxy), expect_size=self.image.big_size).wall)
         self.results.add(Series.LINK_COLD_DIRECT, self._direct_blob(self.up.cdn_link_port))
@@ -635,12 +632,11 @@ class Bench:
     def _cold_skopeo_ours(self) -> None:
         with self._cold_crproxy("cold skopeo") as proxy:
             self.results.add(Series.COLD_SKOPEO_OURS,
-                             self._timed_pull(f"{proxy.http}/registry.test/{REPO}:{TAG}",
-                                              cold=True))
+                             self._timed_pull(f"{proxy.http}/registry.test/{REPO}:{TAG}"))
 
     def _cold_skopeo_direct(self) -> None:
         dest = self._dest()
-        settle_cold()
+        settle_disk()
         t0 = time.perf_counter()
         try:
             self.up.pull_direct(REPO, TAG, dest)
@@ -651,7 +647,7 @@ class Bench:
     def _cold_skopeo_peer(self) -> None:
         with self._cold_peer() as peer:
             self.results.add(Series.COLD_SKOPEO_PEER,
-                             self._timed_pull(f"{peer.http}/{REPO}:{TAG}", cold=True))
+                             self._timed_pull(f"{peer.http}/{REPO}:{TAG}"))
 
     def warm(self) -> None:
         ours = f"{self.hot.http}/registry.test/{REPO}:{TAG}"
@@ -786,7 +782,7 @@ class Bench:
 
     def _pushed(self, push: Callable[[], None]) -> tuple[float, int]:
         """(wall seconds, bytes the registry received) of a push."""
-        settle_cold()
+        settle_disk()
         before = self.relay.sent
         t0 = time.perf_counter()
         push()
@@ -842,32 +838,11 @@ class Bench:
             time.sleep(0.1)
 
 
-# Seconds each side of a case that fills hundreds of MiB of page cache
-# waits, its server up, before it is timed. This VM hands freed memory back
-# to its host (virtio-balloon free page reporting), and filling the page
-# cache costs about 1 CPU-s per 256 MiB more in some runs than in others
-# (docs/performance.md, Sessions 10 and 11). Timed as soon as its server
-# was up, cr-proxy (which starts and stops in 0.9 s) paid it far more often
-# than distribution's proxy (0.05 s): in make bench's set-up, a cold curl
-# through cr-proxy took 0.86-1.29 s against 0.68-0.85 s through
-# distribution's proxy; with both waiting 3 s, 0.67-0.75 s against
-# 0.77-1.03 s. Every side waits the same.
-SETTLE_MEMORY = 3.0
-
-
 def settle_disk() -> None:
     """Write back what earlier cases left dirty, so a case never pays for the
     one before it (cold caches, pulled layouts and deleted trees are hundreds
     of MiB each). Outside every timed span."""
     os.sync()
-
-
-def settle_cold() -> None:
-    """settle_disk, then SETTLE_MEMORY seconds: for each side of a case
-    that fills hundreds of MiB of page cache (cold misses, pulls, pushes),
-    after its server is up and before it is timed."""
-    settle_disk()
-    time.sleep(SETTLE_MEMORY)
 
 
 def big_layer(size: int, seed: int) -> bytes:

@@ -19,7 +19,7 @@ import functools
 import logging
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 
 import aiohttp
@@ -498,7 +498,8 @@ async def _sendfile_ranges(request: web.Request, flight: Flight) -> None:
     loop = asyncio.get_running_loop()
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+        with suppress(OSError):  # a smaller buffer is slower, not wrong
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
     async for fd, offset, count in flight.ranges():
         with open(fd, "rb", buffering=0, closefd=False) as file:
             await loop.sendfile(request.transport, file, offset, count)

@@ -272,7 +272,7 @@ class Upstream:
             timeout=timeout,
             connector=connector,
             auto_decompress=False,
-            read_bufsize=1 << 20,
+            read_bufsize=BODY_READ_BUFFER,
             headers={"User-Agent": USER_AGENT},
             trace_configs=[pool],
         )

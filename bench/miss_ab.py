@@ -30,7 +30,7 @@ from bench import measure
 from bench.procs import PeerRegistry
 from bench.push_ab import export
 from bench.report import MIB
-from bench.run import REPO, TAG, big_layer, settle_disk
+from bench.run import REPO, TAG, big_layer, in_turn, settle_disk
 from testbed.crproxy import CrProxy
 from testbed.oci_layout import build_image, tar_layer
 from testbed.registry import Upstream
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             digest = info.layer_digests[0]
             rounds = Rounds(work, up, base, digest, info.sizes[digest], args.clients)
             for round_ in range(args.rounds):
-                order = SIDES if round_ % 2 == 0 else tuple(reversed(SIDES))
-                for side in order:
+                for side in in_turn(SIDES, round_ + 1):
                     rounds.miss(side)
                 print(f"round {round_}: " + ", ".join(
                     f"{side} {rounds.walls[side][-1]:.3f} s / {rounds.cpus[side][-1]:.2f} CPU-s"

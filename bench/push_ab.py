@@ -31,7 +31,7 @@ from pathlib import Path
 from bench.cases import PUSH_BASE_MIB
 from bench.measure import cpu_seconds
 from bench.report import MIB
-from bench.run import ROOT, big_layer, settle_disk
+from bench.run import ROOT, big_layer, in_turn, settle_disk
 from testbed.counting import CountingRelay
 from testbed.crproxy import CrProxy
 from testbed.oci_layout import build_image
@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                                                        push=PUSH_SETTINGS)),
                 }
                 for round_ in range(args.rounds):
-                    order = SIDES if round_ % 2 == 0 else tuple(reversed(SIDES))
-                    for side in order:
+                    for side in in_turn(SIDES, round_ + 1):
                         rounds.push(side, round_, up, relay, proxies)
                     print(f"round {round_}: " + ", ".join(
                         f"{side} {rounds.walls[side][-1]:.2f} s" for side in SIDES), flush=True)

@@ -57,9 +57,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from bench import cases, measure
 from bench.cases import (
@@ -574,11 +575,11 @@ class Bench:
             self.results.add(Series.CONCURRENT_PLAIN_HIT_WALL, wall)
 
     def _in_turn(self, *sides: Callable[[], None]) -> None:
-        """The sides of a cold case, their order reversed every other round:
-        the first to write 256 MiB after another case pays for the memory
-        that case left (docs/performance.md, "Session 10"), and no side
-        should always be that one."""
-        for side in sides if self._round % 2 else reversed(sides):
+        """The sides of a cold case, in_turn: the first to write 256 MiB
+        after another case pays for the memory that case left
+        (docs/performance.md, "Session 10"), and no side should always be
+        that one."""
+        for side in in_turn(sides, self._round):
             side()
 
     def cold_curl(self) -> None:
@@ -836,6 +837,16 @@ class Bench:
             if time.monotonic() > deadline:
                 raise measure.BenchError(f"the stale-tag cr-proxy never said {needle!r}")
             time.sleep(0.1)
+
+
+T = TypeVar("T")
+
+
+def in_turn(sides: Sequence[T], round_: int) -> list[T]:
+    """A case's sides in their order in odd rounds (counted from 1),
+    reversed in even ones: side-by-side runs (here, bench.miss_ab,
+    bench.push_ab) give no side the same place every round."""
+    return list(sides) if round_ % 2 else list(reversed(sides))
 
 
 def settle_disk() -> None:

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_RUN := nginx libnginx-mod-http-js
-APT_TEST := docker-registry skopeo curl wrk docker-compose systemd docker.io podman buildah iproute2 iptables mosquitto util-linux-extra
+APT_TEST := docker-registry skopeo curl wrk docker-compose systemd docker.io podman buildah iproute2 iptables mosquitto util-linux-extra apache2-utils
 PYTEST_ARGS ?=
 
 .PHONY: serve test test-unit test-e2e lint deps deps-run deps-test bench clean soak
@@ -39,12 +39,13 @@ lint: deps-test
 deps-run: .stamp-apt-run $(VENV)/.stamp-run
 deps-test: .stamp-apt-run .stamp-apt-test $(VENV)/.stamp-test
 
-# apt: install only what is missing (dpkg -s), so repeat runs cost nothing.
-.stamp-apt-run:
+# apt: install only what is missing (dpkg -s), so repeat runs cost nothing;
+# again after the lists change (a package added reaches existing checkouts).
+.stamp-apt-run: Makefile
 	@scripts/apt-ensure $(APT_RUN) python3 python3-venv
 	@touch $@
 
-.stamp-apt-test:
+.stamp-apt-test: Makefile
 	@scripts/apt-ensure $(APT_TEST)
 	@touch $@
 

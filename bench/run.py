@@ -56,6 +56,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -849,11 +850,40 @@ def in_turn(sides: Sequence[T], round_: int) -> list[T]:
     return list(sides) if round_ % 2 else list(reversed(sides))
 
 
+# MiB of memory freed just before each timed span that writes (settle_disk):
+# more than any one span writes (a cold skopeo pull: the cache's copy of the
+# 256 MiB layer and skopeo's own).
+FRESH_PAGES_MIB = 768
+_FRESH_PIECE = os.urandom(MIB)
+
+
 def settle_disk() -> None:
     """Write back what earlier cases left dirty, so a case never pays for the
     one before it (cold caches, pulled layouts and deleted trees are hundreds
-    of MiB each). Outside every timed span."""
+    of MiB each); then fresh_pages(). Outside every timed span."""
     os.sync()
+    fresh_pages()
+
+
+def fresh_pages(mib: int = FRESH_PAGES_MIB) -> None:
+    """Free `mib` MiB of page cache right now, so the span that follows
+    writes into pages the kernel has just freed, whichever side it is.
+
+    Why: on a VM with free page reporting (virtio_balloon), memory left free
+    for more than about 3 s goes back to the host, and writing a file into
+    it costs 14 times the CPU (256 MiB: 0.55 against 0.04 CPU-s, measured
+    by delay in docs/performance.md, "Session 12"). Without this, a side
+    whose server starts slowly (cr-proxy: nginx and the fetcher) wrote its
+    copy into such memory and one that starts at once (distribution's
+    proxy) into what the side before it had just freed: the order, not the
+    code, decided the cold rows. A long-running cache's memory is full of
+    page cache it reclaims from, never handed back, so this is also the
+    state that a mirror in service writes in."""
+    with tempfile.TemporaryFile() as scratch:
+        for _ in range(mib):
+            scratch.write(_FRESH_PIECE)
+        scratch.flush()
+    # Closed: the file and its pages are gone, never written back.
 
 
 def big_layer(size: int, seed: int) -> bytes:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cr_proxy import serve
 from cr_proxy.config import build, default_data
+
+MIB = 1 << 20
 
 
 @pytest.mark.parametrize(("somaxconn", "warned"), [("128\n", True), ("4096\n", False),
@@ -50,3 +54,59 @@ def test_the_hint_names_the_address_a_mirror_listens_on(listen: str, named: str)
     assert hints[0] == f"mirror (HTTP)  http://{at}"
     assert f'"registry-mirrors": ["http://{at}"]' in hints[-1]
     assert f"docker://{at}/docker.io/library/alpine" in hints[-1]
+
+
+
+# Run in a child: mallopt changes the whole process's allocator.
+KEPT_BUFFERS = """
+import ctypes
+import sys
+
+from cr_proxy import serve
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+
+def block(size):
+    # mapped on its own (1) or from the heap (0)
+    before = libc.mallinfo2().hblks
+    pointer = libc.malloc(size)
+    mapped = libc.mallinfo2().hblks - before
+    libc.free(ctypes.c_void_p(pointer))
+    return mapped
+
+def blocks(count, size):
+    # heap bytes held once `count` blocks are freed together (a burst's)
+    pointers = [libc.malloc(size) for _ in range(count)]
+    for pointer in pointers:
+        libc.free(ctypes.c_void_p(pointer))
+    return libc.mallinfo2().arena
+
+if sys.argv[1] == "tuned":
+    serve._keep_freed_buffers()
+MIB = 1 << 20
+print(block(3 * MIB), block(3 * MIB + MIB // 2), block(8 * MIB), blocks(8, 3 * MIB))
+"""
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_download_sized_buffers_stay_in_the_heap_once_freed(tuned: bool) -> None:
+    """A buffer of a few MiB (a body's, a batch's) comes from the heap and
+    stays there when freed (_keep_freed_buffers), where glibc's defaults
+    map and unmap it each time; bigger ones are still mapped. Untuned, the
+    same 3.5 MiB block is mapped: the check can fail."""
+    out = subprocess.run([sys.executable, "-c", KEPT_BUFFERS, "tuned" if tuned else "default"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    first, mapped, big, kept = (int(x) for x in out)
+    if tuned:
+        assert (first, mapped, big) == (0, 0, 1)
+        assert kept >= 24 * MIB  # freed, and kept for the next burst
+    else:
+        assert (first, mapped) == (1, 1)
+        assert kept < 24 * MIB

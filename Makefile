@@ -65,7 +65,7 @@ clean:
 	rm -rf run .stamp-apt-run .stamp-apt-test $(VENV)
 
 # Benchmarks (bench/run.py): cr-proxy against a plain nginx, the upstream
-# itself and a distribution proxy, all on 127.0.0.1; 12-14 minutes on 2
+# itself and a distribution proxy, all on 127.0.0.1; 9-14 minutes on 2
 # cores (BENCH_ARGS=--quick: a smoke run). ab (apache2-utils) measures the
 # HEAD rows: Debian's wrk cannot count HEAD answers that announce a body.
 .PHONY: bench-doc

@@ -882,7 +882,6 @@ def fresh_pages(mib: int = FRESH_PAGES_MIB) -> None:
     with tempfile.TemporaryFile() as scratch:
         for _ in range(mib):
             scratch.write(_FRESH_PIECE)
-        scratch.flush()
     # Closed: the file and its pages are gone, never written back.
 
 

@@ -69,11 +69,16 @@ PROXY_HEALTH_CHECK = b"PROXY UNKNOWN\r\n"
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})  # listen hosts meaning "every address"
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library this process runs on, for the calls Python lacks."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _name_process() -> None:
     """Call this thread, and every thread started after, "cr-proxy" (not
     "python") in top, ps -L and perf; threads inherit the name."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_NAME, b"cr-proxy")
+    _libc().prctl(PR_SET_NAME, b"cr-proxy")
 
 
 def _keep_freed_buffers() -> None:
@@ -85,8 +90,7 @@ def _keep_freed_buffers() -> None:
     CPU-s more and about a tenth longer (docs/performance.md, "Session
     12"). Fixed thresholds keep them. A libc without mallopt keeps its
     own policy."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    mallopt = getattr(libc, "mallopt", None)
+    mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return
     mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
@@ -95,8 +99,7 @@ def _keep_freed_buffers() -> None:
 
 def _die_with_parent() -> None:
     """Run in the nginx child before exec: SIGTERM it when serve dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _libc().prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def reached_at(address: Address) -> str:

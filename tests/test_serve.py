@@ -56,7 +56,6 @@ def test_the_hint_names_the_address_a_mirror_listens_on(listen: str, named: str)
     assert f"docker://{at}/docker.io/library/alpine" in hints[-1]
 
 
-
 # Run in a child: mallopt changes the whole process's allocator.
 KEPT_BUFFERS = """
 import ctypes

@@ -3,11 +3,21 @@ index entry, which layer (end to end: test_e2e_artifacts.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from cr_proxy.edge.resolve import MAX_REFERENCE, parse_module_reference, pick_entry, pick_layer
+from cr_proxy.config import build, default_data
+from cr_proxy.edge.resolve import (
+    MAX_REFERENCE,
+    parse_module_reference,
+    pick_entry,
+    pick_layer,
+    resolve,
+)
 from cr_proxy.errors import BadRequest, NotFound
 from cr_proxy.oci import manifest
 from cr_proxy.oci.manifest import Platform
@@ -76,3 +86,33 @@ def test_references() -> None:
         parse_module_reference("a" * (MAX_REFERENCE + 1), "docker.io")
     with pytest.raises(BadRequest):
         parse_module_reference("registry.test/../etc:v1", "docker.io")
+
+
+async def test_a_modules_size_is_its_verified_files_not_the_manifests_claim(
+    tmp_path: Path,
+) -> None:
+    """A manifest claiming 10^12 bytes for an 8-byte layer: the module is
+    the 8 bytes the digest verified (MQTT counts its chunks by it)."""
+    data = b"\0asm\x01\0\0\0"
+    blob = tmp_path / "blob"
+    blob.write_bytes(data)
+    body = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": digest(99),
+                   "size": 2},
+        "layers": [{"mediaType": "application/wasm",
+                    "digest": "sha256:" + hashlib.sha256(data).hexdigest(), "size": 10 ** 12}],
+    }).encode()
+
+    async def lookup(_target: object, _auth: object) -> tuple[SimpleNamespace, str]:
+        return SimpleNamespace(digest=digest(1), body=body,
+                               content_type="application/vnd.oci.image.manifest.v1+json"), "HIT"
+
+    async def ensure(_target: object) -> Path:
+        return blob  # what Blobs.ensure returns: the stored, verified file
+
+    fetcher = SimpleNamespace(ctx=SimpleNamespace(config=build(default_data(), {})),
+                              manifests=SimpleNamespace(lookup=lookup),
+                              blobs=SimpleNamespace(ensure=ensure))
+    module = await resolve(fetcher, "ghcr.io/example/mod:v1")  # type: ignore[arg-type]
+    assert module.size == len(data)

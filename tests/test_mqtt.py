@@ -63,6 +63,8 @@ def test_chunk_counts_round_up_and_an_empty_module_is_one_empty_chunk() -> None:
     (b'{"app_name": "a", "chunks": "3"}', "a", "chunks:"),
     (json.dumps({"app_name": "a", "chunks": list(range(5000))}).encode(), "a", "at most"),
     (b'{"app_name": "' + b"x" * 70000 + b'"}', None, "bytes"),
+    # Nested past Python's stack, under MAX_REQUEST: json raises RecursionError.
+    (b'{"app_name": "a", "x": ' + b"[" * 60000 + b"}", None, "not JSON"),
 ])
 def test_bad_requests_are_refused_with_a_reason(payload: bytes, app_name: str | None,
                                                  reason: str) -> None:
@@ -315,6 +317,44 @@ async def test_a_flood_of_bad_requests_queues_a_bounded_number_of_answers() -> N
         task.cancel()
     await asyncio.gather(*runner._tasks, return_exceptions=True)
     assert runner._answering == 0
+
+
+def test_a_wave_waiting_for_its_module_holds_a_bounded_set_of_chunks() -> None:
+    """Requests naming chunks while the module resolves: kept in one set,
+    which becomes "all" past MAX_CHUNK_LIST; once resolved, the indices
+    out of range kept for the error answer are bounded too."""
+    delivery = mqtt.Delivery("m", set())
+    for k in range(300):  # 300 requests of 1,000 indices each, all legal
+        delivery.ask(frozenset(range(k * 1000, k * 1000 + 1000)))
+    assert delivery.wanted is None  # every chunk, once resolved
+    delivery.resolved(3)
+    assert delivery.todo == {0, 1, 2}
+    for k in range(300):
+        delivery.ask(frozenset(range(k * 1000 + 3, k * 1000 + 1003)))
+    assert len(delivery.out_of_range) <= 2 * mqtt.MAX_CHUNK_LIST
+
+
+async def test_a_request_that_fails_unforeseen_keeps_the_connection_for_the_others(
+    broker: Broker, edge: tuple[mqtt.MqttEdge, Modules], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A message whose handling raises what nobody foresaw (as deep JSON
+    once did) is logged; the connection stays, and the messages after it,
+    already delivered to this client, are answered."""
+    runner, _ = edge
+    handle, failed, losses = runner.request, [], []
+
+    def request(payload: bytes) -> None:
+        if b"boom" in payload:
+            failed.append(payload)
+            raise RuntimeError("unforeseen")
+        handle(payload)
+
+    monkeypatch.setattr(runner, "request", request)
+    monkeypatch.setattr(runner.link, "lost", lambda: losses.append(1))
+    async with device(broker) as dev:
+        await dev.send(b'{"app_name": "boom"}')
+        assert (await dev.fetch("small", DEADLINE)).total == 1
+    assert failed and not losses
 
 
 async def test_requests_on_an_older_configurations_topic_are_not_answered(

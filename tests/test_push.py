@@ -3,10 +3,12 @@ and the upstream's Locations as the client must follow them."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from cr_proxy.errors import BadRequest, Unsupported, UpstreamError
-from cr_proxy.fetch.push import PushTarget, client_location, push_target
+from cr_proxy.fetch.push import Pushes, PushTarget, Upload, client_location, push_target
 
 HOSTS = {"docker.io": "registry-1.docker.io"}
 
@@ -63,3 +65,20 @@ def test_a_location_outside_the_repository_is_refused() -> None:
         client_location("https://s3.example/bucket/upload?sig=x", target)
     with pytest.raises(UpstreamError):
         client_location("/v2/other/blobs/uploads/u1", target)
+
+
+@pytest.mark.parametrize(("content_range", "broken"), [
+    ("0-1023", False),  # where our copy ends (nothing yet): followed
+    ("bytes=0-1023", False),
+    ("512-1023", True),  # a retried or resumed chunk: relayed, not stored
+    ("²-3", True),  # str.isdigit() says yes, int() says no
+    ("9" * 5000 + "-1", True),  # past what int() reads
+    ("-5", True),
+])
+def test_a_chunks_content_range_is_followed_only_from_where_our_copy_ends(
+    content_range: str, broken: bool,
+) -> None:
+    request = SimpleNamespace(headers={"Content-Range": content_range})
+    upload = Upload()
+    Pushes._check_range(request, upload)  # type: ignore[arg-type]
+    assert upload.broken is broken

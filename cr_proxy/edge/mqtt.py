@@ -113,7 +113,7 @@ def parse_request(payload: bytes) -> Request:
         raise BadMessage(None, f"a request of {len(payload)} bytes (at most {MAX_REQUEST})")
     try:
         message = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the stack
         raise BadMessage(None, "not JSON") from None
     if not isinstance(message, dict):
         raise BadMessage(None, "not a JSON object")
@@ -222,7 +222,14 @@ class Delivery:
     def ask(self, chunks: frozenset[int] | None) -> None:
         if not self.total:  # not resolved yet: the request joins the wave
             if self.wanted is not None:
-                self.wanted = None if chunks is None else self.wanted | chunks
+                if chunks is None:
+                    self.wanted = None
+                else:
+                    # In place, and bounded: a wave that wants more chunks
+                    # than one request may name gets them all.
+                    self.wanted.update(chunks)
+                    if len(self.wanted) > MAX_CHUNK_LIST:
+                        self.wanted = None
             return
         self._queue(chunks)
 
@@ -237,7 +244,8 @@ class Delivery:
             self.todo.update(every)
             return
         self.todo.update(i for i in chunks if i < self.total)
-        self.out_of_range.update(i for i in chunks if i >= self.total)
+        if len(self.out_of_range) < MAX_CHUNK_LIST:  # bounded: a few are reported
+            self.out_of_range.update(i for i in chunks if i >= self.total)
 
 
 class MqttEdge:
@@ -286,8 +294,11 @@ class MqttEdge:
                                 # by the persistent session: not ours to answer.
                                 continue
                             payload = message.payload
-                            self.request(payload if isinstance(payload, bytes | bytearray)
-                                         else str(payload).encode())
+                            try:
+                                self.request(payload if isinstance(payload, bytes | bytearray)
+                                             else str(payload).encode())
+                            except Exception:  # one message must not end the others'
+                                log.exception("mqtt: a request could not be handled")
                 except aiomqtt.MqttError as err:
                     log.warning("mqtt: broker %s: %s; connecting again in %.1f s",
                                 self.settings.broker, err, backoff)

@@ -20,6 +20,7 @@ Policy:
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -113,7 +114,9 @@ async def resolve_reference(fetcher: Fetcher, ref: Reference,
     layer = pick_layer(image, f"{ref}@{digest}")
     target = target_of(fetcher, ref, Kind.BLOB, layer.digest)
     path = await fetcher.blobs.ensure(target)
-    size = layer.size if layer.size is not None else path.stat().st_size
+    # The verified file's size, never the manifest's claim: a lying size
+    # would cut the module short or send devices a million empty chunks.
+    size = (await asyncio.to_thread(path.stat)).st_size
     return Module(ref, digest, layer.digest, size, layer.media_type, target.domain, path)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -59,14 +60,21 @@ def ensure_key(path: Path) -> bytes:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole (0600 before a byte is in it) under a name of its own,
+    # then linked into place: a second process starting at the same moment
+    # either links first or reads a whole key, never an empty file, and a
+    # crash leaves no key file at all.
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        # Exclusive and 0600 before a byte is in it; a second process
-        # starting at the same moment reads the first one's key.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read_key(path)
-    with os.fdopen(fd, "w") as out:
-        out.write(secrets.token_hex(KEY_BYTES) + "\n")
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(KEY_BYTES) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        with contextlib.suppress(FileExistsError):  # the other process's key stands
+            os.link(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
     return _read_key(path)
 
 

@@ -56,6 +56,7 @@ BLOB_TYPE = "application/octet-stream"
 # A verified download's held name (flight.py) lives this long: nginx opens
 # it within moments of the fetcher's answer.
 HELD_SECONDS = 60.0
+ENSURE_FLIGHTS = 2  # flights ensure() waits for: one it joined, then its own
 HELD_URI = "/_cr/held/"  # + <digest>/<held>: nginx/locations.conf
 ACCEL_HEADER = "X-CR-Accel"  # "1": nginx asks, and follows X-Accel-Redirect (fetch.conf)
 # The send buffer of a connection a miss is streamed to nginx on: a 1 MiB
@@ -191,19 +192,25 @@ class Blobs:
             ctx.metrics.hits.labels(kind="blob-fetch").inc()
             return stored
         ctx.metrics.misses.labels(kind="blob").inc()
-        flight = ctx.flights.join(
-            # Its caller serves the stored file: kept even without
-            # cluster.keep_local.
-            f"{domain} {digest}", functools.partial(self._download, target, None, keep=True)
-        )
-        with self._offline_miss(target):
-            await flight.wait_started()
-        if flight.task is not None:
-            # Shielded: a caller that goes away leaves the download to finish.
-            await asyncio.shield(flight.task)
-        if flight.committed_path is None:
-            raise flight.error or Truncated(message=f"{domain}: {digest} was not stored")
-        return flight.committed_path
+        for _ in range(ENSURE_FLIGHTS):
+            flight = ctx.flights.join(
+                # Its caller serves the stored file: kept even without
+                # cluster.keep_local.
+                f"{domain} {digest}", functools.partial(self._download, target, None, keep=True)
+            )
+            with self._offline_miss(target):
+                await flight.wait_started()
+            if flight.task is not None:
+                # Shielded: a caller that goes away leaves the download to finish.
+                await asyncio.shield(flight.task)
+            if flight.committed_path is not None:
+                return flight.committed_path
+            if flight.error is not None:
+                raise flight.error
+            # Verified but not kept: a client's flight from the digest's
+            # owner (cluster.keep_local off) that this one joined. Once
+            # more, as a flight of our own.
+        raise Truncated(message=f"{domain}: {digest} was not stored")
 
     @staticmethod
     def _offline_miss(target: Target) -> AbstractContextManager[None]:

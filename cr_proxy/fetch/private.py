@@ -145,8 +145,15 @@ class Privacy:
             return False
         try:
             private = await refused_anonymously(upstream, target)
-        except UpstreamError:
-            return False  # not answerable now; the fetch that follows fails the same way
+        except UpstreamError as err:
+            if upstream.is_down(domain):
+                # Offline: the fetch that follows dials nothing either; it
+                # answers from the cache alone, and stores nothing new.
+                return False
+            # Up, but not saying: guessing public would store what a
+            # credential fetches unmarked, for every client to pull.
+            raise UpstreamError(message=f"cannot tell whether {domain}/{name} is private "
+                                f"({err.message}); nothing was fetched, ask again") from err
         if private:
             log.info("private: %s/%s is private (refused without a credential)", domain, name)
             await in_thread(store.mark_private, domain, name, True)

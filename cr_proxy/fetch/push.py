@@ -87,6 +87,7 @@ PUSH_PATH_RE = re.compile(
     r"^/v2/(?P<name>.+)/(?P<what>blobs/uploads|blobs|manifests)/(?P<ref>[^/]*)$")
 UPLOAD_PATH_RE = re.compile(r"^/v2/.+/blobs/uploads/[^/]*$")
 BLOB_PATH_RE = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
+UPLOAD_START_RE = re.compile(r"[0-9]{1,19}")  # where a chunk's Content-Range starts
 SENT_HEADERS = frozenset({"content-type", "content-length", "content-range", "user-agent"})
 RELAYED_HEADERS = frozenset({"content-length", "docker-content-digest", "location", "range",
                              "docker-upload-uuid", "content-range",
@@ -559,7 +560,9 @@ class Pushes:
         if value is None or upload.broken:
             return
         start = value.removeprefix("bytes=").split("-", 1)[0]
-        if not start.isdigit() or int(start) != upload.size():
+        # ASCII digits, as many as an int64 has: str.isdigit takes "²" and
+        # int() refuses 4,300 digits and more.
+        if not UPLOAD_START_RE.fullmatch(start) or int(start) != upload.size():
             upload.drop()
             upload.broken = True
 

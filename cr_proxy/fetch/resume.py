@@ -58,7 +58,10 @@ BREAKS: tuple[type[BaseException], ...] = (
 )
 FIRST_BACKOFF = 0.1  # seconds before the first resume; doubled for each next one
 MAX_BACKOFF = 5.0
-CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# RFC 9110 14.4; positions of at most 19 digits (an int64, as Go's and
+# nginx's): a longer one is no answer to our Range, and Python refuses to
+# read past 4300 digits.
+CONTENT_RANGE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)")
 
 
 class Refused(UpstreamError):

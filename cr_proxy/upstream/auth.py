@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from cr_proxy.config import Credentials
+from cr_proxy.errors import UpstreamError
 
 # RFC 7230 3.2.6 / RFC 7235 2.1:
 #   token         = 1*tchar
@@ -34,6 +35,10 @@ PARAM_RE = re.compile(rf"\s*({TOKEN})\s*=\s*({TOKEN}|{QUOTED})\s*(?:,|$)")
 SCHEME_RE = re.compile(rf"\s*({TOKEN})(?:\s+|$)")
 
 DEFAULT_TOKEN_LIFETIME = 60  # seconds, the spec's default for expires_in
+MAX_TOKEN_LIFETIME = 24 * 3600  # seconds a token is kept at most, whatever it says
+# A token goes into an Authorization header: visible ASCII only (JWTs,
+# OAuth2 and token68 tokens all are), no space, CR or LF.
+TOKEN_VALUE_RE = re.compile(r"[\x21-\x7e]{1,16384}")
 EXPIRY_MARGIN = 10  # seconds before expiry a cached token is dropped
 DUMMY_LIFETIME = 300
 DUMMY_PREFIX = "cr-proxy-offline-"  # every dummy token begins so; none is a real token
@@ -94,17 +99,35 @@ def token_url(challenge: Challenge, scope: str) -> str:
         query["service"] = challenge.params["service"]
     if scope:
         query["scope"] = scope
-    parts = urlsplit(challenge.realm)
+    try:
+        parts = urlsplit(challenge.realm)
+    except ValueError as err:  # "http://[::1/token": the registry's words
+        raise UpstreamError(message=f"token realm {challenge.realm[:100]!r} is not a URL") from err
     merged = "&".join(q for q in (parts.query, urlencode(query)) if q)
     return urlunsplit(parts._replace(query=merged))
 
 
 def token_of(answer: object) -> str:
     """The token of a token server's JSON answer (`token`, else the OAuth2
-    `access_token`), "" when it has none."""
+    `access_token`), "" when it has none; UpstreamError for one that cannot
+    go into a header (not a string, or other than visible ASCII)."""
     if not isinstance(answer, dict):
         return ""
-    return str(answer.get("token") or answer.get("access_token") or "")
+    token = answer.get("token") or answer.get("access_token") or ""
+    if token == "":
+        return ""
+    if not isinstance(token, str) or not TOKEN_VALUE_RE.fullmatch(token):
+        raise UpstreamError(message="the token server's token is not a header value")
+    return token
+
+
+def lifetime_of(answer: dict) -> float:
+    """Seconds a token lives by its `expires_in`: the spec's default when
+    missing or not a positive number, at most MAX_TOKEN_LIFETIME."""
+    value = answer.get("expires_in")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        return DEFAULT_TOKEN_LIFETIME
+    return min(float(value), MAX_TOKEN_LIFETIME)
 
 
 def basic_header(credentials: Credentials) -> str:
@@ -182,7 +205,8 @@ class TokenCache:
         if credentials and credentials.password:
             headers["Authorization"] = basic_header(credentials)
         answer = await http_get(token_url(challenge, scope), headers)
+        if not isinstance(answer, dict):
+            raise UpstreamError(message="the token server's answer is not a JSON object")
         token = token_of(answer)
-        lifetime = answer.get("expires_in") or DEFAULT_TOKEN_LIFETIME
-        self._tokens[key] = _Cached(token, self._clock() + float(lifetime) - EXPIRY_MARGIN)
+        self._tokens[key] = _Cached(token, self._clock() + lifetime_of(answer) - EXPIRY_MARGIN)
         return token

@@ -79,8 +79,10 @@ class Challenges:
             self._keep_challenge(host, header)
 
     def _keep_challenge(self, host: str, header: str) -> None:
-        """One that does not parse as a challenge is not kept."""
-        if parse_challenge(header) is None:
+        """One that does not parse as a challenge is not kept, nor one with
+        bytes other than printable ASCII (aiohttp hands raw bytes over as
+        surrogates, which no file or header can take)."""
+        if not (header.isascii() and header.isprintable()) or parse_challenge(header) is None:
             log.debug("not storing challenge for %s: not a challenge: %r", host, header[:80])
             return
         self._keep(host, without_scope(header))

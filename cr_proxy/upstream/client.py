@@ -121,6 +121,18 @@ def _abandon(task: asyncio.Future[aiohttp.ClientResponse]) -> None:
     task.add_done_callback(release)
 
 
+def upstream_url(url: str, what: str) -> tuple[str, str, str]:
+    """(scheme, checked host, path?query) of a URL an upstream named (a
+    token realm, a redirect): checked where it enters; one that does not
+    parse (a port out of range, an unclosed IPv6 bracket) is the
+    upstream's error, not ours."""
+    try:
+        scheme, host, path = split_url(url)
+    except ValueError as err:
+        raise UpstreamError(message=f"{what} {url[:100]!r} is not a URL we can follow") from err
+    return scheme, check_domain(host), path
+
+
 def _private(err: BaseException) -> bool:
     """A connect error that is PolicyResolver's refusal, not an outage."""
     return isinstance(err.__cause__, PrivateAddress) or isinstance(
@@ -271,6 +283,9 @@ class Upstream:
         return aiohttp.ClientSession(
             timeout=timeout,
             connector=connector,
+            # One session serves every client: a cookie one client's request
+            # earned must not go out with another's (nor with none).
+            cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             read_bufsize=BODY_READ_BUFFER,
             headers={"User-Agent": USER_AGENT},
@@ -427,6 +442,7 @@ class Upstream:
                     limit=PROBE_CONNECTIONS, force_close=True,
                     resolver=PolicyResolver(self.destinations)),
                 auto_decompress=False, headers={"User-Agent": USER_AGENT},
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._probes
 
@@ -454,8 +470,7 @@ class Upstream:
     ) -> dict:
         """GET a token server's JSON; `url` is the upstream's (a challenge's
         realm), so its host is checked here, where it enters."""
-        scheme, host, path = split_url(url)
-        host = check_domain(host)
+        scheme, host, path = upstream_url(url, "token realm")
         async with await self.send("GET", host, path, headers, scheme=scheme,
                                    registry=registry) as response:
             if response.status != 200:
@@ -568,9 +583,12 @@ class Upstream:
             response.release()
             if not location:
                 raise UpstreamError(message=f"{domain}{path}: redirect without Location")
-            url = urljoin(url, location)
-            scheme, host, target = split_url(url)
-            host = check_domain(host)  # a name from the wire: checked where it enters
+            try:
+                url = urljoin(url, location)
+            except ValueError as err:
+                raise UpstreamError(message=f"{domain}{path}: redirect to "
+                                    f"{location[:100]!r}, not a URL") from err
+            scheme, host, target = upstream_url(url, "redirect")
             opened.hops.append(Hop(response.status, url, host, target.split("?")[0]))
             response = await self.send(method, host, target, plain, scheme=scheme,
                                        registry=domain)

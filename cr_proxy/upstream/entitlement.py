@@ -23,8 +23,16 @@ NOT_FOUND = 404
 
 
 async def refused_anonymously(upstream: Upstream, target: Target) -> bool:
-    """Whether the upstream refuses `target` to a client with no credential."""
-    return await _status(upstream, target, None) in REFUSED
+    """Whether the upstream refuses `target` to a client with no credential:
+    True for a 401 or 403, False for an answer (or a 404); UpstreamError
+    when its answer says neither (a 5xx, a 429): a public verdict guessed
+    from it would store a private repository's content for every client."""
+    status = await _status(upstream, target, None)
+    if status in REFUSED:
+        return True
+    if status < 400 or status == NOT_FOUND:
+        return False
+    raise UpstreamError(message=f"{target.domain} answered {status} to an anonymous check")
 
 
 async def accepts(upstream: Upstream, target: Target, authorization: str) -> bool | None:

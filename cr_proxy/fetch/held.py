@@ -149,7 +149,12 @@ class Held:
                 del self._activity[(domain, name)]  # nothing waits on it: no table growth
 
     def claim(self, domain: str, name: str, digest: str) -> None:
-        """`name` is about to upload `digest` (its probe found it nowhere)."""
+        """`name` is about to upload `digest` (its probe found it nowhere).
+        Claims abandoned meanwhile go first: a probe whose pusher never
+        uploads (a cancelled job) would otherwise stay for good."""
+        for (d, g), other in list(self._claims.items()):
+            if self._abandoned(d, other):
+                self._drop(d, g)
         if (domain, digest) not in self._claims:
             self._claims[(domain, digest)] = Claim(name)
         # Its silence is counted from now.
@@ -157,11 +162,16 @@ class Held:
 
     def release(self, domain: str, digest: str) -> None:
         """The claim's final PUT answered: its waiters look again."""
+        self._drop(domain, digest)
+
+    def _drop(self, domain: str, digest: str) -> None:
         claim = self._claims.pop((domain, digest), None)
         if claim is not None:
             claim.done.set()
             activity = self._activity.get((domain, claim.name))
-            if activity is not None and activity.requests <= 0:
+            if activity is not None and activity.requests <= 0 and not any(
+                    (d, c.name) == (domain, claim.name) for (d, _), c in self._claims.items()):
+                # Its repository's other claims still count their silence.
                 self._activity.pop((domain, claim.name), None)
 
     def claim_of(self, domain: str, digest: str) -> Claim | None:

@@ -88,6 +88,17 @@ PUSH_PATH_RE = re.compile(
 UPLOAD_PATH_RE = re.compile(r"^/v2/.+/blobs/uploads/[^/]*$")
 BLOB_PATH_RE = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
 UPLOAD_START_RE = re.compile(r"[0-9]{1,19}")  # where a chunk's Content-Range starts
+# What may follow /v2/<name>/ in a Location we hand a client: an upload
+# session, a blob or a manifest, one plain segment each (never `.` or `..`:
+# a client resolves those, and would leave the repository for another).
+LOCATION_REST_RE = re.compile(
+    r"blobs/uploads/[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}"
+    r"|blobs/[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-fA-F0-9]{32,256}"
+    r"|manifests/(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"
+    r"|[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-fA-F0-9]{32,256})")
+# A relayed header's value (and a Location's query): visible ASCII and
+# spaces, as much as a registry's upload state needs; no control bytes.
+RELAYED_VALUE_RE = re.compile(r"[\x20-\x7e]{0,8192}")
 SENT_HEADERS = frozenset({"content-type", "content-length", "content-range", "user-agent"})
 RELAYED_HEADERS = frozenset({"content-length", "docker-content-digest", "location", "range",
                              "docker-upload-uuid", "content-range",
@@ -198,7 +209,10 @@ class Pushes:
         self.fills: set[asyncio.Task[None]] = set()
         # (domain, digest) -> (repository, the commit of its upload): the
         # final PUT is answered before its fsync and rename (_finish).
-        self.commits: dict[tuple[str, str], tuple[str, asyncio.Task[None]]] = {}
+        # Each commit in progress -> (domain, digest, repository): a digest
+        # pushed to two repositories at once has two, each waited for by
+        # its own repository's manifest.
+        self.commits: dict[asyncio.Task[None], tuple[str, str, str]] = {}
         # What is pushed to a private repository is marked so before it is
         # named in the tree, as what is pulled (private.py).
         self.privacy = privacy
@@ -220,14 +234,14 @@ class Pushes:
         client's) finish before a shutdown: cancelled, the cache would lack
         what the client was told is pushed, and a restart would not know the
         upstream holds it (no mount from memory)."""
-        tasks = [task for _, task in self.commits.values()]
+        tasks = list(self.commits)
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
 
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for task in (*self.cancels, *self.fills, *(t for _, t in self.commits.values())):
+        for task in (*self.cancels, *self.fills, *self.commits):
             task.cancel()
         for upload in self.uploads.values():
             upload.drop()
@@ -244,7 +258,17 @@ class Pushes:
         return set(self.touched)
 
     def _touch(self, digest: str) -> None:
-        self.touched[digest] = time.monotonic()
+        """Kept in the order of use, so what push.upload_timeout has let go
+        of is at the front and goes at once (pending() is asked only when
+        eviction runs: cache.max_size)."""
+        now = time.monotonic()
+        self.touched.pop(digest, None)
+        self.touched[digest] = now
+        horizon = now - self.ctx.config.push.upload_timeout
+        for oldest in list(self.touched):
+            if self.touched[oldest] >= horizon:
+                break
+            del self.touched[oldest]
 
     def _keep(self, key: tuple[str, str, str], upload: Upload, target: PushTarget,
               location: str) -> None:
@@ -254,6 +278,13 @@ class Pushes:
         upload.last = time.monotonic()
         upload.target = target
         upload.upstream = parts.path + (f"?{parts.query}" if parts.query else "")
+        earlier = self.uploads.get(key)
+        if earlier is not None and earlier is not upload:
+            # Two requests of one session at once (a PATCH and a status GET):
+            # the one answered last is followed, the other's file let go.
+            earlier.drop()
+            upload.drop()
+            upload.broken = True
         self.uploads[key] = upload
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -472,17 +503,21 @@ class Pushes:
         self._check_range(request, upload)
         headers = CIMultiDict(
             (k, v) for k, v in request.headers.items() if k.lower() in SENT_HEADERS)
-        auth = await self._login(target, mount_from, delete=method == "DELETE")
-        if auth:
-            headers["Authorization"] = auth
         body = self._body(request, upload) if request.can_read_body else None
         path_qs = target.path + (f"?{urlencode(query)}" if query else "")
+        sending = False
         try:
+            # Within: a login that fails (or a client gone meanwhile) drops
+            # the upload it took out, temp file and all.
+            auth = await self._login(target, mount_from, delete=method == "DELETE")
+            if auth:
+                headers["Authorization"] = auth
+            sending = True
             answer = await self.ctx.upstream.send(method, target.domain, path_qs, headers,
                                                   data=body)
         except BaseException:
             self._failed(upload, target, final, request)
-            if body is not None and target.ref:
+            if sending and body is not None and target.ref:
                 # A body cut short (the client gone mid-chunk, or the
                 # upstream): the session is dead to both; cancel it upstream
                 # rather than leave the registry a half upload.
@@ -606,15 +641,12 @@ class Pushes:
                 # digest looks again (held.py).
                 self.held.release(target.domain, digest)
             return
-        key = (target.domain, digest)
         task = asyncio.get_running_loop().create_task(self._commit(writer, digest, target))
-        self.commits[key] = (target.name, task)
+        self.commits[task] = (target.domain, digest, target.name)
+        task.add_done_callback(self._forget_commit)
 
-        def forget(done: asyncio.Task[None]) -> None:
-            if key in self.commits and self.commits[key][1] is done:
-                del self.commits[key]
-
-        task.add_done_callback(forget)
+    def _forget_commit(self, done: asyncio.Task[None]) -> None:
+        self.commits.pop(done, None)
 
     async def _commit(self, writer: BlobWriter, digest: str, target: PushTarget) -> None:
         """A blob the upstream accepted into the cache; a failure here is
@@ -623,7 +655,7 @@ class Pushes:
         for it mounts it next, and finds our copy to name (held.py)."""
         try:
             await self._stored(writer, 201, digest, target)
-        except (CrProxyError, OSError) as err:
+        except Exception as err:  # an upstream's odd answer to the privacy check too
             writer.abort()
             log.warning("pushed blob %s of %s/%s not stored: %s", digest, target.domain,
                         target.name, getattr(err, "message", err))
@@ -634,7 +666,7 @@ class Pushes:
                          digest: str | None = None) -> None:
         """Wait for the commits in progress of `digest`, or of the uploads
         to repository `name`."""
-        tasks = [task for (d, g), (n, task) in self.commits.items()
+        tasks = [task for task, (d, g, n) in self.commits.items()
                  if d == domain and (g == digest or n == name)]
         if tasks:
             # asyncio.wait: a caller cancelled (its client gone) leaves them be.
@@ -764,12 +796,17 @@ class Pushes:
             body = await read_bounded(answer, MAX_ANSWER, "push answer")
         finally:
             answer.release()
-        headers = {k: v for k, v in answer.headers.items() if k.lower() in RELAYED_HEADERS}
-        if target.proxied and "WWW-Authenticate" in answer.headers:
+        # Values from the wire, checked: a control byte would make aiohttp
+        # drop the client's connection after our bookkeeping took the
+        # answer as given.
+        headers = {k: v for k, v in answer.headers.items()
+                   if k.lower() in RELAYED_HEADERS and RELAYED_VALUE_RE.fullmatch(v)}
+        challenge = answer.headers.get("WWW-Authenticate", "")
+        if target.proxied and challenge and RELAYED_VALUE_RE.fullmatch(challenge):
             # The client logs in itself: it must see the registry's challenge.
-            headers["WWW-Authenticate"] = answer.headers["WWW-Authenticate"]
-        if "Location" in headers:
-            headers["Location"] = client_location(headers["Location"], target)
+            headers["WWW-Authenticate"] = challenge
+        if "Location" in answer.headers:
+            headers["Location"] = client_location(answer.headers["Location"], target)
         headers.pop("Content-Length", None)
         response = web.Response(status=answer.status, body=body, headers=headers)
         if body:
@@ -783,9 +820,11 @@ def client_location(location: str, target: PushTarget) -> str:
     One outside the repository (an upload to another host) is not relayed."""
     parts = urlsplit(location)
     own = f"/v2/{target.name}/"
-    if not parts.path.startswith(own):
-        raise UpstreamError(message=f"{target.domain} sent a Location outside /v2/{target.name}/, "
-                            "which this mirror does not relay")
+    if not parts.path.startswith(own) or not LOCATION_REST_RE.fullmatch(
+            parts.path[len(own):]) or not RELAYED_VALUE_RE.fullmatch(parts.query):
+        raise UpstreamError(message=f"{target.domain} sent a Location that is not an upload, "
+                            f"blob or manifest of /v2/{target.name}/, which this mirror does "
+                            "not relay")
     path = f"/v2/{target.client_name}/" + parts.path[len(own):]
     return path + (f"?{parts.query}" if parts.query else "")
 

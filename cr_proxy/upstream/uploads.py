@@ -50,12 +50,18 @@ class PushAuth:
         return "Bearer " + await self.upstream.token(challenge, scope, creds, domain)
 
     async def _challenge(self, domain: str) -> Challenge | None:
-        if domain not in self._challenges:
-            response = await self.upstream.send("GET", domain, "/v2/", {})
-            try:
-                header = response.headers.get("WWW-Authenticate", "")
-                challenge = parse_challenge(header) if response.status == 401 else None
-            finally:
-                response.release()
+        """The host's /v2/ challenge, kept once /v2/ has said: a 401 with
+        one, or open (2xx). Another answer (a 5xx, a 429) is not kept: as
+        "no login" it would send every later push without one."""
+        if domain in self._challenges:
+            return self._challenges[domain]
+        response = await self.upstream.send("GET", domain, "/v2/", {})
+        try:
+            header = response.headers.get("WWW-Authenticate", "")
+            challenge = parse_challenge(header) if response.status == 401 else None
+            said = challenge is not None or 200 <= response.status < 300
+        finally:
+            response.release()
+        if said:
             self._challenges[domain] = challenge
-        return self._challenges[domain]
+        return challenge

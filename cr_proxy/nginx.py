@@ -374,6 +374,7 @@ map $remote_user $cr_bad_user {{
 map $uri $cr_auth_kind_rest {{
     "/v2/" ping;
     "~^/v2/(?<cr_name>.+)/tags/list$" repo;
+    "~^/v2/(?<cr_name>.+)/referrers/[^/]+$" repo;
     "~^/_cr/" internal;
     "~^/artifacts/s/" signed;
     "~^/artifacts/" artifact;

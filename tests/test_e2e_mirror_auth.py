@@ -657,3 +657,49 @@ def test_podman_with_a_password_and_with_a_certificate(
     for who in ("alice", "ci-bot"):
         listed = podman(tmp_path / who, None, plain, "images", "--format", "{{.Digest}}")
         assert listed.stdout.split() == [bed.image.manifest_digest], (who, listed.stdout)
+
+
+def test_an_ns_nginx_reads_one_way_grants_nothing_read_another(
+    bed: Bed, tmp_path: Path
+) -> None:
+    """nginx decides mirror_auth for the registry it reads from `?ns=`
+    (`$arg_ns`: the first, in any case, as sent); the fetcher read it as
+    aiohttp does (case-sensitive, decoded), so `?NS=docker.io&ns=registry.test`
+    or `?n%73=registry.test` carried bob's grant for docker.io to
+    registry.test's private repository (a review finding, session 13)."""
+    rules = [*RULES, {"users": ["bob"], "repositories": ["docker.io/*"], "allow": "pull"}]
+    with CrProxy(tmp_path / "ns", proxy_endpoints(bed.upstream),
+                 registries={REGISTRY: {"username": "testuser",
+                                        "password": UPSTREAM_USERS["testuser"]}},
+                 mirror_auth={"htpasswd_file": str(bed.htpasswd), "anonymous": "pull-public",
+                              "rules": rules}) as cr:
+        result = pull(cr, "private/app:v1", tmp_path / "fill", "alice")
+        assert pulled(result, tmp_path / "fill", bed.image), result.stderr
+        secret = (cr.cache / f"content/{REGISTRY}/v2/private/app/manifests/v1").read_bytes()
+        layer = bed.image.layer_digests[0]
+        layer_bytes = (cr.cache / f"content/{REGISTRY}/v2/private/app/blobs/{layer}"
+                       ).read_bytes()
+        bob = basic("bob", CLIENTS["bob"])
+        status, _, _ = curl(cr, f"/v2/private/app/manifests/v1?ns={REGISTRY}", tmp_path, bob)
+        assert status == 403
+        for query in (f"NS=docker.io&ns={REGISTRY}", f"n%73={REGISTRY}",
+                      f"nS=docker.io&ns={REGISTRY}"):
+            for path, kept in ((f"/v2/private/app/manifests/v1?{query}", secret),
+                               (f"/v2/private/app/blobs/{layer}?{query}", layer_bytes)):
+                status, _, body = curl(cr, path, tmp_path, bob)
+                assert status != 200 and body != kept, (path, status, body[:200])
+
+
+def test_anonymous_referrers_of_a_public_repository_are_read_as_its_tags_are(
+    bed: Bed, cr: CrProxy, tmp_path: Path
+) -> None:
+    """anonymous: pull-public: a public repository's referrers, like its
+    tag list, go to the fetcher (nginx's fast path took them for "other"
+    and answered 401); a private one's are refused."""
+    digest = bed.image.manifest_digest
+    status, _, _ = curl(cr, f"/v2/{REGISTRY}/public/app/tags/list", tmp_path)
+    assert status == 200
+    status, _, body = curl(cr, f"/v2/{REGISTRY}/public/app/referrers/{digest}", tmp_path)
+    assert status == 200 and json.loads(body)["manifests"] == [], (status, body[:200])
+    status, _, _ = curl(cr, f"/v2/{REGISTRY}/private/app/referrers/{digest}", tmp_path)
+    assert status == 401

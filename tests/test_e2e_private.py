@@ -12,6 +12,7 @@ that repository. Offline, `private.offline` decides."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import re
 import subprocess
@@ -315,3 +316,25 @@ def test_offline_the_policy_decides(bed: Bed, tmp_path: Path, policy: str) -> No
     assert outcome == expected, (entitled.stderr, anonymous.stderr, other.stderr)
     if entitled.returncode == 0:
         assert layout_blobs(tmp_path / "a") == layout_blobs(tmp_path / "online")
+
+
+def test_a_private_repositorys_sha512_names_are_never_served_by_nginx_alone(
+    bed: Bed, cr: CrProxy, tmp_path: Path
+) -> None:
+    """nginx's blob and manifest locations test the private mark for
+    sha256 names; a sha512 name of a repository (the fetcher stores them)
+    went to the CDN digest-path location, which tests no mark, and was
+    served to anyone (a review finding, session 13). A sha512 blob and
+    manifest of private/app are put in the tree as a commit would leave
+    them; with no credential they are refused, the fetcher deciding."""
+    result = pull(cr, "private/app:v1", tmp_path / "fill", "testuser")
+    assert result.returncode == 0, result.stderr
+    assert (cr.cache / f"lists/{REGISTRY}/private/app/_private").is_file()
+    secret = b"private bytes under a sha512 name\n"
+    digest = "sha512:" + hashlib.sha512(secret).hexdigest()
+    for kind in ("blobs", "manifests"):
+        stored = cr.cache / f"content/{REGISTRY}/v2/private/app/{kind}/{digest}"
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_bytes(secret)
+        status, body = curl(cr, f"/v2/private/app/{kind}/{digest}", None, tmp_path)
+        assert status == 401 and body != secret, (kind, status, body[:200])

@@ -1,6 +1,7 @@
 """cr_proxy.cache.evict on a tree built with Store (no serve): least recently
 used images go first, down to low_water; an image used within min_age
-stays; a blob another image uses stays."""
+stays; a blob another image uses stays. And removal and verify racing a
+pull that names a blob meanwhile."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ import yaml
 from cr_proxy.cache.evict import evict_once
 from cr_proxy.cache.inventory import Inventory
 from cr_proxy.cache.pins import Pins
+from cr_proxy.cache.removal import remove_images
+from cr_proxy.cache.scan import Reader, Scan
 from cr_proxy.cache.store import Store
+from cr_proxy.cache.verify import verify
 from cr_proxy.config import Config, load
-from tests.test_inventory import REG, Cached, cache_image
+from cr_proxy.oci.reference import digest_of
+from tests.test_inventory import REG, Cached, cache_blob, cache_image
 
 NOW = 1_000_000_000.0
 LAYER = 10_000  # bytes of each image's own layer: the images' sizes are alike
@@ -186,3 +191,77 @@ def test_a_blob_a_push_in_progress_references_is_kept(tmp_path: Path, store: Sto
     assert result.images == keys("old")
     assert store.has_blob(own)
     assert not store.has_blob(old.config)
+
+
+def test_a_blob_no_image_uses_goes_by_its_last_use_as_an_image_would(
+    tmp_path: Path, store: Store,
+) -> None:
+    """A blob this node filled for a cluster peer (its image's manifest
+    lives on another node), counted toward the limit: freed when its last
+    use is the oldest, not left while every image goes (a review finding,
+    session 13). Its names and its CDN record go with it."""
+    for name in ("old", "mid", "new"):
+        image(store, name)
+    images_total = store.blob_bytes()
+    layer = b"a peer's layer\n" * (2 * images_total // 15)
+    digest = cache_blob(store, REG, "other/app", layer, cdn=True)
+    conf = config(tmp_path, store, max_size=int(2.5 * images_total), low_water=0.9)
+    uses = {**used(("old", 2 * HOUR), ("mid", 2 * HOUR), ("new", HOUR)),
+            (REG, f"v2/other/app/blobs/{digest}"): NOW - 3 * HOUR}
+    result = evict_once(conf, store, uses, now=NOW)
+    assert result.images == () and result.blobs == (digest,)
+    assert cached_names(store) == {"old", "mid", "new"}
+    assert not store.has_blob(digest)
+    assert not store.tree.content(REG, f"v2/other/app/blobs/{digest}").exists()
+    assert result.size_after == store.blob_bytes() == images_total
+
+
+def test_a_blob_no_image_uses_is_kept_while_young_or_kept_by_a_push(
+    tmp_path: Path, store: Store,
+) -> None:
+    image(store, "old")
+    digest = cache_blob(store, REG, "other/app", b"pushed, no manifest yet\n" * 2000)
+    conf = config(tmp_path, store, max_size=store.blob_bytes() // 2)
+    young = {(REG, f"v2/other/app/blobs/{digest}"): NOW - 10, **used(("old", HOUR))}
+    assert evict_once(conf, store, young, now=NOW).blobs == ()
+    old = {(REG, f"v2/other/app/blobs/{digest}"): NOW - HOUR, **used(("old", 10))}
+    assert evict_once(conf, store, old, now=NOW, keep={digest}).blobs == ()
+    assert store.has_blob(digest)
+
+
+def test_a_blob_named_again_while_rm_ran_keeps_its_file_and_its_count(store: Store) -> None:
+    """rm (or the evictor) scans, then a pull of another repository that
+    shares the base layer links it under its own name, then the removal
+    frees the layer: its blobs/ file stays (the new name's bytes counted,
+    freeable later), where it was removed (a review finding, session 13)."""
+    shared = b"a base layer\n" * 500
+    cache_image(store, "a", "v1", [shared])
+    inventory = Inventory(store.root, {})
+    scan = Scan.of(store.tree)
+    current = inventory._images(scan)
+    layer = digest_of(shared)
+    assert store.link_if_stored(layer, REG, f"v2/b/c/blobs/{layer}") is not None
+    remove_images(store, scan, current, [i for i in current if i.repository == "a"])
+    assert store.tree.content(REG, f"v2/b/c/blobs/{layer}").exists()
+    assert store.has_blob(layer) and store.blob_bytes() == len(shared)
+
+
+def test_a_corrupt_blob_named_while_verify_hashed_is_taken_off_that_name_too(
+    store: Store, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = b"a layer that rots on disk\n" * 100
+    digest = cache_blob(store, REG, "a", data)
+    with open(store.tree.blob(digest), "r+b") as rotten:
+        rotten.write(b"X")
+    real_hash = Reader.hash
+
+    def hashing(self: Reader, path: Path, algorithm: str) -> str | None:
+        # Hashing a big store takes hours; a pull links the blob meanwhile.
+        store.link_if_stored(digest, REG, f"v2/b/blobs/{digest}")
+        return real_hash(self, path, algorithm)
+
+    monkeypatch.setattr(Reader, "hash", hashing)
+    failures = verify(store).failures
+    assert [f.digest for f in failures] == [digest]
+    assert f"{REG}/v2/b/blobs/{digest}" in failures[0].removed
+    assert not store.tree.content(REG, f"v2/b/blobs/{digest}").exists()

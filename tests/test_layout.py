@@ -27,6 +27,7 @@ from cr_proxy.cache.layout import (
     digest_url_path,
     key_of,
     mirror_target,
+    nginx_arg,
     parse_v2_path,
     proxy_target,
     resolve_domain,
@@ -773,3 +774,16 @@ def test_any_storable_name_has_one_key_and_back(domain: str, path: str) -> None:
     assert key_of(key.domain, key.path) == key
     assert Key(key.domain, key.repository, key.kind, key.reference) == key
     assert Tree(ROOT).at(key) == Tree(ROOT).content(domain, path)
+
+
+@pytest.mark.parametrize(("query", "value"), [
+    ("ns=ghcr.io", "ghcr.io"),
+    ("n=5&ns=ghcr.io", "ghcr.io"),
+    ("NS=docker.io&ns=ghcr.io", "docker.io"),  # the first, in any case
+    ("n%73=ghcr.io", None),  # names are not decoded
+    ("ns=ghcr%2Eio", "ghcr%2Eio"),  # nor values
+    ("ns", None),
+    ("", None),
+])
+def test_ns_is_read_as_nginx_reads_its_arg(query: str, value: str | None) -> None:
+    assert nginx_arg(query, "ns") == value

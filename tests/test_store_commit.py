@@ -85,3 +85,56 @@ def test_commit_manifest_by_digest_names_only_the_digest(store):
     assert store.read_manifest(HUB, rpath.path) is not None
     tags = store.root / "content" / HUB / "v2/library/alpine/manifests"
     assert [p.name for p in tags.iterdir()] == [MANIFEST_DIGEST]
+
+
+def test_a_challenge_name_the_tree_cannot_hold_is_skipped_the_blob_stored(
+    store: Store,
+) -> None:
+    """Tag `t` of org/app (with its challenge) is a file where repository
+    org/app/manifests/t needs a directory: the blob of that repository is
+    stored, its name and its challenge skipped (a review finding, session
+    13: the challenge raised NotADirectoryError and the download failed)."""
+    media_type = "application/vnd.oci.image.manifest.v1+json"
+    body = b'{"schemaVersion": 2, "mediaType": "%s", "layers": []}' % media_type.encode()
+    challenge = 'Bearer realm="https://auth.test/token"'
+    store.commit_manifest("registry.test", RegistryPath(Kind.MANIFEST, "org/app", "t"), body,
+                          digest_of(body), media_type, 1000.0, challenge=challenge)
+    data = b"layer" * 100
+    writer = store.blob_writer(digest_of(data))
+    writer.write(data)
+    writer.verify(len(data))
+    store.commit_blob(writer, "registry.test", f"v2/org/app/manifests/t/blobs/{digest_of(data)}",
+                      challenge=challenge)
+    assert store.has_blob(digest_of(data))
+
+
+class Crash(BaseException):
+    """serve killed, as a test raises it."""
+
+
+def test_a_crash_while_a_tag_moves_never_pairs_its_old_body_with_new_headers(
+    store: Store, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tag moving from a manifest to an index, serve killed after the
+    new sidecars and before the new link: what is left is no tag (the next
+    pull fetches it), never the old body under the new digest and type (a
+    review finding, session 13)."""
+    index = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json"}'
+    index_type = "application/vnd.oci.image.index.v1+json"
+    tag = RegistryPath(Kind.MANIFEST, "org/app", "latest")
+    store.commit_manifest(HUB, tag, MANIFEST, MANIFEST_DIGEST, MANIFEST_TYPE, 1000.0)
+    real_link = Store.link
+
+    def link(self: Store, digest: str, domain: str, path: str) -> None:
+        if path == tag.path:
+            raise Crash
+        real_link(self, digest, domain, path)
+
+    monkeypatch.setattr(Store, "link", link)
+    with pytest.raises(Crash):
+        store.commit_manifest(HUB, tag, index, digest_of(index), index_type, 2000.0)
+    payload = store.tree.content(HUB, tag.path)
+    if payload.exists():
+        assert digest_of(payload.read_bytes()) == store.read_sidecar(
+            "docker-content-digest", HUB, tag.path)
+    assert store.read_manifest(HUB, tag.path) is None

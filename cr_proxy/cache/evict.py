@@ -18,6 +18,11 @@ Policy:
   `min_age` seconds may be in the middle of a pull, and a download in
   progress is in temp/, not in the store. A client already reading a file
   keeps its bytes (an open file outlives its unlink).
+- A blob no image uses (filled for a cluster peer whose image lives on
+  another node, a pushed layer whose manifest never came, a commit cut
+  before its name) is a candidate as an image is, by its last use (its
+  names in the feed, else its commit): it counts toward the limit, and
+  were it never freed, every image would go instead.
 - A pinned image (cache.pins, `cr-proxy pin`: pins.py) is never evicted,
   and so neither are its blobs; the pins are read at each pass.
 - Nothing a push in progress references is removed (`keep`: the blobs it
@@ -36,7 +41,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from cr_proxy.cache.image import Image, file_times
-from cr_proxy.cache.inventory import Inventory
+from cr_proxy.cache.inventory import Inventory, UnusedBlob
 from cr_proxy.cache.pins import Pins
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Config
@@ -52,6 +57,7 @@ class Evicted:
     images: tuple[str, ...]
     bytes_freed: int
     size_after: int  # the store's, downloads in progress not included
+    blobs: tuple[str, ...] = ()  # digests of blobs no image used, freed
 
 
 def last_use(uses: Uses) -> Callable[[Image], float]:
@@ -80,24 +86,39 @@ def evict_once(config: Config, store: Store, uses: Uses, now: float | None = Non
     now = time.time() if now is None else now
     inventory = Inventory.from_config(config, last_used=last_use(uses))
     pinned = Pins.from_config(config, store).keys()
+    candidates: list[tuple[float, Image | UnusedBlob]] = [
+        (image.last_used, image) for image in inventory.images()]
+    candidates += [(blob_last_use(blob, uses), blob) for blob in inventory.unused_blobs()
+                   if blob.digest not in keep]
     evicted: list[str] = []
+    blobs: list[str] = []
     freed = 0
-    for image in sorted(inventory.images(), key=lambda i: i.last_used):
+    for used_at, item in sorted(candidates, key=lambda candidate: candidate[0]):
         if size <= goal:
             break
-        if now - image.last_used < limit.min_age:
+        if now - used_at < limit.min_age:
             continue  # may be in the middle of a pull
-        if image.key in pinned:
+        if isinstance(item, UnusedBlob):
+            removed = inventory.remove_blobs([item.digest], keep=keep)
+            blobs += removed.blobs
+        elif item.key in pinned:
             continue
-        removed = inventory.remove(image, keep=keep)
-        evicted.append(image.key)
+        else:
+            removed = inventory.remove(item, keep=keep)
+            evicted.append(item.key)
         freed += removed.bytes
         size -= removed.bytes
     if size > limit.max_size:
         log.warning("cache is %d bytes (%d of them downloads in progress), over its limit of "
                     "%d, and every image left was used in the last %.0f s or is pinned",
                     size, downloading, limit.max_size, limit.min_age)
-    return Evicted(tuple(evicted), freed, size - downloading)
+    return Evicted(tuple(evicted), freed, size - downloading, tuple(blobs))
+
+
+def blob_last_use(blob: UnusedBlob, uses: Uses) -> float:
+    """A blob no image uses: the feed's newest use of any of its names,
+    else its commit."""
+    return max((uses[name] for name in blob.names if name in uses), default=blob.stored_at)
 
 
 async def evict_loop(config: Config, store: Store, uses: Uses, metrics: Metrics,
@@ -115,5 +136,8 @@ async def evict_loop(config: Config, store: Store, uses: Uses, metrics: Metrics,
         metrics.cache_bytes.set(result.size_after)
         if result.images:
             metrics.evictions.inc(len(result.images))
+        if result.images or result.blobs:
+            unused = [f"{len(result.blobs)} blobs no image used"] if result.blobs else []
             log.info("evicted %s (%d bytes freed; cache now %d bytes)",
-                     ", ".join(result.images), result.bytes_freed, result.size_after)
+                     ", ".join([*result.images, *unused]), result.bytes_freed,
+                     result.size_after)

@@ -47,7 +47,7 @@ from cr_proxy.cache.check import Checked, Checker, Missing, ReferrersOf
 from cr_proxy.cache.diskuse import DiskUsage, disk_usage
 from cr_proxy.cache.image import Image, LastUsed, file_times
 from cr_proxy.cache.layout import QUARANTINE, Kind, Sidecar, key_of, resolve_domain
-from cr_proxy.cache.removal import Removed, remove_images
+from cr_proxy.cache.removal import Removed, remove_blobs, remove_images
 from cr_proxy.cache.scan import Link, Reader, Scan
 from cr_proxy.cache.store import Store
 from cr_proxy.cache.verify import Verification, verify
@@ -171,6 +171,16 @@ def group_manifests(links: Iterable[Link]) -> dict[tuple[str, str], Repo]:
     return repos
 
 
+@dataclass(frozen=True, slots=True)
+class UnusedBlob:
+    """A blobs/ file no image uses."""
+
+    digest: str
+    size: int
+    stored_at: float  # its file's mtime: the commit
+    names: tuple[tuple[str, str], ...]  # (domain, path) of its content/ names
+
+
 class Inventory:
     """The images and files of one cache tree."""
 
@@ -289,6 +299,24 @@ class Inventory:
 
     def usage(self) -> DiskUsage:
         return disk_usage(self._scan(), self._registry_of, self.store.listing_bytes())
+
+    def unused_blobs(self) -> list[UnusedBlob]:
+        """The blobs/ files no image uses, with their names: what a cluster
+        peer asked this node for (its image lives on another node), a
+        pushed layer whose manifest never came, a commit cut before its
+        name. The evictor frees them by their last use, as images."""
+        scan = self._scan()
+        used = set().union(*(image.digests for image in self._images(scan)))
+        return [UnusedBlob(blob.digest, blob.size, blob.mtime,
+                           tuple(link.where for link in scan.names.get(blob.inode, ())))
+                for digest, blob in sorted(scan.blobs.items()) if digest not in used]
+
+    def remove_blobs(self, digests: Iterable[str],
+                     keep: Collection[str] = frozenset()) -> Removed:
+        """Free blobs no image uses now (removal.remove_blobs)."""
+        scan = self._scan()
+        used = set().union(*(image.digests for image in self._images(scan)))
+        return remove_blobs(self.store, scan, set(digests) - used, keep)
 
     def remove(self, *images: Image, keep: Collection[str] = frozenset()) -> Removed:
         """Remove images (by key, as listed now) and whatever only they used,

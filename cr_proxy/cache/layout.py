@@ -365,6 +365,20 @@ def mirror_target(
     return Target(registry, resolve_domain(registry, registry_hosts), rpath)
 
 
+def nginx_arg(query_string: str, name: str) -> str | None:
+    """The value nginx's `$arg_<name>` holds for this query: the first
+    `name=` argument, its name in any case, its value as sent (not
+    decoded); None when there is none. The fetcher must read `?ns=` as
+    nginx does: mirror_auth's verdict is nginx's, for the registry nginx
+    read, and `?NS=docker.io&ns=ghcr.io` or `?n%73=ghcr.io` read another
+    way would carry one registry's grant to another's repository."""
+    for argument in query_string.split("&"):
+        key, equals, value = argument.partition("=")
+        if equals and key.lower() == name:
+            return value
+    return None
+
+
 def normalise_registry(registry: str) -> str:
     """Lower case, default port dropped, Docker Hub's legacy name folded."""
     registry = check_domain(registry)

@@ -9,9 +9,9 @@ targets included), then the `redirect/` records pointing at those names,
 then the blobs/ file. Each name goes payload first, then its sidecars (the
 reverse of the commit order); in a redirect chain the name that redirects
 goes before its target; blobs/ last. Blob names of a shared blob in the
-removed image's repository stay: they still serve the right bytes. A pull
-racing the removal may leave a content/ name whose blobs/ file is gone; it
-serves correct bytes, and the next miss of that digest downloads it again.
+removed image's repository stay: they still serve the right bytes. A blob
+named again since the scan (a pull racing the removal) keeps its blobs/
+file, so its bytes stay counted and freeable.
 When the last image of a repository goes, so do its stored listings (tag
 list pages, referrers answers in lists/): nothing of it is left to list or
 to refer to; `cr-proxy du` counts them meanwhile.
@@ -68,6 +68,23 @@ def remove_images(
     return Removed(tuple(i.key for i in gone), tuple(freed), files, freed_bytes)
 
 
+def remove_blobs(
+    store: Store, scan: Scan, digests: Iterable[str], keep: Collection[str] = frozenset(),
+) -> Removed:
+    """Free blobs no image uses (the evictor's: a blob filled for a cluster
+    peer, a pushed layer whose manifest never came), each as an image's
+    last blob is freed: its names, the records pointing at them, then
+    blobs/; never a digest in `keep`."""
+    freed = sorted((set(digests) - set(keep)) & scan.blobs.keys())
+    redirects = list(scan_redirects(store.tree)) if freed else []
+    files = freed_bytes = 0
+    for digest in freed:
+        removed, blob_gone = _free(store, scan.blobs[digest], scan, redirects)
+        files += removed + blob_gone
+        freed_bytes += scan.blobs[digest].size if blob_gone else 0
+    return Removed((), tuple(freed), files, freed_bytes)
+
+
 def _remove_names(store: Store, image: Image, remaining: list[Image]) -> int:
     """The image's own names: its tag, then its repository's by-digest
     manifests that no other image of the repository uses."""
@@ -93,6 +110,11 @@ def _free(
         removed += _remove_path(store, link.domain, link.path, link.inode)
     for record in records:
         removed += store.remove_sidecar(Sidecar.REDIRECT, record.domain, record.path)
+    if store.names_left(blob.digest, blob.inode):
+        # Named since the scan (a pull of another repository confirmed the
+        # digest there): the blob stays, counted, for a later pass to free
+        # with its names; gone, its name would hold bytes nothing counts.
+        return removed, 0
     return removed, int(store.remove_blob(blob.digest, blob.inode))
 
 

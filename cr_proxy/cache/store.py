@@ -386,6 +386,10 @@ class Store:
         if content_type not in MANIFEST_MEDIA_TYPES:
             raise ManifestInvalid(message=f"not a manifest type: {content_type[:80]!r}")
         check_digest(digest)
+        if self.read_sidecar(Sidecar.DOCKER_CONTENT_DIGEST, domain, path) not in (None, digest):
+            # A tag moving to another digest: its old body goes first, so no
+            # hit (nor a crash before the link) pairs it with the new headers.
+            unlink_if(self.tree.content(domain, path))
         self.write_sidecar(Sidecar.CONTENT_TYPE, domain, path, content_type)
         self.write_sidecar(Sidecar.DOCKER_CONTENT_DIGEST, domain, path, digest)
         if validated_at is not None:
@@ -464,7 +468,10 @@ class Store:
             self._name_redirect_target(digest, domain, path, redirected)
         self.link_quietly(digest, domain, path)
         if challenge:
-            self.write_sidecar(Sidecar.WWW_AUTHENTICATE, domain, path, challenge)
+            try:
+                self.write_sidecar(Sidecar.WWW_AUTHENTICATE, domain, path, challenge)
+            except SHAPE_CONFLICTS as err:  # as its name: skipped, the blob stored
+                log.warning("cannot keep the challenge of %s/%s: %s", domain, path, err)
         return committed
 
     def _name_redirect_target(
@@ -546,6 +553,19 @@ class Store:
                      if (st := lstat(entry)) is not None]
             out[domain.name] = (len(sizes), sum(sizes))
         return out
+
+    def names_left(self, digest: str, inode: int) -> bool:
+        """Whether blobs/<alg>/<hex> (still `inode`) has a content/ name:
+        a link besides itself and its held/ names (answers being sent)."""
+        try:
+            st = os.lstat(self.tree.blob(digest))
+        except FileNotFoundError:
+            return False
+        if st.st_ino != inode or st.st_nlink <= 1:
+            return False
+        held = sum(1 for entry in entries(self.tree.held)
+                   if entry.inode() == inode)
+        return st.st_nlink > 1 + held
 
     def remove_blob(self, digest: str, inode: int | None = None) -> bool:
         """Remove blobs/<alg>/<hex>; call once no content/ name needs it."""

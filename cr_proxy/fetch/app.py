@@ -32,7 +32,7 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import web
 
-from cr_proxy.cache.layout import Kind, Target, mirror_target, proxy_target
+from cr_proxy.cache.layout import Kind, Target, mirror_target, nginx_arg, proxy_target
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Config
 from cr_proxy.errors import (
@@ -146,7 +146,7 @@ class Fetcher:
                 return await self.pushes.handle(request)
             target = mirror_target(
                 request.path,
-                request.query.get("ns") or None,
+                nginx_arg(request.rel_url.raw_query_string, "ns") or None,
                 self.ctx.config.default_registry,
                 dict(self.ctx.config.registry_hosts),
             )

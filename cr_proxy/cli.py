@@ -290,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         # the flush at exit does not raise again (Python's documented recipe).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return ExitStatus.OK
+    except (OSError, UnicodeError) as err:
+        # The system's word (a port taken, a directory not writable, a file
+        # that is not text): it names what it is about.
+        if args.debug:
+            raise
+        print(f"cr-proxy: {type(err).__name__}: {err}", file=sys.stderr)
+        return ExitStatus.ERROR
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -507,7 +508,7 @@ def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
             ports=frozenset(_port(p, "proxy.ports") for p in _list(proxy, "proxy.ports")),
             allow_private=tuple(_allow_entry(e, "proxy.allow_private")
                                 for e in _str_list(proxy, "proxy.allow_private")),
-            max_tunnels=int(_seconds(proxy, "proxy.max_tunnels")),
+            max_tunnels=_count(proxy, "proxy.max_tunnels"),
             max_hosts=_count(proxy, "proxy.max_hosts"),
         ),
         push=PushPolicy(
@@ -679,7 +680,9 @@ def _path(data: Mapping[str, Any], key: str) -> Path:
 
 def _seconds(data: Mapping[str, Any], key: str, allow_zero: bool = False) -> float:
     value = data.get(_leaf(key))
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        # NaN compares false with everything: cache.min_age .nan disabled
+        # the guard it sets.
         raise ConfigError(message=f"{key}: expected a number of seconds, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(message=f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -719,6 +722,11 @@ def _url(value: Any, key: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(message=f"{key}: {value!r} is not an http(s) URL")
+    if parts.username is not None or parts.password is not None:
+        # `cr-proxy config` prints URLs as they are: credentials go in
+        # registries:, where they are masked.
+        raise ConfigError(message=f"{key}: a URL with a user name or password; put "
+                          "credentials under registries:")
     return value.rstrip("/")
 
 
@@ -759,6 +767,7 @@ def _upstream_proxy_ca(data: Mapping[str, Any]) -> Path | None:
     return path
 
 
+PORT_RE = re.compile(r"[0-9]{1,5}")  # ASCII digits: str.isdigit takes "²", int() does not
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
               "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20,
               "gib": 2**30, "tib": 2**40}
@@ -772,7 +781,10 @@ def parse_size(value: Any, key: str) -> int:
     match = SIZE_RE.fullmatch(str(value))
     if not match or match.group(2).lower() not in SIZE_UNITS:
         raise ConfigError(message=f"{key}: {value!r} is not a size (e.g. 50GiB)")
-    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+    size = float(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+    if not math.isfinite(size):  # 400 digits
+        raise ConfigError(message=f"{key}: {str(value)[:40]!r}... is not a size we can hold")
+    return int(size)
 
 
 def _cache_limit(data: Mapping[str, Any]) -> CacheLimit:
@@ -871,7 +883,7 @@ def _address(data: Mapping[str, Any], key: str) -> Address:
     if not sep:
         host, port = "0.0.0.0", text
     host = host.strip("[]") or "0.0.0.0"
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not PORT_RE.fullmatch(port) or not 0 < int(port) < 65536:
         raise ConfigError(message=f"{key}: {value!r} is not host:port")
     return Address(host, int(port))
 
@@ -941,7 +953,7 @@ def _loopback_address(data: Mapping[str, Any], key: str) -> LoopbackAddress:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    if not sep or not loopback or not port.isdigit() or int(port) > 65535:
+    if not sep or not loopback or not PORT_RE.fullmatch(port) or int(port) > 65535:
         raise ConfigError(message=f"{key}: {text!r} is not loopback-address:port")
     return LoopbackAddress(host, int(port))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import functools
 import logging
 import os
@@ -26,12 +27,14 @@ from aiohttp import web
 
 from cr_proxy import nginx, privsep
 from cr_proxy.cache.evict import evict_loop
+from cr_proxy.cache.layout import LOCK_FILE
 from cr_proxy.cache.scrub import scrub_manifest_sidecars
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Address, Config
 from cr_proxy.edge.http import make_app
 from cr_proxy.edge.mqtt import MqttEdge
 from cr_proxy.edge.resolve import resolve
+from cr_proxy.errors import CrProxyError
 from cr_proxy.front import certs
 from cr_proxy.front.server import Front
 from cr_proxy.front.stamp import FrontStamp
@@ -163,8 +166,33 @@ async def _listening(config: Config, proc: asyncio.subprocess.Process) -> bool:
     return proc.returncode is None
 
 
+class AlreadyServing(CrProxyError):
+    code = "ALREADY_RUNNING"
+
+
+def _own_the_cache(cache_dir: Path) -> int:
+    """Lock the cache for this serve (flock, released when the process
+    ends, however it ends), or raise AlreadyServing: a second serve would
+    empty the first one's temp/ and held/ and take its sockets and feeds
+    before failing to bind. The descriptor is kept open for the process's
+    life (not inherited by nginx: Python's are close-on-exec)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise AlreadyServing(message=f"another cr-proxy serve (pid {holder}) is serving "
+                             f"{cache_dir}; stop it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 async def serve(config: Config, say: Callable[[str], None] = print) -> int:
     """Run until signalled (exit 0) or until nginx dies (exit 1)."""
+    _own_the_cache(config.cache_dir)
     _name_process()
     _keep_freed_buffers()
     config = nginx.with_front_port(config)
@@ -263,6 +291,8 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             tasks.append(asyncio.create_task(
                 evict_loop(config, store, feed.last_used, metrics, wake,
                            fetcher.pushes.pending)))
+        for task in tasks:
+            task.add_done_callback(_said_if_it_died)
         stack.callback(lambda: [t.cancel() for t in tasks])
 
         for line in client_hints(config):
@@ -278,6 +308,14 @@ async def serve(config: Config, say: Callable[[str], None] = print) -> int:
             proc.kill()
         say("cr-proxy stopped")
         return 0
+
+
+def _said_if_it_died(task: asyncio.Task[object]) -> None:
+    """A background loop (usage feed, refresh, eviction...) that ended on
+    an error: said in the log, which nothing else would."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s stopped: %r; serve goes on without it until restarted",
+                  task.get_coro().__qualname__, task.exception())
 
 
 class HostServers:

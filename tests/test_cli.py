@@ -83,3 +83,19 @@ def test_warm_usage_errors_exit_2_and_a_bad_platform_1(tmp_path: Path) -> None:
     assert platform.returncode == 1
     assert "expected os/arch[/variant]" in platform.stderr
     assert not (tmp_path / "run").exists()  # no fetcher was started for any of them
+
+
+def test_the_systems_errors_are_one_line_too(tmp_path: Path) -> None:
+    """A cache directory that cannot be made (a file in the way), a
+    configuration file that is not text: one line naming it, exit 1, no
+    traceback (a review finding, session 13)."""
+    (tmp_path / "afile").write_text("in the way\n")
+    conf = tmp_path / "c.yml"
+    conf.write_text(f"cache_dir: {tmp_path / 'afile' / 'cache'}\n")
+    result = run("ls", "--config", str(conf))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "afile" in result.stderr
+    assert result.stderr.count("\n") == 1
+    (tmp_path / "latin1.yml").write_bytes(b"log_level: d\xe9bug\n")
+    result = run("config", "--config", str(tmp_path / "latin1.yml"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr

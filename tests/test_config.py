@@ -334,6 +334,15 @@ def test_environment_beats_the_file(tmp_path):
                                      "push": True}]}}, "mirror_auth.rules[0]"),
         ({"mirror_auth": {"rules": [{"users": [], "repositories": ["x/y"], "allow": "pull"}]}},
          "mirror_auth.rules[0]"),
+        # Numbers that crashed or meant nothing (a review of session 13):
+        # NaN compares false with everything (cache.min_age's guard off).
+        ({"cache": {"min_age": float("nan")}}, "cache.min_age"),
+        ({"timeouts": {"read": float("inf")}}, "timeouts.read"),
+        ({"proxy": {"max_tunnels": float("inf")}}, "proxy.max_tunnels"),
+        ({"proxy": {"max_tunnels": float("nan")}}, "proxy.max_tunnels"),
+        ({"cache": {"max_size": "9" * 400}}, "cache.max_size"),
+        ({"listen": {"mirror_http": "127.0.0.1:\u00b2"}}, "listen.mirror_http"),
+        ({"endpoints": {"a.test": "http://bob:s3cret@10.0.0.5:5000"}}, "endpoints.a.test"),
     ],
 )
 def test_bad_file_settings_raise_config_error_naming_the_key(tmp_path, data, key):

@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -420,3 +422,28 @@ def test_concurrent_misses_make_one_upstream_fetch(
     # Counted once the CDN is idle: a second GET, under way or not yet
     # logged when the clients finished, would be seen.
     assert upstream.cdn_blob_gets_settled(layer) == before + 1
+
+
+def test_a_second_serve_of_one_cache_refuses_and_leaves_the_first_whole(
+    upstream: Upstream, images: Images, tmp_path: Path
+) -> None:
+    """`make serve` twice, an overlapping restart: the second serve says
+    one is already running and stops before touching anything. It used to
+    empty the first one's temp/ and held/ and replace its fetcher socket,
+    usage feed and front stamp, then fail to bind: the first then answered
+    every miss 502 (a review finding, session 13)."""
+    with CrProxy(tmp_path / "first", proxy_endpoints(upstream)) as first:
+        assert first.proc is not None
+        socket_before = first.config_path.parent / "run" / "fetcher.sock"
+        inode = socket_before.stat().st_ino
+        second = subprocess.run(
+            [sys.executable, "-m", "cr_proxy", "serve", "--config", str(first.config_path)],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert second.returncode == 1
+        assert f"another cr-proxy serve (pid {first.proc.pid})" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr
+        assert socket_before.stat().st_ino == inode
+        status, _, body = request(
+            f"http://{first.http}/v2/registry.test/small/blobs/{images.small.layer_digests[0]}")
+        assert status == 200 and hashlib.sha256(body).hexdigest() == \
+            images.small.layer_digests[0].split(":", 1)[1]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cr_proxy.metrics import Metrics
+from cr_proxy.ops import usage
 from cr_proxy.ops.usage import LogTail, UsageFeed, parse_line
 
 HIT = "registry.test /v2/a/blobs/sha256:ab 200 1234 blob HIT"
@@ -87,3 +90,23 @@ def test_rotation_reads_the_old_file_to_its_end(tmp_path: Path, monkeypatch) -> 
     assert reopened == [True]
     assert tail.read_new() == MISS
     assert not (tmp_path / "usage.log.1").exists()  # read, then removed
+
+
+def test_last_use_times_are_bounded_the_oldest_going_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The names are the clients' (a stored blob is served under invented
+    ones when the upstream cannot be asked): a flood of them keeps the
+    table at MAX_USES, and a name used again is the newest (a review
+    finding, session 13: it grew with every name, and usage.json too)."""
+    monkeypatch.setattr(usage, "MAX_USES", 100)
+    feed = UsageFeed(Metrics())
+    feed.feed(HIT, when=1.0)
+    for i in range(300):
+        feed.feed(f"reg{i}.invalid /v2/x{i}/blobs/sha256:ab 200 10 blob-fetch HIT", when=2.0 + i)
+        if i == 250:
+            feed.feed(HIT, when=3.0 + i)  # used again: kept
+    assert len(feed.last_used) == 100
+    assert ("registry.test", "v2/a/blobs/sha256:ab") in feed.last_used
+    assert ("reg299.invalid", "v2/x299/blobs/sha256:ab") in feed.last_used
+    assert ("reg0.invalid", "v2/x0/blobs/sha256:ab") not in feed.last_used

@@ -51,6 +51,8 @@ The tree (seed 001, plus a digest store for one copy per digest):
       usage.json                             last use per (domain, path), saved by
                                              `serve` from nginx's access log
       pins.json                              images `cr-proxy pin` pinned (pins.py)
+      serve.lock                             the running serve's pid, under flock:
+                                             one serve per cache (serve.py)
 
 `<domain>` is the host that really serves the path (registry-1.docker.io,
 not docker.io; a CDN host for redirect targets), `<path>` the URL path
@@ -91,6 +93,7 @@ HELD = "held"
 QUARANTINE = "quarantine"
 LISTS = "lists"
 USES_FILE = "usage.json"
+LOCK_FILE = "serve.lock"
 PINS_FILE = "pins.json"
 # Made by Store.prepare; quarantine/ when needed.
 TOP_DIRS = (CONTENT, BLOBS, TEMP, HELD, LISTS, *SIDECARS)

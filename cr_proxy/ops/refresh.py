@@ -14,6 +14,8 @@ import fnmatch
 import logging
 from dataclasses import dataclass
 
+import aiohttp
+
 from cr_proxy.cache.pins import Pins
 from cr_proxy.errors import CrProxyError
 from cr_proxy.fetch.app import Fetcher
@@ -49,9 +51,12 @@ async def refresh_once(fetcher: Fetcher) -> RefreshResult:
             if await fetcher.revalidate_tag(domain, name, tag):
                 changed += 1
                 log.info("refresh: %s/%s:%s moved upstream; cached the new one", domain, name, tag)
-        except CrProxyError as err:
+        except (CrProxyError, aiohttp.ClientError, TimeoutError, OSError) as err:
+            # One tag's failure (a registry gone silent mid-body too) is
+            # that tag's: the pass, and the loop, go on.
             failed += 1
-            log.warning("refresh: %s/%s:%s: %s", domain, name, tag, err.message)
+            log.warning("refresh: %s/%s:%s: %s", domain, name, tag,
+                        getattr(err, "message", None) or repr(err))
     return RefreshResult(checked, changed, failed)
 
 

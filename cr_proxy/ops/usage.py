@@ -35,6 +35,7 @@ CACHED_KINDS = frozenset({"blob", "manifest", "other", "artifact"})
 DENIED = "denied-"  # nginx's mirror_auth refusals: denied-<reason> (nginx.py)
 READ_INTERVAL = 1.0  # seconds between reads of the log
 ROTATE_BYTES = 64 << 20
+MAX_USES = 100_000  # (domain, path) last-use times kept; the oldest go first
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +83,15 @@ class UsageFeed:
             self.metrics.hits.labels(kind=use.kind).inc(times)
             self.metrics.bytes_served.inc(use.size * times)
         if use.domain and use.status in (200, 206) and use.kind.split("-")[0] in CACHED_KINDS:
-            self.last_used[(use.domain, use.path.lstrip("/"))] = when
+            # Kept in the order of use and bounded: the names are the
+            # clients' (a stored blob is answered under invented ones when
+            # the upstream cannot be asked); past the bound the oldest go,
+            # and an image whose names went falls back to the tree's times.
+            key = (use.domain, use.path.lstrip("/"))
+            self.last_used.pop(key, None)
+            self.last_used[key] = when
+            if len(self.last_used) > MAX_USES:
+                del self.last_used[next(iter(self.last_used))]
 
     def feed(self, text: str, when: float) -> None:
         # Hits repeat: a busy second is thousands of identical lines. Count

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cr_proxy.config import load
-from cr_proxy.front import certs
+from cr_proxy.front import certs, server
 from cr_proxy.front.server import Front
 from cr_proxy.front.stamp import FrontStamp
 from testbed.ports import free_ports
@@ -271,3 +275,98 @@ async def test_a_name_with_no_address_gets_no_leaf_but_an_alert(tmp_path: Path) 
         writer.close()
         assert not front.leaves.has("no-such-host.invalid")
     assert answer[0] == ALERT and answer[-1] == 112  # RFC 6066: unrecognized_name
+
+
+async def test_tunnels_still_connecting_count_toward_max_tunnels(tmp_path: Path) -> None:
+    """max_tunnels 2, a passthrough host: of 10 CONNECTs at once, 2 get a
+    tunnel and the rest 503. The count went up only once a tunnel's
+    connect had returned, so every one passed the check (a review
+    finding, session 13)."""
+    (echo_port,) = free_ports(1)
+    async with listening(Peer(echo=True), "127.0.0.1", echo_port), running_front(
+        tmp_path, allow_private=[f"127.0.0.1:{echo_port}"], ports=[echo_port],
+        passthrough=["127.0.0.1"], max_tunnels=2,
+    ) as (_front, port):
+        results = await asyncio.gather(*(connect(port, f"127.0.0.1:{echo_port}")
+                                         for _ in range(10)))
+        heads = [head.split(b"\r\n", 1)[0] for _, _, head in results]
+        assert heads.count(b"HTTP/1.1 200 Connection Established") == 2, heads
+        assert heads.count(b"HTTP/1.1 503 Busy") == 8, heads
+        for _, writer, _ in results:
+            writer.close()
+
+
+FRONT_WITH_FEW_FILES = """
+import asyncio, resource, sys, yaml
+from pathlib import Path
+from cr_proxy.config import load
+from cr_proxy.front import certs
+from cr_proxy.front.server import Front
+tmp, port = Path(sys.argv[1]), int(sys.argv[2])
+(tmp / "c.yml").write_text(yaml.safe_dump({
+    "listen": {"proxy": f"127.0.0.1:{port}", "front_tls": "127.0.0.1:1"},
+    "certs_dir": str(tmp / "certs"), "run_dir": str(tmp / "run"),
+    "cache_dir": str(tmp / "cache")}))
+conf = load(tmp / "c.yml", environ={})
+async def main():
+    front = Front(conf, certs.LeafCache(certs.ensure_ca(conf.certs_dir), conf.certs_dir))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    await front.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def test_the_front_accepts_again_once_a_burst_past_the_descriptor_limit_is_gone(
+    tmp_path: Path,
+) -> None:
+    """The front with 64 descriptors: 80 idle connections run it out, its
+    accept fails (EMFILE), which it says; once they are gone it answers
+    again. The accept loop ended there, and the front stayed deaf while
+    serve ran on (a review finding, session 13)."""
+    (port,) = free_ports(1)
+    front = subprocess.Popen([sys.executable, "-c", FRONT_WITH_FEW_FILES, str(tmp_path),
+                              str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert front.stdout is not None and front.stderr is not None
+        assert front.stdout.readline().strip() == "ready"
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(80)]
+        # Event, not time: the front says when it has run out.
+        while "accept failed" not in (line := front.stderr.readline()):
+            assert line, "the front ended"
+        for conn in idle:
+            conn.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(b"GET /ca.crt HTTP/1.1\r\n\r\n")
+            assert conn.recv(64).startswith(b"HTTP/1.1 200")
+    finally:
+        front.terminate()
+        front.wait(10)
+
+
+async def test_first_leaves_for_names_that_only_resolve_come_at_a_bounded_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wildcard DNS name (nip.io, sslip.io) resolves for every invented
+    name: each cost a leaf, a server file and an nginx reload, as fast as
+    a client asked (a review finding, session 13). A burst, then one
+    every NEW_LEAF_EVERY seconds; hosts the operator named are not
+    counted."""
+    now = [0.0]
+    async with running_front(tmp_path) as (front, _):
+        front._new_leaves = server.Bucket(server.NEW_LEAF_BURST, server.NEW_LEAF_EVERY,
+                                          clock=lambda: now[0])
+
+        async def resolves(_self: Front, _host: str, _port: int) -> bool:
+            return True
+
+        monkeypatch.setattr(Front, "_resolves", resolves)
+        granted = [await front._may_have_leaf(f"n{i}.wild.test", 443) for i in range(40)]
+        assert granted == [True] * server.NEW_LEAF_BURST + [False] * (40 - server.NEW_LEAF_BURST)
+        now[0] += server.NEW_LEAF_EVERY
+        assert await front._may_have_leaf("late.wild.test", 443)
+        assert not await front._may_have_leaf("later.wild.test", 443)
+        front._cache.domain_dir("cached.test").mkdir(parents=True)  # content of it cached
+        assert await front._may_have_leaf("cached.test", 443)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from cr_proxy.errors import ProtocolError
 from cr_proxy.front import tlshello
-from cr_proxy.front.tlshello import Hello, parse
+from cr_proxy.front.tlshello import Hello, HelloReader, parse
 
 
 def real_hello(sni: str | None, version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3) -> bytes:
@@ -191,3 +191,31 @@ def test_parsing_stops_at_server_name() -> None:
     a second server_name); the front needs only the name."""
     twice = server_name((0, b"a.test")) + server_name((0, b"b.test"))
     assert parse(records(hello_message(twice))) == Hello("a.test")
+
+
+class CountedBytes(bytearray):
+    """The bytes a reader holds, counting what it takes out of them."""
+
+    taken = 0
+
+    def __getitem__(self, key):  # type: ignore[no-untyped-def, override]
+        part = super().__getitem__(key)
+        CountedBytes.taken += len(part) if isinstance(key, slice) else 1
+        return part
+
+
+def test_a_hello_trickled_in_tiny_records_is_read_once_not_again_per_byte() -> None:
+    """A hello of 1-byte records, fed a byte at a time (as a client can
+    trickle it within the head timeout): the reader takes each byte out
+    of its buffer a bounded number of times. Parsing the whole buffer
+    after each read cost the square of its size: 50 such clients held
+    the event loop for seconds (a review finding, session 13)."""
+    padding = extension(21, bytes(8000))  # a padding extension: a long hello
+    data = records(hello_message(server_name((0, b"slow.test")) + padding), 1)
+    reader = HelloReader()
+    reader.received = CountedBytes()
+    CountedBytes.taken = 0
+    found = [reader.feed(data[i:i + 1]) for i in range(len(data))]
+    assert found[-1] == Hello("slow.test") and found.count(None) == len(data) - 1
+    assert bytes(reader.received) == data
+    assert CountedBytes.taken <= 4 * len(data)

@@ -127,7 +127,7 @@ class Passthrough:
             answer.release()
         try:
             parsed = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the stack
             parsed = None
         if isinstance(parsed, dict):
             for field in ("token", "access_token"):

@@ -114,11 +114,16 @@ class Referrers:
         most MAX_REFERRERS bytes); None when the upstream has no API."""
         descriptors: list[Descriptor] = []
         query = ""
+        received = 0  # the pages' bytes: past MAX_REFERRERS, no next page is asked for
         for _ in range(MAX_PAGES):
             page = await self._page(target, listing, auth, query)
             if page is None:
                 return None
             body, link = page
+            received += len(body)
+            if received > MAX_REFERRERS:
+                raise TooLarge(message=f"{target.domain}: {listing.what} larger than "
+                               f"{MAX_REFERRERS} bytes")
             descriptors += await in_thread(parse_referrers, body, listing.what)
             following = next_query(link, "/" + target.rpath.path)
             if following is None:

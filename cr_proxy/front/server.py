@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,15 +45,53 @@ from cr_proxy.upstream.client import PolicyResolver
 log = logging.getLogger("cr_proxy.front")
 
 HEAD_TIMEOUT = 30.0  # seconds a client has to send its request head (and its ClientHello)
+# accept() errors that pass: out of descriptors or buffers (wait a moment),
+# and a connection gone before it was taken (take the next at once).
+ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+ACCEPT_PAUSE = 0.1  # seconds
 # Names looked up at once before a first leaf: each lookup holds a thread of
 # the default executor, which the fetcher's file I/O shares; a flood of
 # invented names is refused past this instead of queueing there.
 MAX_LOOKUPS = 4
+# First leaves for names that only resolve (not in endpoints, nothing
+# cached): a burst as a client's first pulls bring (registries, their
+# token and CDN hosts), then one every NEW_LEAF_EVERY seconds. Each costs a
+# key, a file and an nginx reload; a wildcard DNS name (nip.io, sslip.io)
+# resolves for every invented name.
+NEW_LEAF_BURST = 32
+NEW_LEAF_EVERY = 2.0
+
+
+class Bucket:
+    """A token bucket: `take()` is True while tokens are left; one comes
+    back every `every` seconds, up to `burst`."""
+
+    __slots__ = ("_clock", "_last", "_tokens", "burst", "every")
+
+    def __init__(self, burst: int, every: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.every, self._clock = burst, every, clock
+        self._tokens = float(burst)
+        self._last = clock()
+
+    def __repr__(self) -> str:
+        return f"<Bucket {self._tokens:.1f} of {self.burst}>"
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) / self.every)
+        self._last = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
 
 class Front:
     __slots__ = (
-        "_active", "_cache", "_clients", "_executor", "_listener", "_lookups", "_resolver", "_task",
+        "_active", "_cache", "_clients", "_executor", "_listener", "_lookups", "_new_leaves",
+        "_resolver", "_task",
         "config", "destinations", "leaves", "on_host", "stamp",
     )
 
@@ -66,6 +106,7 @@ class Front:
         self._cache = Tree(config.cache_dir)
         self._resolver: PolicyResolver | None = None  # made on the loop, when first needed
         self._lookups: dict[tuple[str, int], asyncio.Future[bool]] = {}  # resolves?
+        self._new_leaves = Bucket(NEW_LEAF_BURST, NEW_LEAF_EVERY)
         # Told of every intercepted host (serve gives it a server of its own).
         self.on_host: Callable[[str], None] | None = None
         self._executor = ThreadPoolExecutor(
@@ -93,6 +134,7 @@ class Front:
         listener.setblocking(False)
         self._listener = listener
         self._task = asyncio.create_task(self._accept_loop(), name="front accept")
+        self._task.add_done_callback(_said_if_it_ended)
 
     async def close(self) -> None:
         if self._task:
@@ -107,7 +149,21 @@ class Front:
         loop = asyncio.get_running_loop()
         assert self._listener is not None
         while True:
-            conn, addr = await loop.sock_accept(self._listener)
+            try:
+                conn, addr = await loop.sock_accept(self._listener)
+            except OSError as err:
+                # Out of descriptors (a burst of idle connections, or the
+                # fetcher's own), or a connection gone before it was taken:
+                # the front goes on accepting once there is room again.
+                # Ending here left it deaf for good, serve none the wiser.
+                if err.errno in ACCEPT_RETRY:
+                    log.warning("front: accept failed (%s); trying again in %.1f s",
+                                err.strerror, ACCEPT_PAUSE)
+                    await asyncio.sleep(ACCEPT_PAUSE)
+                    continue
+                if err.errno in ACCEPT_SKIP:
+                    continue
+                raise
             conn.setblocking(False)
             task = asyncio.create_task(self._client(conn, addr))
             self._clients.add(task)
@@ -140,30 +196,32 @@ class Front:
             if self._active >= self.config.proxy.max_tunnels:
                 await loop.sock_sendall(conn, reply(503, "Busy", "too many tunnels\n"))
                 return
-            if action is Action.INTERCEPT:
-                intercepted = await self._intercept(loop, conn, head, rest, addr)
-                if intercepted is None:
-                    return
-                upstream, rest = intercepted, b""
-            else:
-                try:
-                    upstream = await self._open(action, head.host, head.port, addr)
-                except ProxyRefused as err:  # a tunnelled name that resolves into the LAN
-                    await self._refuse(loop, conn, addr, err)
-                    return
-                except OSError as err:
-                    log.warning("CONNECT %s:%d failed: %s", head.host, head.port, err)
-                    await loop.sock_sendall(conn, reply(502, "Bad Gateway", f"{err}\n"))
-                    return
-                if action is Action.FORWARD:
-                    await loop.sock_sendall(upstream, raw)
-                else:
-                    await loop.sock_sendall(conn, CONNECTED)
-            if rest:
-                await loop.sock_sendall(upstream, rest)
-            handed_over = True
+            # The tunnel's slot is taken before any wait (a lookup, a
+            # connect, a hello): every CONNECT arriving meanwhile counts it.
             self._active += 1
             try:
+                if action is Action.INTERCEPT:
+                    intercepted = await self._intercept(loop, conn, head, rest, addr)
+                    if intercepted is None:
+                        return
+                    upstream, rest = intercepted, b""
+                else:
+                    try:
+                        upstream = await self._open(action, head.host, head.port, addr)
+                    except ProxyRefused as err:  # a tunnelled name that resolves into the LAN
+                        await self._refuse(loop, conn, addr, err)
+                        return
+                    except OSError as err:
+                        log.warning("CONNECT %s:%d failed: %s", head.host, head.port, err)
+                        await loop.sock_sendall(conn, reply(502, "Bad Gateway", f"{err}\n"))
+                        return
+                    if action is Action.FORWARD:
+                        await loop.sock_sendall(upstream, raw)
+                    else:
+                        await loop.sock_sendall(conn, CONNECTED)
+                if rest:
+                    await loop.sock_sendall(upstream, rest)
+                handed_over = True
                 await Relay(conn, upstream, self._executor).run()
             finally:
                 self._active -= 1
@@ -186,8 +244,8 @@ class Front:
         """Answer the CONNECT, read the client's ClientHello, make sure the
         host it names has a leaf, then hand the hello to nginx (which ends
         TLS); None when the client is turned away (and told, if it can be).
-        Waiting for the hello holds a tunnel (proxy.max_tunnels)."""
-        self._active += 1
+        Waiting for the hello holds a tunnel (proxy.max_tunnels: the
+        caller's slot)."""
         try:
             await loop.sock_sendall(conn, CONNECTED)
             try:
@@ -207,8 +265,6 @@ class Front:
                 return None
         except (TimeoutError, ConnectionError):
             return None
-        finally:
-            self._active -= 1
 
     async def _leaf_for(self, host: str, port: int, hello: tlshello.Hello) -> int | None:
         """Make sure the host has a leaf when its ClientHello names it; None,
@@ -247,10 +303,15 @@ class Front:
             lookup.add_done_callback(lambda _: self._lookups.pop((host, port), None))
         try:
             async with asyncio.timeout(self.config.timeouts.connect):
-                return await asyncio.shield(lookup)
+                resolves = await asyncio.shield(lookup)
         except TimeoutError:
             log.warning("no leaf for %s: lookup timed out", host)
             return False
+        if resolves and not self._new_leaves.take():
+            log.warning("no leaf for %s: more than %d new hosts, then one every %.0f s",
+                        host, NEW_LEAF_BURST, NEW_LEAF_EVERY)
+            return False
+        return resolves
 
     async def _resolves(self, host: str, port: int) -> bool:
         if self._resolver is None:
@@ -303,17 +364,24 @@ async def _read_head(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tu
         buffer += chunk
 
 
+def _said_if_it_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("front: accepts no more connections: %r", task.exception())
+
+
 async def _read_hello(
     loop: asyncio.AbstractEventLoop, conn: socket.socket, buffer: bytes
 ) -> tuple[tlshello.Hello, bytes]:
     """Read until the client's ClientHello is whole (tlshello bounds its
     size); (what it asks for, every byte read)."""
-    while (hello := tlshello.parse(buffer)) is None:
+    reader = tlshello.HelloReader()
+    hello = reader.feed(buffer)
+    while hello is None:
         chunk = await loop.sock_recv(conn, 65536)
         if not chunk:
             raise ConnectionResetError("client closed before its TLS ClientHello")
-        buffer += chunk
-    return hello, buffer
+        hello = reader.feed(chunk)
+    return hello, bytes(reader.received)
 
 
 async def _connect_tcp(

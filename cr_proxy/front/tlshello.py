@@ -1,6 +1,7 @@
 """The server name a TLS client asks for, from the first bytes of its
-handshake. Pure (no I/O): the CONNECT front reads bytes until parse() has a
-whole ClientHello, then decides whether the host it names may have a leaf.
+handshake. Pure (no I/O): the CONNECT front feeds a HelloReader the bytes
+it reads until it has a whole ClientHello, then decides whether the host
+it names may have a leaf.
 
 Grammar (RFC 8446 5.1, 4, 4.1.2, 4.2; RFC 6066 3). All integers big-endian;
 <a..b> is a vector whose length prefix takes as many bytes as b needs.
@@ -82,41 +83,57 @@ def parse(buffer: bytes) -> Hello | None:
     """The ClientHello at the start of `buffer`, or None: need more bytes.
     Raises ProtocolError when the bytes are not a TLS ClientHello, or when
     it and its record headers would take more than MAX_HELLO bytes."""
-    message = _handshake_message(buffer)
-    return None if message is None else Hello(_server_name(message))
+    return HelloReader().feed(buffer)
 
 
-def _handshake_message(buffer: bytes) -> bytes | None:
-    """The ClientHello handshake message, joined from as many records as it
-    spans; None when incomplete. Each record adds at least one byte to the
-    message and moves past its end, so this ends."""
-    message = b""
-    pos = 0
-    while len(buffer) - pos >= RECORD_HEADER:
-        kind, major = buffer[pos], buffer[pos + 1]
-        length = int.from_bytes(buffer[pos + 3 : pos + 5], "big")
-        if kind != HANDSHAKE or major != 3:
-            raise ProtocolError(message="not a TLS handshake")
-        if not 0 < length <= MAX_RECORD:
-            raise ProtocolError(message=f"TLS record of {length} bytes")
-        end = pos + RECORD_HEADER + length
-        if end > MAX_HELLO:
-            raise ProtocolError(message="TLS ClientHello too large")
-        if end > len(buffer):
-            return None
-        message += buffer[pos + RECORD_HEADER : end]
-        pos = end
-        if message[0] != CLIENT_HELLO:
-            raise ProtocolError(message="the first handshake message is not a ClientHello")
-        if len(message) >= 4:
-            total = 4 + int.from_bytes(message[1:4], "big")
-            if total > MAX_HELLO:
+class HelloReader:
+    """parse() over bytes as they come, without starting again: the records
+    already whole stay joined, so each byte is looked at once however the
+    client cuts its hello (1-byte records trickled in: parsing the whole
+    buffer after each read cost the square of its size)."""
+
+    __slots__ = ("_message", "_pos", "received")
+
+    def __init__(self) -> None:
+        self.received = bytearray()  # every byte read, for nginx
+        self._message = bytearray()  # the handshake message, from the whole records
+        self._pos = 0  # where the first record not yet whole begins
+
+    def __repr__(self) -> str:
+        return f"<HelloReader {len(self.received)} bytes, {len(self._message)} of message>"
+
+    def feed(self, data: bytes) -> Hello | None:
+        """The hello once whole (its records' bytes so far with `data`),
+        else None. Each record adds at least one byte to the message and
+        moves past its end, so this ends."""
+        buffer, message = self.received, self._message
+        buffer += data
+        while len(buffer) - self._pos >= RECORD_HEADER:
+            pos = self._pos
+            kind, major = buffer[pos], buffer[pos + 1]
+            length = int.from_bytes(buffer[pos + 3 : pos + 5], "big")
+            if kind != HANDSHAKE or major != 3:
+                raise ProtocolError(message="not a TLS handshake")
+            if not 0 < length <= MAX_RECORD:
+                raise ProtocolError(message=f"TLS record of {length} bytes")
+            end = pos + RECORD_HEADER + length
+            if end > MAX_HELLO:
                 raise ProtocolError(message="TLS ClientHello too large")
-            if len(message) >= total:
-                return message[:total]
-    if pos + RECORD_HEADER > MAX_HELLO:
-        raise ProtocolError(message="TLS ClientHello too large")
-    return None
+            if end > len(buffer):
+                return None
+            message += buffer[pos + RECORD_HEADER : end]
+            self._pos = end
+            if message[0] != CLIENT_HELLO:
+                raise ProtocolError(message="the first handshake message is not a ClientHello")
+            if len(message) >= 4:
+                total = 4 + int.from_bytes(message[1:4], "big")
+                if total > MAX_HELLO:
+                    raise ProtocolError(message="TLS ClientHello too large")
+                if len(message) >= total:
+                    return Hello(_server_name(bytes(message[:total])))
+        if self._pos + RECORD_HEADER > MAX_HELLO:
+            raise ProtocolError(message="TLS ClientHello too large")
+        return None
 
 
 def _vector(data: bytes, pos: int, size: int, end: int) -> tuple[int, int]:

@@ -269,12 +269,23 @@ def manifest_media_type(body: bytes, content_type: str) -> str:
     if type(version) is not int or version != 2:
         raise ManifestInvalid(message=f"schemaVersion {_shown(version)} is not 2")
     media_type = _declared_type(doc, header)
+    # Go's decoder matches field names in any case: keys are compared so.
+    keys = {key.lower() for key in doc}
+    if len(keys) != len(doc):
+        raise ManifestInvalid(message="the manifest has keys that differ only in case")
     if media_type in INDEX_MEDIA_TYPES:
         whole = isinstance(doc.get("manifests"), list)
+        other = keys & {"config", "layers"}
     else:
         whole = isinstance(doc.get("config"), dict) and isinstance(doc.get("layers"), list)
+        other = keys & {"manifests"}
     if not whole:
         raise ManifestInvalid(message=f"not a whole {media_type}")
+    if other:
+        # One document, two readings (CVE-2021-41190, which distribution
+        # closed so): an index with layers, a manifest with manifests.
+        raise ManifestInvalid(message=f"a {media_type} with {', '.join(sorted(other))}: "
+                              "ambiguous")
     return media_type
 
 
@@ -293,12 +304,23 @@ def _declared_type(doc: dict, header: str) -> str:
 
 
 def _json_object(body: bytes) -> dict:
+    """The body as one JSON object: UTF-8 without a BOM (json.loads would
+    guess UTF-16 or 32 from bytes, and Go's clients read none of them),
+    no key twice in an object (which one counts differs by reader)."""
     try:
-        doc = json.loads(body)
+        doc = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError):  # RecursionError: [[[[...]]]] nested deep
         doc = None
     if not isinstance(doc, dict):
-        raise ManifestInvalid(message="the manifest is not a JSON object")
+        raise ManifestInvalid(message="the manifest is not a JSON object in UTF-8 with "
+                              "each key once")
+    return doc
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("a key twice")
     return doc
 
 

@@ -76,8 +76,12 @@ def legacy_tags(subject: str) -> list[str]:
 
 
 def stored_name(subject: str) -> str:
-    """The stored answer's file name (cache/layout.py's Tree.listing)."""
-    return tag_schema_tag(subject)
+    """The stored answer's file name (cache/layout.py's Tree.listing), and
+    the key its fetches share: `<alg>-<hex>`, the whole digest. The tag
+    schema's cut (64 hex) would give every sha512 subject sharing its
+    first half another's answer."""
+    algorithm, hexpart = check_digest(subject).split(":", 1)
+    return f"{algorithm}-{hexpart}"
 
 
 def parse_referrers(body: bytes, what: str) -> list[Descriptor]:
@@ -87,12 +91,13 @@ def parse_referrers(body: bytes, what: str) -> list[Descriptor]:
         raise UpstreamError(message=f"{what}: larger than {MAX_REFERRERS} bytes")
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # nested past the stack
         raise UpstreamError(message=f"{what}: not JSON") from err
     if not isinstance(doc, dict) or doc.get("mediaType") != INDEX_TYPE \
             or doc.get("schemaVersion") != 2:
         raise UpstreamError(message=f"{what}: not an OCI image index")
-    manifests = doc.get("manifests") or []
+    manifests = doc.get("manifests")
+    manifests = [] if manifests is None else manifests  # "", {}, false are no list
     if not isinstance(manifests, list):
         raise UpstreamError(message=f"{what}: its manifests are not a list")
     return [_descriptor(entry, what) for entry in manifests]

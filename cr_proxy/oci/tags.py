@@ -103,14 +103,15 @@ def parse_stored(body: bytes, name: str) -> TagPage:
 def _checked(body: bytes, name: str) -> dict:
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # nested past the stack
         raise UpstreamError(message=f"the tag list of {name} is not JSON") from err
     if not isinstance(doc, dict):
         raise UpstreamError(message=f"the tag list of {name} is not a JSON object")
     if doc.get("name") != name:
         shown = str(doc.get("name"))[:100]
         raise UpstreamError(message=f"the tag list of {name} names another repository: {shown!r}")
-    tags = doc.get("tags") or []
+    tags = doc.get("tags")
+    tags = [] if tags is None else tags  # null is distribution's "none"; "", {}, 0 are no list
     if not isinstance(tags, list) or not all(isinstance(t, str) and is_tag(t) for t in tags):
         raise UpstreamError(message=f"the tag list of {name} holds something not a tag")
     return doc

@@ -288,7 +288,9 @@ class Upstream:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             read_bufsize=BODY_READ_BUFFER,
-            headers={"User-Agent": USER_AGENT},
+            # aiohttp asks for gzip unless told: a registry or CDN that honours
+            # it would send bytes no manifest check or digest reads.
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
             trace_configs=[pool],
         )
 

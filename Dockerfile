@@ -81,12 +81,13 @@ WORKDIR /var/lib/cr-proxy
 # https_proxy (CONNECT front), mirror over HTTP, mirror over TLS.
 EXPOSE 3128 5000 5443
 
-# nginx answers GET /v2/ on the HTTP mirror port itself, so this checks the
-# serving path without touching an upstream. Python rather than curl: it is
-# already in the image. No proxy: an HTTP(S)_PROXY given to the container
-# must not catch the check.
+# nginx answers GET /v2/ on the HTTP mirror port itself (the serving path),
+# and serve's own event loop, the fetcher's, answers /metrics: a stuck
+# fetcher (every miss hanging) fails the check too. Neither touches an
+# upstream. Python rather than curl: it is already in the image. No proxy:
+# an HTTP(S)_PROXY given to the container must not catch the check.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python3", "-c", "import urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:5000/v2/', timeout=4)"]
+    CMD ["python3", "-c", "import urllib.request as u; o = u.build_opener(u.ProxyHandler({})); [o.open(p, timeout=2) for p in ('http://127.0.0.1:5000/v2/', 'http://127.0.0.1:9180/metrics')]"]
 
 # serve stops cleanly on SIGTERM: nginx gets SIGQUIT and up to 10 s to finish
 # requests in flight (give `docker stop` more than that: compose says 15 s).

@@ -10,8 +10,10 @@ nothing:
   workers' group, 2750: setgid, so what is made in them joins the group;
   serve's umask (027) makes files 0640 and directories 0750. A tree from an
   older cr-proxy (0644 files) is brought to that once, at start.
-- The CA key stays 0600: the workers never read it (leaf keys, 0640, they
-  read when a handshake picks a leaf by SNI).
+- The CA key stays 0600: workers of another user never read it (leaf
+  keys, 0640, they read when a handshake picks a leaf by SNI). Workers of
+  serve's own user (serve not root: nginx cannot switch) can: the
+  trade-off docs/operations.md states.
 - The fetcher's socket is 0660 (the workers connect to it), the front's
   plain-HTTP socket 0600; both are in run_dir, which others cannot enter.
 - nginx's TLS listener for the front is loopback TCP (splice moves TCP

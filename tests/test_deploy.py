@@ -153,10 +153,10 @@ def example_config(environ: dict[str, str] | None = None) -> config.Config:
     return config.load(EXAMPLE, environ={} if environ is None else environ)
 
 
-def health_url(command: list[str]) -> str:
+def health_urls(command: list[str]) -> list[str]:
     found = re.findall(r"https?://[^'\"\s]+", " ".join(command))
-    assert len(found) == 1, f"one URL expected in the health check {command}"
-    return found[0]
+    assert len(found) == 2, f"two URLs expected in the health check {command}"
+    return found
 
 
 # --- the CR_PROXY_* variables each file names ------------------------------------
@@ -318,9 +318,13 @@ def test_dockerfile_runtime_settings_agree_with_the_configuration() -> None:
     listen = [conf.listen.proxy, conf.listen.mirror_http, conf.listen.mirror_https]
     exposed = {int(p) for args in instructions("EXPOSE") for p in args.split()}
     assert exposed == {a.port for a in listen}
-    url = urlsplit(health_url(words(health_instruction())))
-    assert url.hostname == "127.0.0.1" and url.path == "/v2/"
-    assert url.port == conf.listen.mirror_http.port
+    # nginx's /v2/ on the mirror port, and serve's own /metrics (the
+    # fetcher's event loop): a stuck fetcher fails the check too.
+    mirror, metrics = map(urlsplit, health_urls(words(health_instruction())))
+    assert mirror.hostname == "127.0.0.1" and mirror.path == "/v2/"
+    assert mirror.port == conf.listen.mirror_http.port
+    assert metrics.hostname == conf.listen.metrics.host == "127.0.0.1"
+    assert (metrics.path, metrics.port) == ("/metrics", conf.listen.metrics.port)
     assert instructions("USER") == ["cr-proxy"]
     assert instructions("STOPSIGNAL") == ["SIGTERM"]
     (cmd,) = instructions("CMD")
@@ -557,9 +561,10 @@ def test_kubernetes_statefulset_services_volumes_and_probes(tmp_path: Path) -> N
     context = pod["securityContext"]
     assert context["runAsUser"] == context["runAsGroup"] == context["fsGroup"] == int(uid[1])
     assert pod["terminationGracePeriodSeconds"] > serve.STOP_GRACE
-    # Probes: GET /v2/ on the mirror port, which nginx answers itself.
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/v2/", "port": "mirror-http"}
+    # Ready: GET /v2/ on the mirror port, which nginx answers itself;
+    # alive: /metrics, which serve's event loop (the fetcher's) answers.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/", "port": "mirror-http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     resources = container["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
     # Volumes: the configuration where CMD reads it, a persistent cache per

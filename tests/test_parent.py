@@ -9,6 +9,7 @@ import pytest
 import trustme
 
 from cr_proxy import config
+from cr_proxy.cache.layout import mirror_target
 from cr_proxy.errors import ConfigError
 from cr_proxy.net.policy import Destinations
 from cr_proxy.upstream.parent import Parent
@@ -45,12 +46,27 @@ def test_parent_fallback_is_direct_or_fail() -> None:
         load(parent_fallback="retry")
 
 
-def test_request_url_names_the_registry_in_ns() -> None:
+def test_request_url_names_the_registry_as_the_paths_first_component() -> None:
+    """As a peer asks its owner. In ?ns= a repository whose first component
+    has a dot (team.x/app) was read by the parent as registry team.x; a
+    one-label registry gets its default port, or it would be read as a
+    Docker Hub repository (a review finding, session 13)."""
     parent = Parent("http://parent:5000", True)
     assert parent.request_url("registry-1.docker.io", "/v2/library/x/manifests/1") == (
-        "http://parent:5000/v2/library/x/manifests/1?ns=registry-1.docker.io")
+        "http://parent:5000/v2/registry-1.docker.io/library/x/manifests/1")
     assert parent.request_url("localhost:5000", "/v2/x/tags/list?n=10") == (
-        "http://parent:5000/v2/x/tags/list?n=10&ns=localhost:5000")
+        "http://parent:5000/v2/localhost:5000/x/tags/list?n=10")
+    assert parent.request_url("registry.corp", "/v2/team.x/app/manifests/v1") == (
+        "http://parent:5000/v2/registry.corp/team.x/app/manifests/v1")
+    assert parent.request_url("intranet", "/v2/team/app/manifests/v1") == (
+        "http://parent:5000/v2/intranet:443/team/app/manifests/v1")
+    assert parent.request_url("intranet", "/v2/") == "http://parent:5000/v2/?ns=intranet"
+    for registry, path in (("registry.corp", "/v2/team.x/app/manifests/v1"),
+                           ("intranet", "/v2/team/app/manifests/v1")):
+        url = parent.request_url(registry, path).removeprefix("http://parent:5000")
+        target = mirror_target(url, None, "docker.io", {})
+        assert (target.registry, "/v2/" + target.rpath.path.removeprefix("v2/")) == (
+            registry, path)
 
 
 def test_a_parent_by_name_may_resolve_to_a_private_address() -> None:

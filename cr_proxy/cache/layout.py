@@ -337,6 +337,16 @@ def split_prefix(name: str) -> tuple[str | None, str]:
     return None, name
 
 
+def mirror_prefix(registry: str) -> str:
+    """A registry as the first component of a mirror path that another
+    cr-proxy (a peer, a parent) reads back as that registry: a name Docker's
+    rule would take for a repository (one label: `intranet`) gets its
+    default port, which check_domain drops again. In ?ns= instead, a
+    repository whose first component has a dot (`team.x/app`) would be
+    read as a registry."""
+    return registry if names_registry(registry) else f"{registry}:443"
+
+
 def resolve_domain(registry: str, registry_hosts: dict[str, str]) -> str:
     """The host that serves a registry name (docker.io -> registry-1.docker.io)."""
     registry = check_domain(registry)

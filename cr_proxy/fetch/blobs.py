@@ -57,6 +57,10 @@ BLOB_TYPE = "application/octet-stream"
 # it within moments of the fetcher's answer.
 HELD_SECONDS = 60.0
 ENSURE_FLIGHTS = 2  # flights ensure() waits for: one it joined, then its own
+# X-Cache of a stored blob served under a name its upstream has not
+# confirmed (it cannot be asked): a peer or site that gets it stores the
+# bytes, never the name.
+UNNAMED = "UNNAMED"
 HELD_URI = "/_cr/held/"  # + <digest>/<held>: nginx/locations.conf
 ACCEL_HEADER = "X-CR-Accel"  # "1": nginx asks, and follows X-Accel-Redirect (fetch.conf)
 # The send buffer of a connection a miss is streamed to nginx on: a 1 MiB
@@ -93,7 +97,8 @@ class Blobs:
         if await in_thread(ctx.store.has_blob, digest):
             # Pulled before through another repository or registry: one copy.
             stored = await self._stored_elsewhere(request, target)
-            hit = None if stored is None else await self._hit(request, stored, digest)
+            cache = "HIT" if stored != ctx.store.tree.blob(digest) else UNNAMED
+            hit = None if stored is None else await self._hit(request, stored, digest, cache)
             if hit is not None:
                 return hit
         if request.method == "HEAD":
@@ -153,7 +158,7 @@ class Blobs:
         await response.write_eof()
         return response
 
-    async def _hit(self, request: web.Request, path: Path, digest: str
+    async def _hit(self, request: web.Request, path: Path, digest: str, cache: str = "HIT"
                    ) -> web.StreamResponse | None:
         """A stored blob's answer (a private repository's hit, or a digest
         stored under another name), by a held name: an eviction between
@@ -167,8 +172,8 @@ class Blobs:
         self._drop_held_later(held)
         self.ctx.metrics.hits.labels(kind="blob-fetch").inc()
         if request.headers.get(ACCEL_HEADER) == "1":
-            return _held_response(digest, held, cache="HIT")
-        return _file_response(self.ctx.store.tree.held / held, digest)
+            return _held_response(digest, held, cache=cache)
+        return _file_response(self.ctx.store.tree.held / held, digest, cache)
 
     def _drop_held_later(self, held: str) -> None:
         asyncio.get_running_loop().call_later(HELD_SECONDS, self.ctx.store.drop_held, held)
@@ -245,9 +250,10 @@ class Blobs:
                      target.rpath.ref, target.domain, target.rpath.name, err)
             return False
         status = opened.response.status
+        unnamed = opened.response.headers.get("X-Cache") == UNNAMED  # a parent's: no yes
         opened.response.release()
         if status == 200:
-            return True
+            return not unnamed
         if status == 404:
             raise NotFound("BLOB_UNKNOWN", f"blob {target.rpath.ref} not found upstream")
         if status in STALE_OK_STATUSES:
@@ -348,7 +354,11 @@ class Blobs:
             # Clients get their last byte now; the fsync and rename follow.
             await flight.verified_whole()
             committed = None
-            if keep:
+            if keep and source.headers.get("X-Cache") == UNNAMED:
+                # A peer or parent that could not ask its upstream either:
+                # the verified bytes are kept, the name waits for a yes.
+                committed = await in_thread(ctx.store.commit_verified, writer)
+            elif keep:
                 # The last answer's hops: a resume may have been redirected anew.
                 redirected = _redirected(resume.opened.hops) if resume else None
                 if redirected is not None and await in_thread(
@@ -492,10 +502,10 @@ def _held_response(digest: str, held: str, cache: str = "MISS") -> web.Response:
     return web.Response(headers={"X-Accel-Redirect": f"{HELD_URI}{cache}/{digest}/{held}"})
 
 
-def _file_response(path: Path, digest: str) -> web.FileResponse:
+def _file_response(path: Path, digest: str, cache: str = "HIT") -> web.FileResponse:
     return web.FileResponse(
         path, headers={"Content-Type": BLOB_TYPE, "Docker-Content-Digest": digest,
-                       "X-Cache": "HIT", **API_HEADERS}
+                       "X-Cache": cache, **API_HEADERS}
     )
 
 

@@ -334,8 +334,12 @@ class Upstream:
         return self.health.skip(host)
 
     def suspect(self, host: str) -> None:
-        """A request to host outran its budget: probe it now (health.py)."""
-        self.health.suspect(host)
+        """A request to host outran its budget: probe it now (health.py).
+        Not with a parent: the request went to the parent, and the probe
+        would dial the registry, which a site may not reach at all; a
+        failed probe then kept every tag stale, the parent never asked."""
+        if self.parent is None:
+            self.health.suspect(host)
 
     def _check_destination(self, host: str, base: str) -> None:
         """An endpoint's URL is the operator's own; any other is checked as
@@ -365,6 +369,8 @@ class Upstream:
         when the host cannot be reached, at once while its registry is down."""
         if registry is not None:
             self.health.learn(host, registry)
+        else:
+            self.health.own(host)
         if self.health.skip(host):
             raise UpstreamUnreachable(message=f"{host} is unreachable (remembered)")
         bases = self.base_urls(host, scheme)

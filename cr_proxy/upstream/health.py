@@ -62,7 +62,7 @@ class Outage:
 
 
 class Health:
-    __slots__ = ("_hosts", "_interval", "_label", "_metrics", "_outages", "_probe",
+    __slots__ = ("_hosts", "_interval", "_label", "_metrics", "_outages", "_own", "_probe",
                  "_suspects", "went_down")
 
     def __init__(self, interval: float, probe: Probe, metrics: Metrics, label: Label) -> None:
@@ -71,6 +71,7 @@ class Health:
         self._metrics = metrics
         self._label = label
         self._hosts: dict[str, str] = {}  # learned host -> its registry, oldest first
+        self._own: dict[str, None] = {}  # hosts that are registries themselves, oldest first
         self._outages: dict[str, Outage] = {}  # registry -> its outage, oldest first
         self._suspects: dict[str, asyncio.Task[None]] = {}
         # Set when any registry goes down (then replaced by a fresh one):
@@ -88,9 +89,20 @@ class Health:
     def registry_of(self, host: str) -> str:
         return self._hosts.get(host, host)
 
+    def own(self, host: str) -> None:
+        """`host` is a registry in its own right (a request was made for
+        it): never another's host. A registry any client may name could
+        otherwise redirect to it, then go dark, and take it down with it."""
+        self._hosts.pop(host, None)
+        self._own.pop(host, None)
+        while len(self._own) >= MAX_HOSTS:
+            del self._own[next(iter(self._own))]
+        self._own[host] = None
+
     def learn(self, host: str, registry: str) -> None:
-        """`host` serves `registry` (its realm, a redirect's target)."""
-        if host == registry or self._hosts.get(host) == registry:
+        """`host` serves `registry` (its realm, a redirect's target), unless
+        it is a registry of its own."""
+        if host == registry or host in self._own or self._hosts.get(host) == registry:
             return
         self._hosts.pop(host, None)
         while len(self._hosts) >= MAX_HOSTS:

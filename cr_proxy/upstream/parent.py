@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from cr_proxy.cache.layout import mirror_prefix
 from cr_proxy.config import Config
 from cr_proxy.errors import ConfigError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
@@ -57,9 +58,15 @@ class Parent:
         return cls(config.upstream_proxy, direct, proxy=True, ssl_context=context)
 
     def request_url(self, registry: str, path: str) -> str:
-        """Where a registry path (which may carry a query) is asked for."""
+        """Where a registry path (which may carry a query) is asked for: the
+        parent's mirror with the registry as the path's first component
+        (layout.mirror_prefix), as a peer asks its owner; ?ns= only for a
+        path that names no repository."""
         if self.proxy:
             return f"https://{registry}{path}"
+        rest = path.removeprefix("/v2/")
+        if rest and not rest.startswith("?") and rest != path:
+            return f"{self.url}/v2/{mirror_prefix(registry)}/{rest}"
         joiner = "&" if "?" in path else "?"
         return f"{self.url}{path}{joiner}ns={quote(registry, safe='.:-')}"
 

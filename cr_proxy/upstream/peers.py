@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from cr_proxy.cache.layout import Target
+from cr_proxy.cache.layout import Target, mirror_prefix
 from cr_proxy.config import Config
 from cr_proxy.metrics import Metrics
 from cr_proxy.upstream.client import BODY_READ_BUFFER
@@ -102,7 +102,7 @@ class Peers:
             return None
         # The owner's mirror names the registry in the path, as a client
         # would; it maps it to the same cache <domain> as this node.
-        path = f"/v2/{target.registry}/{target.rpath.path.removeprefix('v2/')}"
+        path = f"/v2/{mirror_prefix(target.registry)}/{target.rpath.path.removeprefix('v2/')}"
         headers = {"X-CR-Peer": self.config.cluster.me, "X-CR-Digest": digest}
         if accept:
             headers["Accept"] = accept

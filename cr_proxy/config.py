@@ -245,6 +245,10 @@ ANONYMOUS_TOKEN = "cr-proxy-anonymous"
 # nginx's word to the fetcher on a mirror miss (nginx.py, $cr_auth_grant):
 # what mirror_auth would say of this client were the repository private.
 MIRROR_GRANT_HEADER = "X-CR-Mirror-Grant"
+# ...and for which repository it decided: `<domain>/<name>` as nginx read
+# the request. The fetcher serves nothing it reads as another repository
+# (a registry in upper case, with its default port, encoded).
+MIRROR_GRANT_FOR_HEADER = "X-CR-Mirror-Grant-For"
 # The fetcher's word to nginx on an https_proxy answer it decided (private
 # content): the user the client's credential belongs to, for the access
 # log (user=); nginx logs it and never passes it on (fetch.conf).

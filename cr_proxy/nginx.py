@@ -221,6 +221,9 @@ map $cr_name $cr_repo_bare {{
 # No prefix: containerd's ?ns=, else the default registry.
 map $arg_ns $cr_ns_registry {{
     "" {config.default_registry};
+    # containerd writes host:port as host%3Aport (Go's url.Values): read
+    # as the fetcher reads it (layout.ns_registry).
+    "~^(?<cr_nh>[^%]+)%3[Aa](?<cr_np>[0-9]+)$" $cr_nh:$cr_np;
     default $arg_ns;
 }}
 map $cr_prefix $cr_registry {{
@@ -375,6 +378,7 @@ map $uri $cr_auth_kind_rest {{
     "/v2/" ping;
     "~^/v2/(?<cr_name>.+)/tags/list$" repo;
     "~^/v2/(?<cr_name>.+)/referrers/[^/]+$" repo;
+    "~^/v2/(?<cr_name>.+)/(?:blobs|manifests)/[^/]+$" repo;
     "~^/_cr/" internal;
     "~^/artifacts/s/" signed;
     "~^/artifacts/" artifact;
@@ -1006,6 +1010,7 @@ def render(
         # Off, nothing of mirror_auth is rendered: not a line, not a field.
         "mirror_auth": "",
         "mirror_grant": '""',
+        "mirror_grant_for": '""',
         "mirror_authorization": "",
         "auth_fast_kind": "",
         "auth_fast_rest": "",
@@ -1014,6 +1019,7 @@ def render(
     if config.mirror_auth.enabled:
         values["mirror_auth"] = f"\n        include {run}/mirror-auth.conf;"
         values["mirror_grant"] = "$cr_auth_grant"
+        values["mirror_grant_for"] = '"$cr_domain/$cr_repo"'
         values["auth_fast_kind"] = "\n    " + AUTH_FAST["kind"].replace("\n", "\n    ")
         values["auth_fast_rest"] = "\n    " + AUTH_FAST["rest"].replace("\n", "\n    ")
         values["mirror_authorization"] = (

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from cr_proxy.cache.layout import LOCK_FILE
 from testbed.crproxy import CrProxy
 from testbed.oci_layout import ImageInfo, build_image, tar_layer
 from testbed.registry import Upstream
@@ -93,8 +94,10 @@ def stored(cr: CrProxy, item: Item) -> bool:
 
 
 def cache_files_open(cr: CrProxy, pid: int) -> list[str]:
-    """serve's descriptors on files in the cache (downloads, readers)."""
-    return [t for t in non_sockets(pid) if t.startswith(str(cr.cache))]
+    """serve's descriptors on files in the cache (downloads, readers), but
+    its lock on the cache (serve.lock, held for its life)."""
+    lock = str(cr.cache / LOCK_FILE)
+    return [t for t in non_sockets(pid) if t.startswith(str(cr.cache)) and t != lock]
 
 
 def nginx_workers(cr: CrProxy) -> list[int]:

@@ -703,3 +703,27 @@ def test_anonymous_referrers_of_a_public_repository_are_read_as_its_tags_are(
     assert status == 200 and json.loads(body)["manifests"] == [], (status, body[:200])
     status, _, _ = curl(cr, f"/v2/{REGISTRY}/private/app/referrers/{digest}", tmp_path)
     assert status == 401
+
+
+def test_a_registry_spelled_as_nginx_does_not_read_it_is_refused(
+    bed: Bed, cr: CrProxy, tmp_path: Path
+) -> None:
+    """carol is denied registry.test/public/*. nginx reads the registry as
+    written (a default port kept, upper case not folded), the fetcher
+    canonically: registry.test:443/public/app escaped her deny rule, and
+    a grant for another name reached a private repository (a review
+    finding, session 13). Such a spelling is refused; the plain one is
+    decided as before."""
+    carol = basic("carol", CLIENTS["carol"])
+    plain = f"/v2/{REGISTRY}/public/app/manifests/v1"
+    assert curl(cr, plain, tmp_path, carol)[0] == 403
+    for path in (f"/v2/{REGISTRY}:443/public/app/manifests/v1",
+                 f"/v2/{REGISTRY.upper()}/public/app/manifests/v1",
+                 f"/v2/public/app/manifests/v1?ns={REGISTRY}:443",
+                 f"/v2/public/app/manifests/v1?ns={REGISTRY}%3A443"):
+        status, _, body = curl(cr, path, tmp_path, carol)
+        assert status in (400, 403), (path, status, body[:200])
+    alice = basic("alice", CLIENTS["alice"])
+    assert curl(cr, f"/v2/{REGISTRY}/private/app/manifests/v1", tmp_path, alice)[0] == 200
+    status, _, _ = curl(cr, f"/v2/{REGISTRY}:443/private/app/manifests/v1", tmp_path, alice)
+    assert status in (400, 403)

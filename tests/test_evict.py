@@ -265,3 +265,24 @@ def test_a_corrupt_blob_named_while_verify_hashed_is_taken_off_that_name_too(
     assert [f.digest for f in failures] == [digest]
     assert f"{REG}/v2/b/blobs/{digest}" in failures[0].removed
     assert not store.tree.content(REG, f"v2/b/blobs/{digest}").exists()
+
+
+def test_blobs_no_image_uses_are_freed_in_one_scan_not_one_each(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a cluster node most blobs are such blobs: freed one at a time,
+    each rescanned the whole tree (40 blobs, 42 scans)."""
+    for i in range(40):
+        cache_blob(store, REG, "peer/app", f"peer layer {i}\n".encode() * 500)
+    conf = config(tmp_path, store, max_size=1000, min_age=0)
+    scans = [0]
+    real = Scan.of.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[Scan], tree: object) -> Scan:
+        scans[0] += 1
+        return real(cls, tree)
+
+    monkeypatch.setattr(Scan, "of", classmethod(counted))
+    result = evict_once(conf, store, {}, now=time.time() + HOUR)
+    assert len(result.blobs) == 40 and store.blob_bytes() == 0
+    assert scans[0] <= 3

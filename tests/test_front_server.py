@@ -370,3 +370,28 @@ async def test_first_leaves_for_names_that_only_resolve_come_at_a_bounded_rate(
         assert not await front._may_have_leaf("later.wild.test", 443)
         front._cache.domain_dir("cached.test").mkdir(parents=True)  # content of it cached
         assert await front._may_have_leaf("cached.test", 443)
+
+
+async def test_one_new_host_asked_by_many_clients_at_once_costs_one_leaf(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fleet's first pull: many CONNECTs to one new host wait on one
+    lookup; the new-leaf budget is charged once for it, not once per
+    client (which refused those past the burst, and the next new host)."""
+    release = asyncio.Event()
+
+    async def resolves(_self: Front, _host: str, _port: int) -> bool:
+        await release.wait()  # the clients pile up on the one lookup
+        return True
+
+    monkeypatch.setattr(Front, "_resolves", resolves)
+    async with running_front(tmp_path) as (front, _):
+        clients = server.NEW_LEAF_BURST + 8
+        asking = [asyncio.ensure_future(front._may_have_leaf("cdn.example.test", 443))
+                  for _ in range(clients)]
+        while len(front._lookups) != 1 or not all(
+                not task.done() for task in asking):  # each waits on the lookup
+            await asyncio.sleep(0)
+        release.set()
+        assert all(await asyncio.gather(*asking))
+        assert await front._may_have_leaf("other.example.test", 443)

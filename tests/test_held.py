@@ -38,7 +38,8 @@ def test_load_reads_blob_names_from_the_tree(store: Store) -> None:
 
     asyncio.run(run())
     assert held.holders(DOMAIN, DIGEST) == {"team/app", "base"}
-    assert held.size(DIGEST) == len(DATA)
+    assert held.size(DOMAIN, DIGEST) == len(DATA)
+    assert held.size("other.example", DIGEST) is None  # not loaded: another registry
     assert held.holders("empty.example", DIGEST) == set()
     held.forget(DOMAIN, "base", DIGEST)
     assert held.holders(DOMAIN, DIGEST) == {"team/app"}
@@ -74,3 +75,15 @@ def test_an_abandoned_claim_is_taken_over(store: Store, monkeypatch: pytest.Monk
         assert held.claim_of(DOMAIN, DIGEST) is None
 
     asyncio.run(run())
+
+
+def test_one_registrys_word_on_a_size_is_never_anothers(tmp_path: Path) -> None:
+    """A push probe's HEAD of evil.test said 1 byte for a digest; a pusher
+    of registry.test, which holds it, was answered that (a review finding,
+    session 13)."""
+    held = Held(Store(tmp_path / "cache"))
+    held.add("evil.test", "x", DIGEST, 1)
+    held.add(DOMAIN, "team/app", DIGEST, len(DATA))
+    held.add("evil.test", "x", DIGEST, 2)
+    assert held.size(DOMAIN, DIGEST) == len(DATA)
+    assert held.size("evil.test", DIGEST) == 2

@@ -92,22 +92,35 @@ def evict_once(config: Config, store: Store, uses: Uses, now: float | None = Non
                    if blob.digest not in keep]
     evicted: list[str] = []
     blobs: list[str] = []
+    unused: dict[str, int] = {}  # blobs no image uses, to free together: one scan
     freed = 0
+
+    def free_unused() -> None:
+        nonlocal freed, size
+        if unused:
+            removed = inventory.remove_blobs(unused, keep=keep)
+            blobs.extend(removed.blobs)
+            freed += removed.bytes
+            size += sum(unused.values()) - removed.bytes  # counted as gone below
+            unused.clear()
+
     for used_at, item in sorted(candidates, key=lambda candidate: candidate[0]):
         if size <= goal:
             break
         if now - used_at < limit.min_age:
             continue  # may be in the middle of a pull
         if isinstance(item, UnusedBlob):
-            removed = inventory.remove_blobs([item.digest], keep=keep)
-            blobs += removed.blobs
-        elif item.key in pinned:
+            unused[item.digest] = item.size
+            size -= item.size
             continue
-        else:
-            removed = inventory.remove(item, keep=keep)
-            evicted.append(item.key)
+        if item.key in pinned:
+            continue
+        free_unused()  # in the order of use: before the image that comes after them
+        removed = inventory.remove(item, keep=keep)
+        evicted.append(item.key)
         freed += removed.bytes
         size -= removed.bytes
+    free_unused()
     if size > limit.max_size:
         log.warning("cache is %d bytes (%d of them downloads in progress), over its limit of "
                     "%d, and every image left was used in the last %.0f s or is pinned",

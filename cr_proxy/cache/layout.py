@@ -392,6 +392,16 @@ def nginx_arg(query_string: str, name: str) -> str | None:
     return None
 
 
+def ns_registry(raw: str) -> str:
+    """A raw `ns` value as nginx's map reads it (nginx.py, $cr_ns_registry):
+    containerd escapes the colon of host:port (Go's url.Values.Encode);
+    nothing else is decoded (what still holds a `%` is no host, refused)."""
+    host, colon, port = raw.partition("%3A") if "%3A" in raw else raw.partition("%3a")
+    if colon and "%" not in host and port.isascii() and port.isdigit():
+        return f"{host}:{port}"
+    return raw
+
+
 def normalise_registry(registry: str) -> str:
     """Lower case, default port dropped, Docker Hub's legacy name folded."""
     registry = check_domain(registry)

@@ -32,7 +32,14 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import web
 
-from cr_proxy.cache.layout import Kind, Target, mirror_target, nginx_arg, proxy_target
+from cr_proxy.cache.layout import (
+    Kind,
+    Target,
+    mirror_target,
+    nginx_arg,
+    ns_registry,
+    proxy_target,
+)
 from cr_proxy.cache.store import Store
 from cr_proxy.config import Config
 from cr_proxy.errors import (
@@ -55,7 +62,7 @@ from cr_proxy.fetch.flight import Flights
 from cr_proxy.fetch.listings import Listings
 from cr_proxy.fetch.manifests import Manifests
 from cr_proxy.fetch.passthrough import Passthrough
-from cr_proxy.fetch.private import Privacy, user_header
+from cr_proxy.fetch.private import Privacy, Undecided, user_header
 from cr_proxy.fetch.push import Pushes
 from cr_proxy.fetch.referrers import Referrers
 from cr_proxy.fetch.tags import Tags
@@ -146,7 +153,7 @@ class Fetcher:
                 return await self.pushes.handle(request)
             target = mirror_target(
                 request.path,
-                nginx_arg(request.rel_url.raw_query_string, "ns") or None,
+                ns_registry(nginx_arg(request.rel_url.raw_query_string, "ns") or "") or None,
                 self.ctx.config.default_registry,
                 dict(self.ctx.config.registry_hosts),
             )
@@ -161,7 +168,9 @@ class Fetcher:
             return await self.pushes.handle_proxied(request, domain)
         if rpath is None:
             # The path proxy_target checked, not the raw one.
-            query = f"?{request.query_string}" if request.query_string else ""
+            # As sent (yarl's query_string is decoded: %23 became a fragment).
+            raw = request.rel_url.raw_query_string
+            query = f"?{raw}" if raw else ""
             return await self.passthrough.relay(
                 request, domain, request.path + query, token_ok=True,
                 scheme=request.headers.get("X-CR-Scheme", "https"),
@@ -203,7 +212,17 @@ class Fetcher:
             return await self.passthrough.relay(
                 request, target.domain, self._relayed_path(request, target, mirror)
             )
-        if kind in PRIVATE_KINDS and await self.privacy.learn(target, client_auth(request)):
+        if kind in PRIVATE_KINDS and mirror and self.ctx.config.mirror_auth.enabled:
+            self.privacy.check_mirror_reading(request, target)
+        try:
+            private = kind in PRIVATE_KINDS and await self.privacy.learn(
+                target, client_auth(request))
+        except Undecided as err:
+            # The registry answers, but not whether the repository is
+            # private: what the cache holds of it (unmarked, so nginx serves
+            # its hits to anyone already) is served as offline; nothing new.
+            return await self._from_the_cache_only(request, target, err)
+        if private:
             if not mirror:
                 await self.privacy.admit(request, target)
             elif self.ctx.config.mirror_auth.enabled:
@@ -222,6 +241,19 @@ class Fetcher:
             request, target.domain, self._relayed_path(request, target, mirror), mirror=mirror
         )
 
+    async def _from_the_cache_only(self, request: web.Request, target: Target,
+                                   err: UpstreamError) -> web.StreamResponse:
+        """A stored tag (stale) or named blob, else the upstream's error."""
+        kind = target.rpath.kind
+        answer: web.StreamResponse | None = None
+        if kind is Kind.MANIFEST:
+            answer = await self.manifests.cached(target)
+        elif kind is Kind.BLOB:
+            answer = await self.blobs.cached(request, target)
+        if answer is None:
+            raise err
+        return answer
+
     @staticmethod
     def _relayed_path(request: web.Request, target: Target, mirror: bool) -> str:
         """What an uncached GET asks upstream: the checked path, never the raw
@@ -229,8 +261,8 @@ class Fetcher:
         paging parameters (never `ns`)."""
         rpath = target.rpath
         if not mirror:
-            query = f"?{request.query_string}" if request.query_string else ""
-            return "/" + rpath.path + query
+            raw = request.rel_url.raw_query_string  # as sent, not decoded
+            return "/" + rpath.path + (f"?{raw}" if raw else "")
         if rpath.kind is Kind.OTHER and rpath.name != "_catalog":
             raise NotFound("UNSUPPORTED", f"/{rpath.path} is not served by this mirror")
         paging = {k: v for k, v in request.query.items() if k in ("n", "last")}

@@ -158,6 +158,13 @@ class Blobs:
         await response.write_eof()
         return response
 
+    async def cached(self, request: web.Request, target: Target) -> web.StreamResponse | None:
+        """The blob stored under this very name, asking no one; None when
+        it is not."""
+        digest = target.rpath.ref
+        named = await in_thread(self.ctx.store.linked, digest, target.domain, target.rpath.path)
+        return None if named is None else await self._hit(request, named, digest)
+
     async def _hit(self, request: web.Request, path: Path, digest: str, cache: str = "HIT"
                    ) -> web.StreamResponse | None:
         """A stored blob's answer (a private repository's hit, or a digest

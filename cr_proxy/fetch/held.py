@@ -70,7 +70,9 @@ class Held:
         self.store = store
         # domain -> digest -> repositories the upstream holds it in
         self._repos: dict[str, defaultdict[str, set[str]]] = {}
-        self._sizes: dict[str, int] = {}  # digest -> size (a digest has one)
+        # (domain, digest) -> size, as that registry said it (or our copy
+        # does): one registry's HEAD is never another's answer.
+        self._sizes: dict[tuple[str, str], int] = {}
         self._loaded: set[str] = set()
         self._load_lock = asyncio.Lock()
         self._claims: dict[tuple[str, str], Claim] = {}  # (domain, digest) -> claim
@@ -93,7 +95,7 @@ class Held:
             for digest, names in found.items():
                 repos[digest] |= names
             for digest, size in sizes.items():
-                self._sizes.setdefault(digest, size)
+                self._sizes[(domain, digest)] = size  # our verified copy's
             self._loaded.add(domain)
 
     def _scan(self, domain: str) -> tuple[dict[str, set[str]], dict[str, int]]:
@@ -119,13 +121,13 @@ class Held:
         repos = self._repos.get(domain)
         return set(repos.get(digest, ())) if repos is not None else set()
 
-    def size(self, digest: str) -> int | None:
-        return self._sizes.get(digest)
+    def size(self, domain: str, digest: str) -> int | None:
+        return self._sizes.get((domain, digest))
 
     def add(self, domain: str, name: str, digest: str, size: int | None) -> None:
         self._domain(domain)[digest].add(name)
         if size is not None:
-            self._sizes[digest] = size
+            self._sizes[(domain, digest)] = size
 
     def forget(self, domain: str, name: str, digest: str) -> None:
         repos = self._repos.get(domain)

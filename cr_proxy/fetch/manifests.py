@@ -118,6 +118,17 @@ class Manifests:
         ctx.metrics.revalidations.labels(result=changed).inc()
         return fresh, "REVALIDATED"
 
+    async def cached(self, target: Target) -> web.StreamResponse | None:
+        """The stored manifest as it is (a tag: stale), asking no one; None
+        when none is stored."""
+        stored = await in_thread(self.ctx.store.read_manifest, target.domain,
+                                 target.rpath.path)
+        if stored is None:
+            return None
+        if target.rpath.by_digest:
+            return _response(stored, "HIT")
+        return _response(*self._stale(stored, target, "failed", "its privacy undecided"))
+
     def _stale(self, stored: StoredManifest, target: Target, result: str,
                why: str) -> tuple[StoredManifest, str]:
         """The cached copy of a tag the upstream could not confirm now."""

@@ -52,8 +52,14 @@ from typing import Generic, TypeVar
 from aiohttp import web
 
 from cr_proxy.cache.layout import OPEN_FILE_CACHE_VALID, Kind, Target
-from cr_proxy.config import IDENTITY_RE, MIRROR_AUTH_REALM, MIRROR_GRANT_HEADER, USER_HEADER
-from cr_proxy.errors import Denied, NotFound, Unauthorized, UpstreamError
+from cr_proxy.config import (
+    IDENTITY_RE,
+    MIRROR_AUTH_REALM,
+    MIRROR_GRANT_FOR_HEADER,
+    MIRROR_GRANT_HEADER,
+    USER_HEADER,
+)
+from cr_proxy.errors import BadRequest, Denied, NotFound, Unauthorized, UpstreamError
 from cr_proxy.fetch.context import FetchContext, in_thread
 from cr_proxy.upstream.auth import DUMMY_PREFIX
 from cr_proxy.upstream.challenges import Challenges
@@ -99,6 +105,11 @@ class Remembered(Generic[K, V]):
         self._items.move_to_end(key)
         while len(self._items) > self._limit:
             self._items.popitem(last=False)
+
+
+class Undecided(UpstreamError):
+    """The registry answered the anonymous check, but neither yes nor no
+    (a 5xx, a 429): the repository may be private. Nothing is fetched."""
 
 
 class Privacy:
@@ -151,9 +162,10 @@ class Privacy:
                 # answers from the cache alone, and stores nothing new.
                 return False
             # Up, but not saying: guessing public would store what a
-            # credential fetches unmarked, for every client to pull.
-            raise UpstreamError(message=f"cannot tell whether {domain}/{name} is private "
-                                f"({err.message}); nothing was fetched, ask again") from err
+            # credential fetches unmarked, for every client to pull. The
+            # caller serves what the cache holds, and fetches nothing.
+            raise Undecided(message=f"cannot tell whether {domain}/{name} is private "
+                            f"({err.message}); nothing was fetched, ask again") from err
         if private:
             log.info("private: %s/%s is private (refused without a credential)", domain, name)
             await in_thread(store.mark_private, domain, name, True)
@@ -218,6 +230,20 @@ class Privacy:
                 return self._decided(allowed, domain, name)
         self.ctx.metrics.private_checks.labels(how="offline").inc()
         self._offline(domain, name, authorization, credential)
+
+    def check_mirror_reading(self, request: web.Request, target: Target) -> None:
+        """Mirror mode with mirror_auth on: nginx decided (its rules, the
+        private mark) for the repository it read; raise BadRequest when the
+        fetcher reads the request as another. A registry in upper case, with
+        its default port or percent-encoded is one repository to the fetcher
+        and another to nginx: a deny rule, or a grant for another registry,
+        would otherwise reach this one."""
+        read = f"{target.domain}/{target.rpath.name}"
+        if request.headers.get(MIRROR_GRANT_FOR_HEADER, "") != read:
+            self._refuse("mirror_not_granted")
+            raise BadRequest("NAME_INVALID", f"{target.registry}/{target.rpath.name}: write "
+                             "the registry in lower case, without a default port, unencoded "
+                             "(mirror_auth decides for the name as written)")
 
     def admit_mirror(self, request: web.Request, target: Target) -> None:
         """Mirror mode with mirror_auth on: return if nginx's verdict for this

@@ -436,7 +436,7 @@ class Pushes:
         """200 for a blob the upstream holds here, with its size; asked
         upstream when we never knew it."""
         self._touch(target.ref)  # the push relies on it: our copy stays too
-        size = self.held.size(target.ref)
+        size = self.held.size(target.domain, target.ref)
         if size is None:
             return await self._head(request, target)
         return blob_head(target.ref, size)
@@ -488,7 +488,9 @@ class Pushes:
 
     async def _upload(self, request: web.Request, target: PushTarget) -> web.StreamResponse:
         method = request.method
-        query = list(parse_qsl(request.query_string, keep_blank_values=True))
+        # Parsed once from the query as sent (query_string is decoded already:
+        # a %2B in an upload state would come back a space).
+        query = list(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True))
         mount_from = None
         if method == "POST" and request.query.get("mount") and request.query.get("from"):
             if target.proxied:  # the registry's own names: within it, as they are

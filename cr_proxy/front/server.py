@@ -298,20 +298,26 @@ class Front:
             # Its slot is held until the lookup's thread is done, even when
             # the client stopped waiting for it: a slow resolver cannot
             # gather threads.
-            lookup = asyncio.ensure_future(self._resolves(host, port))
+            lookup = asyncio.ensure_future(self._first_leaf(host, port))
             self._lookups[host, port] = lookup
             lookup.add_done_callback(lambda _: self._lookups.pop((host, port), None))
         try:
             async with asyncio.timeout(self.config.timeouts.connect):
-                resolves = await asyncio.shield(lookup)
+                return await asyncio.shield(lookup)
         except TimeoutError:
             log.warning("no leaf for %s: lookup timed out", host)
             return False
-        if resolves and not self._new_leaves.take():
+
+    async def _first_leaf(self, host: str, port: int) -> bool:
+        """Whether a new host gets its first leaf: it resolves, and the
+        new-leaf budget has room. Once per host, whoever waits on it."""
+        if not await self._resolves(host, port):
+            return False
+        if not self._new_leaves.take():
             log.warning("no leaf for %s: more than %d new hosts, then one every %.0f s",
                         host, NEW_LEAF_BURST, NEW_LEAF_EVERY)
             return False
-        return resolves
+        return True
 
     async def _resolves(self, host: str, port: int) -> bool:
         if self._resolver is None:

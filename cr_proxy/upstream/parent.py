@@ -1,6 +1,7 @@
 """A regional parent cr-proxy. A site node sends each registry request of a
 miss to the parent instead of the registry: to its mirror port
-(`parent_mirror`), the registry named in ?ns= as containerd does, or through
+(`parent_mirror`), the registry as the path's first component as a client
+names it (layout.mirror_prefix), or through
 its https_proxy (`upstream_proxy`), as https://<registry> over CONNECT, the
 parent's certificate checked against `upstream_proxy_ca` and the system's
 CAs. The parent logs in upstream with its own credentials, fills its cache

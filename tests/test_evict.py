@@ -6,6 +6,7 @@ pull that names a blob meanwhile."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -205,6 +206,7 @@ def test_a_blob_no_image_uses_goes_by_its_last_use_as_an_image_would(
     images_total = store.blob_bytes()
     layer = b"a peer's layer\n" * (2 * images_total // 15)
     digest = cache_blob(store, REG, "other/app", layer, cdn=True)
+    os.utime(store.tree.blob(digest), (NOW - 3 * HOUR,) * 2)  # committed hours ago
     conf = config(tmp_path, store, max_size=int(2.5 * images_total), low_water=0.9)
     uses = {**used(("old", 2 * HOUR), ("mid", 2 * HOUR), ("new", HOUR)),
             (REG, f"v2/other/app/blobs/{digest}"): NOW - 3 * HOUR}
@@ -221,9 +223,16 @@ def test_a_blob_no_image_uses_is_kept_while_young_or_kept_by_a_push(
 ) -> None:
     image(store, "old")
     digest = cache_blob(store, REG, "other/app", b"pushed, no manifest yet\n" * 2000)
+    os.utime(store.tree.blob(digest), (NOW - 2 * HOUR,) * 2)
     conf = config(tmp_path, store, max_size=store.blob_bytes() // 2)
     young = {(REG, f"v2/other/app/blobs/{digest}"): NOW - 10, **used(("old", HOUR))}
     assert evict_once(conf, store, young, now=NOW).blobs == ()
+    # Committed a moment ago (its name to follow), whatever min_age says:
+    os.utime(store.tree.blob(digest), (NOW - 5,) * 2)
+    zero = config(tmp_path, store, max_size=store.blob_bytes() // 2, min_age=0)
+    old_use = {(REG, f"v2/other/app/blobs/{digest}"): NOW - HOUR, **used(("old", 10))}
+    assert evict_once(zero, store, old_use, now=NOW).blobs == ()
+    os.utime(store.tree.blob(digest), (NOW - 2 * HOUR,) * 2)
     old = {(REG, f"v2/other/app/blobs/{digest}"): NOW - HOUR, **used(("old", 10))}
     assert evict_once(conf, store, old, now=NOW, keep={digest}).blobs == ()
     assert store.has_blob(digest)

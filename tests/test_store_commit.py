@@ -138,3 +138,27 @@ def test_a_crash_while_a_tag_moves_never_pairs_its_old_body_with_new_headers(
         assert digest_of(payload.read_bytes()) == store.read_sidecar(
             "docker-content-digest", HUB, tag.path)
     assert store.read_manifest(HUB, tag.path) is None
+
+
+def test_a_manifest_evicted_between_its_store_and_its_name_is_stored_again(
+    store: Store, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A manifest no image uses yet, taken by the evictor between its
+    blobs/ file and its name (seen in test_e2e_evict's race with
+    min_age 0): its commit failed, the client got a 500. It is stored
+    again from the bytes in hand."""
+    real_put = Store.put_bytes
+    puts = [0]
+
+    def put_then_evicted(self: Store, body: bytes, digest: str) -> None:
+        real_put(self, body, digest)
+        puts[0] += 1
+        if puts[0] == 1:
+            self.tree.blob(digest).unlink()  # the evictor, at that moment
+
+    monkeypatch.setattr(Store, "put_bytes", put_then_evicted)
+    tag = RegistryPath(Kind.MANIFEST, "org/app", "v1")
+    store.commit_manifest(HUB, tag, MANIFEST, MANIFEST_DIGEST, MANIFEST_TYPE, 1000.0)
+    assert puts[0] == 2
+    stored = store.read_manifest(HUB, tag.path)
+    assert stored is not None and stored.body == MANIFEST

@@ -50,6 +50,7 @@ from cr_proxy.metrics import Metrics
 log = logging.getLogger("cr_proxy.evict")
 
 Uses = Mapping[tuple[str, str], float]
+NAMING_GRACE = 60.0  # seconds a blob no image uses is spared after its commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +89,10 @@ def evict_once(config: Config, store: Store, uses: Uses, now: float | None = Non
     pinned = Pins.from_config(config, store).keys()
     candidates: list[tuple[float, Image | UnusedBlob]] = [
         (image.last_used, image) for image in inventory.images()]
+    # A blob committed a moment ago has no name yet (its naming follows):
+    # whatever min_age says, it is not taken between the two.
     candidates += [(blob_last_use(blob, uses), blob) for blob in inventory.unused_blobs()
-                   if blob.digest not in keep]
+                   if blob.digest not in keep and now - blob.stored_at >= NAMING_GRACE]
     evicted: list[str] = []
     blobs: list[str] = []
     unused: dict[str, int] = {}  # blobs no image uses, to free together: one scan

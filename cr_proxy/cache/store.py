@@ -350,11 +350,15 @@ class Store:
 
     def link_quietly(self, digest: str, domain: str, path: str) -> None:
         """link(), but a name the tree cannot hold is skipped: the content is
-        stored and still served, just not under that name."""
+        stored and still served, just not under that name. So is the name of
+        a blob the evictor took between its commit and its naming (a blob no
+        image uses yet is a candidate): its clients have their bytes."""
         try:
             self.link(digest, domain, path)
         except SHAPE_CONFLICTS as err:
             log.warning("cannot cache %s/%s: %s", domain, path, err)
+        except FileNotFoundError:
+            log.info("%s evicted before it was named %s/%s", digest, domain, path)
 
     def link(self, digest: str, domain: str, path: str) -> None:
         """Point content/<domain>/<path> at the stored digest (atomically)."""
@@ -503,11 +507,19 @@ class Store:
         its tag too when `rpath` names one (validated at `validated_at`),
         then the challenge that protects the path asked for. Raises a
         SHAPE_CONFLICTS error when the tree cannot hold a name."""
-        self.put_bytes(body, digest)
         by_digest = RegistryPath(Kind.MANIFEST, rpath.name, digest).path
-        self.record_manifest(domain, by_digest, digest, content_type, None)
-        if not rpath.by_digest:
-            self.record_manifest(domain, rpath.path, digest, content_type, validated_at)
+        for attempt in range(2):
+            self.put_bytes(body, digest)
+            try:
+                self.record_manifest(domain, by_digest, digest, content_type, None)
+                if not rpath.by_digest:
+                    self.record_manifest(domain, rpath.path, digest, content_type, validated_at)
+                break
+            except FileNotFoundError:
+                # Evicted between its store and its name (no image used it
+                # yet): stored again, from the bytes in hand.
+                if attempt:
+                    raise
         if challenge:
             self.write_sidecar(Sidecar.WWW_AUTHENTICATE, domain, rpath.path, challenge)
 

@@ -73,7 +73,7 @@ from cr_proxy.fetch.context import (
     read_bounded,
 )
 from cr_proxy.fetch.held import Held
-from cr_proxy.fetch.private import Privacy
+from cr_proxy.fetch.private import Privacy, Undecided
 from cr_proxy.fetch.writes import PipedWrites
 from cr_proxy.oci.manifest import MANIFEST_MEDIA_TYPES, MAX_MANIFEST
 from cr_proxy.oci.reference import digest_of, is_digest, is_tag
@@ -265,9 +265,8 @@ class Pushes:
         self.touched.pop(digest, None)
         self.touched[digest] = now
         horizon = now - self.ctx.config.push.upload_timeout
-        for oldest in list(self.touched):
-            if self.touched[oldest] >= horizon:
-                break
+        while (oldest := next(iter(self.touched))) != digest \
+                and self.touched[oldest] < horizon:
             del self.touched[oldest]
 
     def _keep(self, key: tuple[str, str, str], upload: Upload, target: PushTarget,
@@ -709,7 +708,14 @@ class Pushes:
             # Our copy, if its upload's commit is still under way.
             await self._committed(target.domain, digest=digest)
             rpath = RegistryPath(Kind.BLOB, target.name, digest)
-            await self._learn_privacy(target, rpath)
+            try:
+                await self._learn_privacy(target, rpath)
+            except Undecided as err:
+                # The mount went through; only our name for it waits for
+                # the registry to say whether the repository is private.
+                log.info("mounted %s in %s/%s, not named: %s", digest, target.domain,
+                         target.name, err.message)
+                return
             named = await in_thread(self.ctx.store.link_if_stored, digest, target.domain,
                                     rpath.path)
             if named is None and self.fill_blob is not None:

@@ -148,6 +148,7 @@ class Front:
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._listener is not None
+        failing = False  # said once per spell of failed accepts, not ten times a second
         while True:
             try:
                 conn, addr = await loop.sock_accept(self._listener)
@@ -157,13 +158,18 @@ class Front:
                 # the front goes on accepting once there is room again.
                 # Ending here left it deaf for good, serve none the wiser.
                 if err.errno in ACCEPT_RETRY:
-                    log.warning("front: accept failed (%s); trying again in %.1f s",
-                                err.strerror, ACCEPT_PAUSE)
+                    if not failing:
+                        log.warning("front: accept failed (%s); trying again every %.1f s",
+                                    err.strerror, ACCEPT_PAUSE)
+                    failing = True
                     await asyncio.sleep(ACCEPT_PAUSE)
                     continue
                 if err.errno in ACCEPT_SKIP:
                     continue
                 raise
+            if failing:
+                log.warning("front: accepting again")
+                failing = False
             conn.setblocking(False)
             task = asyncio.create_task(self._client(conn, addr))
             self._clients.add(task)

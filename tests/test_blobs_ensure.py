@@ -15,13 +15,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import aiohttp
-import yaml
 from aiohttp import web
 
 from cr_proxy.cache.layout import mirror_target
-from cr_proxy.config import load
 from cr_proxy.fetch.app import make_app
 from cr_proxy.fetch.blobs import Blobs
+from tests.inprocess import config_at, scripted
 
 DOMAIN = "up.test"
 
@@ -46,14 +45,8 @@ async def test_ensure_that_joined_a_flight_not_kept_fetches_once_more(
         await response.write(data[100_000:])
         return response
 
-    app = web.Application()
-    app.router.add_route("GET", "/blob", owner)
-    server = await aiohttp_server(app)
-    settings = {"cache_dir": str(tmp_path / "cache"), "run_dir": str(tmp_path / "run"),
-                "certs_dir": str(tmp_path / "certs"),
-                "endpoints": {DOMAIN: f"http://127.0.0.1:{server.port}"}}
-    (tmp_path / "config.yml").write_text(yaml.safe_dump(settings))
-    config = load(tmp_path / "config.yml", environ={})
+    server = await scripted(aiohttp_server, owner)
+    config = config_at(tmp_path, endpoints={DOMAIN: f"http://127.0.0.1:{server.port}"})
     fetcher_app = make_app(config)
     await aiohttp_client(fetcher_app)  # runs the app's start-up
     ctx = fetcher_app["fetcher"].ctx

@@ -13,33 +13,18 @@ from types import SimpleNamespace
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 
 from cr_proxy.cache.layout import Kind, RegistryPath, Target
-from cr_proxy.config import Config, load
+from cr_proxy.config import load
 from cr_proxy.errors import UpstreamUnreachable
 from cr_proxy.fetch.app import make_app
 from cr_proxy.metrics import Metrics
 from cr_proxy.upstream.client import Upstream
 from cr_proxy.upstream.peers import Peers
+from tests.inprocess import config_at, scripted
 
 DOMAIN = "up.test"
-
-
-def settings(tmp: Path, name: str, **extra: object) -> Config:
-    base = tmp / name
-    base.mkdir()
-    (base / "config.yml").write_text(yaml.safe_dump({
-        "cache_dir": str(base / "cache"), "run_dir": str(base / "run"),
-        "certs_dir": str(base / "certs"), **extra}))
-    return load(base / "config.yml", environ={})
-
-
-async def serving(aiohttp_server, handler) -> int:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    return (await aiohttp_server(app)).port
 
 
 async def test_a_parent_that_cannot_ask_its_registry_makes_no_name_on_its_site(
@@ -65,12 +50,12 @@ async def test_a_parent_that_cannot_ask_its_registry_makes_no_name_on_its_site(
             return web.json_response({})
         return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
 
-    port = await serving(aiohttp_server, registry)
-    parent = await aiohttp_client(make_app(settings(
-        tmp_path, "parent", endpoints={DOMAIN: f"http://127.0.0.1:{port}"})))
+    port = (await scripted(aiohttp_server, registry)).port
+    parent = await aiohttp_client(make_app(config_at(
+        tmp_path / "parent", endpoints={DOMAIN: f"http://127.0.0.1:{port}"})))
     answer = await parent.get(f"/v2/{DOMAIN}/team/a/blobs/{digest}")
     assert answer.status == 200 and await answer.read() == data
-    site_app = make_app(settings(tmp_path, "site",
+    site_app = make_app(config_at(tmp_path / "site",
                                  parent_mirror=f"http://127.0.0.1:{parent.server.port}"))
     site = await aiohttp_client(site_app)
     site_ctx = site_app["fetcher"].ctx
@@ -92,7 +77,7 @@ async def test_a_registry_that_redirects_to_another_cannot_take_it_down(
     """evil.test (a registry any client may name) redirects to victim.test's
     own host, then goes dark: its outage was victim.test's too, every
     request to it failing at once ("remembered") while it answered."""
-    victim = await serving(aiohttp_server, lambda _request: _json({}))
+    victim = (await scripted(aiohttp_server, lambda _request: _json({}))).port
 
     async def evil(_request: web.Request) -> web.Response:
         return web.Response(status=307, headers={"Location": "http://victim.test/v2/"})
@@ -131,7 +116,7 @@ async def test_a_one_label_registry_is_asked_of_its_owner_as_that_registry(
     """`?ns=intranet` on a non-owner: the owner was asked /v2/intranet/...,
     which Docker's rule reads as Docker Hub's repository intranet/...; the
     owner is asked /v2/intranet:443/... (its default port, dropped again)."""
-    conf = settings(tmp_path, "node", cluster={"peers": ["10.0.0.1:5000", "10.0.0.2:5000"],
+    conf = config_at(tmp_path / "node", cluster={"peers": ["10.0.0.1:5000", "10.0.0.2:5000"],
                                                "self": "10.0.0.1:5000"})
     peers = Peers(conf, Metrics())
     asked: list[str] = []
@@ -153,7 +138,7 @@ async def test_with_a_parent_a_slow_answer_probes_no_registry(tmp_path: Path) ->
     """A site that reaches only its parent: a revalidation that outran its
     budget probed the registry itself, failed, and the registry stayed
     down (every tag stale, the healthy parent never asked)."""
-    conf = settings(tmp_path, "site", parent_mirror="http://127.0.0.1:1",
+    conf = config_at(tmp_path / "site", parent_mirror="http://127.0.0.1:1",
                     parent_fallback="fail")
     session = Upstream.make_session(conf)
     upstream = Upstream(conf, session)

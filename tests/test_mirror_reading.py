@@ -11,13 +11,11 @@ import hashlib
 import json
 from pathlib import Path
 
-import yaml
 from aiohttp import web
 from yarl import URL
 
 from cr_proxy.cache.layout import ns_registry
-from cr_proxy.config import load
-from cr_proxy.fetch.app import make_app
+from tests.inprocess import fetcher
 
 IMAGE = "application/vnd.oci.image.manifest.v1+json"
 D = "sha256:" + "a" * 64
@@ -27,18 +25,6 @@ BODY = json.dumps({
     "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": D,
                 "size": 3}]}).encode()
 DIGEST = "sha256:" + hashlib.sha256(BODY).hexdigest()
-
-
-async def fetcher(aiohttp_server, aiohttp_client, tmp_path: Path, handler, **settings):
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    server = await aiohttp_server(app)
-    endpoints = {host: f"http://127.0.0.1:{server.port}"
-                 for host in settings.pop("hosts", ["up.test"])}
-    (tmp_path / "config.yml").write_text(yaml.safe_dump({
-        "cache_dir": str(tmp_path / "cache"), "run_dir": str(tmp_path / "run"),
-        "certs_dir": str(tmp_path / "certs"), "endpoints": endpoints, **settings}))
-    return await aiohttp_client(make_app(load(tmp_path / "config.yml", environ={})))
 
 
 def test_ns_of_a_registry_with_a_port_reads_as_containerd_wrote_it() -> None:

@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-import yaml
 from aiohttp import web
 
-from cr_proxy.config import load
 from cr_proxy.errors import ManifestInvalid, UpstreamError
-from cr_proxy.fetch.app import make_app
 from cr_proxy.oci.manifest import manifest_media_type, parse
 from cr_proxy.oci.referrers import parse_referrers
 from cr_proxy.oci.tags import parse_tag_list
+from tests.inprocess import fetcher
 
 DOMAIN = "up.test"
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 D = "sha256:" + "a" * 64
 IMAGE = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -33,18 +29,6 @@ LAYER = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": D
 ENTRY = {"mediaType": IMAGE, "digest": "sha256:" + "b" * 64, "size": 9,
          "platform": {"os": "linux", "architecture": "amd64"}}
 DEEP = b"[" * 100_000 + b"]" * 100_000  # 200 KB, under every size limit
-
-
-async def fetcher(aiohttp_server, aiohttp_client, tmp_path: Path, handler: Handler):
-    """The fetcher in-process, up.test being `handler`."""
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    server = await aiohttp_server(app)
-    settings = {"cache_dir": str(tmp_path / "cache"), "run_dir": str(tmp_path / "run"),
-                "certs_dir": str(tmp_path / "certs"),
-                "endpoints": {DOMAIN: f"http://127.0.0.1:{server.port}"}}
-    (tmp_path / "config.yml").write_text(yaml.safe_dump(settings))
-    return await aiohttp_client(make_app(load(tmp_path / "config.yml", environ={})))
 
 
 # --- manifests ------------------------------------------------------------------------

@@ -402,6 +402,12 @@ def ns_registry(raw: str) -> str:
     return raw
 
 
+def mirror_ns(raw_query: str) -> str | None:
+    """The registry a mirror request's `?ns=` names, read as nginx reads it
+    (nginx_arg, then ns_registry); None when it names none."""
+    return ns_registry(nginx_arg(raw_query, "ns") or "") or None
+
+
 def normalise_registry(registry: str) -> str:
     """Lower case, default port dropped, Docker Hub's legacy name folded."""
     registry = check_domain(registry)

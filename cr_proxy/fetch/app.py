@@ -35,9 +35,8 @@ from aiohttp import web
 from cr_proxy.cache.layout import (
     Kind,
     Target,
+    mirror_ns,
     mirror_target,
-    nginx_arg,
-    ns_registry,
     proxy_target,
 )
 from cr_proxy.cache.store import Store
@@ -153,7 +152,7 @@ class Fetcher:
                 return await self.pushes.handle(request)
             target = mirror_target(
                 request.path,
-                ns_registry(nginx_arg(request.rel_url.raw_query_string, "ns") or "") or None,
+                mirror_ns(request.rel_url.raw_query_string),
                 self.ctx.config.default_registry,
                 dict(self.ctx.config.registry_hosts),
             )

@@ -89,9 +89,8 @@ class Blobs:
     async def get(self, request: web.Request, target: Target) -> web.StreamResponse:
         """GET or HEAD of a blob: stored, confirmed, or downloaded once."""
         ctx = self.ctx
-        digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
-        named = await in_thread(ctx.store.linked, digest, domain, path)
-        hit = None if named is None else await self._hit(request, named, digest)
+        digest, domain = target.rpath.ref, target.domain
+        hit = await self.cached(request, target)
         if hit is not None:
             return hit
         if await in_thread(ctx.store.has_blob, digest):

@@ -34,7 +34,7 @@ import re
 
 import aiohttp
 
-from cr_proxy.cache.layout import Target, check_domain
+from cr_proxy.cache.layout import Target
 from cr_proxy.errors import (
     CrProxyError,
     DestinationRefused,
@@ -45,8 +45,7 @@ from cr_proxy.errors import (
     UpstreamUnreachable,
 )
 from cr_proxy.fetch.context import FetchContext
-from cr_proxy.net.address import split_url
-from cr_proxy.upstream.client import Opened
+from cr_proxy.upstream.client import Opened, upstream_url
 
 log = logging.getLogger("cr_proxy.fetcher")
 
@@ -140,9 +139,9 @@ class Resume:
         headers = {"Range": f"bytes={written}-"}
         opened = self.opened
         if opened.hops:
-            scheme, host, path = split_url(opened.hops[-1].location)
+            scheme, host, path = upstream_url(opened.hops[-1].location, "redirect")
             response = await self._ctx.upstream.send(
-                "GET", check_domain(host), path, headers, scheme=scheme,
+                "GET", host, path, headers, scheme=scheme,
                 registry=self._target.domain)
             if response.status in (200, 206):
                 return self._accept(Opened(response, opened.hops), written)

@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from cr_proxy.cache.layout import Kind, Target, nginx_arg, ns_registry
+from cr_proxy.cache.layout import Kind, Target, mirror_ns
 from cr_proxy.errors import NotFound
 from cr_proxy.fetch.context import API_HEADERS, FetchContext, client_auth, in_thread, read_bounded
 from cr_proxy.fetch.listings import Listing, Listings, check_status, forced
@@ -54,7 +54,7 @@ class Tags:
         if page.next is not None:
             # On the client's own path (a mirror's prefix, its ns= too).
             # As the target was read, then encoded once by urlencode.
-            ns = ns_registry(nginx_arg(request.rel_url.raw_query_string, "ns") or "")
+            ns = mirror_ns(request.rel_url.raw_query_string)
             params = [("ns", ns)] if ns else []
             params += page.next.params()
             headers["Link"] = f'<{request.path}?{urlencode(params)}>; rel="next"'

@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -164,7 +165,7 @@ http {{
     default_type application/octet-stream;
     sendfile on;
     output_buffers 2 1m;
-    keepalive_requests 10000;
+    keepalive_requests 10000;{self.http_extra()}
     server {{
         listen 127.0.0.1:{self.http_port};
         listen 127.0.0.1:{self.https_port} ssl;
@@ -172,10 +173,16 @@ http {{
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_session_cache shared:plain:10m;
-        root {self.root};
+        {self.site()}
     }}
 }}
 """
+
+    def http_extra(self) -> str:
+        return ""
+
+    def site(self) -> str:
+        return f"root {self.root};"
 
     def start(self) -> None:
         for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -191,6 +198,77 @@ http {{
             )
         self._ready([self.http_port, self.https_port], log)
 
+
+
+class FrontNginx(PlainNginx):
+    """nginx relaying every request to a server on 127.0.0.1:`relay_port`
+    as cr-proxy's fetch location does (nginx/fetch.conf: bodies streamed
+    both ways in 1 MiB buffers, kept-alive upstream connections), and
+    nothing else: the push floor's front (bench.push_ab --floor)."""
+
+    def __init__(self, workdir: Path, relay_port: int) -> None:
+        super().__init__(workdir, workdir)
+        self.relay_port = relay_port
+
+    def http_extra(self) -> str:
+        return f"""
+    upstream relay {{ server 127.0.0.1:{self.relay_port}; keepalive 16; }}"""
+
+    def site(self) -> str:
+        return """location / {
+            proxy_pass http://relay;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+            proxy_buffer_size 1m;
+            proxy_buffers 4 1m;
+            proxy_busy_buffers_size 1m;
+            proxy_request_buffering off;
+            client_body_buffer_size 1m;
+            client_max_body_size 0;
+        }"""
+
+
+class PushFloor(Managed):
+    """FrontNginx in front of bench.passthrough (its own process, as the
+    fetcher is), relaying to `target`: what a push through cr-proxy's
+    architecture costs without the fetcher's own work; with `hash_bodies`,
+    with the SHA-256 a verified copy needs."""
+
+    def __init__(self, workdir: Path, target: str, hash_bodies: bool) -> None:
+        self.dir = workdir
+        self.target = target
+        self.hash_bodies = hash_bodies
+        self.relay_port = free_ports(1)[0]
+        self.front = FrontNginx(workdir / "nginx", self.relay_port)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http(self) -> str:
+        return self.front.http
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = self.dir / "passthrough.log"
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.passthrough", "--port", str(self.relay_port),
+                 "--target", self.target, *(["--hash"] if self.hash_bodies else [])],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+        self._ready([self.relay_port], log)
+        self.front.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.front.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.front.stop()
+        super().stop()
 
 
 # --------------------------------------------------------------------------- peer

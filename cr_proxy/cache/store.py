@@ -200,11 +200,18 @@ class Store:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def read_sidecar(self, kind: Sidecar | str, domain: str, path: str) -> str | None:
+    def read_sidecar(self, kind: Sidecar | str, domain: str, path: str,
+                     whole: bool = False) -> str | None:
+        """A stored header value, or None. whole: None too for a record that
+        does not end in the newline write_sidecar ends every one with: after
+        a power loss, a file renamed into place may have none of its bytes
+        (its data was never flushed), and an empty value can mean something
+        (Challenges: "no login")."""
         try:
-            return self.tree.sidecar(kind, domain, path).read_text().strip()
+            raw = self.tree.sidecar(kind, domain, path).read_text()
         except (FileNotFoundError, NotADirectoryError):
             return None
+        return None if whole and not raw.endswith("\n") else raw.strip()
 
     def read_manifest(self, domain: str, path: str) -> StoredManifest | None:
         """A cached manifest with its headers, or None."""
@@ -287,11 +294,11 @@ class Store:
 
     def save_uses(self, uses: dict[tuple[str, str], float]) -> None:
         data = json.dumps({f"{d} {p}": t for (d, p), t in uses.items()})
-        self._replace_with(self.tree.uses_file, lambda tmp: tmp.write_text(data))
+        self._replace_with(self.tree.uses_file, lambda tmp: write_synced(tmp, data.encode()))
 
     def save_pins(self, keys: Iterable[str]) -> None:
         data = json.dumps({"pins": sorted(keys)}, indent=1) + "\n"
-        self._replace_with(self.tree.pins_file, lambda tmp: tmp.write_text(data))
+        self._replace_with(self.tree.pins_file, lambda tmp: write_synced(tmp, data.encode()))
 
     def blob_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self.tree.temp, digest)
@@ -597,6 +604,20 @@ class Store:
         except FileNotFoundError:
             return None
         return target
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """A new file with `data`, flushed to the disk: for a file that is
+    renamed into place and that nothing could rebuild were a power loss to
+    leave it empty (ext4 flushes a rename over an existing file, not one
+    that makes a new name). Sidecars need none: the start-up scrub drops an
+    empty one and the fetcher writes it again."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def hard_link(source: Path, name: Path) -> None:

@@ -50,11 +50,15 @@ def _now() -> datetime.datetime:
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write then rename: nginx reads leaves at each handshake and must never
-    see half a file."""
+    see half a file. Flushed before the rename: after a power loss a new
+    name could otherwise hold an empty file, and an empty CA or host leaf
+    stops every later start (load_ca, nginx -t)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as out:
         out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
     os.chmod(tmp, mode)
     os.replace(tmp, path)
 

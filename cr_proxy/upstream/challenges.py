@@ -109,7 +109,8 @@ class Challenges:
         an executor)."""
         if self._store is None:
             return None
-        value = self._store.read_sidecar(SIDECAR, host, PING_PATH)
+        # whole: a record a power loss left empty is not the "" of "no login".
+        value = self._store.read_sidecar(SIDECAR, host, PING_PATH, whole=True)
         if value is None:
             return None
         if value == ANONYMOUS:

@@ -242,13 +242,18 @@ class Fetcher:
 
     async def _from_the_cache_only(self, request: web.Request, target: Target,
                                    err: UpstreamError) -> web.StreamResponse:
-        """A stored tag (stale) or named blob, else the upstream's error."""
+        """A stored tag (stale), named blob, tag list page or referrers
+        answer (paged and filtered as online), else the upstream's error."""
         kind = target.rpath.kind
         answer: web.StreamResponse | None = None
         if kind is Kind.MANIFEST:
             answer = await self.manifests.cached(target)
         elif kind is Kind.BLOB:
             answer = await self.blobs.cached(request, target)
+        elif kind is Kind.TAGS:
+            answer = await self.tags.cached(request, target)
+        elif kind is Kind.REFERRERS:
+            answer = await self.referrers.cached(request, target)
         if answer is None:
             raise err
         return answer

@@ -112,9 +112,8 @@ class Listings:
         ctx = self.ctx
         stored = await in_thread(self._read, listing, valid)
         kind = listing.kind.value
-        if stored is not None and not force and time.time() - stored[1] < ctx.config.tag_ttl:
-            ctx.metrics.hits.labels(kind=f"{kind}-fetch").inc()
-            return Listed(stored[0], stored[1], "HIT")
+        if stored is not None and not force and self._fresh(stored):
+            return self._hit(listing, stored)
         if stored is not None and ctx.upstream.skips(listing.domain):
             # Down: not even a fetch already running is waited for.
             return self._stale(listing, stored, "failed", f"{listing.domain} is down")
@@ -141,6 +140,23 @@ class Listings:
         ctx.metrics.revalidations.labels(
             result="same" if body == stored[0] else "changed").inc()
         return Listed(body, fetched_at, "REVALIDATED")
+
+    async def cached(self, listing: Listing, valid: Callable[[bytes], object]) -> Listed | None:
+        """The stored listing, asking no one: a hit while fresh, else stale
+        (as when the upstream is down); None when none is stored."""
+        stored = await in_thread(self._read, listing, valid)
+        if stored is None:
+            return None
+        if self._fresh(stored):
+            return self._hit(listing, stored)
+        return self._stale(listing, stored, "failed", "its privacy undecided")
+
+    def _fresh(self, stored: tuple[bytes, float]) -> bool:
+        return time.time() - stored[1] < self.ctx.config.tag_ttl
+
+    def _hit(self, listing: Listing, stored: tuple[bytes, float]) -> Listed:
+        self.ctx.metrics.hits.labels(kind=f"{listing.kind.value}-fetch").inc()
+        return Listed(stored[0], stored[1], "HIT")
 
     def _stale(
         self, listing: Listing, stored: tuple[bytes, float], result: str, why: str

@@ -69,9 +69,7 @@ class Referrers:
 
     async def get(self, request: web.Request, target: Target) -> web.Response:
         artifact_type = check_artifact_type(request.query.get("artifactType"))
-        rpath = target.rpath
-        listing = Listing(target.domain, rpath.name, Kind.REFERRERS, stored_name(rpath.ref),
-                          f"the referrers index of {rpath.name}@{rpath.ref}", "MANIFEST_UNKNOWN")
+        listing = _listing(target)
         auth = client_auth(request)
         try:
             listed = await self.listings.get(
@@ -82,11 +80,22 @@ class Referrers:
             # Nothing stored, and the upstream failed: the tag schema's
             # index may still be in the cache as a tag.
             listed = await self._from_cached_tag(request, target, err)
-        descriptors = await in_thread(parse_referrers, listed.body, listing.what)
-        headers = {"Content-Type": INDEX_TYPE, **listed.headers(), **API_HEADERS}
-        if artifact_type is not None:
-            headers[FILTER_HEADER] = "artifactType"
-        return web.Response(body=referrers_body(descriptors, artifact_type), headers=headers)
+        return await _answer(listed, listing.what, artifact_type)
+
+    async def cached(self, request: web.Request, target: Target) -> web.Response | None:
+        """The stored answer (listings.py's `cached`), else the tag schema's
+        index as the cache holds it (manifests.py's `cached`), answered as
+        get() answers it, asking no one; None when neither is stored."""
+        artifact_type = check_artifact_type(request.query.get("artifactType"))
+        listing = _listing(target)
+        listed = await self.listings.cached(
+            listing, lambda body: parse_referrers(body, listing.what))
+        if listed is None:
+            answer = await self.manifests.cached(_tag_target(target))
+            if answer is None:
+                return None
+            listed = _as_listed(answer)
+        return await _answer(listed, listing.what, artifact_type)
 
     async def _fetch(
         self, request: web.Request, target: Target, listing: Listing, auth: str | None
@@ -158,9 +167,7 @@ class Referrers:
     async def _tag_index(self, request: web.Request, target: Target) -> web.Response:
         """The `<alg>-<hex>` tag's index through manifests.py: cached, and
         revalidated, as any tag (NotFound when there is no such tag)."""
-        rpath = target.rpath
-        tag = RegistryPath(Kind.MANIFEST, rpath.name, tag_schema_tag(rpath.ref))
-        answer = await self.manifests.get(request, Target(target.registry, target.domain, tag))
+        answer = await self.manifests.get(request, _tag_target(target))
         assert isinstance(answer, web.Response) and isinstance(answer.body, bytes)
         return answer
 
@@ -174,7 +181,36 @@ class Referrers:
             answer = await self._tag_index(request, target)
         except (NotFound, UpstreamError):
             raise err from None
-        # A stale tag is counted (crproxy_stale_served) by manifests.py.
-        age = int(answer.headers.get("Age", "0"))
-        cache = answer.headers.get("X-Cache", STALE)
-        return Listed(answer.body, time.time() - age, cache)  # type: ignore[arg-type]
+        return _as_listed(answer)
+
+
+def _listing(target: Target) -> Listing:
+    rpath = target.rpath
+    return Listing(target.domain, rpath.name, Kind.REFERRERS, stored_name(rpath.ref),
+                   f"the referrers index of {rpath.name}@{rpath.ref}", "MANIFEST_UNKNOWN")
+
+
+def _tag_target(target: Target) -> Target:
+    """The referrers tag schema's `<alg>-<hex>` tag of `target`'s subject."""
+    rpath = target.rpath
+    tag = RegistryPath(Kind.MANIFEST, rpath.name, tag_schema_tag(rpath.ref))
+    return Target(target.registry, target.domain, tag)
+
+
+def _as_listed(answer: web.StreamResponse) -> Listed:
+    """The tag schema's index, as manifests.py answered it, as a listing."""
+    assert isinstance(answer, web.Response) and isinstance(answer.body, bytes)
+    # A stale tag is counted (crproxy_stale_served) by manifests.py.
+    age = int(answer.headers.get("Age", "0"))
+    cache = answer.headers.get("X-Cache", STALE)
+    return Listed(answer.body, time.time() - age, cache)
+
+
+async def _answer(listed: Listed, what: str, artifact_type: str | None) -> web.Response:
+    """A stored index, rebuilt and filtered by `artifact_type` (ours, said
+    by OCI-Filters-Applied)."""
+    descriptors = await in_thread(parse_referrers, listed.body, what)
+    headers = {"Content-Type": INDEX_TYPE, **listed.headers(), **API_HEADERS}
+    if artifact_type is not None:
+        headers[FILTER_HEADER] = "artifactType"
+    return web.Response(body=referrers_body(descriptors, artifact_type), headers=headers)

@@ -18,7 +18,7 @@ from aiohttp import web
 from cr_proxy.cache.layout import Kind, Target, mirror_ns
 from cr_proxy.errors import NotFound
 from cr_proxy.fetch.context import API_HEADERS, FetchContext, client_auth, in_thread, read_bounded
-from cr_proxy.fetch.listings import Listing, Listings, check_status, forced
+from cr_proxy.fetch.listings import Listed, Listing, Listings, check_status, forced
 from cr_proxy.oci.tags import (
     MAX_TAG_LIST,
     TagPage,
@@ -43,22 +43,20 @@ class Tags:
         query = TagQuery.parse(request.query.get("n"), request.query.get("last"))
         name = target.rpath.name
         auth = client_auth(request)
-        listing = Listing(target.domain, name, Kind.TAGS, query.file_name,
-                          f"the tag list of {name}")
         listed = await self.listings.get(
-            listing, lambda: self._fetch(target, query, auth),
+            _listing(target, query), lambda: self._fetch(target, query, auth),
             lambda body: parse_stored(body, name), forced(request),
         )
-        page = await in_thread(parse_stored, listed.body, name)
-        headers = {"Content-Type": "application/json", **listed.headers(), **API_HEADERS}
-        if page.next is not None:
-            # On the client's own path (a mirror's prefix, its ns= too).
-            # As the target was read, then encoded once by urlencode.
-            ns = mirror_ns(request.rel_url.raw_query_string)
-            params = [("ns", ns)] if ns else []
-            params += page.next.params()
-            headers["Link"] = f'<{request.path}?{urlencode(params)}>; rel="next"'
-        return web.Response(body=page.list_body(), headers=headers)
+        return await _answer(request, name, listed)
+
+    async def cached(self, request: web.Request, target: Target) -> web.Response | None:
+        """The stored page answered as get() answers it, asking no one
+        (listings.py's `cached`); None when none is stored."""
+        query = TagQuery.parse(request.query.get("n"), request.query.get("last"))
+        name = target.rpath.name
+        listed = await self.listings.cached(
+            _listing(target, query), lambda body: parse_stored(body, name))
+        return None if listed is None else await _answer(request, name, listed)
 
     async def _fetch(self, target: Target, query: TagQuery, auth: str | None) -> bytes:
         """The upstream's page, checked, as it is stored. Redirects are
@@ -82,3 +80,22 @@ class Tags:
         page = await in_thread(parse_tag_list, body, name, link)
         # Stored and served under the name the client asked for.
         return TagPage(target.rpath.name, page.tags, page.next).stored()
+
+
+def _listing(target: Target, query: TagQuery) -> Listing:
+    name = target.rpath.name
+    return Listing(target.domain, name, Kind.TAGS, query.file_name, f"the tag list of {name}")
+
+
+async def _answer(request: web.Request, name: str, listed: Listed) -> web.Response:
+    """The client's page of a stored list, its Link (if any) on the
+    client's own path (a mirror's prefix, its ns= too)."""
+    page = await in_thread(parse_stored, listed.body, name)
+    headers = {"Content-Type": "application/json", **listed.headers(), **API_HEADERS}
+    if page.next is not None:
+        # As the target was read, then encoded once by urlencode.
+        ns = mirror_ns(request.rel_url.raw_query_string)
+        params = [("ns", ns)] if ns else []
+        params += page.next.params()
+        headers["Link"] = f'<{request.path}?{urlencode(params)}>; rel="next"'
+    return web.Response(body=page.list_body(), headers=headers)

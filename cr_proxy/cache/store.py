@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cr_proxy.cache.layout import (
+    LISTING_FILE_RE,
     LISTING_KINDS,
     LISTS,
     SIDECARS,
@@ -243,6 +244,15 @@ class Store:
                 return f.read(), os.fstat(f.fileno()).st_mtime
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def listing_queries(self, domain: str, name: str, kind: Kind) -> list[str]:
+        """The queries (file names) of a repository's stored listings of
+        one kind, in no order; temp files and strays left out."""
+        try:
+            names = os.listdir(self.tree.listings(domain, name, kind))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [n for n in names if LISTING_FILE_RE.fullmatch(n)]
 
     def blob_bytes(self) -> int:
         """Bytes in the digest store (each blob once, whatever its names)."""

@@ -103,14 +103,18 @@ class Listings:
         fetch: Callable[[], Awaitable[bytes]],
         valid: Callable[[bytes], object],
         force: bool = False,
+        stand_in: Callable[[], tuple[bytes, float] | None] | None = None,
     ) -> Listed:
         """The listing, from the store while fresh, else from `fetch` (the
         upstream's answer, checked, as it is to be stored), else stale.
         `valid` checks a stored body again (raises if it is not one: a
         hand edit, an older format); such a copy is neither served nor
-        kept as a fallback."""
+        kept as a fallback. `stand_in` (blocking: run in a thread) makes a
+        stale answer from other stored listings when none of this one is
+        stored and the upstream cannot answer (a tag list's page cut from
+        a whole list); never a fresh one, so online the upstream decides."""
         ctx = self.ctx
-        stored = await in_thread(self._read, listing, valid)
+        stored = await in_thread(self.read, listing, valid)
         kind = listing.kind.value
         if stored is not None and not force and self._fresh(stored):
             return self._hit(listing, stored)
@@ -131,6 +135,8 @@ class Listings:
             ctx.upstream.suspect(listing.domain)
             return self._stale(listing, stored, "late", f"no answer within {budget:g}s")
         except STALE_OK_ERRORS as err:
+            if stored is None and stand_in is not None:
+                stored = await in_thread(stand_in)
             if stored is None:
                 raise
             return self._stale(listing, stored, "failed", str(getattr(err, "message", err)))
@@ -144,7 +150,7 @@ class Listings:
     async def cached(self, listing: Listing, valid: Callable[[bytes], object]) -> Listed | None:
         """The stored listing, asking no one: a hit while fresh, else stale
         (as when the upstream is down); None when none is stored."""
-        stored = await in_thread(self._read, listing, valid)
+        stored = await in_thread(self.read, listing, valid)
         if stored is None:
             return None
         if self._fresh(stored):
@@ -171,9 +177,11 @@ class Listings:
         ctx.metrics.revalidations.labels(result=result).inc()
         return Listed(stored[0], stored[1], STALE)
 
-    def _read(
+    def read(
         self, listing: Listing, valid: Callable[[bytes], object]
     ) -> tuple[bytes, float] | None:
+        """The stored listing and when it was fetched, if `valid` takes it.
+        Blocking."""
         stored = self.ctx.store.read_listing(
             listing.domain, listing.name, listing.kind, listing.query)
         if stored is None:

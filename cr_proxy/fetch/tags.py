@@ -46,6 +46,7 @@ class Tags:
         listed = await self.listings.get(
             _listing(target, query), lambda: self._fetch(target, query, auth),
             lambda body: parse_stored(body, name), forced(request),
+            stand_in=lambda: self._cut_from_whole(target, query),
         )
         return await _answer(request, name, listed)
 
@@ -80,6 +81,31 @@ class Tags:
         page = await in_thread(parse_tag_list, body, name, link)
         # Stored and served under the name the client asked for.
         return TagPage(target.rpath.name, page.tags, page.next).stored()
+
+
+    def _cut_from_whole(self, target: Target, query: TagQuery) -> tuple[bytes, float] | None:
+        """The page `query` asks for, cut from a stored whole list (a page
+        asked from the start, with no next: every tag), as a registry pages
+        one (tags in lexical order, the spec's; those after `last`, at most
+        `n`, a next page when more are left); the newest whole list's time.
+        None when no whole list is stored. Blocking."""
+        name = target.rpath.name
+        whole: tuple[TagPage, float] | None = None
+        for file_name in self.ctx.store.listing_queries(target.domain, name, Kind.TAGS):
+            stored_query = TagQuery.from_file_name(file_name)
+            if stored_query is None or stored_query.last is not None:
+                continue
+            stored = self.listings.read(
+                Listing(target.domain, name, Kind.TAGS, file_name, f"the tag list of {name}"),
+                lambda body: parse_stored(body, name))
+            if stored is None:
+                continue
+            page = parse_stored(stored[0], name)
+            if page.next is None and (whole is None or stored[1] > whole[1]):
+                whole = (page, stored[1])
+        if whole is None:
+            return None
+        return whole[0].cut(query).stored(), whole[1]
 
 
 def _listing(target: Target, query: TagQuery) -> Listing:

@@ -55,6 +55,20 @@ class TagQuery:
             parts.append(f"last={self.last}")
         return ",".join(parts)
 
+    @classmethod
+    def from_file_name(cls, file_name: str) -> TagQuery | None:
+        """The query `file_name` stores (its inverse), or None for a name
+        it never makes."""
+        first, *parts = file_name.split(",")
+        values = dict(part.partition("=")[::2] for part in parts)
+        if first != "list" or len(values) != len(parts) or set(values) - {"n", "last"}:
+            return None
+        try:
+            query = cls.parse(values.get("n"), values.get("last"))
+        except BadRequest:
+            return None
+        return query if query.file_name == file_name else None
+
     def params(self) -> list[tuple[str, str]]:
         """The query's parameters, for an upstream's URL or a Link."""
         out = []
@@ -73,6 +87,16 @@ class TagPage:
     name: str
     tags: tuple[str, ...]
     next: TagQuery | None = None
+
+    def cut(self, query: TagQuery) -> TagPage:
+        """The page `query` asks of this whole list, as a registry pages it
+        (the spec's lexical order): the tags after `last`, at most `n`, and
+        the next page's query when more are left."""
+        after = tuple(sorted(t for t in self.tags if query.last is None or t > query.last))
+        if query.n is None or len(after) <= query.n:
+            return TagPage(self.name, after)
+        page = after[:query.n]
+        return TagPage(self.name, page, TagQuery(query.n, page[-1]) if page else None)
 
     def list_body(self) -> bytes:
         """What a client gets: the registry's JSON, canonical."""

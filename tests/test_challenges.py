@@ -1,6 +1,6 @@
 """cr_proxy.upstream.challenges: the /v2/ answer kept per host (200, or 401
 with its challenge without its scope), checked both ways, and replayed while
-the host is down."""
+the host is down; the realm it names on the host itself."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ import pytest
 
 from cr_proxy.cache.store import Store
 from cr_proxy.upstream.auth import scoped, without_scope
-from cr_proxy.upstream.challenges import PING_PATH, SIDECAR, Challenges, PingAnswer
+from cr_proxy.upstream.challenges import (
+    PING_PATH,
+    SIDECAR,
+    Challenges,
+    PingAnswer,
+    own_realm_path,
+)
 
 HOST = "registry.test"
 HEADER = 'Bearer realm="https://auth.test/token",service="registry.test",scope="repository:a:pull"'
@@ -108,3 +114,32 @@ def test_a_401_elsewhere_leaves_an_anonymous_ping_alone(store):
         challenges.seen(HOST, HEADER)
     write.assert_not_called()
     assert challenges.stored(HOST) == PingAnswer(None)
+
+
+def test_known_is_what_this_process_kept(store):
+    Challenges(store).answered(HOST, 401, HEADER)
+    challenges = Challenges(store)
+    assert challenges.known(HOST) is None  # stored, not kept by this one
+    challenges.seen(HOST, HEADER)
+    assert challenges.known(HOST) == PingAnswer(PLAIN)
+    challenges.answered(HOST, 200, None)
+    assert challenges.known(HOST) == PingAnswer(None)
+
+
+@pytest.mark.parametrize(("challenge", "path"), [
+    ('Bearer realm="https://registry.test/v2/token",service="x"', "/v2/token"),
+    ('Bearer realm="https://REGISTRY.test:443/v2/auth"', "/v2/auth"),
+    ('Bearer realm="https://registry.test/token?x=1"', "/token"),
+    (PLAIN, None),  # another host's
+    ('Bearer realm="https://registry.test:8443/v2/token"', None),
+    ('Bearer realm="http://registry.test/v2/token"', None),
+    ('Bearer realm="https://registry.test.evil/v2/token"', None),
+    ('Bearer realm="/v2/token"', None),  # no host at all
+    ('Bearer realm="https://registry.test:99999/v2/token"', None),
+    ('Bearer realm="https://[::1/v2/token"', None),
+    ('Basic realm="https://registry.test/v2/token"', None),  # no token realm
+    ('Bearer service="registry.test"', None),
+    ("not a challenge ,,", None),
+])
+def test_own_realm_path_is_a_realm_on_the_host_itself(challenge: str, path: str | None):
+    assert own_realm_path(challenge, "https", HOST, 443) == path

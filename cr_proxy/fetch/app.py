@@ -18,7 +18,8 @@ the part that owns its policy, as distribution's registry/proxy:
 - push.py: mirror-mode pushes, relayed and written through;
 - private.py: which repositories are private, and (https_proxy mode) whether
   the client's own credential may read one, before any part answers;
-- passthrough.py: everything else, relayed uncached.
+- passthrough.py: everything else, relayed uncached (token requests: those
+  outside /v2/, and in https_proxy mode the host's own realm under /v2/).
 
 Errors of any part become registry-style JSON answers here.
 """
@@ -209,7 +210,8 @@ class Fetcher:
         kind = target.rpath.kind
         if request.method not in ("GET", "HEAD"):
             return await self.passthrough.relay(
-                request, target.domain, self._relayed_path(request, target, mirror)
+                request, target.domain, self._relayed_path(request, target, mirror),
+                token_ok=await self._at_token_realm(request, target, mirror),
             )
         if kind in PRIVATE_KINDS and mirror and self.ctx.config.mirror_auth.enabled:
             self.privacy.check_mirror_reading(request, target)
@@ -237,8 +239,18 @@ class Fetcher:
         if kind is Kind.PING and mirror:
             return web.json_response({}, headers=API_HEADERS)
         return await self.passthrough.relay(
-            request, target.domain, self._relayed_path(request, target, mirror), mirror=mirror
+            request, target.domain, self._relayed_path(request, target, mirror), mirror=mirror,
+            token_ok=await self._at_token_realm(request, target, mirror),
         )
+
+    async def _at_token_realm(self, request: web.Request, target: Target, mirror: bool) -> bool:
+        """https_proxy mode: a path under /v2/ that is no registry API path
+        and is the host's own token realm (gcr.io: /v2/token, quay.io:
+        /v2/auth) is a token request, as one outside /v2/ is."""
+        if mirror or target.rpath.kind is not Kind.OTHER:
+            return False
+        return await self.passthrough.is_token_realm(request, target.domain,
+                                                     "/" + target.rpath.path)
 
     async def _from_the_cache_only(self, request: web.Request, target: Target,
                                    err: UpstreamError) -> web.StreamResponse:

@@ -5,9 +5,11 @@ requests, in https_proxy mode pushes and anything outside
 Policy: nothing is stored but what the upstream's /v2/ answered, 200 or
 401 with its challenge (upstream/challenges.py). Offline, cached pulls go
 on: a token request whose auth server cannot be reached gets a dummy
-token, and a /v2/ ping gets the stored answer replayed. The mirror's origin answers registry
-JSON only: whatever type an upstream names (text/html, a script), a
-browser there gets JSON.
+token, and a /v2/ ping gets the stored answer replayed. A token request
+is one outside /v2/ (https_proxy mode), or one to the exact path under
+/v2/ that the host's own challenge names as its realm (`is_token_realm`).
+The mirror's origin answers registry JSON only: whatever type an upstream
+names (text/html, a script), a browser there gets JSON.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from multidict import CIMultiDict
 from cr_proxy.errors import CrProxyError, UpstreamUnreachable
 from cr_proxy.fetch.context import API_HEADERS, FetchContext, in_thread, read_bounded
 from cr_proxy.fetch.private import Privacy
+from cr_proxy.net.address import parse_authority
 from cr_proxy.upstream.auth import dummy_token
+from cr_proxy.upstream.challenges import own_realm_path
 
 log = logging.getLogger("cr_proxy.fetcher")
 
@@ -103,6 +107,26 @@ class Passthrough:
             answer.release()
         await response.write_eof()
         return response
+
+    async def is_token_realm(self, request: web.Request, host: str, path: str) -> bool:
+        """Whether `path`, under /v2/ and no registry API path, is the token
+        realm of `host`'s own /v2/ challenge (gcr.io and Artifact Registry:
+        /v2/token; quay.io: /v2/auth): relayed then as a token request, so
+        its token is bound online and a dummy handed out offline, as for a
+        realm outside /v2/. That exact path of that host only: a client
+        must not make any other /v2/ path a dummy-token answer. The
+        challenge this process kept, else the stored one (after a restart
+        it is all there is while the upstream is down)."""
+        challenges = self.ctx.upstream.challenges
+        answer = challenges.known(host) or await in_thread(challenges.stored, host)
+        if answer is None or answer.challenge is None:
+            return False
+        name, port = parse_authority(host)
+        if request.headers.get("X-CR-Scheme", "https") == "https":
+            origin = ("https", name, port or 443)
+        else:
+            origin = ("http", name, port or 80)
+        return own_realm_path(answer.challenge, *origin) == path
 
     def _basic(self, request: web.Request) -> str | None:
         """The Basic credential of a token request, when private.py binds tokens."""

@@ -16,17 +16,21 @@ ways: only a challenge that parses is stored, and only an empty value or a
 challenge that parses is replayed (a hand-edited file is not).
 The upstream client records the 401s it sees (Upstream.registry); the
 fetcher's pass-through records the /v2/ answers it relays and replays the
-stored one when the host is down.
+stored one when the host is down. The challenge's realm also says which
+path under /v2/ of the host itself is its token endpoint (gcr.io and
+Artifact Registry: /v2/token; quay.io: /v2/auth): `own_realm_path`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from cr_proxy.cache.layout import Sidecar
 from cr_proxy.cache.store import Store
 from cr_proxy.errors import CrProxyError
+from cr_proxy.net.address import SCHEME_PORTS
 from cr_proxy.upstream.auth import parse_challenge, scoped, without_scope
 
 log = logging.getLogger("cr_proxy.upstream")
@@ -103,6 +107,14 @@ class Challenges:
         plain = self._plain.get(domain)
         return scoped(plain, name) if plain else None
 
+    def known(self, host: str) -> PingAnswer | None:
+        """The host's /v2/ answer as this process kept it, or None when it
+        kept none yet (since its start: stored() reads the tree)."""
+        value = self._plain.get(host)
+        if value is None:
+            return None
+        return PingAnswer(None if value == ANONYMOUS else value)
+
     def stored(self, host: str) -> PingAnswer | None:
         """The /v2/ answer to replay for a host that is down, or None when
         none was kept or the record is not one we wrote (blocks: run it in
@@ -120,3 +132,20 @@ class Challenges:
                         host)
             return None
         return PingAnswer(value)
+
+
+def own_realm_path(challenge: str, scheme: str, host: str, port: int) -> str | None:
+    """The path of a Bearer challenge's token realm when the realm is on
+    scheme://host:port itself, else None: a realm on another host, port or
+    scheme names no path of this one."""
+    parsed = parse_challenge(challenge)
+    if parsed is None or parsed.scheme != "bearer" or not parsed.realm:
+        return None
+    try:
+        parts = urlsplit(parsed.realm)
+        realm_port = parts.port or SCHEME_PORTS.get(parts.scheme)
+    except ValueError:  # "https://[::1/x", "https://h:99999/x": the registry's words
+        return None
+    if (parts.scheme, parts.hostname, realm_port) != (scheme, host, port):
+        return None
+    return parts.path

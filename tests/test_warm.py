@@ -8,6 +8,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 from aiohttp import web
@@ -201,6 +202,9 @@ class FakeFetcher:
         self.referrers: dict[str, list[str]] = {}  # subject -> artifact digests
         self.asked: list[str] = []  # subjects whose referrers were asked
         self.manifest_gets: list[str] = []
+        self.tags = ["v1"]
+        self.tag_page: int | None = None  # tags per page, as a registry that pages by itself
+        self.tag_queries: list[str] = []  # each tag list request's query string
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -211,7 +215,7 @@ class FakeFetcher:
         self.headers.append(dict(request.headers))
         tail = request.match_info["tail"]
         if tail.endswith("/tags/list"):
-            return web.json_response({"name": tail, "tags": ["v1"]})
+            return self._tag_list(request, tail)
         if "/referrers/" in tail:
             subject = tail.rsplit("/", 1)[1]
             self.asked.append(subject)
@@ -248,6 +252,18 @@ class FakeFetcher:
         await response.write_eof()
         self.cached.add(digest)
         return response
+
+
+    def _tag_list(self, request: web.Request, tail: str) -> web.Response:
+        self.tag_queries.append(request.query_string)
+        after = [t for t in self.tags if t > request.query.get("last", "")]
+        n = int(request.query.get("n", self.tag_page or len(after)))
+        page, headers = after[:n], {}
+        if len(after) > n:
+            params = urlencode([*[(k, v) for k, v in request.query.items() if k == "ns"],
+                                ("n", str(n)), ("last", page[-1])])
+            headers["Link"] = f'<{request.path}?{params}>; rel="next"'
+        return web.json_response({"name": tail, "tags": page}, headers=headers)
 
 
 @pytest.fixture
@@ -407,3 +423,14 @@ async def test_referrers_are_followed_three_levels_deep_and_64_at_most(fake) -> 
     summary = await warm(conf, ["registry.test/one:v1"], progress=Quiet(), referrers=True)
     assert (summary.failures, summary.referrers) == ([], 64)
     assert fetcher.asked == [top]  # the budget spent: no next level
+
+
+async def test_the_tag_list_is_stored_page_by_page_as_a_client_pages_it(fake) -> None:
+    """Offline, `skopeo list-tags` follows the Links: each page must be in
+    the cache, not the first alone."""
+    fetcher, conf = fake
+    fetcher.tags = [f"t{i}" for i in range(5)]
+    fetcher.tag_page = 2
+    summary = await warm(conf, ["registry.test/one:v1"], progress=Quiet(), referrers=True)
+    assert summary.failures == []
+    assert fetcher.tag_queries == ["", "n=2&last=t1", "n=2&last=t3"]

@@ -29,6 +29,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -39,8 +40,10 @@ from cr_proxy.oci import manifest
 from cr_proxy.oci.manifest import MANIFEST_ACCEPT, Manifest
 from cr_proxy.oci.reference import Reference, digest_of, hasher, is_digest, names_registry
 from cr_proxy.oci.referrers import INDEX_TYPE, Descriptor, parse_referrers
+from cr_proxy.oci.tags import next_page
 
 CHUNK = 1 << 20
+MAX_TAG_PAGES = 100  # pages of one tag list warm stores (100 x distribution's 1000 tags)
 MIRROR_HEADERS = {"X-CR-Mode": "mirror"}
 
 
@@ -121,15 +124,28 @@ class FetcherClient:
         return parse_referrers(body, f"the referrers index of {ref.name}@{subject}"), cache
 
     async def tag_list(self, ref: Reference) -> str:
-        """Fetch and store the repository's tag list (its first page, as a
-        client asks with no `n`); the fetcher's X-Cache."""
+        """Fetch and store the repository's tag list as a client pages it
+        with no `n`: the first page, then each page its Link names (up to
+        MAX_TAG_PAGES), so that `skopeo list-tags` offline finds every
+        page, and a whole list stands in for other paging (fetch/tags.py);
+        the first page's X-Cache."""
         headers = {**MIRROR_HEADERS, "X-CR-Revalidate": "1"}
-        url = "http://fetcher" + mirror_path(ref, "tags", "list")
-        async with self.session.get(url, headers=headers) as response:
-            body = await response.read()
-            if response.status != 200:
-                raise registry_error(response.status, body)
-            return response.headers.get("X-Cache", "")
+        path = mirror_path(ref, "tags", "list")
+        query = ""
+        first_cache: str | None = None
+        for _ in range(MAX_TAG_PAGES):
+            async with self.session.get("http://fetcher" + path + query,
+                                        headers=headers) as response:
+                body = await response.read()
+                if response.status != 200:
+                    raise registry_error(response.status, body)
+                cache = response.headers.get("X-Cache", "")
+                following = next_page(response.headers.get("Link"))
+            first_cache = cache if first_cache is None else first_cache
+            if following is None:
+                break
+            query = ("&" if "?" in path else "?") + urlencode(following.params())
+        return first_cache or ""
 
     async def blob_cached(self, ref: Reference, digest: str) -> bool:
         """HEAD: a HIT costs nothing more. Anything else, an error included,

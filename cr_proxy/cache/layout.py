@@ -39,6 +39,12 @@ The tree (seed 001, plus a digest store for one copy per digest):
                                              client (fetch/private.py); nginx sends
                                              its hits to the fetcher, which checks
                                              the client's credential first
+      private/<algorithm>/<hex>              present when the digest was stored for a
+                                             private repository (any blob named under
+                                             a marked one); made before the blob is
+                                             stored, removed after it: the fetcher
+                                             serves it under no name it was not
+                                             stored for (fetch/blobs.py)
       temp/                                  downloads in progress, and links and
                                              small files about to be renamed
                                              (link.*); emptied at start-up
@@ -91,11 +97,12 @@ BLOBS = "blobs"
 TEMP = "temp"
 HELD = "held"
 QUARANTINE = "quarantine"
+PRIVATE_BLOBS = "private"  # private/<alg>/<hex> (Tree.private_blob), made when needed
 LISTS = "lists"
 USES_FILE = "usage.json"
 LOCK_FILE = "serve.lock"
 PINS_FILE = "pins.json"
-# Made by Store.prepare; quarantine/ when needed.
+# Made by Store.prepare; quarantine/ and private/ when needed.
 TOP_DIRS = (CONTENT, BLOBS, TEMP, HELD, LISTS, *SIDECARS)
 # A generic URL path segment we are willing to store (CDN paths, auth paths):
 # RFC 3986 unreserved characters plus ':' '@' '+' '=' ',' — nothing that a
@@ -500,6 +507,12 @@ class Tree:
         """lists/<domain>/<name>/_private: the mark of a private repository
         (nginx tests it by this path: nginx/locations.conf)."""
         return self._under(LISTS, check_domain(domain), check_name(name), PRIVATE_MARK)
+
+    def private_blob(self, digest: str) -> Path:
+        """private/<alg>/<hex>: the mark of a digest stored for a private
+        repository."""
+        algorithm, hexpart = check_digest(digest).split(":", 1)
+        return self._under(PRIVATE_BLOBS, algorithm, hexpart)
 
     def top(self, name: str) -> Path:
         """One of the top directories (TOP_DIRS), to walk it (scan.py)."""

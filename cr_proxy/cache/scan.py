@@ -21,6 +21,9 @@ from pathlib import Path
 from cr_proxy.cache.layout import (
     BLOBS,
     CONTENT,
+    LISTS,
+    PRIVATE_MARK,
+    Kind,
     Sidecar,
     Tree,
     blob_digest,
@@ -29,6 +32,7 @@ from cr_proxy.cache.layout import (
 )
 from cr_proxy.errors import BadRequest
 from cr_proxy.net.address import split_url
+from cr_proxy.oci.reference import is_digest, is_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,31 @@ def walk_blobs(tree: Tree) -> Iterator[tuple[str, os.DirEntry[str]]]:
             digest = blob_digest(algorithm.name, entry.name)
             if digest is not None and entry.is_file(follow_symlinks=False):
                 yield digest, entry
+
+
+def private_repositories(tree: Tree) -> Iterator[tuple[str, str]]:
+    """(domain, name) of every repository marked private
+    (lists/<domain>/<name>/_private); names the fetcher never makes are
+    left out (made by hand)."""
+    for domain, rel, _ in walk_names(tree, LISTS):
+        name, _, mark = rel.rpartition("/")
+        if mark == PRIVATE_MARK and is_name(name) and is_canonical_domain(domain):
+            yield domain, name
+
+
+def is_canonical_domain(name: str) -> bool:
+    try:
+        return check_domain(name) == name
+    except BadRequest:
+        return False
+
+
+def named_blobs(tree: Tree, domain: str, name: str) -> Iterator[str]:
+    """Digests named under a repository: content/<domain>/v2/<name>/blobs/<digest>."""
+    folder = tree.content(domain, f"v2/{name}/{Kind.BLOB.value}")
+    for entry in entries(folder):
+        if is_digest(entry.name) and entry.is_file(follow_symlinks=False):
+            yield entry.name
 
 
 def lstat(entry: os.DirEntry[str]) -> os.stat_result | None:

@@ -41,7 +41,15 @@ from cr_proxy.cache.layout import (
     digest_url_path,
     key_of,
 )
-from cr_proxy.cache.scan import entries, lstat, walk_blobs, walk_files, walk_names
+from cr_proxy.cache.scan import (
+    entries,
+    lstat,
+    named_blobs,
+    private_repositories,
+    walk_blobs,
+    walk_files,
+    walk_names,
+)
 from cr_proxy.errors import BadRequest, DigestMismatch, ManifestInvalid, Truncated, UpstreamError
 from cr_proxy.oci.manifest import MANIFEST_MEDIA_TYPES
 from cr_proxy.oci.reference import check_digest, digest_of, hasher, is_digest
@@ -189,6 +197,18 @@ class Store:
     def has_blob(self, digest: str) -> bool:
         return self.tree.blob(digest).is_file()
 
+    def has_public_blob(self, digest: str) -> bool:
+        """Whether the digest store holds the digest, stored for no private
+        repository: a copy that may be served, or named, under a name it
+        was not stored for. A private repository's blob is that only to
+        its own name (and to a name whose upstream sends its bytes anew)."""
+        return self.has_blob(digest) and not self.is_private_blob(digest)
+
+    def is_private_blob(self, digest: str) -> bool:
+        """Whether the digest was stored for a private repository (its mark,
+        private/<alg>/<hex>; whole or empty, it marks)."""
+        return self.tree.private_blob(digest).is_file()
+
     def has_content(self, domain: str, path: str) -> bool:
         return self.tree.content(domain, path).is_file()
 
@@ -329,16 +349,23 @@ class Store:
             raise
         return self.commit_verified(writer)
 
-    def commit_verified(self, writer: BlobWriter) -> Path:
-        """fsync and move a verified writer's file into the digest store."""
+    def commit_verified(self, writer: BlobWriter, private: bool = False) -> Path:
+        """fsync and move a verified writer's file into the digest store;
+        `private`: its digest marked so first (a crash leaves at worst a
+        mark with no blob), and again after: a removal of the digest
+        racing this commit may have taken the first mark (remove_blob)."""
         try:
             writer.sync_and_close()
             target = self.tree.blob(writer.digest)
             target.parent.mkdir(parents=True, exist_ok=True)
+            if private:
+                self.mark_private_blob(writer.digest)
             if target.exists():
                 writer.abort()
             else:
                 os.replace(writer.path, target)
+            if private:
+                self.mark_private_blob(writer.digest)
             return target
         except BaseException:
             writer.abort()
@@ -355,7 +382,12 @@ class Store:
         None when it has not (or an eviction removed it a moment ago). A name
         the tree cannot hold (a file where a directory must be, or a blob
         at the filesystem's link limit) is served from the digest store
-        itself. Call it only for a name its upstream confirmed."""
+        itself. Call it only for a name its upstream confirmed. A private
+        repository's blob is never named so (None): an upstream's word is
+        no proof it holds those bytes (a registry any client names says
+        yes to anything); only a commit of the bytes it sends names it."""
+        if self.is_private_blob(digest):
+            return None
         try:
             self.link(digest, domain, path)
         except FileNotFoundError:
@@ -443,13 +475,43 @@ class Store:
 
     def mark_private(self, domain: str, name: str, private: bool) -> None:
         """Mark a repository private (its marker made whole by a rename,
-        before any of its content is named) or public again."""
+        before any of its content is named), and the blobs named under it
+        already, or public again (its blobs' marks stay: one may have been
+        pulled while it was private)."""
         marker = self.tree.private_marker(domain, name)
         if private:
             if not marker.is_file():
                 self._replace_with(marker, lambda tmp: tmp.write_text("private\n"))
+            self._mark_named_blobs(domain, name)
         else:
             marker.unlink(missing_ok=True)
+
+    def mark_private_blob(self, digest: str) -> None:
+        """Mark a digest as stored for a private repository."""
+        marker = self.tree.private_blob(digest)
+        if not marker.is_file():
+            self._replace_with(marker, lambda tmp: tmp.write_text("private\n"))
+
+    def mark_private_blobs(self) -> int:
+        """Mark every blob named under a private repository (at start-up): a
+        cache from before these marks had none. The count of repositories."""
+        repositories = list(private_repositories(self.tree))
+        for domain, name in repositories:
+            self._mark_named_blobs(domain, name)
+        return len(repositories)
+
+    def _mark_named_blobs(self, domain: str, name: str) -> None:
+        for digest in named_blobs(self.tree, domain, name):
+            if self.has_blob(digest):
+                self.mark_private_blob(digest)
+
+    def _is_private_blob_path(self, domain: str, path: str) -> bool:
+        """Whether `path` names a blob of a repository marked private."""
+        try:
+            key = key_of(domain, path)
+        except BadRequest:
+            return False
+        return key.kind is Kind.BLOB and self.is_private(key.domain, key.repository)
 
     def record_redirect(self, domain: str, path: str, status: int, location: str) -> None:
         self.write_sidecar(Sidecar.REDIRECT, domain, path, f"{status} {location}")
@@ -477,13 +539,20 @@ class Store:
         path: str,
         redirected: Redirected | None = None,
         challenge: str | None = None,
+        named: bool = True,
     ) -> Path:
-        """Move a verified blob into the digest store (fsync first), then
-        name it: the redirect target that served it (when its URL names the
-        digest), the registry path's redirect record, the requested path,
-        and the challenge that protects it. A name the tree cannot hold is
-        skipped (the blob is still served). Returns the stored file."""
-        committed = self.commit_verified(writer)
+        """Move a verified blob into the digest store (fsync first), marked
+        when its repository is private, then name it: the redirect target
+        that served it (when its URL names the digest), the registry path's
+        redirect record, the requested path, and the challenge that
+        protects it. A name the tree cannot hold is skipped (the blob is
+        still served). `named` false: the bytes only (a peer's or parent's
+        UNNAMED answer: the name waits for its upstream's yes). Returns the
+        stored file."""
+        private = self._is_private_blob_path(domain, path)
+        committed = self.commit_verified(writer, private)
+        if not named:
+            return committed
         digest = writer.digest
         if redirected is not None:
             self._name_redirect_target(digest, domain, path, redirected)
@@ -597,8 +666,20 @@ class Store:
         return st.st_nlink > 1 + held
 
     def remove_blob(self, digest: str, inode: int | None = None) -> bool:
-        """Remove blobs/<alg>/<hex>; call once no content/ name needs it."""
-        return unlink_if(self.tree.blob(digest), inode)
+        """Remove blobs/<alg>/<hex>, then its private mark; call once no
+        content/ name needs it."""
+        removed = unlink_if(self.tree.blob(digest), inode)
+        if removed:
+            self._drop_private_mark(digest)
+        return removed
+
+    def _drop_private_mark(self, digest: str) -> None:
+        """The mark of a blob just taken out of the digest store. A commit
+        of the digest racing this marks before it stores and again after
+        (commit_verified): the blob back in place is marked again here,
+        so whichever of the two comes last leaves it marked."""
+        if unlink_if(self.tree.private_blob(digest)) and self.has_blob(digest):
+            self.mark_private_blob(digest)
 
     def quarantine(self, digest: str, inode: int | None = None) -> Path | None:
         """Move blobs/<alg>/<hex> to quarantine/<alg>-<hex>: the fetcher no
@@ -613,6 +694,7 @@ class Store:
             os.replace(source, target)
         except FileNotFoundError:
             return None
+        self._drop_private_mark(digest)
         return target
 
 

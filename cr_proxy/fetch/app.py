@@ -304,6 +304,9 @@ def make_app(
 
     async def lifecycle(app: web.Application):
         await in_thread(store.prepare, clean_temp)
+        # Before the first request: blobs an older cr-proxy stored under a
+        # private repository have no mark of their own (fetch/blobs.py).
+        await in_thread(store.mark_private_blobs)
         session = Upstream.make_session(config)
         upstream = Upstream(config, session, Challenges(store), metrics)
         peers = Peers(config, upstream.metrics) if config.cluster.enabled else None

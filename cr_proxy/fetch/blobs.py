@@ -2,13 +2,17 @@
 
 Policy: local-first and immutable (distribution's proxyblobstore). A blob
 is named by its digest, so a stored copy is the answer wherever it was
-pulled from, with one rule: a name (domain and repository) gets its own
+pulled from, with two rules: a name (domain and repository) gets its own
 link to the stored file only once its upstream confirmed the digest there
 (a HEAD), so names clients invent create no files; while the upstream
-cannot be asked, the verified copy is served unnamed. A miss starts one
-download per source and digest (flight.py) that streams to every waiting
-client while it fills the cache; it is refused before a byte is written
-when it could never be stored (limits.max_blob_size, cache.max_size), and
+cannot be asked, the verified copy is served unnamed. And a blob stored
+for a private repository (marked: Store.has_public_blob) is served under
+no other name, nor linked to one on a HEAD's word: to another name the
+cache holds no such digest, and only the bytes its upstream sends name
+it. A miss starts one download per source and digest (flight.py; a
+private repository's is its own) that streams to every waiting client
+while it fills the cache; it is refused before a byte is written when it
+could never be stored (limits.max_blob_size, cache.max_size), and
 committed only verified, with the redirect target that served it.
 """
 
@@ -93,8 +97,9 @@ class Blobs:
         hit = await self.cached(request, target)
         if hit is not None:
             return hit
-        if await in_thread(ctx.store.has_blob, digest):
-            # Pulled before through another repository or registry: one copy.
+        if await in_thread(ctx.store.has_public_blob, digest):
+            # Pulled before through another repository or registry, none of
+            # them private: one copy.
             stored = await self._stored_elsewhere(request, target)
             cache = "HIT" if stored != ctx.store.tree.blob(digest) else UNNAMED
             hit = None if stored is None else await self._hit(request, stored, digest, cache)
@@ -112,7 +117,7 @@ class Blobs:
         # digest must not hold up another registry's pull of it (the first
         # verified copy is stored, the other is dropped at its commit).
         flight = ctx.flights.join(
-            f"{domain} {digest}",
+            await self._flight_key(target),
             functools.partial(self._download, target, client_auth(request),
                               from_peer=bool(request.headers.get("X-CR-Peer"))),
         )
@@ -190,24 +195,25 @@ class Blobs:
         (cr_proxy/edge): its name there, else the digest store's copy (no
         new name: only an upstream's HEAD makes one), else downloaded by
         the one flight a client's miss would join, verified and committed
-        under this name. Waiting for the commit costs nothing extra: a
-        blob is only ever served whole and verified."""
+        under this name (a private repository's blob is stored for no
+        other name: downloaded). Waiting for the commit costs nothing
+        extra: a blob is only ever served whole and verified."""
         ctx = self.ctx
         digest, domain, path = target.rpath.ref, target.domain, target.rpath.path
         named = await in_thread(ctx.store.linked, digest, domain, path)
         if named is not None:
             ctx.metrics.hits.labels(kind="blob-fetch").inc()
             return named
-        stored = ctx.store.tree.blob(digest)
-        if await in_thread(stored.is_file):
+        if await in_thread(ctx.store.has_public_blob, digest):
             ctx.metrics.hits.labels(kind="blob-fetch").inc()
-            return stored
+            return ctx.store.tree.blob(digest)
         ctx.metrics.misses.labels(kind="blob").inc()
         for _ in range(ENSURE_FLIGHTS):
             flight = ctx.flights.join(
                 # Its caller serves the stored file: kept even without
                 # cluster.keep_local.
-                f"{domain} {digest}", functools.partial(self._download, target, None, keep=True)
+                await self._flight_key(target),
+                functools.partial(self._download, target, None, keep=True),
             )
             with self._offline_miss(target):
                 await flight.wait_started()
@@ -223,6 +229,15 @@ class Blobs:
             # more, as a flight of our own.
         raise Truncated(message=f"{domain}: {digest} was not stored")
 
+    async def _flight_key(self, target: Target) -> str:
+        """The download a miss joins: one per source and digest, but a
+        private repository's is its own: joined by a reader of another
+        repository, it sent that reader the private bytes as they came."""
+        key = f"{target.domain} {target.rpath.ref}"
+        if await in_thread(self.ctx.store.is_private, target.domain, target.rpath.name):
+            return f"{key} {target.rpath.name}"
+        return key
+
     @staticmethod
     def _offline_miss(target: Target) -> AbstractContextManager[None]:
         """An unreachable upstream for a blob we do not have: a 404 saying so."""
@@ -230,8 +245,9 @@ class Blobs:
         return offline_miss("BLOB_UNKNOWN", what, target.domain)
 
     async def _stored_elsewhere(self, request: web.Request, target: Target) -> Path | None:
-        """The stored file for a digest cached under other names, or None if
-        it is gone meanwhile. The name gets its own link only once its
+        """The stored file for a digest cached under other names (none of
+        them a private repository's: Store.has_public_blob), or None if it
+        is gone meanwhile. The name gets its own link only once its
         upstream confirmed the digest there (a HEAD): a name clients invent
         must not create files (nor, by the thousand, reach the filesystem's
         link limit). When the upstream cannot be asked, the verified copy is
@@ -363,7 +379,8 @@ class Blobs:
             if keep and source.headers.get("X-Cache") == UNNAMED:
                 # A peer or parent that could not ask its upstream either:
                 # the verified bytes are kept, the name waits for a yes.
-                committed = await in_thread(ctx.store.commit_verified, writer)
+                committed = await in_thread(functools.partial(
+                    ctx.store.commit_blob, writer, domain, target.rpath.path, named=False))
             elif keep:
                 # The last answer's hops: a resume may have been redirected anew.
                 redirected = _redirected(resume.opened.hops) if resume else None

@@ -7,7 +7,10 @@ credential, asked once a credential fetched something of it (ours from
 question, the cache keeps the answer as a mark (lists/<domain>/<name>/
 _private, layout.Tree.private_marker) before any of its content is named,
 and nginx sends every hit under a marked repository here instead of
-serving it (nginx/locations.conf, https_proxy server only).
+serving it (nginx/locations.conf, https_proxy server only). Its blobs
+are marked too (private/<alg>/<hex>, Store.has_public_blob): the one
+copy of a digest is served under no other repository's name, whose
+privacy this check, asked for that name, cannot know (fetch/blobs.py).
 
 In https_proxy mode a client brings its own Authorization. For a private
 repository it is checked with the upstream (a HEAD of what it asked for)

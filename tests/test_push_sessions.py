@@ -23,8 +23,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from cr_proxy import config as cfg
+from cr_proxy.cache.layout import Kind, RegistryPath
 from cr_proxy.cache.store import Store
-from cr_proxy.errors import CrProxyError, UpstreamError
+from cr_proxy.errors import CrProxyError, UpstreamError, UpstreamUnreachable
 from cr_proxy.fetch import held as held_module
 from cr_proxy.fetch import push as push_module
 from cr_proxy.fetch.context import error_response
@@ -87,9 +88,8 @@ class ScriptedUpstream:
         self.calls.append((method, host, path, dict(headers)))
         if path == "/v2/" and not self.pings:
             return Answer(200)
-        body = None
-        if data is not None:
-            body = b"".join([chunk async for chunk in data])
+        body = data if data is None or isinstance(data, bytes) else b"".join(
+            [chunk async for chunk in data])
         return await self.script(method, host, path, dict(headers), body)
 
     async def open(self, method: str, target: Any, client_auth: str | None = None
@@ -340,3 +340,31 @@ async def test_a_ping_answered_5xx_is_asked_again_not_taken_for_no_login(
     assert await auth.header(REG, REG, "app") == "Bearer tok"  # back: it logs in
     assert await auth.header(REG, REG, "app") == "Bearer tok"  # kept now
     assert sum(1 for c in upstream.calls if c[2] == "/v2/") == 2
+
+
+# --- the offline probe ------------------------------------------------------------
+
+
+async def test_offline_a_probe_tells_no_other_repository_of_a_private_blob(
+    tmp_path: Path,
+) -> None:
+    """While the registry cannot be asked, a push probe is answered from
+    the cache for a blob it holds; a private repository's blob only to that
+    repository: to another, its digest and size are not ours to tell."""
+    async def script(_method: str, host: str, *_args: object) -> Answer:
+        raise UpstreamUnreachable(message=f"{host} is unreachable")
+
+    pushes, _, store = pushes_of(tmp_path, script)
+    data = b"a private repository's layer"
+    digest = sha(data)
+    store.mark_private(REG, "secret", True)
+    writer = store.blob_writer(digest)
+    writer.write(data)
+    writer.verify(len(data))
+    store.commit_blob(writer, REG, RegistryPath(Kind.BLOB, "secret", digest).path)
+    async with TestClient(TestServer(app_of(pushes))) as client:
+        elsewhere = await client.head(f"/v2/{REG}/app/blobs/{digest}", headers=XFF)
+        own = await client.head(f"/v2/{REG}/secret/blobs/{digest}", headers=XFF)
+    pushes.close()
+    assert elsewhere.status == 503
+    assert (own.status, own.headers["Content-Length"]) == (200, str(len(data)))

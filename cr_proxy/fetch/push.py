@@ -395,13 +395,22 @@ class Pushes:
         try:
             return await self._ask_upstream(request, target)
         except (UpstreamUnreachable, UpstreamTimeout, aiohttp.ClientError, TimeoutError):
-            stored = self.ctx.store.tree.blob(target.ref)
-            size = await in_thread(_size_of, stored)
+            size = await in_thread(self._held_here, target)
             if size is None:
                 raise
             log.info("push probe of %s in %s/%s answered from the cache: upstream unreachable",
                      target.ref, target.domain, target.name)
             return blob_head(target.ref, size)
+
+    def _held_here(self, target: PushTarget) -> int | None:
+        """The size of the probed blob when the cache may say it holds it
+        for this repository: named here, or stored for no private
+        repository (a private one's digest and size are its own). Blocking."""
+        store, digest = self.ctx.store, target.ref
+        path = RegistryPath(Kind.BLOB, target.name, digest).path
+        if store.linked(digest, target.domain, path) is None and store.is_private_blob(digest):
+            return None
+        return _size_of(store.tree.blob(digest))
 
     async def _ask_upstream(self, request: web.Request, target: PushTarget
                             ) -> web.StreamResponse:

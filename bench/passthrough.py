@@ -14,7 +14,7 @@ fetch location (bench.procs.FrontNginx), it measures what the architecture
 itself costs (nginx's hop; the hash a verified copy needs) apart from the
 fetcher's own work.
 
-    python -m bench.passthrough --port PORT --target http://HOST:PORT [--hash]
+    python -m bench.passthrough --socket PATH --target http://HOST:PORT [--hash]
 """
 
 from __future__ import annotations
@@ -86,12 +86,12 @@ def _update(digest: hashlib._Hash, chunks: list[bytes]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.passthrough",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--socket", required=True, help="unix socket to listen on")
     parser.add_argument("--target", required=True, help="http://host:port to relay to")
     parser.add_argument("--hash", action="store_true", help="SHA-256 every body in a thread")
     args = parser.parse_args(argv)
     relay = Passthrough(args.target, args.hash)
-    web.run_app(relay.app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    web.run_app(relay.app(), path=args.socket, print=None, access_log=None)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The two reference servers the benchmark runs beside cr-proxy, on 127.0.0.1.
+"""The reference servers the benchmark runs beside cr-proxy, on 127.0.0.1.
 
 * `PlainNginx` - nginx with nothing but a static root (the physical reference
   for the hit path): HTTP with sendfile, and TLS with an EC P-256 certificate
@@ -10,6 +10,10 @@
   with HTTP_PROXY/HTTPS_PROXY set to it and NO_PROXY empty (Go bypasses a proxy
   only for localhost and loopback IPs, so registry.test, auth.test and the
   cdn.test redirect target all go through it).
+
+* `PushFloor` - the push's floor for bench.push_ab --floor: `FrontNginx`
+  (nginx configured as cr-proxy's fetch location, nothing else) in front of
+  bench.passthrough on a unix socket.
 
 Every process is started by us, on ports we chose, and stopped by stop()
 (SIGTERM, then SIGKILL); both classes are context managers.
@@ -35,10 +39,13 @@ READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 
 
-def port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def port_open(port: int | Path) -> bool:
+    """A port of 127.0.0.1, or a unix socket's path, accepts connections."""
+    family, address = ((socket.AF_UNIX, str(port)) if isinstance(port, Path)
+                       else (socket.AF_INET, ("127.0.0.1", port)))
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex(address) == 0
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -48,7 +55,7 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def wait_listening(ports: list[int], proc: subprocess.Popen[bytes], log: Path) -> None:
+def wait_listening(ports: list[int | Path], proc: subprocess.Popen[bytes], log: Path) -> None:
     """Until every port accepts; fail at once if `proc` exits first (bounded)."""
     deadline = time.monotonic() + READY_TIMEOUT
     pending = list(ports)
@@ -102,7 +109,7 @@ class Managed:
     def start(self) -> None:
         raise NotImplementedError
 
-    def _ready(self, ports: list[int], log: Path) -> None:
+    def _ready(self, ports: list[int | Path], log: Path) -> None:
         assert self.proc is not None
         try:
             wait_listening(ports, self.proc, log)
@@ -201,18 +208,18 @@ http {{
 
 
 class FrontNginx(PlainNginx):
-    """nginx relaying every request to a server on 127.0.0.1:`relay_port`
+    """nginx relaying every request to a server on the unix socket `relay`
     as cr-proxy's fetch location does (nginx/fetch.conf: bodies streamed
     both ways in 1 MiB buffers, kept-alive upstream connections), and
     nothing else: the push floor's front (bench.push_ab --floor)."""
 
-    def __init__(self, workdir: Path, relay_port: int) -> None:
+    def __init__(self, workdir: Path, relay: Path) -> None:
         super().__init__(workdir, workdir)
-        self.relay_port = relay_port
+        self.relay = relay
 
     def http_extra(self) -> str:
         return f"""
-    upstream relay {{ server 127.0.0.1:{self.relay_port}; keepalive 16; }}"""
+    upstream relay {{ server unix:{self.relay}; keepalive 16; }}"""
 
     def site(self) -> str:
         return """location / {
@@ -240,8 +247,8 @@ class PushFloor(Managed):
         self.dir = workdir
         self.target = target
         self.hash_bodies = hash_bodies
-        self.relay_port = free_ports(1)[0]
-        self.front = FrontNginx(workdir / "nginx", self.relay_port)
+        self.relay = workdir / "relay.sock"  # as the fetcher's, a unix socket
+        self.front = FrontNginx(workdir / "nginx", self.relay)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -253,12 +260,12 @@ class PushFloor(Managed):
         log = self.dir / "passthrough.log"
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.passthrough", "--port", str(self.relay_port),
+                [sys.executable, "-m", "bench.passthrough", "--socket", str(self.relay),
                  "--target", self.target, *(["--hash"] if self.hash_bodies else [])],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 cwd=Path(__file__).resolve().parent.parent,
             )
-        self._ready([self.relay_port], log)
+        self._ready([self.relay], log)
         self.front.dir.mkdir(parents=True, exist_ok=True)
         try:
             self.front.start()

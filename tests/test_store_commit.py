@@ -150,8 +150,8 @@ def test_a_manifest_evicted_between_its_store_and_its_name_is_stored_again(
     real_put = Store.put_bytes
     puts = [0]
 
-    def put_then_evicted(self: Store, body: bytes, digest: str) -> None:
-        real_put(self, body, digest)
+    def put_then_evicted(self: Store, body: bytes, digest: str, private: bool = False) -> None:
+        real_put(self, body, digest, private)
         puts[0] += 1
         if puts[0] == 1:
             self.tree.blob(digest).unlink()  # the evictor, at that moment

@@ -185,6 +185,8 @@ async def test_a_token_got_online_with_a_basic_credential_is_bound_to_it(
         assert answer.status == 200, f"online={online}: {answer.status} {await answer.text()}"
         assert await answer.read() == SECRET_LAYER
         assert answer.headers.get("X-CR-User") == "user"  # the token's credential's user
+        # The client has its last byte before the commit: wait for it.
+        await client.server.app["fetcher"].ctx.flights.close(grace=60)
 
     await pull_secret(online=True)
     await server.close()

@@ -149,11 +149,13 @@ def is_canonical_domain(name: str) -> bool:
 
 
 def named_blobs(tree: Tree, domain: str, name: str) -> Iterator[str]:
-    """Digests named under a repository: content/<domain>/v2/<name>/blobs/<digest>."""
-    folder = tree.content(domain, f"v2/{name}/{Kind.BLOB.value}")
-    for entry in entries(folder):
-        if is_digest(entry.name) and entry.is_file(follow_symlinks=False):
-            yield entry.name
+    """Digests named under a repository in the digest store:
+    content/<domain>/v2/<name>/blobs/<digest>, and its manifests by digest
+    (manifests/<digest>: a manifest is a stored digest too)."""
+    for kind in (Kind.BLOB, Kind.MANIFEST):
+        for entry in entries(tree.content(domain, f"v2/{name}/{kind.value}")):
+            if is_digest(entry.name) and entry.is_file(follow_symlinks=False):
+                yield entry.name
 
 
 def lstat(entry: os.DirEntry[str]) -> os.stat_result | None:

@@ -340,14 +340,16 @@ class Store:
         from cr_proxy.cache.direct import DirectWriter  # direct.py builds on BlobWriter
         return DirectWriter(self.tree.temp, UNNAMED_UPLOAD)
 
-    def commit(self, writer: BlobWriter, expected_size: int | None) -> Path:
-        """Verify, then move into the digest store (a no-op if it is there)."""
+    def commit(self, writer: BlobWriter, expected_size: int | None,
+               private: bool = False) -> Path:
+        """Verify, then move into the digest store (a no-op if it is there);
+        `private` as for commit_verified."""
         try:
             writer.verify(expected_size)
         except BaseException:
             writer.abort()
             raise
-        return self.commit_verified(writer)
+        return self.commit_verified(writer, private)
 
     def commit_verified(self, writer: BlobWriter, private: bool = False) -> Path:
         """fsync and move a verified writer's file into the digest store;
@@ -371,11 +373,12 @@ class Store:
             writer.abort()
             raise
 
-    def put_bytes(self, data: bytes, digest: str) -> Path:
-        """Store small verified content (manifests) in the digest store."""
+    def put_bytes(self, data: bytes, digest: str, private: bool = False) -> Path:
+        """Store small verified content (manifests) in the digest store;
+        `private` as for commit_verified."""
         writer = self.blob_writer(digest)
         writer.write(data)
-        return self.commit(writer, len(data))
+        return self.commit(writer, len(data), private)
 
     def link_if_stored(self, digest: str, domain: str, path: str) -> Path | None:
         """link() when the digest store has the blob, and the file to serve;
@@ -547,12 +550,14 @@ class Store:
         redirect record, the requested path, and the challenge that
         protects it. A name the tree cannot hold is skipped (the blob is
         still served). `named` false: the bytes only (a peer's or parent's
-        UNNAMED answer: the name waits for its upstream's yes). Returns the
-        stored file."""
+        UNNAMED answer: the name waits for its upstream's yes), and no
+        mark: a node answers UNNAMED only for a digest it holds for no
+        private repository, and a mark here would keep these bytes from
+        the very name they were fetched for. Returns the stored file."""
+        if not named:
+            return self.commit_verified(writer)
         private = self._is_private_blob_path(domain, path)
         committed = self.commit_verified(writer, private)
-        if not named:
-            return committed
         digest = writer.digest
         if redirected is not None:
             self._name_redirect_target(digest, domain, path, redirected)
@@ -594,8 +599,11 @@ class Store:
         then the challenge that protects the path asked for. Raises a
         SHAPE_CONFLICTS error when the tree cannot hold a name."""
         by_digest = RegistryPath(Kind.MANIFEST, rpath.name, digest).path
+        # A private repository's manifest is a private digest too: asked
+        # as a blob under another name, it must not be served (bug 39).
+        private = self.is_private(domain, rpath.name)
         for attempt in range(2):
-            self.put_bytes(body, digest)
+            self.put_bytes(body, digest, private)
             try:
                 self.record_manifest(domain, by_digest, digest, content_type, None)
                 if not rpath.by_digest:

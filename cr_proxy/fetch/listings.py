@@ -147,10 +147,18 @@ class Listings:
             result="same" if body == stored[0] else "changed").inc()
         return Listed(body, fetched_at, "REVALIDATED")
 
-    async def cached(self, listing: Listing, valid: Callable[[bytes], object]) -> Listed | None:
+    async def cached(
+        self, listing: Listing, valid: Callable[[bytes], object],
+        stand_in: Callable[[], tuple[bytes, float] | None] | None = None,
+    ) -> Listed | None:
         """The stored listing, asking no one: a hit while fresh, else stale
-        (as when the upstream is down); None when none is stored."""
+        (as when the upstream is down); else `stand_in`'s (get()'s), stale;
+        None when there is neither."""
         stored = await in_thread(self.read, listing, valid)
+        if stored is None and stand_in is not None:
+            stood_in = await in_thread(stand_in)
+            if stood_in is not None:
+                return self._stale(listing, stood_in, "failed", "its privacy undecided")
         if stored is None:
             return None
         if self._fresh(stored):

@@ -56,7 +56,8 @@ class Tags:
         query = TagQuery.parse(request.query.get("n"), request.query.get("last"))
         name = target.rpath.name
         listed = await self.listings.cached(
-            _listing(target, query), lambda body: parse_stored(body, name))
+            _listing(target, query), lambda body: parse_stored(body, name),
+            stand_in=lambda: self._cut_from_whole(target, query))
         return None if listed is None else await _answer(request, name, listed)
 
     async def _fetch(self, target: Target, query: TagQuery, auth: str | None) -> bytes:
@@ -101,7 +102,10 @@ class Tags:
             if stored is None:
                 continue
             page = parse_stored(stored[0], name)
-            if page.next is None and (whole is None or stored[1] > whole[1]):
+            # Whole: no next page, and not cut short by its own n (n=0 is
+            # an empty page with no next, distribution's answer to it).
+            complete = stored_query.n is None or len(page.tags) < stored_query.n
+            if page.next is None and complete and (whole is None or stored[1] > whole[1]):
                 whole = (page, stored[1])
         if whole is None:
             return None

@@ -133,6 +133,7 @@ class FetcherClient:
         path = mirror_path(ref, "tags", "list")
         query = ""
         first_cache: str | None = None
+        asked = {query}
         for _ in range(MAX_TAG_PAGES):
             async with self.session.get("http://fetcher" + path + query,
                                         headers=headers) as response:
@@ -145,6 +146,9 @@ class FetcherClient:
             if following is None:
                 break
             query = ("&" if "?" in path else "?") + urlencode(following.params())
+            if query in asked:  # a Link back to a page asked: paging goes nowhere
+                break
+            asked.add(query)
         return first_cache or ""
 
     async def blob_cached(self, ref: Reference, digest: str) -> bool:

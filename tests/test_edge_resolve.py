@@ -111,8 +111,12 @@ async def test_a_modules_size_is_its_verified_files_not_the_manifests_claim(
     async def ensure(_target: object) -> Path:
         return blob  # what Blobs.ensure returns: the stored, verified file
 
+    async def learn(_target: object, _auth: object) -> bool:
+        return False  # a public repository
+
     fetcher = SimpleNamespace(ctx=SimpleNamespace(config=build(default_data(), {})),
                               manifests=SimpleNamespace(lookup=lookup),
-                              blobs=SimpleNamespace(ensure=ensure))
+                              blobs=SimpleNamespace(ensure=ensure),
+                              privacy=SimpleNamespace(learn=learn))
     module = await resolve(fetcher, "ghcr.io/example/mod:v1")  # type: ignore[arg-type]
     assert module.size == len(data)

@@ -368,3 +368,25 @@ async def test_offline_a_probe_tells_no_other_repository_of_a_private_blob(
     pushes.close()
     assert elsewhere.status == 503
     assert (own.status, own.headers["Content-Length"]) == (200, str(len(data)))
+
+
+async def test_a_mount_from_a_private_repository_is_an_upload_instead(tmp_path: Path) -> None:
+    """A client's `POST ?mount=&from=<a private repository>`: asked with
+    cr-proxy's login, the mount would copy what the pusher may not read;
+    the upload starts as without a source."""
+    async def script(method: str, _host: str, path: str, *_args: object) -> Answer:
+        return Answer(202, {"Location": LOC})
+
+    pushes, upstream, store = pushes_of(tmp_path, script)
+    store.mark_private(REG, "secret", True)
+    digest = sha(b"layer")
+    async with TestClient(TestServer(app_of(pushes))) as client:
+        response = await client.post(
+            f"/v2/{REG}/app/blobs/uploads/?mount={digest}&from={REG}/secret", headers=XFF)
+        public = await client.post(
+            f"/v2/{REG}/app/blobs/uploads/?mount={digest}&from={REG}/open", headers=XFF)
+    pushes.close()
+    assert (response.status, public.status) == (202, 202)
+    posts = [path for method, _, path, _ in upstream.calls if method == "POST"]
+    assert posts == ["/v2/app/blobs/uploads/",
+                     f"/v2/app/blobs/uploads/?mount={digest.replace(':', '%3A')}&from=open"]

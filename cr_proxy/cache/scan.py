@@ -22,6 +22,7 @@ from cr_proxy.cache.layout import (
     BLOBS,
     CONTENT,
     LISTS,
+    PRIVATE_BLOBS,
     PRIVATE_MARK,
     Kind,
     Sidecar,
@@ -128,6 +129,16 @@ def walk_blobs(tree: Tree) -> Iterator[tuple[str, os.DirEntry[str]]]:
         for entry in entries(Path(algorithm.path)):
             digest = blob_digest(algorithm.name, entry.name)
             if digest is not None and entry.is_file(follow_symlinks=False):
+                yield digest, entry
+
+
+def walk_private_marks(tree: Tree) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """(digest, entry) of every private mark (private/<alg>/<hex>; made
+    when first needed, so not one of TOP_DIRS)."""
+    for algorithm in entries(tree.root / PRIVATE_BLOBS):
+        for entry in entries(Path(algorithm.path)):
+            digest = blob_digest(algorithm.name, entry.name)
+            if digest is not None:
                 yield digest, entry
 
 

@@ -49,6 +49,7 @@ from cr_proxy.cache.scan import (
     walk_blobs,
     walk_files,
     walk_names,
+    walk_private_marks,
 )
 from cr_proxy.errors import BadRequest, DigestMismatch, ManifestInvalid, Truncated, UpstreamError
 from cr_proxy.oci.manifest import MANIFEST_MEDIA_TYPES
@@ -496,8 +497,16 @@ class Store:
             self._replace_with(marker, lambda tmp: tmp.write_text("private\n"))
 
     def mark_private_blobs(self) -> int:
-        """Mark every blob named under a private repository (at start-up): a
-        cache from before these marks had none. The count of repositories."""
+        """At start-up, before any commit can run: drop the marks of blobs
+        no longer stored (removals keep them: a removal racing a commit of
+        the digest, then a crash, must never leave the blob stored with no
+        mark), and mark every blob named under a private repository (a
+        cache from before these marks had none). The count of
+        repositories."""
+        for digest, entry in walk_private_marks(self.tree):
+            if not self.has_blob(digest):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
         repositories = list(private_repositories(self.tree))
         for domain, name in repositories:
             self._mark_named_blobs(domain, name)
@@ -674,20 +683,10 @@ class Store:
         return st.st_nlink > 1 + held
 
     def remove_blob(self, digest: str, inode: int | None = None) -> bool:
-        """Remove blobs/<alg>/<hex>, then its private mark; call once no
-        content/ name needs it."""
-        removed = unlink_if(self.tree.blob(digest), inode)
-        if removed:
-            self._drop_private_mark(digest)
-        return removed
-
-    def _drop_private_mark(self, digest: str) -> None:
-        """The mark of a blob just taken out of the digest store. A commit
-        of the digest racing this marks before it stores and again after
-        (commit_verified): the blob back in place is marked again here,
-        so whichever of the two comes last leaves it marked."""
-        if unlink_if(self.tree.private_blob(digest)) and self.has_blob(digest):
-            self.mark_private_blob(digest)
+        """Remove blobs/<alg>/<hex>; call once no content/ name needs it.
+        Its private mark stays until the next start (mark_private_blobs):
+        a commit of the digest may be racing this one."""
+        return unlink_if(self.tree.blob(digest), inode)
 
     def quarantine(self, digest: str, inode: int | None = None) -> Path | None:
         """Move blobs/<alg>/<hex> to quarantine/<alg>-<hex>: the fetcher no
@@ -702,7 +701,6 @@ class Store:
             os.replace(source, target)
         except FileNotFoundError:
             return None
-        self._drop_private_mark(digest)
         return target
 
 

@@ -35,6 +35,7 @@ from cr_proxy.edge import signing
 from cr_proxy.edge.resolve import (
     WASM_CONTENT_TYPE,
     Module,
+    learn_privacy,
     parse_platform,
     resolve,
     target_of,
@@ -128,6 +129,7 @@ class ArtifactRoute:
         """The module a genuine token names: its digest, from its repository."""
         ref = parse_reference(grant.reference, fetcher.ctx.config.default_registry)
         target = target_of(fetcher, ref, Kind.BLOB, grant.digest)
+        await learn_privacy(fetcher, target)
         path = await fetcher.blobs.ensure(target)
         size = (await in_thread(path.stat)).st_size
         media_type = WASM_CONTENT_TYPE if grant.wasm else ""

@@ -110,6 +110,7 @@ async def resolve(fetcher: Fetcher, text: str, platform: str | None = None) -> M
 
 async def resolve_reference(fetcher: Fetcher, ref: Reference,
                             platform: Platform | None = None) -> Module:
+    await learn_privacy(fetcher, target_of(fetcher, ref, Kind.MANIFEST, ref.ref))
     digest, image = await _image_manifest(fetcher, ref, platform)
     layer = pick_layer(image, f"{ref}@{digest}")
     target = target_of(fetcher, ref, Kind.BLOB, layer.digest)
@@ -118,6 +119,15 @@ async def resolve_reference(fetcher: Fetcher, ref: Reference,
     # would cut the module short or send devices a million empty chunks.
     size = (await asyncio.to_thread(path.stat)).st_size
     return Module(ref, digest, layer.digest, size, layer.media_type, target.domain, path)
+
+
+async def learn_privacy(fetcher: Fetcher, target: Target) -> None:
+    """Before a module of `target`'s repository is fetched, whether the
+    repository is private, as for a pull (fetch/private.py): its manifest
+    and layer are then stored marked, so that nginx and every other name
+    serve them to the entitled only. The device itself is served (it holds
+    no credential; the operator grants modules: signed URLs)."""
+    await fetcher.privacy.learn(target, None)
 
 
 async def _manifest(fetcher: Fetcher, ref: Reference, what: str) -> tuple[str, Manifest]:

@@ -402,6 +402,13 @@ class Pushes:
                      target.ref, target.domain, target.name)
             return blob_head(target.ref, size)
 
+    def _mount_sources(self, domain: str, holders: set[str]) -> list[str]:
+        """The repositories a digest may be mounted from for a pusher: none
+        that is private. A mount asks with cr-proxy's login, which may pull
+        what the pusher may not: it would copy the private layer into a
+        repository the pusher reads. Blocking."""
+        return [name for name in sorted(holders) if not self.ctx.store.is_private(domain, name)]
+
     def _held_here(self, target: PushTarget) -> int | None:
         """The size of the probed blob when the cache may say it holds it
         for this repository: named here, or stored for no private
@@ -426,7 +433,7 @@ class Pushes:
             holders = held.holders(domain, digest)
             if name in holders:
                 return await self._held_answer(request, target)
-            for source in sorted(holders):
+            for source in await in_thread(self._mount_sources, domain, holders):
                 if await self._mount(target, source):
                     return await self._held_answer(request, target)
             if not await held.wait(domain, name, digest):
@@ -595,6 +602,10 @@ class Pushes:
         if registry == DOCKER_HUB and "/" not in name:
             name = f"library/{name}"
         check_name(name)
+        if self.ctx.store.is_private(target.domain, name):
+            # Asked with cr-proxy's login, a mount from a private repository
+            # would copy what the pusher may not read (_mount_sources).
+            return [(k, v) for k, v in query if k not in ("mount", "from")], None
         return [(k, name if k == "from" else v) for k, v in query], name
 
     @staticmethod

@@ -355,8 +355,9 @@ class Store:
     def commit_verified(self, writer: BlobWriter, private: bool = False) -> Path:
         """fsync and move a verified writer's file into the digest store;
         `private`: its digest marked so first (a crash leaves at worst a
-        mark with no blob), and again after: a removal of the digest
-        racing this commit may have taken the first mark (remove_blob)."""
+        mark with no blob, dropped at the next start), and again after, in
+        case a hand or an older cr-proxy took the first (removals keep
+        marks: remove_blob)."""
         try:
             writer.sync_and_close()
             target = self.tree.blob(writer.digest)

@@ -96,9 +96,8 @@ class Tags:
             stored_query = TagQuery.from_file_name(file_name)
             if stored_query is None or stored_query.last is not None:
                 continue
-            stored = self.listings.read(
-                Listing(target.domain, name, Kind.TAGS, file_name, f"the tag list of {name}"),
-                lambda body: parse_stored(body, name))
+            stored = self.listings.read(_listing(target, stored_query),
+                                        lambda body: parse_stored(body, name))
             if stored is None:
                 continue
             page = parse_stored(stored[0], name)

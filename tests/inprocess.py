@@ -5,6 +5,7 @@ pytest-aiohttp fixtures `aiohttp_server` and `aiohttp_client` are passed in."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,20 @@ from cr_proxy.config import Config, load
 from cr_proxy.fetch.app import make_app
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+IMAGE = "application/vnd.oci.image.manifest.v1+json"
+
+
+def image_manifest(**extra: object) -> bytes:
+    """A small OCI image manifest (a config and a layer whose digests are
+    made up), with `extra` top-level keys."""
+    made_up = "sha256:" + "a" * 64
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": IMAGE,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": made_up, "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": made_up, "size": 3}],
+        **extra}).encode()
 
 
 async def scripted(aiohttp_server: Any, handler: Handler) -> TestServer:

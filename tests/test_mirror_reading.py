@@ -7,24 +7,17 @@ test_e2e_mirror_auth.py."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from aiohttp import web
 from yarl import URL
 
 from cr_proxy.cache.layout import ns_registry
-from tests.inprocess import fetcher
+from cr_proxy.oci.reference import digest_of
+from tests.inprocess import IMAGE, fetcher, image_manifest
 
-IMAGE = "application/vnd.oci.image.manifest.v1+json"
-D = "sha256:" + "a" * 64
-BODY = json.dumps({
-    "schemaVersion": 2, "mediaType": IMAGE,
-    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": D, "size": 2},
-    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": D,
-                "size": 3}]}).encode()
-DIGEST = "sha256:" + hashlib.sha256(BODY).hexdigest()
+BODY = image_manifest()
+DIGEST = digest_of(BODY)
 
 
 def test_ns_of_a_registry_with_a_port_reads_as_containerd_wrote_it() -> None:

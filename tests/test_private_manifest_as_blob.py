@@ -7,27 +7,19 @@ under a name on a mere HEAD's 200."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from cr_proxy.fetch.app import make_app
+from cr_proxy.oci.reference import digest_of
 from tests import test_private_blobs as private_blobs
-from tests.inprocess import config_at, scripted
+from tests.inprocess import IMAGE, config_at, image_manifest, scripted
 from tests.test_private_blobs import DOMAIN, LOGIN, PROXY
 
-IMAGE = "application/vnd.oci.image.manifest.v1+json"
-D = "sha256:" + "a" * 64
-SECRET_MANIFEST = json.dumps({
-    "schemaVersion": 2, "mediaType": IMAGE,
-    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": D, "size": 2},
-    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": D,
-                "size": 3}],
-    "annotations": {"secret": "internal build of the private product"}}).encode()
-SECRET_MANIFEST_DIGEST = "sha256:" + hashlib.sha256(SECRET_MANIFEST).hexdigest()
+SECRET_MANIFEST = image_manifest(annotations={"secret": "internal build of the private product"})
+SECRET_MANIFEST_DIGEST = digest_of(SECRET_MANIFEST)
 
 
 class Registry(private_blobs.Registry):

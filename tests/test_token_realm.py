@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import socket
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from cr_proxy.fetch.app import make_app
-from tests.inprocess import config_at, scripted
+from cr_proxy.oci.reference import digest_of
+from tests.inprocess import IMAGE, config_at, image_manifest, scripted
 
 HOST = "up.test"
 PROXY = {"Host": HOST, "X-CR-Mode": "https_proxy", "X-CR-Port": "443", "X-CR-Scheme": "https"}
-IMAGE = "application/vnd.oci.image.manifest.v1+json"
-D = "sha256:" + "a" * 64
-BODY = json.dumps({
-    "schemaVersion": 2, "mediaType": IMAGE,
-    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": D, "size": 2},
-    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": D,
-                "size": 3}]}).encode()
-DIGEST = "sha256:" + hashlib.sha256(BODY).hexdigest()
+BODY = image_manifest()
+DIGEST = digest_of(BODY)
 SECRET_LAYER = b"the private repository's layer"
 SECRET_DIGEST = "sha256:" + hashlib.sha256(SECRET_LAYER).hexdigest()
 BASIC = "Basic " + base64.b64encode(b"user:pw").decode()

@@ -20,19 +20,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tests.inprocess import fetcher
+from cr_proxy.oci.reference import digest_of
+from tests.inprocess import IMAGE, fetcher, image_manifest
 
-IMAGE = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
 SIG = "application/vnd.dev.cosign.artifact.sig.v1+json"
 SBOM = "application/spdx+json"
-D = "sha256:" + "a" * 64
-BODY = json.dumps({
-    "schemaVersion": 2, "mediaType": IMAGE,
-    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": D, "size": 2},
-    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": D,
-                "size": 3}]}).encode()
-SUBJECT = "sha256:" + hashlib.sha256(BODY).hexdigest()
+BODY = image_manifest()
+SUBJECT = digest_of(BODY)
 SCHEMA_TAG = "sha256-" + SUBJECT.split(":")[1]  # the referrers tag schema's tag
 REFERRERS = json.dumps({"schemaVersion": 2, "mediaType": INDEX, "manifests": [
     {"mediaType": IMAGE, "digest": "sha256:" + "c" * 64, "size": 10, "artifactType": SIG},
